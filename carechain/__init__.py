@@ -1,0 +1,3 @@
+"""carechain: signed health events anchored in a verifiable ledger."""
+
+__version__ = "0.1.0"

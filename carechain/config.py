@@ -1,0 +1,123 @@
+"""The one config loader: a YAML (or TOML) file, then `CARECHAIN_*` environment variables, then flags.
+
+Every field has a safe default, so `carechain demo` needs no file at all.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BrokerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=1883, ge=1, le=65535)
+    username: str | None = None
+    password: str | None = Field(default=None, repr=False)
+    tls_ca: Path | None = None
+    keepalive_s: int = Field(default=30, ge=5, le=3600)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class Limits(_Section):
+    """Explicit ingest limits; each violation is a named, counted rejection (see docs/protocol.md)."""
+
+    max_event_bytes: int = Field(default=4096, ge=256, le=1 << 20)
+    max_future_skew_s: float = Field(default=300.0, ge=0)  # device clock ahead of the bridge
+    max_age_s: float = Field(default=30 * 86400.0, ge=1)  # agents may buffer for days while offline
+    max_seq_gap: int = Field(default=1_000_000, ge=1)
+
+
+class BridgeConfig(_Section):
+    data_dir: Path = Path("carechain-data/bridge")
+    origin: str | None = None  # checkpoint origin line; default derived from the log key
+    checkpoint_interval_s: float = Field(default=1.0, gt=0)
+    batch_max: int = Field(default=2000, ge=1, le=100_000)
+    batch_wait_ms: int = Field(default=20, ge=0, le=5000)
+    operator_keys: list[str] = Field(default_factory=list)  # hex public keys trusted for registrations
+    limits: Limits = Field(default_factory=Limits)
+
+
+class AgentDevice(_Section):
+    key_file: Path
+    profile: str
+
+
+class AgentConfig(_Section):
+    data_dir: Path = Path("carechain-data/agent")
+    devices: list[AgentDevice] = Field(default_factory=list)
+    bridge_public_key: str | None = None  # hex; receipts not signed by it are ignored
+    window: int = Field(default=1000, ge=1, le=60_000)  # unacknowledged events in flight (< 65,535)
+    resend_after_s: float = Field(default=10.0, gt=0)
+    speedup: float = Field(default=1.0, gt=0)  # simulated sources: sample this many times faster
+
+
+class Config(_Section):
+    broker: BrokerConfig = Field(default_factory=BrokerConfig)
+    bridge: BridgeConfig = Field(default_factory=BridgeConfig)
+    agent: AgentConfig = Field(default_factory=AgentConfig)
+
+
+ENV_OVERRIDES = {
+    "CARECHAIN_BROKER": ("broker", "address"),
+    "CARECHAIN_BROKER_USERNAME": ("broker", "username"),
+    "CARECHAIN_BROKER_PASSWORD": ("broker", "password"),
+    "CARECHAIN_BRIDGE_DATA_DIR": ("bridge", "data_dir"),
+    "CARECHAIN_AGENT_DATA_DIR": ("agent", "data_dir"),
+}
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"broker address {text!r} must be HOST:PORT, e.g. 127.0.0.1:1883")
+    return host, int(port)
+
+
+def load_config(path: Path | None = None, env: dict[str, str] | None = None) -> Config:
+    """Load `path` (YAML or .toml) if given, apply environment overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+        try:
+            loaded = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+        except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping with broker/bridge/agent sections")
+        raw = loaded or {}
+    env = os.environ if env is None else env
+    for var, (section, key) in ENV_OVERRIDES.items():
+        if var not in env:
+            continue
+        sect = raw.setdefault(section, {})
+        if key == "address":
+            sect["host"], sect["port"] = parse_address(env[var])
+        else:
+            sect[key] = env[var]
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(f"{path or 'environment'}: {where}: {err['msg']}") from None

@@ -1,0 +1,97 @@
+"""Ledger entries: the exact bytes that become Merkle leaves.
+
+A leaf is a deterministic CBOR map `{"t": type, "cose": COSE_Sign1 bytes}`. The type separates domains
+(an event can never be replayed as a registration), and the signed COSE message is kept byte-for-byte
+so anyone can re-verify it from the leaf alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from carechain import cbor, envelope
+from carechain.identity import Identity, device_id_for
+
+ENTRY_EVENT = "event"
+ENTRY_REGISTER = "device.register"
+ENTRY_REVOKE = "device.revoke"
+ENTRY_TYPES = frozenset({ENTRY_EVENT, ENTRY_REGISTER, ENTRY_REVOKE})
+
+
+class EntryError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Entry:
+    type: str
+    cose: bytes
+
+    def encode(self) -> bytes:
+        return cbor.encode({"t": self.type, "cose": self.cose})
+
+    @classmethod
+    def decode(cls, data: bytes) -> Entry:
+        try:
+            raw = cbor.decode(data, max_depth=2)
+        except cbor.CBORError as exc:
+            raise EntryError(f"leaf is not valid CBOR: {exc}") from None
+        if not (isinstance(raw, dict) and set(raw) == {"t", "cose"}):
+            raise EntryError("leaf must be a map with exactly the keys 't' and 'cose'")
+        if raw["t"] not in ENTRY_TYPES or not isinstance(raw["cose"], bytes):
+            raise EntryError(f"unknown entry type {raw['t']!r}")
+        entry = cls(raw["t"], raw["cose"])
+        if entry.encode() != data:
+            raise EntryError("leaf is not deterministically encoded")
+        return entry
+
+
+class Registration(BaseModel):
+    """Signed by an operator key the bridge trusts: binds a public key to a profile, owner and site."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    v: int = 1
+    dev: str = Field(pattern=r"^[a-z2-7]{16}$")
+    pk: bytes = Field(min_length=32, max_length=32)
+    profile: str = Field(min_length=1, max_length=64)
+    owner: str = Field(min_length=1, max_length=128)
+    site: str = Field(min_length=1, max_length=128)
+    ts: int = Field(ge=0)
+
+
+class Revocation(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    v: int = 1
+    dev: str = Field(pattern=r"^[a-z2-7]{16}$")
+    reason: str = Field(min_length=1, max_length=256)
+    ts: int = Field(ge=0)
+
+
+def registration_entry(operator: Identity, reg: Registration) -> Entry:
+    if device_id_for(reg.pk) != reg.dev:
+        raise EntryError(f"device id {reg.dev} does not match its public key")
+    return Entry(ENTRY_REGISTER, envelope.sign(operator, reg.model_dump()))
+
+
+def revocation_entry(operator: Identity, rev: Revocation) -> Entry:
+    return Entry(ENTRY_REVOKE, envelope.sign(operator, rev.model_dump()))
+
+
+def event_entry(cose: bytes) -> Entry:
+    return Entry(ENTRY_EVENT, cose)
+
+
+def open_operator_entry(entry: Entry, operator_keys: dict[str, bytes]) -> Any:
+    """Verify a registration/revocation against trusted operator keys (kid → public key)."""
+    msg = envelope.parse(entry.cose)
+    key = operator_keys.get(msg.kid)
+    if key is None or not msg.verify(key):
+        raise EntryError(f"{entry.type} is not signed by a trusted operator key (kid {msg.kid})")
+    model = Registration if entry.type == ENTRY_REGISTER else Revocation
+    try:
+        return model.model_validate(msg.payload)
+    except ValueError as exc:
+        raise EntryError(f"invalid {entry.type}: {exc}") from None

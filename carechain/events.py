@@ -1,0 +1,151 @@
+"""Event payload models (wire protocol v1): `{v, dev, seq, ts, kind, body}` and one body model per kind.
+
+Bodies carry values in the units named by their field (SI or the clinical unit FHIR uses), so that a
+reading means the same thing on every party without a lookup table.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PROTOCOL_VERSION = 1
+SUPPORTED_VERSIONS = frozenset({1})
+
+_strict = ConfigDict(extra="forbid", frozen=True, strict=True)
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class _Body(BaseModel):
+    model_config = _strict
+
+
+class HeartRate(_Body):
+    bpm: int = Field(ge=20, le=300)
+    sensor_contact: bool | None = None
+    energy_kj: int | None = Field(default=None, ge=0, le=65535)
+    rr_intervals_1024: list[Annotated[int, Field(ge=0, le=65535)]] = Field(default_factory=list, max_length=32)
+
+
+class Temperature(_Body):
+    celsius: Finite = Field(ge=25.0, le=45.0)
+    site: str | None = Field(default=None, max_length=32)
+
+
+class BloodPressure(_Body):
+    systolic_mmhg: Finite = Field(ge=40, le=300)
+    diastolic_mmhg: Finite = Field(ge=20, le=200)
+    mean_mmhg: Finite | None = Field(default=None, ge=20, le=250)
+    pulse_bpm: Finite | None = Field(default=None, ge=20, le=300)
+
+    @model_validator(mode="after")
+    def _systolic_above_diastolic(self) -> BloodPressure:
+        if self.systolic_mmhg <= self.diastolic_mmhg:
+            raise ValueError("systolic must exceed diastolic")
+        return self
+
+
+class SpO2(_Body):
+    spo2_pct: Finite = Field(ge=50, le=100)
+    pulse_bpm: Finite | None = Field(default=None, ge=20, le=300)
+
+
+class Glucose(_Body):
+    mg_dl: Finite = Field(ge=10, le=1000)
+    record_seq: int | None = Field(default=None, ge=0, le=65535)
+    sample: str | None = Field(default=None, max_length=32)
+
+
+class Weight(_Body):
+    kg: Finite = Field(gt=0, le=650)
+    bmi: Finite | None = Field(default=None, gt=0, le=200)
+
+
+class Activity(_Body):
+    steps: int = Field(ge=0, le=200_000)
+    active_minutes: int = Field(ge=0, le=1440)
+
+
+class Purchase(_Body):
+    item_code: str = Field(min_length=1, max_length=32)
+    code_system: Literal["ndc", "rxnorm", "gtin"]
+    rx_only: bool
+    quantity: int = Field(ge=1, le=10_000)
+    price_minor: int = Field(ge=0, le=10**12)  # integer minor units: no float money
+    currency: str = Field(pattern=r"^[A-Z]{3}$")
+    patient_token: str = Field(min_length=1, max_length=64)
+    payment_method: Literal["card", "cash", "insurance", "account"]
+    rx_ref: str | None = Field(default=None, max_length=128)
+
+
+BODY_MODELS: dict[str, type[_Body]] = {
+    "heart_rate": HeartRate,
+    "temperature": Temperature,
+    "blood_pressure": BloodPressure,
+    "spo2": SpO2,
+    "glucose": Glucose,
+    "weight": Weight,
+    "activity": Activity,
+    "purchase": Purchase,
+}
+EventKind = Literal[
+    "heart_rate", "temperature", "blood_pressure", "spo2", "glucose", "weight", "activity", "purchase"
+]
+
+
+class EventPayload(BaseModel):
+    """The signed payload of a device event."""
+
+    model_config = _strict
+    v: int
+    dev: str = Field(min_length=1, max_length=64, pattern=r"^[a-z2-7]+$")
+    seq: int = Field(ge=0, le=2**63 - 1)
+    ts: int = Field(ge=0, le=2**63 - 1)  # device time, ms since the Unix epoch
+    kind: EventKind
+    body: dict[str, Any]
+
+    def parsed_body(self) -> _Body:
+        return BODY_MODELS[self.kind].model_validate(self.body)
+
+    def to_wire(self) -> dict[str, Any]:
+        return self.model_dump()
+
+
+class PayloadError(ValueError):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def make_payload(dev: str, seq: int, ts: int, kind: str, body: _Body | dict[str, Any]) -> dict[str, Any]:
+    """Build a validated wire payload; `body` may be a model or a plain dict."""
+    body_model = body if isinstance(body, _Body) else BODY_MODELS[kind].model_validate(body)
+    if type(body_model) is not BODY_MODELS.get(kind):
+        raise PayloadError("bad_body", f"body model {type(body_model).__name__} does not match kind {kind!r}")
+    body_dict = body_model.model_dump(exclude_none=True, exclude_defaults=True)
+    return EventPayload(v=PROTOCOL_VERSION, dev=dev, seq=seq, ts=ts, kind=kind, body=body_dict).to_wire()
+
+
+def validate_payload(raw: Any) -> EventPayload:
+    """Validate a decoded payload from the wire, mapping failures to stable reason codes."""
+    if not isinstance(raw, dict):
+        raise PayloadError("bad_payload", "payload must be a CBOR map")
+    if raw.get("v") not in SUPPORTED_VERSIONS:
+        raise PayloadError("unsupported_version", f"protocol version {raw.get('v')!r} is not supported")
+    try:
+        event = EventPayload.model_validate(raw)
+    except ValidationError as exc:
+        raise PayloadError("bad_payload", _first_error(exc)) from None
+    try:
+        event.parsed_body()
+    except ValidationError as exc:
+        raise PayloadError("bad_body", f"{event.kind}: {_first_error(exc)}") from None
+    return event
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "payload"
+    return f"{loc}: {err['msg']}"

@@ -1,0 +1,1 @@
+"""Chain bridge: ingest, ledger, checkpoints and receipts."""

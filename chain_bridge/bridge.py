@@ -1,0 +1,201 @@
+"""The bridge service: MQTT in, verify, dedup, append in batches, receipts after commit, checkpoints.
+
+Thin threaded shell around the sans-IO `Ingest` and the `Ledger`: paho's network thread only enqueues
+messages; one worker thread drains the queue in batches, commits each batch in one transaction (group
+commit), then publishes receipts. A receipt is therefore never sent for an event that is not durable.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import paho.mqtt.client as mqtt
+
+from carechain import topics
+from carechain.config import BridgeConfig, BrokerConfig
+from carechain.identity import Identity
+from carechain.receipts import Receipt, Rejected
+from chain_bridge.ingest import Ingest, Rejection
+from chain_bridge.ledger.store import Appended, DeviceRecord, EventCandidate, Ledger
+from carechain.transport import connect_client
+
+log = logging.getLogger("carechain.bridge")
+_REGISTRY_RELOAD_S = 1.0
+
+
+@dataclass
+class BridgeStats:
+    received: int = 0
+    anchored: int = 0
+    duplicates: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    checkpoints: int = 0
+    tree_size: int = 0
+    batches: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "received": self.received, "anchored": self.anchored, "duplicates": self.duplicates,
+            "rejected": sum(self.rejected.values()), "rejected_by_reason": dict(self.rejected),
+            "checkpoints": self.checkpoints, "tree_size": self.tree_size, "batches": self.batches,
+        }
+
+
+def default_origin(log_key: Identity) -> str:
+    return f"carechain.log/{log_key.device_id}"
+
+
+class Bridge:
+    def __init__(self, cfg: BridgeConfig, broker: BrokerConfig, log_key: Identity, ledger: Ledger,
+                 client_id: str = "carechain-bridge") -> None:
+        self.cfg = cfg
+        self.broker = broker
+        self.log_key = log_key
+        self.ledger = ledger
+        self.origin = cfg.origin or default_origin(log_key)
+        self.client_id = client_id
+        self.stats = BridgeStats(tree_size=ledger.size, checkpoints=ledger.checkpoint_count())
+        self._inbox: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._registry: dict[str, DeviceRecord] = ledger.devices()
+        self._registry_loaded = time.monotonic()
+        self._last_seq: dict[str, int] = {}
+        self._last_checkpoint_size = (ledger.latest_checkpoint() or (-1, ""))[0]
+        self.ingest = Ingest(cfg.limits, self._lookup, self._seq_hint)
+        self._client: mqtt.Client | None = None
+        self._worker: threading.Thread | None = None
+        self.connected = threading.Event()
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._client = connect_client(
+            self.broker, self.client_id, clean_session=False, on_message=self._on_message,
+            subscriptions=[(topics.EVENTS_WILDCARD, 1)], connected=self.connected,
+        )
+        self._worker = threading.Thread(target=self._run, name="bridge-worker", daemon=True)
+        self._worker.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._worker:
+            self._worker.join(timeout=10)
+        if self._client:
+            self._client.disconnect()
+            self._client.loop_stop()
+
+    def _on_message(self, _client: mqtt.Client, _userdata: object, msg: mqtt.MQTTMessage) -> None:
+        self._inbox.put((msg.topic, msg.payload))
+
+    # -- worker --------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        next_checkpoint = time.monotonic()
+        while not self._stop.is_set():
+            batch = self._drain(timeout=min(0.2, max(0.0, next_checkpoint - time.monotonic())) or 0.001)
+            if batch:
+                try:
+                    self.process(batch)
+                except Exception:  # keep serving: agents resend what was not receipted
+                    log.exception("batch of %d events failed; nothing from it was receipted", len(batch))
+            if time.monotonic() >= next_checkpoint:
+                self.maybe_checkpoint()
+                next_checkpoint = time.monotonic() + self.cfg.checkpoint_interval_s
+        self.maybe_checkpoint()
+
+    def _drain(self, timeout: float) -> list[tuple[str, bytes]]:
+        try:
+            first = self._inbox.get(timeout=timeout)
+        except queue.Empty:
+            return []
+        batch = [first]
+        deadline = time.monotonic() + self.cfg.batch_wait_ms / 1000
+        while len(batch) < self.cfg.batch_max:
+            try:
+                batch.append(self._inbox.get_nowait())
+            except queue.Empty:
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.001)
+        return batch
+
+    def process(self, batch: list[tuple[str, bytes]]) -> None:
+        """Check, append and receipt one batch (public for tests and benchmarks)."""
+        now_ms = int(time.time() * 1000)
+        receipts: dict[str, Receipt] = {}
+        candidates: list[EventCandidate] = []
+        self.stats.received += len(batch)
+        for topic, payload in batch:
+            device = topics.device_of_event_topic(topic)
+            if device is None:
+                self.stats.rejected["bad_topic"] += 1
+                log.warning("rejected bad_topic: %r is not a device event topic", topic[:100])
+                continue
+            verdict = self.ingest.check(device, payload, now_ms)
+            if isinstance(verdict, Rejection):
+                self._reject(receipts, now_ms, verdict)
+            else:
+                candidates.append(verdict)
+        results = self.ledger.append_events(candidates) if candidates else []
+        for cand, result in zip(candidates, results, strict=True):
+            rcpt = receipts.setdefault(cand.device_id, Receipt(cand.device_id, now_ms))
+            if isinstance(result, Appended):
+                rcpt.ok.append((cand.seq, result.index))
+                if result.duplicate:
+                    self.stats.duplicates += 1
+                else:
+                    self.stats.anchored += 1
+                    if cand.seq > self._last_seq.get(cand.device_id, -1):
+                        self._last_seq[cand.device_id] = cand.seq
+            else:
+                self._reject(receipts, now_ms, Rejection(
+                    cand.device_id, cand.seq, "seq_reused",
+                    f"seq {cand.seq} is already anchored at leaf {result.index} with different content",
+                    cand.digest))
+        self.stats.tree_size = self.ledger.size
+        self.stats.batches += 1
+        if self._client is not None:
+            for device, rcpt in receipts.items():
+                self._client.publish(topics.receipts(device), rcpt.seal(self.log_key), qos=1)
+
+    def _reject(self, receipts: dict[str, Receipt], now_ms: int, r: Rejection) -> None:
+        self.stats.rejected[r.reason] += 1
+        log.info("rejected %s from %s seq %s: %s", r.reason, r.device_id, r.seq, r.detail)
+        if r.device_id is not None:
+            receipts.setdefault(r.device_id, Receipt(r.device_id, now_ms)).rejected.append(
+                Rejected(r.seq, r.reason, r.detail, r.retryable, r.digest))
+
+    def maybe_checkpoint(self) -> str | None:
+        """Sign a checkpoint if the log grew since the last one; publish it retained."""
+        if self.ledger.size == self._last_checkpoint_size:
+            return None
+        note = self.ledger.issue_checkpoint(self.log_key, self.origin)
+        self._last_checkpoint_size = self.ledger.size
+        self.stats.checkpoints += 1
+        if self._client is not None:
+            self._client.publish(topics.CHECKPOINT, note.encode(), qos=1, retain=True)
+        return note
+
+    # -- registry and seq hints ----------------------------------------------------------------------
+
+    def _lookup(self, device_id: str) -> DeviceRecord | None:
+        record = self._registry.get(device_id)
+        if record is None and time.monotonic() - self._registry_loaded > _REGISTRY_RELOAD_S:
+            # `carechain register` may have appended since; reload at most once a second so that a
+            # flood of unknown ids cannot turn into a flood of queries.
+            self._registry = self.ledger.devices()
+            self._registry_loaded = time.monotonic()
+            record = self._registry.get(device_id)
+        return record
+
+    def _seq_hint(self, device_id: str) -> int | None:
+        if device_id not in self._last_seq:
+            last = self.ledger.last_seq(device_id)
+            self._last_seq[device_id] = -1 if last is None else last
+        value = self._last_seq[device_id]
+        return None if value < 0 else value

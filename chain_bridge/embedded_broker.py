@@ -1,0 +1,71 @@
+"""An in-process MQTT broker (amqtt) for the demo and for machines without mosquitto.
+
+It runs on its own thread and event loop so that the bridge and agents use it exactly as they would a
+real broker: over TCP on loopback. Production deployments use mosquitto (or a clustered broker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class EmbeddedBroker:
+    def __init__(self, host: str = "127.0.0.1", port: int | None = None) -> None:
+        self.host = host
+        self.port = port or free_port(host)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._stopped = threading.Event()
+        self._error: BaseException | None = None
+
+    def start(self, timeout: float = 15.0) -> EmbeddedBroker:
+        # amqtt logs every connection at INFO; keep the demo's output readable.
+        for name in ("amqtt", "transitions"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        self._thread = threading.Thread(target=self._main, name="embedded-broker", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout) or self._error:
+            raise RuntimeError(f"embedded MQTT broker did not start on {self.host}:{self.port}: {self._error}")
+        return self
+
+    def _main(self) -> None:
+        from amqtt.broker import Broker  # imported lazily: only the demo and fallback tests need it
+
+        async def serve() -> None:
+            broker = Broker({
+                "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}",
+                                          "max_connections": 5000}},
+                "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+            })
+            await broker.start()
+            self._ready.set()
+            await asyncio.get_running_loop().run_in_executor(None, self._stopped.wait)
+            await broker.shutdown()
+
+        try:
+            self._loop = asyncio.new_event_loop()
+            self._loop.run_until_complete(serve())
+        except BaseException as exc:  # surfaced by start()
+            self._error = exc
+            self._ready.set()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+
+    def __enter__(self) -> EmbeddedBroker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,84 @@
+"""Sans-IO ingest checks: raw MQTT payload + topic + clock + registry → accepted candidate or rejection.
+
+Order matters for cost and for honesty of the reason: cheap structural checks first, then identity
+(registered, not revoked, topic matches the signer), then the signature, then time and sequence limits.
+Nothing here touches the network or disk; the bridge shell feeds bytes and time in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from carechain import envelope
+from carechain.config import Limits
+from carechain.entries import event_entry
+from carechain.events import PayloadError, validate_payload
+from carechain.receipts import event_digest
+from chain_bridge.ledger.store import DeviceRecord, EventCandidate
+
+# Reasons a device can fix by waiting (e.g. its registration is not yet on the ledger); the agent keeps
+# such events and resends. Every other reason is permanent: the agent moves the event to quarantine.
+RETRYABLE = frozenset({"unregistered", "rate_limited"})
+
+
+@dataclass(frozen=True)
+class Rejection:
+    device_id: str | None  # the device the receipt goes to (from the topic), if any
+    seq: int | None
+    reason: str
+    detail: str
+    digest: bytes = b""  # SHA-256 of the refused bytes (see carechain.receipts)
+
+    @property
+    def retryable(self) -> bool:
+        return self.reason in RETRYABLE
+
+
+@dataclass
+class Ingest:
+    """Checks one event at a time against the registry and limits. Holds only per-device seq hints."""
+
+    limits: Limits
+    lookup: Callable[[str], DeviceRecord | None]
+    last_seq: Callable[[str], int | None]
+
+    def check(self, topic_device: str, raw: bytes, now_ms: int) -> EventCandidate | Rejection:
+        verdict = self._check(topic_device, raw, now_ms)
+        if isinstance(verdict, Rejection):
+            return replace(verdict, digest=event_digest(raw))
+        return verdict
+
+    def _check(self, topic_device: str, raw: bytes, now_ms: int) -> EventCandidate | Rejection:
+        try:
+            msg = envelope.parse(raw, max_bytes=self.limits.max_event_bytes)
+        except envelope.EnvelopeError as exc:
+            return Rejection(topic_device, None, exc.reason, exc.detail)
+        seq = msg.payload.get("seq") if isinstance(msg.payload, dict) else None
+        seq = seq if isinstance(seq, int) and not isinstance(seq, bool) else None
+        if msg.kid != topic_device:
+            return Rejection(topic_device, seq, "topic_mismatch", f"signed by kid {msg.kid[:64]!r}, not this topic")
+        device = self.lookup(msg.kid)
+        if device is None:
+            return Rejection(topic_device, seq, "unregistered", f"device {msg.kid} is not registered")
+        if device.revoked:
+            return Rejection(topic_device, seq, "revoked", f"device revoked at leaf {device.revoked_idx}")
+        if not msg.verify(device.public_key):
+            return Rejection(topic_device, seq, "bad_signature", "signature does not verify with the registered key")
+        try:
+            event = validate_payload(msg.payload)
+        except PayloadError as exc:
+            return Rejection(topic_device, seq, exc.reason, exc.detail)
+        if event.dev != msg.kid:
+            return Rejection(topic_device, event.seq, "topic_mismatch", "payload dev differs from the signer kid")
+        if event.ts > now_ms + self.limits.max_future_skew_s * 1000:
+            return Rejection(topic_device, event.seq, "clock_skew",
+                             f"device time is {(event.ts - now_ms) / 1000:.0f} s ahead of the bridge")
+        if event.ts < now_ms - self.limits.max_age_s * 1000:
+            return Rejection(topic_device, event.seq, "too_old",
+                             f"event is {(now_ms - event.ts) / 86_400_000:.1f} days old")
+        last = self.last_seq(event.dev)
+        if event.seq > (-1 if last is None else last) + self.limits.max_seq_gap:
+            return Rejection(topic_device, event.seq, "seq_gap",
+                             f"seq {event.seq} jumps more than {self.limits.max_seq_gap} past {last}")
+        return EventCandidate(event.dev, event.seq, event_entry(raw).encode(), event_digest(raw))

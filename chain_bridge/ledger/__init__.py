@@ -1,0 +1,1 @@
+"""The verifiable ledger: the Merkle log, its checkpoints, proofs and stores."""

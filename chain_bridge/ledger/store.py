@@ -1,0 +1,272 @@
+"""The ledger store: an append-only Merkle log in SQLite (WAL, synchronous=FULL) with its indexes.
+
+One `Ledger` owns one database file. Appends happen in batches inside `BEGIN IMMEDIATE`, so several
+processes (the bridge and `carechain register`) can append safely: each first catches its in-memory
+tree up with leaves another process committed. The tree is extended only after COMMIT succeeds, so a
+crash can never leave a root that covers uncommitted leaves.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from carechain.checkpoint import Checkpoint, sign_note
+from carechain.entries import ENTRY_EVENT, ENTRY_REGISTER, ENTRY_REVOKE, Entry, Registration, Revocation
+from carechain.identity import Identity
+from carechain.merkle import leaf_hash
+from chain_bridge.ledger.tree import MerkleTree
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS entries (
+    idx INTEGER PRIMARY KEY, type TEXT NOT NULL, leaf_hash BLOB NOT NULL, data BLOB NOT NULL,
+    appended_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS events (
+    device_id TEXT NOT NULL, seq INTEGER NOT NULL, idx INTEGER NOT NULL, leaf_hash BLOB NOT NULL,
+    PRIMARY KEY (device_id, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS devices (
+    device_id TEXT PRIMARY KEY, public_key BLOB NOT NULL UNIQUE, profile TEXT NOT NULL,
+    owner TEXT NOT NULL, site TEXT NOT NULL, registered_idx INTEGER NOT NULL, revoked_idx INTEGER);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    tree_size INTEGER PRIMARY KEY, root_hash BLOB NOT NULL, note TEXT NOT NULL, issued_ms INTEGER NOT NULL);
+"""
+
+
+class LedgerError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class EventCandidate:
+    """A verified event ready to append; the ledger decides new / duplicate / seq reused."""
+
+    device_id: str
+    seq: int
+    leaf: bytes  # encoded Entry
+    digest: bytes = b""  # SHA-256 of the event bytes, echoed on a rejection receipt
+
+
+@dataclass(frozen=True)
+class Appended:
+    index: int
+    duplicate: bool = False
+
+
+@dataclass(frozen=True)
+class SeqReused:
+    """The (device, seq) is already anchored with *different* content at `index`."""
+
+    index: int
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    device_id: str
+    public_key: bytes
+    profile: str
+    owner: str
+    site: str
+    registered_idx: int
+    revoked_idx: int | None
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_idx is not None
+
+
+class Ledger:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        version = self._meta("schema_version")
+        if version is None:
+            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        elif int(version) != SCHEMA_VERSION:
+            raise LedgerError(f"{self.path}: schema version {version}, this carechain reads {SCHEMA_VERSION}")
+        self.tree = MerkleTree()
+        self._catch_up()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def _catch_up(self) -> None:
+        """Load leaf hashes appended (by us earlier, or by another process) beyond the in-memory tree."""
+        rows = self._db.execute(
+            "SELECT idx, leaf_hash FROM entries WHERE idx >= ? ORDER BY idx", (self.tree.size,)
+        )
+        for idx, h in rows:
+            if idx != self.tree.size:
+                raise LedgerError(f"{self.path}: entry {self.tree.size} is missing (next stored is {idx})")
+            self.tree.append(bytes(h))
+
+    @property
+    def size(self) -> int:
+        return self.tree.size
+
+    # -- appends -------------------------------------------------------------------------------------
+
+    def append_events(self, candidates: Sequence[EventCandidate]) -> list[Appended | SeqReused]:
+        """Append new events in one durable transaction; duplicates get their original index back."""
+        results: list[Appended | SeqReused] = []
+        new_hashes: list[bytes] = []
+        now = _now_ms()
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            self._catch_up()
+            next_idx = self.tree.size
+            in_batch: dict[tuple[str, int], tuple[int, bytes]] = {}
+            rows_entries = []
+            rows_events = []
+            for c in candidates:
+                h = leaf_hash(c.leaf)
+                key = (c.device_id, c.seq)
+                prior = in_batch.get(key)
+                if prior is None:
+                    row = db.execute(
+                        "SELECT idx, leaf_hash FROM events WHERE device_id=? AND seq=?", key
+                    ).fetchone()
+                    prior = (row[0], bytes(row[1])) if row else None
+                if prior is not None:
+                    results.append(Appended(prior[0], duplicate=True) if prior[1] == h else SeqReused(prior[0]))
+                    continue
+                idx = next_idx + len(new_hashes)
+                new_hashes.append(h)
+                in_batch[key] = (idx, h)
+                rows_entries.append((idx, ENTRY_EVENT, h, c.leaf, now))
+                rows_events.append((c.device_id, c.seq, idx, h))
+                results.append(Appended(idx))
+            db.executemany("INSERT INTO entries VALUES (?,?,?,?,?)", rows_entries)
+            db.executemany("INSERT INTO events VALUES (?,?,?,?)", rows_events)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self.tree.extend(new_hashes)
+        return results
+
+    def append_registrations(self, items: Iterable[tuple[Entry, Registration]]) -> list[int]:
+        """Append device registrations atomically: all or none. Raises on an already-registered key."""
+        items = list(items)
+        db = self._db
+        now = _now_ms()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            self._catch_up()
+            hashes = []
+            for i, (entry, reg) in enumerate(items):
+                if entry.type != ENTRY_REGISTER:
+                    raise LedgerError(f"entry {i} is a {entry.type}, not a registration")
+                row = db.execute(
+                    "SELECT device_id, registered_idx FROM devices WHERE device_id=? OR public_key=?",
+                    (reg.dev, reg.pk),
+                ).fetchone()
+                if row:
+                    raise LedgerError(f"device {reg.dev} is already registered (leaf {row[1]})")
+                idx = self.tree.size + len(hashes)
+                data = entry.encode()
+                h = leaf_hash(data)
+                hashes.append(h)
+                db.execute("INSERT INTO entries VALUES (?,?,?,?,?)", (idx, entry.type, h, data, now))
+                db.execute(
+                    "INSERT INTO devices VALUES (?,?,?,?,?,?,NULL)",
+                    (reg.dev, reg.pk, reg.profile, reg.owner, reg.site, idx),
+                )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        first = self.tree.size
+        self.tree.extend(hashes)
+        return list(range(first, first + len(hashes)))
+
+    def append_revocation(self, entry: Entry, rev: Revocation) -> int:
+        if entry.type != ENTRY_REVOKE:
+            raise LedgerError(f"entry is a {entry.type}, not a revocation")
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            self._catch_up()
+            row = db.execute("SELECT revoked_idx FROM devices WHERE device_id=?", (rev.dev,)).fetchone()
+            if row is None:
+                raise LedgerError(f"device {rev.dev} is not registered")
+            if row[0] is not None:
+                raise LedgerError(f"device {rev.dev} was already revoked at leaf {row[0]}")
+            idx = self.tree.size
+            data = entry.encode()
+            h = leaf_hash(data)
+            db.execute("INSERT INTO entries VALUES (?,?,?,?,?)", (idx, entry.type, h, data, _now_ms()))
+            db.execute("UPDATE devices SET revoked_idx=? WHERE device_id=?", (idx, rev.dev))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self.tree.append(h)
+        return idx
+
+    # -- reads ---------------------------------------------------------------------------------------
+
+    def devices(self) -> dict[str, DeviceRecord]:
+        rows = self._db.execute("SELECT * FROM devices").fetchall()
+        return {r[0]: DeviceRecord(r[0], bytes(r[1]), *r[2:]) for r in rows}
+
+    def last_seq(self, device_id: str) -> int | None:
+        row = self._db.execute("SELECT MAX(seq) FROM events WHERE device_id=?", (device_id,)).fetchone()
+        return row[0]
+
+    def event_index(self, device_id: str, seq: int) -> int | None:
+        row = self._db.execute(
+            "SELECT idx FROM events WHERE device_id=? AND seq=?", (device_id, seq)
+        ).fetchone()
+        return row[0] if row else None
+
+    def entry(self, index: int) -> bytes:
+        row = self._db.execute("SELECT data FROM entries WHERE idx=?", (index,)).fetchone()
+        if row is None:
+            raise LedgerError(f"no entry at index {index} (log size {self.size})")
+        return bytes(row[0])
+
+    def count_events(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+
+    def issue_checkpoint(self, log_key: Identity, origin: str) -> str:
+        """Sign and store a checkpoint of the current tree; returns the signed note."""
+        size = self.tree.size
+        body = Checkpoint(origin=origin, tree_size=size, root_hash=self.tree.root()).body()
+        note = sign_note(body, origin, log_key.public_key, log_key.sign)
+        self._db.execute(
+            "INSERT OR IGNORE INTO checkpoints VALUES (?,?,?,?)", (size, self.tree.root(), note, _now_ms())
+        )
+        return note
+
+    def latest_checkpoint(self) -> tuple[int, str] | None:
+        row = self._db.execute(
+            "SELECT tree_size, note FROM checkpoints ORDER BY tree_size DESC LIMIT 1"
+        ).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def checkpoint_at(self, tree_size: int) -> str | None:
+        row = self._db.execute("SELECT note FROM checkpoints WHERE tree_size=?", (tree_size,)).fetchone()
+        return row[0] if row else None
+
+    def checkpoint_count(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM checkpoints").fetchone()[0]
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

@@ -1,0 +1,1 @@
+"""Edge agent: device sources, signing, durable outbox and MQTT uplink."""

@@ -1,0 +1,181 @@
+"""The edge agent: sources → sign → outbox (durable) → MQTT uplink → receipt → delete.
+
+asyncio shell. paho's network thread hands receipts and connection changes to the event loop with
+`call_soon_threadsafe`; all outbox and window state is touched only on the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import paho.mqtt.client as mqtt
+
+from carechain import envelope, topics
+from carechain.config import BrokerConfig
+from carechain.events import make_payload
+from carechain.identity import Identity
+from carechain.receipts import ReceiptError, open_receipt
+from carechain.transport import connect_client
+from edge_agent.outbox import Outbox
+from edge_agent.window import SendWindow
+
+log = logging.getLogger("carechain.agent")
+
+
+class Source(Protocol):
+    """Anything that yields readings for one device (simulated, BLE, pharmacy terminal)."""
+
+    interval_s: float
+
+    def next_readings(self, now_ms: int) -> Sequence[tuple[str, object]]: ...
+
+
+@dataclass
+class AgentDevice:
+    identity: Identity
+    source: Source | None  # None: events are recorded by the caller via Agent.record
+
+
+@dataclass
+class AgentStats:
+    signed: int = 0
+    sent: int = 0
+    acked: int = 0
+    quarantined: int = 0
+    rejected_retryable: int = 0
+    bad_receipts: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+class Agent:
+    def __init__(self, devices: Sequence[AgentDevice], outbox: Outbox, broker: BrokerConfig,
+                 bridge_public_key: bytes, *, window: int = 1000, resend_after_s: float = 10.0,
+                 speedup: float = 1.0, client_id: str | None = None) -> None:
+        self.devices = {d.identity.device_id: d for d in devices}
+        self.outbox = outbox
+        self.broker = broker
+        self.bridge_public_key = bridge_public_key
+        self.window = SendWindow(window, int(resend_after_s * 1000))
+        self.speedup = speedup
+        self.client_id = client_id or f"cc-agent-{next(iter(self.devices))}"
+        self.stats = AgentStats()
+        self._wake = asyncio.Event()
+        self._producing = True
+        self._connected = False
+        self._client: mqtt.Client | None = None
+
+    # -- producing ---------------------------------------------------------------------------------
+
+    def record(self, device_id: str, readings: Sequence[tuple[str, object]], now_ms: int | None = None) -> list[int]:
+        """Sign readings for one device and store them durably before anything is sent."""
+        device = self.devices[device_id]
+        ts = int(time.time() * 1000) if now_ms is None else now_ms
+
+        def signer(kind: str, body: object):  # noqa: ANN202 - closure over one reading
+            return lambda seq: envelope.sign(device.identity, make_payload(device_id, seq, ts, kind, body))
+
+        seqs = self.outbox.add_many(device_id, [signer(k, b) for k, b in readings])
+        self.stats.signed += len(seqs)
+        self._wake.set()
+        return seqs
+
+    def stop_producing(self) -> None:
+        """Stop sampling sources; sending and receipts go on so the outbox can drain."""
+        self._producing = False
+
+    async def _produce(self, device_id: str, source: Source, stop: asyncio.Event) -> None:
+        while not stop.is_set() and self._producing:
+            now_ms = int(time.time() * 1000)
+            readings = source.next_readings(now_ms)
+            if readings:
+                self.record(device_id, readings, now_ms)
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=source.interval_s / self.speedup)
+            except TimeoutError:
+                pass
+
+    # -- sending -----------------------------------------------------------------------------------
+
+    async def _send(self, stop: asyncio.Event) -> None:
+        assert self._client is not None
+        while not stop.is_set():
+            if self._connected:
+                for row in self.window.due(self.outbox.pending_after, int(time.time() * 1000)):
+                    info = self._client.publish(topics.events(row.device_id), row.envelope, qos=1)
+                    if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                        self.window.unsent(row)
+                        break
+                    self.stats.sent += 1
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=0.25)
+            except TimeoutError:
+                pass
+
+    # -- receipts ----------------------------------------------------------------------------------
+
+    def _on_receipt(self, topic: str, payload: bytes) -> None:
+        device_id = topic.split("/")[3] if topic.count("/") == 4 else ""
+        if device_id not in self.devices:
+            return
+        try:
+            receipt = open_receipt(payload, self.bridge_public_key, device_id)
+        except ReceiptError as exc:
+            self.stats.bad_receipts += 1
+            log.warning("ignored receipt on %s: %s", topic, exc)
+            return
+        if receipt.ok:
+            self.stats.acked += self.outbox.ack(device_id, [seq for seq, _ in receipt.ok])
+            for seq, _ in receipt.ok:
+                self.window.settled((device_id, seq))
+        for rej in receipt.rejected:
+            self.stats.reasons[rej.reason] = self.stats.reasons.get(rej.reason, 0) + 1
+            if rej.seq is None:
+                log.warning("bridge rejected an unidentifiable event from %s: %s", device_id, rej.reason)
+                continue
+            if rej.retryable:
+                self.stats.rejected_retryable += 1  # stays in flight; resent after the timeout
+                log.info("bridge deferred %s seq %d: %s", device_id, rej.seq, rej.detail)
+            elif self.outbox.quarantine(device_id, rej.seq, rej.reason, rej.detail, rej.digest):
+                self.stats.quarantined += 1
+                self.window.settled((device_id, rej.seq))
+                log.error("bridge rejected %s seq %d (%s): %s; kept in quarantine",
+                          device_id, rej.seq, rej.reason, rej.detail)
+        self._wake.set()
+
+    def _on_state(self, up: bool) -> None:
+        self._connected = up
+        self._wake.set()
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+
+        def on_message(_c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+            loop.call_soon_threadsafe(self._on_receipt, msg.topic, msg.payload)
+
+        def on_state(up: bool) -> None:
+            loop.call_soon_threadsafe(self._on_state, up)
+
+        self._client = connect_client(
+            self.broker, self.client_id, on_message=on_message, on_state=on_state,
+            subscriptions=[(topics.receipts(d), 1) for d in self.devices],
+            max_queued=self.window.size,
+        )
+        tasks = [asyncio.create_task(self._send(stop))]
+        tasks += [asyncio.create_task(self._produce(dev_id, d.source, stop))
+                  for dev_id, d in self.devices.items() if d.source is not None]
+        try:
+            await stop.wait()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._client.disconnect()
+            self._client.loop_stop()

@@ -1,0 +1,1 @@
+"""Simulated peripherals, terminals and fleets (never imported by product packages)."""

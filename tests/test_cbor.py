@@ -1,0 +1,52 @@
+"""Deterministic CBOR: encoding is canonical and stable; the decoder refuses what we never send."""
+
+from __future__ import annotations
+
+import cbor2
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from carechain import cbor
+
+plain = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=20) | st.binary(max_size=20)
+    | st.floats(allow_nan=False),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(plain)
+def test_round_trip_is_identity(value: object) -> None:
+    assert cbor.decode(cbor.encode(value), max_depth=64) == value
+
+
+@given(st.dictionaries(st.text(max_size=8), st.integers(), max_size=8))
+def test_encoding_does_not_depend_on_insertion_order(d: dict[str, int]) -> None:
+    reversed_order = dict(reversed(list(d.items())))
+    assert cbor.encode(d) == cbor.encode(reversed_order)
+
+
+@given(plain)
+def test_encoding_is_a_fixed_point(value: object) -> None:
+    data = cbor.encode(value)
+    assert cbor.encode(cbor.decode(data, max_depth=64)) == data
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"\x01\x02", "trailing_bytes"),
+        (cbor2.dumps(cbor2.CBORTag(1, 0)), "unexpected_type"),  # epoch datetime tag
+        (cbor2.dumps(cbor2.CBORTag(99, 0)), "unexpected_tag"),
+        (cbor2.dumps({b"k": 1}), "bad_map_key"),
+        (cbor2.dumps(2**64), "int_out_of_range"),
+        (b"\x81" * 20 + b"\x00", "too_deep"),
+        (b"\x5a\xff\xff\xff\xff", "malformed_cbor"),  # claims 4 GiB, has none
+    ],
+)
+def test_decoder_rejections(data: bytes, reason: str) -> None:
+    with pytest.raises(cbor.CBORError) as err:
+        cbor.decode(data)
+    assert err.value.reason == reason
