@@ -105,6 +105,7 @@ class Bridge:
                     log.exception("batch of %d events failed; nothing from it was receipted", len(batch))
             if time.monotonic() >= next_checkpoint:
                 self.maybe_checkpoint()
+                self._reload_registry()  # picks up registrations and revocations made by other processes
                 next_checkpoint = time.monotonic() + self.cfg.checkpoint_interval_s
         self.maybe_checkpoint()
 
@@ -188,10 +189,13 @@ class Bridge:
         if record is None and time.monotonic() - self._registry_loaded > _REGISTRY_RELOAD_S:
             # `carechain register` may have appended since; reload at most once a second so that a
             # flood of unknown ids cannot turn into a flood of queries.
-            self._registry = self.ledger.devices()
-            self._registry_loaded = time.monotonic()
+            self._reload_registry()
             record = self._registry.get(device_id)
         return record
+
+    def _reload_registry(self) -> None:
+        self._registry = self.ledger.devices()
+        self._registry_loaded = time.monotonic()
 
     def _seq_hint(self, device_id: str) -> int | None:
         if device_id not in self._last_seq:

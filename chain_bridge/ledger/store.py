@@ -104,13 +104,14 @@ class Ledger:
 
     def _catch_up(self) -> None:
         """Load leaf hashes appended (by us earlier, or by another process) beyond the in-memory tree."""
-        rows = self._db.execute(
-            "SELECT idx, leaf_hash FROM entries WHERE idx >= ? ORDER BY idx", (self.tree.size,)
-        )
+        start = self.tree.size
+        rows = self._db.execute("SELECT idx, leaf_hash FROM entries WHERE idx >= ? ORDER BY idx", (start,))
+        hashes = []
         for idx, h in rows:
-            if idx != self.tree.size:
-                raise LedgerError(f"{self.path}: entry {self.tree.size} is missing (next stored is {idx})")
-            self.tree.append(bytes(h))
+            if idx != start + len(hashes):
+                raise LedgerError(f"{self.path}: entry {start + len(hashes)} is missing (next stored is {idx})")
+            hashes.append(bytes(h))
+        self.tree.extend(hashes)
 
     @property
     def size(self) -> int:

@@ -5,10 +5,10 @@ proofs; persisting the leaves is the store's job. `carechain.merkle` verifies wh
 
 Besides the leaf hashes the tree keeps every *complete* subtree hash: `level k` holds, at position i, the
 hash of the 2**k leaves starting at i * 2**k. Appending is amortized O(1): a leaf completes at most one
-node per level, and n leaves complete n - 1 nodes in all. Because the log is append-only, a complete subtree of
-today's tree is also a subtree of every earlier tree that contains all its leaves, so the root of any
-historical size, and inclusion and consistency proofs between any historical sizes, are assembled from
-O(log n) cached nodes plus O(log n) hashes per incomplete right-edge node: O(log² n) at worst.
+node per level, and n leaves complete n - 1 nodes in all. Because the log is append-only, a complete
+subtree of today's tree is also a subtree of every earlier tree that contains all its leaves, so the root
+of any historical size, and inclusion and consistency proofs between any historical sizes, are assembled
+from O(log n) cached nodes plus O(log n) hashes per incomplete right-edge node: O(log² n) at worst.
 
 Each level is one `bytearray` of concatenated 32-byte hashes (about 64 bytes per leaf in all) rather than
 a list of `bytes` objects, which would take more than twice the memory.

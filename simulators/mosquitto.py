@@ -1,0 +1,78 @@
+"""Start a private mosquitto on a free loopback port from a config file kept in the repo.
+
+Used by the tests and the benchmarks so that neither depends on the machine's shared broker.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_CONF = REPO / "tests" / "broker" / "mosquitto-test.conf"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def mosquitto_binary() -> str | None:
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    return "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
+
+
+def wait_listening(host: str, port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((host, port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"broker did not listen on {host}:{port} within {timeout} s")
+
+
+@dataclass
+class Mosquitto:
+    workdir: Path
+    port: int = 0
+    conf: Path = TEST_CONF
+    extra: str = ""
+    host: str = "127.0.0.1"
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def start(self) -> Mosquitto:
+        binary = mosquitto_binary()
+        if binary is None:
+            raise FileNotFoundError("mosquitto is not installed (apt-get install mosquitto)")
+        self.port = self.port or free_port(self.host)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text(f"{self.conf.read_text()}\n{self.extra}\nlistener {self.port} {self.host}\n")
+        log = open(self.workdir / "mosquitto.log", "ab")  # noqa: SIM115 - lives as long as the process
+        self.process = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=log)
+        wait_listening(self.host, self.port)
+        return self
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+    def __enter__(self) -> Mosquitto:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
