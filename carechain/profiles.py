@@ -144,9 +144,9 @@ def describe_validation_error(exc: ValidationError) -> list[tuple[Loc, str]]:
         msg = err["msg"].removeprefix("Value error, ")
         kind, value = err["type"], err.get("input")
         if kind == "missing":
-            msg = "is required"
+            msg = "required field is missing"
         elif kind == "extra_forbidden":
-            msg = "is not a known field (check its spelling and indentation)"
+            msg = "unknown field (check its spelling and indentation)"
         elif kind.endswith("_type") and not isinstance(value, dict | list):
             msg = f"{msg}, got {value!r}" + (" (quote it)" if kind == "string_type" else "")
         elif kind == "literal_error":

@@ -25,7 +25,6 @@ from chain_bridge.ledger.store import Appended, DeviceRecord, EventCandidate, Le
 from carechain.transport import connect_client
 
 log = logging.getLogger("carechain.bridge")
-_REGISTRY_RELOAD_S = 1.0
 
 
 @dataclass
@@ -62,8 +61,9 @@ class Bridge:
         self.stats = BridgeStats(tree_size=ledger.size, checkpoints=ledger.checkpoint_count())
         self._inbox: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
         self._stop = threading.Event()
-        self._registry: dict[str, DeviceRecord] = ledger.devices()
-        self._registry_loaded = time.monotonic()
+        self._registry: dict[str, DeviceRecord] = {}
+        self._registry_version = -1
+        self._reload_registry()
         self._last_seq: dict[str, int] = {}
         self._last_checkpoint_size = (ledger.latest_checkpoint() or (-1, ""))[0]
         self.ingest = Ingest(cfg.limits, self._lookup, self._seq_hint)
@@ -105,7 +105,6 @@ class Bridge:
                     log.exception("batch of %d events failed; nothing from it was receipted", len(batch))
             if time.monotonic() >= next_checkpoint:
                 self.maybe_checkpoint()
-                self._reload_registry()  # picks up registrations and revocations made by other processes
                 next_checkpoint = time.monotonic() + self.cfg.checkpoint_interval_s
         self.maybe_checkpoint()
 
@@ -128,6 +127,8 @@ class Bridge:
     def process(self, batch: list[tuple[str, bytes]]) -> None:
         """Check, append and receipt one batch (public for tests and benchmarks)."""
         now_ms = int(time.time() * 1000)
+        if self.ledger.registry_version() != self._registry_version:
+            self._reload_registry()  # `carechain register` or a revocation, possibly by another process
         receipts: dict[str, Receipt] = {}
         candidates: list[EventCandidate] = []
         self.stats.received += len(batch)
@@ -185,17 +186,11 @@ class Bridge:
     # -- registry and seq hints ----------------------------------------------------------------------
 
     def _lookup(self, device_id: str) -> DeviceRecord | None:
-        record = self._registry.get(device_id)
-        if record is None and time.monotonic() - self._registry_loaded > _REGISTRY_RELOAD_S:
-            # `carechain register` may have appended since; reload at most once a second so that a
-            # flood of unknown ids cannot turn into a flood of queries.
-            self._reload_registry()
-            record = self._registry.get(device_id)
-        return record
+        return self._registry.get(device_id)
 
     def _reload_registry(self) -> None:
+        self._registry_version = self.ledger.registry_version()
         self._registry = self.ledger.devices()
-        self._registry_loaded = time.monotonic()
 
     def _seq_hint(self, device_id: str) -> int | None:
         if device_id not in self._last_seq:

@@ -97,7 +97,6 @@ def test_a_revoked_device_is_refused(bridge: Bridge) -> None:
 
     rev = Revocation(dev=DEV.device_id, reason="lost", ts=now_ms())
     bridge.ledger.append_revocation(revocation_entry(OPERATOR, rev), rev)
-    bridge._registry = bridge.ledger.devices()
     bridge.process([(topic(DEV.device_id), event(DEV, 0))])
     assert dict(bridge.stats.rejected) == {"revoked": 1}
 

@@ -186,6 +186,7 @@ class Ledger:
                     "INSERT INTO devices VALUES (?,?,?,?,?,?,NULL)",
                     (reg.dev, reg.pk, reg.profile, reg.owner, reg.site, idx),
                 )
+            self._bump_registry_version()
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -211,6 +212,7 @@ class Ledger:
             h = leaf_hash(data)
             db.execute("INSERT INTO entries VALUES (?,?,?,?,?)", (idx, entry.type, h, data, _now_ms()))
             db.execute("UPDATE devices SET revoked_idx=? WHERE device_id=?", (idx, rev.dev))
+            self._bump_registry_version()
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -223,6 +225,16 @@ class Ledger:
     def devices(self) -> dict[str, DeviceRecord]:
         rows = self._db.execute("SELECT * FROM devices").fetchall()
         return {r[0]: DeviceRecord(r[0], bytes(r[1]), *r[2:]) for r in rows}
+
+    def registry_version(self) -> int:
+        """A counter bumped (in the same transaction) by every registration and revocation."""
+        return int(self._meta("registry_version") or 0)
+
+    def _bump_registry_version(self) -> None:
+        self._db.execute(
+            "INSERT INTO meta VALUES ('registry_version', '1') "
+            "ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
+        )
 
     def last_seq(self, device_id: str) -> int | None:
         row = self._db.execute("SELECT MAX(seq) FROM events WHERE device_id=?", (device_id,)).fetchone()
