@@ -38,12 +38,14 @@ from chain_bridge.ledger.store import Ledger  # noqa: E402
 from chain_bridge.registry import ledger_path, operator_key, register_devices  # noqa: E402
 from simulators.mosquitto import Mosquitto, wait_listening  # noqa: E402
 
-WINDOW = 2000  # unacknowledged publishes per client: far below paho's 65,535 packet ids
+# Unacknowledged publishes per client: below paho's 65,535 packet ids (they must never wrap), and large
+# because paho handles one PUBACK per network-loop pass (~4k/s): a small window would measure paho.
+WINDOW = 30_000
 
 
 def _client(port: int, client_id: str) -> mqtt.Client:
     c = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
-    c.max_inflight_messages_set(WINDOW)
+    c.max_inflight_messages_set(0)  # unlimited: WindowedPublisher bounds it
     c.connect("127.0.0.1", port)
     c.loop_start()
     return c

@@ -10,7 +10,7 @@ from cbor2 import CBORTag
 
 # Plain data only: a semantic tag that cbor2 would turn into a datetime, regex, Decimal or set has no
 # place in a carechain message, and accepting it would make re-encoding ambiguous.
-_PLAIN_TYPES = (bool, int, float, str, bytes, type(None))
+_SCALARS = frozenset({bool, float, str, bytes, type(None)})
 MAX_DEPTH = 16
 MAX_INT = 2**63 - 1
 
@@ -29,11 +29,26 @@ def encode(value: Any) -> bytes:
     return cbor2.dumps(value, canonical=True)
 
 
-def decode(data: bytes, *, max_depth: int = MAX_DEPTH, allow_tag: int | None = None) -> Any:
+def bstr_header(length: int) -> bytes:
+    """The deterministic head of a CBOR byte string of `length` bytes (major type 2)."""
+    if length < 24:
+        return bytes((0x40 | length,))
+    if length < 0x100:
+        return bytes((0x58, length))
+    if length < 0x10000:
+        return b"\x59" + length.to_bytes(2, "big")
+    if length < 0x100000000:
+        return b"\x5a" + length.to_bytes(4, "big")
+    return b"\x5b" + length.to_bytes(8, "big")
+
+
+def decode(data: bytes, *, max_depth: int = MAX_DEPTH, allow_tag: int | None = None,
+           check_plain: bool = True) -> Any:
     """Decode exactly one CBOR item from untrusted `data`.
 
     Rejects trailing bytes, semantic tags (except `allow_tag` at the top level), nesting deeper than
-    `max_depth`, and integers outside the signed 64-bit range.
+    `max_depth`, and integers outside the signed 64-bit range. `check_plain=False` skips the type and
+    depth walk below the top level, for callers that type-check every element themselves.
     """
     fp = io.BytesIO(data)
     try:
@@ -45,26 +60,34 @@ def decode(data: bytes, *, max_depth: int = MAX_DEPTH, allow_tag: int | None = N
     if isinstance(value, cbor2.CBORTag):
         if allow_tag is None or value.tag != allow_tag:
             raise CBORError("unexpected_tag", f"top-level tag {value.tag} is not allowed here")
-        _check_plain(value.value, max_depth, 1)
+        if check_plain:
+            _check_plain(value.value, max_depth, 1)
         return value
-    _check_plain(value, max_depth, 0)
+    if check_plain:
+        _check_plain(value, max_depth, 0)
     return value
 
 
 def _check_plain(value: Any, max_depth: int, depth: int) -> None:
-    if depth > max_depth:
-        raise CBORError("too_deep", f"nesting deeper than {max_depth}")
-    if isinstance(value, list):
-        for item in value:
-            _check_plain(item, max_depth, depth + 1)
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, (str, int)) or isinstance(key, bool):
-                raise CBORError("bad_map_key", f"map key of type {type(key).__name__}")
-            _check_plain(key, max_depth, depth + 1)
-            _check_plain(item, max_depth, depth + 1)
-    elif isinstance(value, _PLAIN_TYPES):
-        if isinstance(value, int) and not isinstance(value, bool) and not -MAX_INT - 1 <= value <= MAX_INT:
-            raise CBORError("int_out_of_range", "integer outside the signed 64-bit range")
-    else:
-        raise CBORError("unexpected_type", f"{type(value).__name__} is not plain CBOR data")
+    # Iterative walk: no recursion limit to hit, and scalars (the common case) cost one type lookup.
+    stack = [(value, depth)]
+    while stack:
+        item, d = stack.pop()
+        t = type(item)
+        if t is int:
+            if not -MAX_INT - 1 <= item <= MAX_INT:
+                raise CBORError("int_out_of_range", "integer outside the signed 64-bit range")
+        elif t in _SCALARS:
+            continue
+        elif d >= max_depth:
+            raise CBORError("too_deep", f"nesting deeper than {max_depth}")
+        elif t is list:
+            stack.extend((x, d + 1) for x in item)
+        elif t is dict:
+            for key, x in item.items():
+                if type(key) not in (str, int):
+                    raise CBORError("bad_map_key", f"map key of type {type(key).__name__}")
+                stack.append((key, d + 1))
+                stack.append((x, d + 1))
+        else:
+            raise CBORError("unexpected_type", f"{t.__name__} is not plain CBOR data")

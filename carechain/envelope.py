@@ -30,9 +30,15 @@ class EnvelopeError(ValueError):
         self.detail = detail
 
 
+# RFC 9052 §4.4: Sig_structure = ["Signature1", body_protected, external_aad = h'', payload]. Its
+# deterministic encoding is a fixed prefix plus two length-prefixed byte strings; building it directly
+# saves a full CBOR encode on every verification (the bridge's hot path). Tested against cbor2.
+_SIG1_PREFIX = b"\x84\x6aSignature1"
+
+
 def _sig_structure(protected: bytes, payload: bytes) -> bytes:
-    # RFC 9052 §4.4: Sig_structure = ["Signature1", body_protected, external_aad, payload]
-    return cbor.encode(["Signature1", protected, b"", payload])
+    return b"".join((_SIG1_PREFIX, cbor.bstr_header(len(protected)), protected, b"\x40",
+                     cbor.bstr_header(len(payload)), payload))
 
 
 def _protected_header(kid: bytes) -> bytes:
@@ -66,7 +72,9 @@ def parse(data: bytes, *, max_bytes: int = MAX_ENVELOPE_BYTES) -> Sign1:
     if len(data) > max_bytes:
         raise EnvelopeError("too_large", f"{len(data)} bytes exceeds the limit of {max_bytes}")
     try:
-        msg = cbor.decode(data, allow_tag=COSE_SIGN1_TAG, max_depth=4)
+        # Every element is type-checked below and the unprotected header must be empty, so the
+        # generic plain-data walk is skipped here (it runs on the protected header and payload).
+        msg = cbor.decode(data, allow_tag=COSE_SIGN1_TAG, max_depth=4, check_plain=False)
     except cbor.CBORError as exc:
         raise EnvelopeError("malformed", exc.detail if exc.reason == "malformed_cbor" else str(exc)) from None
     if not isinstance(msg, cbor.CBORTag):
@@ -77,8 +85,8 @@ def parse(data: bytes, *, max_bytes: int = MAX_ENVELOPE_BYTES) -> Sign1:
     protected, unprotected, payload_bytes, signature = body
     if not isinstance(protected, bytes) or len(protected) > _PROTECTED_MAX:
         raise EnvelopeError("bad_header", "protected header must be a short byte string")
-    if not isinstance(unprotected, dict):
-        raise EnvelopeError("bad_header", "unprotected header must be a map")
+    if unprotected != {} or type(unprotected) is not dict:
+        raise EnvelopeError("bad_header", "unprotected header must be an empty map (kid and alg are protected)")
     if not isinstance(payload_bytes, bytes):
         raise EnvelopeError("bad_payload", "payload must be an attached byte string")
     if not isinstance(signature, bytes) or len(signature) != 64:

@@ -57,7 +57,7 @@ class InventoryDevice:
         return device_id_for(self.public_key)
 
 
-Label = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=128)]
+_Label = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=128)]
 
 
 class _Entry(BaseModel):
@@ -65,15 +65,15 @@ class _Entry(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
     profile: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
-    owner: Label
-    site: Label | None = None
+    owner: _Label
+    site: _Label | None = None
     public_key: Annotated[str, StringConstraints(strip_whitespace=True)] | None = None
     key_file: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)] | None = None
 
 
 class _Top(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    site: Label | None = None
+    site: _Label | None = None
     devices: list[Any] = Field(min_length=1)
 
 
@@ -97,7 +97,7 @@ def load_inventory(path: Path | str, profiles: dict[str, DeviceProfile]) -> list
             elif "unknown field" in msg:
                 msg = "unknown field; an inventory has only `site:` and `devices:`"
             problems.append((doc.line_of(loc), f"{field}: {msg}"))
-        _raise(path, problems)
+        raise _error(path, problems) from None
 
     devices: list[InventoryDevice] = []
     by_name: dict[str, InventoryDevice] = {}
@@ -118,7 +118,8 @@ def load_inventory(path: Path | str, profiles: dict[str, DeviceProfile]) -> list
             continue
         by_name[device.name] = by_key[device.public_key] = device
         devices.append(device)
-    _raise(path, problems)
+    if problems:
+        raise _error(path, problems)
     return devices
 
 
@@ -194,8 +195,6 @@ def _parse_public_key(text: str) -> tuple[bytes | None, str | None]:
     return bytes.fromhex(text), None
 
 
-def _raise(path: Path, problems: list[tuple[int, str]]) -> None:
-    if problems:
-        problems.sort(key=lambda p: p[0])
-        (line, what), *more = problems
-        raise InventoryError(path, line, what, more=more)
+def _error(path: Path, problems: list[tuple[int, str]]) -> InventoryError:
+    (line, what), *more = sorted(problems, key=lambda p: p[0])
+    return InventoryError(path, line, what, more=more)

@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from carechain.events import BODY_MODELS
@@ -171,6 +179,15 @@ _LOINC_RE = re.compile(r"^(\d{1,7})-(\d)$")
 _NDC_RE = re.compile(r"^\d{4,5}-\d{3,4}-\d{1,2}$")
 
 
+def _uuid_not_a_number(value: Any) -> Any:
+    # YAML reads an unquoted 0x180D as the integer 6157; say what to write instead of "not a string".
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0xFFFF:
+        raise ValueError(
+            f"0x{value:04X} is a 16-bit UUID; write it in full, as {SIG_BASE_UUID.format(value)}"
+        )
+    return value
+
+
 def _uuid128(value: str) -> str:
     if not _UUID_RE.match(value):
         raise ValueError(
@@ -209,7 +226,7 @@ def bluetooth_uuid(short: int) -> str:
     return SIG_BASE_UUID.format(short)
 
 
-Uuid128 = Annotated[str, AfterValidator(_uuid128)]
+Uuid128 = Annotated[str, BeforeValidator(_uuid_not_a_number), AfterValidator(_uuid128)]
 Identifier = Annotated[str, AfterValidator(_identifier)]
 LoincCode = Annotated[str, AfterValidator(_loinc)]
 Text = Annotated[str, Field(min_length=1, max_length=200)]
@@ -346,6 +363,19 @@ class PurchaseSim(_Model):
     patients: int = Field(ge=1, le=100_000)  # size of the pool of simulated patient tokens
     catalogue: list[CatalogueItem] = Field(min_length=1)
 
+    @model_validator(mode="after")
+    def _unique_codes(self) -> PurchaseSim:
+        first: dict[str, int] = {}
+        problems: list[tuple[Loc, str]] = []
+        for i, item in enumerate(self.catalogue):
+            if item.code in first:
+                problems.append(
+                    (("catalogue", i, "code"), f"{item.code} is already catalogue[{first[item.code]}]")
+                )
+            first.setdefault(item.code, i)
+        _raise_if(problems, self)
+        return self
+
 
 class Simulate(_Model):
     """Per event kind, how `edge_agent.sources.simulated` makes plausible readings."""
@@ -370,7 +400,7 @@ class Sampling(_Model):
 
 
 class DeviceProfile(_Model):
-    """A device type, as written in `device_profiles/<name>.yaml` (see docs there for each field)."""
+    """A device type, mirroring `device_profiles/<name>.yaml`; each field's comment says what it means."""
 
     name: Identifier
     description: Annotated[str, Field(min_length=1, max_length=1000)]
@@ -399,7 +429,7 @@ def _consistency_problems(p: DeviceProfile) -> list[tuple[Loc, str]]:
     """Cross-field rules, each reported at the field that breaks it."""
     problems: list[tuple[Loc, str]] = []
     known = sorted(BODY_MODELS)
-    events = set(p.events)
+    events = set(p.events) & set(BODY_MODELS)  # an unknown kind is reported once, under events
 
     def check_kind(loc: Loc, kind: str | None) -> bool:
         if kind is None or kind in events:

@@ -28,11 +28,12 @@ log = logging.getLogger("carechain.agent")
 
 
 class Source(Protocol):
-    """Anything that yields readings for one device (simulated, BLE, pharmacy terminal)."""
-
-    interval_s: float
+    """Anything that yields readings for one device (simulated, BLE, pharmacy terminal), sans-IO:
+    asked at a time, it returns the readings due then and says when the next one is due."""
 
     def next_readings(self, now_ms: int) -> Sequence[tuple[str, object]]: ...
+
+    def next_due_ms(self) -> int | None: ...
 
 
 @dataclass
@@ -89,13 +90,22 @@ class Agent:
         self._producing = False
 
     async def _produce(self, device_id: str, source: Source, stop: asyncio.Event) -> None:
+        # With speedup > 1 the source runs on a faster virtual clock (a day of readings in minutes);
+        # events are still stamped with real time, which is what the bridge's skew check sees.
+        t0 = int(time.time() * 1000)
+
+        def virtual(real_ms: int) -> int:
+            return t0 + int((real_ms - t0) * self.speedup)
+
         while not stop.is_set() and self._producing:
             now_ms = int(time.time() * 1000)
-            readings = source.next_readings(now_ms)
+            readings = source.next_readings(virtual(now_ms))
             if readings:
                 self.record(device_id, readings, now_ms)
+            due = source.next_due_ms()
+            wait_s = 1.0 if due is None else max(0.0, (t0 + (due - t0) / self.speedup) / 1000 - time.time())
             try:
-                await asyncio.wait_for(stop.wait(), timeout=source.interval_s / self.speedup)
+                await asyncio.wait_for(stop.wait(), timeout=min(wait_s, 1.0))
             except TimeoutError:
                 pass
 

@@ -105,3 +105,8 @@ def test_arbitrary_bytes_never_crash_the_parser(data: bytes) -> None:
         envelope.parse(data)
     except envelope.EnvelopeError as exc:
         assert exc.reason
+
+
+@given(st.binary(max_size=70_000), st.binary(max_size=300))
+def test_hand_built_sig_structure_equals_cbor2_encoding(payload: bytes, protected: bytes) -> None:
+    assert envelope._sig_structure(protected, payload) == cbor2.dumps(["Signature1", protected, b"", payload])
