@@ -138,6 +138,7 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=30_000, help="events for the throughput runs")
     ap.add_argument("--rate", type=float, default=2000.0, help="offered load for the latency run (events/s)")
     ap.add_argument("--latency-seconds", type=float, default=10.0)
+    ap.add_argument("--workers", type=int, default=1, help="bridge ingest worker processes (0: in-process)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
@@ -162,7 +163,7 @@ def main() -> None:
 
             bridge = subprocess.Popen(
                 [sys.executable, "-m", "carechain.cli", "bridge", "--data-dir", str(data_dir),
-                 "--broker", f"127.0.0.1:{broker.port}"],
+                 "--broker", f"127.0.0.1:{broker.port}", "--workers", str(args.workers)],
                 stdout=subprocess.DEVNULL, stderr=open(work / "bridge.log", "wb"), cwd=REPO,
                 env={**os.environ, "PYTHONPATH": str(REPO)})
             counter = ReceiptCounter(broker.port)
@@ -205,7 +206,7 @@ def main() -> None:
                 "bridge_eps": round(bridge_eps, 1), "raw_eps": round(raw_eps, 1),
                 "ratio": round(bridge_eps / raw_eps, 3), "p50_ms": round(p50, 1), "p99_ms": round(p99, 1),
                 "devices": args.devices, "events": args.events, "offered_eps": round(offered, 1),
-                "latency_samples": len(lat), "latency_lost": n - len(lat),
+                "latency_samples": len(lat), "latency_lost": n - len(lat), "workers": args.workers,
             }
     finally:
         if bridge is not None:

@@ -29,17 +29,33 @@ def encode(value: Any) -> bytes:
     return cbor2.dumps(value, canonical=True)
 
 
+def encode_presorted(value: Any) -> bytes:
+    """Deterministic encoding for float-free values whose map keys are already in deterministic order.
+
+    cbor2's canonical mode re-sorts every map (most of the cost of encoding a receipt); cbor2 always
+    uses shortest-form integers and lengths, so for such values the plain encoding is the same bytes.
+    Callers test that equality for their shapes.
+    """
+    return cbor2.dumps(value)
+
+
+def _head(major: int, length: int) -> bytes:
+    if length < 24:
+        return bytes((major | length,))
+    for extra, size in ((24, 1), (25, 2), (26, 4), (27, 8)):
+        if length < 1 << (8 * size):
+            return bytes((major | extra,)) + length.to_bytes(size, "big")
+    raise ValueError("length does not fit in CBOR")
+
+
 def bstr_header(length: int) -> bytes:
     """The deterministic head of a CBOR byte string of `length` bytes (major type 2)."""
-    if length < 24:
-        return bytes((0x40 | length,))
-    if length < 0x100:
-        return bytes((0x58, length))
-    if length < 0x10000:
-        return b"\x59" + length.to_bytes(2, "big")
-    if length < 0x100000000:
-        return b"\x5a" + length.to_bytes(4, "big")
-    return b"\x5b" + length.to_bytes(8, "big")
+    return _head(0x40, length)
+
+
+def tstr_header(length: int) -> bytes:
+    """The deterministic head of a CBOR text string of `length` UTF-8 bytes (major type 3)."""
+    return _head(0x60, length)
 
 
 def decode(data: bytes, *, max_depth: int = MAX_DEPTH, allow_tag: int | None = None,

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from carechain.config import Config, ConfigError, load_config, parse_address
@@ -33,7 +34,8 @@ DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="Bridge data
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}")
+    # soft_wrap: never fold a file path or a hex key across lines, whatever the terminal width
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -69,7 +71,8 @@ def keys_new(path: Annotated[Path, typer.Argument(help="Where to write the priva
         ident.save(path, overwrite=force)
     except KeyFileError as exc:
         raise _fail(str(exc)) from None
-    out.print(f"device_id  {ident.device_id}\npublic_key {ident.public_key.hex()}\nkey_file   {path}")
+    out.print(f"device_id  {ident.device_id}\npublic_key {ident.public_key.hex()}\nkey_file   {path}",
+              soft_wrap=True, markup=False, highlight=False)
 
 
 @keys_app.command("show")
@@ -81,7 +84,8 @@ def keys_show(path: Annotated[Path, typer.Argument(help="A carechain key file.")
         ident = Identity.load(path)
     except KeyFileError as exc:
         raise _fail(str(exc)) from None
-    out.print(f"device_id  {ident.device_id}\npublic_key {ident.public_key.hex()}")
+    out.print(f"device_id  {ident.device_id}\npublic_key {ident.public_key.hex()}",
+              soft_wrap=True, markup=False, highlight=False)
 
 
 # -- register -----------------------------------------------------------------------------------------
@@ -129,6 +133,9 @@ def register(
 
 @app.command()
 def bridge(config: ConfigOpt = None, broker: BrokerOpt = None, data_dir: DataDirOpt = None,
+           workers: Annotated[int | None, typer.Option(
+               help="Ingest worker processes on an MQTT shared subscription (0: verify in-process). "
+                    "Needs a broker with shared subscriptions, e.g. mosquitto.", min=0, max=64)] = None,
            verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every rejection.")] = False) -> None:
     """Run the bridge: verify, deduplicate and anchor device events; receipts; checkpoints every interval.
 
@@ -142,6 +149,8 @@ def bridge(config: ConfigOpt = None, broker: BrokerOpt = None, data_dir: DataDir
     cfg = _config(config, broker)
     bdir = _bridge_dir(cfg, data_dir)
     cfg.bridge.data_dir = bdir
+    if workers is not None:
+        cfg.bridge.ingest_workers = workers
     lk = log_key(bdir)
     service = Bridge(cfg.bridge, cfg.broker, lk, Ledger(ledger_path(bdir)))
     console.print(f"bridge: broker {cfg.broker.address}, ledger {ledger_path(bdir)} "
@@ -246,7 +255,8 @@ def proof(
     if as_json:
         out.print_json(bundle.model_dump_json())
     else:
-        out.print(bundle.model_dump_json(indent=2))
+        # Plain text, never wrapped: the output is redirected to a file that `verify` must parse.
+        out.print(bundle.model_dump_json(indent=2), soft_wrap=True, markup=False, highlight=False)
 
 
 @app.command()
@@ -264,9 +274,12 @@ def verify(
     from carechain.proofs import (ConsistencyBundle, InclusionBundle, VerificationError,
                                   verify_checkpoint, verify_consistency_bundle, verify_inclusion_bundle)
 
-    trusted = bytes.fromhex(log_key_hex) if log_key_hex else None
     result: dict[str, Any]
     try:
+        try:
+            trusted = bytes.fromhex(log_key_hex) if log_key_hex else None
+        except ValueError:
+            raise VerificationError(f"--log-key {log_key_hex!r} is not hexadecimal (64 hex digits)") from None
         if checkpoint is not None:
             if trusted is None:
                 raise _fail("--log-key is required to check a checkpoint")
@@ -276,6 +289,8 @@ def verify(
         elif bundle_file is not None:
             text = sys.stdin.read() if str(bundle_file) == "-" else bundle_file.read_text()
             raw = json.loads(text)
+            if not isinstance(raw, dict):
+                raise VerificationError("a proof bundle is a JSON object (see docs/proofs.md)")
             if "consistency_path" in raw:
                 old, new = verify_consistency_bundle(ConsistencyBundle.model_validate(raw), trusted)
                 result = {"ok": True, "consistency": {"old_size": old.tree_size, "new_size": new.tree_size}}
@@ -290,12 +305,13 @@ def verify(
         if as_json:
             out.print_json(data={"ok": False, "error": str(exc)})
         else:
-            console.print(f"[bold red]NOT VERIFIED:[/] {exc}")
+            console.print(f"[bold red]NOT VERIFIED:[/] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(1) from None
     if as_json:
         out.print_json(data=result)
     else:
-        out.print(f"[bold green]VERIFIED[/] {json.dumps({k: v for k, v in result.items() if k != 'ok'})}")
+        details = json.dumps({k: v for k, v in result.items() if k != 'ok'})
+        out.print(f"[bold green]VERIFIED[/] {escape(details)}", soft_wrap=True)
 
 
 # -- demo ---------------------------------------------------------------------------------------------

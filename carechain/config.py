@@ -50,6 +50,9 @@ class BridgeConfig(_Section):
     checkpoint_interval_s: float = Field(default=1.0, gt=0)
     batch_max: int = Field(default=2000, ge=1, le=100_000)
     batch_wait_ms: int = Field(default=20, ge=0, le=5000)
+    # 0: verify in the bridge process; N: N worker processes on an MQTT shared subscription (mosquitto,
+    # EMQX, ...; not the embedded amqtt broker). One more process than cores rarely helps.
+    ingest_workers: int = Field(default=0, ge=0, le=64)
     operator_keys: list[str] = Field(default_factory=list)  # hex public keys trusted for registrations
     limits: Limits = Field(default_factory=Limits)
 

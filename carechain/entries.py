@@ -31,7 +31,11 @@ class Entry:
     cose: bytes
 
     def encode(self) -> bytes:
-        return cbor.encode({"t": self.type, "cose": self.cose})
+        # Deterministic CBOR of {"t": type, "cose": bytes}: "t" sorts before "cose" (shorter key first
+        # bytewise: 0x61 < 0x64). Built directly on the hot path; tested equal to cbor2's encoding.
+        t = self.type.encode()
+        return b"".join((b"\xa2\x61t", cbor.tstr_header(len(t)), t, b"\x64cose",
+                         cbor.bstr_header(len(self.cose)), self.cose))
 
     @classmethod
     def decode(cls, data: bytes) -> Entry:

@@ -7,6 +7,7 @@ This module only builds and parses; which public key to verify with is the calle
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,16 +42,29 @@ def _sig_structure(protected: bytes, payload: bytes) -> bytes:
                      cbor.bstr_header(len(payload)), payload))
 
 
+@functools.lru_cache(maxsize=4096)
 def _protected_header(kid: bytes) -> bytes:
     return cbor.encode({HEADER_ALG: ALG_EDDSA, HEADER_KID: kid})
 
 
-def sign(identity: Identity, payload: Any, *, kid: str | None = None) -> bytes:
-    """Encode `payload` deterministically and wrap it in a COSE_Sign1 signed by `identity`."""
-    payload_bytes = cbor.encode(payload)
+# tag 18 (0xd2), array of 4 (0x84); after the protected header: an empty map (0xa0); the signature is
+# a 64-byte string (0x58 0x40). Assembled directly on the hot path; tested equal to cbor2's encoding.
+_SIGN1_HEAD = b"\xd2\x84"
+_EMPTY_MAP = b"\xa0"
+_SIG_HEAD = b"\x58\x40"
+
+
+def sign(identity: Identity, payload: Any, *, kid: str | None = None, presorted: bool = False) -> bytes:
+    """Encode `payload` deterministically and wrap it in a COSE_Sign1 signed by `identity`.
+
+    `presorted=True` is for float-free payloads built with their keys already in deterministic order
+    (see `cbor.encode_presorted`).
+    """
+    payload_bytes = cbor.encode_presorted(payload) if presorted else cbor.encode(payload)
     protected = _protected_header((kid or identity.device_id).encode())
     signature = identity.sign(_sig_structure(protected, payload_bytes))
-    return cbor.encode(cbor.CBORTag(COSE_SIGN1_TAG, [protected, {}, payload_bytes, signature]))
+    return b"".join((_SIGN1_HEAD, cbor.bstr_header(len(protected)), protected, _EMPTY_MAP,
+                     cbor.bstr_header(len(payload_bytes)), payload_bytes, _SIG_HEAD, signature))
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ carechain handles only public keys and the opaque `Identity.sign`.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import os
 import stat
@@ -30,6 +31,7 @@ class KeyFileError(Exception):
     """A key file is missing, malformed or readable by others."""
 
 
+@functools.lru_cache(maxsize=65536)  # on every sign and every registry lookup; keys are few
 def device_id_for(public_key: bytes) -> str:
     """Stable, human-readable fingerprint of a public key: 16 lowercase base32 characters, topic-safe."""
     if len(public_key) != PUBLIC_KEY_SIZE:

@@ -34,14 +34,15 @@ class Receipt:
     rejected: list[Rejected] = field(default_factory=list)
 
     def seal(self, bridge_key: Identity) -> bytes:
+        # Keys in deterministic order (shorter first, then bytewise): v, ok, ts, dev, rej.
         payload = {
             "v": 1,
-            "dev": self.device_id,
-            "ts": self.ts,
             "ok": [list(p) for p in self.ok],
+            "ts": self.ts,
+            "dev": self.device_id,
             "rej": [[r.seq, r.reason, r.detail[:200], r.retryable, r.digest] for r in self.rejected],
         }
-        return envelope.sign(bridge_key, payload)
+        return envelope.sign(bridge_key, payload, presorted=True)
 
 
 def event_digest(raw: bytes) -> bytes:

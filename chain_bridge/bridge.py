@@ -1,8 +1,10 @@
 """The bridge service: MQTT in, verify, dedup, append in batches, receipts after commit, checkpoints.
 
-Thin threaded shell around the sans-IO `Ingest` and the `Ledger`: paho's network thread only enqueues
-messages; one worker thread drains the queue in batches, commits each batch in one transaction (group
-commit), then publishes receipts. A receipt is therefore never sent for an event that is not durable.
+Thin threaded shell around the sans-IO `Ingest` and the `Ledger`. Events are checked either in this
+process (paho's thread enqueues, the worker thread checks) or, with `ingest_workers > 0`, by worker
+processes on a shared subscription (chain_bridge.workers). Either way one sequencer thread commits each
+batch in one transaction (group commit), then publishes receipts: a receipt is never sent for an event
+that is not durable.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import paho.mqtt.client as mqtt
 
@@ -20,9 +23,12 @@ from carechain import topics
 from carechain.config import BridgeConfig, BrokerConfig
 from carechain.identity import Identity
 from carechain.receipts import Receipt, Rejected
-from chain_bridge.ingest import Ingest, Rejection
+from chain_bridge.ingest import Ingest, Rejection, SeqGuard
 from chain_bridge.ledger.store import Appended, DeviceRecord, EventCandidate, Ledger
 from carechain.transport import connect_client
+
+if TYPE_CHECKING:
+    from chain_bridge.workers import WorkerPool
 
 log = logging.getLogger("carechain.bridge")
 
@@ -64,9 +70,10 @@ class Bridge:
         self._registry: dict[str, DeviceRecord] = {}
         self._registry_version = -1
         self._reload_registry()
-        self._last_seq: dict[str, int] = {}
         self._last_checkpoint_size = (ledger.latest_checkpoint() or (-1, ""))[0]
-        self.ingest = Ingest(cfg.limits, self._lookup, self._seq_hint)
+        self.ingest = Ingest(cfg.limits, self._lookup)
+        self.seq_guard = SeqGuard(cfg.limits.max_seq_gap, ledger.last_seq)
+        self._pool: WorkerPool | None = None
         self._client: mqtt.Client | None = None
         self._worker: threading.Thread | None = None
         self.connected = threading.Event()
@@ -74,17 +81,27 @@ class Bridge:
     # -- lifecycle ---------------------------------------------------------------------------------
 
     def start(self) -> None:
+        workers = self.cfg.ingest_workers
+        if workers:
+            from chain_bridge.workers import WorkerPool, WorkerSpec
+
+            self._pool = WorkerPool([
+                WorkerSpec(i, self.broker, self.ledger.path, self.cfg.limits, self.cfg.batch_max,
+                           f"{self.client_id}-w{i}") for i in range(workers)])
+            self._pool.start()
         self._client = connect_client(
             self.broker, self.client_id, clean_session=False, on_message=self._on_message,
-            subscriptions=[(topics.EVENTS_WILDCARD, 1)], connected=self.connected,
+            subscriptions=[] if workers else [(topics.EVENTS_WILDCARD, 1)], connected=self.connected,
         )
-        self._worker = threading.Thread(target=self._run, name="bridge-worker", daemon=True)
+        self._worker = threading.Thread(target=self._run, name="bridge-sequencer", daemon=True)
         self._worker.start()
 
     def stop(self) -> None:
         self._stop.set()
         if self._worker:
             self._worker.join(timeout=10)
+        if self._pool:
+            self._pool.stop()
         if self._client:
             self._client.disconnect()
             self._client.loop_stop()
@@ -92,17 +109,23 @@ class Bridge:
     def _on_message(self, _client: mqtt.Client, _userdata: object, msg: mqtt.MQTTMessage) -> None:
         self._inbox.put((msg.topic, msg.payload))
 
-    # -- worker --------------------------------------------------------------------------------------
+    # -- sequencer -----------------------------------------------------------------------------------
 
     def _run(self) -> None:
         next_checkpoint = time.monotonic()
         while not self._stop.is_set():
-            batch = self._drain(timeout=min(0.2, max(0.0, next_checkpoint - time.monotonic())) or 0.001)
-            if batch:
-                try:
-                    self.process(batch)
-                except Exception:  # keep serving: agents resend what was not receipted
-                    log.exception("batch of %d events failed; nothing from it was receipted", len(batch))
+            timeout = min(0.2, max(0.001, next_checkpoint - time.monotonic()))
+            try:
+                if self._pool:
+                    verdicts = self._drain_workers(timeout)
+                    if verdicts:
+                        self.sequence(verdicts)
+                else:
+                    batch = self._drain(timeout)
+                    if batch:
+                        self.process(batch)
+            except Exception:  # keep serving: agents resend what was not receipted
+                log.exception("a batch failed; nothing from it was receipted")
             if time.monotonic() >= next_checkpoint:
                 self.maybe_checkpoint()
                 next_checkpoint = time.monotonic() + self.cfg.checkpoint_interval_s
@@ -124,25 +147,46 @@ class Bridge:
                 time.sleep(0.001)
         return batch
 
+    def _drain_workers(self, timeout: float) -> list[object]:
+        assert self._pool is not None
+        try:
+            verdicts = list(self._pool.results.get(timeout=timeout))
+        except queue.Empty:
+            return []
+        while len(verdicts) < self.cfg.batch_max:
+            try:
+                verdicts.extend(self._pool.results.get_nowait())
+            except queue.Empty:
+                break
+        return verdicts
+
     def process(self, batch: list[tuple[str, bytes]]) -> None:
-        """Check, append and receipt one batch (public for tests and benchmarks)."""
-        now_ms = int(time.time() * 1000)
+        """Check, append and receipt one batch of raw (topic, payload) messages in this process."""
         if self.ledger.registry_version() != self._registry_version:
             self._reload_registry()  # `carechain register` or a revocation, possibly by another process
-        receipts: dict[str, Receipt] = {}
-        candidates: list[EventCandidate] = []
-        self.stats.received += len(batch)
+        now_ms = int(time.time() * 1000)
+        verdicts: list[object] = []
         for topic, payload in batch:
             device = topics.device_of_event_topic(topic)
-            if device is None:
+            verdicts.append(("bad_topic", topic[:100]) if device is None else self.ingest.check(device, payload, now_ms))
+        self.sequence(verdicts)
+
+    def sequence(self, verdicts: list[object]) -> None:
+        """The sequencer's half: seq limits, durable append (one transaction), then receipts."""
+        now_ms = int(time.time() * 1000)
+        receipts: dict[str, Receipt] = {}
+        candidates: list[EventCandidate] = []
+        self.stats.received += len(verdicts)
+        for v in verdicts:
+            if isinstance(v, tuple):
                 self.stats.rejected["bad_topic"] += 1
-                log.warning("rejected bad_topic: %r is not a device event topic", topic[:100])
-                continue
-            verdict = self.ingest.check(device, payload, now_ms)
-            if isinstance(verdict, Rejection):
-                self._reject(receipts, now_ms, verdict)
+                log.warning("rejected bad_topic: %r is not a device event topic", v[1])
+            elif isinstance(v, Rejection):
+                self._reject(receipts, now_ms, v)
+            elif (gap := self.seq_guard.check(v)) is not None:
+                self._reject(receipts, now_ms, gap)
             else:
-                candidates.append(verdict)
+                candidates.append(v)
         results = self.ledger.append_events(candidates) if candidates else []
         for cand, result in zip(candidates, results, strict=True):
             rcpt = receipts.setdefault(cand.device_id, Receipt(cand.device_id, now_ms))
@@ -152,8 +196,7 @@ class Bridge:
                     self.stats.duplicates += 1
                 else:
                     self.stats.anchored += 1
-                    if cand.seq > self._last_seq.get(cand.device_id, -1):
-                        self._last_seq[cand.device_id] = cand.seq
+                    self.seq_guard.anchored(cand)
             else:
                 self._reject(receipts, now_ms, Rejection(
                     cand.device_id, cand.seq, "seq_reused",
@@ -192,9 +235,3 @@ class Bridge:
         self._registry_version = self.ledger.registry_version()
         self._registry = self.ledger.devices()
 
-    def _seq_hint(self, device_id: str) -> int | None:
-        if device_id not in self._last_seq:
-            last = self.ledger.last_seq(device_id)
-            self._last_seq[device_id] = -1 if last is None else last
-        value = self._last_seq[device_id]
-        return None if value < 0 else value

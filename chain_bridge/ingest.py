@@ -1,14 +1,15 @@
 """Sans-IO ingest checks: raw MQTT payload + topic + clock + registry → accepted candidate or rejection.
 
 Order matters for cost and for honesty of the reason: cheap structural checks first, then identity
-(registered, not revoked, topic matches the signer), then the signature, then time and sequence limits.
-Nothing here touches the network or disk; the bridge shell feeds bytes and time in.
+(registered, not revoked, topic matches the signer), then the signature, then time limits. `check`
+needs only the registry, so it can run in parallel worker processes; `SeqGuard` holds the per-device
+sequence state and runs in the one sequencer. Nothing here touches the network or disk.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from carechain import envelope
 from carechain.config import Limits
@@ -37,11 +38,10 @@ class Rejection:
 
 @dataclass
 class Ingest:
-    """Checks one event at a time against the registry and limits. Holds only per-device seq hints."""
+    """Checks one event at a time against the registry and limits; stateless apart from the registry."""
 
     limits: Limits
     lookup: Callable[[str], DeviceRecord | None]
-    last_seq: Callable[[str], int | None]
 
     def check(self, topic_device: str, raw: bytes, now_ms: int) -> EventCandidate | Rejection:
         verdict = self._check(topic_device, raw, now_ms)
@@ -77,8 +77,31 @@ class Ingest:
         if event.ts < now_ms - self.limits.max_age_s * 1000:
             return Rejection(topic_device, event.seq, "too_old",
                              f"event is {(now_ms - event.ts) / 86_400_000:.1f} days old")
-        last = self.last_seq(event.dev)
-        if event.seq > (-1 if last is None else last) + self.limits.max_seq_gap:
-            return Rejection(topic_device, event.seq, "seq_gap",
-                             f"seq {event.seq} jumps more than {self.limits.max_seq_gap} past {last}")
         return EventCandidate(event.dev, event.seq, event_entry(raw).encode(), event_digest(raw))
+
+
+@dataclass
+class SeqGuard:
+    """Sequencer-side seq limit: a device may not jump more than `max_seq_gap` past its highest seq.
+
+    Reordering and gaps below the limit are fine (outboxes resend out of order; quota policies may drop);
+    the limit stops a compromised device from exhausting the seq space or hiding a burst.
+    """
+
+    max_seq_gap: int
+    last_seq: Callable[[str], int | None]  # highest anchored seq, from the store (cached here)
+    _highest: dict[str, int] = field(default_factory=dict)
+
+    def check(self, c: EventCandidate) -> Rejection | None:
+        if c.device_id not in self._highest:
+            last = self.last_seq(c.device_id)
+            self._highest[c.device_id] = -1 if last is None else last
+        highest = self._highest[c.device_id]
+        if c.seq > highest + self.max_seq_gap:
+            return Rejection(c.device_id, c.seq, "seq_gap",
+                             f"seq {c.seq} jumps more than {self.max_seq_gap} past {highest}", c.digest)
+        return None
+
+    def anchored(self, c: EventCandidate) -> None:
+        if c.seq > self._highest.get(c.device_id, -1):
+            self._highest[c.device_id] = c.seq

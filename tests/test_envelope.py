@@ -110,3 +110,18 @@ def test_arbitrary_bytes_never_crash_the_parser(data: bytes) -> None:
 @given(st.binary(max_size=70_000), st.binary(max_size=300))
 def test_hand_built_sig_structure_equals_cbor2_encoding(payload: bytes, protected: bytes) -> None:
     assert envelope._sig_structure(protected, payload) == cbor2.dumps(["Signature1", protected, b"", payload])
+
+
+@given(st.binary(max_size=300), st.text(alphabet="abcdefghijklmnopqrstuvwxyz234567", min_size=1, max_size=64))
+def test_hand_built_cose_sign1_equals_cbor2_encoding(payload_bytes: bytes, kid: str) -> None:
+    data = envelope.sign(DEVICE, {"p": payload_bytes}, kid=kid)
+    tag = cbor2.loads(data)
+    assert cbor2.dumps(cbor2.CBORTag(18, tag.value), canonical=True) == data
+    assert envelope.parse(data).kid == kid
+
+
+@given(st.sampled_from(["event", "device.register", "device.revoke"]), st.binary(max_size=70_000))
+def test_hand_built_entry_equals_cbor2_encoding(entry_type: str, cose: bytes) -> None:
+    from carechain.entries import Entry
+
+    assert Entry(entry_type, cose).encode() == cbor2.dumps({"t": entry_type, "cose": cose}, canonical=True)

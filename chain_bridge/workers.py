@@ -1,0 +1,112 @@
+"""Ingest worker processes: the stateless, CPU-bound half of the bridge (Trillian's split).
+
+Each worker has its own MQTT connection on a shared subscription (`$share/<group>/cc/v1/dev/+/ev`), so
+the broker spreads events across workers and both receiving and verifying run in parallel, outside the
+sequencer's GIL. A worker parses, checks and verifies, then hands verdicts to the one sequencer (the
+`Bridge`) over a multiprocessing queue. It holds nothing durable: if it dies, the events it held were
+never receipted and the agents resend them.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from carechain import topics
+from carechain.config import BrokerConfig, Limits
+
+log = logging.getLogger("carechain.bridge.worker")
+SHARE_GROUP = "carechain-bridge"
+Verdicts = list[Any]  # EventCandidate | Rejection | ("bad_topic", topic)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    index: int
+    broker: BrokerConfig
+    ledger_path: Path
+    limits: Limits
+    batch_max: int
+    client_id: str
+
+
+def shared_subscription() -> str:
+    return f"$share/{SHARE_GROUP}/{topics.EVENTS_WILDCARD}"
+
+
+def run_worker(spec: WorkerSpec, out: mp.Queue, stop: Any) -> None:  # stop: mp.Event
+    """Process entry point (spawned): receive, verify, forward verdicts until `stop` is set."""
+    from carechain.transport import connect_client
+    from chain_bridge.ingest import Ingest
+    from chain_bridge.ledger.store import Ledger
+
+    ledger = Ledger(spec.ledger_path)  # read-only use: registry and its version counter
+    registry = {"version": -1, "devices": {}}
+
+    def refresh() -> None:
+        version = ledger.registry_version()
+        if version != registry["version"]:
+            registry["devices"], registry["version"] = ledger.devices(), version
+
+    ingest = Ingest(spec.limits, lambda dev: registry["devices"].get(dev))
+    inbox: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
+    client = connect_client(
+        spec.broker, spec.client_id, clean_session=False,
+        on_message=lambda _c, _u, m: inbox.put((m.topic, m.payload)),
+        subscriptions=[(shared_subscription(), 1)], connected=(ready := threading.Event()),
+    )
+    ready.wait(30)
+    try:
+        while not stop.is_set():
+            try:
+                batch = [inbox.get(timeout=0.1)]
+            except queue.Empty:
+                continue
+            while len(batch) < spec.batch_max:
+                try:
+                    batch.append(inbox.get_nowait())
+                except queue.Empty:
+                    break
+            refresh()
+            now_ms = int(time.time() * 1000)
+            verdicts: Verdicts = []
+            for topic, payload in batch:
+                device = topics.device_of_event_topic(topic)
+                verdicts.append(("bad_topic", topic[:100]) if device is None
+                                else ingest.check(device, payload, now_ms))
+            out.put(verdicts)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+        ledger.close()
+
+
+class WorkerPool:
+    """Starts and stops the ingest worker processes (spawned, so no paho thread is forked)."""
+
+    def __init__(self, specs: list[WorkerSpec]) -> None:
+        ctx = mp.get_context("spawn")
+        self.results: mp.Queue = ctx.Queue()
+        self._stop = ctx.Event()
+        self._procs = [ctx.Process(target=run_worker, args=(s, self.results, self._stop),
+                                   name=f"carechain-ingest-{s.index}", daemon=True) for s in specs]
+
+    def start(self) -> None:
+        for p in self._procs:
+            p.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for p in self._procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+
+    def alive(self) -> int:
+        return sum(p.is_alive() for p in self._procs)
