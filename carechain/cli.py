@@ -156,6 +156,11 @@ def bridge(config: ConfigOpt = None, broker: BrokerOpt = None, data_dir: DataDir
     console.print(f"bridge: broker {cfg.broker.address}, ledger {ledger_path(bdir)} "
                   f"(size {service.ledger.size}), origin {service.origin}\nlog public key {lk.public_key.hex()}")
     service.start()
+    if service.wait_ready(30):
+        console.print(f"bridge ready: subscribed with {cfg.bridge.ingest_workers or 'no'} ingest workers")
+    else:
+        console.print(f"[yellow]bridge: not subscribed yet; broker {cfg.broker.address} unreachable or "
+                      "refusing; retrying in the background[/]")
     _wait_for_signal()
     service.stop()
     console.print(json.dumps(service.stats.as_dict()))

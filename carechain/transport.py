@@ -56,12 +56,20 @@ def connect_client(
         if rc.is_failure:
             log.warning("%s: broker %s refused the connection: %s", client_id, broker.address, rc)
             return
-        for topic, qos in subscriptions:
-            c.subscribe(topic, qos)
-        if connected is not None:
+        if subscriptions:
+            # `connected` waits for the SUBACK: only then can nothing published to us be missed.
+            c.subscribe([(topic, qos) for topic, qos in subscriptions])
+        elif connected is not None:
             connected.set()
         if on_state is not None:
             on_state(True)
+
+    def _on_subscribe(_c: mqtt.Client, _u: object, _mid: int, codes: list[mqtt.ReasonCode], _p: object) -> None:
+        refused = [str(rc) for rc in codes if rc.is_failure]
+        if refused:
+            log.error("%s: broker %s refused a subscription: %s", client_id, broker.address, ", ".join(refused))
+        elif connected is not None:
+            connected.set()
 
     def _on_disconnect(_c: mqtt.Client, _u: object, _f: object, rc: mqtt.ReasonCode, _p: object) -> None:
         if connected is not None:
@@ -73,6 +81,7 @@ def connect_client(
 
     client.on_connect = _on_connect
     client.on_disconnect = _on_disconnect
+    client.on_subscribe = _on_subscribe
     client.connect_async(broker.host, broker.port, keepalive=broker.keepalive_s)
     client.loop_start()
     return client

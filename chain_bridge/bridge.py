@@ -96,6 +96,13 @@ class Bridge:
         self._worker = threading.Thread(target=self._run, name="bridge-sequencer", daemon=True)
         self._worker.start()
 
+    def wait_ready(self, timeout: float = 30.0) -> bool:
+        """True once the bridge (and every ingest worker) is subscribed: events sent later are not missed."""
+        deadline = time.monotonic() + timeout
+        if not self.connected.wait(timeout):
+            return False
+        return self._pool is None or self._pool.wait_subscribed(max(0.0, deadline - time.monotonic()))
+
     def stop(self) -> None:
         self._stop.set()
         if self._worker:

@@ -40,7 +40,7 @@ def shared_subscription() -> str:
     return f"$share/{SHARE_GROUP}/{topics.EVENTS_WILDCARD}"
 
 
-def run_worker(spec: WorkerSpec, out: mp.Queue, stop: Any) -> None:  # stop: mp.Event
+def run_worker(spec: WorkerSpec, out: mp.Queue, stop: Any, subscribed: Any) -> None:  # mp.Events
     """Process entry point (spawned): receive, verify, forward verdicts until `stop` is set."""
     from carechain.transport import connect_client
     from chain_bridge.ingest import Ingest
@@ -56,12 +56,15 @@ def run_worker(spec: WorkerSpec, out: mp.Queue, stop: Any) -> None:  # stop: mp.
 
     ingest = Ingest(spec.limits, lambda dev: registry["devices"].get(dev))
     inbox: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
+    # A clean session: a worker holds nothing durable, and a persistent session of a worker that is gone
+    # would keep taking its share of the group's messages into a queue nobody reads.
     client = connect_client(
-        spec.broker, spec.client_id, clean_session=False,
+        spec.broker, spec.client_id, clean_session=True,
         on_message=lambda _c, _u, m: inbox.put((m.topic, m.payload)),
         subscriptions=[(shared_subscription(), 1)], connected=(ready := threading.Event()),
     )
-    ready.wait(30)
+    if ready.wait(30):
+        subscribed.set()
     try:
         while not stop.is_set():
             try:
@@ -94,8 +97,10 @@ class WorkerPool:
         ctx = mp.get_context("spawn")
         self.results: mp.Queue = ctx.Queue()
         self._stop = ctx.Event()
-        self._procs = [ctx.Process(target=run_worker, args=(s, self.results, self._stop),
-                                   name=f"carechain-ingest-{s.index}", daemon=True) for s in specs]
+        self._subscribed = [ctx.Event() for _ in specs]
+        self._procs = [ctx.Process(target=run_worker, args=(s, self.results, self._stop, ready),
+                                   name=f"carechain-ingest-{s.index}", daemon=True)
+                       for s, ready in zip(specs, self._subscribed, strict=True)]
 
     def start(self) -> None:
         for p in self._procs:
@@ -107,6 +112,11 @@ class WorkerPool:
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
+
+    def wait_subscribed(self, timeout: float) -> bool:
+        """True once every worker holds its shared subscription (events sent before may be dropped)."""
+        deadline = time.monotonic() + timeout
+        return all(e.wait(max(0.0, deadline - time.monotonic())) for e in self._subscribed)
 
     def alive(self) -> int:
         return sum(p.is_alive() for p in self._procs)

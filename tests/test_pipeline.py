@@ -37,14 +37,17 @@ def register(ledger: Ledger, idents: list[Identity]) -> None:
     ledger.append_registrations(items)
 
 
-@pytest.fixture
-def running_bridge(tmp_path: Path, broker):
+@pytest.fixture(params=[0, 2], ids=["in-process", "2-workers"])
+def running_bridge(request, tmp_path: Path, broker):
+    if request.param and broker.kind != "mosquitto":
+        pytest.skip("ingest workers need MQTT shared subscriptions (mosquitto)")
     log_key = Identity.generate()
     ledger = Ledger(tmp_path / "bridge" / "ledger.db")
-    cfg = BridgeConfig(data_dir=tmp_path / "bridge", checkpoint_interval_s=0.3, limits=Limits(max_event_bytes=2048))
+    cfg = BridgeConfig(data_dir=tmp_path / "bridge", checkpoint_interval_s=0.3, ingest_workers=request.param,
+                       limits=Limits(max_event_bytes=2048))
     bridge = Bridge(cfg, broker.config, log_key, ledger, client_id=f"bridge-{tmp_path.name}")
     bridge.start()
-    assert bridge.connected.wait(10)
+    assert bridge.wait_ready(30)
     yield bridge
     bridge.stop()
 
