@@ -77,7 +77,8 @@ def sign_events(devices: list[Identity], count: int, start_seq: int) -> list[tup
         dev = devices[i % len(devices)]
         seq = start_seq + i // len(devices)
         body = {"bpm": 60 + i % 40}
-        out.append((topics.events(dev.device_id), envelope.sign(dev, make_payload(dev.device_id, seq, now, "heart_rate", body))))
+        payload = make_payload(dev.device_id, seq, now, "heart_rate", body)
+        out.append((topics.events(dev.device_id), envelope.sign(dev, payload)))
     return out
 
 
@@ -133,6 +134,19 @@ class ReceiptCounter:
         return False
 
 
+def wait_ready(bridge: subprocess.Popen[str], log_file: Path) -> None:
+    """Block until the bridge says it is subscribed; its log (stderr) keeps flowing to `log_file`."""
+    assert bridge.stderr is not None
+    sink = log_file.open("w")
+    for line in bridge.stderr:  # start-up: load the ledger, spawn workers, subscribe
+        sink.write(line)
+        if line.startswith("bridge ready"):
+            break
+    else:
+        raise SystemExit(f"bridge exited before it was ready; see {log_file}")
+    threading.Thread(target=lambda: sink.writelines(bridge.stderr), daemon=True).start()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--devices", type=int, default=1000)
@@ -165,14 +179,9 @@ def main() -> None:
             bridge = subprocess.Popen(
                 [sys.executable, "-m", "carechain.cli", "bridge", "--data-dir", str(data_dir),
                  "--broker", f"127.0.0.1:{broker.port}", "--workers", str(args.workers)],
-                stdout=subprocess.PIPE, stderr=open(work / "bridge.log", "wb"), cwd=REPO, text=True,
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO, text=True,
                 env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"})
-            assert bridge.stdout is not None
-            for line in bridge.stdout:  # start-up: load the ledger, spawn workers, subscribe
-                if line.startswith("bridge ready"):
-                    break
-            else:
-                raise SystemExit(f"bridge exited before it was ready; see {work / 'bridge.log'}")
+            wait_ready(bridge, work / "bridge.log")
             say("bridge throughput (verify + append + fsync + receipt)…")
             # Counted from the ledger (committed = durable), not by a receipt subscriber in this
             # process: in production the receipts go to agents on other machines, and consuming 30k

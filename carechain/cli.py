@@ -206,7 +206,8 @@ def agent(config: ConfigOpt = None, broker: BrokerOpt = None,
         if d.profile not in profiles:
             raise _fail(f"unknown profile {d.profile!r}; known: {', '.join(sorted(profiles))}")
         try:
-            devices.append(AgentDevice(Identity.load(d.key_file), SimulatedDevice(profiles[d.profile], random.Random())))
+            source = SimulatedDevice(profiles[d.profile], random.Random())
+            devices.append(AgentDevice(Identity.load(d.key_file), source))
         except KeyFileError as exc:
             raise _fail(str(exc)) from None
     service = Agent(devices, Outbox(cfg.agent.data_dir / "outbox.db"), cfg.broker,
@@ -276,8 +277,14 @@ def verify(
     a consistency proof between two checkpoints, or a checkpoint signature. Exit 1 if it does not hold."""
     from pydantic import ValidationError
 
-    from carechain.proofs import (ConsistencyBundle, InclusionBundle, VerificationError,
-                                  verify_checkpoint, verify_consistency_bundle, verify_inclusion_bundle)
+    from carechain.proofs import (
+        ConsistencyBundle,
+        InclusionBundle,
+        VerificationError,
+        verify_checkpoint,
+        verify_consistency_bundle,
+        verify_inclusion_bundle,
+    )
 
     result: dict[str, Any]
     try:

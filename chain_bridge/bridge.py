@@ -23,9 +23,9 @@ from carechain import topics
 from carechain.config import BridgeConfig, BrokerConfig
 from carechain.identity import Identity
 from carechain.receipts import Receipt, Rejected
+from carechain.transport import connect_client
 from chain_bridge.ingest import Ingest, Rejection, SeqGuard
 from chain_bridge.ledger.store import Appended, DeviceRecord, EventCandidate, Ledger
-from carechain.transport import connect_client
 
 if TYPE_CHECKING:
     from chain_bridge.workers import WorkerPool
@@ -175,7 +175,8 @@ class Bridge:
         verdicts: list[object] = []
         for topic, payload in batch:
             device = topics.device_of_event_topic(topic)
-            verdicts.append(("bad_topic", topic[:100]) if device is None else self.ingest.check(device, payload, now_ms))
+            verdicts.append(("bad_topic", topic[:100]) if device is None
+                            else self.ingest.check(device, payload, now_ms))
         self.sequence(verdicts)
 
     def sequence(self, verdicts: list[object]) -> None:

@@ -7,6 +7,7 @@ asyncio shell. paho's network thread hands receipts and connection changes to th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -104,10 +105,8 @@ class Agent:
                 self.record(device_id, readings, now_ms)
             due = source.next_due_ms()
             wait_s = 1.0 if due is None else max(0.0, (t0 + (due - t0) / self.speedup) / 1000 - time.time())
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=min(wait_s, 1.0))
-            except TimeoutError:
-                pass
 
     # -- sending -----------------------------------------------------------------------------------
 
@@ -122,10 +121,8 @@ class Agent:
                         break
                     self.stats.sent += 1
             self._wake.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=0.25)
-            except TimeoutError:
-                pass
 
     # -- receipts ----------------------------------------------------------------------------------
 
