@@ -178,6 +178,9 @@ def _wait_for_signal() -> None:
 
 @app.command()
 def agent(config: ConfigOpt = None, broker: BrokerOpt = None,
+          produce_seconds: Annotated[float | None, typer.Option(
+              help="Stop sampling the sources after this many seconds; keep forwarding until stopped.",
+              min=0)] = None,
           verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
     """Run an edge agent for the devices listed in the config's `agent.devices` (simulated sources).
 
@@ -190,7 +193,7 @@ def agent(config: ConfigOpt = None, broker: BrokerOpt = None,
     from carechain.identity import Identity, KeyFileError
     from carechain.profiles import load_profiles
     from edge_agent.agent import Agent, AgentDevice
-    from edge_agent.outbox import Outbox
+    from edge_agent.outbox import Outbox, Quota, QuotaPolicy
     from edge_agent.sources.simulated import SimulatedDevice
 
     _logging(verbose)
@@ -210,7 +213,8 @@ def agent(config: ConfigOpt = None, broker: BrokerOpt = None,
             devices.append(AgentDevice(Identity.load(d.key_file), source))
         except KeyFileError as exc:
             raise _fail(str(exc)) from None
-    service = Agent(devices, Outbox(cfg.agent.data_dir / "outbox.db"), cfg.broker,
+    quota = Quota(int(cfg.agent.outbox_quota_mb * (1 << 20)), QuotaPolicy(cfg.agent.on_quota))
+    service = Agent(devices, Outbox(cfg.agent.data_dir / "outbox.db", quota), cfg.broker,
                     bytes.fromhex(cfg.agent.bridge_public_key), window=cfg.agent.window,
                     resend_after_s=cfg.agent.resend_after_s, speedup=cfg.agent.speedup)
 
@@ -219,10 +223,13 @@ def agent(config: ConfigOpt = None, broker: BrokerOpt = None,
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        if produce_seconds is not None:
+            loop.call_later(produce_seconds, service.stop_producing)
         await service.run(stop)
 
     asyncio.run(main())
-    console.print(json.dumps(service.stats.__dict__))
+    console.print(json.dumps({**service.stats.__dict__, "outbox_left": service.outbox.depth(),
+                              "quota_losses": service.outbox.losses()}))
 
 
 # -- proofs -------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -69,6 +69,10 @@ class AgentConfig(_Section):
     window: int = Field(default=1000, ge=1, le=60_000)  # unacknowledged events in flight (< 65,535)
     resend_after_s: float = Field(default=10.0, gt=0)
     speedup: float = Field(default=1.0, gt=0)  # simulated sources: sample this many times faster
+    # Disk quota of the outbox and what happens at it (docs/reliability.md): refuse_new keeps every signed
+    # event and stops signing new readings; drop_oldest keeps the newest. Both count and log every loss.
+    outbox_quota_mb: float = Field(default=2048.0, gt=0)
+    on_quota: Literal["refuse_new", "drop_oldest"] = "refuse_new"
 
 
 class Config(_Section):

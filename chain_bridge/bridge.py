@@ -21,6 +21,7 @@ import paho.mqtt.client as mqtt
 
 from carechain import topics
 from carechain.config import BridgeConfig, BrokerConfig
+from carechain.faults import crash_point
 from carechain.identity import Identity
 from carechain.receipts import Receipt, Rejected
 from carechain.transport import connect_client
@@ -210,6 +211,7 @@ class Bridge:
                     cand.device_id, cand.seq, "seq_reused",
                     f"seq {cand.seq} is already anchored at leaf {result.index} with different content",
                     cand.digest))
+        crash_point("bridge.after_append")  # committed, no receipt out yet: agents must resend, we dedup
         self.stats.tree_size = self.ledger.size
         self.stats.batches += 1
         if self._client is not None:

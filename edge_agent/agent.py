@@ -22,7 +22,7 @@ from carechain.events import make_payload
 from carechain.identity import Identity
 from carechain.receipts import ReceiptError, open_receipt
 from carechain.transport import connect_client
-from edge_agent.outbox import Outbox
+from edge_agent.outbox import Outbox, OutboxFull
 from edge_agent.window import SendWindow
 
 log = logging.getLogger("carechain.agent")
@@ -51,6 +51,7 @@ class AgentStats:
     quarantined: int = 0
     rejected_retryable: int = 0
     bad_receipts: int = 0
+    refused_quota: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
 
 
@@ -81,7 +82,11 @@ class Agent:
         def signer(kind: str, body: object):  # noqa: ANN202 - closure over one reading
             return lambda seq: envelope.sign(device.identity, make_payload(device_id, seq, ts, kind, body))
 
-        seqs = self.outbox.add_many(device_id, [signer(k, b) for k, b in readings])
+        try:
+            seqs = self.outbox.add_many(device_id, [signer(k, b) for k, b in readings])
+        except OutboxFull:
+            self.stats.refused_quota += len(readings)  # counted and logged by the outbox, persisted too
+            return []
         self.stats.signed += len(seqs)
         self._wake.set()
         return seqs
