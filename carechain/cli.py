@@ -163,7 +163,7 @@ def bridge(config: ConfigOpt = None, broker: BrokerOpt = None, data_dir: DataDir
                       "refusing; retrying in the background[/]")
     _wait_for_signal()
     service.stop()
-    console.print(json.dumps(service.stats.as_dict()))
+    print(json.dumps(service.stats.as_dict()), flush=True)  # final counters, on stdout for scripts
 
 
 def _wait_for_signal() -> None:
@@ -228,8 +228,8 @@ def agent(config: ConfigOpt = None, broker: BrokerOpt = None,
         await service.run(stop)
 
     asyncio.run(main())
-    console.print(json.dumps({**service.stats.__dict__, "outbox_left": service.outbox.depth(),
-                              "quota_losses": service.outbox.losses()}))
+    print(json.dumps({**service.stats.__dict__, "outbox_left": service.outbox.depth(),
+                      "quota_losses": service.outbox.losses()}), flush=True)
 
 
 # -- proofs -------------------------------------------------------------------------------------------

@@ -65,8 +65,11 @@ def run_worker(spec: WorkerSpec, out: mp.Queue, stop: Any, subscribed: Any) -> N
     )
     if ready.wait(30):
         subscribed.set()
+    # If the sequencer dies (kill -9, OOM), an orphaned worker would keep taking its share of the
+    # subscription and feed a queue nobody reads: leave as soon as the parent is gone.
+    parent = mp.parent_process()
     try:
-        while not stop.is_set():
+        while not stop.is_set() and (parent is None or parent.is_alive()):
             try:
                 batch = [inbox.get(timeout=0.1)]
             except queue.Empty:

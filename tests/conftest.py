@@ -32,3 +32,16 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestBroker]:
     else:
         with EmbeddedBroker() as eb:
             yield TestBroker(eb.host, eb.port, "amqtt")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print the fault-injection table (tests/test_faults.py) when those tests ran."""
+    import sys
+
+    module = sys.modules.get("tests.test_faults") or sys.modules.get("test_faults")
+    results = getattr(module, "RESULTS", None)
+    if results:
+        from simulators.faults import table
+
+        terminalreporter.write_sep("-", "fault injection: every signed event in the log exactly once")
+        terminalreporter.write_line(table(results))
