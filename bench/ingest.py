@@ -36,6 +36,7 @@ from carechain.identity import Identity  # noqa: E402
 from carechain.inventory import InventoryDevice  # noqa: E402
 from chain_bridge.ledger.store import Ledger  # noqa: E402
 from chain_bridge.registry import ledger_path, operator_key, register_devices  # noqa: E402
+from simulators.faults import wait_ready  # noqa: E402
 from simulators.mosquitto import Mosquitto  # noqa: E402
 
 # Unacknowledged publishes per client: below paho's 65,535 packet ids (they must never wrap), and large
@@ -132,19 +133,6 @@ class ReceiptCounter:
                     return True
             time.sleep(0.02)
         return False
-
-
-def wait_ready(bridge: subprocess.Popen[str], log_file: Path) -> None:
-    """Block until the bridge says it is subscribed; its log (stderr) keeps flowing to `log_file`."""
-    assert bridge.stderr is not None
-    sink = log_file.open("w")
-    for line in bridge.stderr:  # start-up: load the ledger, spawn workers, subscribe
-        sink.write(line)
-        if line.startswith("bridge ready"):
-            break
-    else:
-        raise SystemExit(f"bridge exited before it was ready; see {log_file}")
-    threading.Thread(target=lambda: sink.writelines(bridge.stderr), daemon=True).start()
 
 
 def main() -> None:

@@ -249,13 +249,13 @@ class Fleet:
     """A broker, a bridge and `agents` agents with `devices_per_agent` simulated devices each."""
 
     def __init__(self, work: Path, *, agents: int = 2, devices_per_agent: int = 3, speedup: float = 150.0,
-                 workers: int = 0, via_proxy: bool = False, resend_after_s: float = 2.0) -> None:
+                 workers: int = 0, via_proxy: bool = False, resend_after_s: float = 2.0, window: int = 1000) -> None:
         self.work = work
         self.broker = Mosquitto(work / "mosquitto")
         self.proxy: TcpProxy | None = None
         self.via_proxy = via_proxy
         self.n_agents, self.per_agent, self.speedup = agents, devices_per_agent, speedup
-        self.workers, self.resend_after_s = workers, resend_after_s
+        self.workers, self.resend_after_s, self.window = workers, resend_after_s, window
         self.bridge: BridgeProcess | None = None
         self.agents: list[AgentProcess] = []
 
@@ -303,7 +303,7 @@ class Fleet:
                                                  site="faults", public_key=ident.public_key, line=0))
             cfg = self._config(adir / "agent.yaml", agent_port, {
                 "data_dir": str(adir), "devices": devices, "bridge_public_key": log_pk,
-                "resend_after_s": self.resend_after_s, "speedup": self.speedup})
+                "resend_after_s": self.resend_after_s, "speedup": self.speedup, "window": self.window})
             self.agents.append(AgentProcess(f"agent{a}", cfg, adir / "outbox.db", adir / "agent.log", ids))
         register_devices(ledger, operator_key(bdir), inventory)
         ledger.close()
