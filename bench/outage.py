@@ -28,6 +28,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from carechain.config import AgentConfig  # noqa: E402
 from carechain.identity import Identity  # noqa: E402
 from edge_agent.agent import Agent, AgentDevice  # noqa: E402
 from edge_agent.outbox import Outbox  # noqa: E402
@@ -76,7 +77,8 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=1_000_000)
     ap.add_argument("--devices", type=int, default=10)
     ap.add_argument("--days", type=float, default=3.0)
-    ap.add_argument("--window", type=int, default=1000, help="agent send window (events in flight; the config default)")
+    ap.add_argument("--window", type=int, default=AgentConfig().window,
+                    help="agent send window (events in flight; default: the config default)")
     ap.add_argument("--workers", type=int, default=2, help="bridge ingest worker processes")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()

@@ -12,7 +12,7 @@ __all__ = ["CBORError", "CBORTag", "bstr_header", "decode", "encode", "encode_pr
 
 # Plain data only: a semantic tag that cbor2 would turn into a datetime, regex, Decimal or set has no
 # place in a carechain message, and accepting it would make re-encoding ambiguous.
-_SCALARS = frozenset({bool, float, str, bytes, type(None)})
+_SCALARS = frozenset({bool, float, bytes, type(None)})
 MAX_DEPTH = 16
 MAX_INT = 2**63 - 1
 
@@ -64,30 +64,114 @@ def decode(data: bytes, *, max_depth: int = MAX_DEPTH, allow_tag: int | None = N
            check_plain: bool = True) -> Any:
     """Decode exactly one CBOR item from untrusted `data`.
 
-    Rejects trailing bytes, semantic tags (except `allow_tag` at the top level), nesting deeper than
-    `max_depth`, and integers outside the signed 64-bit range. `check_plain=False` skips the type and
-    depth walk below the top level, for callers that type-check every element themselves.
+    Rejects trailing bytes, indefinite lengths, tags (except `allow_tag` at the top level), simple values
+    other than false/true/null, text that is not UTF-8, lengths beyond the data, nesting deeper than
+    `max_depth`, and integers outside the signed 64-bit range. `check_plain=False` skips the type walk
+    below the top level, for callers that type-check every element themselves.
     """
+    # Text is checked for UTF-8 here only when no walk follows; otherwise the walk looks for U+FFFD.
+    _scan(data, max_depth, allow_tag, utf8=not check_plain)
     fp = io.BytesIO(data)
     try:
-        value = cbor2.CBORDecoder(fp).decode()
-    except (cbor2.CBORDecodeError, RecursionError, MemoryError, OverflowError, ValueError) as exc:
-        raise CBORError("malformed_cbor", str(exc)[:200]) from None
-    if fp.tell() != len(data):
+        # After _scan, cbor2's C decoder only meets definite-length plain data and no semantic tag, so
+        # none of its tag decoders (datetime, decimal, regex, MIME, ...) runs on untrusted bytes. Their
+        # error paths raised decimal and TypeError exceptions, and leaked memory on every failure, as
+        # does invalid UTF-8 (agronholm/cbor2#257): all found by tests/test_fuzz.py and bench/fuzz.py.
+        # str_errors="replace" keeps that last path leak-free: invalid UTF-8 becomes U+FFFD, found below.
+        value = cbor2.CBORDecoder(fp, str_errors="replace").decode()
+    except Exception as exc:  # whatever still fails to decode is malformed, never another exception
+        what = str(exc) if isinstance(exc, cbor2.CBORDecodeError) else f"{type(exc).__name__}: {exc}"
+        raise CBORError("malformed_cbor", what[:200]) from None
+    if fp.tell() != len(data):  # unreachable after _scan; kept as the decoder's own word
         raise CBORError("trailing_bytes", f"{len(data) - fp.tell()} bytes after the CBOR item")
     if isinstance(value, cbor2.CBORTag):
         if allow_tag is None or value.tag != allow_tag:
             raise CBORError("unexpected_tag", f"top-level tag {value.tag} is not allowed here")
-        if check_plain:
-            _check_plain(value.value, max_depth, 1)
+        if check_plain and _check_plain(value.value, max_depth, 1):
+            _scan(data, max_depth, allow_tag, utf8=True)
         return value
-    if check_plain:
-        _check_plain(value, max_depth, 0)
+    if check_plain and _check_plain(value, max_depth, 0):
+        _scan(data, max_depth, allow_tag, utf8=True)  # U+FFFD: genuine, or replaced invalid UTF-8?
     return value
 
 
-def _check_plain(value: Any, max_depth: int, depth: int) -> None:
+_ARG_BYTES = {24: 1, 25: 2, 26: 4, 27: 8}
+_SIMPLE_OK = frozenset({20, 21, 22, 25, 26, 27})  # false, true, null; half, single, double floats
+
+
+def _scan(data: bytes, max_depth: int, allow_tag: int | None, *, utf8: bool) -> None:
+    """Check the structure of one CBOR item without building anything: heads, lengths against the bytes
+    left, nesting, no indefinite length, no tag but `allow_tag` first, no other simple value; with `utf8`,
+    that text is UTF-8.
+
+    A loop over item heads with a stack of counts: no recursion, no allocation driven by a declared length.
+    """
+    n = len(data)
+    pos = 0
+    todo = 1  # items still to read at the current nesting level
+    stack: list[int] = []  # the enclosing levels' counts
+    first = True
+    while True:
+        if not todo:
+            if not stack:
+                break
+            todo = stack.pop()
+            continue
+        if pos >= n:
+            raise CBORError("malformed_cbor", f"premature end of data at byte {pos}")
+        ib = data[pos]
+        major, info = ib >> 5, ib & 31
+        pos += 1
+        if info < 24:
+            arg = info
+        elif info < 28:
+            size = _ARG_BYTES[info]
+            if pos + size > n:
+                raise CBORError("malformed_cbor", f"premature end of data in the head at byte {pos - 1}")
+            arg = int.from_bytes(data[pos:pos + size], "big")
+            pos += size
+        elif info == 31:
+            raise CBORError("malformed_cbor", f"indefinite-length item at byte {pos - 1} (not deterministic CBOR)")
+        else:
+            raise CBORError("malformed_cbor", f"reserved additional information {info} at byte {pos - 1}")
+        todo -= 1
+        if major < 2:
+            pass
+        elif major < 4:
+            if arg > n - pos:
+                raise CBORError("malformed_cbor", f"a string at byte {pos} declares {arg} bytes; {n - pos} are left")
+            if major == 3 and utf8:
+                try:
+                    data[pos:pos + arg].decode("utf-8")
+                except UnicodeDecodeError:
+                    raise CBORError("malformed_cbor", f"text at byte {pos} is not valid UTF-8") from None
+            pos += arg
+        elif major < 6:
+            if arg:
+                count = arg * 2 if major == 5 else arg
+                if count > n - pos:
+                    raise CBORError("malformed_cbor",
+                                    f"a container at byte {pos} declares {count} items; {n - pos} bytes are left")
+                if len(stack) >= max_depth:
+                    raise CBORError("too_deep", f"nesting deeper than {max_depth}")
+                stack.append(todo)
+                todo = count
+        elif major == 6:
+            if not (first and arg == allow_tag):
+                raise CBORError("unexpected_tag", f"tag {arg} at byte {pos - 1} is not allowed here")
+            stack.append(todo)  # the tagged item counts one level deeper, as in _check_plain
+            todo = 1
+        elif info not in _SIMPLE_OK:
+            raise CBORError("unexpected_type", f"simple value {arg} at byte {pos - 1} is not plain CBOR data")
+        first = False
+    if pos != n:
+        raise CBORError("trailing_bytes", f"{n - pos} bytes after the CBOR item")
+
+
+def _check_plain(value: Any, max_depth: int, depth: int) -> bool:
+    """Raise unless `value` is plain data; True if some text holds U+FFFD (possibly replaced invalid UTF-8)."""
     # Iterative walk: no recursion limit to hit, and scalars (the common case) cost one type lookup.
+    replaced = False
     stack = [(value, depth)]
     while stack:
         item, d = stack.pop()
@@ -95,6 +179,8 @@ def _check_plain(value: Any, max_depth: int, depth: int) -> None:
         if t is int:
             if not -MAX_INT - 1 <= item <= MAX_INT:
                 raise CBORError("int_out_of_range", "integer outside the signed 64-bit range")
+        elif t is str:
+            replaced = replaced or "\ufffd" in item
         elif t in _SCALARS:
             continue
         elif d >= max_depth:
@@ -109,3 +195,4 @@ def _check_plain(value: Any, max_depth: int, depth: int) -> None:
                 stack.append((x, d + 1))
         else:
             raise CBORError("unexpected_type", f"{t.__name__} is not plain CBOR data")
+    return replaced

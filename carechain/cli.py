@@ -53,6 +53,38 @@ def _bridge_dir(cfg: Config, data_dir: Path | None) -> Path:
     return data_dir or cfg.bridge.data_dir
 
 
+def _open_store(opener: Any, path: Path, *args: Any) -> Any:
+    """Open a ledger or an outbox; a damaged or unreadable file is a one-line error and exit code 1."""
+    from carechain.sqlite_store import StoreError
+
+    try:
+        return opener(path, *args)
+    except StoreError as exc:
+        raise _fail(str(exc), 1) from None
+
+
+def _broker_login(cfg: Config) -> None:
+    """Resolve broker.credentials_file into username/password and check the TLS files, before connecting."""
+    from carechain.credentials import CredentialsError, load_mqtt_credentials
+    from carechain.transport import tls_context
+
+    b = cfg.broker
+    if b.credentials_file is not None:
+        try:
+            login = load_mqtt_credentials(b.credentials_file)
+        except CredentialsError as exc:
+            raise _fail(str(exc)) from None
+        b.username, b.password, b.credentials_file = login.username, login.password, None
+    if b.tls_ca is not None:
+        try:
+            tls_context(b)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise _fail(f"broker TLS settings (tls_ca {b.tls_ca}, tls_cert {b.tls_cert}, tls_key {b.tls_key}): "
+                        f"{exc}") from None
+    elif b.tls_cert is not None:
+        raise _fail("broker.tls_cert is set but broker.tls_ca is not: TLS needs the CA that signed the broker")
+
+
 def _logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -88,6 +120,72 @@ def keys_show(path: Annotated[Path, typer.Argument(help="A carechain key file.")
               soft_wrap=True, markup=False, highlight=False)
 
 
+ca_app = typer.Typer(
+    help="A deployment CA for the broker's TLS listener: CA, server and client certificates (ECDSA P-256; "
+         "keys mode 0600). See docs/broker-security.md.", no_args_is_help=True)
+keys_app.add_typer(ca_app, name="ca")
+CaDirOpt = Annotated[Path, typer.Option("--dir", help="The CA's folder (ca.crt, ca.key).")]
+CertOutOpt = Annotated[Path | None, typer.Option("--out", help="Where to write the certificate and key "
+                                                 "(default: the CA's folder).")]
+ForceOpt = Annotated[bool, typer.Option(help="Overwrite existing files.")]
+DEFAULT_CA_DIR = Path("carechain-data/ca")
+
+
+def _issued(what: str, issued: Any) -> None:
+    out.print(f"{what}\ncert        {issued.cert}\nkey         {issued.key}   (mode 0600)\n"
+              f"sha256      {issued.fingerprint}", soft_wrap=True, markup=False, highlight=False)
+
+
+@ca_app.command("init")
+def ca_init(ca_dir: CaDirOpt = DEFAULT_CA_DIR,
+            name: Annotated[str, typer.Option(help="The CA's common name.")] = "carechain deployment CA",
+            days: Annotated[int, typer.Option(help="Validity in days.", min=1)] = 3650,
+            force: ForceOpt = False) -> None:
+    """Create the deployment CA: ca.key (mode 0600, keep it offline) and ca.crt (give it to every client)."""
+    from carechain.pki import PkiError, init_ca
+
+    try:
+        _issued("CA created", init_ca(ca_dir, name=name, days=days, overwrite=force))
+    except (PkiError, OSError) as exc:
+        raise _fail(str(exc)) from None
+
+
+@ca_app.command("server")
+def ca_server(host: Annotated[list[str] | None, typer.Option(
+                  help="A DNS name clients use to reach the broker; repeatable.")] = None,
+              ip: Annotated[list[str] | None, typer.Option(
+                  help="An IP address clients use to reach the broker; repeatable.")] = None,
+              ca_dir: CaDirOpt = DEFAULT_CA_DIR, out_dir: CertOutOpt = None,
+              name: Annotated[str, typer.Option(help="File name stem: NAME.crt, NAME.key.")] = "server",
+              days: Annotated[int, typer.Option(help="Validity in days.", min=1)] = 825,
+              force: ForceOpt = False) -> None:
+    """Issue the broker's certificate for every --host and --ip clients connect to (checked by clients)."""
+    from carechain.pki import PkiError, issue_server
+
+    try:
+        issued = issue_server(ca_dir, hosts=host or [], ips=ip or [], out_dir=out_dir, name=name, days=days,
+                              overwrite=force)
+    except (PkiError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    _issued(f"server certificate for {', '.join([*(host or []), *(ip or [])])}", issued)
+
+
+@ca_app.command("client")
+def ca_client(name: Annotated[str, typer.Argument(help="The certificate's CN: a device id, or e.g. the bridge "
+                                                       "user's name.")],
+              ca_dir: CaDirOpt = DEFAULT_CA_DIR, out_dir: CertOutOpt = None,
+              days: Annotated[int, typer.Option(help="Validity in days.", min=1)] = 825,
+              force: ForceOpt = False) -> None:
+    """Issue a client certificate (CN = NAME) for a broker that requires one (require_certificate true)."""
+    from carechain.pki import PkiError, issue_client
+
+    try:
+        _issued(f"client certificate for {name}",
+                issue_client(ca_dir, name, out_dir=out_dir, days=days, overwrite=force))
+    except (PkiError, OSError) as exc:
+        raise _fail(str(exc)) from None
+
+
 # -- register -----------------------------------------------------------------------------------------
 
 @app.command()
@@ -113,7 +211,7 @@ def register(
         devices = load_inventory(inventory, load_profiles(profiles_dir))
     except (InventoryError, ProfileError) as exc:
         raise _fail(str(exc)) from None
-    ledger = Ledger(ledger_path(bdir))
+    ledger = _open_store(Ledger, ledger_path(bdir))
     known = ledger.devices()
     for d in devices:
         if d.device_id in known:
@@ -131,28 +229,36 @@ def register(
 
 # -- bridge -------------------------------------------------------------------------------------------
 
-@app.command()
-def bridge(config: ConfigOpt = None, broker: BrokerOpt = None, data_dir: DataDirOpt = None,
+bridge_app = typer.Typer()
+app.add_typer(bridge_app, name="bridge")
+
+
+@bridge_app.callback(invoke_without_command=True)
+def bridge(ctx: typer.Context, config: ConfigOpt = None, broker: BrokerOpt = None, data_dir: DataDirOpt = None,
            workers: Annotated[int | None, typer.Option(
                help="Ingest worker processes on an MQTT shared subscription (0: verify in-process). "
                     "Needs a broker with shared subscriptions, e.g. mosquitto.", min=0, max=64)] = None,
            verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every rejection.")] = False) -> None:
     """Run the bridge: verify, deduplicate and anchor device events; receipts; checkpoints every interval.
 
-    Runs until interrupted (Ctrl-C / SIGTERM), then issues a last checkpoint and exits.
+    Runs until interrupted (Ctrl-C / SIGTERM), then issues a last checkpoint and exits. With a
+    subcommand (`carechain bridge acl`), runs that instead.
     """
+    if ctx.invoked_subcommand is not None:
+        return
     from chain_bridge.bridge import Bridge
     from chain_bridge.ledger.store import Ledger
     from chain_bridge.registry import ledger_path, log_key
 
     _logging(verbose)
     cfg = _config(config, broker)
+    _broker_login(cfg)
     bdir = _bridge_dir(cfg, data_dir)
     cfg.bridge.data_dir = bdir
     if workers is not None:
         cfg.bridge.ingest_workers = workers
     lk = log_key(bdir)
-    service = Bridge(cfg.bridge, cfg.broker, lk, Ledger(ledger_path(bdir)))
+    service = Bridge(cfg.bridge, cfg.broker, lk, _open_store(Ledger, ledger_path(bdir)))
     console.print(f"bridge: broker {cfg.broker.address}, ledger {ledger_path(bdir)} "
                   f"(size {service.ledger.size}), origin {service.origin}\nlog public key {lk.public_key.hex()}")
     service.start()
@@ -174,6 +280,63 @@ def _wait_for_signal() -> None:
         pass
 
 
+@bridge_app.command("acl")
+def bridge_acl(
+    config: ConfigOpt = None, data_dir: DataDirOpt = None,
+    out_dir: Annotated[Path | None, typer.Option(
+        "--out", help="Where to write passwd, acl, bridge.json and devices/<device_id>.json "
+                      "(default: DATA_DIR/broker).")] = None,
+    bridge_user: Annotated[str, typer.Option(help="MQTT user name of the bridge.")] = "carechain-bridge",
+    rotate: Annotated[list[str] | None, typer.Option(
+        help="Give this user (a device id, or the bridge user) a new password; repeatable.")] = None,
+) -> None:
+    """Write a mosquitto password file and ACL from the ledger's registry: least privilege per device.
+
+    Every registered, non-revoked device gets its own MQTT user (user name = device_id) that may only
+    publish cc/v1/dev/<its id>/ev and read its own receipts and the checkpoint; the bridge user reads all
+    events and writes receipts and checkpoints; revoked devices get no login. Passwords are random, kept
+    in DATA_DIR/broker/credentials.json (mode 0600) so re-running keeps them stable, and handed out in one
+    provisioning file per party (mode 0600); they are never printed. Re-run after every registration or
+    revocation, install passwd and acl for mosquitto and reload it (SIGHUP). See docs/broker-security.md.
+    """
+    from chain_bridge.broker import SECURE_CONF_TEMPLATE
+    from chain_bridge.broker.acl import BrokerAccessError, generate_broker_access, store_path
+    from chain_bridge.ledger.store import Ledger
+    from chain_bridge.registry import ledger_path
+
+    cfg = _config(config)
+    bdir = _bridge_dir(cfg, data_dir)
+    if not ledger_path(bdir).exists():
+        raise _fail(f"no ledger at {ledger_path(bdir)}: register devices first (`carechain register`), "
+                    "or point --data-dir at the bridge's data directory")
+    ledger = _open_store(Ledger, ledger_path(bdir))
+    try:
+        access = generate_broker_access(ledger, bdir, out_dir or bdir / "broker", bridge_user=bridge_user,
+                                        rotate=rotate or ())
+    except (BrokerAccessError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    finally:
+        ledger.close()
+    plan = access.plan
+    lines = [
+        f"broker access for {len(access.device_credentials)} device(s) and bridge user {bridge_user} "
+        f"({access.revoked_left_out} revoked device(s) left out)",
+        f"passwd      {access.passwd}",
+        f"acl         {access.acl}",
+        f"bridge      {access.bridge_credentials}   (broker.credentials_file of `carechain bridge`)",
+        f"devices     {access.passwd.parent / 'devices'}/<device_id>.json   "
+        "(copy each to its agent: agent.devices[].mqtt_credentials_file)",
+        f"passwords   {store_path(bdir)} (mode 0600; never printed)",
+    ]
+    for label, users in (("new", plan.added), ("rotated", plan.rotated), ("removed", plan.removed)):
+        if users:
+            lines.append(f"{label:<11} {', '.join(users)}")
+    lines += [f"template    {SECURE_CONF_TEMPLATE}",
+              "next: install passwd and acl where mosquitto reads them (mode 0600, owner mosquitto), "
+              "then reload it: kill -HUP <mosquitto pid>"]
+    out.print("\n".join(lines), soft_wrap=True, markup=False, highlight=False)
+
+
 # -- agent --------------------------------------------------------------------------------------------
 
 @app.command()
@@ -182,7 +345,8 @@ def agent(config: ConfigOpt = None, broker: BrokerOpt = None,
               help="Stop sampling the sources after this many seconds; keep forwarding until stopped.",
               min=0)] = None,
           verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
-    """Run an edge agent for the devices listed in the config's `agent.devices` (simulated sources).
+    """Run an edge agent for the devices listed in the config's `agent.devices` (`source: ble` devices
+    through bleak/BlueZ, the others simulated from their profile).
 
     Each event is signed with its device's key and stored in the outbox before it is sent; it is
     deleted only when the bridge's signed receipt arrives. Stops cleanly on Ctrl-C / SIGTERM.
@@ -190,6 +354,7 @@ def agent(config: ConfigOpt = None, broker: BrokerOpt = None,
     import asyncio
     import random
 
+    from carechain.credentials import CredentialsError, load_mqtt_credentials
     from carechain.identity import Identity, KeyFileError
     from carechain.profiles import load_profiles
     from edge_agent.agent import Agent, AgentDevice
@@ -198,6 +363,7 @@ def agent(config: ConfigOpt = None, broker: BrokerOpt = None,
 
     _logging(verbose)
     cfg = _config(config, broker)
+    _broker_login(cfg)
     if not cfg.agent.devices:
         raise _fail("no devices: list them under agent.devices (key_file, profile) in the config file")
     if not cfg.agent.bridge_public_key:
@@ -205,27 +371,65 @@ def agent(config: ConfigOpt = None, broker: BrokerOpt = None,
                     "receipts are trusted only when the bridge signed them")
     profiles = load_profiles()
     devices = []
+    ble: list[tuple[str, Any]] = []  # (device_id, config entry) read over BLE
+    logins = {}
     for d in cfg.agent.devices:
         if d.profile not in profiles:
             raise _fail(f"unknown profile {d.profile!r}; known: {', '.join(sorted(profiles))}")
         try:
-            source = SimulatedDevice(profiles[d.profile], random.Random())
-            devices.append(AgentDevice(Identity.load(d.key_file), source))
-        except KeyFileError as exc:
+            ident = Identity.load(d.key_file)
+            login = load_mqtt_credentials(d.mqtt_credentials_file) if d.mqtt_credentials_file else None
+        except (KeyFileError, CredentialsError) as exc:
             raise _fail(str(exc)) from None
+        if login is not None:
+            if login.device_id != ident.device_id:
+                raise _fail(f"{d.mqtt_credentials_file} is the MQTT login of device {login.device_id}, "
+                            f"but {d.key_file} is device {ident.device_id}")
+            logins[ident.device_id] = login
+        if d.source == "ble":
+            if profiles[d.profile].gatt is None:
+                raise _fail(f"{d.key_file}: profile {d.profile!r} is not a BLE device (no gatt section)")
+            ble.append((ident.device_id, d))
+            devices.append(AgentDevice(ident, None))
+        else:
+            devices.append(AgentDevice(ident, SimulatedDevice(profiles[d.profile], random.Random())))
     quota = Quota(int(cfg.agent.outbox_quota_mb * (1 << 20)), QuotaPolicy(cfg.agent.on_quota))
-    service = Agent(devices, Outbox(cfg.agent.data_dir / "outbox.db", quota), cfg.broker,
+    service = Agent(devices, _open_store(Outbox, cfg.agent.data_dir / "outbox.db", quota), cfg.broker,
                     bytes.fromhex(cfg.agent.bridge_public_key), window=cfg.agent.window,
-                    resend_after_s=cfg.agent.resend_after_s, speedup=cfg.agent.speedup)
+                    resend_after_s=cfg.agent.resend_after_s, speedup=cfg.agent.speedup, credentials=logins)
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        if produce_seconds is not None:
-            loop.call_later(produce_seconds, service.stop_producing)
-        await service.run(stop)
+        ble_stop = asyncio.Event()  # BLE sources stop sampling with the others, or at shutdown
+
+        def stop_producing() -> None:
+            service.stop_producing()
+            ble_stop.set()
+            console.print("agent: stopped producing; forwarding what is in the outbox")
+
+        if produce_seconds == 0:
+            stop_producing()  # forward the backlog only: not one reading sampled
+        elif produce_seconds is not None:
+            loop.call_later(produce_seconds, stop_producing)
+        if not ble:
+            await service.run(stop)
+            return
+        from functools import partial
+
+        from edge_agent.paired_devices import PairedDevices
+        from edge_agent.sources.ble import BleSource, run_sources
+
+        registry = PairedDevices.in_dir(cfg.agent.data_dir)
+        sources = [BleSource(profiles[d.profile], partial(service.record, dev_id), address=d.address,
+                             registry=registry, pair=d.pair) for dev_id, d in ble]
+        async def until_stopped() -> None:
+            await stop.wait()
+            ble_stop.set()
+
+        await asyncio.gather(service.run(stop), run_sources(sources, ble_stop), until_stopped())
 
     asyncio.run(main())
     print(json.dumps({**service.stats.__dict__, "outbox_left": service.outbox.depth(),
@@ -253,7 +457,7 @@ def proof(
     bdir = _bridge_dir(cfg, data_dir)
     if not ledger_path(bdir).exists():
         raise _fail(f"no ledger at {ledger_path(bdir)} (use --data-dir)")
-    ledger = Ledger(ledger_path(bdir))
+    ledger = _open_store(Ledger, ledger_path(bdir))
     pk = log_key(bdir).public_key
     try:
         if consistency:
@@ -279,10 +483,20 @@ def verify(
     log_key_hex: Annotated[str | None, typer.Option("--log-key", help="Trusted log public key (hex). "
                                                     "Without it, the key in the bundle is used.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    full: Annotated[bool, typer.Option("--full", help="Instead: audit a whole ledger (--data-dir): every leaf "
+                                       "hash, tree head, checkpoint, consistency and event signature.")] = False,
+    data_dir: DataDirOpt = None,
+    operator_keys: Annotated[list[str] | None, typer.Option("--operator-key", help="With --full: an operator "
+                             "public key (hex) trusted for registrations; repeatable.")] = None,
 ) -> None:
     """Check a proof offline, from public data alone: an inclusion proof (event → signed checkpoint),
-    a consistency proof between two checkpoints, or a checkpoint signature. Exit 1 if it does not hold."""
+    a consistency proof between two checkpoints, or a checkpoint signature. Exit 1 if it does not hold.
+    With --full, audit a whole ledger store instead (docs/proofs.md)."""
     from pydantic import ValidationError
+
+    if full:
+        _verify_full(data_dir, log_key_hex, operator_keys, as_json)
+        return
 
     from carechain.proofs import (
         ConsistencyBundle,
@@ -333,6 +547,80 @@ def verify(
         out.print(f"[bold green]VERIFIED[/] {escape(details)}", soft_wrap=True)
 
 
+def _verify_full(data_dir: Path | None, log_key_hex: str | None, operator_hex: list[str] | None,
+                 as_json: bool) -> None:
+    """`verify --full`: audit a whole ledger store (chain_bridge.ledger.audit), progress bar on stderr."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from carechain.identity import Identity, KeyFileError, device_id_for
+    from carechain.sqlite_store import StoreError
+    from chain_bridge.ledger.audit import AuditFailure, audit_ledger
+    from chain_bridge.registry import LOG_KEY_FILE, OPERATOR_KEY_FILE, ledger_path
+
+    if data_dir is None:
+        raise _fail("--full needs --data-dir: the bridge data directory that holds ledger.db")
+    try:
+        if log_key_hex:
+            log_key = bytes.fromhex(log_key_hex)
+        elif (data_dir / LOG_KEY_FILE).exists():
+            log_key = Identity.load(data_dir / LOG_KEY_FILE).public_key
+        else:
+            raise _fail(f"no log key: pass --log-key HEX (the log's public key, from its operator), or a "
+                        f"--data-dir with {LOG_KEY_FILE}")
+        operators: dict[str, bytes] | None = None
+        if operator_hex:
+            operators = {device_id_for(k): k for k in map(bytes.fromhex, operator_hex)}
+        elif (data_dir / OPERATOR_KEY_FILE).exists():
+            op = Identity.load(data_dir / OPERATOR_KEY_FILE)
+            operators = {op.device_id: op.public_key}
+        if len(log_key) != 32:
+            raise ValueError("the log key must be 32 bytes (64 hex digits)")
+    except KeyFileError as exc:
+        raise _fail(str(exc)) from None
+    except ValueError as exc:
+        raise _fail(f"--log-key/--operator-key: {exc}") from None
+
+    bar: Progress | None = None
+
+    def on_progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None and total >= 20_000:  # small logs verify in well under a second
+            bar = Progress(TextColumn("verifying"), BarColumn(), MofNCompleteColumn(), TextColumn("entries"),
+                           TimeRemainingColumn(), console=console, transient=True)
+            bar.start()
+            bar.add_task("entries", total=total)
+        if bar is not None:
+            bar.update(bar.task_ids[0], completed=done)
+
+    path = ledger_path(data_dir)
+    try:
+        report = audit_ledger(path, log_key, operator_keys=operators, on_progress=on_progress)
+    except (AuditFailure, StoreError) as exc:
+        if bar is not None:
+            bar.stop()
+        if as_json:
+            out.print_json(data={"ok": False, "error": str(exc), "where": getattr(exc, "where", "store"),
+                                 "index": getattr(exc, "index", None)})
+        else:
+            console.print(f"[bold red]NOT VERIFIED:[/] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(1) from None
+    if bar is not None:
+        bar.stop()
+    if as_json:
+        out.print_json(data={"ok": True, "full": report.as_dict()})
+        return
+    r = report
+    notes = [f"root {r.root.hex()} at size {r.entries}"]
+    if r.uncovered:
+        notes.append(f"{r.uncovered} entries after the last checkpoint are not yet covered by a signed one")
+    if not r.operator_signatures_checked:
+        notes.append("registration signers not checked (give --operator-key HEX)")
+    out.print(f"[bold green]VERIFIED[/] {escape(str(path))}: {r.entries} entries ({r.events} events, "
+              f"{r.registrations} registrations, {r.revocations} revocations), {r.checkpoints} checkpoints "
+              f"signed by the log key, {r.consistency_proofs} consistency proofs; {escape('; '.join(notes))}",
+              soft_wrap=True, highlight=False)
+
+
 # -- demo ---------------------------------------------------------------------------------------------
 
 @app.command()
@@ -343,6 +631,8 @@ def demo(
     speedup: Annotated[float, typer.Option(help="Sample simulated devices this many times faster.", min=0.1)] = 20.0,
     data_dir: Annotated[Path | None, typer.Option(help="Keep demo data here (default: a new temp dir).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print only the summary as one JSON object.")] = False,
+    ble: Annotated[bool, typer.Option("--ble", help="The health devices are virtual BLE peripherals (bumble) "
+                                      "reached through the agent's bleak code, as on a Raspberry Pi.")] = False,
 ) -> None:
     """The whole flow on one machine: 6 BLE health devices + a pharmacy terminal → agent → MQTT → bridge →
     verifiable log, with hostile traffic injected, then one inclusion proof verified end to end."""
@@ -350,7 +640,7 @@ def demo(
 
     logging.basicConfig(level=logging.ERROR)
     if as_json:
-        summary = run_demo(broker=broker, seconds=seconds, data_dir=data_dir, speedup=speedup)
+        summary = run_demo(broker=broker, seconds=seconds, data_dir=data_dir, speedup=speedup, ble=ble)
         out.print_json(data={k: summary[k] for k in ("sent", "anchored", "rejected", "duplicates",
                                                       "checkpoints", "proof_verified")})
         raise typer.Exit(0 if summary["proof_verified"] else 1)
@@ -365,7 +655,7 @@ def demo(
     with Live(render({"phase": "starting", "signed": 0, "outbox": 0, "received": 0, "anchored": 0,
                       "duplicates": 0, "rejected": 0, "checkpoints": 0, "tree_size": 0}),
               console=out, refresh_per_second=5) as live:
-        summary = run_demo(broker=broker, seconds=seconds, data_dir=data_dir, speedup=speedup,
+        summary = run_demo(broker=broker, seconds=seconds, data_dir=data_dir, speedup=speedup, ble=ble,
                            on_tick=lambda s: live.update(render(s)))
     _print_summary(summary)
     raise typer.Exit(0 if summary["proof_verified"] else 1)
@@ -376,6 +666,9 @@ def _print_summary(s: dict[str, Any]) -> None:
     t.add_row("broker", s["broker"])
     t.add_row("events signed and sent by agents", str(s["sent"]))
     t.add_row("anchored in the log (exactly once)", str(s["anchored"]))
+    t.add_row("  by kind", ", ".join(f"{k} {n}" for k, n in sorted(s["anchored_by_kind"].items())))
+    if s["ble"]:
+        t.add_row("  read over BLE (bleak → bumble)", ", ".join(s["ble"]))
     t.add_row("rejected", f"{s['rejected']}  {s['rejected_by_reason']}")
     t.add_row("duplicates re-acknowledged", str(s["duplicates"]))
     t.add_row("checkpoints signed", str(s["checkpoints"]))

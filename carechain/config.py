@@ -27,7 +27,10 @@ class BrokerConfig(_Section):
     port: int = Field(default=1883, ge=1, le=65535)
     username: str | None = None
     password: str | None = Field(default=None, repr=False)
-    tls_ca: Path | None = None
+    tls_ca: Path | None = None  # set: TLS, trusting this CA only; the broker's name is checked (host)
+    tls_cert: Path | None = None  # client certificate (PEM), for a broker with require_certificate
+    tls_key: Path | None = None  # its private key (PEM, mode 0600)
+    credentials_file: Path | None = None  # login from `carechain bridge acl` (bridge.json); sets username/password
     keepalive_s: int = Field(default=30, ge=5, le=3600)
 
     @property
@@ -42,6 +45,13 @@ class Limits(_Section):
     max_future_skew_s: float = Field(default=300.0, ge=0)  # device clock ahead of the bridge
     max_age_s: float = Field(default=30 * 86400.0, ge=1)  # agents may buffer for days while offline
     max_seq_gap: int = Field(default=1_000_000, ge=1)
+    # Payload nesting (CBOR arrays/maps); an event body needs 3 (payload → body → rr_intervals list).
+    max_cbor_depth: int = Field(default=16, ge=3, le=64)
+    # Per-device token bucket in the sequencer (docs/hostile-input.md): generous enough that a device
+    # draining a multi-day backlog after an outage is not slowed down, small enough that one device
+    # cannot take the whole log's capacity.
+    max_events_per_s: float = Field(default=1000.0, gt=0)
+    burst: int = Field(default=20_000, ge=1)
 
 
 class BridgeConfig(_Section):
@@ -60,13 +70,23 @@ class BridgeConfig(_Section):
 class AgentDevice(_Section):
     key_file: Path
     profile: str
+    # This device's own MQTT login (devices/<device_id>.json from `carechain bridge acl`); without it the
+    # device's MQTT client uses broker.username/password.
+    mqtt_credentials_file: Path | None = None
+    # Where readings come from: `simulated` (a SimulatedDevice of the profile) or `ble` (the real device,
+    # found by the profile's service UUID or by `address`, through bleak; docs/raspberry-pi.md).
+    source: Literal["simulated", "ble"] = "simulated"
+    address: str | None = Field(default=None, max_length=64)
+    pair: bool | None = None  # ble: pair/bond on connect (None: as the profile says)
 
 
 class AgentConfig(_Section):
     data_dir: Path = Path("carechain-data/agent")
     devices: list[AgentDevice] = Field(default_factory=list)
     bridge_public_key: str | None = None  # hex; receipts not signed by it are ignored
-    window: int = Field(default=1000, ge=1, le=60_000)  # unacknowledged events in flight (< 65,535)
+    # Unacknowledged events in flight (< 65,535 MQTT packet ids). Throughput ≈ window ÷ round trip to a
+    # receipt; 2000 drains ~6,000 events/s here with ~1 MB of memory for it (docs/reliability.md).
+    window: int = Field(default=2000, ge=1, le=60_000)
     resend_after_s: float = Field(default=10.0, gt=0)
     speedup: float = Field(default=1.0, gt=0)  # simulated sources: sample this many times faster
     # Disk quota of the outbox and what happens at it (docs/reliability.md): refuse_new keeps every signed

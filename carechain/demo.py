@@ -13,6 +13,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +22,16 @@ DEMO_PROFILES = ("heart_rate_band", "thermometer", "blood_pressure_cuff", "pulse
 
 
 def run_demo(*, broker: str | None, seconds: float, data_dir: Path | None, speedup: float,
-             on_tick: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Run the demo and return its summary (the `--json` object plus details)."""
+             on_tick: Callable[[dict[str, Any]], None] | None = None, ble: bool = False) -> dict[str, Any]:
+    """Run the demo and return its summary (the `--json` object plus details).
+
+    With `ble`, the six health devices are virtual BLE peripherals (bumble, simulators/ble) that the
+    agent's unchanged bleak code scans, connects to and subscribes to; the pharmacy terminal still
+    signs its purchases itself.
+    """
     from carechain import envelope, topics
     from carechain.config import BridgeConfig, BrokerConfig, parse_address
-    from carechain.entries import Entry
+    from carechain.entries import ENTRY_EVENT, Entry
     from carechain.events import make_payload
     from carechain.identity import Identity
     from carechain.inventory import InventoryDevice
@@ -62,7 +68,9 @@ def run_demo(*, broker: str | None, seconds: float, data_dir: Path | None, speed
                     client_id=f"carechain-bridge-demo-{port}")
     bridge.start()
     rng = random.Random(2026)
-    devices = [AgentDevice(ident, SimulatedDevice(profiles[name], random.Random(rng.random())))
+    over_ble = {name for name in identities if ble and profiles[name].transport == "ble"}
+    devices = [AgentDevice(ident, None if name in over_ble
+                           else SimulatedDevice(profiles[name], random.Random(rng.random())))
                for name, ident in identities.items()]
     outbox = Outbox(agent_dir / "outbox.db")
     agent = Agent(devices, outbox, broker_cfg, lk.public_key, speedup=speedup, resend_after_s=3.0)
@@ -92,15 +100,31 @@ def run_demo(*, broker: str | None, seconds: float, data_dir: Path | None, speed
         client.disconnect()
         client.loop_stop()
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        task = asyncio.create_task(agent.run(stop))
+    async def produce(stop: asyncio.Event) -> None:
         start = time.monotonic()
         while time.monotonic() - start < seconds:
             await asyncio.sleep(0.2)
             if on_tick:
-                on_tick(snapshot("running"))
+                on_tick(snapshot("running" + (" over BLE" if over_ble else "")))
         agent.stop_producing()
+        stop.set()
+
+    async def produce_over_ble() -> None:
+        from edge_agent.sources.ble import BleSource, run_sources
+        from simulators.ble import VirtualFleet
+
+        names = [n for n in identities if n in over_ble]
+        async with VirtualFleet([profiles[n] for n in names], seed=2026, autorun=True, speedup=speedup) as fleet:
+            sources = [BleSource(profiles[n], partial(agent.record, identities[n].device_id),
+                                 address=peripheral.address, backend=fleet.backend)
+                       for n, peripheral in zip(names, fleet.peripherals, strict=True)]
+            ble_stop = asyncio.Event()
+            await asyncio.gather(run_sources(sources, ble_stop), produce(ble_stop))
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(agent.run(stop))
+        await (produce_over_ble() if over_ble else produce(asyncio.Event()))
         await asyncio.to_thread(inject_hostile)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # drain: every signed event receipted and checkpointed
@@ -136,6 +160,12 @@ def run_demo(*, broker: str | None, seconds: float, data_dir: Path | None, speed
     except Exception as exc:  # reported in the summary, never hidden
         proof = {"error": str(exc)}
     stats = bridge.stats.as_dict()
+    kinds: dict[str, int] = {}
+    for i in range(ledger_reader.size):  # read back from the log itself: what was anchored, by kind
+        entry = Entry.decode(ledger_reader.entry(i))
+        if entry.type == ENTRY_EVENT:
+            kind = envelope.parse(entry.cose).payload["kind"]
+            kinds[kind] = kinds.get(kind, 0) + 1
     return {
         "sent": agent.stats.signed,
         "anchored": stats["anchored"],
@@ -151,4 +181,6 @@ def run_demo(*, broker: str | None, seconds: float, data_dir: Path | None, speed
         "proof": proof,
         "data_dir": str(root),
         "broker": "embedded (amqtt)" if embedded else f"{host}:{port}",
+        "ble": sorted(over_ble),
+        "anchored_by_kind": kinds,
     }

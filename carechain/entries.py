@@ -45,8 +45,10 @@ class Entry:
             raise EntryError(f"leaf is not valid CBOR: {exc}") from None
         if not (isinstance(raw, dict) and set(raw) == {"t", "cose"}):
             raise EntryError("leaf must be a map with exactly the keys 't' and 'cose'")
-        if raw["t"] not in ENTRY_TYPES or not isinstance(raw["cose"], bytes):
-            raise EntryError(f"unknown entry type {raw['t']!r}")
+        if not isinstance(raw["t"], str) or raw["t"] not in ENTRY_TYPES:  # a list "t" is unhashable
+            raise EntryError(f"unknown entry type {raw['t']!r:.80}")
+        if not isinstance(raw["cose"], bytes):
+            raise EntryError("leaf 'cose' must be a byte string")
         entry = cls(raw["t"], raw["cose"])
         if entry.encode() != data:
             raise EntryError("leaf is not deterministically encoded")

@@ -8,6 +8,7 @@ This module only builds and parses; which public key to verify with is the calle
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,8 @@ HEADER_KID = 4
 ALG_EDDSA = -8
 MAX_ENVELOPE_BYTES = 16 * 1024  # default wire limit; the bridge's configured limit may be lower
 _PROTECTED_MAX = 128
+# kid is a device id (or the id of an operator or log key): lowercase base32, like the topic's device part.
+_KID = re.compile(rb"[a-z2-7]{1,64}")
 
 
 class EnvelopeError(ValueError):
@@ -81,10 +84,66 @@ class Sign1:
         return verify_signature(public_key, _sig_structure(self.protected, self.payload_bytes), self.signature)
 
 
-def parse(data: bytes, *, max_bytes: int = MAX_ENVELOPE_BYTES) -> Sign1:
-    """Parse untrusted bytes into a Sign1, checking structure, algorithm and canonical payload encoding."""
+def parse(data: bytes, *, max_bytes: int = MAX_ENVELOPE_BYTES, max_depth: int = cbor.MAX_DEPTH) -> Sign1:
+    """Parse untrusted bytes into a Sign1, checking structure, algorithm and canonical encoding.
+
+    Only one encoding of a given message is accepted: the deterministic one `sign` produces. The
+    signature covers the protected header and the payload but not the envelope around them, so without
+    this check anyone could re-encode a genuine event (indefinite-length array, long-form lengths) into
+    different bytes that still verify: a second leaf for the same event. `max_depth` bounds the
+    payload's nesting.
+    """
     if len(data) > max_bytes:
         raise EnvelopeError("too_large", f"{len(data)} bytes exceeds the limit of {max_bytes}")
+    # Fast path: bytes laid out exactly as `sign` writes them are split without a CBOR decoder; anything
+    # else takes the general path, which says precisely what is wrong.
+    parts = _split_deterministic(data) or _split(data)
+    protected, payload_bytes, signature = parts
+    kid = _kid_of_deterministic(protected) or _kid(protected)
+    try:
+        payload = cbor.decode(payload_bytes, max_depth=max_depth)
+    except cbor.CBORError as exc:
+        raise EnvelopeError("bad_payload", str(exc)) from None
+    # Only the canonical encoding is accepted, so the bytes signed are the one meaning that is stored.
+    if cbor.encode(payload) != payload_bytes:
+        raise EnvelopeError("bad_payload", "payload is not deterministically encoded CBOR")
+    return Sign1(kid.decode("ascii"), protected, payload_bytes, signature, payload)
+
+
+def _bstr_at(data: bytes, pos: int) -> tuple[bytes, int] | None:
+    """The byte string whose shortest-form head is at `pos`, and the position after it; else None."""
+    if pos >= len(data) or data[pos] >> 5 != 2:
+        return None
+    info = data[pos] & 31
+    if info < 24:
+        length, start = info, pos + 1
+    elif info < 27:
+        size = 1 << (info - 24)
+        length, start = int.from_bytes(data[pos + 1:pos + 1 + size], "big"), pos + 1 + size
+        if length < (24 if size == 1 else 1 << (4 * size)) or start > len(data):  # not the shortest form
+            return None
+    else:
+        return None
+    end = start + length
+    return (data[start:end], end) if end <= len(data) else None
+
+
+def _split_deterministic(data: bytes) -> tuple[bytes, bytes, bytes] | None:
+    """(protected, payload, signature) of a COSE_Sign1 in exactly the layout `sign` writes, else None."""
+    if not data.startswith(_SIGN1_HEAD):
+        return None
+    got = _bstr_at(data, 2)
+    if got is None or len(got[0]) > _PROTECTED_MAX or data[got[1]:got[1] + 1] != _EMPTY_MAP:
+        return None
+    protected = got[0]
+    got = _bstr_at(data, got[1] + 1)
+    if got is None or data[got[1]:got[1] + 2] != _SIG_HEAD or len(data) != got[1] + 66:
+        return None
+    return protected, got[0], data[got[1] + 2:]
+
+
+def _split(data: bytes) -> tuple[bytes, bytes, bytes]:
+    """The general path: decode, then name the first thing that is wrong (the fast path found something)."""
     try:
         # Every element is type-checked below and the unprotected header must be empty, so the
         # generic plain-data walk is skipped here (it runs on the protected header and payload).
@@ -105,20 +164,40 @@ def parse(data: bytes, *, max_bytes: int = MAX_ENVELOPE_BYTES) -> Sign1:
         raise EnvelopeError("bad_payload", "payload must be an attached byte string")
     if not isinstance(signature, bytes) or len(signature) != 64:
         raise EnvelopeError("bad_signature", "an EdDSA signature has 64 bytes")
+    _kid(protected)  # a wrong header is named before the encoding of the envelope around it
+    raise EnvelopeError("malformed", "COSE_Sign1 is not deterministically encoded "
+                                     "(indefinite or long-form lengths, or a long-form tag)")
+
+
+# A deterministic protected header {1: -8, 4: kid} starts with map(2), 1, -8, 4: then kid's byte string.
+_PROTECTED_HEAD = b"\xa2\x01\x27\x04"
+
+
+def _kid_of_deterministic(protected: bytes) -> bytes | None:
+    if not protected.startswith(_PROTECTED_HEAD):
+        return None
+    got = _bstr_at(protected, 4)
+    if got is None or got[1] != len(protected) or not _KID.fullmatch(got[0]):
+        return None
+    return got[0]
+
+
+def _kid(protected: bytes) -> bytes:
+    """The general path for the protected header: return kid, or name what is wrong with the header."""
     try:
         header = cbor.decode(protected, max_depth=1)
     except cbor.CBORError as exc:
         raise EnvelopeError("bad_header", str(exc)) from None
-    if not isinstance(header, dict) or header.get(HEADER_ALG) != ALG_EDDSA:
+    if not isinstance(header, dict):
+        raise EnvelopeError("bad_header", "protected header must be a CBOR map")
+    alg = header.get(HEADER_ALG)
+    if type(alg) is not int or alg != ALG_EDDSA:  # not -8.0
         raise EnvelopeError("bad_alg", "only alg EdDSA (-8) is accepted")
     kid = header.get(HEADER_KID)
-    if not isinstance(kid, bytes) or not 1 <= len(kid) <= 64:
-        raise EnvelopeError("bad_header", "protected header must carry kid (4) as a byte string")
-    try:
-        payload = cbor.decode(payload_bytes)
-    except cbor.CBORError as exc:
-        raise EnvelopeError("bad_payload", str(exc)) from None
-    # Only the canonical encoding is accepted, so the bytes signed are the one meaning that is stored.
-    if cbor.encode(payload) != payload_bytes:
-        raise EnvelopeError("bad_payload", "payload is not deterministically encoded CBOR")
-    return Sign1(kid.decode("ascii", "replace"), protected, payload_bytes, signature, payload)
+    if not isinstance(kid, bytes) or not _KID.fullmatch(kid):
+        raise EnvelopeError("bad_header", "protected header must carry kid (4): 1-64 lowercase base32 characters")
+    # Nothing else in the protected header: an unknown (possibly critical, RFC 9052 §3.1) parameter is
+    # refused rather than ignored, and the header has one encoding.
+    if protected != _protected_header(kid):
+        raise EnvelopeError("bad_header", "protected header must be exactly {1: -8, 4: kid}, deterministically encoded")
+    return kid

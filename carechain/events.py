@@ -15,6 +15,10 @@ SUPPORTED_VERSIONS = frozenset({1})
 
 _strict = ConfigDict(extra="forbid", frozen=True, strict=True)
 Finite = Annotated[float, Field(allow_inf_nan=False)]
+# When the device says it measured: its own clock, local time without a zone (GATT Date Time carries none).
+LocalDateTime = Annotated[str, Field(pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}$")]
+# Status bits the device raised with a reading, as snake_case names (e.g. "cuff_too_loose").
+StatusFlags = Annotated[list[Annotated[str, Field(pattern=r"^[a-z0-9_]{1,64}$")]], Field(max_length=48)]
 
 
 class _Body(BaseModel):
@@ -31,6 +35,7 @@ class HeartRate(_Body):
 class Temperature(_Body):
     celsius: Finite = Field(ge=25.0, le=45.0)
     site: str | None = Field(default=None, max_length=32)
+    measured_at: LocalDateTime | None = None
 
 
 class BloodPressure(_Body):
@@ -38,6 +43,9 @@ class BloodPressure(_Body):
     diastolic_mmhg: Finite = Field(ge=20, le=200)
     mean_mmhg: Finite | None = Field(default=None, ge=20, le=250)
     pulse_bpm: Finite | None = Field(default=None, ge=20, le=300)
+    user_id: int | None = Field(default=None, ge=0, le=254)  # the cuff's user index (255, unknown, is omitted)
+    status: StatusFlags = Field(default_factory=list)
+    measured_at: LocalDateTime | None = None
 
     @model_validator(mode="after")
     def _systolic_above_diastolic(self) -> BloodPressure:
@@ -49,17 +57,26 @@ class BloodPressure(_Body):
 class SpO2(_Body):
     spo2_pct: Finite = Field(ge=50, le=100)
     pulse_bpm: Finite | None = Field(default=None, ge=20, le=300)
+    pulse_amplitude_index_pct: Finite | None = Field(default=None, ge=0, le=100)
+    status: StatusFlags = Field(default_factory=list)
+    measured_at: LocalDateTime | None = None
 
 
 class Glucose(_Body):
     mg_dl: Finite = Field(ge=10, le=1000)
     record_seq: int | None = Field(default=None, ge=0, le=65535)
     sample: str | None = Field(default=None, max_length=32)
+    sample_location: str | None = Field(default=None, max_length=32)
+    status: StatusFlags = Field(default_factory=list)
+    measured_at: LocalDateTime | None = None
 
 
 class Weight(_Body):
     kg: Finite = Field(gt=0, le=650)
     bmi: Finite | None = Field(default=None, gt=0, le=200)
+    height_m: Finite | None = Field(default=None, gt=0, le=3)
+    user_id: int | None = Field(default=None, ge=0, le=254)  # the scale's user index (255, unknown, is omitted)
+    measured_at: LocalDateTime | None = None
 
 
 class Activity(_Body):
@@ -132,8 +149,10 @@ def validate_payload(raw: Any) -> EventPayload:
     """Validate a decoded payload from the wire, mapping failures to stable reason codes."""
     if not isinstance(raw, dict):
         raise PayloadError("bad_payload", "payload must be a CBOR map")
-    if raw.get("v") not in SUPPORTED_VERSIONS:
-        raise PayloadError("unsupported_version", f"protocol version {raw.get('v')!r} is not supported")
+    v = raw.get("v")
+    # type() first: `[1] in frozenset` raises TypeError, and True and 1.0 would pass as version 1.
+    if type(v) is not int or v not in SUPPORTED_VERSIONS:
+        raise PayloadError("unsupported_version", f"protocol version {v!r:.40} is not supported")
     try:
         event = EventPayload.model_validate(raw)
     except ValidationError as exc:

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from carechain import envelope
 from carechain.identity import Identity
 
+MAX_ITEMS = 512  # ok + rejected entries per receipt (see Receipt.split)
+
 
 @dataclass(frozen=True)
 class Rejected:
@@ -32,6 +34,19 @@ class Receipt:
     ts: int
     ok: list[tuple[int, int]] = field(default_factory=list)  # (seq, leaf_index)
     rejected: list[Rejected] = field(default_factory=list)
+
+    def split(self, max_items: int = MAX_ITEMS) -> list[Receipt]:
+        """Receipts of at most `max_items` entries each, so none outgrows a broker's packet limit.
+
+        A rejection is at most ~300 bytes (detail capped at 200): 512 items stay well under 256 KiB.
+        """
+        if len(self.ok) + len(self.rejected) <= max_items:
+            return [self]
+        parts = [Receipt(self.device_id, self.ts, ok=self.ok[i:i + max_items])
+                 for i in range(0, len(self.ok), max_items)]
+        parts += [Receipt(self.device_id, self.ts, rejected=self.rejected[i:i + max_items])
+                  for i in range(0, len(self.rejected), max_items)]
+        return parts
 
     def seal(self, bridge_key: Identity) -> bytes:
         # Keys in deterministic order (shorter first, then bytewise): v, ok, ts, dev, rej.

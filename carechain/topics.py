@@ -7,8 +7,8 @@ import re
 PREFIX = "cc/v1"
 EVENTS_WILDCARD = f"{PREFIX}/dev/+/ev"
 CHECKPOINT = f"{PREFIX}/log/checkpoint"
-_DEVICE_ID = re.compile(r"^[a-z2-7]{1,64}$")
-_EVENT_TOPIC = re.compile(rf"^{PREFIX}/dev/([^/]+)/ev$")
+_DEVICE_ID = re.compile(r"[a-z2-7]{1,64}")  # always fullmatch: `$` would accept a trailing newline
+_EVENT_TOPIC = re.compile(rf"{PREFIX}/dev/([^/]+)/ev")
 
 
 def events(device_id: str) -> str:
@@ -21,11 +21,11 @@ def receipts(device_id: str) -> str:
 
 def device_of_event_topic(topic: str) -> str | None:
     """The device id named by an event topic, or None when the topic is not one."""
-    m = _EVENT_TOPIC.match(topic)
-    return m.group(1) if m and _DEVICE_ID.match(m.group(1)) else None
+    m = _EVENT_TOPIC.fullmatch(topic)
+    return m.group(1) if m and _DEVICE_ID.fullmatch(m.group(1)) else None
 
 
 def _checked(device_id: str) -> str:
-    if not _DEVICE_ID.match(device_id):
+    if not _DEVICE_ID.fullmatch(device_id):
         raise ValueError(f"{device_id!r} is not a device id (lowercase base32)")
     return device_id

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import paho.mqtt.client as mqtt
 
 from carechain.config import BrokerConfig
+from carechain.files import check_private
 
 log = logging.getLogger("carechain.transport")
 RECONNECT_MIN_S = 1
@@ -22,6 +23,21 @@ RECONNECT_MAX_S = 30
 MAX_INFLIGHT = 4096
 
 MessageHandler = Callable[[mqtt.Client, object, mqtt.MQTTMessage], None]
+
+
+def tls_context(broker: BrokerConfig) -> ssl.SSLContext:
+    """TLS ≥ 1.2 trusting only `broker.tls_ca`, checking the certificate names `broker.host`; presents
+    `tls_cert`/`tls_key` when the broker asks for a client certificate."""
+    if broker.tls_ca is None:
+        raise ValueError("broker.tls_ca is not set")
+    if (broker.tls_cert is None) != (broker.tls_key is None):
+        raise ValueError("broker.tls_cert and broker.tls_key go together: set both or neither")
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(broker.tls_ca))  # CERT_REQUIRED, hostname
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if broker.tls_cert is not None and broker.tls_key is not None:
+        check_private(broker.tls_key)  # FilePermissionError (an OSError) if others can read the key
+        ctx.load_cert_chain(str(broker.tls_cert), str(broker.tls_key))
+    return ctx
 
 
 def connect_client(
@@ -45,7 +61,7 @@ def connect_client(
     if broker.username:
         client.username_pw_set(broker.username, broker.password)
     if broker.tls_ca:
-        client.tls_set(ca_certs=str(broker.tls_ca), tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        client.tls_set_context(tls_context(broker))
     client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
     client.max_inflight_messages_set(MAX_INFLIGHT)
     client.max_queued_messages_set(max_queued)

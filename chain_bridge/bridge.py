@@ -25,8 +25,8 @@ from carechain.faults import crash_point
 from carechain.identity import Identity
 from carechain.receipts import Receipt, Rejected
 from carechain.transport import connect_client
-from chain_bridge.ingest import Ingest, Rejection, SeqGuard
-from chain_bridge.ledger.store import Appended, DeviceRecord, EventCandidate, Ledger
+from chain_bridge.ingest import Ingest, RateGuard, Rejection, SeqGuard
+from chain_bridge.ledger.store import Appended, DeviceRecord, DeviceRevoked, EventCandidate, Ledger
 
 if TYPE_CHECKING:
     from chain_bridge.workers import WorkerPool
@@ -74,6 +74,7 @@ class Bridge:
         self._last_checkpoint_size = (ledger.latest_checkpoint() or (-1, ""))[0]
         self.ingest = Ingest(cfg.limits, self._lookup)
         self.seq_guard = SeqGuard(cfg.limits.max_seq_gap, ledger.last_seq)
+        self.rate_guard = RateGuard(cfg.limits.max_events_per_s, cfg.limits.burst)
         self._pool: WorkerPool | None = None
         self._client: mqtt.Client | None = None
         self._worker: threading.Thread | None = None
@@ -185,6 +186,7 @@ class Bridge:
         now_ms = int(time.time() * 1000)
         receipts: dict[str, Receipt] = {}
         candidates: list[EventCandidate] = []
+        charged: list[bool] = []  # took a rate token (given back if it turns out a duplicate)
         self.stats.received += len(verdicts)
         for v in verdicts:
             if isinstance(v, tuple):
@@ -194,18 +196,29 @@ class Bridge:
                 self._reject(receipts, now_ms, v)
             elif (gap := self.seq_guard.check(v)) is not None:
                 self._reject(receipts, now_ms, gap)
-            else:
+            elif (limited := self.rate_guard.check(v)) is None:
                 candidates.append(v)
+                charged.append(True)
+            elif self.ledger.event_index(v.device_id, v.seq) is not None:  # a resend: re-ack it, no token
+                candidates.append(v)
+                charged.append(False)
+            else:
+                self._reject(receipts, now_ms, limited)
         results = self.ledger.append_events(candidates) if candidates else []
-        for cand, result in zip(candidates, results, strict=True):
+        for cand, result, took in zip(candidates, results, charged, strict=True):
             rcpt = receipts.setdefault(cand.device_id, Receipt(cand.device_id, now_ms))
             if isinstance(result, Appended):
                 rcpt.ok.append((cand.seq, result.index))
                 if result.duplicate:
                     self.stats.duplicates += 1
+                    if took:
+                        self.rate_guard.refund(cand.device_id)
                 else:
                     self.stats.anchored += 1
                     self.seq_guard.anchored(cand)
+            elif isinstance(result, DeviceRevoked):
+                self._reject(receipts, now_ms, Rejection(
+                    cand.device_id, cand.seq, "revoked", f"device revoked at leaf {result.index}", cand.digest))
             else:
                 self._reject(receipts, now_ms, Rejection(
                     cand.device_id, cand.seq, "seq_reused",
@@ -216,7 +229,8 @@ class Bridge:
         self.stats.batches += 1
         if self._client is not None:
             for device, rcpt in receipts.items():
-                self._client.publish(topics.receipts(device), rcpt.seal(self.log_key), qos=1)
+                for part in rcpt.split():
+                    self._client.publish(topics.receipts(device), part.seal(self.log_key), qos=1)
 
     def _reject(self, receipts: dict[str, Receipt], now_ms: int, r: Rejection) -> None:
         self.stats.rejected[r.reason] += 1

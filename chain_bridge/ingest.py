@@ -2,12 +2,14 @@
 
 Order matters for cost and for honesty of the reason: cheap structural checks first, then identity
 (registered, not revoked, topic matches the signer), then the signature, then time limits. `check`
-needs only the registry, so it can run in parallel worker processes; `SeqGuard` holds the per-device
-sequence state and runs in the one sequencer. Nothing here touches the network or disk.
+needs only the registry, so it can run in parallel worker processes; `SeqGuard` (sequence gaps) and
+`RateGuard` (events per second) hold per-device state and run in the one sequencer. Nothing here
+touches the network or disk.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -51,7 +53,7 @@ class Ingest:
 
     def _check(self, topic_device: str, raw: bytes, now_ms: int) -> EventCandidate | Rejection:
         try:
-            msg = envelope.parse(raw, max_bytes=self.limits.max_event_bytes)
+            msg = envelope.parse(raw, max_bytes=self.limits.max_event_bytes, max_depth=self.limits.max_cbor_depth)
         except envelope.EnvelopeError as exc:
             return Rejection(topic_device, None, exc.reason, exc.detail)
         seq = msg.payload.get("seq") if isinstance(msg.payload, dict) else None
@@ -105,3 +107,38 @@ class SeqGuard:
     def anchored(self, c: EventCandidate) -> None:
         if c.seq > self._highest.get(c.device_id, -1):
             self._highest[c.device_id] = c.seq
+
+
+@dataclass
+class RateGuard:
+    """Sequencer-side per-device rate limit: a token bucket of `burst` tokens refilled at `rate` per second.
+
+    Each event admitted takes one token; with none left the event is refused as `rate_limited`, which is
+    retryable: the agent keeps it and resends later. Only devices whose signature verified get here, so
+    the table holds at most one small entry per registered device. `clock` (monotonic seconds) is
+    injected so tests drive time by hand.
+    """
+
+    rate: float
+    burst: int
+    clock: Callable[[], float] = time.monotonic
+    _buckets: dict[str, tuple[float, float]] = field(default_factory=dict)  # device → (tokens, at)
+
+    def check(self, c: EventCandidate) -> Rejection | None:
+        """Take a token for `c`, or return the `rate_limited` rejection if the device has none left."""
+        now = self.clock()
+        tokens, at = self._buckets.get(c.device_id, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + max(0.0, now - at) * self.rate)
+        if tokens < 1.0:
+            self._buckets[c.device_id] = (tokens, now)
+            wait = (1.0 - tokens) / self.rate
+            return Rejection(c.device_id, c.seq, "rate_limited",
+                             f"more than {self.rate:g} events/s (burst {self.burst}); retry in {wait:.2f} s", c.digest)
+        self._buckets[c.device_id] = (tokens - 1.0, now)
+        return None
+
+    def refund(self, device_id: str) -> None:
+        """Give back the token of an event that turned out to be a duplicate (nothing was appended)."""
+        if device_id in self._buckets:
+            tokens, at = self._buckets[device_id]
+            self._buckets[device_id] = (min(float(self.burst), tokens + 1.0), at)

@@ -9,6 +9,7 @@ never receipted and the agents resend them.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import multiprocessing as mp
 import queue
@@ -36,8 +37,23 @@ class WorkerSpec:
     client_id: str
 
 
-def shared_subscription() -> str:
-    return f"$share/{SHARE_GROUP}/{topics.EVENTS_WILDCARD}"
+def share_group(broker: BrokerConfig | None = None) -> str:
+    """The workers' shared-subscription group name.
+
+    mosquitto 2.0's acl_file does not check SUBSCRIBE (only READ, per delivered message), so any client
+    that can log in may join a group it can name: the broker then hands it its turn of the events, READ
+    is denied, and that turn is dropped instead of reaching a worker. When the bridge logs in with a
+    password, the group name carries a tag derived from it, which no device can guess
+    (docs/broker-security.md). On an open broker anyone could read the events anyway.
+    """
+    if broker is None or not broker.password:
+        return SHARE_GROUP
+    tag = hashlib.sha256(b"carechain/share-group/v1\0" + broker.password.encode()).hexdigest()[:32]
+    return f"{SHARE_GROUP}-{tag}"
+
+
+def shared_subscription(broker: BrokerConfig | None = None) -> str:
+    return f"$share/{share_group(broker)}/{topics.EVENTS_WILDCARD}"
 
 
 def run_worker(spec: WorkerSpec, out: mp.Queue, stop: Any, subscribed: Any) -> None:  # mp.Events
@@ -61,7 +77,7 @@ def run_worker(spec: WorkerSpec, out: mp.Queue, stop: Any, subscribed: Any) -> N
     client = connect_client(
         spec.broker, spec.client_id, clean_session=True,
         on_message=lambda _c, _u, m: inbox.put((m.topic, m.payload)),
-        subscriptions=[(shared_subscription(), 1)], connected=(ready := threading.Event()),
+        subscriptions=[(shared_subscription(spec.broker), 1)], connected=(ready := threading.Event()),
     )
     if ready.wait(30):
         subscribed.set()

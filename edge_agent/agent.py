@@ -1,7 +1,10 @@
 """The edge agent: sources → sign → outbox (durable) → MQTT uplink → receipt → delete.
 
-asyncio shell. paho's network thread hands receipts and connection changes to the event loop with
-`call_soon_threadsafe`; all outbox and window state is touched only on the loop.
+asyncio shell. Each device is its own MQTT principal: one client per device (client id derived from the
+device id, the device's own login when one is provisioned), publishing only that device's events and
+subscribed only to its receipts, so a broker ACL can confine every device to its own topics
+(docs/broker-security.md). paho's network threads hand receipts and connection changes to the event loop
+with `call_soon_threadsafe`; all outbox and window state is touched only on the loop.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -18,6 +21,7 @@ import paho.mqtt.client as mqtt
 
 from carechain import envelope, topics
 from carechain.config import BrokerConfig
+from carechain.credentials import MqttCredentials
 from carechain.events import make_payload
 from carechain.identity import Identity
 from carechain.receipts import ReceiptError, open_receipt
@@ -56,21 +60,41 @@ class AgentStats:
 
 
 class Agent:
+    """Runs the devices of one host. `credentials` maps a device id to that device's own MQTT login;
+    a device without one logs in with `broker.username`/`password`. `client_id` is the prefix of the
+    per-device client ids (`<prefix>-<device_id>`)."""
+
     def __init__(self, devices: Sequence[AgentDevice], outbox: Outbox, broker: BrokerConfig,
-                 bridge_public_key: bytes, *, window: int = 1000, resend_after_s: float = 10.0,
-                 speedup: float = 1.0, client_id: str | None = None) -> None:
+                 bridge_public_key: bytes, *, window: int = 2000, resend_after_s: float = 10.0,
+                 speedup: float = 1.0, client_id: str | None = None,
+                 credentials: Mapping[str, MqttCredentials] | None = None) -> None:
         self.devices = {d.identity.device_id: d for d in devices}
+        unknown = sorted(set(credentials or {}) - set(self.devices))
+        if unknown:
+            raise ValueError(f"MQTT credentials given for device(s) this agent does not run: {', '.join(unknown)}")
         self.outbox = outbox
         self.broker = broker
         self.bridge_public_key = bridge_public_key
         self.window = SendWindow(window, int(resend_after_s * 1000))
         self.speedup = speedup
-        self.client_id = client_id or f"cc-agent-{next(iter(self.devices))}"
+        self.client_id = client_id or "cc-agent"
+        self.credentials = dict(credentials or {})
         self.stats = AgentStats()
         self._wake = asyncio.Event()
         self._producing = True
-        self._connected = False
-        self._client: mqtt.Client | None = None
+        self._connected: set[str] = set()  # devices whose MQTT client is connected now
+        self._clients: dict[str, mqtt.Client] = {}
+
+    def device_client_id(self, device_id: str) -> str:
+        return f"{self.client_id}-{device_id}"
+
+    def device_broker(self, device_id: str) -> BrokerConfig:
+        """The broker settings of one device's client: the shared ones with the device's own login."""
+        login = self.credentials.get(device_id)
+        if login is None:
+            return self.broker
+        return self.broker.model_copy(update={"username": login.username, "password": login.password,
+                                              "credentials_file": None})
 
     # -- producing ---------------------------------------------------------------------------------
 
@@ -116,14 +140,16 @@ class Agent:
     # -- sending -----------------------------------------------------------------------------------
 
     async def _send(self, stop: asyncio.Event) -> None:
-        assert self._client is not None
         while not stop.is_set():
             if self._connected:
-                for row in self.window.due(self.outbox.pending_after, int(time.time() * 1000)):
-                    info = self._client.publish(topics.events(row.device_id), row.envelope, qos=1)
+                # Rows of a device whose client is down are parked, not sent; the others keep flowing.
+                due = self.window.due(self.outbox.pending_after, int(time.time() * 1000),
+                                      eligible=self._connected.__contains__)
+                for row in due:
+                    info = self._clients[row.device_id].publish(topics.events(row.device_id), row.envelope, qos=1)
                     if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                        self.window.unsent(row)
-                        break
+                        self.window.unsent(row)  # due again at once (a disconnected device's: when back)
+                        continue
                     self.stats.sent += 1
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
@@ -131,10 +157,10 @@ class Agent:
 
     # -- receipts ----------------------------------------------------------------------------------
 
-    def _on_receipt(self, topic: str, payload: bytes) -> None:
+    def _on_receipt(self, client_device: str, topic: str, payload: bytes) -> None:
         device_id = topic.split("/")[3] if topic.count("/") == 4 else ""
-        if device_id not in self.devices:
-            return
+        if device_id != client_device or device_id not in self.devices:
+            return  # each device's client hears only its own receipts
         try:
             receipt = open_receipt(payload, self.bridge_public_key, device_id)
         except ReceiptError as exc:
@@ -160,26 +186,37 @@ class Agent:
                           device_id, rej.seq, rej.reason, rej.detail)
         self._wake.set()
 
-    def _on_state(self, up: bool) -> None:
-        self._connected = up
+    def _on_state(self, device_id: str, up: bool) -> None:
+        if up:
+            self._connected.add(device_id)
+            self.window.resume(device_id)  # parked rows of this device are due again
+        else:
+            self._connected.discard(device_id)
         self._wake.set()
+
+    @property
+    def connected(self) -> frozenset[str]:
+        """Devices whose MQTT client is connected to the broker now."""
+        return frozenset(self._connected)
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
 
-        def on_message(_c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
-            loop.call_soon_threadsafe(self._on_receipt, msg.topic, msg.payload)
+        def connect(device_id: str) -> mqtt.Client:
+            def on_message(_c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+                loop.call_soon_threadsafe(self._on_receipt, device_id, msg.topic, msg.payload)
 
-        def on_state(up: bool) -> None:
-            loop.call_soon_threadsafe(self._on_state, up)
+            def on_state(up: bool) -> None:
+                loop.call_soon_threadsafe(self._on_state, device_id, up)
 
-        self._client = connect_client(
-            self.broker, self.client_id, on_message=on_message, on_state=on_state,
-            subscriptions=[(topics.receipts(d), 1) for d in self.devices],
-            max_queued=self.window.size,
-        )
+            return connect_client(
+                self.device_broker(device_id), self.device_client_id(device_id), on_message=on_message,
+                on_state=on_state, subscriptions=[(topics.receipts(device_id), 1)], max_queued=self.window.size,
+            )
+
+        self._clients = {device_id: connect(device_id) for device_id in self.devices}
         tasks = [asyncio.create_task(self._send(stop))]
         tasks += [asyncio.create_task(self._produce(dev_id, d.source, stop))
                   for dev_id, d in self.devices.items() if d.source is not None]
@@ -189,5 +226,8 @@ class Agent:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            self._client.disconnect()
-            self._client.loop_stop()
+            for client in self._clients.values():
+                client.disconnect()
+            for client in self._clients.values():
+                client.loop_stop()
+            self._connected.clear()

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from carechain.sqlite_store import OUTBOX, check_store
+
 log = logging.getLogger("carechain.agent.outbox")
 LOSS_LOG_INTERVAL_S = 60.0
 
@@ -76,6 +78,7 @@ class Pending:
 class Outbox:
     def __init__(self, path: Path, quota: Quota | None = None) -> None:
         self.path = Path(path)
+        check_store(self.path, OUTBOX)  # a damaged file is refused, untouched (carechain.sqlite_store)
         self.quota = quota or Quota()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
@@ -84,8 +87,14 @@ class Outbox:
         self._db.executescript(_SCHEMA)
         self._page_size = self._db.execute("PRAGMA page_size").fetchone()[0]
         self._loss_logged_at: dict[tuple[str, QuotaPolicy], float] = {}
+        # Deleting receipted events need not survive a power cut: a delete rolled back by one is resent
+        # and deduplicated by the bridge. So acks commit on their own connection without an fsync
+        # (WAL + synchronous=NORMAL stays consistent), while signing keeps FULL: a seq must never repeat.
+        self._acks = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        self._acks.execute("PRAGMA synchronous=NORMAL")
 
     def close(self) -> None:
+        self._acks.close()
         self._db.close()
 
     def add(self, device_id: str, sign: Callable[[int], bytes]) -> int:
@@ -134,9 +143,9 @@ class Outbox:
     def ack(self, device_id: str, seqs: Iterable[int]) -> int:
         """Delete receipted events; returns how many were still here (a re-ack deletes nothing).
 
-        One transaction for the whole receipt: in autocommit mode each DELETE would be its own fsync.
+        One transaction for the whole receipt, without an fsync (see __init__).
         """
-        db = self._db
+        db = self._acks
         db.execute("BEGIN IMMEDIATE")
         try:
             cur = db.executemany("DELETE FROM outbox WHERE device_id=? AND seq=?", [(device_id, s) for s in seqs])

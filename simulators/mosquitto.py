@@ -5,7 +5,9 @@ Used by the tests and the benchmarks so that neither depends on the machine's sh
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -42,11 +44,17 @@ def wait_listening(host: str, port: int, timeout: float = 10.0) -> None:
 
 @dataclass
 class Mosquitto:
+    """`conf` (a file in the repo), then `extra` lines (e.g. password_file, acl_file), then a plain
+    `listener <port> <host>`, then `listeners`: more listener blocks, e.g. a TLS one; their ports in
+    `wait_ports` are awaited too."""
+
     workdir: Path
     port: int = 0
     conf: Path = TEST_CONF
     extra: str = ""
     host: str = "127.0.0.1"
+    listeners: str = ""
+    wait_ports: tuple[int, ...] = ()
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def start(self) -> Mosquitto:
@@ -56,11 +64,29 @@ class Mosquitto:
         self.port = self.port or free_port(self.host)
         self.workdir.mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "mosquitto.conf"
-        conf.write_text(f"{self.conf.read_text()}\n{self.extra}\nlistener {self.port} {self.host}\n")
+        # Started as root, mosquitto would switch to the `mosquitto` user and could not read the 0600 files
+        # (password file, TLS keys) this process wrote; keep it as the user who started it.
+        run_as = "user root\n" if os.geteuid() == 0 else ""
+        conf.write_text(f"{self.conf.read_text()}\n{run_as}{self.extra}\nlistener {self.port} {self.host}\n"
+                        f"{self.listeners}\n")
         log = open(self.workdir / "mosquitto.log", "ab")  # noqa: SIM115 - lives as long as the process
         self.process = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=log)
-        wait_listening(self.host, self.port)
+        for port in (self.port, *self.wait_ports):
+            try:
+                wait_listening(self.host, port)
+            except RuntimeError:
+                self.stop()
+                raise RuntimeError(f"mosquitto did not start; its log: {self.log_text()[-2000:]}") from None
         return self
+
+    def log_text(self) -> str:
+        path = self.workdir / "mosquitto.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def reload(self) -> None:
+        """SIGHUP: mosquitto re-reads password_file and acl_file and disconnects clients no longer allowed."""
+        assert self.process is not None and self.process.poll() is None, "mosquitto is not running"
+        self.process.send_signal(signal.SIGHUP)
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

@@ -38,10 +38,14 @@ def test_encoding_is_a_fixed_point(value: object) -> None:
     ("data", "reason"),
     [
         (b"\x01\x02", "trailing_bytes"),
-        (cbor2.dumps(cbor2.CBORTag(1, 0)), "unexpected_type"),  # epoch datetime tag
+        (cbor2.dumps(cbor2.CBORTag(1, 0)), "unexpected_tag"),  # epoch datetime: refused before cbor2 sees it
         (cbor2.dumps(cbor2.CBORTag(99, 0)), "unexpected_tag"),
         (cbor2.dumps({b"k": 1}), "bad_map_key"),
-        (cbor2.dumps(2**64), "int_out_of_range"),
+        (cbor2.dumps(2**63), "int_out_of_range"),
+        (cbor2.dumps(2**64), "unexpected_tag"),  # a bignum (tag 2)
+        (b"\x9f\x01\xff", "malformed_cbor"),  # indefinite length
+        (b"\xf7", "unexpected_type"),  # undefined
+        (b"\x62\xff\xfe", "malformed_cbor"),  # not UTF-8
         (b"\x81" * 20 + b"\x00", "too_deep"),
         (b"\x5a\xff\xff\xff\xff", "malformed_cbor"),  # claims 4 GiB, has none
     ],

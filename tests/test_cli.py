@@ -442,3 +442,14 @@ def test_demo_json_summarizes_the_whole_flow(tmp_path: Path) -> None:
     assert summary["duplicates"] >= 1  # the replay
     assert summary["checkpoints"] >= 1
     assert summary["proof_verified"] is True
+
+
+def test_agent_refuses_ble_for_a_profile_without_gatt(tmp_path: Path) -> None:
+    key = tmp_path / "terminal.key"
+    assert run("keys", "new", key).exit_code == 0
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(f"agent:\n  bridge_public_key: '{'ab' * 32}'\n  devices:\n"
+                   f"    - {{key_file: '{key}', profile: pharmacy_terminal, source: ble}}\n")
+    result = run("agent", "--config", cfg)
+    assert result.exit_code == 2  # a configuration error, like the CLI's other usage errors
+    assert "pharmacy_terminal" in text(result) and "not a BLE device" in text(result)

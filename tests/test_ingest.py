@@ -101,6 +101,19 @@ def test_a_revoked_device_is_refused(bridge: Bridge) -> None:
     assert dict(bridge.stats.rejected) == {"revoked": 1}
 
 
+def test_a_revocation_committed_after_the_check_still_stops_the_append(bridge: Bridge, tmp_path: Path) -> None:
+    from carechain.entries import Revocation, revocation_entry
+
+    checked = bridge.ingest.check(DEV.device_id, event(DEV, 0), now_ms())  # registry says: registered
+    other = Ledger(tmp_path / "ledger.db")  # e.g. `carechain` revoking from another process, meanwhile
+    rev = Revocation(dev=DEV.device_id, reason="stolen", ts=now_ms())
+    revoked_at = other.append_revocation(revocation_entry(OPERATOR, rev), rev)
+    size = other.size
+    bridge.sequence([checked])
+    assert dict(bridge.stats.rejected) == {"revoked": 1} and bridge.stats.anchored == 0
+    assert bridge.ledger.size == size == revoked_at + 1
+
+
 def test_a_non_event_topic_is_counted(bridge: Bridge) -> None:
     bridge.process([("cc/v1/dev/UPPER/ev", event(DEV, 0))])
     assert dict(bridge.stats.rejected) == {"bad_topic": 1}

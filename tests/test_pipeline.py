@@ -5,19 +5,16 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
 
 from carechain import envelope, topics
-from carechain.config import BridgeConfig, Limits
 from carechain.entries import Registration, registration_entry
 from carechain.events import make_payload
 from carechain.identity import Identity
 from carechain.proofs import verify_consistency_bundle, verify_inclusion_bundle
 from carechain.receipts import open_receipt
-from chain_bridge.bridge import Bridge
 from chain_bridge.ledger.proofs import consistency_bundle, inclusion_bundle
 from chain_bridge.ledger.store import Ledger
 from edge_agent.agent import Agent, AgentDevice
@@ -35,21 +32,6 @@ def register(ledger: Ledger, idents: list[Identity]) -> None:
                            site="lab", ts=now)
         items.append((registration_entry(OPERATOR, reg), reg))
     ledger.append_registrations(items)
-
-
-@pytest.fixture(params=[0, 2], ids=["in-process", "2-workers"])
-def running_bridge(request, tmp_path: Path, broker):
-    if request.param and broker.kind != "mosquitto":
-        pytest.skip("ingest workers need MQTT shared subscriptions (mosquitto)")
-    log_key = Identity.generate()
-    ledger = Ledger(tmp_path / "bridge" / "ledger.db")
-    cfg = BridgeConfig(data_dir=tmp_path / "bridge", checkpoint_interval_s=0.3, ingest_workers=request.param,
-                       limits=Limits(max_event_bytes=2048))
-    bridge = Bridge(cfg, broker.config, log_key, ledger, client_id=f"bridge-{tmp_path.name}")
-    bridge.start()
-    assert bridge.wait_ready(30)
-    yield bridge
-    bridge.stop()
 
 
 async def _run_agents(agents: list[Agent], until, timeout: float = 60.0) -> None:

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from carechain import envelope
 from carechain.identity import Identity
-from carechain.receipts import Receipt, ReceiptError, Rejected, open_receipt
+from carechain.receipts import MAX_ITEMS, Receipt, ReceiptError, Rejected, open_receipt
 
 BRIDGE = Identity.from_seed(b"\x05" * 32)
 DEV = Identity.from_seed(b"\x06" * 32).device_id
@@ -43,3 +43,16 @@ def test_a_receipt_for_another_device_is_refused() -> None:
     other = Identity.from_seed(b"\x0a" * 32).device_id
     with pytest.raises(ReceiptError, match="expected"):
         open_receipt(Receipt(other, 1, [(0, 5)]).seal(BRIDGE), BRIDGE.public_key, DEV)
+
+
+def test_a_large_receipt_is_split_and_every_entry_survives_sealing() -> None:
+    key = Identity.generate()
+    big = Receipt("abc", 1, ok=[(s, s + 10) for s in range(1200)],
+                  rejected=[Rejected(s, "bad_signature", "x" * 500, False, b"\x01" * 32) for s in range(700)])
+    parts = big.split()
+    assert all(len(p.ok) + len(p.rejected) <= MAX_ITEMS for p in parts)
+    opened = [open_receipt(p.seal(key), key.public_key, "abc") for p in parts]
+    assert [ok for r in opened for ok in r.ok] == big.ok
+    assert [r.seq for o in opened for r in o.rejected] == list(range(700))
+    assert max(len(p.seal(key)) for p in parts) < 256 * 1024
+    assert Receipt("abc", 1, ok=[(1, 2)]).split() == [Receipt("abc", 1, ok=[(1, 2)])]

@@ -18,6 +18,7 @@ from carechain.checkpoint import Checkpoint, sign_note
 from carechain.entries import ENTRY_EVENT, ENTRY_REGISTER, ENTRY_REVOKE, Entry, Registration, Revocation
 from carechain.identity import Identity
 from carechain.merkle import leaf_hash
+from carechain.sqlite_store import LEDGER, StoreCorruptError, check_store, store_error
 from chain_bridge.ledger.tree import MerkleTree
 
 SCHEMA_VERSION = 1
@@ -58,6 +59,13 @@ class Appended:
 
 
 @dataclass(frozen=True)
+class DeviceRevoked:
+    """The device was revoked (at leaf `index`) by a commit the caller had not seen: nothing appended."""
+
+    index: int
+
+
+@dataclass(frozen=True)
 class SeqReused:
     """The (device, seq) is already anchored with *different* content at `index`."""
 
@@ -82,18 +90,26 @@ class DeviceRecord:
 class Ledger:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        check_store(self.path, LEDGER)  # a damaged file is refused, untouched, before anything writes to it
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
-        version = self._meta("schema_version")
-        if version is None:
-            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-        elif int(version) != SCHEMA_VERSION:
-            raise LedgerError(f"{self.path}: schema version {version}, this carechain reads {SCHEMA_VERSION}")
-        self.tree = MerkleTree()
-        self._catch_up()
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+            version = self._meta("schema_version")
+            if version is None:
+                self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            elif int(version) != SCHEMA_VERSION:
+                raise LedgerError(f"{self.path}: schema version {version}, this carechain reads {SCHEMA_VERSION}")
+            self.tree = MerkleTree()
+            self._catch_up()
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise store_error(self.path, LEDGER, exc) from None
+        except BaseException:
+            self._db.close()
+            raise
 
     def close(self) -> None:
         self._db.close()
@@ -109,7 +125,8 @@ class Ledger:
         hashes = []
         for idx, h in rows:
             if idx != start + len(hashes):
-                raise LedgerError(f"{self.path}: entry {start + len(hashes)} is missing (next stored is {idx})")
+                raise StoreCorruptError(f"{self.path}: the ledger is damaged: entry {start + len(hashes)} is "
+                                        f"missing (the next stored is {idx}). {LEDGER.advice(self.path)}")
             hashes.append(bytes(h))
         self.tree.extend(hashes)
 
@@ -119,9 +136,13 @@ class Ledger:
 
     # -- appends -------------------------------------------------------------------------------------
 
-    def append_events(self, candidates: Sequence[EventCandidate]) -> list[Appended | SeqReused]:
-        """Append new events in one durable transaction; duplicates get their original index back."""
-        results: list[Appended | SeqReused] = []
+    def append_events(self, candidates: Sequence[EventCandidate]) -> list[Appended | SeqReused | DeviceRevoked]:
+        """Append new events in one durable transaction; duplicates get their original index back.
+
+        Revocation is re-checked under the write lock: another process (`carechain` revoking a device)
+        may have committed one after the caller last loaded the registry.
+        """
+        results: list[Appended | SeqReused | DeviceRevoked] = []
         new_hashes: list[bytes] = []
         now = _now_ms()
         db = self._db
@@ -132,7 +153,15 @@ class Ledger:
             in_batch: dict[tuple[str, int], tuple[int, bytes]] = {}
             rows_entries = []
             rows_events = []
+            revoked: dict[str, int] = {}
+            for dev in {c.device_id for c in candidates}:
+                row = db.execute("SELECT revoked_idx FROM devices WHERE device_id=?", (dev,)).fetchone()
+                if row is not None and row[0] is not None:
+                    revoked[dev] = row[0]
             for c in candidates:
+                if c.device_id in revoked:
+                    results.append(DeviceRevoked(revoked[c.device_id]))
+                    continue
                 h = leaf_hash(c.leaf)
                 key = (c.device_id, c.seq)
                 prior = in_batch.get(key)

@@ -1,0 +1,242 @@
+"""`carechain bridge acl`: a mosquitto password file and ACL derived from the ledger's device registry.
+
+Least privilege (docs/broker-security.md): every registered, non-revoked device is its own MQTT user
+(username = device_id) that may only publish its own events and read its own receipts and the checkpoint;
+the bridge has its own user. A revoked device has no login at all. Passwords are random, kept in
+`<bridge data dir>/broker/credentials.json` (mode 0600) so that re-running keeps every existing login
+stable, and handed to each party in its own provisioning file (mode 0600); they are never printed.
+
+The text builders and the password hash are pure; `generate_broker_access` is the file-writing shell.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import re
+import secrets
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from carechain import topics
+from carechain.credentials import MqttCredentials
+from carechain.files import FilePermissionError, read_private, write_atomic
+from chain_bridge.ledger.store import DeviceRecord, Ledger
+
+DEFAULT_BRIDGE_USER = "carechain-bridge"
+STORE_FORMAT = "carechain-broker-credentials-v1"
+STORE_FILE = Path("broker") / "credentials.json"  # under the bridge data dir
+# mosquitto_passwd's defaults for its `$7$` format (PBKDF2-HMAC-SHA512, 12-byte salt, 64-byte hash).
+# The count is low, but it only matters against guessable passwords; ours carry 256 random bits, and the
+# broker runs this hash on every CONNECT, so a reconnect storm of a whole fleet stays cheap.
+PBKDF2_ITERATIONS = 101
+SALT_BYTES = 12
+HASH_BYTES = 64
+
+_DEVICE_ID = re.compile(r"[a-z2-7]{16}")
+_USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_LABEL = re.compile(r"[\w.:/ -]{1,64}")
+
+Role = Literal["bridge", "device"]
+
+
+class BrokerAccessError(ValueError):
+    """Something the operator must fix before broker access files can be written."""
+
+
+# -- the password hash (mosquitto 2.x `$7$` format) ----------------------------------------------------
+
+def hash_password(password: str, *, salt: bytes | None = None, iterations: int = PBKDF2_ITERATIONS) -> str:
+    """`$7$<iterations>$<salt b64>$<hash b64>`, the line format of mosquitto 2.x password files."""
+    salt = secrets.token_bytes(SALT_BYTES) if salt is None else salt
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations, HASH_BYTES)
+    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def verify_password(encoded: str, password: str) -> bool:
+    """True when `password` matches a `$7$` hash (ours or one written by `mosquitto_passwd`)."""
+    parts = encoded.split("$")
+    if len(parts) != 5 or parts[0] or parts[1] != "7" or not parts[2].isdigit():
+        return False
+    try:
+        salt, expected = base64.b64decode(parts[3], validate=True), base64.b64decode(parts[4], validate=True)
+    except ValueError:
+        return False
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, int(parts[2]), len(expected))
+    return hmac.compare_digest(digest, expected)
+
+
+# -- pure builders ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Login:
+    role: Role
+    password: str = field(repr=False)
+    hash: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class LoginPlan:
+    logins: dict[str, Login]  # username -> login; the bridge first, then devices in id order
+    added: list[str]
+    rotated: list[str]
+    removed: list[str]
+
+
+def _new_password() -> str:
+    return secrets.token_urlsafe(32)  # 256 bits; URL-safe base64 has no ':' to confuse the password file
+
+
+def check_bridge_user(name: str) -> str:
+    if not _USERNAME.fullmatch(name):
+        raise BrokerAccessError(f"bridge user {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
+                                "starting with a letter or digit")
+    if _DEVICE_ID.fullmatch(name):
+        raise BrokerAccessError(f"bridge user {name!r} looks like a device id; pick a name no device can have, "
+                                f"e.g. {DEFAULT_BRIDGE_USER}")
+    return name
+
+
+def plan_logins(previous: Mapping[str, Login], bridge_user: str, device_ids: Iterable[str],
+                rotate: Collection[str] = (), new_password: Callable[[], str] = _new_password) -> LoginPlan:
+    """Keep every existing login, create missing ones, give `rotate`d users a new password, drop the rest."""
+    check_bridge_user(bridge_user)
+    wanted: dict[str, Role] = {bridge_user: "bridge"}
+    for dev in sorted(device_ids):
+        if not _DEVICE_ID.fullmatch(dev):
+            raise BrokerAccessError(f"registry holds {dev!r}, which is not a device id; refusing to write an ACL")
+        wanted[dev] = "device"
+    unknown = sorted(set(rotate) - set(wanted))
+    if unknown:
+        raise BrokerAccessError(f"cannot rotate {', '.join(unknown)}: not the bridge user nor a registered, "
+                                "non-revoked device")
+    logins: dict[str, Login] = {}
+    added, rotated = [], []
+    for user, role in wanted.items():
+        old = previous.get(user)
+        if old is not None and old.role == role and user not in rotate:
+            logins[user] = old
+            continue
+        password = new_password()
+        logins[user] = Login(role, password, hash_password(password))
+        (rotated if old is not None else added).append(user)
+    return LoginPlan(logins, added, rotated, sorted(set(previous) - set(wanted)))
+
+
+def passwd_text(logins: Mapping[str, Login]) -> str:
+    return "".join(f"{user}:{login.hash}\n" for user, login in logins.items())
+
+
+def _label(text: str) -> str:
+    return text if _LABEL.fullmatch(text) else "?"
+
+
+def acl_text(bridge_user: str, devices: Iterable[DeviceRecord], *, registry_version: int, revoked: int) -> str:
+    """The ACL: nothing for anonymous clients; per user, exactly the topics it needs."""
+    devices = list(devices)
+    lines = [
+        "# mosquitto ACL for carechain, generated by `carechain bridge acl` from the ledger's device registry",
+        f"# (registry version {registry_version}: {len(devices)} device(s); {revoked} revoked device(s) left out).",
+        "# Do not edit: re-run the command and reload mosquitto (SIGHUP). No `topic` line comes before the",
+        "# first `user` line, so a client without a username is granted nothing. See docs/broker-security.md.",
+        "",
+        "# The bridge reads every device's events. Its ingest workers subscribe to",
+        f"# $share/<group>/{topics.EVENTS_WILDCARD}; mosquitto checks READ against each delivered",
+        "# message's own topic, so this one line covers the shared subscription too.",
+        f"user {bridge_user}",
+        f"topic read {topics.EVENTS_WILDCARD}",
+        f"topic write {topics.PREFIX}/dev/+/rcpt",
+        f"topic write {topics.CHECKPOINT}",
+    ]
+    for d in sorted(devices, key=lambda d: d.device_id):
+        lines += [
+            "",
+            f"# device {d.device_id}: profile {_label(d.profile)}, site {_label(d.site)}, "
+            f"registered at leaf {d.registered_idx}",
+            f"user {d.device_id}",
+            f"topic write {topics.events(d.device_id)}",
+            f"topic read {topics.receipts(d.device_id)}",
+            f"topic read {topics.CHECKPOINT}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+# -- the credential store -----------------------------------------------------------------------------
+
+def store_path(data_dir: Path) -> Path:
+    return Path(data_dir) / STORE_FILE
+
+
+def load_store(path: Path) -> dict[str, Login]:
+    try:
+        raw = json.loads(read_private(path))
+    except FileNotFoundError:
+        return {}
+    except FilePermissionError as exc:
+        raise BrokerAccessError(str(exc)) from None
+    except (OSError, ValueError) as exc:
+        raise BrokerAccessError(f"{path}: unreadable broker credential store ({exc}); restore it from backup, "
+                                "or move it away to issue new passwords to every party") from None
+    if not isinstance(raw, dict) or raw.get("format") != STORE_FORMAT or not isinstance(raw.get("users"), dict):
+        raise BrokerAccessError(f"{path}: not a carechain broker credential store ({STORE_FORMAT})")
+    try:
+        return {user: Login(v["role"], v["password"], v["hash"]) for user, v in raw["users"].items()}
+    except (KeyError, TypeError) as exc:
+        raise BrokerAccessError(f"{path}: a login is missing {exc}") from None
+
+
+def save_store(path: Path, logins: Mapping[str, Login]) -> None:
+    data = {"format": STORE_FORMAT,
+            "users": {u: {"role": x.role, "password": x.password, "hash": x.hash} for u, x in logins.items()}}
+    write_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
+
+
+# -- the shell ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BrokerAccess:
+    passwd: Path
+    acl: Path
+    bridge_credentials: Path
+    device_credentials: dict[str, Path]
+    revoked_left_out: int
+    plan: LoginPlan
+    stale_removed: list[Path]
+
+
+def generate_broker_access(ledger: Ledger, data_dir: Path, out_dir: Path, *,
+                           bridge_user: str = DEFAULT_BRIDGE_USER, rotate: Collection[str] = ()) -> BrokerAccess:
+    """Write passwd, acl, bridge.json and devices/<id>.json (all mode 0600) into `out_dir`.
+
+    The credential store is saved first, so no file ever carries a password that is not persisted.
+    """
+    registry = ledger.devices()
+    active = [d for d in registry.values() if not d.revoked]
+    store = store_path(data_dir)
+    plan = plan_logins(load_store(store), bridge_user, [d.device_id for d in active], rotate)
+    save_store(store, plan.logins)
+
+    out_dir = Path(out_dir)
+    passwd, acl = out_dir / "passwd", out_dir / "acl"
+    write_atomic(passwd, passwd_text(plan.logins).encode())
+    write_atomic(acl, acl_text(bridge_user, active, registry_version=ledger.registry_version(),
+                               revoked=len(registry) - len(active)).encode())
+    bridge_file = out_dir / "bridge.json"
+    write_atomic(bridge_file, MqttCredentials(username=bridge_user, password=plan.logins[bridge_user].password)
+                 .to_json())
+    dev_dir = out_dir / "devices"
+    device_files = {}
+    for d in active:
+        path = dev_dir / f"{d.device_id}.json"
+        write_atomic(path, MqttCredentials(username=d.device_id, password=plan.logins[d.device_id].password,
+                                           device_id=d.device_id).to_json())
+        device_files[d.device_id] = path
+    stale = [p for p in sorted(dev_dir.glob("*.json"))
+             if _DEVICE_ID.fullmatch(p.stem) and p.stem not in device_files]
+    for p in stale:  # revoked devices: their login is gone, so is their provisioning file
+        p.unlink()
+    return BrokerAccess(passwd, acl, bridge_file, device_files, len(registry) - len(active), plan, stale)
