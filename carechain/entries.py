@@ -38,14 +38,15 @@ class Entry:
                          cbor.bstr_header(len(self.cose)), self.cose))
 
     @classmethod
-    def decode(cls, data: bytes) -> Entry:
+    def decode(cls, data: bytes, types: frozenset[str] = ENTRY_TYPES) -> Entry:
+        """Strict decode of a leaf; `types` widens the accepted entry types (e.g. contract entries)."""
         try:
             raw = cbor.decode(data, max_depth=2)
         except cbor.CBORError as exc:
             raise EntryError(f"leaf is not valid CBOR: {exc}") from None
         if not (isinstance(raw, dict) and set(raw) == {"t", "cose"}):
             raise EntryError("leaf must be a map with exactly the keys 't' and 'cose'")
-        if not isinstance(raw["t"], str) or raw["t"] not in ENTRY_TYPES:  # a list "t" is unhashable
+        if not isinstance(raw["t"], str) or raw["t"] not in types:  # a list "t" is unhashable
             raise EntryError(f"unknown entry type {raw['t']!r:.80}")
         if not isinstance(raw["cose"], bytes):
             raise EntryError("leaf 'cose' must be a byte string")

@@ -25,7 +25,7 @@ from carechain.identity import Identity
 from carechain.merkle import leaf_hash
 from chain_bridge.bridge import Bridge
 from chain_bridge.ledger.audit import AuditFailure, LogAuditor, _consistency_ranges, audit_ledger
-from chain_bridge.ledger.store import EventCandidate, Ledger
+from chain_bridge.ledger.store import DeviceRevoked, EventCandidate, Ledger
 from chain_bridge.ledger.tree import MerkleTree
 from chain_bridge.registry import ledger_path, log_key, operator_key
 
@@ -178,7 +178,14 @@ def test_an_event_appended_after_its_device_was_revoked_is_named(data_dir: Path)
     ledger = Ledger(ledger_path(data_dir))
     raw = envelope.sign(DEVS[1], make_payload(DEVS[1].device_id, 9999, int(time.time() * 1000), "heart_rate",
                                               {"bpm": 70}))
-    ledger.append_events([EventCandidate(DEVS[1].device_id, 9999, event_entry(raw).encode())])
+    candidate = EventCandidate(DEVS[1].device_id, 9999, event_entry(raw).encode())
+    assert isinstance(ledger.append_events([candidate])[0], DeviceRevoked)  # today's store refuses it
+    # A store written by a bridge that missed the revocation (e.g. an older version, or tampering):
+    db = ledger._db  # noqa: SLF001 - forging a bad store on purpose
+    revoked_idx = db.execute("SELECT revoked_idx FROM devices WHERE device_id=?", (DEVS[1].device_id,)).fetchone()[0]
+    db.execute("UPDATE devices SET revoked_idx=NULL WHERE device_id=?", (DEVS[1].device_id,))
+    ledger.append_events([candidate])
+    db.execute("UPDATE devices SET revoked_idx=? WHERE device_id=?", (revoked_idx, DEVS[1].device_id))
     index = ledger.size - 1
     ledger.close()
     with pytest.raises(AuditFailure, match=rf"^leaf {index}: event from device {DEVS[1].device_id} after its "

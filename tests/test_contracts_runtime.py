@@ -1,0 +1,166 @@
+"""The contract runtime: independent replays agree on the state root; upgrades never rewrite history."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_contracts_world import AMOXICILLIN, DAY, FLU_SHOT, T0, World, ident
+
+from carechain import cbor
+from carechain.entries import Entry
+from chain_bridge.contracts import CodeBook, MissingContractCode, Runtime, builtin_hashes, load_rule_source, replay
+from chain_bridge.contracts import entries as ce
+
+REPO = Path(__file__).resolve().parent.parent
+PRESCRIPTIONS_SRC = (REPO / "chain_bridge/contracts/prescriptions.py").read_bytes()
+# A second version of the prescription rules: no refills at all for controlled substances.
+PRESCRIPTIONS_V2_SRC = PRESCRIPTIONS_SRC.replace(b"VERSION = 1", b"VERSION = 2").replace(
+    b"MAX_CONTROLLED_REFILLS = 5", b"MAX_CONTROLLED_REFILLS = 0")
+
+_CHILD = """
+import sys
+from carechain import cbor
+from carechain.entries import Entry
+from chain_bridge.contracts import Genesis, replay
+raw = cbor.decode(open(sys.argv[1], "rb").read(), max_depth=4)
+state = replay(Genesis.from_cbor(raw["genesis"]), [Entry(t, c) for t, c in raw["entries"]])
+print(state.root().hex(), state.size)
+"""
+
+
+def pharmacy_day() -> World:
+    """Every kind of entry, accepted and rejected: parties, devices, Rx, sales, billing, telemetry, payout."""
+    w = World()
+    w.standard_parties()
+    w.policy("pt-alice")
+    w.register_device(w.wearable, "heart_rate_band", "pt-alice")
+    rx, _ = w.prescribe(quantity=1, refills=1)
+    w.sale(rx_ref=rx.rx_ref(), pay="insurance")
+    w.sale(rx_ref=rx.rx_ref(), terminal=w.terminal2, ts=T0 + 2 * DAY)
+    w.sale(rx_ref=rx.rx_ref(), ts=T0 + 2 * DAY)  # loses the race
+    w.sale(rx_ref=None)  # no Rx
+    w.sale(FLU_SHOT, rx_only=False, price=4500, pay="insurance")
+    for day in range(7):
+        w.activity(25 + day, T0 + day * DAY + 60_000)
+    w.settle()
+    w.transfer(w.insurer, w.pharmacy_account(), 100)
+    w.transfer(w.pharmacy, "patient:pt-alice", 10**9)  # overdraft: rejected
+    return w
+
+
+def test_two_independent_processes_reach_the_same_state_root(tmp_path: Path) -> None:
+    w = pharmacy_day()
+    log = tmp_path / "log.cbor"
+    log.write_bytes(cbor.encode({"genesis": w.genesis.to_cbor(), "entries": [[e.type, e.cose] for e in w.entries]}))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # Different hash seeds: any dependence on set or str-hash order would show up as different roots.
+    procs = [subprocess.Popen([sys.executable, "-c", _CHILD, str(log)], cwd=REPO, stdout=subprocess.PIPE,
+                              env={**env, "PYTHONHASHSEED": seed}, text=True) for seed in ("1", "2")]
+    outputs = [p.communicate(timeout=60)[0].split() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    expected = [w.state.root().hex(), str(len(w.entries))]
+    assert outputs == [expected, expected]
+    # The day really exercised the rules: accepted and rejected outcomes, money moved, a payout.
+    results = {r for _, r in w.state.results}
+    assert {"ok", "rx_no_fills_left", "rx_missing", "insufficient_funds"} <= results
+    assert w.state.table("wellness")
+
+
+def test_the_root_commits_to_every_outcome() -> None:
+    a, b = pharmacy_day(), pharmacy_day()
+    assert a.state.root() == b.state.root()
+    b.sale(AMOXICILLIN, rx_ref=None)  # one more rejected sale changes the root
+    assert a.state.root() != b.state.root()
+
+
+def upgrade_log(from_offset: int = 3) -> tuple[World, int]:
+    """Controlled Rx anchored before, between and after an upgrade to prescriptions v2."""
+    code = CodeBook.builtin()
+    v2 = load_rule_source(PRESCRIPTIONS_V2_SRC, "prescriptions_v2.py")
+    code.add(v2)
+    w = World(code=code)
+    w.standard_parties()
+    rx_before, result = w.prescribe(controlled=True, refills=3, nonce=1)
+    assert result == "ok"
+    assert w.sale(rx_ref=rx_before.rx_ref(), quantity=2) == "ok"
+    upgrade_at = len(w.entries)
+    up = ce.ContractUpgrade(name="prescriptions", version=2, code_hash=v2.code_hash,
+                            from_size=upgrade_at + from_offset, ts=T0)
+    assert w.add(ce.signed(w.operator, ce.CONTRACT_UPGRADE, up)) == "ok"
+    return w, upgrade_at
+
+
+def test_an_upgrade_applies_from_the_named_tree_size_and_leaves_history_alone() -> None:
+    w, upgrade_at = upgrade_log(from_offset=3)
+    # Between the upgrade entry and its tree size, v1 still rules.
+    assert w.prescribe(controlled=True, refills=3, nonce=2)[1] == "ok"
+    assert w.prescribe(controlled=True, refills=3, nonce=3)[1] == "ok"
+    assert len(w.entries) == upgrade_at + 3
+    assert w.prescribe(controlled=True, refills=3, nonce=4)[1] == "controlled_too_many_refills"
+    assert w.prescribe(controlled=True, refills=0, nonce=5)[1] == "ok"
+    # Past outcomes are unchanged: the prefix replays identically with no upgrade in sight.
+    prefix = replay(w.genesis, w.entries[:upgrade_at])
+    assert w.state.results[:upgrade_at] == prefix.results
+    # A fresh replica holding both versions replays the whole log to the same root.
+    code = CodeBook.builtin()
+    code.add(load_rule_source(PRESCRIPTIONS_V2_SRC))
+    assert replay(w.genesis, w.entries, code).root() == w.state.root()
+
+
+def test_a_replica_without_the_pinned_code_stops_instead_of_diverging() -> None:
+    w, upgrade_at = upgrade_log(from_offset=1)
+    w.prescribe(controlled=True, refills=0, nonce=9)
+    runtime = Runtime(w.genesis)  # builtin code only: no v2
+    for entry in w.entries[:upgrade_at + 1]:
+        runtime.apply(entry)  # the upgrade entry itself is accepted without the code
+    with pytest.raises(MissingContractCode, match=load_rule_source(PRESCRIPTIONS_V2_SRC).code_hash):
+        runtime.apply(w.entries[upgrade_at + 1])
+
+
+def test_code_hash_is_the_sha256_of_the_module_source() -> None:
+    import hashlib
+
+    assert builtin_hashes()["prescriptions"] == hashlib.sha256(PRESCRIPTIONS_SRC).hexdigest()
+    v2 = load_rule_source(PRESCRIPTIONS_V2_SRC)
+    assert (v2.name, v2.version, v2.code_hash) == ("prescriptions", 2, hashlib.sha256(PRESCRIPTIONS_V2_SRC).hexdigest())
+
+
+@pytest.mark.parametrize(("fields", "reason"), [
+    ({"from_size": 1}, "upgrade_is_retroactive"),
+    ({"version": 1}, "upgrade_not_newer"),
+    ({"name": "nonexistent"}, "unknown_contract"),
+])
+def test_invalid_upgrades_are_rejected(fields: dict, reason: str) -> None:
+    w = World()
+    w.standard_parties()
+    up = {"name": "prescriptions", "version": 2, "code_hash": "00" * 32, "from_size": 100, "ts": T0, **fields}
+    assert w.add(ce.signed(w.operator, ce.CONTRACT_UPGRADE, ce.ContractUpgrade(**up))) == reason
+    assert len(w.state.versions["prescriptions"]) == 1
+
+
+def test_only_operators_upgrade() -> None:
+    w = World()
+    w.standard_parties()
+    up = ce.ContractUpgrade(name="tokens", version=2, code_hash="00" * 32, from_size=100, ts=T0)
+    assert w.add(ce.signed(w.insurer, ce.CONTRACT_UPGRADE, up)) == "signer_not_allowed"
+
+
+def test_forged_and_malformed_entries_are_rejected_without_effects() -> None:
+    w = World()
+    w.standard_parties()
+    root = w.state.root()
+    good = ce.signed(w.insurer, ce.TOKEN_TRANSFER, ce.TokenTransfer(to="patient:pt-x", amount=5, nonce=1))
+    forged = bytearray(good.cose)
+    forged[-1] ^= 1
+    assert w.add(Entry(ce.TOKEN_TRANSFER, bytes(forged))) == "bad_signature"
+    assert w.add(Entry(ce.TOKEN_TRANSFER, b"\x00garbage")).startswith("bad_envelope:")
+    assert w.add(Entry("mystery.type", good.cose)) == "unknown_entry_type"
+    assert w.add(ce.signed(ident(0x60), ce.TOKEN_TRANSFER, ce.TokenTransfer(to="patient:x", amount=5, nonce=1))) \
+        == "unknown_signer"
+    assert w.state.balances == {w.insurer_account: 1_000_000, "pool:miners": 500_000}
+    assert w.state.root() != root  # outcomes are recorded, but nothing else moved
+    assert all(r != "ok" for _, r in w.state.results[-4:])

@@ -1,0 +1,239 @@
+"""Five miner processes on a real broker witness a growing log: its checkpoints become final at 3-of-5;
+a checkpoint inconsistent with an earlier one never does, and every honest miner publishes evidence."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from carechain import topics
+from carechain.checkpoint import parse_note
+from carechain.identity import Identity
+from carechain.transport import connect_client
+from chain_bridge.bridge import default_origin
+from chain_bridge.ledger.store import EventCandidate, Ledger
+from chain_bridge.miners import messages
+from chain_bridge.miners.cosignature import Cosigner
+from chain_bridge.miners.evidence import Evidence, EvidenceKind, verify_evidence
+from chain_bridge.miners.finality import FinalityPolicy, FinalityTracker
+from chain_bridge.miners.service import ProofResponder
+from chain_bridge.miners.witness import Violation
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parent.parent
+N_MINERS, THRESHOLD = 5, 3
+DEADLINE_S = 60  # a bound so a broken run fails instead of hanging; nothing asserts on timing
+
+
+def wait_for(what: str, cond: Callable[[], bool], timeout: float = DEADLINE_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(0.05)
+
+
+class MinerProcess:
+    def __init__(self, data_dir: Path, broker: str, log_public_key: bytes, *extra: str) -> None:
+        self.key = Identity.generate()
+        self.key.save(data_dir / "miner.key")
+        self.args = [sys.executable, "-m", "chain_bridge.miners.service", "--data-dir", str(data_dir),
+                     "--broker", broker, "--log-public-key", log_public_key.hex(), *extra]
+        self.cosigner = Cosigner(f"carechain.miner/{self.key.device_id}", self.key.public_key)
+        self.proc: subprocess.Popen[str] | None = None
+        self.ready: queue.SimpleQueue[str] = queue.SimpleQueue()
+
+    def start(self) -> None:
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        self.proc = subprocess.Popen(self.args, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+        stdout = self.proc.stdout
+        assert stdout is not None
+        threading.Thread(target=lambda: [self.ready.put(line) for line in stdout], daemon=True).start()
+
+    def wait_ready(self) -> None:
+        line = self.ready.get(timeout=DEADLINE_S)
+        assert json.loads(line)["miner"] == self.key.device_id
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+class Observer:
+    """An auditor on the broker: collects cosignatures (finality) and evidence from all miners."""
+
+    def __init__(self, broker, policy: FinalityPolicy) -> None:  # type: ignore[no-untyped-def]
+        self.tracker = FinalityTracker(policy)
+        self.evidence: dict[str, list[Evidence]] = {}
+        self._lock = threading.Lock()
+        self.connected = threading.Event()
+        self.client = connect_client(broker, f"miner-observer-{os.getpid()}", on_message=self._on_message,
+                                     connected=self.connected,
+                                     subscriptions=[(messages.MINER_COSIG_WILDCARD, 1),
+                                                    (messages.MINER_EVIDENCE_WILDCARD, 1)])
+
+    def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+        parsed = messages.miner_of_topic(msg.topic)
+        if parsed is None or not msg.payload:
+            return
+        with self._lock:
+            if parsed[1] == "cosig":
+                m = messages.CosignatureMessage.model_validate_json(msg.payload)
+                body, _ = parse_note(m.checkpoint)
+                _, lines = parse_note(m.checkpoint + m.cosignature)
+                self.tracker.add(body, lines[-1])
+            elif parsed[1] == "evidence":
+                ev = Evidence.model_validate_json(msg.payload)
+                self.evidence.setdefault(ev.new_checkpoint, []).append(ev)
+
+    def is_final(self, note: str) -> bool:
+        with self._lock:
+            return parse_note(note)[0] in self.tracker.final
+
+    def cosigners(self, note: str) -> int:
+        with self._lock:
+            return len(self.tracker.cosigners(parse_note(note)[0]))
+
+    def evidence_from(self, note: str) -> set[str]:
+        with self._lock:
+            return {ev.miner for ev in self.evidence.get(note, [])}
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def reject_evil_sale(old_size: int, new_size: int, entries: Sequence[bytes]) -> Violation | None:
+    """A stand-in for contract re-execution (chain_bridge.contracts): an `evil sale` leaf breaks the rules."""
+    for i, e in enumerate(entries):
+        if e.startswith(b"evil sale"):
+            return Violation(old_size + i, "rx.sale_requires_valid_rx", "Rx-only sale without a valid Rx")
+    return None
+
+
+@pytest.fixture
+def world(request: pytest.FixtureRequest, tmp_path: Path, broker) -> Iterator[dict[str, object]]:  # type: ignore[no-untyped-def]
+    extra = getattr(request, "param", ())
+    if broker.kind != "mosquitto":
+        pytest.skip("needs mosquitto")
+    log_key = Identity.generate()
+    ledger = Ledger(tmp_path / "bridge" / "ledger.db")
+    lock = threading.Lock()
+    responder_ready = threading.Event()
+    responder = ProofResponder.connect(ledger, broker.config, f"proof-responder-{tmp_path.name}", lock,
+                                       responder_ready)
+    publisher_ready = threading.Event()
+    publisher = connect_client(broker.config, f"log-publisher-{tmp_path.name}", connected=publisher_ready)
+    procs = [MinerProcess(tmp_path / f"miner{i}", f"{broker.host}:{broker.port}", log_key.public_key, *extra)
+             for i in range(N_MINERS)]
+    observer = Observer(broker.config, FinalityPolicy(tuple(p.cosigner for p in procs), THRESHOLD))
+    try:
+        assert responder_ready.wait(30) and publisher_ready.wait(30) and observer.connected.wait(30)
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.wait_ready()
+        yield {"log_key": log_key, "ledger": ledger, "lock": lock, "responder": responder,
+               "publisher": publisher, "procs": procs, "observer": observer, "tmp": tmp_path}
+    finally:
+        for p in procs:
+            p.stop()
+        publisher.publish(topics.CHECKPOINT, b"", qos=1, retain=True).wait_for_publish(10)  # leave no retained note
+        for c in (publisher, observer.client):
+            c.disconnect()
+            c.loop_stop()
+        responder.stop()
+        ledger.close()
+
+
+def append_and_checkpoint(ledger: Ledger, log_key: Identity, lock: threading.Lock, leaves: list[bytes],
+                          first_seq: int) -> str:
+    with lock:
+        ledger.append_events([EventCandidate("dev", first_seq + i, leaf) for i, leaf in enumerate(leaves)])
+        return ledger.issue_checkpoint(log_key, default_origin(log_key))
+
+
+def publish(client: mqtt.Client, note: str) -> None:
+    client.publish(topics.CHECKPOINT, note.encode(), qos=1, retain=True).wait_for_publish(10)
+
+
+def test_checkpoints_of_a_growing_log_become_final_and_a_fork_never_does(world: dict) -> None:  # type: ignore[type-arg]
+    log_key, ledger, lock = world["log_key"], world["ledger"], world["lock"]
+    publisher, observer, procs = world["publisher"], world["observer"], world["procs"]
+
+    # An honest, growing log: each checkpoint is cosigned by the miners and becomes final at 3-of-5.
+    seq = 0
+    notes = []
+    for batch in (3, 1, 6):
+        note = append_and_checkpoint(ledger, log_key, lock, [b"honest %d" % (seq + i) for i in range(batch)], seq)
+        seq += batch
+        publish(publisher, note)
+        wait_for(f"checkpoint {seq} to become final", lambda n=note: observer.is_final(n))
+        notes.append(note)
+    last = notes[-1]
+    wait_for("all five miners to cosign the latest checkpoint", lambda: observer.cosigners(last) == N_MINERS)
+
+    # A dishonest log: same key, history rewritten from leaf 4, grown past the last final checkpoint. It
+    # serves proofs and entries from its forked tree.
+    forked = Ledger(world["tmp"] / "forked" / "ledger.db")
+    try:
+        forked.append_events([EventCandidate("dev", i, ledger.entry(i)) for i in range(4)])
+        evil = append_and_checkpoint(forked, log_key, lock, [b"rewritten %d" % i for i in range(9)], 4)
+        with lock:
+            world["responder"].ledger = forked
+        publish(publisher, evil)
+        wait_for("every miner to publish evidence", lambda: len(observer.evidence_from(evil)) == N_MINERS)
+        for ev in observer.evidence[evil]:
+            assert ev.kind is EvidenceKind.FORK and ev.old_checkpoint == last
+            assert "inconsistent" in verify_evidence(ev, log_key.public_key)
+
+        # A miner restarted from its data dir still holds the honest view and refuses the retained fork.
+        restarted = procs[0]
+        restarted.stop()
+        with observer._lock:
+            observer.evidence[evil] = []
+        restarted.start()
+        restarted.wait_ready()
+        wait_for("the restarted miner to refuse the fork again", lambda: len(observer.evidence_from(evil)) == 1)
+        assert not observer.is_final(evil) and observer.cosigners(evil) == 0
+    finally:
+        forked.close()
+
+
+@pytest.mark.parametrize("world", [("--entry-verifier", "tests.test_miners_integration:reject_evil_sale")],
+                         indirect=True, ids=["contract-hook"])
+def test_a_checkpoint_with_a_violating_sale_never_becomes_final(world: dict) -> None:  # type: ignore[type-arg]
+    log_key, ledger, lock = world["log_key"], world["ledger"], world["lock"]
+    publisher, observer = world["publisher"], world["observer"]
+    good = append_and_checkpoint(ledger, log_key, lock, [b"sale %d" % i for i in range(4)], 0)
+    publish(publisher, good)
+    wait_for("the honest checkpoint to become final", lambda: observer.is_final(good))
+
+    # The dishonest bridge appends a violating sale; the log itself stays consistent.
+    bad = append_and_checkpoint(ledger, log_key, lock, [b"sale 4", b"evil sale 5", b"sale 6"], 4)
+    publish(publisher, bad)
+    wait_for("every miner to publish evidence", lambda: len(observer.evidence_from(bad)) == N_MINERS)
+    for ev in observer.evidence[bad]:
+        assert ev.kind is EvidenceKind.VIOLATION and ev.violation_leaf == 5
+        assert "leaf 5" in verify_evidence(ev, log_key.public_key, reject_evil_sale)
+    # Later checkpoints contain the sale too: none of them becomes final either.
+    later = append_and_checkpoint(ledger, log_key, lock, [b"sale 7"], 7)
+    publish(publisher, later)
+    wait_for("evidence on the later checkpoint", lambda: len(observer.evidence_from(later)) == N_MINERS)
+    assert observer.cosigners(bad) == 0 and observer.cosigners(later) == 0
+    assert not observer.is_final(bad) and not observer.is_final(later)
