@@ -258,7 +258,8 @@ def bridge(ctx: typer.Context, config: ConfigOpt = None, broker: BrokerOpt = Non
     if workers is not None:
         cfg.bridge.ingest_workers = workers
     lk = log_key(bdir)
-    service = Bridge(cfg.bridge, cfg.broker, lk, _open_store(Ledger, ledger_path(bdir)))
+    service = Bridge(cfg.bridge, cfg.broker, lk, _open_store(Ledger, ledger_path(bdir)),
+                     contracts=_contract_gate(cfg, bdir) if cfg.bridge.contracts else None)
     console.print(f"bridge: broker {cfg.broker.address}, ledger {ledger_path(bdir)} "
                   f"(size {service.ledger.size}), origin {service.origin}\nlog public key {lk.public_key.hex()}")
     service.start()
@@ -335,6 +336,96 @@ def bridge_acl(
               "next: install passwd and acl where mosquitto reads them (mode 0600, owner mosquitto), "
               "then reload it: kill -HUP <mosquitto pid>"]
     out.print("\n".join(lines), soft_wrap=True, markup=False, highlight=False)
+
+
+# -- miner -------------------------------------------------------------------------------------------
+
+@app.command()
+def miner(config: ConfigOpt = None, broker: BrokerOpt = None,
+          data_dir: Annotated[Path | None, typer.Option(
+              "--data-dir", help="Miner data directory: witness state (witness.json) and by default the key.")] = None,
+          key: Annotated[Path | None, typer.Option(
+              "--key", help="Miner key file (created with mode 0600 if missing; default DATA_DIR/miner.key).")] = None,
+          log_public_key: Annotated[str | None, typer.Option(
+              help="Hex Ed25519 public key of the log to witness (`carechain bridge` prints it).")] = None,
+          name: Annotated[str | None, typer.Option(
+              help="Cosigner key name (default carechain.miner/<miner id>).")] = None,
+          genesis: Annotated[Path | None, typer.Option(
+              help="Contracts genesis file: re-execute the contracts on every new entry (default: "
+                   "BRIDGE_DATA_DIR/contracts/genesis.json if it exists).")] = None,
+          entry_verifier: Annotated[str | None, typer.Option(
+              metavar="MODULE:FUNCTION", help="Another entry verifier f(old_size, new_size, entries) -> "
+                                              "Violation | None, instead of the contracts.")] = None,
+          verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every decision.")] = False) -> None:
+    """Run a miner: witness the log's checkpoints and cosign them, or refuse and publish evidence.
+
+    For each checkpoint on cc/v1/log/checkpoint the miner asks the bridge for a consistency proof and the
+    new entries, checks them against the last checkpoint it cosigned, re-executes the contracts on them
+    and publishes a C2SP cosignature (cc/v1/miner/<id>/cosig) — or evidence of a fork or rule violation
+    (cc/v1/miner/<id>/evidence). Prints its cosigner key on stdout (one JSON line) for the bridge's
+    `bridge.miners` list; a checkpoint is final when bridge.finality_threshold of them cosigned it.
+    Runs until interrupted (Ctrl-C / SIGTERM). Settings: the `miner` config section. See docs/miners.md.
+    """
+    from carechain.identity import Identity, KeyFileError
+    from chain_bridge.miners.service import (
+        Miner,
+        StateError,
+        contract_verifier,
+        load_entry_verifier,
+        load_genesis,
+    )
+    from chain_bridge.miners.witness import verify_entries
+
+    _logging(verbose)
+    cfg = _config(config, broker)
+    _broker_login(cfg)
+    mc = cfg.miner
+    mdir = data_dir or mc.data_dir
+    log_hex = log_public_key or mc.log_public_key
+    if not log_hex:
+        raise _fail("no log public key: give --log-public-key HEX or miner.log_public_key (the bridge prints "
+                    "it on start; `carechain keys show BRIDGE_DATA_DIR/keys/log.key` shows it too)")
+    try:
+        log_key_bytes = bytes.fromhex(log_hex)
+        if len(log_key_bytes) != 32:
+            raise ValueError
+    except ValueError:
+        raise _fail(f"log public key {log_hex!r} must be 64 hex digits (an Ed25519 public key)") from None
+    genesis_file = genesis or mc.genesis
+    default_genesis = cfg.bridge.data_dir / "contracts" / "genesis.json"
+    if genesis_file is None and default_genesis.exists():
+        genesis_file = default_genesis
+    spec = entry_verifier or mc.entry_verifier
+    size_of = None
+    try:
+        identity = Identity.load_or_create(key or mc.key_file or mdir / "miner.key")
+        if spec:
+            verifier, what = load_entry_verifier(spec), f"entry verifier {spec}"
+        elif genesis_file is not None:
+            verifier, size_of = contract_verifier(load_genesis(genesis_file))
+            what = f"contracts re-executed from genesis {genesis_file}"
+        else:
+            verifier, what = verify_entries, ""
+        service = Miner(mdir, cfg.broker, log_key_bytes, identity, name=name or mc.name, entry_verifier=verifier,
+                        request_timeout_s=mc.request_timeout_s, verifier_size=size_of)
+    except (ValueError, KeyFileError, StateError, ImportError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    if not what:
+        console.print("[yellow]miner: no contracts genesis (--genesis, miner.genesis or "
+                      f"{default_genesis}): entries are NOT re-executed; only log consistency is checked[/]",
+                      soft_wrap=True)
+    console.print(f"miner {service.id}: data {mdir}, broker {cfg.broker.address}, log key {log_hex}"
+                  + (f", {what}" if what else ""), soft_wrap=True, highlight=False)
+    service.start()
+    if service.connected.wait(30):
+        print(json.dumps({"miner": service.id, "name": service.cosigner.name,
+                          "public_key": service.cosigner.public_key.hex(), "ready": True}), flush=True)
+    else:
+        console.print(f"[yellow]miner: broker {cfg.broker.address} unreachable or refusing; retrying in the "
+                      "background[/]")
+    _wait_for_signal()
+    service.stop()
+    print(json.dumps({"miner": service.id, **service.stats}), flush=True)
 
 
 # -- agent --------------------------------------------------------------------------------------------
@@ -615,8 +706,9 @@ def _verify_full(data_dir: Path | None, log_key_hex: str | None, operator_hex: l
         notes.append(f"{r.uncovered} entries after the last checkpoint are not yet covered by a signed one")
     if not r.operator_signatures_checked:
         notes.append("registration signers not checked (give --operator-key HEX)")
+    contract = f", {r.contract_entries} contract entries" if r.contract_entries else ""
     out.print(f"[bold green]VERIFIED[/] {escape(str(path))}: {r.entries} entries ({r.events} events, "
-              f"{r.registrations} registrations, {r.revocations} revocations), {r.checkpoints} checkpoints "
+              f"{r.registrations} registrations, {r.revocations} revocations{contract}), {r.checkpoints} checkpoints "
               f"signed by the log key, {r.consistency_proofs} consistency proofs; {escape('; '.join(notes))}",
               soft_wrap=True, highlight=False)
 
@@ -675,11 +767,35 @@ def _print_summary(s: dict[str, Any]) -> None:
     t.add_row("outbox left / quarantined", f"{s['outbox_left']} / {s['quarantined']}")
     t.add_row("inclusion proof verified", "[green]yes[/]" if s["proof_verified"] else f"[red]no[/] {s['proof']}")
     out.print(t)
+    if s.get("pharmacy"):
+        _print_pharmacy_day(s["pharmacy"], s["rejected_by_reason"])
     p = s["proof"] or {}
     if "leaf_index" in p:
         out.print(f"proof: event {p['device_id']}#0 is leaf {p['leaf_index']} of tree {p['tree_size']} "
                   f"(root {p['root_hash'][:16]}…)\ndata: {s['data_dir']}  — try: carechain proof "
                   f"{p['device_id']} 0 --data-dir {s['data_dir']}/bridge --json > p.json && carechain verify p.json")
+
+
+def _print_pharmacy_day(day: dict[str, Any], reasons: dict[str, int]) -> None:
+    refused = {r.removeprefix("contract:"): n for r, n in reasons.items() if r.startswith("contract:")}
+    t = Table("", "", title="pharmacy day (contracts)")
+    t.add_row("sales refused by the contracts", f"{sum(refused.values())}  {refused}")
+    t.add_row("violations counted against the pharmacy", str(day["pharmacy_violations"]))
+    for c in day["claims"]:
+        t.add_row(f"  claim: {c['category']} for {c['patient']}",
+                  f"insurer pays {c['insurer_share']} of {c['price']} (copay {c['copay']})")
+    for account, minor in day["balances"].items():
+        t.add_row(f"  balance {account}", f"{minor / 100:,.2f}")
+    t.add_row("contract state root", day["state_root"][:32] + "…")
+    out.print(t)
+
+
+# -- contracts (carechain/cli_contracts.py; imported last: it builds on the helpers above) --------------
+
+from carechain import cli_contracts  # noqa: E402
+
+cli_contracts.attach(app, sys.modules[__name__])
+_contract_gate = cli_contracts.contract_gate
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,10 +8,10 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -54,6 +54,27 @@ class Limits(_Section):
     burst: int = Field(default=20_000, ge=1)
 
 
+class MinerKey(_Section):
+    """A registered miner, as `carechain miner` prints it on start."""
+
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[^\s+]+$")  # cosigner key name
+    public_key: str = Field(pattern=r"^[0-9a-f]{64}$")  # hex Ed25519
+
+
+class MinerConfig(_Section):
+    """`carechain miner`: a witness that cosigns the log's checkpoints (docs/miners.md)."""
+
+    data_dir: Path = Path("carechain-data/miner")
+    key_file: Path | None = None  # default DATA_DIR/miner.key (created, mode 0600, if missing)
+    log_public_key: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")  # hex; the log it follows
+    name: str | None = None  # cosigner key name; default carechain.miner/<miner id>
+    # Contract re-execution: the contracts genesis (default BRIDGE_DATA_DIR/contracts/genesis.json when it
+    # exists); or a MODULE:FUNCTION entry verifier. Neither: every entry is accepted (a warning says so).
+    genesis: Path | None = None
+    entry_verifier: str | None = Field(default=None, pattern=r"^[\w.]+:\w+$")
+    request_timeout_s: float = Field(default=10.0, gt=0)
+
+
 class BridgeConfig(_Section):
     data_dir: Path = Path("carechain-data/bridge")
     origin: str | None = None  # checkpoint origin line; default derived from the log key
@@ -64,7 +85,23 @@ class BridgeConfig(_Section):
     # EMQX, ...; not the embedded amqtt broker). One more process than cores rarely helps.
     ingest_workers: int = Field(default=0, ge=0, le=64)
     operator_keys: list[str] = Field(default_factory=list)  # hex public keys trusted for registrations
+    # Contracts (docs/contracts.md): check every sale before appending it. The token supply is fixed in
+    # DATA_DIR/contracts/genesis.json when that is first written, from these opening balances (account →
+    # minor units, e.g. "insurer:<party id>": 1000000); empty: a demo supply.
+    contracts: bool = True
+    genesis_allocations: dict[str, Annotated[int, Field(ge=0, le=2**62)]] = Field(default_factory=dict)
     limits: Limits = Field(default_factory=Limits)
+    # Finality (docs/miners.md): the registered miners' cosigner keys and how many must cosign. With a
+    # threshold > 0 the bridge collects cosignatures and publishes final checkpoints on cc/v1/log/final.
+    miners: list[MinerKey] = Field(default_factory=list)
+    finality_threshold: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _threshold_fits(self) -> BridgeConfig:
+        if self.finality_threshold > len({m.public_key for m in self.miners}):
+            raise ValueError(f"finality_threshold {self.finality_threshold} is more than the "
+                             f"{len(self.miners)} distinct miner keys listed in bridge.miners")
+        return self
 
 
 class AgentDevice(_Section):
@@ -99,6 +136,7 @@ class Config(_Section):
     broker: BrokerConfig = Field(default_factory=BrokerConfig)
     bridge: BridgeConfig = Field(default_factory=BridgeConfig)
     agent: AgentConfig = Field(default_factory=AgentConfig)
+    miner: MinerConfig = Field(default_factory=MinerConfig)
 
 
 ENV_OVERRIDES = {
@@ -107,6 +145,7 @@ ENV_OVERRIDES = {
     "CARECHAIN_BROKER_PASSWORD": ("broker", "password"),
     "CARECHAIN_BRIDGE_DATA_DIR": ("bridge", "data_dir"),
     "CARECHAIN_AGENT_DATA_DIR": ("agent", "data_dir"),
+    "CARECHAIN_MINER_DATA_DIR": ("miner", "data_dir"),
 }
 
 
@@ -131,7 +170,7 @@ def load_config(path: Path | None = None, env: dict[str, str] | None = None) -> 
         except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {exc}") from None
         if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping with broker/bridge/agent sections")
+            raise ConfigError(f"{path}: top level must be a mapping with broker/bridge/agent/miner sections")
         raw = loaded or {}
     env = os.environ if env is None else env
     for var, (section, key) in ENV_OVERRIDES.items():

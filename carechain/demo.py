@@ -22,15 +22,18 @@ DEMO_PROFILES = ("heart_rate_band", "thermometer", "blood_pressure_cuff", "pulse
 
 
 def run_demo(*, broker: str | None, seconds: float, data_dir: Path | None, speedup: float,
-             on_tick: Callable[[dict[str, Any]], None] | None = None, ble: bool = False) -> dict[str, Any]:
+             on_tick: Callable[[dict[str, Any]], None] | None = None, ble: bool = False,
+             contracts: bool = True) -> dict[str, Any]:
     """Run the demo and return its summary (the `--json` object plus details).
 
     With `ble`, the six health devices are virtual BLE peripherals (bumble, simulators/ble) that the
     agent's unchanged bleak code scans, connects to and subscribes to; the pharmacy terminal still
-    signs its purchases itself.
+    signs its purchases itself. With `contracts` (the default) the terminal rings up a scripted pharmacy
+    day (carechain.demo_pharmacy) that the bridge's contract gate decides sale by sale.
     """
     from carechain import envelope, topics
     from carechain.config import BridgeConfig, BrokerConfig, parse_address
+    from carechain.demo_pharmacy import ALICE, PharmacyDay
     from carechain.entries import ENTRY_EVENT, Entry
     from carechain.events import make_payload
     from carechain.identity import Identity
@@ -39,6 +42,7 @@ def run_demo(*, broker: str | None, seconds: float, data_dir: Path | None, speed
     from carechain.proofs import verify_inclusion_bundle
     from carechain.transport import connect_client
     from chain_bridge.bridge import Bridge
+    from chain_bridge.contract_gate import ContractGate
     from chain_bridge.embedded_broker import EmbeddedBroker
     from chain_bridge.ledger.proofs import inclusion_bundle
     from chain_bridge.ledger.store import Ledger
@@ -57,19 +61,26 @@ def run_demo(*, broker: str | None, seconds: float, data_dir: Path | None, speed
     ledger = Ledger(ledger_path(bridge_dir))
     lk, operator = log_key(bridge_dir), operator_key(bridge_dir)
     identities = {name: Identity.load_or_create(agent_dir / "keys" / f"{name}.key") for name in DEMO_PROFILES}
+    day = PharmacyDay(bridge_dir, agent_dir / "keys", ledger_path(bridge_dir)) if contracts else None
+    owners = {"pharmacy_terminal": day.pharmacy.device_id if day else "pharmacy:demo",
+              "heart_rate_band": ALICE if day else "patient:demo"}  # Alice's wearable earns her rebate
     known = ledger.devices()
-    new = [InventoryDevice(name=name, profile=name, owner="patient:demo" if name != "pharmacy_terminal"
-                           else "pharmacy:demo", site="demo-ward", public_key=ident.public_key, line=0)
+    new = [InventoryDevice(name=name, profile=name, owner=owners.get(name, "patient:demo"), site="demo-ward",
+                           public_key=ident.public_key, line=0)
            for name, ident in identities.items() if ident.device_id not in known]
     if new:
         register_devices(ledger, operator, new)
+    if day:
+        day.set_up(int(time.time() * 1000))
 
     bridge = Bridge(BridgeConfig(data_dir=bridge_dir, checkpoint_interval_s=1.0), broker_cfg, lk, ledger,
-                    client_id=f"carechain-bridge-demo-{port}")
+                    client_id=f"carechain-bridge-demo-{port}",
+                    contracts=ContractGate(day.genesis, operator) if day else None)
     bridge.start()
     rng = random.Random(2026)
     over_ble = {name for name in identities if ble and profiles[name].transport == "ble"}
-    devices = [AgentDevice(ident, None if name in over_ble
+    scripted = {"pharmacy_terminal"} if day else set()  # the pharmacy day's sales, rung up below
+    devices = [AgentDevice(ident, None if name in over_ble | scripted
                            else SimulatedDevice(profiles[name], random.Random(rng.random())))
                for name, ident in identities.items()]
     outbox = Outbox(agent_dir / "outbox.db")
@@ -100,9 +111,23 @@ def run_demo(*, broker: str | None, seconds: float, data_dir: Path | None, speed
         client.disconnect()
         client.loop_stop()
 
+    def ring_up(sales: list[Any]) -> None:
+        terminal = identities["pharmacy_terminal"].device_id
+        for sale in sales:
+            agent.record(terminal, [("purchase", sale)])
+
     async def produce(stop: asyncio.Event) -> None:
         start = time.monotonic()
+        if day:
+            wearable = identities["heart_rate_band"].device_id
+            for ts, activity in day.last_week_activity():  # synced from the band's memory
+                agent.record(wearable, [("activity", activity)], ts)
+            ring_up(day.morning_sales(int(time.time() * 1000)))
+        afternoon = day is not None
         while time.monotonic() - start < seconds:
+            if afternoon and time.monotonic() - start > seconds / 2:
+                afternoon = False
+                ring_up(day.afternoon_sales(int(time.time() * 1000)))  # type: ignore[union-attr]
             await asyncio.sleep(0.2)
             if on_tick:
                 on_tick(snapshot("running" + (" over BLE" if over_ble else "")))
@@ -137,6 +162,8 @@ def run_demo(*, broker: str | None, seconds: float, data_dir: Path | None, speed
                 on_tick(snapshot("draining"))
         stop.set()
         await task
+        if day:
+            day.settle_wellness(int(time.time() * 1000))  # last week is over: the insurer settles it
 
     ledger_reader = Ledger(ledger_path(bridge_dir))  # a second connection: the bridge thread owns its own
     try:
@@ -183,4 +210,5 @@ def run_demo(*, broker: str | None, seconds: float, data_dir: Path | None, speed
         "broker": "embedded (amqtt)" if embedded else f"{host}:{port}",
         "ble": sorted(over_ble),
         "anchored_by_kind": kinds,
+        "pharmacy": day.summary() if day else None,
     }

@@ -19,6 +19,19 @@ ENTRY_EVENT = "event"
 ENTRY_REGISTER = "device.register"
 ENTRY_REVOKE = "device.revoke"
 ENTRY_TYPES = frozenset({ENTRY_EVENT, ENTRY_REGISTER, ENTRY_REVOKE})
+# Contract entries (payload models and rules in chain_bridge.contracts): named here because every reader
+# of leaves (proofs, `verify --full`, miners) must accept them, and these readers do not import the bridge.
+PARTY_REGISTER = "party.register"
+CONTRACT_UPGRADE = "contract.upgrade"
+TOKEN_TRANSFER = "token.transfer"
+RX_ANCHOR = "rx.anchor"
+RX_REVOKE = "rx.revoke"
+POLICY_REGISTER = "policy.register"
+WELLNESS_SETTLE = "wellness.settle"
+SALE_REFUSED = "sale.refused"
+CONTRACT_ENTRY_TYPES = frozenset({PARTY_REGISTER, CONTRACT_UPGRADE, TOKEN_TRANSFER, RX_ANCHOR, RX_REVOKE,
+                                  POLICY_REGISTER, WELLNESS_SETTLE, SALE_REFUSED})
+LEDGER_ENTRY_TYPES = ENTRY_TYPES | CONTRACT_ENTRY_TYPES
 
 
 class EntryError(ValueError):
@@ -38,8 +51,8 @@ class Entry:
                          cbor.bstr_header(len(self.cose)), self.cose))
 
     @classmethod
-    def decode(cls, data: bytes, types: frozenset[str] = ENTRY_TYPES) -> Entry:
-        """Strict decode of a leaf; `types` widens the accepted entry types (e.g. contract entries)."""
+    def decode(cls, data: bytes, types: frozenset[str] = LEDGER_ENTRY_TYPES) -> Entry:
+        """Strict decode of a leaf of any ledger entry type; `types` narrows the accepted ones."""
         try:
             raw = cbor.decode(data, max_depth=2)
         except cbor.CBORError as exc:

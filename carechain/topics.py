@@ -7,8 +7,13 @@ import re
 PREFIX = "cc/v1"
 EVENTS_WILDCARD = f"{PREFIX}/dev/+/ev"
 CHECKPOINT = f"{PREFIX}/log/checkpoint"
+FINAL_CHECKPOINT = f"{PREFIX}/log/final"  # retained: the latest checkpoint with its t-of-n miner cosignatures
+MINER_REQUEST_WILDCARD = f"{PREFIX}/miner/+/req"
+MINER_COSIG_WILDCARD = f"{PREFIX}/miner/+/cosig"
+MINER_EVIDENCE_WILDCARD = f"{PREFIX}/miner/+/evidence"
 _DEVICE_ID = re.compile(r"[a-z2-7]{1,64}")  # always fullmatch: `$` would accept a trailing newline
 _EVENT_TOPIC = re.compile(rf"{PREFIX}/dev/([^/]+)/ev")
+_MINER_TOPIC = re.compile(rf"{PREFIX}/miner/([^/]+)/(req|resp|cosig|evidence)")
 
 
 def events(device_id: str) -> str:
@@ -25,7 +30,33 @@ def device_of_event_topic(topic: str) -> str | None:
     return m.group(1) if m and _DEVICE_ID.fullmatch(m.group(1)) else None
 
 
+def miner_request(miner_id: str) -> str:
+    """Miner → bridge: proof requests (docs/miners.md)."""
+    return f"{PREFIX}/miner/{_checked(miner_id)}/req"
+
+
+def miner_response(miner_id: str) -> str:
+    """Bridge → miner: proofs and entries."""
+    return f"{PREFIX}/miner/{_checked(miner_id)}/resp"
+
+
+def miner_cosignature(miner_id: str) -> str:
+    """Miner → all (retained): its latest cosignature."""
+    return f"{PREFIX}/miner/{_checked(miner_id)}/cosig"
+
+
+def miner_evidence(miner_id: str) -> str:
+    """Miner → all (retained): evidence of a log's misbehaviour."""
+    return f"{PREFIX}/miner/{_checked(miner_id)}/evidence"
+
+
+def miner_of_topic(topic: str) -> tuple[str, str] | None:
+    """(miner id, kind) of a miner topic, kind one of req/resp/cosig/evidence; None when it is not one."""
+    m = _MINER_TOPIC.fullmatch(topic)
+    return (m.group(1), m.group(2)) if m and _DEVICE_ID.fullmatch(m.group(1)) else None
+
+
 def _checked(device_id: str) -> str:
     if not _DEVICE_ID.fullmatch(device_id):
-        raise ValueError(f"{device_id!r} is not a device id (lowercase base32)")
+        raise ValueError(f"{device_id!r} is not a device or miner id (lowercase base32, as Identity.device_id)")
     return device_id

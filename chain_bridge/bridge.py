@@ -18,20 +18,29 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import paho.mqtt.client as mqtt
+from pydantic import ValidationError
 
 from carechain import topics
+from carechain.checkpoint import NoteError, parse_note
 from carechain.config import BridgeConfig, BrokerConfig
 from carechain.faults import crash_point
 from carechain.identity import Identity
 from carechain.receipts import Receipt, Rejected
 from carechain.transport import connect_client
 from chain_bridge.ingest import Ingest, RateGuard, Rejection, SeqGuard
-from chain_bridge.ledger.store import Appended, DeviceRecord, DeviceRevoked, EventCandidate, Ledger
+from chain_bridge.ledger.store import Appended, DeviceRecord, DeviceRevoked, EventCandidate, Ledger, Refused
+from chain_bridge.miners.cosignature import Cosigner
+from chain_bridge.miners.finality import FinalityPolicy, FinalityTracker
+from chain_bridge.miners.messages import CosignatureMessage
+from chain_bridge.miners.service import ProofResponder
 
 if TYPE_CHECKING:
+    from chain_bridge.contract_gate import ContractGate
     from chain_bridge.workers import WorkerPool
 
 log = logging.getLogger("carechain.bridge")
+# Checkpoints whose cosignatures are still collected; miners cosign within a few intervals.
+MAX_PENDING_CHECKPOINTS = 256
 
 
 @dataclass
@@ -43,12 +52,14 @@ class BridgeStats:
     checkpoints: int = 0
     tree_size: int = 0
     batches: int = 0
+    final_checkpoints: int = 0
 
     def as_dict(self) -> dict[str, object]:
         return {
             "received": self.received, "anchored": self.anchored, "duplicates": self.duplicates,
             "rejected": sum(self.rejected.values()), "rejected_by_reason": dict(self.rejected),
             "checkpoints": self.checkpoints, "tree_size": self.tree_size, "batches": self.batches,
+            "final_checkpoints": self.final_checkpoints,
         }
 
 
@@ -58,13 +69,17 @@ def default_origin(log_key: Identity) -> str:
 
 class Bridge:
     def __init__(self, cfg: BridgeConfig, broker: BrokerConfig, log_key: Identity, ledger: Ledger,
-                 client_id: str = "carechain-bridge") -> None:
+                 client_id: str = "carechain-bridge", contracts: ContractGate | None = None) -> None:
         self.cfg = cfg
         self.broker = broker
         self.log_key = log_key
         self.ledger = ledger
         self.origin = cfg.origin or default_origin(log_key)
         self.client_id = client_id
+        # With contracts, every sale is checked before it is appended (docs/contracts.md); replay now.
+        self.contracts = contracts
+        if contracts is not None:
+            contracts.catch_up(ledger)
         self.stats = BridgeStats(tree_size=ledger.size, checkpoints=ledger.checkpoint_count())
         self._inbox: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
         self._stop = threading.Event()
@@ -79,6 +94,17 @@ class Bridge:
         self._client: mqtt.Client | None = None
         self._worker: threading.Thread | None = None
         self.connected = threading.Event()
+        # Held by the sequencer while it extends the ledger; miners' proof requests are answered from the
+        # MQTT thread and must never read the in-memory tree mid-append.
+        self.ledger_lock = threading.Lock()
+        self.proofs = ProofResponder(ledger, None, self.ledger_lock)
+        self.finality: FinalityTracker | None = None
+        if cfg.finality_threshold:
+            self.finality = FinalityTracker(FinalityPolicy(
+                tuple(Cosigner(m.name, bytes.fromhex(m.public_key)) for m in cfg.miners), cfg.finality_threshold))
+        self._finality_lock = threading.Lock()
+        self._issued: dict[str, tuple[int, str]] = {}  # recent checkpoint body -> (tree size, note)
+        self._last_final_size = -1
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -91,10 +117,16 @@ class Bridge:
                 WorkerSpec(i, self.broker, self.ledger.path, self.cfg.limits, self.cfg.batch_max,
                            f"{self.client_id}-w{i}") for i in range(workers)])
             self._pool.start()
+        # Miner topics are in the subscription list so that a reconnect re-subscribes them too.
+        subscriptions = [] if workers else [(topics.EVENTS_WILDCARD, 1)]
+        subscriptions.append((topics.MINER_REQUEST_WILDCARD, 1))
+        if self.finality is not None:
+            subscriptions.append((topics.MINER_COSIG_WILDCARD, 1))
         self._client = connect_client(
             self.broker, self.client_id, clean_session=False, on_message=self._on_message,
-            subscriptions=[] if workers else [(topics.EVENTS_WILDCARD, 1)], connected=self.connected,
+            subscriptions=subscriptions, connected=self.connected,
         )
+        self.proofs.client = self._client
         self._worker = threading.Thread(target=self._run, name="bridge-sequencer", daemon=True)
         self._worker.start()
 
@@ -115,8 +147,51 @@ class Bridge:
             self._client.disconnect()
             self._client.loop_stop()
 
-    def _on_message(self, _client: mqtt.Client, _userdata: object, msg: mqtt.MQTTMessage) -> None:
-        self._inbox.put((msg.topic, msg.payload))
+    def _on_message(self, client: mqtt.Client, _userdata: object, msg: mqtt.MQTTMessage) -> None:
+        miner = topics.miner_of_topic(msg.topic)
+        if miner is None:
+            self._inbox.put((msg.topic, msg.payload))
+        elif miner[1] == "req":
+            self.proofs.serve(client, msg)
+        elif miner[1] == "cosig" and msg.payload:
+            self._on_cosignature(msg.payload)
+
+    # -- finality ------------------------------------------------------------------------------------
+
+    def _on_cosignature(self, payload: bytes) -> None:
+        """Count one miner's cosignature; publish the checkpoint, retained, once t-of-n cosigned it."""
+        if self.finality is None:
+            return
+        try:
+            m = CosignatureMessage.model_validate_json(payload)
+            body, _ = parse_note(m.checkpoint)
+            _, lines = parse_note(m.checkpoint + m.cosignature)
+        except (ValidationError, NoteError) as exc:
+            log.info("ignored a malformed cosignature: %s", exc)
+            return
+        with self._finality_lock:
+            issued = self._issued.get(body)
+            if issued is None or not self.finality.add(body, lines[-1]):
+                return  # not a recent checkpoint of ours, not a valid registered cosigner, or already final
+            size, note = issued
+            final = self.finality.final_note(note)
+            if final is None or size <= self._last_final_size:
+                return
+            self._last_final_size = size
+            self.stats.final_checkpoints += 1
+        if self._client is not None:
+            self._client.publish(topics.FINAL_CHECKPOINT, final.encode(), qos=1, retain=True)
+
+    def _remember_checkpoint(self, note: str, size: int) -> None:
+        if self.finality is None:
+            return
+        body, _ = parse_note(note)
+        with self._finality_lock:
+            self._issued[body] = (size, note)
+            while len(self._issued) > MAX_PENDING_CHECKPOINTS:
+                oldest = next(iter(self._issued))
+                del self._issued[oldest]
+                self.finality.forget(oldest)
 
     # -- sequencer -----------------------------------------------------------------------------------
 
@@ -204,7 +279,10 @@ class Bridge:
                 charged.append(False)
             else:
                 self._reject(receipts, now_ms, limited)
-        results = self.ledger.append_events(candidates) if candidates else []
+        with self.ledger_lock:  # miners' proof requests read the tree from the MQTT thread
+            # Only a batch holding a sale pays for the contracts; the gate catches up on the rest then.
+            gate = self.contracts if self.contracts and any(c.kind == "purchase" for c in candidates) else None
+            results = self.ledger.append_events(candidates, gate) if candidates else []
         for cand, result, took in zip(candidates, results, charged, strict=True):
             rcpt = receipts.setdefault(cand.device_id, Receipt(cand.device_id, now_ms))
             if isinstance(result, Appended):
@@ -215,6 +293,13 @@ class Bridge:
                         self.rate_guard.refund(cand.device_id)
                 else:
                     self.stats.anchored += 1
+                    self.seq_guard.anchored(cand)
+            elif isinstance(result, Refused):
+                where = "nothing appended" if result.index is None else f"recorded at leaf {result.index}"
+                self._reject(receipts, now_ms, Rejection(
+                    cand.device_id, cand.seq, f"contract:{result.reason}",
+                    f"the contracts refuse this sale ({result.reason}); {where}", cand.digest))
+                if result.index is not None:
                     self.seq_guard.anchored(cand)
             elif isinstance(result, DeviceRevoked):
                 self._reject(receipts, now_ms, Rejection(
@@ -243,8 +328,10 @@ class Bridge:
         """Sign a checkpoint if the log grew since the last one; publish it retained."""
         if self.ledger.size == self._last_checkpoint_size:
             return None
-        note = self.ledger.issue_checkpoint(self.log_key, self.origin)
-        self._last_checkpoint_size = self.ledger.size
+        with self.ledger_lock:
+            note = self.ledger.issue_checkpoint(self.log_key, self.origin)
+            self._last_checkpoint_size = self.ledger.size
+        self._remember_checkpoint(note, self._last_checkpoint_size)
         self.stats.checkpoints += 1
         if self._client is not None:
             self._client.publish(topics.CHECKPOINT, note.encode(), qos=1, retain=True)

@@ -79,7 +79,7 @@ class Ingest:
         if event.ts < now_ms - self.limits.max_age_s * 1000:
             return Rejection(topic_device, event.seq, "too_old",
                              f"event is {(now_ms - event.ts) / 86_400_000:.1f} days old")
-        return EventCandidate(event.dev, event.seq, event_entry(raw).encode(), event_digest(raw))
+        return EventCandidate(event.dev, event.seq, event_entry(raw).encode(), event_digest(raw), event.kind)
 
 
 @dataclass

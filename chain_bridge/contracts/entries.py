@@ -14,19 +14,20 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from carechain import cbor, envelope
-from carechain.entries import Entry
+from carechain.entries import (  # noqa: F401 (the type names live with the leaf format; re-exported here)
+    CONTRACT_ENTRY_TYPES,
+    CONTRACT_UPGRADE,
+    PARTY_REGISTER,
+    POLICY_REGISTER,
+    RX_ANCHOR,
+    RX_REVOKE,
+    SALE_REFUSED,
+    TOKEN_TRANSFER,
+    WELLNESS_SETTLE,
+    Entry,
+)
 from carechain.identity import Identity, verify_signature
 
-PARTY_REGISTER = "party.register"
-CONTRACT_UPGRADE = "contract.upgrade"
-TOKEN_TRANSFER = "token.transfer"
-RX_ANCHOR = "rx.anchor"
-RX_REVOKE = "rx.revoke"
-POLICY_REGISTER = "policy.register"
-WELLNESS_SETTLE = "wellness.settle"
-SALE_REFUSED = "sale.refused"
-CONTRACT_ENTRY_TYPES = frozenset({PARTY_REGISTER, CONTRACT_UPGRADE, TOKEN_TRANSFER, RX_ANCHOR, RX_REVOKE,
-                                  POLICY_REGISTER, WELLNESS_SETTLE, SALE_REFUSED})
 PARTY_ROLES = ("prescriber", "pharmacy", "insurer", "miner")
 
 _strict = ConfigDict(extra="forbid", frozen=True, strict=True)

@@ -12,11 +12,10 @@ import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from carechain.entries import ENTRY_TYPES, Entry, EntryError
-from chain_bridge.contracts.entries import CONTRACT_ENTRY_TYPES
+from carechain.entries import LEDGER_ENTRY_TYPES, Entry, EntryError
 from chain_bridge.contracts.runtime import OK, CodeBook, Genesis, Runtime, State
 
-LEAF_TYPES = ENTRY_TYPES | CONTRACT_ENTRY_TYPES
+LEAF_TYPES = LEDGER_ENTRY_TYPES
 
 
 @dataclass(frozen=True)

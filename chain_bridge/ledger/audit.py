@@ -6,7 +6,9 @@ hash from the stored bytes and every tree head from those hashes, checks each ch
 the log key and its root against the re-derived root, checks a consistency proof between consecutive
 checkpoints with the offline verifier (`carechain.merkle.verify_consistency`), and re-verifies each
 event's COSE signature with the key registered for its device at that point of the log (registrations and
-revocations are log entries too, replayed as it goes).
+revocations are log entries too, replayed as it goes). Contract entries (chain_bridge.contracts) must be
+well-formed COSE and, where an operator signs them, carry a trusted operator's signature; whether the
+contracts accept them is for the contract replay (`carechain balance`, the miners), not this audit.
 
 Memory stays bounded whatever the log's length: the tree is kept as its O(log n) "frontier" (the roots of
 the complete subtrees the leaves so far form), plus the few nodes the next consistency proof needs; only
@@ -26,7 +28,19 @@ from typing import TypeVar
 from pydantic import BaseModel, ValidationError
 
 from carechain import envelope
-from carechain.entries import ENTRY_EVENT, ENTRY_REGISTER, Entry, EntryError, Registration, Revocation
+from carechain.entries import (
+    CONTRACT_ENTRY_TYPES,
+    CONTRACT_UPGRADE,
+    ENTRY_EVENT,
+    ENTRY_REGISTER,
+    ENTRY_REVOKE,
+    PARTY_REGISTER,
+    SALE_REFUSED,
+    Entry,
+    EntryError,
+    Registration,
+    Revocation,
+)
 from carechain.events import PayloadError, validate_payload
 from carechain.identity import device_id_for
 from carechain.merkle import EMPTY_ROOT, ProofError, leaf_hash, node_hash, verify_consistency
@@ -36,6 +50,7 @@ from carechain.sqlite_store import LEDGER, check_store, store_error
 M = TypeVar("M", bound=BaseModel)
 # Entries in a log may be larger than the wire default (limits.max_event_bytes goes up to 1 MiB).
 _MAX_ENTRY_COSE = 1 << 20
+_OPERATOR_CONTRACT_ENTRIES = frozenset({PARTY_REGISTER, CONTRACT_UPGRADE, SALE_REFUSED})
 
 
 class AuditFailure(Exception):
@@ -54,6 +69,8 @@ class AuditReport:
     events: int = 0
     registrations: int = 0
     revocations: int = 0
+    contract_entries: int = 0
+    refused_sales: int = 0  # sale.refused entries (among contract_entries); each holds its sale's events row
     checkpoints: int = 0
     consistency_proofs: int = 0
     origin: str | None = None
@@ -69,7 +86,8 @@ class AuditReport:
     def as_dict(self) -> dict[str, object]:
         return {
             "entries": self.entries, "events": self.events, "registrations": self.registrations,
-            "revocations": self.revocations, "checkpoints": self.checkpoints,
+            "revocations": self.revocations, "contract_entries": self.contract_entries,
+            "refused_sales": self.refused_sales, "checkpoints": self.checkpoints,
             "consistency_proofs": self.consistency_proofs, "origin": self.origin, "root_hash": self.root.hex(),
             "last_checkpoint_size": self.last_checkpoint_size, "uncovered_entries": self.uncovered,
             "operator_signatures_checked": self.operator_signatures_checked,
@@ -136,8 +154,10 @@ class LogAuditor:
             self._event(index, msg)
         elif entry.type == ENTRY_REGISTER:
             self._registration(index, msg)
-        else:
+        elif entry.type == ENTRY_REVOKE:
             self._revocation(index, msg)
+        else:
+            self._contract_entry(index, entry.type, msg)
         self._append_leaf(h)
 
     def _event(self, index: int, msg: envelope.Sign1) -> None:
@@ -202,6 +222,30 @@ class LogAuditor:
             raise AuditFailure(where, f"device {rev.dev} was already revoked at leaf {device.revoked_idx}", index)
         device.revoked_idx = index
         self.report.revocations += 1
+
+    def _contract_entry(self, index: int, entry_type: str, msg: envelope.Sign1) -> None:
+        assert entry_type in CONTRACT_ENTRY_TYPES
+        if entry_type in _OPERATOR_CONTRACT_ENTRIES and self.operator_keys is not None:
+            key = self.operator_keys.get(msg.kid)
+            if key is None or not msg.verify(key):
+                raise AuditFailure(f"leaf {index}", f"{entry_type} is not signed by a trusted operator key "
+                                                    f"(kid {msg.kid})", index)
+        if entry_type == SALE_REFUSED:
+            self._refused_sale(index, msg)
+        self.report.contract_entries += 1
+
+    def _refused_sale(self, index: int, msg: envelope.Sign1) -> None:
+        """The wrapped sale must be a well-formed event whose (device, seq) index row points here."""
+        where = f"leaf {index}"
+        wrapped = msg.payload.get("event") if isinstance(msg.payload, dict) else None
+        try:
+            event = validate_payload(envelope.parse(wrapped if isinstance(wrapped, bytes) else b"").payload)
+        except (envelope.EnvelopeError, PayloadError) as exc:
+            raise AuditFailure(where, f"sale.refused does not wrap a well-formed sale ({exc})", index) from None
+        if self.event_index is not None and self.event_index(event.dev, event.seq) != index:
+            raise AuditFailure(where, f"the events index ({event.dev}, seq {event.seq}) does not point to this "
+                                      "refused sale", index)
+        self.report.refused_sales += 1
 
     # -- the tree ------------------------------------------------------------------------------------
 
@@ -379,8 +423,9 @@ def _audit(db: sqlite3.Connection, log_public_key: bytes, operator_keys: dict[st
     report = auditor.finish()
     _check_registry_table(db, auditor)
     (indexed,) = db.execute("SELECT COUNT(*) FROM events").fetchone()
-    if indexed != report.events:
-        raise AuditFailure("events index", f"has {indexed} rows but the log holds {report.events} events")
+    if indexed != report.events + report.refused_sales:
+        raise AuditFailure("events index", f"has {indexed} rows but the log holds {report.events} events and "
+                                           f"{report.refused_sales} refused sales")
     return report
 
 

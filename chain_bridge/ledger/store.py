@@ -10,12 +10,23 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
+from carechain import envelope
 from carechain.checkpoint import Checkpoint, sign_note
-from carechain.entries import ENTRY_EVENT, ENTRY_REGISTER, ENTRY_REVOKE, Entry, Registration, Revocation
+from carechain.entries import (
+    CONTRACT_ENTRY_TYPES,
+    ENTRY_EVENT,
+    ENTRY_REGISTER,
+    ENTRY_REVOKE,
+    SALE_REFUSED,
+    Entry,
+    Registration,
+    Revocation,
+)
 from carechain.identity import Identity
 from carechain.merkle import leaf_hash
 from carechain.sqlite_store import LEDGER, StoreCorruptError, check_store, store_error
@@ -50,6 +61,7 @@ class EventCandidate:
     seq: int
     leaf: bytes  # encoded Entry
     digest: bytes = b""  # SHA-256 of the event bytes, echoed on a rejection receipt
+    kind: str = ""  # the event's kind: the contract gate looks at purchases only
 
 
 @dataclass(frozen=True)
@@ -63,6 +75,32 @@ class DeviceRevoked:
     """The device was revoked (at leaf `index`) by a commit the caller had not seen: nothing appended."""
 
     index: int
+
+
+@dataclass(frozen=True)
+class Refused:
+    """The contracts refused the event: leaf `index` is the `sale.refused` entry that records it and why
+    (None: the contracts could not even count it, so nothing was appended)."""
+
+    index: int | None
+    reason: str
+
+
+class EventGate(Protocol):
+    """Decides under the ledger's write lock, in log order, whether each new event goes in as it is.
+
+    `append_events` calls `catch_up(ledger)` once the lock is held (the gate reads the committed leaves it
+    has not seen yet, `ledger.leaves(start)`), then `admit(index, candidate)` for each new event in order:
+    None appends the event, an `Entry` of another type is appended in its place (a `sale.refused`), and
+    either way the gate now counts that leaf as seen; a string refuses the event (that reason) without a
+    leaf. `abort()` says the transaction rolled back.
+    """
+
+    def catch_up(self, ledger: Ledger) -> None: ...
+
+    def admit(self, index: int, candidate: EventCandidate) -> Entry | str | None: ...
+
+    def abort(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -136,21 +174,27 @@ class Ledger:
 
     # -- appends -------------------------------------------------------------------------------------
 
-    def append_events(self, candidates: Sequence[EventCandidate]) -> list[Appended | SeqReused | DeviceRevoked]:
+    def append_events(self, candidates: Sequence[EventCandidate], gate: EventGate | None = None
+                      ) -> list[Appended | SeqReused | DeviceRevoked | Refused]:
         """Append new events in one durable transaction; duplicates get their original index back.
 
         Revocation is re-checked under the write lock: another process (`carechain` revoking a device)
-        may have committed one after the caller last loaded the registry.
+        may have committed one after the caller last loaded the registry. With a `gate` (the contracts),
+        an event it refuses is appended as the entry it returns, and its (device, seq) row points there,
+        so a resend gets `Refused` again.
         """
-        results: list[Appended | SeqReused | DeviceRevoked] = []
+        results: list[Appended | SeqReused | DeviceRevoked | Refused] = []
         new_hashes: list[bytes] = []
         now = _now_ms()
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
             self._catch_up()
+            if gate is not None:
+                gate.catch_up(self)
             next_idx = self.tree.size
             in_batch: dict[tuple[str, int], tuple[int, bytes]] = {}
+            refused_in_batch: dict[int, str] = {}
             rows_entries = []
             rows_events = []
             revoked: dict[str, int] = {}
@@ -171,23 +215,77 @@ class Ledger:
                     ).fetchone()
                     prior = (row[0], bytes(row[1])) if row else None
                 if prior is not None:
-                    results.append(Appended(prior[0], duplicate=True) if prior[1] == h else SeqReused(prior[0]))
+                    if prior[1] == h:
+                        results.append(Appended(prior[0], duplicate=True))
+                    else:
+                        reason = refused_in_batch.get(prior[0]) or self._refusal_of(prior[0], c.leaf)
+                        results.append(SeqReused(prior[0]) if reason is None else Refused(prior[0], reason))
                     continue
                 idx = next_idx + len(new_hashes)
+                instead = gate.admit(idx, c) if gate is not None else None
+                if isinstance(instead, str):
+                    results.append(Refused(None, instead))
+                    continue
+                entry_type, data = (ENTRY_EVENT, c.leaf) if instead is None else (instead.type, instead.encode())
+                h = leaf_hash(data) if instead is not None else h
                 new_hashes.append(h)
                 in_batch[key] = (idx, h)
-                rows_entries.append((idx, ENTRY_EVENT, h, c.leaf, now))
+                rows_entries.append((idx, entry_type, h, data, now))
                 rows_events.append((c.device_id, c.seq, idx, h))
-                results.append(Appended(idx))
+                if instead is None:
+                    results.append(Appended(idx))
+                else:
+                    reason = _refusal_reason(data) or "refused"
+                    refused_in_batch[idx] = reason
+                    results.append(Refused(idx, reason))
             db.executemany("INSERT INTO entries VALUES (?,?,?,?,?)", rows_entries)
             db.executemany("INSERT INTO events VALUES (?,?,?,?)", rows_events)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
+            if gate is not None:
+                gate.abort()
             raise
         self.tree.extend(new_hashes)
         return results
 
+    def _refusal_of(self, index: int, event_leaf: bytes) -> str | None:
+        """The reason, if leaf `index` is a `sale.refused` wrapping exactly this event; else None."""
+        row = self._db.execute("SELECT type, data FROM entries WHERE idx=?", (index,)).fetchone()
+        if row is None or row[0] != SALE_REFUSED:
+            return None
+        payload = _sale_refusal(bytes(row[1]))
+        if payload is None or payload.get("event") != Entry.decode(event_leaf).cose:
+            return None
+        return payload.get("reason")
+
+    def append_entries(self, entries: Sequence[Entry]) -> list[int]:
+        """Append contract entries (`party.register`, `rx.anchor`, …) in one durable transaction.
+
+        All or nothing; returns their leaf indexes. Whether the contracts accept them is the caller's
+        check (`Runtime.check` on a replay of the log), done before calling this.
+        """
+        for i, entry in enumerate(entries):
+            if entry.type not in CONTRACT_ENTRY_TYPES or entry.type == SALE_REFUSED:
+                raise LedgerError(f"entry {i} is a {entry.type}: only contract entries (not sale.refused, which "
+                                  "the bridge appends in place of a sale) go through append_entries")
+        db = self._db
+        now = _now_ms()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            self._catch_up()
+            first = self.tree.size
+            hashes = []
+            for i, entry in enumerate(entries):
+                data = entry.encode()
+                hashes.append(leaf_hash(data))
+                db.execute("INSERT INTO entries VALUES (?,?,?,?,?)", (first + i, entry.type, hashes[-1], data, now))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self.tree.extend(hashes)
+        return list(range(first, first + len(hashes)))
     def append_registrations(self, items: Iterable[tuple[Entry, Registration]]) -> list[int]:
         """Append device registrations atomically: all or none. Raises on an already-registered key."""
         items = list(items)
@@ -281,6 +379,21 @@ class Ledger:
             raise LedgerError(f"no entry at index {index} (log size {self.size})")
         return bytes(row[0])
 
+    def leaves(self, start: int = 0, stop: int | None = None) -> Iterator[bytes]:
+        """The committed leaves from index `start` (up to `stop`, exclusive), in order, in batches."""
+        end = self._db.execute("SELECT COUNT(*) FROM entries").fetchone()[0] if stop is None else stop
+        while start < end:
+            rows = self._db.execute("SELECT idx, data FROM entries WHERE idx >= ? AND idx < ? ORDER BY idx",
+                                    (start, min(end, start + 4096))).fetchall()
+            for idx, data in rows:
+                if idx != start:
+                    raise StoreCorruptError(f"{self.path}: the ledger is damaged: entry {start} is missing. "
+                                            f"{LEDGER.advice(self.path)}")
+                yield bytes(data)
+                start += 1
+            if not rows:
+                break
+
     def count_events(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM events").fetchone()[0]
 
@@ -312,3 +425,16 @@ class Ledger:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _sale_refusal(leaf: bytes) -> dict | None:
+    try:
+        payload = envelope.parse(Entry.decode(leaf).cose).payload
+    except (ValueError, envelope.EnvelopeError):
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def _refusal_reason(leaf: bytes) -> str | None:
+    reason = (_sale_refusal(leaf) or {}).get("reason")
+    return reason if isinstance(reason, str) else None

@@ -76,6 +76,11 @@ class FinalityTracker:
             return True
         return False
 
+    def forget(self, body: str) -> None:
+        """Drop what was collected for `body` (a long-running collector keeps only recent checkpoints)."""
+        self._lines.pop(body, None)
+        self.final.pop(body, None)
+
     def cosigners(self, body: str) -> set[bytes]:
         """Keys of the registered miners that have cosigned `body` so far (also after it became final)."""
         return cosigning_keys(body, self._lines.get(body, ()), self.policy)

@@ -1,48 +1,25 @@
-"""Miner topics and messages (JSON over MQTT); docs/miners.md. To move into carechain.topics once merged."""
+"""Miner messages (JSON over MQTT); docs/miners.md. Topic names live in carechain.topics (re-exported here)."""
 
 from __future__ import annotations
 
-import re
-
 from pydantic import BaseModel, ConfigDict, Field
 
-from carechain.topics import PREFIX
+from carechain.topics import (
+    MINER_COSIG_WILDCARD,
+    MINER_EVIDENCE_WILDCARD,
+    MINER_REQUEST_WILDCARD,
+    miner_of_topic,
+)
+from carechain.topics import miner_cosignature as cosignature
+from carechain.topics import miner_evidence as evidence
+from carechain.topics import miner_request as request
+from carechain.topics import miner_response as response
 
-MINER_REQUEST_WILDCARD = f"{PREFIX}/miner/+/req"
-MINER_COSIG_WILDCARD = f"{PREFIX}/miner/+/cosig"
-MINER_EVIDENCE_WILDCARD = f"{PREFIX}/miner/+/evidence"
+__all__ = ["MAX_ENTRIES_PER_RESPONSE", "MINER_COSIG_WILDCARD", "MINER_EVIDENCE_WILDCARD", "MINER_REQUEST_WILDCARD",
+           "CosignatureMessage", "ProofRequestMessage", "ProofResponseMessage", "cosignature", "evidence",
+           "miner_of_topic", "request", "response"]
 # Far more than a checkpoint interval's worth of entries; a miner far behind catches up in several steps.
 MAX_ENTRIES_PER_RESPONSE = 10_000
-_MINER_ID = re.compile(r"[a-z2-7]{1,64}")
-_MINER_TOPIC = re.compile(rf"{PREFIX}/miner/([^/]+)/(req|resp|cosig|evidence)")
-
-
-def request(miner_id: str) -> str:
-    return f"{PREFIX}/miner/{_checked(miner_id)}/req"
-
-
-def response(miner_id: str) -> str:
-    return f"{PREFIX}/miner/{_checked(miner_id)}/resp"
-
-
-def cosignature(miner_id: str) -> str:
-    return f"{PREFIX}/miner/{_checked(miner_id)}/cosig"
-
-
-def evidence(miner_id: str) -> str:
-    return f"{PREFIX}/miner/{_checked(miner_id)}/evidence"
-
-
-def miner_of_topic(topic: str) -> tuple[str, str] | None:
-    """(miner id, kind) of a miner topic, or None when the topic is not one."""
-    m = _MINER_TOPIC.fullmatch(topic)
-    return (m.group(1), m.group(2)) if m and _MINER_ID.fullmatch(m.group(1)) else None
-
-
-def _checked(miner_id: str) -> str:
-    if not _MINER_ID.fullmatch(miner_id):
-        raise ValueError(f"{miner_id!r} is not a miner id (lowercase base32, as Identity.device_id)")
-    return miner_id
 
 
 class _Message(BaseModel):

@@ -23,7 +23,9 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import paho.mqtt.client as mqtt
 from pydantic import ValidationError
@@ -32,8 +34,10 @@ from carechain import topics
 from carechain.config import BrokerConfig, ConfigError, parse_address
 from carechain.files import PUBLIC, write_atomic
 from carechain.identity import Identity, KeyFileError
+from carechain.merkle import leaf_hash
 from carechain.transport import connect_client
 from chain_bridge.ledger.store import Ledger
+from chain_bridge.ledger.tree import MerkleTree
 from chain_bridge.miners import messages
 from chain_bridge.miners.cosignature import Cosigner
 from chain_bridge.miners.witness import (
@@ -45,6 +49,9 @@ from chain_bridge.miners.witness import (
     WitnessState,
     verify_entries,
 )
+
+if TYPE_CHECKING:
+    from chain_bridge.contracts import Genesis
 
 log = logging.getLogger("carechain.miner")
 STATE_FILE = "witness.json"
@@ -81,7 +88,10 @@ class Miner:
 
     def __init__(self, data_dir: Path, broker_cfg: BrokerConfig, log_public_key: bytes, miner_key: Identity, *,
                  name: str | None = None, entry_verifier: EntryVerifier = verify_entries,
-                 request_timeout_s: float = 10.0) -> None:
+                 request_timeout_s: float = 10.0, verifier_size: Callable[[], int] | None = None) -> None:
+        """`verifier_size`: for an entry verifier that keeps state from leaf 0 (the contracts'
+        `ContractWitness`), how many leaves it has seen; before judging, the miner replays into it the
+        tree it already cosigned (fetched from the log and checked against that tree's root)."""
         self.data_dir = Path(data_dir)
         self.broker = broker_cfg
         self.id = miner_key.device_id
@@ -90,6 +100,8 @@ class Miner:
         self.witness = Witness(self.cosigner, miner_key.sign, log_public_key, load_state(self.state_path),
                                entry_verifier)
         self.request_timeout_s = request_timeout_s
+        self.entry_verifier = entry_verifier
+        self.verifier_size = verifier_size
         self.stats: Counter[str] = Counter()
         self.connected = threading.Event()
         self._notes: queue.SimpleQueue[str] = queue.SimpleQueue()
@@ -136,6 +148,8 @@ class Miner:
 
     def handle(self, note: str) -> Cosigned | Refused | None:
         """Judge one checkpoint note: fetch what is needed, decide, persist, publish."""
+        if not self._replay_cosigned():
+            return None
         plan = self.witness.plan(note)
         if isinstance(plan, Refused):
             return self._refused(plan)
@@ -161,6 +175,36 @@ class Miner:
                                           cosignature=decision.cosignature.line())
         self._publish(messages.cosignature(self.id), msg.model_dump_json().encode())
         return decision
+
+    def _replay_cosigned(self) -> bool:
+        """Bring a stateful entry verifier up to the cosigned tree; False when the log did not serve it."""
+        if self.verifier_size is None:
+            return True
+        done, cosigned = self.verifier_size(), self.witness.state.tree_size
+        if done >= cosigned:
+            return True
+        if done != 0:
+            raise StateError(f"the entry verifier is at leaf {done}, the cosigned tree at {cosigned}")
+        entries: list[bytes] = []
+        while len(entries) < cosigned:
+            hi = min(cosigned, len(entries) + messages.MAX_ENTRIES_PER_RESPONSE)
+            resp = self._fetch(ProofRequest(len(entries), hi))
+            if resp is None or len(resp.entries) != hi - len(entries):
+                self.stats["no_replay"] += 1
+                log.warning("miner %s: could not fetch leaves %d..%d to replay the contracts; retrying with the "
+                            "next checkpoint", self.id, len(entries), hi - 1)
+                return False
+            entries.extend(bytes.fromhex(e) for e in resp.entries)
+        if MerkleTree(leaf_hash(e) for e in entries).root() != self.witness.state.root_hash:
+            self.stats["bad_replay"] += 1
+            log.warning("miner %s: the served leaves 0..%d are not the tree it cosigned", self.id, cosigned - 1)
+            return False
+        violation = self.entry_verifier(0, cosigned, entries)
+        if violation is not None:  # only if the contract code or genesis changed under this miner
+            raise StateError(f"replaying the cosigned tree ({cosigned} leaves) breaks a contract rule at leaf "
+                             f"{violation.leaf_index}: {violation.rule}; check the genesis file")
+        log.info("miner %s: replayed %d cosigned leaves into the contracts", self.id, cosigned)
+        return True
 
     def _refused(self, r: Refused) -> Refused:
         self.stats[f"refused_{r.reason}"] += 1
@@ -247,6 +291,10 @@ class ProofResponder:
         return messages.ProofResponseMessage(**reply, consistency_path=[h.hex() for h in path], entries=entries)
 
     def _on_message(self, client: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+        self.serve(client, msg)
+
+    def serve(self, client: mqtt.Client, msg: mqtt.MQTTMessage) -> None:
+        """Answer one message from `cc/v1/miner/+/req` on `client` (for a client shared with other work)."""
         parsed = messages.miner_of_topic(msg.topic)
         if parsed is None or parsed[1] != "req":
             return
@@ -267,6 +315,35 @@ def load_entry_verifier(spec: str) -> EntryVerifier:
     if not callable(func):
         raise ValueError(f"--entry-verifier: {module_name} has no function {attr}")
     return func  # type: ignore[no-any-return]
+
+
+def load_genesis(path: Path) -> Genesis:
+    """The contracts genesis from `path`: JSON `{"operators": {kid: hex key}, "allocations": {account: int},
+    "contracts": {name: code hash}}`, or the CBOR of `Genesis.to_cbor`."""
+    from chain_bridge.contracts import Genesis
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the contracts genesis: {exc.strerror}") from None
+    try:
+        if data.lstrip()[:1] == b"{":
+            raw = json.loads(data)
+            return Genesis(operators={k: bytes.fromhex(v) for k, v in raw["operators"].items()},
+                           allocations={k: int(v) for k, v in raw["allocations"].items()},
+                           contracts=dict(raw["contracts"]))
+        return Genesis.from_cbor(data)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{path}: not a contracts genesis (JSON with operators, allocations, contracts; or its "
+                         f"CBOR): {exc}") from None
+
+
+def contract_verifier(genesis: Genesis) -> tuple[EntryVerifier, Callable[[], int]]:
+    """Contract re-execution as the miner's entry verifier, and how many leaves it has replayed (see `Miner`)."""
+    from chain_bridge.contracts import ContractWitness
+
+    witness = ContractWitness(genesis)
+    return witness, lambda: witness.state.size
 
 
 def main(argv: list[str] | None = None) -> int:

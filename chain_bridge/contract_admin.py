@@ -1,0 +1,128 @@
+"""Contract entries from the command line: replay the ledger, check an entry, append it; Rx files.
+
+The shell around `chain_bridge.contracts` that `carechain party|rx|policy|balance` use on the bridge host:
+each command replays the ledger in the bridge data dir from its genesis, dry-runs the new entry with
+`Runtime.check` (so a refused entry never reaches the log, and the user sees the contract's reason),
+then appends it durably. The Rx body stays off the ledger in an Rx file (JSON) held by patient and
+pharmacy; only its hash and terms are anchored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from carechain.entries import Entry
+from carechain.identity import device_id_for
+from chain_bridge.contracts import Genesis, Runtime
+from chain_bridge.contracts import entries as ce
+from chain_bridge.contracts.runtime import OK
+from chain_bridge.ledger.store import Ledger
+
+
+class ContractRefused(Exception):
+    """The contracts would reject the entry: nothing was appended."""
+
+    def __init__(self, entry_type: str, reason: str) -> None:
+        super().__init__(f"the contracts refuse this {entry_type}: {reason}")
+        self.reason = reason
+
+
+def replay_ledger(ledger: Ledger, genesis: Genesis) -> Runtime:
+    """A runtime that has applied every committed leaf of `ledger`, in order."""
+    runtime = Runtime(genesis)
+    for leaf in ledger.leaves():
+        runtime.apply(Entry.decode(leaf))
+    return runtime
+
+
+def submit(ledger: Ledger, genesis: Genesis, entries: Sequence[Entry]) -> list[int]:
+    """Check `entries` in order against a replay of the ledger, then append them all; their leaf indexes.
+
+    Raises ContractRefused (nothing appended) if any would be rejected. Another process appending in
+    between can still change the outcome; run these commands on the bridge host, one at a time.
+    """
+    runtime = replay_ledger(ledger, genesis)
+    for entry in entries:
+        reason = runtime.check(entry)
+        if reason != OK:
+            raise ContractRefused(entry.type, reason)
+        runtime.apply(entry)
+    return ledger.append_entries(entries)
+
+
+# -- Rx files ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RxFile:
+    """A signed prescription as patient and pharmacy hold it: the body, the prescriber's signature and key."""
+
+    rx: ce.Prescription
+    signature: bytes
+    prescriber_pk: bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rx": {**self.rx.model_dump(), "nonce": self.rx.nonce.hex()}, "rx_ref": self.rx.rx_ref(),
+                "signature": self.signature.hex(), "prescriber_public_key": self.prescriber_pk.hex()}
+
+    def write(self, path: Path) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        os.replace(tmp, path)
+
+
+class RxFileError(ValueError):
+    pass
+
+
+def read_rx_file(path: Path) -> RxFile:
+    try:
+        raw = json.loads(Path(path).read_text())
+        body = dict(raw["rx"])
+        body["nonce"] = bytes.fromhex(body["nonce"])
+        rx = ce.Prescription.model_validate(body)
+        signed = RxFile(rx, bytes.fromhex(raw["signature"]), bytes.fromhex(raw["prescriber_public_key"]))
+    except OSError as exc:
+        raise RxFileError(f"{path}: cannot read: {exc.strerror}") from None
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise RxFileError(f"{path}: rx.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RxFileError(f"{path}: not a signed Rx file (from `carechain rx issue`): {exc!r}") from None
+    if device_id_for(signed.prescriber_pk) != rx.prescriber:
+        raise RxFileError(f"{path}: prescriber_public_key is not the key of prescriber {rx.prescriber}")
+    return signed
+
+
+def rx_status(runtime: Runtime, rx: RxFile) -> dict[str, Any]:
+    """What the ledger says about an Rx file: signature, anchor, revocation, fills left (off-ledger check)."""
+    ref = rx.rx.rx_ref()
+    record = runtime.state.table("rx").get(ref)
+    status: dict[str, Any] = {"rx_ref": ref, "anchored": record is not None}
+    if record is None:
+        status["problem"] = "rx_unknown: no rx.anchor for this rx_ref on the ledger"
+        return status
+    party = runtime.state.table("parties").get(record["prescriber"])
+    anchor = ce.RxAnchor(rx_ref=ref, patient_c=record["patient_c"], drug_c=record["drug_c"],
+                         quantity=record["quantity"], refills=record["refills"], expires_ms=record["expires_ms"],
+                         controlled=record["controlled"], ts=rx.rx.issued_ms)
+    problem = None
+    if party is None or party["pk"] != rx.prescriber_pk:
+        problem = "the anchoring prescriber's registered key is not the key in this file"
+    else:
+        problem = ce.check_rx_against_anchor(rx.rx, rx.signature, rx.prescriber_pk, anchor)
+    fills_left = 1 + record["refills"] - record["fills"]
+    status.update(anchor_leaf=record["at"], prescriber=record["prescriber"], revoked_at=record["revoked_at"],
+                  expires_ms=record["expires_ms"], fills_used=record["fills"], fills_left=fills_left,
+                  open_quantity=record["open"], sale_leaves=list(record["sales"]))
+    if problem is not None:
+        status["problem"] = problem
+    elif record["revoked_at"] is not None:
+        status["problem"] = f"rx_revoked at leaf {record['revoked_at']}"
+    return status

@@ -1,0 +1,217 @@
+"""Contracts wired into the ledger and the bridge: a real Ledger, a Bridge fed through `process` (no broker).
+
+The bridge checks every sale against the contracts before appending it: a valid Rx sale is anchored and
+receipted, an Rx-only sale without a valid Rx is appended as `sale.refused` and receipted as a rejection
+with the contract's reason, and an immunization is billed to the insurer. Any process that replays the
+ledger file reaches the same state root.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from carechain import envelope, topics
+from carechain.config import BridgeConfig, BrokerConfig
+from carechain.entries import ENTRY_EVENT, SALE_REFUSED, Entry, Registration, registration_entry
+from carechain.events import Activity, Purchase, make_payload
+from carechain.identity import Identity
+from carechain.receipts import open_receipt
+from chain_bridge.bridge import Bridge
+from chain_bridge.contract_admin import ContractRefused, replay_ledger, submit
+from chain_bridge.contract_gate import ContractGate
+from chain_bridge.contracts import entries as ce
+from chain_bridge.ledger.audit import audit_ledger
+from chain_bridge.ledger.store import Ledger, LedgerError
+from chain_bridge.registry import GENESIS_FILE, contract_genesis, ledger_path, log_key, operator_key
+from tests.test_contracts_world import AMOXICILLIN, DAY, FLU_SHOT, ident
+
+PRESCRIBER, PHARMACY, INSURER, TERMINAL, WEARABLE = ident(2), ident(4), ident(6), ident(7), ident(9)
+INSURER_ACCOUNT = f"insurer:{INSURER.device_id}"
+PHARMACY_ACCOUNT = f"pharmacy:{PHARMACY.device_id}"
+
+
+class Published:
+    """Stands in for the MQTT client: keeps what the bridge publishes."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, bytes]] = []
+
+    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
+        self.messages.append((topic, payload))
+
+
+class Pharmacy:
+    """A bridge data dir with parties, a terminal and a wearable registered, and a bridge with contracts."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.dir = data_dir
+        self.genesis = contract_genesis(data_dir, {INSURER_ACCOUNT: 1_000_000})
+        self.ledger = Ledger(ledger_path(data_dir))
+        self.operator = operator_key(data_dir)
+        self.now = int(time.time() * 1000)
+        self.seq: dict[str, int] = {}
+        submit(self.ledger, self.genesis, [
+            ce.signed(self.operator, ce.PARTY_REGISTER, ce.PartyRegistration(role=role, pk=who.public_key, name=role,
+                                                                             ts=self.now))
+            for role, who in (("prescriber", PRESCRIBER), ("pharmacy", PHARMACY), ("insurer", INSURER))])
+        regs = [Registration(dev=d.device_id, pk=d.public_key, profile=p, owner=o, site="s", ts=self.now)
+                for d, p, o in ((TERMINAL, "pharmacy_terminal", PHARMACY.device_id), (WEARABLE, "wearable", "pt-a"))]
+        self.ledger.append_registrations([(registration_entry(self.operator, r), r) for r in regs])
+        self.bridge = self.start_bridge()
+
+    def start_bridge(self) -> Bridge:
+        bridge = Bridge(BridgeConfig(data_dir=self.dir), BrokerConfig(), log_key(self.dir), self.ledger,
+                        contracts=ContractGate(self.genesis, self.operator))
+        bridge._client = Published()  # type: ignore[assignment]
+        return bridge
+
+    def prescribe(self, refills: int = 0) -> ce.Prescription:
+        rx = ce.Prescription(prescriber=PRESCRIBER.device_id, patient_token="pt-a", drug_code=AMOXICILLIN,
+                             code_system="ndc", quantity=1, refills=refills, expires_ms=self.now + 30 * DAY,
+                             controlled=False, issued_ms=self.now, nonce=os.urandom(16))
+        submit(self.ledger, self.genesis, [ce.signed(PRESCRIBER, ce.RX_ANCHOR, ce.rx_anchor_for(rx, self.now))])
+        return rx
+
+    def policy(self) -> None:
+        coverage = [ce.CoverageRule(category="immunization", bp=10_000, items=[f"ndc:{FLU_SHOT}"])]
+        reg = ce.PolicyRegistration(policy_id="p1", patient_token="pt-a", coverage=coverage, ts=self.now)
+        submit(self.ledger, self.genesis, [ce.signed(INSURER, ce.POLICY_REGISTER, reg)])
+
+    def signed_event(self, dev: Identity, kind: str, body: object) -> bytes:
+        seq = self.seq.get(dev.device_id, 0)
+        self.seq[dev.device_id] = seq + 1
+        return envelope.sign(dev, make_payload(dev.device_id, seq, self.now, kind, body))
+
+    def sale(self, item: str = AMOXICILLIN, *, rx_ref: str | None = None, rx_only: bool = True,
+             pay: str = "card", price: int = 1250) -> bytes:
+        return self.signed_event(TERMINAL, "purchase", Purchase(
+            item_code=item, code_system="ndc", rx_only=rx_only, quantity=1, price_minor=price, currency="USD",
+            patient_token="pt-a", payment_method=pay, rx_ref=rx_ref))
+
+    def send(self, *events: bytes, dev: Identity = TERMINAL) -> list:  # noqa: ANN201 - receipts
+        client = self.bridge._client
+        client.messages.clear()
+        self.bridge.process([(topics.events(dev.device_id), e) for e in events])
+        return [open_receipt(p, self.bridge.log_key.public_key, dev.device_id)
+                for t, p in client.messages if t == topics.receipts(dev.device_id)]
+
+
+@pytest.fixture
+def pharmacy(tmp_path: Path) -> Pharmacy:
+    return Pharmacy(tmp_path)
+
+
+def test_genesis_is_written_once_with_the_operator_key_and_builtin_code(tmp_path: Path) -> None:
+    first = contract_genesis(tmp_path, {"insurer:x": 5})
+    assert (tmp_path / GENESIS_FILE).exists()
+    assert first.operators == {operator_key(tmp_path).device_id: operator_key(tmp_path).public_key}
+    assert contract_genesis(tmp_path, {"insurer:x": 999}) == first  # fixed once written
+    (tmp_path / GENESIS_FILE).write_text("{")
+    with pytest.raises(ValueError, match="genesis"):
+        contract_genesis(tmp_path)
+
+
+def test_a_valid_rx_sale_is_anchored_and_receipted(pharmacy: Pharmacy) -> None:
+    rx = pharmacy.prescribe()
+    [receipt] = pharmacy.send(pharmacy.sale(rx_ref=rx.rx_ref()))
+    assert receipt.rejected == [] and len(receipt.ok) == 1
+    seq, index = receipt.ok[0]
+    assert Entry.decode(pharmacy.ledger.entry(index)).type == ENTRY_EVENT
+    state = pharmacy.bridge.contracts.state
+    assert state.results[-1] == [index, "ok"] and state.table("rx")[rx.rx_ref()]["sales"] == [index]
+    assert pharmacy.bridge.stats.anchored == 1
+
+
+def test_an_rx_only_sale_without_a_valid_rx_is_refused_recorded_and_counted(pharmacy: Pharmacy) -> None:
+    sale = pharmacy.sale(rx_ref=None)
+    [receipt] = pharmacy.send(sale)
+    assert receipt.ok == []
+    [rej] = receipt.rejected
+    assert (rej.seq, rej.reason, rej.retryable) == (0, "contract:rx_missing", False)
+    index = pharmacy.ledger.event_index(TERMINAL.device_id, 0)
+    entry = Entry.decode(pharmacy.ledger.entry(index))
+    assert entry.type == SALE_REFUSED
+    assert envelope.parse(entry.cose).payload["event"] == sale  # the terminal's bytes, wrapped as signed
+    state = pharmacy.bridge.contracts.state
+    assert state.results[-1] == [index, "ok"]  # the contracts accept the refusal: an honest log
+    assert state.table("violations") == {PHARMACY_ACCOUNT: 1}
+    assert pharmacy.bridge.stats.rejected["contract:rx_missing"] == 1
+    # A resend gets the same answer and appends nothing; the refusal counted once.
+    size = pharmacy.ledger.size
+    [again] = pharmacy.send(sale)
+    assert [r.reason for r in again.rejected] == ["contract:rx_missing"] and pharmacy.ledger.size == size
+    # Another unknown Rx, then a revoked one.
+    assert pharmacy.send(pharmacy.sale(rx_ref="ab" * 32))[0].rejected[0].reason == "contract:rx_unknown"
+    rx = pharmacy.prescribe()
+    submit(pharmacy.ledger, pharmacy.genesis, [ce.signed(PRESCRIBER, ce.RX_REVOKE, ce.RxRevoke(
+        rx_ref=rx.rx_ref(), reason="allergy", ts=pharmacy.now))])
+    assert pharmacy.send(pharmacy.sale(rx_ref=rx.rx_ref()))[0].rejected[0].reason == "contract:rx_revoked"
+    assert pharmacy.bridge.contracts.state.table("violations") == {PHARMACY_ACCOUNT: 3}
+    pharmacy.bridge.maybe_checkpoint()
+    report = audit_ledger(ledger_path(pharmacy.dir), log_key(pharmacy.dir).public_key,
+                          operator_keys={pharmacy.operator.device_id: pharmacy.operator.public_key})
+    assert report.refused_sales == 3 and report.contract_entries == 3 + 1 + 1 + 3  # parties, anchor, revoke, refusals
+
+
+def test_the_last_fill_goes_to_one_sale_in_a_batch(pharmacy: Pharmacy) -> None:
+    rx = pharmacy.prescribe(refills=0)
+    [receipt] = pharmacy.send(pharmacy.sale(rx_ref=rx.rx_ref()), pharmacy.sale(rx_ref=rx.rx_ref()))
+    assert len(receipt.ok) == 1 and [r.reason for r in receipt.rejected] == ["contract:rx_no_fills_left"]
+
+
+def test_an_immunization_is_billed_to_the_insurer(pharmacy: Pharmacy) -> None:
+    pharmacy.policy()
+    [receipt] = pharmacy.send(pharmacy.sale(FLU_SHOT, rx_only=False, pay="insurance", price=3_000))
+    assert len(receipt.ok) == 1
+    state = pharmacy.bridge.contracts.state
+    assert state.balance(INSURER_ACCOUNT) == 1_000_000 - 3_000 and state.balance(PHARMACY_ACCOUNT) == 3_000
+    # An uncovered item on insurance is refused as the contracts say.
+    [refused] = pharmacy.send(pharmacy.sale(AMOXICILLIN, rx_only=False, pay="insurance"))
+    assert refused.rejected[0].reason == "contract:not_covered"
+
+
+def test_non_sale_batches_do_no_contract_work_and_are_caught_up_at_the_next_sale(pharmacy: Pharmacy) -> None:
+    size = pharmacy.bridge.contracts.state.size
+    pharmacy.send(*(pharmacy.signed_event(WEARABLE, "activity", Activity(steps=10, active_minutes=m))
+                    for m in (10, 20)), dev=WEARABLE)
+    assert pharmacy.bridge.contracts.state.size == size < pharmacy.ledger.size
+    pharmacy.send(pharmacy.sale(FLU_SHOT, rx_only=False))
+    state = pharmacy.bridge.contracts.state
+    assert state.size == pharmacy.ledger.size and {r for _, r in state.results} == {"ok"}
+
+
+def test_a_restarted_bridge_and_another_process_reach_the_same_state_root(pharmacy: Pharmacy) -> None:
+    pharmacy.policy()
+    rx = pharmacy.prescribe()
+    pharmacy.send(pharmacy.sale(rx_ref=rx.rx_ref()), pharmacy.sale(rx_ref=None),
+                  pharmacy.sale(FLU_SHOT, rx_only=False, pay="insurance", price=3_000))
+    root = pharmacy.bridge.contracts.state.root()
+    assert pharmacy.start_bridge().contracts.state.root() == root  # replayed on start
+    assert replay_ledger(pharmacy.ledger, pharmacy.genesis).state.root() == root
+    script = ("import sys; from pathlib import Path; from chain_bridge.ledger.store import Ledger; "
+              "from chain_bridge.registry import contract_genesis, ledger_path; "
+              "from chain_bridge.contract_admin import replay_ledger; d = Path(sys.argv[1]); "
+              "print(replay_ledger(Ledger(ledger_path(d)), contract_genesis(d)).state.root().hex())")
+    roots = {subprocess.run([sys.executable, "-c", script, str(pharmacy.dir)], capture_output=True, text=True,
+                            check=True, env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip()
+             for seed in ("1", "2")}
+    assert roots == {root.hex()}
+
+
+def test_entries_the_contracts_refuse_are_not_appended(pharmacy: Pharmacy) -> None:
+    size = pharmacy.ledger.size
+    stranger = Identity.generate()
+    with pytest.raises(ContractRefused, match="unknown_signer"):
+        submit(pharmacy.ledger, pharmacy.genesis, [ce.signed(stranger, ce.RX_REVOKE, ce.RxRevoke(
+            rx_ref="ab" * 32, reason="x", ts=1))])
+    with pytest.raises(LedgerError, match="only contract entries"):
+        pharmacy.ledger.append_entries([Entry(ENTRY_EVENT, b"x")])
+    assert pharmacy.ledger.size == size
+    assert json.loads((pharmacy.dir / GENESIS_FILE).read_text())["allocations"] == {INSURER_ACCOUNT: 1_000_000}

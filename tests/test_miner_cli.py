@@ -1,0 +1,129 @@
+"""Five `carechain miner` processes witness a running bridge on a real mosquitto: events flow, every miner
+re-executes the contracts and cosigns, and the bridge publishes a final checkpoint at 3-of-5."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from carechain import envelope, topics
+from carechain.config import BridgeConfig
+from carechain.entries import Registration, registration_entry
+from carechain.events import make_payload
+from carechain.identity import Identity
+from carechain.proofs import verify_checkpoint
+from carechain.transport import connect_client
+from chain_bridge.bridge import Bridge
+from chain_bridge.contracts import builtin_hashes
+from chain_bridge.ledger.store import Ledger
+from chain_bridge.miners.cosignature import Cosigner
+from chain_bridge.miners.finality import FinalityPolicy, is_final_note
+from simulators.miners import CosignatureWatch, MinerProcess, clear_retained
+from tests.test_miners_integration import wait_for
+
+pytestmark = pytest.mark.integration
+N_MINERS, THRESHOLD = 5, 3
+OPERATOR = Identity.from_seed(b"\x21" * 32)
+
+
+def write_genesis(path: Path) -> Path:
+    """The contracts genesis as the bridge writes it: the operator who signs registrations, the code."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"operators": {OPERATOR.device_id: OPERATOR.public_key.hex()}, "allocations": {},
+                                "contracts": builtin_hashes()}))
+    return path
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, broker) -> Iterator[tuple[Bridge, list[MinerProcess], CosignatureWatch]]:  # type: ignore[no-untyped-def]
+    if broker.kind != "mosquitto":
+        pytest.skip("needs mosquitto")
+    log_key = Identity.generate()
+    genesis = write_genesis(tmp_path / "bridge" / "contracts" / "genesis.json")
+    miners = [MinerProcess(tmp_path / f"miner{i}", broker.config, log_key.public_key, "--genesis", str(genesis))
+              for i in range(N_MINERS)]
+    cfg = BridgeConfig(data_dir=tmp_path / "bridge", checkpoint_interval_s=0.3,
+                       miners=[m.registered for m in miners], finality_threshold=THRESHOLD)
+    bridge = Bridge(cfg, broker.config, log_key, Ledger(tmp_path / "bridge" / "ledger.db"),
+                    client_id=f"bridge-{tmp_path.name}")
+    watch = CosignatureWatch(broker.config, f"watch-{tmp_path.name}")
+    try:
+        bridge.start()
+        assert bridge.wait_ready(30) and watch.connected.wait(30)
+        for m in miners:
+            m.start()
+        for m in miners:
+            assert m.wait_ready()["public_key"] == m.key.public_key.hex()
+        yield bridge, miners, watch
+    finally:
+        for m in miners:
+            m.stop()
+        bridge.stop()
+        bridge.ledger.close()
+        watch.stop()
+        clear_retained(broker.config, f"clear-{tmp_path.name}",
+                       [topics.CHECKPOINT, topics.FINAL_CHECKPOINT] +
+                       [topics.miner_cosignature(m.key.device_id) for m in miners])
+
+
+def register_devices(ledger: Ledger, devices: list[Identity]) -> None:
+    now = int(time.time() * 1000)
+    items = []
+    for d in devices:
+        reg = Registration(dev=d.device_id, pk=d.public_key, profile="heart_rate_band", owner="patient:t",
+                           site="lab", ts=now)
+        items.append((registration_entry(OPERATOR, reg), reg))
+    ledger.append_registrations(items)
+
+
+def send_events(client: mqtt.Client, devices: list[Identity], seqs: range) -> None:
+    now = int(time.time() * 1000)
+    for seq in seqs:
+        for d in devices:
+            payload = envelope.sign(d, make_payload(d.device_id, seq, now, "heart_rate", {"bpm": 60 + seq % 40}))
+            client.publish(topics.events(d.device_id), payload, qos=1).wait_for_publish(10)
+
+
+def test_five_miner_processes_cosign_and_the_bridge_publishes_a_final_checkpoint(
+        fleet: tuple[Bridge, list[MinerProcess], CosignatureWatch], broker, tmp_path: Path,  # type: ignore[no-untyped-def]
+        request: pytest.FixtureRequest) -> None:
+    bridge, miners, watch = fleet
+    devices = [Identity.generate() for _ in range(3)]
+    with bridge.ledger_lock:
+        register_devices(bridge.ledger, devices)
+    ready = threading.Event()
+    device_client = connect_client(broker.config, f"devices-{tmp_path.name}", connected=ready)
+    request.addfinalizer(lambda: (device_client.disconnect(), device_client.loop_stop()))
+    assert ready.wait(30)
+    send_events(device_client, devices, range(10))
+    total = len(devices) * 11  # a registration and 10 events each
+    wait_for("every event to be anchored", lambda: bridge.ledger.size == total)
+    wait_for("the last checkpoint to become final", lambda: total in watch.final_sizes())
+    wait_for("every miner to cosign the last checkpoint", lambda: len(watch.miners_at(total)) == N_MINERS)
+
+    final = next(note for _, size, note in watch.finals if size == total)
+    assert verify_checkpoint(final, bridge.log_key.public_key).tree_size == total
+    policy = FinalityPolicy(tuple(Cosigner(m.name, m.key.public_key) for m in miners), THRESHOLD)
+    assert is_final_note(final, policy)
+    assert bridge.stats.final_checkpoints >= 1
+
+    # A miner restarted from its data dir replays the tree it cosigned into the contracts, then goes on.
+    restarted = miners[0]
+    assert restarted.stop() is not None
+    send_events(device_client, devices, range(10, 15))
+    grown = total + len(devices) * 5
+    restarted.start()
+    restarted.wait_ready()
+    wait_for("the restarted miner to cosign the grown log", lambda: restarted.name in watch.miners_at(grown))
+    wait_for("the grown log to become final", lambda: grown in watch.final_sizes())
+    for m in miners:
+        stats = m.stop()
+        assert stats is not None and int(stats.get("cosigned", 0)) >= 1, m.stderr()[-2000:]
+        assert not any(k.startswith("refused_violation") for k in stats), stats
+        assert "re-executed" in m.stderr()
