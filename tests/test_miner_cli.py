@@ -127,3 +127,56 @@ def test_five_miner_processes_cosign_and_the_bridge_publishes_a_final_checkpoint
         assert stats is not None and int(stats.get("cosigned", 0)) >= 1, m.stderr()[-2000:]
         assert not any(k.startswith("refused_violation") for k in stats), stats
         assert "re-executed" in m.stderr()
+
+
+def test_a_dishonest_bridge_appending_an_rx_sale_without_prescription_never_becomes_final(
+        fleet: tuple[Bridge, list[MinerProcess], CosignatureWatch], broker, tmp_path: Path,  # type: ignore[no-untyped-def]
+        request: pytest.FixtureRequest) -> None:
+    """The fleet's bridge runs without its contract gate: it anchors whatever a terminal sends. The miners
+    re-execute the contracts, refuse the checkpoint holding the violating sale, and publish evidence that an
+    auditor can check; neither that checkpoint nor any later one becomes final."""
+    from carechain.events import Purchase
+    from chain_bridge.contracts import entries as ce
+    from chain_bridge.miners.evidence import Evidence, EvidenceKind, verify_evidence
+
+    bridge, miners, watch = fleet
+    pharmacy, terminal, band = Identity.generate(), Identity.generate(), Identity.generate()
+    now = int(time.time() * 1000)
+    with bridge.ledger_lock:
+        bridge.ledger.append_entries([ce.signed(OPERATOR, ce.PARTY_REGISTER, ce.PartyRegistration(
+            role="pharmacy", pk=pharmacy.public_key, name="Main St", ts=now))])
+        items = []
+        for dev, profile, owner in ((terminal, "pharmacy_terminal", pharmacy.device_id),
+                                    (band, "heart_rate_band", "patient:t")):
+            reg = Registration(dev=dev.device_id, pk=dev.public_key, profile=profile, owner=owner, site="s", ts=now)
+            items.append((registration_entry(OPERATOR, reg), reg))
+        bridge.ledger.append_registrations(items)
+    evidence: list[Evidence] = []
+    ready = threading.Event()
+    client = connect_client(broker.config, f"devices-{tmp_path.name}", connected=ready,
+                            subscriptions=[(topics.MINER_EVIDENCE_WILDCARD, 1)],
+                            on_message=lambda _c, _u, m: evidence.append(Evidence.model_validate_json(m.payload)))
+    request.addfinalizer(lambda: (client.disconnect(), client.loop_stop()))
+    assert ready.wait(30)
+
+    send_events(client, [band], range(5))
+    honest = 3 + 5
+    wait_for("the honest prefix to become final", lambda: honest in watch.final_sizes())
+
+    sale = Purchase(item_code="70882-114-20", code_system="ndc", rx_only=True, quantity=1, price_minor=1250,
+                    currency="USD", patient_token="pt-x", payment_method="card", rx_ref=None)
+    payload = envelope.sign(terminal, make_payload(terminal.device_id, 0, now, "purchase", sale.model_dump()))
+    client.publish(topics.events(terminal.device_id), payload, qos=1).wait_for_publish(10)
+    wait_for("the violating sale to be anchored", lambda: bridge.ledger.size == honest + 1)
+    wait_for("every miner to publish evidence", lambda: len({e.miner for e in evidence}) == N_MINERS)
+    send_events(client, [band], range(5, 8))  # the log grows on; the violation stays in it
+    wait_for("the grown log to be checkpointed", lambda: honest + 4 in watch.checkpoints)
+
+    for ev in evidence:
+        assert ev.kind == EvidenceKind.VIOLATION
+    assert verify_evidence(evidence[0], bridge.log_key.public_key) is not None
+    for m in miners:
+        stats = m.stop()
+        assert stats is not None and any(k.startswith("refused_violation") for k in stats), stats
+    assert max(watch.final_sizes()) == honest  # nothing after the violation ever became final
+    assert not any(size > honest and watch.miners_at(size) for size in watch.checkpoints)
