@@ -797,6 +797,9 @@ from carechain import cli_contracts  # noqa: E402
 cli_contracts.attach(app, sys.modules[__name__])
 _contract_gate = cli_contracts.contract_gate
 
+from carechain import cli_store  # noqa: E402
+
+cli_store.attach(app, sys.modules[__name__])
 
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -60,3 +60,30 @@ def _checked(device_id: str) -> str:
     if not _DEVICE_ID.fullmatch(device_id):
         raise ValueError(f"{device_id!r} is not a device or miner id (lowercase base32, as Identity.device_id)")
     return device_id
+
+
+# -- storage miners (issue 7; chain_bridge/storage/miner.py) ---------------------------------------------
+STORE_RESPONSE_WILDCARD = f"{PREFIX}/store/+/resp"
+STORE_HELLO_WILDCARD = f"{PREFIX}/store/+/hello"
+_STORE_TOPIC = re.compile(rf"{PREFIX}/store/([^/]+)/(req|resp|hello)")
+
+
+def store_request(miner_id: str) -> str:
+    """Owner → storage miner: store, fetch, audit or delete shares (CBOR, with a correlation id)."""
+    return f"{PREFIX}/store/{_checked(miner_id)}/req"
+
+
+def store_response(miner_id: str) -> str:
+    """Storage miner → owners: answers, carrying the request's correlation id."""
+    return f"{PREFIX}/store/{_checked(miner_id)}/resp"
+
+
+def store_hello(miner_id: str) -> str:
+    """Storage miner → all (retained): its announcement, for discovery; emptied when it stops."""
+    return f"{PREFIX}/store/{_checked(miner_id)}/hello"
+
+
+def store_miner_of_topic(topic: str) -> tuple[str, str] | None:
+    """(miner id, kind) of a storage topic, kind one of req/resp/hello; None when it is not one."""
+    m = _STORE_TOPIC.fullmatch(topic)
+    return (m.group(1), m.group(2)) if m and _DEVICE_ID.fullmatch(m.group(1)) else None
