@@ -1,4 +1,4 @@
-"""`carechain store put|get|update|status|audit`: a dataset on the storage miners, from the owner's machine.
+"""`carechain store put|get|update|status|audit|repair`: a dataset on the storage miners, from the owner's machine.
 
 The manifest (`FILE.manifest.json`) and the dataset key (`FILE.manifest.key`) are written with mode 0600
 before any share leaves the machine (docs/storage.md). Miners are named with `--miners ID,ID,…` or
@@ -20,7 +20,7 @@ import typer
 base: Any = None  # the carechain.cli module, set by `attach`
 
 store_app = typer.Typer(help="Encrypted, erasure-coded datasets on storage miners (put, get, update, status, "
-                             "audit).", no_args_is_help=True)
+                             "audit, repair).", no_args_is_help=True)
 MinersOpt = Annotated[str | None, typer.Option(
     "--miners", help="Comma-separated storage miner ids; default: every miner announced on the broker.")]
 SeedOpt = Annotated[str | None, typer.Option(
@@ -178,3 +178,43 @@ def audit(manifest: ManifestArg, challenges: Annotated[int, typer.Option(help="C
         base.out.print(t)
     if not all(v.passed for v in verdicts.values()):
         raise typer.Exit(1)
+
+
+@store_app.command("repair")
+def repair(manifest: ManifestArg, miners: MinersOpt = None, seed: SeedOpt = None,
+           grace: Annotated[int, typer.Option(help="Seconds a silent miner may be away before its shares are "
+                                                   "regenerated elsewhere (default 24 h).", min=0)] = 24 * 3600,
+           timeout: TimeoutOpt = 10.0, as_json: JsonOpt = False,
+           config: ConfigOpt = None, broker: BrokerOpt = None) -> None:
+    """Regenerate lost shares from k intact ones and place them on new miners; update the manifest (0600).
+
+    When each miner was last seen is kept next to the manifest (MANIFEST with suffix .seen.json): a miner
+    silent for less than --grace is suspect, not lost, so a reboot causes no repair.
+    """
+    from carechain.files import PRIVATE, write_atomic
+    from chain_bridge.storage.repair import RepairPolicy
+
+    m, _ = _load(manifest)
+    seen_path = manifest.with_suffix(".seen.json")
+    try:
+        last_seen = {str(k): int(v) for k, v in json.loads(seen_path.read_text()).items()}
+    except FileNotFoundError:
+        last_seen = {}
+    except (OSError, ValueError, AttributeError) as exc:
+        raise base._fail(f"{seen_path}: {exc}") from None
+    with _client(config, broker, timeout) as (client, _):
+        try:
+            repaired, tasks = client.repair(m, manifest, _seed(client, seed), _miners(client, miners),
+                                            RepairPolicy(grace=grace), last_seen=last_seen)
+        finally:
+            write_atomic(seen_path, json.dumps(last_seen, indent=1, sort_keys=True).encode(), PRIVATE)
+    if as_json:
+        print(json.dumps({"dataset": m.dataset_id, "repaired": [
+            {"segment": t.segment, "version": t.version, "share": t.share, "target": t.target} for t in tasks]}))
+        return
+    if not tasks:
+        base.out.print(f"{m.dataset_id}: nothing to repair (no segment below its threshold)", soft_wrap=True)
+        return
+    base.out.print(f"{m.dataset_id}: {len(tasks)} share(s) regenerated on "
+                   f"{len({t.target for t in tasks})} miner(s) in {len({t.segment for t in tasks})} segment(s); "
+                   f"manifest {manifest} updated", soft_wrap=True)

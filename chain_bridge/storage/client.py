@@ -276,6 +276,102 @@ class StorageClient:
         return [SegmentStatus(r.index, r.version, tuple(sh.index for sh in r.shares if (r.index, sh.index) in live),
                               manifest.k, manifest.n) for r in manifest.segments]
 
+    def ping(self, miners: Iterable[str]) -> set[str]:
+        """The miners that answer an empty audit within the timeout (a liveness probe, a few bytes each)."""
+        ask = sorted(set(miners))
+        answers = self._run([_Job(m, {"op": "audit", "chunk_size": 1, "challenges": []}) for m in ask], None)
+        return {m for m, a in zip(ask, answers, strict=True) if a is not None and a.get("ok") is True}
+
+    def repair(self, manifest: Manifest, manifest_path: Path | None, seed: bytes, miners: Iterable[str],
+               policy: Any = None, *, last_seen: dict[str, int] | None = None, now: int | None = None
+               ) -> tuple[Manifest, list[Any]]:
+        """Regenerate and re-place the shares `repair.plan_repairs` finds lost; (new manifest, tasks done).
+
+        Liveness is measured now: `status` (each holder proves chunk 0 of its shares) and a ping of every
+        holder and of `miners` (the candidate targets). A miner that answers is seen at `now`; a share whose
+        miner answers but cannot prove it is *failed* (lost at once). A miner that does not answer keeps the
+        time in `last_seen` (miner -> unix seconds, updated in place; the CLI keeps it in `NAME.seen.json`),
+        and one never recorded is taken as having just gone away, so its grace period starts now: a miner
+        briefly offline is *suspect*, not lost, and triggers no repair. Lost shares are rebuilt from k intact
+        ones (`codec.regenerate_shares`, no dataset key: byte-identical, same root) and uploaded to the
+        targets plan_repairs draws from `seed` (online miners holding no share of the segment). The
+        manifest is saved (0600, atomically) once the uploads are confirmed; if some fail, those that
+        succeeded are saved and TransferError names the rest.
+        """
+        from chain_bridge.storage.codec import regenerate_shares
+        from chain_bridge.storage.repair import RepairPolicy, apply_repairs, plan_repairs
+
+        policy = policy or RepairPolicy()
+        now = int(time.time()) if now is None else now
+        seen = last_seen if last_seen is not None else {}
+        holders = {sh.miner for rec in manifest.segments for sh in rec.shares}
+        pool = holders | set(miners)
+        live = {(r.index, i) for r in self.status(manifest) for i in r.live}
+        answered = self.ping(pool)
+        for m in pool:
+            if m in answered:
+                seen[m] = now
+            else:  # silent now: at best suspect, and its grace period runs from its last answer (or from now)
+                seen[m] = min(seen.get(m, now), now - policy.offline_after - 1)
+        failed = {(rec.index, sh.index) for rec in manifest.segments for sh in rec.shares
+                  if sh.miner in answered and (rec.index, sh.index) not in live}
+        tasks = plan_repairs(manifest, {m: seen[m] for m in pool}, now, seed, policy, failed)
+        if not tasks:
+            return manifest, []
+        by_segment: dict[int, list[Any]] = {}
+        for t in tasks:
+            by_segment.setdefault(t.segment, []).append(t)
+        # Fetch k intact shares of each segment to repair: the planned sources first, then any other live one.
+        params = manifest.params
+        intact: dict[int, dict[int, bytes]] = {i: {} for i in by_segment}
+        order = {i: sorted((sh for sh in manifest.segments[i].shares if (i, sh.index) in live),
+                           key=lambda sh, i=i: (sh.index not in by_segment[i][0].sources, sh.index))
+                 for i in by_segment}
+        while True:
+            jobs = []
+            for i in by_segment:
+                rec = manifest.segments[i]
+                for sh in [order[i].pop(0) for _ in range(min(params.k - len(intact[i]), len(order[i])))]:
+                    jobs.append(_Job(sh.miner, {"op": "get", **_ref_fields(manifest.dataset_id, rec, sh.index)},
+                                     sh.length))
+            if not jobs:
+                break
+            for job, answer in zip(jobs, self._run(jobs, "fetch"), strict=True):
+                i, share = job.fields["segment"], job.fields["share"]
+                ok = answer is not None and answer.get("ok") is True and isinstance(answer.get("data"), bytes)
+                if ok:
+                    try:
+                        check_share(manifest.segments[i].layout(), share, answer["data"], params.chunk_size)
+                    except CorruptShareError:
+                        ok = False
+                    else:
+                        intact[i][share] = answer["data"]
+                self.retrievals.append((job.miner, ok))
+        uploads: list[tuple[Any, _Job]] = []
+        short = []
+        for i, seg_tasks in by_segment.items():
+            rec = manifest.segments[i]
+            if len(intact[i]) < params.k:
+                short.append(i)
+                continue
+            rebuilt = regenerate_shares(rec.layout(), intact[i], params, [t.share for t in seg_tasks])
+            for t in seg_tasks:
+                uploads.append((t, _Job(t.target, {"op": "put", **_ref_fields(manifest.dataset_id, rec, t.share),
+                                                   "data": rebuilt[t.share]}, len(rebuilt[t.share]))))
+        answers = self._run([j for _, j in uploads], "repair")
+        self.bytes_sent += sum(j.size for _, j in uploads)
+        done = [t for (t, _), a in zip(uploads, answers, strict=True) if a is not None and a.get("ok") is True]
+        repaired = apply_repairs(manifest, done)
+        if manifest_path is not None and done:
+            save_manifest(repaired, manifest_path)
+        bad = [f"segment {t.segment} share {t.share} -> {t.target}" for (t, _), a in zip(uploads, answers, strict=True)
+               if a is None or a.get("ok") is not True]
+        if bad or short:
+            raise TransferError(f"repair incomplete: {len(done)} of {len(tasks)} shares re-placed; not stored: "
+                                f"{', '.join(bad[:5]) or 'none'}; segments without k intact live shares: "
+                                f"{short or 'none'}; the manifest records what succeeded, run repair again")
+        return repaired, done
+
     # -- plumbing --------------------------------------------------------------------------------------
 
     def _challenge(self, drawn: dict[str, list[Challenge]], chunk_size: int) -> dict[str, MinerAudit]:
