@@ -1,4 +1,7 @@
-"""`carechain store put|get|update|status|audit|repair`: a dataset on the storage miners, from the owner's machine.
+"""`carechain store put|get|update|status|audit|repair|commit|settle`: datasets on the storage miners.
+
+put/get/update/status/audit/repair run on the owner's machine; commit and settle write to the ledger on the
+bridge host.
 
 The manifest (`FILE.manifest.json`) and the dataset key (`FILE.manifest.key`) are written with mode 0600
 before any share leaves the machine (docs/storage.md). Miners are named with `--miners ID,ID,…` or
@@ -20,7 +23,8 @@ import typer
 base: Any = None  # the carechain.cli module, set by `attach`
 
 store_app = typer.Typer(help="Encrypted, erasure-coded datasets on storage miners (put, get, update, status, "
-                             "audit, repair).", no_args_is_help=True)
+                             "audit, repair; commit and settle record roots and audit epochs on the ledger).",
+                        no_args_is_help=True)
 MinersOpt = Annotated[str | None, typer.Option(
     "--miners", help="Comma-separated storage miner ids; default: every miner announced on the broker.")]
 SeedOpt = Annotated[str | None, typer.Option(
@@ -218,3 +222,55 @@ def repair(manifest: ManifestArg, miners: MinersOpt = None, seed: SeedOpt = None
     base.out.print(f"{m.dataset_id}: {len(tasks)} share(s) regenerated on "
                    f"{len({t.target for t in tasks})} miner(s) in {len({t.segment for t in tasks})} segment(s); "
                    f"manifest {manifest} updated", soft_wrap=True)
+
+
+# -- on the ledger (run on the bridge host, like `carechain party|rx`: see carechain/cli_contracts.py) ---------
+DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="Bridge data directory (ledger, log key).")]
+
+
+@store_app.command("commit")
+def commit(manifest: ManifestArg,
+           key: Annotated[Path, typer.Option("--key", help="The dataset owner's key file (it signs the entry; "
+                                                           "any key, bound to the dataset by its first commit).")],
+           config: ConfigOpt = None, data_dir: DataDirOpt = None, as_json: JsonOpt = False) -> None:
+    """Record MANIFEST's share Merkle roots on the ledger (a `storage.commit` entry)."""
+    from carechain import cli_contracts as cc
+    from chain_bridge.contracts import entries as ce
+    from chain_bridge.contracts.storage import commit_for
+    from chain_bridge.storage.client import load_manifest
+    from chain_bridge.storage.codec import StorageError
+
+    try:
+        m = load_manifest(manifest)
+    except (OSError, StorageError) as exc:
+        raise base._fail(str(exc)) from None
+    owner = cc._load_key(key)
+    entry = ce.signed(owner, ce.STORAGE_COMMIT, commit_for(m, owner.public_key, cc._now_ms()))
+    leaf = cc._submit(config, data_dir, entry)
+    cc._print({"dataset": m.dataset_id, "revision": m.revision, "segments": len(m.segments), "owner": owner.device_id,
+               "leaf": leaf}, as_json)
+
+
+@store_app.command("settle")
+def settle(results: Annotated[Path, typer.Argument(help='Epoch results JSON: {"epoch": N, "pool": MINOR, "miners": '
+                                                        '[{"miner", "passed", "failed", "answered", "unanswered"}]}.')],
+           config: ConfigOpt = None, data_dir: DataDirOpt = None, as_json: JsonOpt = False) -> None:
+    """Record an epoch's audit results on the ledger and pay its rewards from pool:miners (`storage.audit`).
+
+    Signed with the bridge's operator key; the payouts are what settle_epoch computes against the ledger.
+    """
+    from carechain import cli_contracts as cc
+    from chain_bridge.contracts import entries as ce
+    from chain_bridge.contracts.storage import settle as settle_payload
+    from chain_bridge.registry import operator_key
+
+    raw = cc._read_json(results, "epoch results")
+    runtime = cc._replay(config, data_dir)
+    try:
+        payload = settle_payload(runtime.state, raw["epoch"], raw["pool"], list(raw["miners"]), cc._now_ms())
+    except (KeyError, TypeError, ValueError) as exc:  # ValidationError is a ValueError
+        raise base._fail(f"{results}: not epoch results ({exc!s:.300})") from None
+    bdir = base._bridge_dir(base._config(config), data_dir)
+    leaf = cc._submit(config, data_dir, ce.signed(operator_key(bdir), ce.STORAGE_AUDIT, payload))
+    cc._print({"epoch": payload.epoch, "leaf": leaf, "paid": sum(payload.payouts.values()), "carry": payload.carry,
+               "payouts": payload.payouts}, as_json)

@@ -22,6 +22,8 @@ from carechain.entries import (  # noqa: F401 (the type names live with the leaf
     RX_ANCHOR,
     RX_REVOKE,
     SALE_REFUSED,
+    STORAGE_AUDIT,
+    STORAGE_COMMIT,
     TOKEN_TRANSFER,
     WELLNESS_SETTLE,
     Entry,
@@ -139,6 +141,68 @@ class SaleRefusal(_Payload):
     v: int = 1
     event: bytes = Field(min_length=1, max_length=16 * 1024)  # the terminal's COSE_Sign1, byte for byte
     reason: str = Field(min_length=1, max_length=64)
+    ts: int = Field(ge=0)
+
+
+MinerId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]  # also the tail of "miner:<id>"
+StorageCount = Annotated[int, Field(ge=0, le=100_000)]
+
+
+class StorageShare(_Payload):
+    index: int = Field(ge=0, le=255)
+    miner: MinerId
+    root: Hex32  # the share's Merkle root over its chunks (what audits check answers against)
+
+
+class StorageSegment(_Payload):
+    index: int = Field(ge=0, le=2**32)
+    version: int = Field(ge=1)
+    shares: list[StorageShare] = Field(min_length=1, max_length=256)
+
+
+class StorageCommit(_Payload):
+    """Signed by the dataset's owner key: the share roots of one revision of a dataset (from its Manifest).
+
+    Any Ed25519 key may commit (a patient is not a registered party): `pk` is carried in the payload and
+    must be the key whose id signs it. The first commit of a `dataset_id` binds it to that key; later
+    revisions must come from the same key with a higher `revision`.
+    """
+
+    v: int = 1
+    pk: bytes = Field(min_length=32, max_length=32)
+    dataset_id: str = Field(min_length=1, max_length=256)
+    revision: int = Field(ge=1)
+    k: int = Field(ge=1, le=256)
+    n: int = Field(ge=1, le=256)
+    length: int = Field(ge=0)
+    segments: list[StorageSegment] = Field(max_length=1_000_000)
+    ts: int = Field(ge=0)
+
+
+class MinerEpoch(_Payload):
+    """One miner's counts in one epoch; an unanswered retrieval counts as a failed audit."""
+
+    miner: MinerId
+    passed: StorageCount = 0
+    failed: StorageCount = 0
+    answered: StorageCount = 0
+    unanswered: StorageCount = 0
+
+
+class StorageAudit(_Payload):
+    """Operator-signed: one epoch's audit and retrieval results and the payouts from "pool:miners".
+
+    `payouts` (miner id → minor units, non-zero ones only) and `carry` must be exactly what
+    `chain_bridge.storage.rewards.settle_epoch` computes from the counts, `pool`, the carry of the previous
+    epoch and the reputations on the ledger; the rule recomputes them and rejects any difference.
+    """
+
+    v: int = 1
+    epoch: int = Field(ge=0)
+    pool: Minor
+    miners: list[MinerEpoch] = Field(max_length=4096)
+    payouts: dict[MinerId, Minor]
+    carry: Minor
     ts: int = Field(ge=0)
 
 

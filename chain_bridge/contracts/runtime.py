@@ -39,6 +39,8 @@ ROUTES: dict[str, tuple[str, ...]] = {
     ce.WELLNESS_SETTLE: ("insurance",),
     "event:purchase": ("prescriptions", "insurance"),
     "event:activity": ("insurance",),
+    ce.STORAGE_COMMIT: ("storage",),
+    ce.STORAGE_AUDIT: ("storage",),
 }
 # Who may sign each entry type (a party role, "operator" from the genesis, or a registered "device").
 SIGNERS: dict[str, frozenset[str]] = {
@@ -52,8 +54,14 @@ SIGNERS: dict[str, frozenset[str]] = {
     ce.RX_REVOKE: frozenset({"prescriber"}),
     ce.POLICY_REGISTER: frozenset({"insurer"}),
     ce.WELLNESS_SETTLE: frozenset({"insurer"}),
+    ce.STORAGE_COMMIT: frozenset({"key", "operator", *ce.PARTY_ROLES}),  # any key: see SELF_KEYED
+    ce.STORAGE_AUDIT: frozenset({"operator"}),
     ENTRY_EVENT: frozenset({"device"}),
 }
+# Entry types any Ed25519 key may sign: the payload carries `pk`, whose id must be the signer's kid; an
+# unregistered signer then acts with the role "key" (a patient committing its dataset's share roots).
+SELF_KEYED = frozenset({ce.STORAGE_COMMIT})
+BUILTIN = ("tokens", "prescriptions", "insurance", "storage")
 
 
 class MissingContractCode(RuntimeError):
@@ -153,7 +161,7 @@ class CodeBook:
 
     @classmethod
     def builtin(cls) -> CodeBook:
-        return cls(_builtin_module(name) for name in ("tokens", "prescriptions", "insurance"))
+        return cls(_builtin_module(name) for name in BUILTIN)
 
     def add(self, module: RuleModule) -> None:
         self._by_hash[module.code_hash] = module
@@ -176,7 +184,7 @@ def _builtin_module(name: str) -> RuleModule:
 
 def builtin_hashes() -> dict[str, str]:
     """Contract name → code hash of the modules shipped in this package (for a genesis)."""
-    return {name: _builtin_module(name).code_hash for name in ("tokens", "prescriptions", "insurance")}
+    return {name: _builtin_module(name).code_hash for name in BUILTIN}
 
 
 @dataclass(frozen=True)
@@ -295,6 +303,8 @@ class Runtime:
         except envelope.EnvelopeError as exc:
             return Reject(f"bad_envelope:{exc.reason}")
         signer = self._signer(entry.type, msg.kid)
+        if signer is None and entry.type in SELF_KEYED:
+            signer = _self_key(msg)
         if signer is None:
             revoked = entry.type == ENTRY_EVENT and msg.kid in self.state.table("devices")
             return Reject("device_revoked" if revoked else "unknown_signer")
@@ -338,6 +348,8 @@ class Runtime:
             seen = (Put("seen", key, index),)
         effects: list[Effect] = []
         for name in names:
+            if name not in self.state.versions:  # a genesis from before this contract existed
+                return Reject("contract_not_in_genesis")
             module = self.code.get(self.state.code_in_force(name, index))
             outcome = module.apply(self.state, tx)
             if isinstance(outcome, Reject):
@@ -445,6 +457,14 @@ _CORE = {
     ce.CONTRACT_UPGRADE: Runtime._contract_upgrade,
     ce.SALE_REFUSED: Runtime._sale_refused,
 }
+
+
+def _self_key(msg: envelope.Sign1) -> tuple[str, bytes] | None:
+    """("key", pk) when the payload's `pk` is the key of the signer's kid (signature checked later)."""
+    pk = msg.payload.get("pk") if isinstance(msg.payload, dict) else None
+    if not isinstance(pk, bytes) or len(pk) != 32 or device_id_for(pk) != msg.kid:
+        return None
+    return "key", pk
 
 
 def _balances_after(state: State, effects: Iterable[Effect]) -> dict[str, int] | None:

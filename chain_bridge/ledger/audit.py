@@ -36,6 +36,7 @@ from carechain.entries import (
     ENTRY_REVOKE,
     PARTY_REGISTER,
     SALE_REFUSED,
+    STORAGE_AUDIT,
     Entry,
     EntryError,
     Registration,
@@ -50,7 +51,7 @@ from carechain.sqlite_store import LEDGER, check_store, store_error
 M = TypeVar("M", bound=BaseModel)
 # Entries in a log may be larger than the wire default (limits.max_event_bytes goes up to 1 MiB).
 _MAX_ENTRY_COSE = 1 << 20
-_OPERATOR_CONTRACT_ENTRIES = frozenset({PARTY_REGISTER, CONTRACT_UPGRADE, SALE_REFUSED})
+_OPERATOR_CONTRACT_ENTRIES = frozenset({PARTY_REGISTER, CONTRACT_UPGRADE, SALE_REFUSED, STORAGE_AUDIT})
 
 
 class AuditFailure(Exception):
