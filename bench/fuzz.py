@@ -27,7 +27,6 @@ import hashlib
 import json
 import math
 import random
-import re
 import sys
 import tempfile
 import time
@@ -48,20 +47,13 @@ from carechain.events import EventPayload, make_payload  # noqa: E402
 from carechain.identity import Identity, verify_signature  # noqa: E402
 from chain_bridge.ingest import Ingest, Rejection  # noqa: E402
 from chain_bridge.ledger.store import DeviceRecord, EventCandidate  # noqa: E402
+from simulators.hostile import SAMPLE_BODIES, documented_reasons  # noqa: E402
 
 DEVICE = Identity.from_seed(b"\x05" * 32)
 OTHER = Identity.from_seed(b"\x06" * 32)
 NOW_MS = 1_800_000_000_000
 REGISTRY = {DEVICE.device_id: DeviceRecord(DEVICE.device_id, DEVICE.public_key, "wearable", "patient:a", "ward",
                                            0, None)}
-BODIES = [
-    ("heart_rate", {"bpm": 72}), ("heart_rate", {"bpm": 61, "rr_intervals_1024": [800, 815], "sensor_contact": True}),
-    ("temperature", {"celsius": 36.6, "site": "ear"}), ("blood_pressure", {"systolic_mmhg": 120, "diastolic_mmhg": 80}),
-    ("spo2", {"spo2_pct": 97.5}), ("glucose", {"mg_dl": 104.0, "sample": "capillary"}), ("weight", {"kg": 71.2}),
-    ("activity", {"steps": 5400, "active_minutes": 31}),
-    ("purchase", {"item_code": "0002-8215", "code_system": "ndc", "rx_only": False, "quantity": 1,
-                  "price_minor": 1299, "currency": "EUR", "patient_token": "p-1", "payment_method": "card"}),
-]
 FIELDS = ["v", "dev", "seq", "ts", "kind", "body"]
 ODD_TEXT = ["", "\u0000", "A" * 65, DEVICE.device_id.upper(), DEVICE.device_id + "\n", DEVICE.device_id + "\u200b",
             "\u0430" + DEVICE.device_id[1:], "\ufeff" + DEVICE.device_id, "e\u0301", "\U0001f600",
@@ -80,10 +72,6 @@ RAW_VALUES = [
 ]
 
 
-def documented_reasons() -> set[str]:
-    text = (REPO / "docs" / "protocol.md").read_text()
-    section = text.split("## Rejection reasons", 1)[1].split("\n## ", 1)[0]
-    return set(re.findall(r"^\| `([a-z0-9_]+)` \|", section, re.MULTILINE)) - {"bad_topic"}
 
 
 # -- generators -----------------------------------------------------------------------------------------
@@ -114,7 +102,7 @@ class Generator:
     # building blocks
 
     def payload(self) -> dict[str, Any]:
-        kind, body = self.rng.choice(BODIES)
+        kind, body = self.rng.choice(SAMPLE_BODIES)
         return make_payload(DEVICE.device_id, self.rng.randrange(0, 100_000), NOW_MS + self.rng.randint(-86_400_000,
                                                                                                        60_000),
                             kind, body)

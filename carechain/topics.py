@@ -52,7 +52,11 @@ def miner_evidence(miner_id: str) -> str:
 
 def miner_of_topic(topic: str) -> tuple[str, str] | None:
     """(miner id, kind) of a miner topic, kind one of req/resp/cosig/evidence; None when it is not one."""
-    m = _MINER_TOPIC.fullmatch(topic)
+    return _id_and_kind(_MINER_TOPIC, topic)
+
+
+def _id_and_kind(pattern: re.Pattern[str], topic: str) -> tuple[str, str] | None:
+    m = pattern.fullmatch(topic)
     return (m.group(1), m.group(2)) if m and _DEVICE_ID.fullmatch(m.group(1)) else None
 
 
@@ -85,5 +89,4 @@ def store_hello(miner_id: str) -> str:
 
 def store_miner_of_topic(topic: str) -> tuple[str, str] | None:
     """(miner id, kind) of a storage topic, kind one of req/resp/hello; None when it is not one."""
-    m = _STORE_TOPIC.fullmatch(topic)
-    return (m.group(1), m.group(2)) if m and _DEVICE_ID.fullmatch(m.group(1)) else None
+    return _id_and_kind(_STORE_TOPIC, topic)

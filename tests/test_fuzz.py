@@ -35,6 +35,7 @@ from carechain.identity import Identity, verify_signature
 from chain_bridge.bridge import Bridge
 from chain_bridge.ingest import Ingest, Rejection
 from chain_bridge.ledger.store import DeviceRecord, EventCandidate, Ledger
+from simulators.hostile import SAMPLE_BODIES, documented_reasons
 
 DEVICE = Identity.from_seed(b"\x05" * 32)
 OTHER = Identity.from_seed(b"\x06" * 32)
@@ -50,11 +51,6 @@ CBOR_REASONS = {"malformed_cbor", "trailing_bytes", "unexpected_tag", "int_out_o
 FUZZ = settings(max_examples=400, deadline=1000, suppress_health_check=[HealthCheck.too_slow])
 
 
-def documented_reasons() -> set[str]:
-    """The rejection reasons in the table of docs/protocol.md (the contract with device makers)."""
-    text = (Path(__file__).parent.parent / "docs" / "protocol.md").read_text()
-    section = text.split("## Rejection reasons", 1)[1].split("\n## ", 1)[0]
-    return set(re.findall(r"^\| `([a-z0-9_]+)` \|", section, re.MULTILINE)) - {"bad_topic"}
 
 
 REASONS = documented_reasons()
@@ -66,14 +62,6 @@ def test_the_documented_reasons_are_read_from_the_docs() -> None:
 
 # -- building events ----------------------------------------------------------------------------------
 
-BODIES = [
-    ("heart_rate", {"bpm": 72}), ("heart_rate", {"bpm": 61, "rr_intervals_1024": [800, 815], "sensor_contact": True}),
-    ("temperature", {"celsius": 36.6, "site": "ear"}), ("blood_pressure", {"systolic_mmhg": 120, "diastolic_mmhg": 80}),
-    ("spo2", {"spo2_pct": 97.5}), ("glucose", {"mg_dl": 104.0, "sample": "capillary"}), ("weight", {"kg": 71.2}),
-    ("activity", {"steps": 5400, "active_minutes": 31}),
-    ("purchase", {"item_code": "0002-8215", "code_system": "ndc", "rx_only": False, "quantity": 1,
-                  "price_minor": 1299, "currency": "EUR", "patient_token": "p-1", "payment_method": "card"}),
-]
 
 
 def sign_raw(ident: Identity, payload_bytes: bytes, kid: bytes | None = None) -> bytes:
@@ -85,7 +73,7 @@ def sign_raw(ident: Identity, payload_bytes: bytes, kid: bytes | None = None) ->
 
 valid_payloads = st.builds(
     lambda kb, seq, dt: make_payload(DEVICE.device_id, seq, NOW_MS + dt, kb[0], kb[1]),
-    st.sampled_from(BODIES), st.integers(0, 10_000), st.integers(-86_400_000, 60_000))
+    st.sampled_from(SAMPLE_BODIES), st.integers(0, 10_000), st.integers(-86_400_000, 60_000))
 valid_events = valid_payloads.map(lambda p: envelope.sign(DEVICE, p))
 
 odd_text = st.sampled_from([

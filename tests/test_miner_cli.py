@@ -26,6 +26,7 @@ from chain_bridge.miners.cosignature import Cosigner
 from chain_bridge.miners.finality import FinalityPolicy, is_final_note
 from simulators.miners import CosignatureWatch, MinerProcess, clear_retained
 from tests.test_miners_integration import wait_for
+from tests.test_pipeline import register
 
 pytestmark = pytest.mark.integration
 N_MINERS, THRESHOLD = 5, 3
@@ -72,16 +73,6 @@ def fleet(tmp_path: Path, broker) -> Iterator[tuple[Bridge, list[MinerProcess], 
                        [topics.miner_cosignature(m.key.device_id) for m in miners])
 
 
-def register_devices(ledger: Ledger, devices: list[Identity]) -> None:
-    now = int(time.time() * 1000)
-    items = []
-    for d in devices:
-        reg = Registration(dev=d.device_id, pk=d.public_key, profile="heart_rate_band", owner="patient:t",
-                           site="lab", ts=now)
-        items.append((registration_entry(OPERATOR, reg), reg))
-    ledger.append_registrations(items)
-
-
 def send_events(client: mqtt.Client, devices: list[Identity], seqs: range) -> None:
     now = int(time.time() * 1000)
     for seq in seqs:
@@ -96,7 +87,7 @@ def test_five_miner_processes_cosign_and_the_bridge_publishes_a_final_checkpoint
     bridge, miners, watch = fleet
     devices = [Identity.generate() for _ in range(3)]
     with bridge.ledger_lock:
-        register_devices(bridge.ledger, devices)
+        register(bridge.ledger, devices, OPERATOR)
     ready = threading.Event()
     device_client = connect_client(broker.config, f"devices-{tmp_path.name}", connected=ready)
     request.addfinalizer(lambda: (device_client.disconnect(), device_client.loop_stop()))

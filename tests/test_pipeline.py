@@ -24,13 +24,13 @@ pytestmark = pytest.mark.integration
 OPERATOR = Identity.from_seed(b"\x11" * 32)
 
 
-def register(ledger: Ledger, idents: list[Identity]) -> None:
+def register(ledger: Ledger, idents: list[Identity], operator: Identity = OPERATOR) -> None:
     now = int(time.time() * 1000)
     items = []
     for i in idents:
         reg = Registration(dev=i.device_id, pk=i.public_key, profile="heart_rate_band", owner="patient:t",
                            site="lab", ts=now)
-        items.append((registration_entry(OPERATOR, reg), reg))
+        items.append((registration_entry(operator, reg), reg))
     ledger.append_registrations(items)
 
 
