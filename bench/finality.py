@@ -43,7 +43,7 @@ from carechain.identity import Identity  # noqa: E402
 from carechain.transport import connect_client  # noqa: E402
 from chain_bridge.ledger.store import Ledger  # noqa: E402
 from chain_bridge.registry import contract_genesis, ledger_path, log_key, operator_key  # noqa: E402
-from simulators.faults import wait_ready  # noqa: E402
+from simulators.fault_harness import wait_ready  # noqa: E402
 from simulators.miners import CARECHAIN, CosignatureWatch, MinerProcess  # noqa: E402
 from simulators.mosquitto import Mosquitto  # noqa: E402
 
@@ -174,8 +174,8 @@ def synthetic_day(n_sales: int) -> tuple[object, list[Entry], int]:
     """A pharmacy day: parties, a terminal, policies; then sales — every third an Rx-only sale filling an
     anchored Rx, every third a covered immunization, the rest over the counter. Returns the genesis, the
     entries and how many of them are sales."""
-    from chain_bridge.contracts import Genesis, builtin_hashes
-    from chain_bridge.contracts import entries as ce
+    from contract_rules import Genesis, builtin_hashes
+    from contract_rules import transactions as ce
 
     def ident(n: int) -> Identity:
         return Identity.from_seed(n.to_bytes(32, "big"))
@@ -220,7 +220,7 @@ def synthetic_day(n_sales: int) -> tuple[object, list[Entry], int]:
 
 def run_contracts(n_sales: int, say) -> dict[str, object] | None:  # noqa: ANN001
     try:
-        from chain_bridge.contracts import ContractWitness, Runtime
+        from contract_rules import ContractWitness, Runtime
     except ImportError:
         return None
     say(f"contracts: a synthetic day of {n_sales} sales…")

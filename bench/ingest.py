@@ -36,7 +36,7 @@ from carechain.identity import Identity  # noqa: E402
 from carechain.inventory import InventoryDevice  # noqa: E402
 from chain_bridge.ledger.store import Ledger  # noqa: E402
 from chain_bridge.registry import ledger_path, operator_key, register_devices  # noqa: E402
-from simulators.faults import wait_ready  # noqa: E402
+from simulators.fault_harness import wait_ready  # noqa: E402
 from simulators.mosquitto import Mosquitto  # noqa: E402
 
 # Unacknowledged publishes per client: below paho's 65,535 packet ids (they must never wrap), and large

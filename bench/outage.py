@@ -32,7 +32,7 @@ from carechain.config import AgentConfig  # noqa: E402
 from carechain.identity import Identity  # noqa: E402
 from edge_agent.agent import Agent, AgentDevice  # noqa: E402
 from edge_agent.outbox import Outbox  # noqa: E402
-from simulators.faults import Fleet, ledger_event_counts  # noqa: E402
+from simulators.fault_harness import Fleet, ledger_event_counts  # noqa: E402
 
 
 def rss_kb(pid: int, field: str = "VmRSS") -> int:

@@ -27,9 +27,9 @@ sys.path.insert(0, str(REPO))
 import zfec  # noqa: E402
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
 
-from chain_bridge.storage import audit  # noqa: E402
-from chain_bridge.storage.codec import DatasetKey, StorageParams, split_segments  # noqa: E402
-from chain_bridge.storage.manifest import decode_dataset, plan_put  # noqa: E402
+from carechain.storage import audit  # noqa: E402
+from carechain.storage.codec import DatasetKey, StorageParams, split_segments  # noqa: E402
+from carechain.storage.manifest import decode_dataset, plan_put  # noqa: E402
 
 TB = 10**12
 

@@ -1,7 +1,7 @@
 """Storage over the network (issue 7): put/get MB/s through a private mosquitto to 8 miner processes, against
 raw AES-256-GCM + zfec measured in the same run (bench/storage.py's `run`), and audit bandwidth.
 
-Everything runs on this machine: one mosquitto on loopback, 8 `python -m chain_bridge.storage.miner` processes
+Everything runs on this machine: one mosquitto on loopback, 8 `python -m chain_miner.storage_server` processes
 (shares on disk in temporary data dirs), one StorageClient (default window of requests in flight). Rates are
 MB (10^6 bytes) of dataset plaintext per second, wall clock, including encryption, coding, hashing, CBOR,
 MQTT (QoS 1) and the miners' disk writes; put waits for every share's acknowledgement. Audit figures: one
@@ -27,9 +27,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from carechain.config import BrokerConfig  # noqa: E402
-from chain_bridge.storage import audit  # noqa: E402
-from chain_bridge.storage.client import StorageClient, key_path  # noqa: E402
-from chain_bridge.storage.codec import DatasetKey, StorageParams  # noqa: E402
+from carechain.storage import audit  # noqa: E402
+from carechain.storage.codec import DatasetKey, StorageParams  # noqa: E402
+from chain_bridge.storage_client import StorageClient, key_path  # noqa: E402
 from simulators.mosquitto import Mosquitto  # noqa: E402
 
 MINERS = 8
@@ -50,7 +50,7 @@ def start_miners(root: Path, broker: BrokerConfig, count: int) -> list[tuple[sub
         d = root / f"miner{i}"
         d.mkdir()
         err = open(d / "stderr.log", "wb")  # noqa: SIM115 - lives as long as the process
-        procs.append(subprocess.Popen([sys.executable, "-m", "chain_bridge.storage.miner", "--data-dir", str(d),
+        procs.append(subprocess.Popen([sys.executable, "-m", "chain_miner.storage_server", "--data-dir", str(d),
                                        "--broker", broker.address], cwd=REPO, env=env, stdout=subprocess.PIPE,
                                       stderr=err, text=True))
     out = []

@@ -19,7 +19,7 @@ ENTRY_EVENT = "event"
 ENTRY_REGISTER = "device.register"
 ENTRY_REVOKE = "device.revoke"
 ENTRY_TYPES = frozenset({ENTRY_EVENT, ENTRY_REGISTER, ENTRY_REVOKE})
-# Contract entries (payload models and rules in chain_bridge.contracts): named here because every reader
+# Contract entries (payload models and rules in contract_rules): named here because every reader
 # of leaves (proofs, `verify --full`, miners) must accept them, and these readers do not import the bridge.
 PARTY_REGISTER = "party.register"
 CONTRACT_UPGRADE = "contract.upgrade"

@@ -2,7 +2,7 @@
 
 Hashing is RFC 9162 §2.1.1 with SHA-256: a leaf is `H(0x00 ‖ data)`, an interior node `H(0x01 ‖ l ‖ r)`
 and the empty tree `H("")`. The verifiers follow RFC 9162 §2.1.3.2 (inclusion) and §2.1.4.2
-(consistency) step by step; they share nothing with the proof generator in `chain_bridge.ledger.tree`
+(consistency) step by step; they share nothing with the proof generator in `carechain.merkle_tree`
 except these hash functions, so each checks the other.
 
 Every check raises `ProofError` saying what was wrong; nothing here returns a bare `False`.
@@ -216,3 +216,35 @@ def _check_path(path: Sequence[bytes]) -> None:
         raise ProofError(f"proof has {len(path)} hashes; no proof in a 2**64-leaf tree needs more than 64")
     for i, p in enumerate(path):
         _check_hash(f"proof element {i}", p)
+
+
+# -- frontier (compact range from leaf 0: the miners' state and evidence) ------------------------------------
+
+
+def extend_frontier(size: int, frontier: Sequence[bytes], leaf_hashes: Sequence[bytes]) -> tuple[bytes, ...]:
+    """The frontier of the tree of `size` leaves with `leaf_hashes` appended.
+
+    The frontier holds one perfect-subtree root per set bit of `size`, largest first.
+    """
+    if len(frontier) != size.bit_count():
+        raise ValueError(f"a frontier of a {size}-leaf tree has {size.bit_count()} hashes, got {len(frontier)}")
+    stack = list(frontier)
+    for h in leaf_hashes:
+        # Appending leaf number `size`: merge one pair per trailing one bit of `size`.
+        n = size
+        while n & 1:
+            h = node_hash(stack.pop(), h)
+            n >>= 1
+        stack.append(h)
+        size += 1
+    return tuple(stack)
+
+
+def frontier_root(frontier: Sequence[bytes]) -> bytes:
+    """RFC 9162 root of the tree whose frontier this is (right-to-left fold)."""
+    if not frontier:
+        return EMPTY_ROOT
+    root = frontier[-1]
+    for h in reversed(frontier[:-1]):
+        root = node_hash(h, root)
+    return root

@@ -66,7 +66,7 @@ def _checked(device_id: str) -> str:
     return device_id
 
 
-# -- storage miners (issue 7; chain_bridge/storage/miner.py) ---------------------------------------------
+# -- storage miners (issue 7; chain_miner/storage_server.py) ---------------------------------------------
 STORE_RESPONSE_WILDCARD = f"{PREFIX}/store/+/resp"
 STORE_HELLO_WILDCARD = f"{PREFIX}/store/+/hello"
 _STORE_TOPIC = re.compile(rf"{PREFIX}/store/([^/]+)/(req|resp|hello)")

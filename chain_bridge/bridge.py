@@ -23,16 +23,16 @@ from pydantic import ValidationError
 from carechain import topics
 from carechain.checkpoint import NoteError, parse_note
 from carechain.config import BridgeConfig, BrokerConfig
-from carechain.faults import crash_point
+from carechain.cosignature import Cosigner
+from carechain.crash_points import crash_point
 from carechain.identity import Identity
+from carechain.miner_messages import CosignatureMessage
 from carechain.receipts import Receipt, Rejected
 from carechain.transport import connect_client
+from chain_bridge.finality import FinalityPolicy, FinalityTracker
 from chain_bridge.ingest import Ingest, RateGuard, Rejection, SeqGuard
 from chain_bridge.ledger.store import Appended, DeviceRecord, DeviceRevoked, EventCandidate, Ledger, Refused
-from chain_bridge.miners.cosignature import Cosigner
-from chain_bridge.miners.finality import FinalityPolicy, FinalityTracker
-from chain_bridge.miners.messages import CosignatureMessage
-from chain_bridge.miners.service import ProofResponder
+from chain_bridge.proof_responder import ProofResponder
 
 if TYPE_CHECKING:
     from chain_bridge.contract_gate import ContractGate

@@ -1,6 +1,6 @@
 """Contract entries from the command line: replay the ledger, check an entry, append it; Rx files.
 
-The shell around `chain_bridge.contracts` that `carechain party|rx|policy|balance` use on the bridge host:
+The shell around `contract_rules` that `carechain party|rx|policy|balance` use on the bridge host:
 each command replays the ledger in the bridge data dir from its genesis, dry-runs the new entry with
 `Runtime.check` (so a refused entry never reaches the log, and the user sees the contract's reason),
 then appends it durably. The Rx body stays off the ledger in an Rx file (JSON) held by patient and
@@ -20,10 +20,10 @@ from pydantic import ValidationError
 
 from carechain.entries import Entry
 from carechain.identity import device_id_for
-from chain_bridge.contracts import Genesis, Runtime
-from chain_bridge.contracts import entries as ce
-from chain_bridge.contracts.runtime import OK
 from chain_bridge.ledger.store import Ledger
+from contract_rules import Genesis, Runtime
+from contract_rules import transactions as ce
+from contract_rules.runtime import OK
 
 
 class ContractRefused(Exception):

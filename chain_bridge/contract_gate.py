@@ -13,10 +13,10 @@ import time
 
 from carechain.entries import ENTRY_EVENT, Entry
 from carechain.identity import Identity
-from chain_bridge.contracts import CodeBook, Genesis, Runtime, State
-from chain_bridge.contracts import entries as ce
-from chain_bridge.contracts.runtime import OK
 from chain_bridge.ledger.store import EventCandidate, Ledger
+from contract_rules import CodeBook, Genesis, Runtime, State
+from contract_rules import transactions as ce
+from contract_rules.runtime import OK
 
 PURCHASE = "purchase"
 

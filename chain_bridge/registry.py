@@ -11,8 +11,8 @@ from pathlib import Path
 from carechain.entries import Registration, registration_entry
 from carechain.identity import Identity, device_id_for
 from carechain.inventory import InventoryDevice
-from chain_bridge.contracts import Genesis, builtin_hashes
 from chain_bridge.ledger.store import Ledger
+from contract_rules import Genesis, builtin_hashes
 
 LEDGER_FILE = "ledger.db"
 LOG_KEY_FILE = "keys/log.key"

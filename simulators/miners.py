@@ -24,8 +24,8 @@ from carechain import topics
 from carechain.checkpoint import NoteError, parse_note
 from carechain.config import BrokerConfig, MinerKey
 from carechain.identity import Identity
+from carechain.miner_messages import CosignatureMessage
 from carechain.transport import connect_client
-from chain_bridge.miners.messages import CosignatureMessage
 
 REPO = Path(__file__).resolve().parent.parent
 # `carechain` as a command: imports carechain.cli as a module (not as __main__, as `python -m` would).

@@ -10,15 +10,15 @@ with four strategies holds the k-of-n erasure-coded shares of many segments:
 
 Each epoch every miner answers ``challenges`` checkpoint-seeded random chunks drawn over all the chunks
 it holds (a miner missing a fraction f of them is caught with the analytic probability 1 - (1 - f)^c, as in
-``chain_bridge.storage.audit``), some segments are retrieved (an unanswered retrieval counts as a failed
+``carechain.storage.audit``), some segments are retrieved (an unanswered retrieval counts as a failed
 audit), a failed audit is slashed and lowers the miner's reputation, a share is declared lost at once on
 proof of a missing chunk and after a grace period when its miner is merely offline, and a segment whose
 shares not declared lost fall below k + margin is repaired from k retrievable shares (the policy of
-``chain_bridge.storage.repair``). Miners are paid per passed audit (the storage price for the share over the epoch)
+``carechain.storage.repair``). Miners are paid per passed audit (the storage price for the share over the epoch)
 and per answered retrieval (per GB served) and pay for disk (per GB-month), egress (per GB) and audits.
 
 Defaults (k, n, challenges per miner-epoch, grace, repair margin) and the detection formula come from
-``chain_bridge.storage``; rewards, penalties, reputation and costs are this module's own parameterised model
+``carechain.storage``; rewards, penalties, reputation and costs are this module's own parameterised model
 (see docs/storage-economics.md).
 
     python -m simulators.storage_economics            # default parameters, text report
@@ -36,9 +36,9 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 
-from chain_bridge.storage.audit import AuditSchedule, challenges_needed, detection_probability
-from chain_bridge.storage.codec import K, N
-from chain_bridge.storage.repair import RepairPolicy
+from carechain.storage.audit import AuditSchedule, challenges_needed, detection_probability
+from carechain.storage.codec import K, N
+from carechain.storage.repair import RepairPolicy
 
 STRATEGIES = ("honest", "lazy", "selfish", "churning")
 GB_PER_TB = 1000.0
@@ -96,7 +96,7 @@ class EconomicsParams:
     # audits and retrievals
     challenges: int = AuditSchedule().challenges_per_miner_epoch  # random chunks per miner per epoch
     retrieval_rate: float = 0.01         # probability a segment is retrieved in an epoch
-    # repair (chain_bridge.storage.repair.RepairPolicy)
+    # repair (carechain.storage.repair.RepairPolicy)
     repair_margin: int = RepairPolicy().threshold_margin  # repair when shares not lost < k + margin
     grace_epochs: int = max(1, round(RepairPolicy().grace / 86400))  # offline longer than this: shares lost
     # strategies
@@ -475,7 +475,7 @@ class _Simulation:
             self.passed[m.index] = self.failed[m.index] = 0
 
     def _repair(self, epoch: int) -> None:
-        """chain_bridge.storage.repair's policy: repair when shares not lost < k + margin; if fewer than
+        """carechain.storage.repair's policy: repair when shares not lost < k + margin; if fewer than
         k + 1 are online, do not wait out the grace period of the offline ones; never re-use a past holder."""
         p = self.p
         for seg in range(p.segments):

@@ -62,7 +62,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     module = sys.modules.get("tests.test_faults") or sys.modules.get("test_faults")
     results = getattr(module, "RESULTS", None)
     if results:
-        from simulators.faults import table
+        from simulators.fault_harness import table
 
         terminalreporter.write_sep("-", "fault injection: every signed event in the log exactly once")
         terminalreporter.write_line(table(results))

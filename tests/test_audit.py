@@ -23,10 +23,10 @@ from carechain.entries import Registration, Revocation, event_entry, registratio
 from carechain.events import make_payload
 from carechain.identity import Identity
 from carechain.merkle import leaf_hash
+from carechain.merkle_tree import MerkleTree
 from chain_bridge.bridge import Bridge
-from chain_bridge.ledger.audit import AuditFailure, LogAuditor, _consistency_ranges, audit_ledger
+from chain_bridge.ledger.integrity import AuditFailure, LogAuditor, _consistency_ranges, audit_ledger
 from chain_bridge.ledger.store import DeviceRevoked, EventCandidate, Ledger
-from chain_bridge.ledger.tree import MerkleTree
 from chain_bridge.registry import ledger_path, log_key, operator_key
 
 DEVS = [Identity.from_seed(bytes([0x30 + i]) * 32) for i in range(3)]

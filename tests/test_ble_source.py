@@ -15,9 +15,9 @@ from collections.abc import AsyncIterator, Callable, Sequence
 import pytest
 
 from carechain.profiles import DeviceProfile, load_profiles
+from carechain.retry import ReconnectPolicy
 from edge_agent.gatt import registry as gatt_registry
 from edge_agent.paired_devices import PairedDevices
-from edge_agent.reconnect import ReconnectPolicy
 from edge_agent.sources.ble import BleSource, run_sources
 from simulators.ble import Emission, VirtualFleet, VirtualPeripheral
 

@@ -7,8 +7,8 @@ import random
 
 import pytest
 
+from carechain.retry import Backoff, ReconnectPolicy
 from edge_agent.paired_devices import PairedDevices, RegistryError
-from edge_agent.reconnect import Backoff, ReconnectPolicy
 from edge_agent.sources.ble import _seq_after
 
 

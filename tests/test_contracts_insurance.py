@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from test_contracts_world import AMOXICILLIN, DAY, FLU_SHOT, INSURER_FUNDS, T0, WEEK, World, ident
 
-from chain_bridge.contracts import entries as ce
-from chain_bridge.contracts.insurance import week_days
+from contract_rules import transactions as ce
+from contract_rules.insurance import week_days
 
 
 @pytest.fixture

@@ -26,10 +26,10 @@ from carechain.receipts import open_receipt
 from chain_bridge.bridge import Bridge
 from chain_bridge.contract_admin import ContractRefused, replay_ledger, submit
 from chain_bridge.contract_gate import ContractGate
-from chain_bridge.contracts import entries as ce
-from chain_bridge.ledger.audit import audit_ledger
+from chain_bridge.ledger.integrity import audit_ledger
 from chain_bridge.ledger.store import Ledger, LedgerError
 from chain_bridge.registry import GENESIS_FILE, contract_genesis, ledger_path, log_key, operator_key
+from contract_rules import transactions as ce
 from tests.test_contracts_world import AMOXICILLIN, DAY, FLU_SHOT, ident
 
 PRESCRIBER, PHARMACY, INSURER, TERMINAL, WEARABLE = ident(2), ident(4), ident(6), ident(7), ident(9)

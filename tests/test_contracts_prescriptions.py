@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_contracts_world import AMOXICILLIN, DAY, METFORMIN, T0, World, ident
 
-from chain_bridge.contracts import entries as ce
+from contract_rules import transactions as ce
 
 
 @pytest.fixture

@@ -12,11 +12,11 @@ from test_contracts_world import AMOXICILLIN, DAY, FLU_SHOT, T0, World, ident
 
 from carechain import cbor
 from carechain.entries import Entry
-from chain_bridge.contracts import CodeBook, MissingContractCode, Runtime, builtin_hashes, load_rule_source, replay
-from chain_bridge.contracts import entries as ce
+from contract_rules import CodeBook, MissingContractCode, Runtime, builtin_hashes, load_rule_source, replay
+from contract_rules import transactions as ce
 
 REPO = Path(__file__).resolve().parent.parent
-PRESCRIPTIONS_SRC = (REPO / "chain_bridge/contracts/prescriptions.py").read_bytes()
+PRESCRIPTIONS_SRC = (REPO / "contract_rules/prescriptions.py").read_bytes()
 # A second version of the prescription rules: no refills at all for controlled substances.
 PRESCRIPTIONS_V2_SRC = PRESCRIPTIONS_SRC.replace(b"VERSION = 1", b"VERSION = 2").replace(
     b"MAX_CONTROLLED_REFILLS = 5", b"MAX_CONTROLLED_REFILLS = 0")
@@ -25,7 +25,7 @@ _CHILD = """
 import sys
 from carechain import cbor
 from carechain.entries import Entry
-from chain_bridge.contracts import Genesis, replay
+from contract_rules import Genesis, replay
 raw = cbor.decode(open(sys.argv[1], "rb").read(), max_depth=4)
 state = replay(Genesis.from_cbor(raw["genesis"]), [Entry(t, c) for t, c in raw["entries"]])
 print(state.root().hex(), state.size)

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_contracts_world import FLU_SHOT, INSURER_FUNDS, World
 
-from chain_bridge.contracts import replay
+from contract_rules import replay
 
 SENDERS = ("insurer", "pharmacy", "pharmacy2", "miner")
 RECIPIENTS = (*SENDERS, "patient:pt-alice", "patient:pt-bob", "pool:miners")

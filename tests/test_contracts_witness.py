@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from test_contracts_world import FLU_SHOT, INSURER_FUNDS, World
 
-from chain_bridge.contracts import entries as ce
-from chain_bridge.contracts.witness import ContractViolation, ContractWitness, decode_leaf
+from contract_rules import transactions as ce
+from contract_rules.witness import ContractViolation, ContractWitness, decode_leaf
 
 
 @pytest.fixture

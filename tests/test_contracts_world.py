@@ -12,8 +12,8 @@ from carechain import envelope
 from carechain.entries import ENTRY_REGISTER, ENTRY_REVOKE, Entry, Registration, Revocation, event_entry
 from carechain.events import Activity, Purchase, make_payload
 from carechain.identity import Identity
-from chain_bridge.contracts import Genesis, Runtime, builtin_hashes
-from chain_bridge.contracts import entries as ce
+from contract_rules import Genesis, Runtime, builtin_hashes
+from contract_rules import transactions as ce
 
 # Monday 2026-11-16 00:00 UTC: the start of ISO week 2026-W47.
 T0 = int(datetime.datetime(2026, 11, 16, tzinfo=datetime.UTC).timestamp() * 1000)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from carechain.demo import run_demo
+from carechain.demo.pipeline import run_demo
 
 pytestmark = pytest.mark.integration
 

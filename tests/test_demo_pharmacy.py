@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from carechain.demo import run_demo
-from carechain.demo_pharmacy import FLU_SHOT, INSURER_FUNDS, METFORMIN, REBATE
+from carechain.demo.pharmacy_day import FLU_SHOT, INSURER_FUNDS, METFORMIN, REBATE
+from carechain.demo.pipeline import run_demo
 
 pytestmark = pytest.mark.integration
 

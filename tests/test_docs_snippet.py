@@ -25,10 +25,10 @@ from carechain.entries import Registration, registration_entry
 from carechain.events import make_payload
 from carechain.identity import Identity
 from carechain.merkle import leaf_hash
+from carechain.merkle_tree import MerkleTree
 from chain_bridge.bridge import Bridge
 from chain_bridge.ledger.proofs import consistency_bundle, inclusion_bundle
 from chain_bridge.ledger.store import Ledger
-from chain_bridge.ledger.tree import MerkleTree
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "proofs.md"
 OPERATOR = Identity.from_seed(b"\x11" * 32)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from simulators import faults
+from simulators import fault_harness as faults
 from simulators.mosquitto import mosquitto_binary
 
 pytestmark = [

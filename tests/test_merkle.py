@@ -1,4 +1,4 @@
-"""RFC 9162 hashing, proof generation (chain_bridge.ledger.tree) and verification (carechain.merkle)."""
+"""RFC 9162 hashing, proof generation (carechain.merkle_tree) and verification (carechain.merkle)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from carechain.merkle import (
     verify_consistency,
     verify_inclusion,
 )
-from chain_bridge.ledger.tree import MerkleTree, TreeError
+from carechain.merkle_tree import MerkleTree, TreeError
 
 # -- published test vectors -------------------------------------------------------------------------
 # The RFC 6962 reference vectors, as kept by transparency-dev/merkle (successor of Trillian's merkle

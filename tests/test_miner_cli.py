@@ -14,16 +14,16 @@ import pytest
 
 from carechain import envelope, topics
 from carechain.config import BridgeConfig
+from carechain.cosignature import Cosigner
 from carechain.entries import Registration, registration_entry
 from carechain.events import make_payload
 from carechain.identity import Identity
 from carechain.proofs import verify_checkpoint
 from carechain.transport import connect_client
 from chain_bridge.bridge import Bridge
-from chain_bridge.contracts import builtin_hashes
+from chain_bridge.finality import FinalityPolicy, is_final_note
 from chain_bridge.ledger.store import Ledger
-from chain_bridge.miners.cosignature import Cosigner
-from chain_bridge.miners.finality import FinalityPolicy, is_final_note
+from contract_rules import builtin_hashes
 from simulators.miners import CosignatureWatch, MinerProcess, clear_retained
 from tests.test_miners_integration import wait_for
 from tests.test_pipeline import register
@@ -127,8 +127,8 @@ def test_a_dishonest_bridge_appending_an_rx_sale_without_prescription_never_beco
     re-execute the contracts, refuse the checkpoint holding the violating sale, and publish evidence that an
     auditor can check; neither that checkpoint nor any later one becomes final."""
     from carechain.events import Purchase
-    from chain_bridge.contracts import entries as ce
-    from chain_bridge.miners.evidence import Evidence, EvidenceKind, verify_evidence
+    from carechain.evidence import Evidence, EvidenceKind, verify_evidence
+    from contract_rules import transactions as ce
 
     bridge, miners, watch = fleet
     pharmacy, terminal, band = Identity.generate(), Identity.generate(), Identity.generate()

@@ -10,13 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from carechain import miner_messages as messages
 from carechain.checkpoint import Checkpoint, NoteSignature, parse_note, sign_note
-from carechain.identity import Identity
-from carechain.merkle import leaf_hash
-from chain_bridge.ledger.store import EventCandidate, Ledger
-from chain_bridge.ledger.tree import MerkleTree
-from chain_bridge.miners import messages
-from chain_bridge.miners.cosignature import (
+from carechain.cosignature import (
     ALG_COSIGNATURE_V1,
     Cosigner,
     add_cosignature,
@@ -24,10 +20,15 @@ from chain_bridge.miners.cosignature import (
     cosignature_timestamp,
     signed_message,
 )
-from chain_bridge.miners.evidence import EvidenceError, EvidenceKind, verify_evidence
-from chain_bridge.miners.finality import FinalityPolicy, FinalityTracker, is_final, is_final_note
-from chain_bridge.miners.service import ProofResponder, StateError, load_state, save_state
-from chain_bridge.miners.witness import (
+from carechain.evidence import EvidenceError, EvidenceKind, verify_evidence
+from carechain.identity import Identity
+from carechain.merkle import extend_frontier, frontier_root, leaf_hash
+from carechain.merkle_tree import MerkleTree
+from chain_bridge.finality import FinalityPolicy, FinalityTracker, is_final, is_final_note
+from chain_bridge.ledger.store import EventCandidate, Ledger
+from chain_bridge.proof_responder import ProofResponder
+from chain_miner.service import StateError, load_state, save_state
+from chain_miner.witness import (
     Cosigned,
     ProofRequest,
     RefusalReason,
@@ -35,8 +36,6 @@ from chain_bridge.miners.witness import (
     Violation,
     Witness,
     WitnessState,
-    extend_frontier,
-    frontier_root,
 )
 
 ORIGIN = "carechain.log/test"

@@ -16,18 +16,18 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
+from carechain import miner_messages as messages
 from carechain import topics
 from carechain.checkpoint import parse_note
+from carechain.cosignature import Cosigner
+from carechain.evidence import Evidence, EvidenceKind, verify_evidence
 from carechain.identity import Identity
 from carechain.transport import connect_client
 from chain_bridge.bridge import default_origin
+from chain_bridge.finality import FinalityPolicy, FinalityTracker
 from chain_bridge.ledger.store import EventCandidate, Ledger
-from chain_bridge.miners import messages
-from chain_bridge.miners.cosignature import Cosigner
-from chain_bridge.miners.evidence import Evidence, EvidenceKind, verify_evidence
-from chain_bridge.miners.finality import FinalityPolicy, FinalityTracker
-from chain_bridge.miners.service import ProofResponder
-from chain_bridge.miners.witness import Violation
+from chain_bridge.proof_responder import ProofResponder
+from chain_miner.witness import Violation
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parent.parent
@@ -47,7 +47,7 @@ class MinerProcess:
     def __init__(self, data_dir: Path, broker: str, log_public_key: bytes, *extra: str) -> None:
         self.key = Identity.generate()
         self.key.save(data_dir / "miner.key")
-        self.args = [sys.executable, "-m", "chain_bridge.miners.service", "--data-dir", str(data_dir),
+        self.args = [sys.executable, "-m", "chain_miner.service", "--data-dir", str(data_dir),
                      "--broker", broker, "--log-public-key", log_public_key.hex(), *extra]
         self.cosigner = Cosigner(f"carechain.miner/{self.key.device_id}", self.key.public_key)
         self.proc: subprocess.Popen[str] | None = None
@@ -119,7 +119,7 @@ class Observer:
 
 
 def reject_evil_sale(old_size: int, new_size: int, entries: Sequence[bytes]) -> Violation | None:
-    """A stand-in for contract re-execution (chain_bridge.contracts): an `evil sale` leaf breaks the rules."""
+    """A stand-in for contract re-execution (contract_rules): an `evil sale` leaf breaks the rules."""
     for i, e in enumerate(entries):
         if e.startswith(b"evil sale"):
             return Violation(old_size + i, "rx.sale_requires_valid_rx", "Rx-only sale without a valid Rx")

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from chain_bridge.storage.audit import (
+from carechain.storage.audit import (
     Answer,
     AuditSchedule,
     ShareRef,
@@ -17,7 +17,7 @@ from chain_bridge.storage.audit import (
     draw_challenges,
     verify_answer,
 )
-from chain_bridge.storage.codec import DatasetKey, StorageParams, encode_segment
+from carechain.storage.codec import DatasetKey, StorageParams, encode_segment
 
 CHUNK = 64
 PARAMS = StorageParams(segment_size=2000, k=2, n=4, chunk_size=CHUNK)

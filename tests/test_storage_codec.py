@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from carechain.files import FilePermissionError
-from chain_bridge.storage.codec import (
+from carechain.storage.codec import (
     CorruptShareError,
     DatasetKey,
     SegmentAuthenticationError,

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 
-from chain_bridge.storage.audit import challenges_needed, detection_probability
+from carechain.storage.audit import challenges_needed, detection_probability
 from simulators.storage_economics import (
     EconomicsParams,
     break_even,

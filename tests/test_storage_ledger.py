@@ -6,13 +6,13 @@ import os
 
 from carechain.entries import Entry
 from carechain.identity import Identity
-from chain_bridge.contracts import Genesis, Runtime, builtin_hashes, replay
-from chain_bridge.contracts import entries as ce
-from chain_bridge.contracts import storage as sc
-from chain_bridge.contracts.runtime import OK
-from chain_bridge.storage.codec import DatasetKey, StorageParams
-from chain_bridge.storage.manifest import plan_put, plan_update
-from chain_bridge.storage.rewards import EpochEvents, RewardPolicy, settle_epoch
+from carechain.storage.codec import DatasetKey, StorageParams
+from carechain.storage.manifest import plan_put, plan_update
+from contract_rules import Genesis, Runtime, builtin_hashes, replay
+from contract_rules import storage as sc
+from contract_rules import transactions as ce
+from contract_rules.rewards import EpochEvents, RewardPolicy, settle_epoch
+from contract_rules.runtime import OK
 
 PARAMS = StorageParams(segment_size=1000, k=4, n=8, chunk_size=100)
 MINERS = [f"miner-{i}" for i in range(10)]

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from chain_bridge.storage.codec import DatasetKey, StorageError, StorageParams
-from chain_bridge.storage.manifest import Manifest, decode_dataset, plan_put, plan_update
+from carechain.storage.codec import DatasetKey, StorageError, StorageParams
+from carechain.storage.manifest import Manifest, decode_dataset, plan_put, plan_update
 
 KEY = DatasetKey("ds-1", bytes(32))
 PARAMS = StorageParams(segment_size=1000, k=3, n=5, chunk_size=100)

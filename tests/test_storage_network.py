@@ -21,9 +21,9 @@ from carechain import topics
 from carechain.cli import app
 from carechain.config import BrokerConfig
 from carechain.identity import Identity
-from chain_bridge.storage.client import StorageClient, key_path, load_manifest
-from chain_bridge.storage.codec import DatasetKey, StorageParams
-from chain_bridge.storage.rewards import EpochEvents, RewardPolicy, settle_epoch
+from carechain.storage.codec import DatasetKey, StorageParams
+from chain_bridge.storage_client import StorageClient, key_path, load_manifest
+from contract_rules.rewards import EpochEvents, RewardPolicy, settle_epoch
 from simulators.miners import REPO, clear_retained
 
 pytestmark = pytest.mark.integration
@@ -34,14 +34,14 @@ TIMEOUT_S = 3.0
 
 
 class StorageMiner:
-    """One `python -m chain_bridge.storage.miner` process; its key is made first so its id is known."""
+    """One `python -m chain_miner.storage_server` process; its key is made first so its id is known."""
 
     def __init__(self, data_dir: Path, broker: BrokerConfig, misbehave: str | None = None) -> None:
         self.data_dir = data_dir
         self.key = Identity.generate()
         self.key.save(data_dir / "miner.key")
         self.id = self.key.device_id
-        self.args = [sys.executable, "-m", "chain_bridge.storage.miner", "--data-dir", str(data_dir),
+        self.args = [sys.executable, "-m", "chain_miner.storage_server", "--data-dir", str(data_dir),
                      "--broker", broker.address, *(["--misbehave", misbehave] if misbehave else [])]
         self.proc: subprocess.Popen[str] | None = None
         self._lines: queue.SimpleQueue[str] = queue.SimpleQueue()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from chain_bridge.storage.placement import PlacementError, place_shares, share_counts
-from chain_bridge.storage.seed import checkpoint_seed, derive, uniform_below
+from carechain.seed import checkpoint_seed, derive, uniform_below
+from carechain.storage.placement import PlacementError, place_shares, share_counts
 
 MINERS = [f"miner-{i:02d}" for i in range(16)]
 SEED = checkpoint_seed(b"carechain.example/log\n42\nroot\n", [b"sig-b", b"sig-a"])

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 
-from chain_bridge.storage.codec import DatasetKey, StorageParams, decode_segment, regenerate_shares
-from chain_bridge.storage.manifest import plan_put
-from chain_bridge.storage.repair import GRACE, OFFLINE_AFTER, apply_repairs, plan_repairs
+from carechain.storage.codec import DatasetKey, StorageParams, decode_segment, regenerate_shares
+from carechain.storage.manifest import plan_put
+from carechain.storage.repair import GRACE, OFFLINE_AFTER, apply_repairs, plan_repairs
 
 KEY = DatasetKey("ds", bytes(32))
 PARAMS = StorageParams(segment_size=1000, k=4, n=8, chunk_size=64)  # threshold k + 2 = 6

@@ -19,9 +19,9 @@ from typer.testing import CliRunner
 
 from carechain import topics
 from carechain.cli import app
-from chain_bridge.storage.client import StorageClient, key_path, load_manifest
-from chain_bridge.storage.codec import DatasetKey, StorageParams
-from chain_bridge.storage.repair import GRACE, RepairPolicy
+from carechain.storage.codec import DatasetKey, StorageParams
+from carechain.storage.repair import GRACE, RepairPolicy
+from chain_bridge.storage_client import StorageClient, key_path, load_manifest
 from simulators.miners import clear_retained
 from tests.test_storage_network import StorageMiner
 

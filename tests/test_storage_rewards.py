@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chain_bridge.storage.rewards import EpochEvents, Reputation, RewardPolicy, settle_epoch
+from contract_rules.rewards import EpochEvents, Reputation, RewardPolicy, settle_epoch
 
 MINERS = ["honest", "lazy", "selfish"]
 events_strategy = st.builds(

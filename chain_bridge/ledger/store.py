@@ -29,8 +29,8 @@ from carechain.entries import (
 )
 from carechain.identity import Identity
 from carechain.merkle import leaf_hash
+from carechain.merkle_tree import MerkleTree
 from carechain.sqlite_store import LEDGER, StoreCorruptError, check_store, store_error
-from chain_bridge.ledger.tree import MerkleTree
 
 SCHEMA_VERSION = 1
 _SCHEMA = """

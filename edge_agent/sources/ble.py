@@ -4,7 +4,7 @@ One `BleSource` serves one device: it scans for the profile's primary service (o
 connects, reads Device Information and Battery, subscribes to every notify/indicate characteristic the
 profile lists, decodes each value with the profile's parser (`edge_agent.gatt.registry.decode`) and
 hands the readings to `on_readings` — the agent passes `lambda r: agent.record(device_id, r)`. When the
-link drops it reconnects under the one retry policy (`edge_agent.reconnect`).
+link drops it reconnects under the one retry policy (`carechain.retry`).
 
 Devices that keep numbered records (glucose meters: Record Access Control Point, 0x2A52) are asked after
 every (re)connection for the stored records from the last sequence number handed on plus one, so what the
@@ -34,12 +34,12 @@ from bleak.backends.scanner import AdvertisementData, BaseBleakScanner
 from bleak.exc import BleakError
 
 from carechain.profiles import Characteristic, DeviceProfile, bluetooth_uuid
+from carechain.retry import Backoff, ReconnectPolicy
 from edge_agent.gatt import device_information
 from edge_agent.gatt import record_access as racp
 from edge_agent.gatt import registry as gatt_registry
 from edge_agent.gatt.errors import GattError
 from edge_agent.paired_devices import PairedDevices
-from edge_agent.reconnect import Backoff, ReconnectPolicy
 
 log = logging.getLogger("carechain.ble")
 

@@ -1,0 +1,123 @@
+"""Evidence a miner publishes when it refuses to cosign, and the check any auditor runs on it.
+
+All evidence rests on checkpoints the log key signed, so the log cannot deny them:
+
+- `split_view`: two signed checkpoints of the same size with different roots. Self-contained proof.
+- `fork`: two signed checkpoints (smaller first) and the consistency proof the log served, which fails.
+  An honest log can always prove one of its trees extends another; the auditor may ask the log for a
+  proof between the two sizes, and none will verify.
+- `violation`: the new checkpoint, the previous one, the previous tree's frontier and the new entries.
+  The auditor checks that the frontier folds to the old root and, with the entries appended, to the new
+  root — so the entries are exactly the leaves the log signed — then re-executes the contract rules.
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from carechain.checkpoint import Checkpoint
+from carechain.merkle import EMPTY_ROOT, ProofError, extend_frontier, frontier_root, leaf_hash, verify_consistency
+from carechain.proofs import VerificationError, verify_checkpoint
+
+_Hex32 = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class EvidenceError(ValueError):
+    """The evidence does not show what it claims; the message says which check failed."""
+
+
+class EvidenceKind(enum.StrEnum):
+    SPLIT_VIEW = "split_view"
+    FORK = "fork"
+    VIOLATION = "violation"
+
+
+class Evidence(BaseModel):
+    """JSON on `cc/v1/miner/{id}/evidence` (docs/miners.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+    v: int = 1
+    kind: EvidenceKind
+    miner: str  # the cosigner name of the miner that found it
+    observed: int  # POSIX seconds
+    log_public_key: str = _Hex32
+    old_checkpoint: str | None  # None only for a violation in the log's first range
+    new_checkpoint: str
+    consistency_path: list[str] = Field(default_factory=list, max_length=64)
+    old_frontier: list[str] = Field(default_factory=list, max_length=64)  # violation only
+    entries: list[str] = Field(default_factory=list)  # violation only: hex of leaves old..new-1
+    violation_leaf: int | None = None
+    violation_rule: str | None = None
+    detail: str = ""
+
+
+def verify_evidence(ev: Evidence, trusted_log_key: bytes,
+                    entry_verifier: Callable[[int, int, Sequence[bytes]], Any] | None = None) -> str:
+    """Check evidence against the log key you trust; return what it proves, or raise `EvidenceError`.
+
+    For a violation, pass the contract re-execution as `entry_verifier` (same signature as the miner's
+    hook); without it only the entries' membership in the signed tree is checked.
+    """
+    if not hmac.compare_digest(bytes.fromhex(ev.log_public_key), trusted_log_key):
+        raise EvidenceError("the evidence names another log key than the one you trust")
+    new = _checkpoint("new_checkpoint", ev.new_checkpoint, trusted_log_key)
+    old = (_checkpoint("old_checkpoint", ev.old_checkpoint, trusted_log_key) if ev.old_checkpoint is not None
+           else None)
+    if old is not None and old.origin != new.origin:
+        raise EvidenceError(f"the checkpoints are from different logs ({old.origin!r}, {new.origin!r})")
+    if ev.kind is EvidenceKind.VIOLATION:
+        return _verify_violation(ev, old, new, entry_verifier)
+    if old is None:
+        raise EvidenceError(f"{ev.kind} evidence needs two checkpoints")
+    if old.tree_size > new.tree_size:
+        raise EvidenceError("old_checkpoint must be the smaller tree")
+    if ev.kind is EvidenceKind.SPLIT_VIEW and old.tree_size != new.tree_size:
+        raise EvidenceError("a split view is two checkpoints of the same size")
+    try:
+        path = [bytes.fromhex(h) for h in ev.consistency_path]
+        verify_consistency(old.tree_size, new.tree_size, old.root_hash, new.root_hash, path)
+    except ProofError as exc:
+        return f"{ev.kind}: log {new.origin} signed {old.tree_size} and {new.tree_size}, inconsistent: {exc}"
+    except ValueError:
+        raise EvidenceError("consistency_path is not hex") from None
+    raise EvidenceError(f"the proof shows {new.tree_size} extends {old.tree_size}: the log was consistent")
+
+
+def _verify_violation(ev: Evidence, old: Checkpoint | None, new: Checkpoint,
+                      entry_verifier: Callable[[int, int, Sequence[bytes]], Any] | None) -> str:
+
+    old_size, old_root = (old.tree_size, old.root_hash) if old is not None else (0, EMPTY_ROOT)
+    try:
+        frontier = [bytes.fromhex(h) for h in ev.old_frontier]
+        entries = [bytes.fromhex(e) for e in ev.entries]
+    except ValueError:
+        raise EvidenceError("old_frontier and entries must be hex") from None
+    if len(frontier) != old_size.bit_count() or not hmac.compare_digest(frontier_root(frontier), old_root):
+        raise EvidenceError(f"old_frontier is not the frontier of the signed {old_size}-leaf tree")
+    if old_size + len(entries) != new.tree_size:
+        raise EvidenceError(f"{len(entries)} entries do not take {old_size} leaves to {new.tree_size}")
+    grown = extend_frontier(old_size, frontier, [leaf_hash(e) for e in entries])
+    if not hmac.compare_digest(frontier_root(grown), new.root_hash):
+        raise EvidenceError("the entries are not the leaves the log signed in new_checkpoint")
+    leaf = ev.violation_leaf
+    if leaf is None or not old_size <= leaf < new.tree_size:
+        raise EvidenceError(f"violation_leaf {leaf} is not in the new range {old_size}..{new.tree_size - 1}")
+    if entry_verifier is None:
+        return (f"violation: leaves {old_size}..{new.tree_size - 1} are in the signed log; re-execute the "
+                f"contracts to confirm {ev.violation_rule} at leaf {leaf}")
+    found = entry_verifier(old_size, new.tree_size, entries)
+    if found is None or getattr(found, "leaf_index", None) != leaf:
+        raise EvidenceError(f"re-executing the contracts finds no violation at leaf {leaf}")
+    return f"violation: leaf {leaf} of log {new.origin} breaks {ev.violation_rule}"
+
+
+def _checkpoint(what: str, note: str, key: bytes) -> Checkpoint:
+    try:
+        return verify_checkpoint(note, key)
+    except VerificationError as exc:
+        raise EvidenceError(f"{what}: {exc}") from None

@@ -1,0 +1,209 @@
+"""The witness decision, sans-IO: given a new signed checkpoint, a consistency proof from the last one it
+cosigned and the new entries, a miner either cosigns or refuses — with evidence when the log misbehaved.
+
+State is the last cosigned tree head (size, root, the log's note) plus its *frontier*: the roots of the
+perfect subtrees that make up the tree (at most 64 hashes, RFC 9162 §2.1.1 split). Folding the frontier
+gives the root, so the new entries are checked exactly: frontier + leaf hashes of the new entries must
+fold to the new root. The consistency proof is checked too, because that is what makes a refusal
+verifiable by anyone (see `evidence`).
+
+Never cosigned: a tree smaller than the last cosigned one, a different root for the same size, a tree the
+proof does not link to the last one, entries that are not the new leaves, or entries the contract hook
+(`verify_entries`) rejects.
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from carechain.checkpoint import Checkpoint, NoteSignature
+from carechain.cosignature import Cosigner, cosign
+from carechain.evidence import Evidence, EvidenceKind
+from carechain.merkle import (
+    EMPTY_ROOT,
+    HASH_SIZE,
+    MAX_PROOF_LENGTH,
+    ProofError,
+    extend_frontier,
+    frontier_root,
+    leaf_hash,
+    verify_consistency,
+)
+from carechain.proofs import VerificationError, verify_checkpoint
+
+
+@dataclass(frozen=True)
+class Violation:
+    """A contract rule broken by an entry in the new range; reported by the `verify_entries` hook."""
+
+    leaf_index: int
+    rule: str
+    detail: str
+
+
+# (old_size, new_size, entries old_size..new_size-1) -> a Violation, or None to accept.
+EntryVerifier = Callable[[int, int, Sequence[bytes]], Violation | None]
+
+
+def verify_entries(old_size: int, new_size: int, entries: Sequence[bytes]) -> Violation | None:
+    """Default contract hook: accept. Contract re-execution (contract_rules) plugs in here."""
+    return None
+
+
+class RefusalReason(enum.StrEnum):
+    """Why a miner did not cosign; stable values for logs, metrics and the evidence topic."""
+
+    BAD_SIGNATURE = "bad_signature"  # not signed by the log key: proves nothing, no evidence
+    WRONG_LOG = "wrong_log"  # another origin than the one this miner follows
+    STALE = "stale"  # smaller than the last cosigned tree but consistent with it: an old checkpoint
+    SPLIT_VIEW = "split_view"  # same size, another root: evidence
+    FORK = "fork"  # the proof does not link it to the last cosigned tree: evidence
+    BAD_ENTRIES = "bad_entries"  # the served entries are not the new leaves (the responder's fault)
+    BAD_RESPONSE = "bad_response"  # a malformed proof, or a wrong one for a log its entries show consistent
+    VIOLATION = "violation"  # a contract rule is broken by a new entry: evidence
+
+
+@dataclass(frozen=True)
+class WitnessState:
+    """What a miner must remember: the last tree head it cosigned and that tree's frontier."""
+
+    origin: str | None  # None until the first checkpoint pins it
+    tree_size: int = 0
+    root_hash: bytes = EMPTY_ROOT
+    note: str | None = None  # the log-signed checkpoint note last cosigned
+    frontier: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True)
+class ProofRequest:
+    """What the miner needs from the log to judge a checkpoint: a proof between the two sizes and, when
+    the log grew, the entries `old_size`..`new_size - 1`."""
+
+    old_size: int
+    new_size: int
+
+
+@dataclass(frozen=True)
+class Cosigned:
+    checkpoint: Checkpoint
+    note: str  # the log's note, as received
+    cosignature: NoteSignature
+    state: WitnessState  # to persist before publishing the cosignature
+
+
+@dataclass(frozen=True)
+class Refused:
+    reason: RefusalReason
+    detail: str
+    evidence: Evidence | None = None
+
+
+class Witness:
+    """One miner's witness logic for one log. Pure: no clock, no I/O; the caller persists `state`."""
+
+    def __init__(self, cosigner: Cosigner, sign: Callable[[bytes], bytes], log_public_key: bytes,
+                 state: WitnessState, entry_verifier: EntryVerifier = verify_entries) -> None:
+        self.cosigner = cosigner
+        self._sign = sign
+        self.log_public_key = log_public_key
+        self.state = state
+        self._verify_entries = entry_verifier
+
+    def plan(self, note: str) -> ProofRequest | Refused:
+        """Check the log's signature and origin; say which proof and entries to fetch to judge `note`."""
+        checked = self._check_note(note)
+        if isinstance(checked, Refused):
+            return checked
+        return ProofRequest(self.state.tree_size, checked.tree_size)
+
+    def observe(self, note: str, consistency_path: Sequence[bytes], entries: Sequence[bytes],
+                now: int) -> Cosigned | Refused:
+        """Judge `note`. The path proves min(old, new) → max(old, new); `entries` are the new leaves.
+
+        On `Cosigned`, `self.state` is already the new state: persist it before publishing.
+        """
+        checked = self._check_note(note)
+        if isinstance(checked, Refused):
+            return checked
+        if len(consistency_path) > MAX_PROOF_LENGTH or any(len(h) != HASH_SIZE for h in consistency_path):
+            return Refused(RefusalReason.BAD_RESPONSE, "the consistency proof is malformed")
+        cp, st = checked, self.state
+        if cp.tree_size == st.tree_size:
+            if hmac.compare_digest(cp.root_hash, st.root_hash):
+                # Again, with a fresh timestamp; the first checkpoint may be of the empty tree.
+                again = WitnessState(cp.origin, st.tree_size, st.root_hash, st.note or note, st.frontier)
+                return self._cosign(cp, note, again, now)
+            if st.note is None:
+                return Refused(RefusalReason.SPLIT_VIEW, "a size-0 checkpoint with a non-empty root")
+            return self._evidence(RefusalReason.SPLIT_VIEW, EvidenceKind.SPLIT_VIEW, st.note, note, (), now,
+                                  f"two roots signed for tree size {cp.tree_size}")
+        if cp.tree_size < st.tree_size:
+            try:
+                verify_consistency(cp.tree_size, st.tree_size, cp.root_hash, st.root_hash, consistency_path)
+            except ProofError as exc:
+                assert st.note is not None  # size > 0 means something was cosigned
+                return self._evidence(RefusalReason.FORK, EvidenceKind.FORK, note, st.note, consistency_path,
+                                      now, f"rollback to {cp.tree_size} is not a prefix of {st.tree_size}: {exc}")
+            return Refused(RefusalReason.STALE,
+                           f"checkpoint {cp.tree_size} is older than the cosigned {st.tree_size}; nothing to do")
+        try:
+            verify_consistency(st.tree_size, cp.tree_size, st.root_hash, cp.root_hash, consistency_path)
+        except ProofError as exc:
+            if st.note is None or self._entries_reach(cp, entries):
+                # Nothing to be inconsistent with, or the entries prove the log consistent: a bad proof
+                # is then the responder's error, not evidence against the log.
+                return Refused(RefusalReason.BAD_RESPONSE, f"consistency proof does not verify: {exc}")
+            return self._evidence(RefusalReason.FORK, EvidenceKind.FORK, st.note, note, consistency_path, now,
+                                  f"{st.tree_size} → {cp.tree_size}: {exc}")
+        want = cp.tree_size - st.tree_size
+        if len(entries) != want:
+            return Refused(RefusalReason.BAD_ENTRIES, f"needed {want} entries, got {len(entries)}")
+        frontier = extend_frontier(st.tree_size, st.frontier, [leaf_hash(e) for e in entries])
+        if not hmac.compare_digest(frontier_root(frontier), cp.root_hash):
+            return Refused(RefusalReason.BAD_ENTRIES,
+                           f"entries {st.tree_size}..{cp.tree_size - 1} do not hash to the checkpoint's root")
+        violation = self._verify_entries(st.tree_size, cp.tree_size, entries)
+        if violation is not None:
+            ev = Evidence(kind=EvidenceKind.VIOLATION, miner=self.cosigner.name, observed=now,
+                          log_public_key=self.log_public_key.hex(), old_checkpoint=st.note,
+                          new_checkpoint=note, old_frontier=[h.hex() for h in st.frontier],
+                          entries=[e.hex() for e in entries], violation_leaf=violation.leaf_index,
+                          violation_rule=violation.rule, detail=violation.detail)
+            return Refused(RefusalReason.VIOLATION, f"leaf {violation.leaf_index}: {violation.rule}: "
+                           f"{violation.detail}", ev)
+        new_state = WitnessState(cp.origin, cp.tree_size, cp.root_hash, note, frontier)
+        return self._cosign(cp, note, new_state, now)
+
+    # -- internals ------------------------------------------------------------------------------------
+
+    def _check_note(self, note: str) -> Checkpoint | Refused:
+        try:
+            cp = verify_checkpoint(note, self.log_public_key)
+        except VerificationError as exc:
+            return Refused(RefusalReason.BAD_SIGNATURE, str(exc))
+        if self.state.origin is not None and cp.origin != self.state.origin:
+            return Refused(RefusalReason.WRONG_LOG, f"origin {cp.origin!r}, this miner follows "
+                           f"{self.state.origin!r}")
+        return cp
+
+    def _entries_reach(self, cp: Checkpoint, entries: Sequence[bytes]) -> bool:
+        st = self.state
+        if len(entries) != cp.tree_size - st.tree_size:
+            return False
+        grown = extend_frontier(st.tree_size, st.frontier, [leaf_hash(e) for e in entries])
+        return hmac.compare_digest(frontier_root(grown), cp.root_hash)
+
+    def _cosign(self, cp: Checkpoint, note: str, state: WitnessState, now: int) -> Cosigned:
+        line = cosign(cp.body(), self.cosigner, self._sign, now)
+        self.state = state
+        return Cosigned(cp, note, line, state)
+
+    def _evidence(self, reason: RefusalReason, kind: EvidenceKind, old_note: str, new_note: str,
+                  path: Sequence[bytes], now: int, detail: str) -> Refused:
+        ev = Evidence(kind=kind, miner=self.cosigner.name, observed=now, log_public_key=self.log_public_key.hex(),
+                      old_checkpoint=old_note, new_checkpoint=new_note,
+                      consistency_path=[h.hex() for h in path], detail=detail)
+        return Refused(reason, detail, ev)

@@ -1,0 +1,513 @@
+"""The contract runtime: replay ledger entries through versioned rule modules into one state and its root.
+
+Sans-IO and deterministic: the only inputs are the genesis, the entries in log order (their index is their
+position) and the rule modules' code; no wall clock, no randomness, no floats, no iteration over anything
+whose order depends on the process (every table is a dict filled in log order, and the root is taken over
+deterministic CBOR, which sorts map keys). Two miners that replay the same log therefore reach the same
+`State.root()`, byte for byte.
+
+A rule module is plain Python with `NAME`, `VERSION` and `apply(state, tx) -> Accept | Reject`; it reads
+the state and returns *effects*, which only this module applies. It is identified by the SHA-256 of its
+source, so a `contract.upgrade` entry pins exactly which code runs from which log index onward.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import sys
+import types
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from carechain import cbor, envelope
+from carechain.entries import ENTRY_EVENT, ENTRY_REGISTER, ENTRY_REVOKE, Entry, Registration, Revocation
+from carechain.events import PayloadError, validate_payload
+from carechain.identity import device_id_for
+from contract_rules import transactions as ce
+
+STATE_DOMAIN = b"carechain/contracts/state/v1\x00"
+OK = "ok"
+# The rule modules each entry type goes through, in this order; the core handles the rest itself.
+ROUTES: dict[str, tuple[str, ...]] = {
+    ce.TOKEN_TRANSFER: ("tokens",),
+    ce.RX_ANCHOR: ("prescriptions",),
+    ce.RX_REVOKE: ("prescriptions",),
+    ce.POLICY_REGISTER: ("insurance",),
+    ce.WELLNESS_SETTLE: ("insurance",),
+    "event:purchase": ("prescriptions", "insurance"),
+    "event:activity": ("insurance",),
+    ce.STORAGE_COMMIT: ("storage",),
+    ce.STORAGE_AUDIT: ("storage",),
+}
+# Who may sign each entry type (a party role, "operator" from the genesis, or a registered "device").
+SIGNERS: dict[str, frozenset[str]] = {
+    ce.PARTY_REGISTER: frozenset({"operator"}),
+    ce.CONTRACT_UPGRADE: frozenset({"operator"}),
+    ce.SALE_REFUSED: frozenset({"operator"}),  # the bridge's key, listed among the genesis operators
+    ENTRY_REGISTER: frozenset({"operator"}),
+    ENTRY_REVOKE: frozenset({"operator"}),
+    ce.TOKEN_TRANSFER: frozenset(ce.PARTY_ROLES),
+    ce.RX_ANCHOR: frozenset({"prescriber"}),
+    ce.RX_REVOKE: frozenset({"prescriber"}),
+    ce.POLICY_REGISTER: frozenset({"insurer"}),
+    ce.WELLNESS_SETTLE: frozenset({"insurer"}),
+    ce.STORAGE_COMMIT: frozenset({"key", "operator", *ce.PARTY_ROLES}),  # any key: see SELF_KEYED
+    ce.STORAGE_AUDIT: frozenset({"operator"}),
+    ENTRY_EVENT: frozenset({"device"}),
+}
+# Entry types any Ed25519 key may sign: the payload carries `pk`, whose id must be the signer's kid; an
+# unregistered signer then acts with the role "key" (a patient committing its dataset's share roots).
+SELF_KEYED = frozenset({ce.STORAGE_COMMIT})
+BUILTIN = ("tokens", "prescriptions", "insurance", "storage")
+
+
+class MissingContractCode(RuntimeError):
+    """The log pins code this replica does not hold: stop (never guess), fetch the code, replay again."""
+
+
+# -- what rules see and return ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Tx:
+    """One authenticated entry as a rule sees it."""
+
+    index: int
+    type: str  # entry type; events are "event:<kind>"
+    signer: str  # party id, device id or operator kid
+    role: str  # the signer's role: a party role, "device" or "operator"
+    payload: Mapping[str, Any]  # for events: the validated wire payload {v, dev, seq, ts, kind, body}
+
+
+@dataclass(frozen=True)
+class Transfer:
+    src: str
+    dst: str
+    amount: int
+    memo: str = ""
+
+
+@dataclass(frozen=True)
+class Put:
+    """Set `tables[table][key] = value` (a CBOR-able, float-free value)."""
+
+    table: str
+    key: str
+    value: Any
+
+
+@dataclass(frozen=True)
+class Add:
+    """Add `amount` to the integer counter `tables[table][key]` (missing counts as 0)."""
+
+    table: str
+    key: str
+    amount: int
+
+
+Effect = Transfer | Put | Add
+
+
+@dataclass(frozen=True)
+class Accept:
+    effects: tuple[Effect, ...] = ()
+
+
+@dataclass(frozen=True)
+class Reject:
+    """A refusal; `effects` may only record the refusal itself (e.g. a count against a pharmacy)."""
+
+    reason: str
+    effects: tuple[Put | Add, ...] = ()
+
+
+Outcome = Accept | Reject
+
+
+# -- code and genesis --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RuleModule:
+    name: str
+    version: int
+    code_hash: str  # SHA-256 of the module source, lowercase hex
+    module: types.ModuleType
+
+    def apply(self, state: State, tx: Tx) -> Outcome:
+        return self.module.apply(state, tx)
+
+
+def code_hash_of(source: bytes) -> str:
+    return hashlib.sha256(source).hexdigest()
+
+
+def load_rule_source(source: bytes, label: str = "<contract>") -> RuleModule:
+    """Load a rule module from its source bytes (what a `contract.upgrade` pins by hash)."""
+    code_hash = code_hash_of(source)
+    module = types.ModuleType(f"carechain_contract_{code_hash[:16]}")
+    module.__file__ = label
+    sys.modules[module.__name__] = module  # dataclasses defined in the module need to find it
+    exec(compile(source, label, "exec"), module.__dict__)  # the code is pinned by its hash on the ledger
+    return RuleModule(module.NAME, module.VERSION, code_hash, module)
+
+
+class CodeBook:
+    """The rule modules this replica holds, by code hash."""
+
+    def __init__(self, modules: Iterable[RuleModule] = ()) -> None:
+        self._by_hash = {m.code_hash: m for m in modules}
+
+    @classmethod
+    def builtin(cls) -> CodeBook:
+        return cls(_builtin_module(name) for name in BUILTIN)
+
+    def add(self, module: RuleModule) -> None:
+        self._by_hash[module.code_hash] = module
+
+    def get(self, code_hash: str) -> RuleModule:
+        try:
+            return self._by_hash[code_hash]
+        except KeyError:
+            raise MissingContractCode(f"no contract code with hash {code_hash} on this replica; obtain the "
+                                      "module source whose SHA-256 is that hash and add it to the CodeBook") from None
+
+
+def _builtin_module(name: str) -> RuleModule:
+    spec = importlib.util.find_spec(f"contract_rules.{name}")
+    assert spec is not None and spec.origin is not None
+    source = Path(spec.origin).read_bytes()
+    module = importlib.import_module(f"contract_rules.{name}")
+    return RuleModule(module.NAME, module.VERSION, code_hash_of(source), module)
+
+
+def builtin_hashes() -> dict[str, str]:
+    """Contract name → code hash of the modules shipped in this package (for a genesis)."""
+    return {name: _builtin_module(name).code_hash for name in BUILTIN}
+
+
+@dataclass(frozen=True)
+class Genesis:
+    """What every replica agrees on before index 0: operator keys, the token supply, the first code."""
+
+    operators: Mapping[str, bytes]  # kid (device_id_for(pk)) → Ed25519 public key
+    allocations: Mapping[str, int]  # account → minor units; the whole supply, fixed forever
+    contracts: Mapping[str, str]  # contract name → code hash in force from index 0
+
+    def to_cbor(self) -> bytes:
+        return cbor.encode({"operators": dict(self.operators), "allocations": dict(self.allocations),
+                            "contracts": dict(self.contracts)})
+
+    @classmethod
+    def from_cbor(cls, data: bytes) -> Genesis:
+        raw = cbor.decode(data)
+        return cls(raw["operators"], raw["allocations"], raw["contracts"])
+
+
+# -- state -------------------------------------------------------------------------------------------
+
+@dataclass
+class State:
+    """Everything the contracts know. Tables are dicts with string keys and CBOR-able, float-free values."""
+
+    operators: dict[str, bytes]
+    balances: dict[str, int]
+    supply: int
+    # name → [[from_index, version, code_hash], ...], ascending from_index
+    versions: dict[str, list[list[Any]]]
+    tables: dict[str, dict[str, Any]] = field(default_factory=dict)
+    results: list[list[Any]] = field(default_factory=list)  # [index, "ok" | reason] per entry
+    size: int = 0
+
+    @classmethod
+    def from_genesis(cls, genesis: Genesis) -> State:
+        for kid, public_key in genesis.operators.items():
+            if device_id_for(public_key) != kid:
+                raise ValueError(f"genesis operator {kid!r} is not the id of its public key")
+        for account, amount in genesis.allocations.items():
+            if type(amount) is not int or amount < 0:
+                raise ValueError(f"genesis allocation for {account!r} must be a non-negative integer")
+        balances = {a: n for a, n in sorted(genesis.allocations.items()) if n}
+        return cls(operators=dict(genesis.operators), balances=balances, supply=sum(balances.values()),
+                   versions={name: [[0, 0, h]] for name, h in sorted(genesis.contracts.items())})
+
+    def table(self, name: str) -> dict[str, Any]:
+        return self.tables.get(name, {})
+
+    def balance(self, account: str) -> int:
+        return self.balances.get(account, 0)
+
+    def code_in_force(self, name: str, index: int) -> str:
+        chosen = None
+        for from_index, _version, code_hash in self.versions.get(name, []):
+            if from_index <= index:
+                chosen = code_hash
+        if chosen is None:
+            raise MissingContractCode(f"no version of contract {name!r} is in force at index {index}")
+        return chosen
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"operators": self.operators, "balances": self.balances, "supply": self.supply,
+                "versions": self.versions, "tables": self.tables, "results": self.results, "size": self.size}
+
+    def root(self) -> bytes:
+        """SHA-256 over the deterministic CBOR of the whole state: equal on every honest replica."""
+        return hashlib.sha256(STATE_DOMAIN + cbor.encode(self.snapshot())).digest()
+
+
+# -- the runtime -------------------------------------------------------------------------------------
+
+class Runtime:
+    """Applies entries one by one, in log order; `state.results` records each entry's outcome."""
+
+    def __init__(self, genesis: Genesis, code: CodeBook | None = None) -> None:
+        self.state = State.from_genesis(genesis)
+        self.code = code or CodeBook.builtin()
+        for name, history in self.state.versions.items():  # fail now, not at the first sale, if code is missing
+            module = self.code.get(history[0][2])
+            if module.name != name:
+                raise ValueError(f"genesis names code {module.code_hash} {name!r}, but that module is {module.name!r}")
+            history[0][1] = module.version
+
+    def apply(self, entry: Entry) -> str:
+        """Apply the next entry; returns "ok" or the rejection reason. Raises MissingContractCode only."""
+        state = self.state
+        index = state.size
+        outcome = self._outcome(index, entry)
+        if isinstance(outcome, Accept):
+            result = OK
+            if not _apply_effects(state, outcome.effects):
+                result = "insufficient_funds"
+        else:
+            result = outcome.reason
+            _apply_effects(state, outcome.effects)
+        state.results.append([index, result])
+        state.size = index + 1
+        return result
+
+    def check(self, entry: Entry) -> str:
+        """The result `apply` would give the entry if appended next, without changing the state.
+
+        What the bridge runs before appending: an entry that is not "ok" is refused back to its sender
+        (a refused sale is recorded as a `sale.refused` entry instead, so it still counts).
+        """
+        outcome = self._outcome(self.state.size, entry)
+        if isinstance(outcome, Reject):
+            return outcome.reason
+        return OK if _balances_after(self.state, outcome.effects) is not None else "insufficient_funds"
+
+    def _outcome(self, index: int, entry: Entry) -> Outcome:
+        try:
+            msg = envelope.parse(entry.cose)
+        except envelope.EnvelopeError as exc:
+            return Reject(f"bad_envelope:{exc.reason}")
+        signer = self._signer(entry.type, msg.kid)
+        if signer is None and entry.type in SELF_KEYED:
+            signer = _self_key(msg)
+        if signer is None:
+            revoked = entry.type == ENTRY_EVENT and msg.kid in self.state.table("devices")
+            return Reject("device_revoked" if revoked else "unknown_signer")
+        role, public_key = signer
+        allowed = SIGNERS.get(entry.type)
+        if allowed is None:
+            return Reject("unknown_entry_type")
+        if role not in allowed:
+            return Reject("signer_not_allowed")
+        if not msg.verify(public_key):
+            return Reject("bad_signature")
+        payload = msg.payload
+        if not isinstance(payload, dict):
+            return Reject("bad_payload")
+        route_key = entry.type
+        if entry.type == ENTRY_EVENT:
+            try:
+                event = validate_payload(payload)
+            except PayloadError as exc:
+                return Reject(f"bad_event:{exc.reason}")
+            if event.dev != msg.kid:
+                return Reject("event_device_mismatch")
+            route_key = f"event:{event.kind}"
+        core = _CORE.get(entry.type)
+        if core is not None:
+            return core(self, index, payload)
+        names = ROUTES.get(route_key)
+        if names is None:
+            return Accept()  # anchored, but no contract reads it (e.g. a heart-rate reading)
+        return self._route(Tx(index, route_key, msg.kid, role, payload), names)
+
+    def _route(self, tx: Tx, names: tuple[str, ...]) -> Outcome:
+        """Run the rule modules in force at `tx.index`, in order; the first rejection decides."""
+        index, payload = tx.index, tx.payload
+        seen: tuple[Put, ...] = ()
+        if tx.type.startswith("event:"):
+            # The bridge already refuses a second leaf for one (device, seq); a miner must not trust that.
+            key = f"{payload['dev']}:{payload['seq']}"
+            if key in self.state.table("seen"):
+                return Reject("duplicate_event")
+            seen = (Put("seen", key, index),)
+        effects: list[Effect] = []
+        for name in names:
+            if name not in self.state.versions:  # a genesis from before this contract existed
+                return Reject("contract_not_in_genesis")
+            module = self.code.get(self.state.code_in_force(name, index))
+            outcome = module.apply(self.state, tx)
+            if isinstance(outcome, Reject):
+                return Reject(outcome.reason, outcome.effects + seen)
+            effects.extend(outcome.effects)
+        return Accept((*effects, *seen))
+
+    def _signer(self, entry_type: str, kid: str) -> tuple[str, bytes] | None:
+        state = self.state
+        if entry_type == ENTRY_EVENT:
+            dev = state.table("devices").get(kid)
+            if dev is None or dev["revoked_at"] is not None:
+                return None
+            return "device", dev["pk"]
+        if kid in state.operators:
+            return "operator", state.operators[kid]
+        party = state.table("parties").get(kid)
+        if party is None:
+            return None
+        return party["role"], party["pk"]
+
+    # -- core entries (not upgradeable rule modules: they define who can act at all) ------------------
+
+    def _party_register(self, index: int, payload: dict[str, Any]) -> Outcome:
+        p = ce.parse(ce.PartyRegistration, payload)
+        if p is None:
+            return Reject("bad_payload")
+        party_id = device_id_for(p.pk)
+        if party_id in self.state.table("parties") or party_id in self.state.operators:
+            return Reject("party_already_registered")
+        return Accept((Put("parties", party_id, {"role": p.role, "pk": p.pk, "name": p.name, "at": index}),))
+
+    def _device_register(self, index: int, payload: dict[str, Any]) -> Outcome:
+        try:
+            reg = Registration.model_validate(payload)
+        except ValueError:
+            return Reject("bad_payload")
+        if device_id_for(reg.pk) != reg.dev:
+            return Reject("device_id_mismatch")
+        if reg.dev in self.state.table("devices"):
+            return Reject("device_already_registered")
+        record = {"pk": reg.pk, "profile": reg.profile, "owner": reg.owner, "at": index, "revoked_at": None}
+        return Accept((Put("devices", reg.dev, record),))
+
+    def _device_revoke(self, index: int, payload: dict[str, Any]) -> Outcome:
+        try:
+            rev = Revocation.model_validate(payload)
+        except ValueError:
+            return Reject("bad_payload")
+        record = self.state.table("devices").get(rev.dev)
+        if record is None:
+            return Reject("unknown_device")
+        if record["revoked_at"] is not None:
+            return Reject("device_already_revoked")
+        return Accept((Put("devices", rev.dev, {**record, "revoked_at": index}),))
+
+    def _sale_refused(self, index: int, payload: dict[str, Any]) -> Outcome:
+        """A sale the bridge refused, recorded so it counts: it must be a genuine sale the rules refuse."""
+        r = ce.parse(ce.SaleRefusal, payload)
+        if r is None:
+            return Reject("bad_payload")
+        try:
+            msg = envelope.parse(r.event)
+            event = validate_payload(msg.payload)
+        except (envelope.EnvelopeError, PayloadError):
+            return Reject("refused_sale_malformed")
+        signer = self._signer(ENTRY_EVENT, msg.kid)
+        if signer is None or event.dev != msg.kid or not msg.verify(signer[1]):
+            return Reject("refused_sale_not_signed_by_a_registered_device")
+        if event.kind != "purchase":
+            return Reject("refused_event_is_not_a_sale")
+        route_key = "event:purchase"
+        outcome = self._route(Tx(index, route_key, msg.kid, "device", msg.payload), ROUTES[route_key])
+        if isinstance(outcome, Accept):
+            if _balances_after(self.state, outcome.effects) is not None:
+                return Reject("refused_a_valid_sale")
+            outcome = Reject("insufficient_funds", tuple(e for e in outcome.effects
+                                                         if isinstance(e, Put) and e.table == "seen"))
+        if outcome.reason != r.reason:
+            return Reject("refusal_reason_mismatch" if outcome.reason != "duplicate_event" else "duplicate_event")
+        return Accept(outcome.effects)
+
+    def _contract_upgrade(self, index: int, payload: dict[str, Any]) -> Outcome:
+        up = ce.parse(ce.ContractUpgrade, payload)
+        if up is None:
+            return Reject("bad_payload")
+        history = self.state.versions.get(up.name)
+        if history is None:
+            return Reject("unknown_contract")
+        # The named checkpoint must lie beyond this entry: an upgrade can never reach back into history.
+        if up.from_size <= index:
+            return Reject("upgrade_is_retroactive")
+        last_from, last_version, _ = history[-1]
+        if up.version <= last_version or up.from_size < last_from:
+            return Reject("upgrade_not_newer")
+        # Whether this replica holds the code is *not* checked here: that would make acceptance depend on
+        # the replica. Replay raises MissingContractCode when the code is first needed.
+        return Accept((Put("versions", up.name, [up.from_size, up.version, up.code_hash]),))
+
+
+_CORE = {
+    ce.PARTY_REGISTER: Runtime._party_register,
+    ENTRY_REGISTER: Runtime._device_register,
+    ENTRY_REVOKE: Runtime._device_revoke,
+    ce.CONTRACT_UPGRADE: Runtime._contract_upgrade,
+    ce.SALE_REFUSED: Runtime._sale_refused,
+}
+
+
+def _self_key(msg: envelope.Sign1) -> tuple[str, bytes] | None:
+    """("key", pk) when the payload's `pk` is the key of the signer's kid (signature checked later)."""
+    pk = msg.payload.get("pk") if isinstance(msg.payload, dict) else None
+    if not isinstance(pk, bytes) or len(pk) != 32 or device_id_for(pk) != msg.kid:
+        return None
+    return "key", pk
+
+
+def _balances_after(state: State, effects: Iterable[Effect]) -> dict[str, int] | None:
+    """The balances the transfers among `effects` would leave, or None if any is not positive and covered."""
+    pending: dict[str, int] = {}
+    for e in effects:
+        if isinstance(e, Transfer):
+            if type(e.amount) is not int or e.amount <= 0 or e.src == e.dst:
+                return None
+            src = pending.get(e.src, state.balance(e.src)) - e.amount
+            if src < 0:
+                return None
+            pending[e.src] = src
+            pending[e.dst] = pending.get(e.dst, state.balance(e.dst)) + e.amount
+    return pending
+
+
+def _apply_effects(state: State, effects: Iterable[Effect]) -> bool:
+    """Apply all effects or none. Transfers must be positive and covered; False (nothing applied) if not."""
+    effects = list(effects)
+    pending = _balances_after(state, effects)
+    if pending is None:
+        return False
+    for account, amount in pending.items():
+        if amount:
+            state.balances[account] = amount
+        else:
+            state.balances.pop(account, None)
+    for e in effects:
+        if isinstance(e, Put):
+            if e.table == "versions":
+                state.versions[e.key].append(e.value)
+            else:
+                state.tables.setdefault(e.table, {})[e.key] = e.value
+        elif isinstance(e, Add):
+            table = state.tables.setdefault(e.table, {})
+            table[e.key] = table.get(e.key, 0) + e.amount
+    return True
+
+
+def replay(genesis: Genesis, entries: Iterable[Entry], code: CodeBook | None = None) -> State:
+    """Replay a whole log from its genesis; each entry runs under the code in force at its index."""
+    runtime = Runtime(genesis, code)
+    for entry in entries:
+        runtime.apply(entry)
+    return runtime.state

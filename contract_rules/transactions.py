@@ -1,0 +1,275 @@
+"""Contract-level ledger entries: their type names, payload models and signed constructors.
+
+Each is a ledger `Entry(type, cose)` like the device entries in `carechain.entries`: the payload below,
+deterministic CBOR inside a COSE_Sign1 signed by the acting party (`kid` = its id). The runtime checks
+the signature against the key registered on the ledger and the signer's role before any rule runs.
+The off-ledger prescription body (`Prescription`, `SignedRx`) also lives here: only its hash is anchored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from carechain import cbor, envelope
+from carechain.entries import (  # noqa: F401 (the type names live with the leaf format; re-exported here)
+    CONTRACT_ENTRY_TYPES,
+    CONTRACT_UPGRADE,
+    PARTY_REGISTER,
+    POLICY_REGISTER,
+    RX_ANCHOR,
+    RX_REVOKE,
+    SALE_REFUSED,
+    STORAGE_AUDIT,
+    STORAGE_COMMIT,
+    TOKEN_TRANSFER,
+    WELLNESS_SETTLE,
+    Entry,
+)
+from carechain.identity import Identity, verify_signature
+
+PARTY_ROLES = ("prescriber", "pharmacy", "insurer", "miner")
+
+_strict = ConfigDict(extra="forbid", frozen=True, strict=True)
+Hex32 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+PartyId = Annotated[str, Field(pattern=r"^[a-z2-7]{16}$")]
+Minor = Annotated[int, Field(ge=0, le=2**62)]
+IsoWeek = Annotated[str, Field(pattern=r"^[0-9]{4}-W[0-9]{2}$")]
+ItemKey = Annotated[str, Field(pattern=r"^(ndc|rxnorm|gtin):[A-Za-z0-9-]{1,32}$")]  # "system:code"
+
+
+class _Payload(BaseModel):
+    model_config = _strict
+
+
+class PartyRegistration(_Payload):
+    """Operator-signed: binds a key to a role. Its account is "<role>:<party id>"."""
+
+    v: int = 1
+    role: Literal["prescriber", "pharmacy", "insurer", "miner"]
+    pk: bytes = Field(min_length=32, max_length=32)
+    name: str = Field(min_length=1, max_length=128)
+    ts: int = Field(ge=0)
+
+
+class ContractUpgrade(_Payload):
+    """Operator-signed: from tree size `from_size` on (a checkpoint's size), `name` runs `code_hash`."""
+
+    v: int = 1
+    name: str = Field(min_length=1, max_length=64)
+    version: int = Field(ge=1)
+    code_hash: Hex32
+    from_size: int = Field(ge=1)
+    ts: int = Field(ge=0)
+
+
+class TokenTransfer(_Payload):
+    """Signed by a registered party: move minor units from its own account."""
+
+    v: int = 1
+    to: str = Field(min_length=3, max_length=128, pattern=r"^[a-z]+:[A-Za-z0-9_.-]+$")
+    amount: int = Field(ge=1, le=2**62)
+    nonce: int = Field(ge=0, le=2**63 - 1)  # makes every transfer a distinct entry; reuse is rejected
+    memo: str = Field(default="", max_length=128)
+
+
+class RxAnchor(_Payload):
+    """Prescriber-signed: the public terms of one prescription, bound to its off-ledger body by `rx_ref`.
+
+    The patient and drug appear only as commitments salted with `rx_ref` (see `patient_commitment`).
+    """
+
+    v: int = 1
+    rx_ref: Hex32
+    patient_c: Hex32
+    drug_c: Hex32
+    quantity: int = Field(ge=1, le=10_000)  # packages per fill, the unit of Purchase.quantity
+    refills: int = Field(ge=0, le=99)
+    expires_ms: int = Field(ge=0)
+    controlled: bool
+    ts: int = Field(ge=0)
+
+
+class RxRevoke(_Payload):
+    v: int = 1
+    rx_ref: Hex32
+    reason: str = Field(min_length=1, max_length=256)
+    ts: int = Field(ge=0)
+
+
+class CoverageRule(_Payload):
+    category: str = Field(min_length=1, max_length=32)  # e.g. "immunization", "generic"
+    bp: int = Field(ge=0, le=10_000)  # basis points of the sale price billed to the insurer
+    items: list[ItemKey] = Field(min_length=1, max_length=1024)
+
+
+class Wellness(_Payload):
+    min_active_minutes: int = Field(ge=1, le=7 * 1440)  # per ISO week
+    rebate_minor: Minor
+
+
+class PolicyRegistration(_Payload):
+    """Insurer-signed: a policy for one patient; sales are billed to "insurer:<insurer id>"."""
+
+    v: int = 1
+    policy_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    patient_token: str = Field(min_length=1, max_length=64)
+    coverage: list[CoverageRule] = Field(max_length=32)
+    wellness: Wellness | None = None
+    ts: int = Field(ge=0)
+
+
+class WellnessSettle(_Payload):
+    """Insurer-signed: evaluate one ISO week (UTC) of a patient's telemetry and pay the rebate if earned."""
+
+    v: int = 1
+    patient_token: str = Field(min_length=1, max_length=64)
+    week: IsoWeek
+    ts: int = Field(ge=0)
+
+
+class SaleRefusal(_Payload):
+    """Bridge-signed: a terminal's signed sale that the contracts refused, kept so it counts.
+
+    An honest log holds only entries the contracts accept; a refused Rx-only sale still has to be on the
+    ledger to count against the pharmacy, so the bridge wraps the terminal's COSE_Sign1 in this entry.
+    The contract re-runs the sale and accepts the refusal only if the rules refuse it for `reason`.
+    """
+
+    v: int = 1
+    event: bytes = Field(min_length=1, max_length=16 * 1024)  # the terminal's COSE_Sign1, byte for byte
+    reason: str = Field(min_length=1, max_length=64)
+    ts: int = Field(ge=0)
+
+
+MinerId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]  # also the tail of "miner:<id>"
+StorageCount = Annotated[int, Field(ge=0, le=100_000)]
+
+
+class StorageShare(_Payload):
+    index: int = Field(ge=0, le=255)
+    miner: MinerId
+    root: Hex32  # the share's Merkle root over its chunks (what audits check answers against)
+
+
+class StorageSegment(_Payload):
+    index: int = Field(ge=0, le=2**32)
+    version: int = Field(ge=1)
+    shares: list[StorageShare] = Field(min_length=1, max_length=256)
+
+
+class StorageCommit(_Payload):
+    """Signed by the dataset's owner key: the share roots of one revision of a dataset (from its Manifest).
+
+    Any Ed25519 key may commit (a patient is not a registered party): `pk` is carried in the payload and
+    must be the key whose id signs it. The first commit of a `dataset_id` binds it to that key; later
+    revisions must come from the same key with a higher `revision`.
+    """
+
+    v: int = 1
+    pk: bytes = Field(min_length=32, max_length=32)
+    dataset_id: str = Field(min_length=1, max_length=256)
+    revision: int = Field(ge=1)
+    k: int = Field(ge=1, le=256)
+    n: int = Field(ge=1, le=256)
+    length: int = Field(ge=0)
+    segments: list[StorageSegment] = Field(max_length=1_000_000)
+    ts: int = Field(ge=0)
+
+
+class MinerEpoch(_Payload):
+    """One miner's counts in one epoch; an unanswered retrieval counts as a failed audit."""
+
+    miner: MinerId
+    passed: StorageCount = 0
+    failed: StorageCount = 0
+    answered: StorageCount = 0
+    unanswered: StorageCount = 0
+
+
+class StorageAudit(_Payload):
+    """Operator-signed: one epoch's audit and retrieval results and the payouts from "pool:miners".
+
+    `payouts` (miner id → minor units, non-zero ones only) and `carry` must be exactly what
+    `contract_rules.rewards.settle_epoch` computes from the counts, `pool`, the carry of the previous
+    epoch and the reputations on the ledger; the rule recomputes them and rejects any difference.
+    """
+
+    v: int = 1
+    epoch: int = Field(ge=0)
+    pool: Minor
+    miners: list[MinerEpoch] = Field(max_length=4096)
+    payouts: dict[MinerId, Minor]
+    carry: Minor
+    ts: int = Field(ge=0)
+
+
+class Prescription(_Payload):
+    """The Rx body: held off-ledger by patient and pharmacy; the ledger sees only its hash and terms."""
+
+    v: int = 1
+    prescriber: PartyId
+    patient_token: str = Field(min_length=1, max_length=64)
+    drug_code: str = Field(min_length=1, max_length=32)
+    code_system: Literal["ndc", "rxnorm", "gtin"]
+    quantity: int = Field(ge=1, le=10_000)
+    refills: int = Field(ge=0, le=99)
+    expires_ms: int = Field(ge=0)
+    controlled: bool
+    issued_ms: int = Field(ge=0)
+    nonce: bytes = Field(min_length=16, max_length=16)  # makes rx_ref unguessable from the terms
+    sig_text: str = Field(default="", max_length=512)  # directions for use ("1 tablet twice daily")
+
+    def encode(self) -> bytes:
+        return cbor.encode(self.model_dump())
+
+    def rx_ref(self) -> str:
+        return hashlib.sha256(b"carechain/rx/v1\x00" + self.encode()).hexdigest()
+
+
+P = TypeVar("P", bound=_Payload)
+
+
+def parse(model: type[P], payload: Any) -> P | None:
+    try:
+        return model.model_validate(payload)
+    except ValidationError:
+        return None
+
+
+def patient_commitment(rx_ref: str, patient_token: str) -> str:
+    return hashlib.sha256(b"carechain/rx/patient\x00" + bytes.fromhex(rx_ref) + patient_token.encode()).hexdigest()
+
+
+def drug_commitment(rx_ref: str, code_system: str, drug_code: str) -> str:
+    data = b"carechain/rx/drug\x00" + bytes.fromhex(rx_ref) + f"{code_system}:{drug_code}".encode()
+    return hashlib.sha256(data).hexdigest()
+
+
+# -- building signed entries -------------------------------------------------------------------------
+
+def signed(identity: Identity, entry_type: str, payload: _Payload) -> Entry:
+    return Entry(entry_type, envelope.sign(identity, payload.model_dump()))
+
+
+def sign_prescription(prescriber: Identity, rx: Prescription) -> bytes:
+    """The prescriber's detached signature over the Rx body (kept with the body, off-ledger)."""
+    return prescriber.sign(b"carechain/rx/v1\x00" + rx.encode())
+
+
+def rx_anchor_for(rx: Prescription, ts: int) -> RxAnchor:
+    ref = rx.rx_ref()
+    return RxAnchor(rx_ref=ref, patient_c=patient_commitment(ref, rx.patient_token),
+                    drug_c=drug_commitment(ref, rx.code_system, rx.drug_code), quantity=rx.quantity,
+                    refills=rx.refills, expires_ms=rx.expires_ms, controlled=rx.controlled, ts=ts)
+
+
+def check_rx_against_anchor(rx: Prescription, signature: bytes, prescriber_pk: bytes, anchor: RxAnchor) -> str | None:
+    """Off-ledger check a pharmacy (or `carechain rx verify`) runs on the body it holds: None if it matches."""
+    if not verify_signature(prescriber_pk, b"carechain/rx/v1\x00" + rx.encode(), signature):
+        return "bad_rx_signature"
+    if rx_anchor_for(rx, anchor.ts) != anchor:
+        return "rx_does_not_match_anchor"
+    return None
