@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 from typing import Any
 
 import cbor2
@@ -15,6 +16,9 @@ __all__ = ["CBORError", "CBORTag", "bstr_header", "decode", "encode", "encode_pr
 _SCALARS = frozenset({bool, float, bytes, type(None)})
 MAX_DEPTH = 16
 MAX_INT = 2**63 - 1
+# cbor2 6 decodes arrays and maps inside a tag as tuples and frozendicts (hashable, like map keys); cbor2 5
+# as lists and dicts. `decode` hands callers lists and dicts with either, so no caller depends on the version.
+_FREEZES_TAGGED = type(cbor2.loads(b"\xd8\x63\x80").value) is not list  # tag 99 around an empty array
 
 
 class CBORError(ValueError):
@@ -87,11 +91,25 @@ def decode(data: bytes, *, max_depth: int = MAX_DEPTH, allow_tag: int | None = N
     if isinstance(value, cbor2.CBORTag):
         if allow_tag is None or value.tag != allow_tag:
             raise CBORError("unexpected_tag", f"top-level tag {value.tag} is not allowed here")
+        if _FREEZES_TAGGED:
+            value = cbor2.CBORTag(value.tag, _thaw(value.value))
         if check_plain and _check_plain(value.value, max_depth, 1):
             _scan(data, max_depth, allow_tag, utf8=True)
         return value
     if check_plain and _check_plain(value, max_depth, 0):
         _scan(data, max_depth, allow_tag, utf8=True)  # U+FFFD: genuine, or replaced invalid UTF-8?
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    """Tuples and frozen maps (cbor2 6, inside a tag) as lists and dicts; map keys stay as decoded.
+
+    Recursion is bounded: `_scan` has already refused nesting deeper than `max_depth`.
+    """
+    if isinstance(value, tuple | list):
+        return [_thaw(x) for x in value]
+    if isinstance(value, Mapping):
+        return {k: _thaw(v) for k, v in value.items()}
     return value
 
 

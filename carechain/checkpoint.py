@@ -25,6 +25,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from carechain.errors import FixedReasonError, ProtocolError
 from carechain.identity import PUBLIC_KEY_SIZE, SIGNATURE_SIZE, verify_signature
 from carechain.merkle import HASH_SIZE
 
@@ -58,16 +59,19 @@ class NoteErrorReason(enum.StrEnum):
     BAD_KEY = "bad_key"
 
 
-class NoteError(ValueError):
-    """A signed note or verifier key is invalid; `reason` says which way."""
+class NoteError(ProtocolError):
+    """A signed note or verifier key is invalid; `reason` (a `NoteErrorReason`) says which way."""
 
-    def __init__(self, reason: NoteErrorReason, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
+    show_reason = False  # the message says it in words
+
+    def __init__(self, reason: NoteErrorReason, message: str, retryable: bool = False) -> None:
+        super().__init__(reason, message, retryable)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(FixedReasonError):
     """A checkpoint body is not a valid C2SP tlog-checkpoint."""
+
+    REASON = "bad_checkpoint"
 
 
 @dataclass(frozen=True)

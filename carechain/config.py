@@ -1,12 +1,16 @@
 """The one config loader: a YAML (or TOML) file, then `CARECHAIN_*` environment variables, then flags.
 
-Every field has a safe default, so `carechain demo` needs no file at all.
+Every field has a safe default, so `carechain demo` needs no file at all; every field has a description,
+from which docs/configuration.md is generated (`carechain.config_reference`). What a party needs beyond a
+valid file (an agent's bridge key, each device's own login) is checked when that party starts
+(`AgentConfig.bridge_key`, `check_agent_logins`), so one file can serve a bridge before its key exists.
 """
 
 from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -15,86 +19,126 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 
 class ConfigError(ValueError):
-    pass
+    """A setting the user must fix; the message names the key (or device entry) and what to do."""
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+HEX_KEY = r"^[0-9a-f]{64}$"  # a hex Ed25519 public key
+
+
 class BrokerConfig(_Section):
-    host: str = "127.0.0.1"
-    port: int = Field(default=1883, ge=1, le=65535)
-    username: str | None = None
-    password: str | None = Field(default=None, repr=False)
-    tls_ca: Path | None = None  # set: TLS, trusting this CA only; the broker's name is checked (host)
-    tls_cert: Path | None = None  # client certificate (PEM), for a broker with require_certificate
-    tls_key: Path | None = None  # its private key (PEM, mode 0600)
-    credentials_file: Path | None = None  # login from `carechain bridge acl` (bridge.json); sets username/password
-    keepalive_s: int = Field(default=30, ge=5, le=3600)
+    """`broker`: the MQTT broker every party connects to, and the login and TLS settings to reach it."""
+
+    host: str = Field(default="127.0.0.1", description="Host name or IP address of the broker; with TLS, the "
+                      "broker's certificate must name it (`carechain keys ca server --host/--ip`).")
+    port: int = Field(default=1883, ge=1, le=65535, description="TCP port of the broker (its TLS listener with "
+                      "`tls_ca`).")
+    username: str | None = Field(default=None, description="MQTT user name of this party (the bridge's; an "
+                                 "agent's devices log in with their own `mqtt_credentials_file`).")
+    password: str | None = Field(default=None, repr=False, description="Password for `username`; prefer "
+                                 "`credentials_file` (never printed or logged).")
+    tls_ca: Path | None = Field(default=None, description="Set: connect over TLS, trusting this CA only and "
+                                "checking that the broker's certificate names `host`.")
+    tls_cert: Path | None = Field(default=None, description="Client certificate (PEM), for a broker with "
+                                  "`require_certificate`; goes with `tls_key`.")
+    tls_key: Path | None = Field(default=None, description="Private key of `tls_cert` (PEM, mode 0600).")
+    credentials_file: Path | None = Field(default=None, description="The bridge's MQTT login written by "
+                                          "`carechain bridge acl` (bridge.json, mode 0600); sets username and "
+                                          "password. Never used for an agent's devices.")
+    keepalive_s: int = Field(default=30, ge=5, le=3600, description="MQTT keepalive: seconds between pings on "
+                             "an idle link; a broker that does not answer is taken as lost and reconnected to.")
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
+    @property
+    def has_login(self) -> bool:
+        """Whether these settings carry a login (the bridge's, in a shared config file)."""
+        return bool(self.username or self.password or self.credentials_file)
+
 
 class Limits(_Section):
-    """Explicit ingest limits; each violation is a named, counted rejection (see docs/protocol.md)."""
+    """`bridge.limits`: explicit ingest limits; each violation is a named, counted rejection (docs/protocol.md)."""
 
-    max_event_bytes: int = Field(default=4096, ge=256, le=1 << 20)
-    max_future_skew_s: float = Field(default=300.0, ge=0)  # device clock ahead of the bridge
-    max_age_s: float = Field(default=30 * 86400.0, ge=1)  # agents may buffer for days while offline
-    max_seq_gap: int = Field(default=1_000_000, ge=1)
-    # Payload nesting (CBOR arrays/maps); an event body needs 3 (payload → body → rr_intervals list).
-    max_cbor_depth: int = Field(default=16, ge=3, le=64)
+    max_event_bytes: int = Field(default=4096, ge=256, le=1 << 20, description="Largest event (COSE_Sign1 "
+                                 "bytes) the bridge accepts.")
+    max_future_skew_s: float = Field(default=300.0, ge=0, description="How far a device's clock may be ahead "
+                                     "of the bridge's.")
+    max_age_s: float = Field(default=30 * 86400.0, ge=1, description="Oldest event accepted: agents may buffer "
+                             "for days while offline.")
+    max_seq_gap: int = Field(default=1_000_000, ge=1, description="Largest jump in a device's seq over the last "
+                             "one accepted.")
+    max_cbor_depth: int = Field(default=16, ge=3, le=64, description="Deepest payload nesting (CBOR arrays and "
+                                "maps); an event body needs 3 (payload → body → rr_intervals list).")
     # Per-device token bucket in the sequencer (docs/hostile-input.md): generous enough that a device
     # draining a multi-day backlog after an outage is not slowed down, small enough that one device
     # cannot take the whole log's capacity.
-    max_events_per_s: float = Field(default=1000.0, gt=0)
-    burst: int = Field(default=20_000, ge=1)
+    max_events_per_s: float = Field(default=1000.0, gt=0, description="Per-device rate limit (token bucket "
+                                    "refill), generous enough for a backlog drained after an outage.")
+    burst: int = Field(default=20_000, ge=1, description="Per-device token bucket size: events a device may "
+                       "send at once above the rate.")
 
 
 class MinerKey(_Section):
-    """A registered miner, as `carechain miner` prints it on start."""
+    """`bridge.miners[]`: a registered miner, as `carechain miner` prints it on start."""
 
-    name: str = Field(min_length=1, max_length=200, pattern=r"^[^\s+]+$")  # cosigner key name
-    public_key: str = Field(pattern=r"^[0-9a-f]{64}$")  # hex Ed25519
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[^\s+]+$", description="The miner's cosigner "
+                      "key name.")
+    public_key: str = Field(pattern=HEX_KEY, description="The miner's Ed25519 public key, hex.")
 
 
 class MinerConfig(_Section):
-    """`carechain miner`: a witness that cosigns the log's checkpoints (docs/miners.md)."""
+    """`miner`: `carechain miner`, a witness that cosigns the log's checkpoints (docs/miners.md)."""
 
-    data_dir: Path = Path("carechain-data/miner")
-    key_file: Path | None = None  # default DATA_DIR/miner.key (created, mode 0600, if missing)
-    log_public_key: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")  # hex; the log it follows
-    name: str | None = None  # cosigner key name; default carechain.miner/<miner id>
-    # Contract re-execution: the contracts genesis (default BRIDGE_DATA_DIR/contracts/genesis.json when it
-    # exists); or a MODULE:FUNCTION entry verifier. Neither: every entry is accepted (a warning says so).
-    genesis: Path | None = None
-    entry_verifier: str | None = Field(default=None, pattern=r"^[\w.]+:\w+$")
-    request_timeout_s: float = Field(default=10.0, gt=0)
+    data_dir: Path = Field(default=Path("carechain-data/miner"), description="The miner's data directory (its "
+                           "key, state); one miner per directory.")
+    key_file: Path | None = Field(default=None, description="The miner's Ed25519 key; default DATA_DIR/miner.key "
+                                  "(created, mode 0600, if missing).")
+    log_public_key: str | None = Field(default=None, pattern=HEX_KEY, description="Hex public key of the log "
+                                       "this miner follows (printed by `carechain bridge`).")
+    name: str | None = Field(default=None, description="Cosigner key name; default carechain.miner/<miner id>.")
+    genesis: Path | None = Field(default=None, description="Contracts genesis for re-executing entries; default "
+                                 "BRIDGE_DATA_DIR/contracts/genesis.json when it exists. Neither this nor "
+                                 "`entry_verifier`: every entry is accepted (a warning says so).")
+    entry_verifier: str | None = Field(default=None, pattern=r"^[\w.]+:\w+$", description="Instead of "
+                                       "`genesis`: a MODULE:FUNCTION that checks each entry.")
+    request_timeout_s: float = Field(default=10.0, gt=0, description="How long to wait for the bridge's answer "
+                                     "to a proof request.")
 
 
 class BridgeConfig(_Section):
-    data_dir: Path = Path("carechain-data/bridge")
-    origin: str | None = None  # checkpoint origin line; default derived from the log key
-    checkpoint_interval_s: float = Field(default=1.0, gt=0)
-    batch_max: int = Field(default=2000, ge=1, le=100_000)
-    batch_wait_ms: int = Field(default=20, ge=0, le=5000)
-    # 0: verify in the bridge process; N: N worker processes on an MQTT shared subscription (mosquitto,
-    # EMQX, ...; not the embedded amqtt broker). One more process than cores rarely helps.
-    ingest_workers: int = Field(default=0, ge=0, le=64)
-    operator_keys: list[str] = Field(default_factory=list)  # hex public keys trusted for registrations
-    # Contracts (docs/contracts.md): check every sale before appending it. The token supply is fixed in
-    # DATA_DIR/contracts/genesis.json when that is first written, from these opening balances (account →
-    # minor units, e.g. "insurer:<party id>": 1000000); empty: a demo supply.
-    contracts: bool = True
-    genesis_allocations: dict[str, Annotated[int, Field(ge=0, le=2**62)]] = Field(default_factory=dict)
-    limits: Limits = Field(default_factory=Limits)
-    # Finality (docs/miners.md): the registered miners' cosigner keys and how many must cosign. With a
-    # threshold > 0 the bridge collects cosignatures and publishes final checkpoints on cc/v1/log/final.
-    miners: list[MinerKey] = Field(default_factory=list)
-    finality_threshold: int = Field(default=0, ge=0)
+    """`bridge`: `carechain bridge`, which verifies, sequences and anchors events and answers with receipts."""
+
+    data_dir: Path = Field(default=Path("carechain-data/bridge"), description="The bridge's data directory "
+                           "(ledger, log key, contracts); one bridge per directory.")
+    origin: str | None = Field(default=None, description="Checkpoint origin line; default derived from the log "
+                               "key.")
+    checkpoint_interval_s: float = Field(default=1.0, gt=0, description="How often a signed checkpoint is "
+                                         "issued while the log grows.")
+    batch_max: int = Field(default=2000, ge=1, le=100_000, description="Most events appended in one commit.")
+    batch_wait_ms: int = Field(default=20, ge=0, le=5000, description="How long a batch waits to fill before "
+                               "it is committed.")
+    ingest_workers: int = Field(default=0, ge=0, le=64, description="0: verify in the bridge process; N: N "
+                                "worker processes on an MQTT shared subscription (mosquitto, EMQX, ...; not the "
+                                "embedded amqtt broker). One more process than cores rarely helps.")
+    operator_keys: list[str] = Field(default_factory=list, description="Hex public keys trusted to sign device "
+                                     "registrations.")
+    contracts: bool = Field(default=True, description="Check every sale against the contracts before appending "
+                            "it (docs/contracts.md).")
+    genesis_allocations: dict[str, Annotated[int, Field(ge=0, le=2**62)]] = Field(
+        default_factory=dict, description="Opening token balances (account → minor units, e.g. "
+        "\"insurer:<party id>\": 1000000), fixed in DATA_DIR/contracts/genesis.json when that is first "
+        "written; empty: a demo supply.")
+    limits: Limits = Field(default_factory=Limits, description="Ingest limits (see `bridge.limits`).")
+    miners: list[MinerKey] = Field(default_factory=list, description="The registered miners' cosigner keys "
+                                   "(docs/miners.md).")
+    finality_threshold: int = Field(default=0, ge=0, description="How many of `miners` must cosign a checkpoint "
+                                    "for it to be final; > 0: the bridge collects cosignatures and publishes final "
+                                    "checkpoints on cc/v1/log/final.")
 
     @model_validator(mode="after")
     def _threshold_fits(self) -> BridgeConfig:
@@ -104,39 +148,100 @@ class BridgeConfig(_Section):
         return self
 
 
-class AgentDevice(_Section):
-    key_file: Path
-    profile: str
-    # This device's own MQTT login (devices/<device_id>.json from `carechain bridge acl`); without it the
-    # device's MQTT client uses broker.username/password.
-    mqtt_credentials_file: Path | None = None
-    # Where readings come from: `simulated` (a SimulatedDevice of the profile) or `ble` (the real device,
-    # found by the profile's service UUID or by `address`, through bleak; docs/raspberry-pi.md).
-    source: Literal["simulated", "ble"] = "simulated"
-    address: str | None = Field(default=None, max_length=64)
-    pair: bool | None = None  # ble: pair/bond on connect (None: as the profile says)
+class AgentDeviceConfig(_Section):
+    """`agent.devices[]`: one device the agent runs — its key, profile, MQTT login and where readings come from.
+    (The running device is `edge_agent.agent.AgentDevice`.)"""
+
+    key_file: Path = Field(description="The device's Ed25519 key (mode 0600); its public key is the device id.")
+    profile: str = Field(description="Device profile name (device_profiles/), e.g. heart_rate_band.")
+    mqtt_credentials_file: Path | None = Field(default=None, description="This device's own MQTT login "
+                                               "(devices/<device_id>.json from `carechain bridge acl`). Required "
+                                               "when the broker requires a login: an agent never logs a device in "
+                                               "with the broker section's (the bridge's) login.")
+    source: Literal["simulated", "ble"] = Field(default="simulated", description="Where readings come from: "
+                                                "`simulated` (from the profile) or `ble` (the real device through "
+                                                "bleak, found by the profile's service UUID or by `address`; "
+                                                "docs/raspberry-pi.md).")
+    address: str | None = Field(default=None, max_length=64, description="ble: the device's Bluetooth address; "
+                                "default: the first device advertising the profile's service.")
+    pair: bool | None = Field(default=None, description="ble: pair/bond on connect; null: as the profile says.")
+
+
+# Kept while importers move to AgentDeviceConfig (edge_agent/assembly.py); not a second meaning.
+AgentDevice = AgentDeviceConfig
 
 
 class AgentConfig(_Section):
-    data_dir: Path = Path("carechain-data/agent")
-    devices: list[AgentDevice] = Field(default_factory=list)
-    bridge_public_key: str | None = None  # hex; receipts not signed by it are ignored
-    # Unacknowledged events in flight (< 65,535 MQTT packet ids). Throughput ≈ window ÷ round trip to a
-    # receipt; 2000 drains ~6,000 events/s here with ~1 MB of memory for it (docs/reliability.md).
-    window: int = Field(default=2000, ge=1, le=60_000)
-    resend_after_s: float = Field(default=10.0, gt=0)
-    speedup: float = Field(default=1.0, gt=0)  # simulated sources: sample this many times faster
-    # Disk quota of the outbox and what happens at it (docs/reliability.md): refuse_new keeps every signed
-    # event and stops signing new readings; drop_oldest keeps the newest. Both count and log every loss.
-    outbox_quota_mb: float = Field(default=2048.0, gt=0)
-    on_quota: Literal["refuse_new", "drop_oldest"] = "refuse_new"
+    """`agent`: `carechain agent`, which signs its devices' readings and forwards them to the bridge."""
+
+    data_dir: Path = Field(default=Path("carechain-data/agent"), description="The agent's data directory "
+                           "(outbox.db, paired devices); one agent per directory.")
+    devices: list[AgentDeviceConfig] = Field(default_factory=list, description="The devices this agent runs "
+                                             "(see `agent.devices[]`).")
+    bridge_public_key: str | None = Field(
+        default=None, pattern=r"^[0-9a-fA-F]{64}$",
+        description="Required to run an agent: the bridge's log key, hex (printed by `carechain bridge`); receipts "
+        "not signed by it are ignored. Unset only in a config no agent runs from.")
+    window: int = Field(default=2000, ge=1, le=60_000, description="Unacknowledged events in flight (< 65,535 "
+                        "MQTT packet ids). Throughput ≈ window ÷ round trip to a receipt (docs/reliability.md).")
+    resend_after_s: float = Field(default=10.0, gt=0, description="Resend an event with no receipt after this "
+                                  "long.")
+    speedup: float = Field(default=1.0, gt=0, description="Simulated sources: sample this many times faster.")
+    outbox_quota_mb: float = Field(default=2048.0, gt=0, description="Disk quota of the outbox "
+                                   "(docs/reliability.md).")
+    on_quota: Literal["refuse_new", "drop_oldest"] = Field(default="refuse_new", description="At the quota: "
+                                                           "refuse_new keeps every signed event and stops signing "
+                                                           "new readings; drop_oldest keeps the newest. Both count "
+                                                           "and log every loss.")
+
+    def bridge_key(self) -> bytes:
+        """The bridge's public key, or a `ConfigError` saying where to find it."""
+        if self.bridge_public_key is None:
+            raise ConfigError("agent.bridge_public_key is required to run an agent: set it to the log key "
+                              "`carechain bridge` prints on start (receipts are trusted only when the bridge "
+                              "signed them)")
+        return bytes.fromhex(self.bridge_public_key)
 
 
 class Config(_Section):
-    broker: BrokerConfig = Field(default_factory=BrokerConfig)
-    bridge: BridgeConfig = Field(default_factory=BridgeConfig)
-    agent: AgentConfig = Field(default_factory=AgentConfig)
-    miner: MinerConfig = Field(default_factory=MinerConfig)
+    """The whole file: each command reads the sections it needs."""
+
+    broker: BrokerConfig = Field(default_factory=BrokerConfig, description="The MQTT broker (see `broker`).")
+    bridge: BridgeConfig = Field(default_factory=BridgeConfig, description="The bridge (see `bridge`).")
+    agent: AgentConfig = Field(default_factory=AgentConfig, description="The edge agent (see `agent`).")
+    miner: MinerConfig = Field(default_factory=MinerConfig, description="A miner (see `miner`).")
+
+
+def check_agent_logins(config: Config) -> None:
+    """Refuse an agent config in which a device would share another party's MQTT login.
+
+    The broker section's login is the bridge's when one file serves both (broker.credentials_file is
+    what `carechain bridge acl` writes for the bridge): a device logging in with it would put the bridge's
+    secret on an edge host and have its publishes refused by the ACL. So each device names its own
+    file when the broker section carries a login, no two devices share one, and none uses the bridge's.
+    """
+    broker = config.broker
+    seen: dict[Path, int] = {}
+    for i, device in enumerate(config.agent.devices):
+        where = f"agent.devices[{i}] (key_file {device.key_file})"
+        own = device.mqtt_credentials_file
+        if own is None:
+            if broker.has_login:
+                login = (f"broker.credentials_file {broker.credentials_file}" if broker.credentials_file
+                         else f"broker.username {broker.username!r}")
+                raise ConfigError(
+                    f"{where} has no mqtt_credentials_file, and an agent never logs a device in with the broker "
+                    f"section's login ({login}, the bridge's): give the device its own login "
+                    "(`carechain bridge acl` writes devices/<device_id>.json) or remove the login from the "
+                    "agent's broker section")
+            continue
+        if broker.credentials_file is not None and own.resolve() == broker.credentials_file.resolve():
+            raise ConfigError(f"{where}: mqtt_credentials_file {own} is broker.credentials_file, the bridge's "
+                              "login: give the device its own (devices/<device_id>.json from `carechain bridge acl`)")
+        if own.resolve() in seen:
+            raise ConfigError(f"{where}: mqtt_credentials_file {own} is also the login of agent.devices"
+                              f"[{seen[own.resolve()]}]: each device needs its own")
+        seen[own.resolve()] = i
 
 
 ENV_OVERRIDES = {
@@ -172,15 +277,15 @@ def load_config(path: Path | None = None, env: dict[str, str] | None = None) -> 
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping with broker/bridge/agent/miner sections")
         raw = loaded or {}
-    env = os.environ if env is None else env
+    environ: Mapping[str, str] = os.environ if env is None else env
     for var, (section, key) in ENV_OVERRIDES.items():
-        if var not in env:
+        if var not in environ:
             continue
         sect = raw.setdefault(section, {})
         if key == "address":
-            sect["host"], sect["port"] = parse_address(env[var])
+            sect["host"], sect["port"] = parse_address(environ[var])
         else:
-            sect[key] = env[var]
+            sect[key] = environ[var]
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:

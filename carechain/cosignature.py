@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from carechain.checkpoint import KEY_ID_SIZE, NoteSignature, parse_note
+from carechain.errors import FixedReasonError
 from carechain.identity import PUBLIC_KEY_SIZE, SIGNATURE_SIZE, verify_signature
 
 ALG_COSIGNATURE_V1 = 0x04
@@ -27,8 +28,10 @@ MAX_TIMESTAMP = 2**63 - 1
 _BLOB_SIZE = 8 + SIGNATURE_SIZE
 
 
-class CosignatureError(ValueError):
+class CosignatureError(FixedReasonError):
     """A cosignature could not be made; the message says why."""
+
+    REASON = "bad_cosignature"
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,7 @@ def cosignature_timestamp(body: str, sig: NoteSignature, cosigner: Cosigner) -> 
     """The timestamp of `sig` if it is a valid cosignature/v1 of `body` by `cosigner`, else None."""
     if sig.name != cosigner.name or sig.key_hash != cosigner.key_id or len(sig.signature) != _BLOB_SIZE:
         return None
-    (timestamp,) = struct.unpack(">Q", sig.signature[:8])
+    timestamp: int = struct.unpack(">Q", sig.signature[:8])[0]
     if timestamp > MAX_TIMESTAMP:
         return None
     if not verify_signature(cosigner.public_key, signed_message(body, timestamp), sig.signature[8:]):

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from carechain.files import FilePermissionError, read_private
 
-CREDENTIALS_FORMAT = "carechain-mqtt-credentials-v1"
+CREDENTIALS_FORMAT: Final = "carechain-mqtt-credentials-v1"
 
 
 class CredentialsError(ValueError):

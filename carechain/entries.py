@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from carechain import cbor, envelope
+from carechain.errors import FixedReasonError
 from carechain.identity import Identity, device_id_for
 
 ENTRY_EVENT = "event"
@@ -36,8 +37,10 @@ CONTRACT_ENTRY_TYPES = frozenset({PARTY_REGISTER, CONTRACT_UPGRADE, TOKEN_TRANSF
 LEDGER_ENTRY_TYPES = ENTRY_TYPES | CONTRACT_ENTRY_TYPES
 
 
-class EntryError(ValueError):
-    pass
+class EntryError(FixedReasonError):
+    """A ledger leaf that is not a well-formed entry of a known type."""
+
+    REASON = "bad_entry"
 
 
 @dataclass(frozen=True)

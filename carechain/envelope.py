@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from carechain import cbor
+from carechain.errors import ProtocolError, Reason
 from carechain.identity import Identity, verify_signature
 
 COSE_SIGN1_TAG = 18
@@ -25,13 +26,8 @@ _PROTECTED_MAX = 128
 _KID = re.compile(rb"[a-z2-7]{1,64}")
 
 
-class EnvelopeError(ValueError):
-    """An envelope that cannot be accepted; `reason` is a stable code reported to the device."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
+class EnvelopeError(ProtocolError):
+    """An envelope that cannot be accepted; `reason` (a `Reason`) is reported to the device."""
 
 
 # RFC 9052 §4.4: Sig_structure = ["Signature1", body_protected, external_aad = h'', payload]. Its
@@ -94,7 +90,7 @@ def parse(data: bytes, *, max_bytes: int = MAX_ENVELOPE_BYTES, max_depth: int = 
     payload's nesting.
     """
     if len(data) > max_bytes:
-        raise EnvelopeError("too_large", f"{len(data)} bytes exceeds the limit of {max_bytes}")
+        raise EnvelopeError(Reason.TOO_LARGE, f"{len(data)} bytes exceeds the limit of {max_bytes}")
     # Fast path: bytes laid out exactly as `sign` writes them are split without a CBOR decoder; anything
     # else takes the general path, which says precisely what is wrong.
     parts = _split_deterministic(data) or _split(data)
@@ -103,10 +99,10 @@ def parse(data: bytes, *, max_bytes: int = MAX_ENVELOPE_BYTES, max_depth: int = 
     try:
         payload = cbor.decode(payload_bytes, max_depth=max_depth)
     except cbor.CBORError as exc:
-        raise EnvelopeError("bad_payload", str(exc)) from None
+        raise EnvelopeError(Reason.BAD_PAYLOAD, str(exc)) from None
     # Only the canonical encoding is accepted, so the bytes signed are the one meaning that is stored.
     if cbor.encode(payload) != payload_bytes:
-        raise EnvelopeError("bad_payload", "payload is not deterministically encoded CBOR")
+        raise EnvelopeError(Reason.BAD_PAYLOAD, "payload is not deterministically encoded CBOR")
     return Sign1(kid.decode("ascii"), protected, payload_bytes, signature, payload)
 
 
@@ -149,23 +145,23 @@ def _split(data: bytes) -> tuple[bytes, bytes, bytes]:
         # generic plain-data walk is skipped here (it runs on the protected header and payload).
         msg = cbor.decode(data, allow_tag=COSE_SIGN1_TAG, max_depth=4, check_plain=False)
     except cbor.CBORError as exc:
-        raise EnvelopeError("malformed", exc.detail if exc.reason == "malformed_cbor" else str(exc)) from None
+        raise EnvelopeError(Reason.MALFORMED, exc.detail if exc.reason == "malformed_cbor" else str(exc)) from None
     if not isinstance(msg, cbor.CBORTag):
-        raise EnvelopeError("not_cose_sign1", "expected CBOR tag 18 (COSE_Sign1)")
+        raise EnvelopeError(Reason.NOT_COSE_SIGN1, "expected CBOR tag 18 (COSE_Sign1)")
     body = msg.value
     if not (isinstance(body, list) and len(body) == 4):
-        raise EnvelopeError("not_cose_sign1", "COSE_Sign1 must be an array of 4 items")
+        raise EnvelopeError(Reason.NOT_COSE_SIGN1, "COSE_Sign1 must be an array of 4 items")
     protected, unprotected, payload_bytes, signature = body
     if not isinstance(protected, bytes) or len(protected) > _PROTECTED_MAX:
-        raise EnvelopeError("bad_header", "protected header must be a short byte string")
+        raise EnvelopeError(Reason.BAD_HEADER, "protected header must be a short byte string")
     if unprotected != {} or type(unprotected) is not dict:
-        raise EnvelopeError("bad_header", "unprotected header must be an empty map (kid and alg are protected)")
+        raise EnvelopeError(Reason.BAD_HEADER, "unprotected header must be an empty map (kid and alg are protected)")
     if not isinstance(payload_bytes, bytes):
-        raise EnvelopeError("bad_payload", "payload must be an attached byte string")
+        raise EnvelopeError(Reason.BAD_PAYLOAD, "payload must be an attached byte string")
     if not isinstance(signature, bytes) or len(signature) != 64:
-        raise EnvelopeError("bad_signature", "an EdDSA signature has 64 bytes")
+        raise EnvelopeError(Reason.BAD_SIGNATURE, "an EdDSA signature has 64 bytes")
     _kid(protected)  # a wrong header is named before the encoding of the envelope around it
-    raise EnvelopeError("malformed", "COSE_Sign1 is not deterministically encoded "
+    raise EnvelopeError(Reason.MALFORMED, "COSE_Sign1 is not deterministically encoded "
                                      "(indefinite or long-form lengths, or a long-form tag)")
 
 
@@ -187,17 +183,18 @@ def _kid(protected: bytes) -> bytes:
     try:
         header = cbor.decode(protected, max_depth=1)
     except cbor.CBORError as exc:
-        raise EnvelopeError("bad_header", str(exc)) from None
+        raise EnvelopeError(Reason.BAD_HEADER, str(exc)) from None
     if not isinstance(header, dict):
-        raise EnvelopeError("bad_header", "protected header must be a CBOR map")
+        raise EnvelopeError(Reason.BAD_HEADER, "protected header must be a CBOR map")
     alg = header.get(HEADER_ALG)
     if type(alg) is not int or alg != ALG_EDDSA:  # not -8.0
-        raise EnvelopeError("bad_alg", "only alg EdDSA (-8) is accepted")
+        raise EnvelopeError(Reason.BAD_ALG, "only alg EdDSA (-8) is accepted")
     kid = header.get(HEADER_KID)
     if not isinstance(kid, bytes) or not _KID.fullmatch(kid):
-        raise EnvelopeError("bad_header", "protected header must carry kid (4): 1-64 lowercase base32 characters")
+        raise EnvelopeError(Reason.BAD_HEADER, "protected header must carry kid (4): 1-64 lowercase base32 characters")
     # Nothing else in the protected header: an unknown (possibly critical, RFC 9052 §3.1) parameter is
     # refused rather than ignored, and the header has one encoding.
     if protected != _protected_header(kid):
-        raise EnvelopeError("bad_header", "protected header must be exactly {1: -8, 4: kid}, deterministically encoded")
+        raise EnvelopeError(Reason.BAD_HEADER,
+                            "protected header must be exactly {1: -8, 4: kid}, deterministically encoded")
     return kid

@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from carechain.errors import ProtocolError, Reason
+
 PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS = frozenset({1})
 
@@ -129,38 +131,36 @@ class EventPayload(BaseModel):
         return self.model_dump()
 
 
-class PayloadError(ValueError):
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
+class PayloadError(ProtocolError):
+    """A signed payload whose content cannot be accepted; `reason` (a `Reason`) is reported to the device."""
 
 
 def make_payload(dev: str, seq: int, ts: int, kind: str, body: _Body | dict[str, Any]) -> dict[str, Any]:
     """Build a validated wire payload; `body` may be a model or a plain dict."""
     body_model = body if isinstance(body, _Body) else BODY_MODELS[kind].model_validate(body)
     if type(body_model) is not BODY_MODELS.get(kind):
-        raise PayloadError("bad_body", f"body model {type(body_model).__name__} does not match kind {kind!r}")
+        raise PayloadError(Reason.BAD_BODY, f"body model {type(body_model).__name__} does not match kind {kind!r}")
     body_dict = body_model.model_dump(exclude_none=True, exclude_defaults=True)
-    return EventPayload(v=PROTOCOL_VERSION, dev=dev, seq=seq, ts=ts, kind=kind, body=body_dict).to_wire()
+    return EventPayload.model_validate(
+        {"v": PROTOCOL_VERSION, "dev": dev, "seq": seq, "ts": ts, "kind": kind, "body": body_dict}).to_wire()
 
 
 def validate_payload(raw: Any) -> EventPayload:
     """Validate a decoded payload from the wire, mapping failures to stable reason codes."""
     if not isinstance(raw, dict):
-        raise PayloadError("bad_payload", "payload must be a CBOR map")
+        raise PayloadError(Reason.BAD_PAYLOAD, "payload must be a CBOR map")
     v = raw.get("v")
     # type() first: `[1] in frozenset` raises TypeError, and True and 1.0 would pass as version 1.
     if type(v) is not int or v not in SUPPORTED_VERSIONS:
-        raise PayloadError("unsupported_version", f"protocol version {v!r:.40} is not supported")
+        raise PayloadError(Reason.UNSUPPORTED_VERSION, f"protocol version {v!r:.40} is not supported")
     try:
         event = EventPayload.model_validate(raw)
     except ValidationError as exc:
-        raise PayloadError("bad_payload", _first_error(exc)) from None
+        raise PayloadError(Reason.BAD_PAYLOAD, _first_error(exc)) from None
     try:
         event.parsed_body()
     except ValidationError as exc:
-        raise PayloadError("bad_body", f"{event.kind}: {_first_error(exc)}") from None
+        raise PayloadError(Reason.BAD_BODY, f"{event.kind}: {_first_error(exc)}") from None
     return event
 
 

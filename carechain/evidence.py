@@ -16,19 +16,36 @@ from __future__ import annotations
 import enum
 import hmac
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from carechain.checkpoint import Checkpoint
+from carechain.errors import FixedReasonError
+from carechain.identity import PublicKeyError, parse_public_key_hex
 from carechain.merkle import EMPTY_ROOT, ProofError, extend_frontier, frontier_root, leaf_hash, verify_consistency
 from carechain.proofs import VerificationError, verify_checkpoint
 
 _Hex32 = Field(pattern=r"^[0-9a-f]{64}$")
 
 
-class EvidenceError(ValueError):
+class EvidenceError(FixedReasonError):
     """The evidence does not show what it claims; the message says which check failed."""
+
+    REASON = "bad_evidence"
+
+
+@dataclass(frozen=True)
+class Violation:
+    """The first leaf of a range that the contract rules do not accept: what `violation` evidence names.
+
+    Miners' entry verifiers return it (contract_rules.replay.ContractWitness is the standard one).
+    """
+
+    leaf_index: int
+    rule: str  # the contracts' rejection reason, e.g. "rx_missing"
+    detail: str
 
 
 class EvidenceKind(enum.StrEnum):
@@ -63,7 +80,11 @@ def verify_evidence(ev: Evidence, trusted_log_key: bytes,
     For a violation, pass the contract re-execution as `entry_verifier` (same signature as the miner's
     hook); without it only the entries' membership in the signed tree is checked.
     """
-    if not hmac.compare_digest(bytes.fromhex(ev.log_public_key), trusted_log_key):
+    try:
+        named_key = parse_public_key_hex(ev.log_public_key, "the evidence's log_public_key")
+    except PublicKeyError as exc:
+        raise EvidenceError(str(exc)) from None
+    if not hmac.compare_digest(named_key, trusted_log_key):
         raise EvidenceError("the evidence names another log key than the one you trust")
     new = _checkpoint("new_checkpoint", ev.new_checkpoint, trusted_log_key)
     old = (_checkpoint("old_checkpoint", ev.old_checkpoint, trusted_log_key) if ev.old_checkpoint is not None

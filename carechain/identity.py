@@ -18,6 +18,8 @@ from pathlib import Path
 import nacl.exceptions
 import nacl.signing
 
+from carechain.errors import FixedReasonError
+
 KEY_FILE_HEADER = "carechain-ed25519-seed-v1"
 PUBLIC_KEY_SIZE = 32
 SIGNATURE_SIZE = 64
@@ -38,6 +40,29 @@ def device_id_for(public_key: bytes) -> str:
         raise ValueError(f"an Ed25519 public key has {PUBLIC_KEY_SIZE} bytes, got {len(public_key)}")
     digest = hashlib.sha256(b"carechain/device-id/v1\x00" + public_key).digest()[:_DEVICE_ID_BYTES]
     return base64.b32encode(digest).decode("ascii").lower()
+
+
+class PublicKeyError(FixedReasonError):
+    """Text that is not an Ed25519 public key (64 hex digits); the message names whose key it was meant to be."""
+
+    REASON = "bad_public_key"
+
+
+def parse_public_key_hex(text: str, what: str = "public key") -> bytes:
+    """The 32 bytes of an Ed25519 public key written as 64 hex digits (either case, surrounding space ignored).
+
+    Raises PublicKeyError (a ValueError) saying what `what` held and what was expected.
+    """
+    if not isinstance(text, str):
+        raise PublicKeyError(f"{what}: expected {2 * PUBLIC_KEY_SIZE} hex digits, got a {type(text).__name__}")
+    try:
+        key = bytes.fromhex(text.strip())
+    except ValueError:
+        raise PublicKeyError(f"{what}: {text!r:.80} is not hex; expected {2 * PUBLIC_KEY_SIZE} hex digits") from None
+    if len(key) != PUBLIC_KEY_SIZE:
+        raise PublicKeyError(f"{what}: an Ed25519 public key has {PUBLIC_KEY_SIZE} bytes "
+                             f"({2 * PUBLIC_KEY_SIZE} hex digits), got {len(key)}")
+    return key
 
 
 def verify_signature(public_key: bytes, message: bytes, signature: bytes) -> bool:

@@ -14,6 +14,8 @@ import hashlib
 import hmac
 from collections.abc import Sequence
 
+from carechain.errors import FixedReasonError
+
 HASH_SIZE = 32
 EMPTY_ROOT = hashlib.sha256(b"").digest()
 # A tree can hold at most 2**64 - 1 leaves (sizes are uint64 on the wire), so no proof needs more than 64
@@ -25,8 +27,10 @@ _LEAF_PREFIX = b"\x00"
 _NODE_PREFIX = b"\x01"
 
 
-class ProofError(ValueError):
+class ProofError(FixedReasonError):
     """A Merkle proof, or an input to its verification, is invalid."""
+
+    REASON = "bad_proof"
 
 
 def leaf_hash(data: bytes) -> bytes:

@@ -19,13 +19,16 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 
+from carechain.errors import FixedReasonError
 from carechain.merkle import EMPTY_ROOT, HASH_SIZE, node_hash
 
 _NODE_PREFIX = b"\x01"
 
 
-class TreeError(ValueError):
+class TreeError(FixedReasonError):
     """A request the tree cannot answer: a malformed leaf hash, or an index or size beyond the tree."""
+
+    REASON = "bad_tree_request"
 
 
 class MerkleTree:

@@ -14,6 +14,7 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -32,6 +33,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from carechain.events import BODY_MODELS
 
 PROFILES_DIR_ENV = "CARECHAIN_PROFILES_DIR"
+PROFILES_PACKAGE = "device_profiles"  # the YAML profiles, shipped as package data
 SIG_BASE_UUID = "0000{:04x}-0000-1000-8000-00805f9b34fb"
 
 Loc = tuple[str | int, ...]
@@ -486,7 +488,7 @@ def _consistency_problems(p: DeviceProfile) -> list[tuple[Loc, str]]:
             continue
         if obs.value is None and not obs.components:
             problems.append((loc, "give `value:` (a body field) or `components:`, or both"))
-        refs = [((*loc, "value"), obs.value)] if obs.value is not None else []
+        refs: list[tuple[Loc, str]] = [((*loc, "value"), obs.value)] if obs.value is not None else []
         refs += [((*loc, "components", j, "value"), c.value) for j, c in enumerate(obs.components)]
         for ref_loc, field in refs:
             if check_field(ref_loc, obs.event, field) and p.unit(obs.event, field) is None:
@@ -533,11 +535,31 @@ class ProfileError(YamlFileError):
 
 
 def default_profiles_dir() -> Path:
-    """`$CARECHAIN_PROFILES_DIR` if set, else the `device_profiles/` folder next to this package."""
+    """Where device profiles are read from when no folder is given, in this order:
+
+    1. `$CARECHAIN_PROFILES_DIR`, if set (a folder of `*.yaml` profiles);
+    2. the profiles installed with carechain: the `device_profiles` package's data, which is the repository's
+       `device_profiles/` folder in a checkout or an editable install, and a copy in site-packages after
+       `pip install .`.
+
+    An explicit folder (`load_profiles(path)`, `carechain register --profiles-dir`) comes before both.
+    """
     override = os.environ.get(PROFILES_DIR_ENV)
     if override:
         return Path(override).expanduser()
-    return Path(__file__).resolve().parent.parent / "device_profiles"
+    return installed_profiles_dir()
+
+
+def installed_profiles_dir() -> Path:
+    """The folder of the profiles shipped as package data with carechain (the `device_profiles` package)."""
+    hint = f"reinstall carechain, or set {PROFILES_DIR_ENV} to a folder of *.yaml profiles"
+    try:
+        shipped = resources.files(PROFILES_PACKAGE)
+    except ModuleNotFoundError:
+        raise ProfileError(PROFILES_PACKAGE, None, f"the {PROFILES_PACKAGE} package is not installed; {hint}") from None
+    if not isinstance(shipped, Path):  # e.g. a zipped install: profiles are read as files, with line numbers
+        raise ProfileError(str(shipped), None, f"the shipped profiles are not a folder on disk; {hint}")
+    return shipped
 
 
 def load_profile(path: Path | str) -> DeviceProfile:
@@ -567,7 +589,7 @@ def load_profile(path: Path | str) -> DeviceProfile:
 
 
 def load_profiles(directory: Path | str | None = None) -> dict[str, DeviceProfile]:
-    """Every `*.yaml` profile in `directory` (default: `default_profiles_dir()`), by name."""
+    """Every `*.yaml` profile in `directory` (default: `default_profiles_dir()`, which says the order), by name."""
     directory = Path(directory) if directory is not None else default_profiles_dir()
     if not directory.is_dir():
         hint = f"set {PROFILES_DIR_ENV} to a folder of *.yaml profiles"

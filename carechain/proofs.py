@@ -17,13 +17,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from carechain import envelope
 from carechain.checkpoint import Checkpoint, NoteError, verify_note
 from carechain.entries import ENTRY_EVENT, Entry, EntryError
+from carechain.errors import FixedReasonError
+from carechain.identity import PublicKeyError, parse_public_key_hex
 from carechain.merkle import ProofError, leaf_hash, verify_consistency, verify_inclusion
 
 _Hex32 = Field(pattern=r"^[0-9a-f]{64}$")
 
 
-class VerificationError(ValueError):
+class VerificationError(FixedReasonError):
     """A proof that does not hold; the message says which check failed."""
+
+    REASON = "not_verified"
 
 
 class InclusionBundle(BaseModel):
@@ -67,7 +71,10 @@ def verify_checkpoint(note: str, log_public_key: bytes) -> Checkpoint:
 
 
 def _key(hex_key: str, trusted: bytes | None) -> bytes:
-    key = bytes.fromhex(hex_key)
+    try:
+        key = parse_public_key_hex(hex_key, "log_public_key in the bundle")
+    except PublicKeyError as exc:
+        raise VerificationError(str(exc)) from None
     if trusted is not None and not hmac.compare_digest(key, trusted):
         raise VerificationError("log_public_key in the bundle is not the trusted log key you gave")
     return key

@@ -14,6 +14,7 @@ import hashlib
 from dataclasses import dataclass, field
 
 from carechain import envelope
+from carechain.errors import FixedReasonError
 from carechain.identity import Identity
 
 MAX_ITEMS = 512  # ok + rejected entries per receipt (see Receipt.split)
@@ -55,7 +56,7 @@ class Receipt:
             "ok": [list(p) for p in self.ok],
             "ts": self.ts,
             "dev": self.device_id,
-            "rej": [[r.seq, r.reason, r.detail[:200], r.retryable, r.digest] for r in self.rejected],
+            "rej": [[r.seq, str(r.reason), r.detail[:200], r.retryable, r.digest] for r in self.rejected],
         }
         return envelope.sign(bridge_key, payload, presorted=True)
 
@@ -64,8 +65,10 @@ def event_digest(raw: bytes) -> bytes:
     return hashlib.sha256(raw).digest()
 
 
-class ReceiptError(ValueError):
-    pass
+class ReceiptError(FixedReasonError):
+    """A receipt that is not from the bridge, not for this device, or not a receipt at all."""
+
+    REASON = "bad_receipt"
 
 
 def open_receipt(data: bytes, bridge_public_key: bytes, expected_device: str) -> Receipt:

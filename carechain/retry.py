@@ -1,9 +1,13 @@
-"""When to try again after a BLE connection attempt fails or a link drops: the one retry policy.
+"""When to try again after a connection attempt fails or a link drops: the one retry policy.
 
-Sans-IO, like bleak-retry-connector's backoff but for the whole session (scan → connect → subscribe →
-stream), not just the connect call: the caller reports what happened with the time it happened, and
-asks how long to wait. Delays grow exponentially with consecutive failures, capped, with jitter so that
-many devices that lost the same adapter do not all reconnect in the same instant. A link that stayed up
+Both reconnect loops use it: a BLE device's session (scan → connect → subscribe → stream, in
+`edge_agent.sources.ble`) and every MQTT client (`carechain.transport`, whose delays replace paho's
+own backoff, which has no jitter: a fleet would reconnect in lockstep after a broker restart).
+
+Sans-IO, like bleak-retry-connector's backoff but for the whole session, not just the connect call:
+the caller reports what happened with the time it happened, and asks how long to wait. Delays grow
+exponentially with consecutive failures, capped, with jitter so that many devices that lost the same
+adapter (or clients that lost the same broker) do not all reconnect in the same instant. A link that stayed up
 for `stable_s` counts as a success and resets the count; one that drops at once counts as a failure, so
 a device that accepts and immediately drops connections cannot make the agent spin.
 """
@@ -16,7 +20,7 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class ReconnectPolicy:
-    """Backoff settings; the defaults suit a Pi with a handful of health devices."""
+    """Backoff settings; the defaults suit a Pi with a handful of BLE health devices."""
 
     initial_s: float = 0.5  # first wait after a failure
     factor: float = 2.0  # each further consecutive failure multiplies the wait
@@ -35,9 +39,14 @@ class ReconnectPolicy:
             raise ValueError(f"stable_s must not be negative, got {self.stable_s}")
 
 
+# MQTT clients: a broker restart is seen by every client at once, so the first retry waits about a second
+# (jittered) and a broker that stays down is tried every ~30 s.
+MQTT_RECONNECT = ReconnectPolicy(initial_s=1.0, max_s=30.0)
+
+
 @dataclass
 class Backoff:
-    """The retry state of one device under a `ReconnectPolicy`."""
+    """The retry state of one link (a BLE device, an MQTT client) under a `ReconnectPolicy`."""
 
     policy: ReconnectPolicy = field(default_factory=ReconnectPolicy)
     rng: random.Random = field(default_factory=random.Random)
@@ -54,6 +63,10 @@ class Backoff:
         if up_since is not None and now_s - up_since >= self.policy.stable_s:
             self.failures = 0
         return self.failed()
+
+    def was_stable(self, now_s: float) -> bool:
+        """Whether the link, up now, has been up for at least `stable_s` as of `now_s`."""
+        return self._up_since is not None and now_s - self._up_since >= self.policy.stable_s
 
     def failed(self) -> float:
         """An attempt failed (device not found, connect or setup error): the seconds to wait."""

@@ -1,6 +1,6 @@
 """Seeds for placement and audits, derived from a final checkpoint and its miner cosignatures.
 
-DESIGN.md ("Randomness"): the bridge chooses what goes into a checkpoint, so a seed taken from the
+docs/architecture.md ("Randomness"): the bridge chooses what goes into a checkpoint, so a seed taken from the
 checkpoint alone could be ground by it. Ed25519 cosignatures are deterministic and need the miners' keys,
 so `SHA-256(domain ‖ checkpoint ‖ sorted cosignatures)` is unpredictable to the bridge and to any single
 miner until the checkpoint is final. Every input is length-prefixed so no two inputs hash alike.

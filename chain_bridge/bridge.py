@@ -1,16 +1,15 @@
 """The bridge service: MQTT in, verify, dedup, append in batches, receipts after commit, checkpoints.
 
-Thin threaded shell around the sans-IO `Ingest` and the `Ledger`. Events are checked either in this
-process (paho's thread enqueues, the worker thread checks) or, with `ingest_workers > 0`, by worker
-processes on a shared subscription (chain_bridge.workers). Either way one sequencer thread commits each
-batch in one transaction (group commit), then publishes receipts: a receipt is never sent for an event
-that is not durable.
+Thin threaded shell around the ingest spine (chain_bridge.ingest) and the `Ledger`. Events are received
+and checked either in this process (paho's thread enqueues, the sequencer thread drains a `Receiver`) or,
+with `ingest_workers > 0`, by worker processes on a shared subscription (chain_bridge.workers), each
+running the same `Receiver`. Either way one sequencer thread commits each batch in one transaction (group
+commit), then publishes receipts: a receipt is never sent for an event that is not durable.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections import Counter
@@ -25,13 +24,14 @@ from carechain.checkpoint import NoteError, parse_note
 from carechain.config import BridgeConfig, BrokerConfig
 from carechain.cosignature import Cosigner
 from carechain.crash_points import crash_point
-from carechain.identity import Identity
+from carechain.errors import Reason
+from carechain.identity import Identity, parse_public_key_hex
 from carechain.miner_messages import CosignatureMessage
-from carechain.receipts import Receipt, Rejected
 from carechain.transport import connect_client
 from chain_bridge.finality import FinalityPolicy, FinalityTracker
-from chain_bridge.ingest import Ingest, RateGuard, Rejection, SeqGuard
-from chain_bridge.ledger.store import Appended, DeviceRecord, DeviceRevoked, EventCandidate, Ledger, Refused
+from chain_bridge.ingest import Ingest, RateGuard, Receiver, Rejection, SeqGuard, Sequencer, Verdict, VerdictSource
+from chain_bridge.ingest.receive import wall_clock_ms
+from chain_bridge.ledger.store import Ledger
 from chain_bridge.proof_responder import ProofResponder
 
 if TYPE_CHECKING:
@@ -81,30 +81,40 @@ class Bridge:
         if contracts is not None:
             contracts.catch_up(ledger)
         self.stats = BridgeStats(tree_size=ledger.size, checkpoints=ledger.checkpoint_count())
-        self._inbox: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
         self._stop = threading.Event()
-        self._registry: dict[str, DeviceRecord] = {}
-        self._registry_version = -1
-        self._reload_registry()
         self._last_checkpoint_size = (ledger.latest_checkpoint() or (-1, ""))[0]
-        self.ingest = Ingest(cfg.limits, self._lookup)
-        self.seq_guard = SeqGuard(cfg.limits.max_seq_gap, ledger.last_seq)
-        self.rate_guard = RateGuard(cfg.limits.max_events_per_s, cfg.limits.burst)
+        # receive → check in this process (unless ingest workers do it), then guards → sequence → append.
+        self.receiver = Receiver(ledger, cfg.limits, cfg.batch_max, cfg.batch_wait_ms / 1000)
+        # Held by the sequencer while it extends the ledger; miners' proof requests are answered from the
+        # MQTT thread and must never read the in-memory tree mid-append.
+        self.ledger_lock = threading.Lock()
+        self.sequencer = Sequencer(ledger, cfg.limits, contracts, self.ledger_lock)
         self._pool: WorkerPool | None = None
         self._client: mqtt.Client | None = None
         self._worker: threading.Thread | None = None
         self.connected = threading.Event()
-        # Held by the sequencer while it extends the ledger; miners' proof requests are answered from the
-        # MQTT thread and must never read the in-memory tree mid-append.
-        self.ledger_lock = threading.Lock()
         self.proofs = ProofResponder(ledger, None, self.ledger_lock)
         self.finality: FinalityTracker | None = None
         if cfg.finality_threshold:
             self.finality = FinalityTracker(FinalityPolicy(
-                tuple(Cosigner(m.name, bytes.fromhex(m.public_key)) for m in cfg.miners), cfg.finality_threshold))
+                tuple(Cosigner(m.name, parse_public_key_hex(m.public_key, f"miner {m.name}")) for m in cfg.miners),
+                cfg.finality_threshold))
         self._finality_lock = threading.Lock()
         self._issued: dict[str, tuple[int, str]] = {}  # recent checkpoint body -> (tree size, note)
         self._last_final_size = -1
+
+    # The stages, by name (tests and tools reach them here).
+    @property
+    def ingest(self) -> Ingest:
+        return self.receiver.ingest
+
+    @property
+    def seq_guard(self) -> SeqGuard:
+        return self.sequencer.seq_guard
+
+    @property
+    def rate_guard(self) -> RateGuard:
+        return self.sequencer.rate_guard
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -150,11 +160,11 @@ class Bridge:
     def _on_message(self, client: mqtt.Client, _userdata: object, msg: mqtt.MQTTMessage) -> None:
         miner = topics.miner_of_topic(msg.topic)
         if miner is None:
-            self._inbox.put((msg.topic, msg.payload))
+            self.receiver.inbox.put(msg.topic, bytes(msg.payload))
         elif miner[1] == "req":
             self.proofs.serve(client, msg)
         elif miner[1] == "cosig" and msg.payload:
-            self._on_cosignature(msg.payload)
+            self._on_cosignature(bytes(msg.payload))
 
     # -- finality ------------------------------------------------------------------------------------
 
@@ -197,17 +207,13 @@ class Bridge:
 
     def _run(self) -> None:
         next_checkpoint = time.monotonic()
+        source: VerdictSource = self._pool or self.receiver
         while not self._stop.is_set():
             timeout = min(0.2, max(0.001, next_checkpoint - time.monotonic()))
             try:
-                if self._pool:
-                    verdicts = self._drain_workers(timeout)
-                    if verdicts:
-                        self.sequence(verdicts)
-                else:
-                    batch = self._drain(timeout)
-                    if batch:
-                        self.process(batch)
+                verdicts = source.receive(timeout)
+                if verdicts:
+                    self.sequence(verdicts)
             except Exception:  # keep serving: agents resend what was not receipted
                 log.exception("a batch failed; nothing from it was receipted")
             if time.monotonic() >= next_checkpoint:
@@ -215,114 +221,33 @@ class Bridge:
                 next_checkpoint = time.monotonic() + self.cfg.checkpoint_interval_s
         self.maybe_checkpoint()
 
-    def _drain(self, timeout: float) -> list[tuple[str, bytes]]:
-        try:
-            first = self._inbox.get(timeout=timeout)
-        except queue.Empty:
-            return []
-        batch = [first]
-        deadline = time.monotonic() + self.cfg.batch_wait_ms / 1000
-        while len(batch) < self.cfg.batch_max:
-            try:
-                batch.append(self._inbox.get_nowait())
-            except queue.Empty:
-                if time.monotonic() >= deadline:
-                    break
-                time.sleep(0.001)
-        return batch
-
-    def _drain_workers(self, timeout: float) -> list[object]:
-        assert self._pool is not None
-        try:
-            verdicts = list(self._pool.results.get(timeout=timeout))
-        except queue.Empty:
-            return []
-        while len(verdicts) < self.cfg.batch_max:
-            try:
-                verdicts.extend(self._pool.results.get_nowait())
-            except queue.Empty:
-                break
-        return verdicts
-
     def process(self, batch: list[tuple[str, bytes]]) -> None:
         """Check, append and receipt one batch of raw (topic, payload) messages in this process."""
-        if self.ledger.registry_version() != self._registry_version:
-            self._reload_registry()  # `carechain register` or a revocation, possibly by another process
-        now_ms = int(time.time() * 1000)
-        verdicts: list[object] = []
-        for topic, payload in batch:
-            device = topics.device_of_event_topic(topic)
-            verdicts.append(("bad_topic", topic[:100]) if device is None
-                            else self.ingest.check(device, payload, now_ms))
-        self.sequence(verdicts)
+        self.sequence(self.receiver.check(batch))
 
-    def sequence(self, verdicts: list[object]) -> None:
-        """The sequencer's half: seq limits, durable append (one transaction), then receipts."""
-        now_ms = int(time.time() * 1000)
-        receipts: dict[str, Receipt] = {}
-        candidates: list[EventCandidate] = []
-        charged: list[bool] = []  # took a rate token (given back if it turns out a duplicate)
+    def sequence(self, verdicts: list[Verdict]) -> None:
+        """The sequencer's half: guards, durable append (one transaction), then receipts."""
+        now_ms = wall_clock_ms()
         self.stats.received += len(verdicts)
-        for v in verdicts:
-            if isinstance(v, tuple):
-                self.stats.rejected["bad_topic"] += 1
-                log.warning("rejected bad_topic: %r is not a device event topic", v[1])
-            elif isinstance(v, Rejection):
-                self._reject(receipts, now_ms, v)
-            elif (gap := self.seq_guard.check(v)) is not None:
-                self._reject(receipts, now_ms, gap)
-            elif (limited := self.rate_guard.check(v)) is None:
-                candidates.append(v)
-                charged.append(True)
-            elif self.ledger.event_index(v.device_id, v.seq) is not None:  # a resend: re-ack it, no token
-                candidates.append(v)
-                charged.append(False)
-            else:
-                self._reject(receipts, now_ms, limited)
-        with self.ledger_lock:  # miners' proof requests read the tree from the MQTT thread
-            # Only a batch holding a sale pays for the contracts; the gate catches up on the rest then.
-            gate = self.contracts if self.contracts and any(c.kind == "purchase" for c in candidates) else None
-            results = self.ledger.append_events(candidates, gate) if candidates else []
-        for cand, result, took in zip(candidates, results, charged, strict=True):
-            rcpt = receipts.setdefault(cand.device_id, Receipt(cand.device_id, now_ms))
-            if isinstance(result, Appended):
-                rcpt.ok.append((cand.seq, result.index))
-                if result.duplicate:
-                    self.stats.duplicates += 1
-                    if took:
-                        self.rate_guard.refund(cand.device_id)
-                else:
-                    self.stats.anchored += 1
-                    self.seq_guard.anchored(cand)
-            elif isinstance(result, Refused):
-                where = "nothing appended" if result.index is None else f"recorded at leaf {result.index}"
-                self._reject(receipts, now_ms, Rejection(
-                    cand.device_id, cand.seq, f"contract:{result.reason}",
-                    f"the contracts refuse this sale ({result.reason}); {where}", cand.digest))
-                if result.index is not None:
-                    self.seq_guard.anchored(cand)
-            elif isinstance(result, DeviceRevoked):
-                self._reject(receipts, now_ms, Rejection(
-                    cand.device_id, cand.seq, "revoked", f"device revoked at leaf {result.index}", cand.digest))
-            else:
-                self._reject(receipts, now_ms, Rejection(
-                    cand.device_id, cand.seq, "seq_reused",
-                    f"seq {cand.seq} is already anchored at leaf {result.index} with different content",
-                    cand.digest))
+        batch = self.sequencer.sequence(verdicts, now_ms)
         crash_point("bridge.after_append")  # committed, no receipt out yet: agents must resend, we dedup
+        self.stats.anchored += batch.anchored
+        self.stats.duplicates += batch.duplicates
+        for r in batch.rejections:
+            self._count(r)
         self.stats.tree_size = self.ledger.size
         self.stats.batches += 1
         if self._client is not None:
-            for device, rcpt in receipts.items():
+            for device, rcpt in batch.receipts.items():
                 for part in rcpt.split():
                     self._client.publish(topics.receipts(device), part.seal(self.log_key), qos=1)
 
-    def _reject(self, receipts: dict[str, Receipt], now_ms: int, r: Rejection) -> None:
-        self.stats.rejected[r.reason] += 1
-        log.info("rejected %s from %s seq %s: %s", r.reason, r.device_id, r.seq, r.detail)
-        if r.device_id is not None:
-            receipts.setdefault(r.device_id, Receipt(r.device_id, now_ms)).rejected.append(
-                Rejected(r.seq, r.reason, r.detail, r.retryable, r.digest))
+    def _count(self, r: Rejection) -> None:
+        self.stats.rejected[str(r.reason)] += 1  # plain text: the counts are printed and serialised
+        if r.reason == Reason.BAD_TOPIC:
+            log.warning("rejected %s: %s", r.reason, r.detail)
+        else:
+            log.info("rejected %s from %s seq %s: %s", r.reason, r.device_id, r.seq, r.detail)
 
     def maybe_checkpoint(self) -> str | None:
         """Sign a checkpoint if the log grew since the last one; publish it retained."""
@@ -336,13 +261,3 @@ class Bridge:
         if self._client is not None:
             self._client.publish(topics.CHECKPOINT, note.encode(), qos=1, retain=True)
         return note
-
-    # -- registry and seq hints ----------------------------------------------------------------------
-
-    def _lookup(self, device_id: str) -> DeviceRecord | None:
-        return self._registry.get(device_id)
-
-    def _reload_registry(self) -> None:
-        self._registry_version = self.ledger.registry_version()
-        self._registry = self.ledger.devices()
-

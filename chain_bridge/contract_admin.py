@@ -10,7 +10,6 @@ pharmacy; only its hash and terms are anchored.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +18,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from carechain.entries import Entry
-from carechain.identity import device_id_for
+from carechain.files import write_atomic
+from carechain.identity import device_id_for, parse_public_key_hex
 from chain_bridge.ledger.store import Ledger
-from contract_rules import Genesis, Runtime
+from contract_rules import Genesis, Runtime, replay_leaves
 from contract_rules import transactions as ce
 from contract_rules.runtime import OK
 
@@ -36,10 +36,7 @@ class ContractRefused(Exception):
 
 def replay_ledger(ledger: Ledger, genesis: Genesis) -> Runtime:
     """A runtime that has applied every committed leaf of `ledger`, in order."""
-    runtime = Runtime(genesis)
-    for leaf in ledger.leaves():
-        runtime.apply(Entry.decode(leaf))
-    return runtime
+    return replay_leaves(genesis, ledger.leaves())
 
 
 def submit(ledger: Ledger, genesis: Genesis, entries: Sequence[Entry]) -> list[int]:
@@ -72,9 +69,8 @@ class RxFile:
                 "signature": self.signature.hex(), "prescriber_public_key": self.prescriber_pk.hex()}
 
     def write(self, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
-        os.replace(tmp, path)
+        """Atomically and fsynced, readable by its owner only: it names a patient's medication."""
+        write_atomic(Path(path), (json.dumps(self.to_json(), indent=2) + "\n").encode())
 
 
 class RxFileError(ValueError):
@@ -87,7 +83,8 @@ def read_rx_file(path: Path) -> RxFile:
         body = dict(raw["rx"])
         body["nonce"] = bytes.fromhex(body["nonce"])
         rx = ce.Prescription.model_validate(body)
-        signed = RxFile(rx, bytes.fromhex(raw["signature"]), bytes.fromhex(raw["prescriber_public_key"]))
+        signed = RxFile(rx, bytes.fromhex(raw["signature"]),
+                        parse_public_key_hex(raw["prescriber_public_key"], "prescriber_public_key"))
     except OSError as exc:
         raise RxFileError(f"{path}: cannot read: {exc.strerror}") from None
     except ValidationError as exc:

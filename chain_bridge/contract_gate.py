@@ -14,7 +14,7 @@ import time
 from carechain.entries import ENTRY_EVENT, Entry
 from carechain.identity import Identity
 from chain_bridge.ledger.store import EventCandidate, Ledger
-from contract_rules import CodeBook, Genesis, Runtime, State
+from contract_rules import CodeBook, Genesis, Replica, Runtime, State
 from contract_rules import transactions as ce
 from contract_rules.runtime import OK
 
@@ -28,21 +28,23 @@ class ContractGate:
                              "contracts would reject every sale.refused it signs")
         self.genesis = genesis
         self.operator = operator
-        self.code = code
-        self.runtime = Runtime(genesis, code)
+        self.replica = Replica(genesis, code)
         self._stale = False
 
     @property
+    def runtime(self) -> Runtime:
+        return self.replica.runtime
+
+    @property
     def state(self) -> State:
-        return self.runtime.state
+        return self.replica.state
 
     def catch_up(self, ledger: Ledger) -> None:
         """Apply the committed leaves beyond what the runtime has seen (all of them after an abort)."""
         if self._stale:
-            self.runtime = Runtime(self.genesis, self.code)
+            self.replica.reset()
             self._stale = False
-        for leaf in ledger.leaves(self.runtime.state.size, ledger.size):
-            self.runtime.apply(Entry.decode(leaf))
+        self.replica.apply_leaves(ledger.leaves(self.replica.size, ledger.size))
 
     def admit(self, index: int, candidate: EventCandidate) -> Entry | str | None:
         if index != self.runtime.state.size:  # cannot happen after catch_up; never decide on a stale state

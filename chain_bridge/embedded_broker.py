@@ -2,11 +2,16 @@
 
 It runs on its own thread and event loop so that the bridge and agents use it exactly as they would a
 real broker: over TCP on loopback. Production deployments use mosquitto (or a clustered broker).
+
+The thread is a daemon and holds no worker threads of its own (stopping is an asyncio event set from the
+caller's thread, not a blocking wait in an executor), so a process that forgets `stop()` — or dies of an
+exception before reaching it — still exits instead of hanging on the broker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import threading
@@ -25,7 +30,7 @@ class EmbeddedBroker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
-        self._stopped = threading.Event()
+        self._stop_requested: asyncio.Event | None = None  # lives on the broker's loop
         self._error: BaseException | None = None
 
     def start(self, timeout: float = 15.0) -> EmbeddedBroker:
@@ -47,22 +52,32 @@ class EmbeddedBroker:
                                           "max_connections": 5000}},
                 "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
             })
+            self._stop_requested = asyncio.Event()
             await broker.start()
             self._ready.set()
-            await asyncio.get_running_loop().run_in_executor(None, self._stopped.wait)
+            await self._stop_requested.wait()
             await broker.shutdown()
 
+        loop = self._loop = asyncio.new_event_loop()
         try:
-            self._loop = asyncio.new_event_loop()
-            self._loop.run_until_complete(serve())
+            loop.run_until_complete(serve())
         except BaseException as exc:  # surfaced by start()
             self._error = exc
             self._ready.set()
+        finally:
+            try:
+                loop.run_until_complete(loop.shutdown_default_executor())
+            finally:
+                loop.close()
 
-    def stop(self) -> None:
-        self._stopped.set()
+    def stop(self, timeout: float = 10.0) -> None:
+        """Shut the broker down and wait (at most `timeout` s) for its thread; safe to call twice."""
+        loop, requested = self._loop, self._stop_requested
+        if loop is not None and requested is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed in between: already stopped
+                loop.call_soon_threadsafe(requested.set)
         if self._thread:
-            self._thread.join(timeout=10)
+            self._thread.join(timeout=timeout)
 
     def __enter__(self) -> EmbeddedBroker:
         return self.start()

@@ -52,17 +52,20 @@ class ProofResponder:
     def answer(self, req: messages.ProofRequestMessage) -> messages.ProofResponseMessage:
         """The response to one request (pure given the ledger)."""
         lo, hi = sorted((req.old_size, req.new_size))
-        reply = {"id": req.id, "old_size": req.old_size, "new_size": req.new_size}
+
+        def refuse(error: str) -> messages.ProofResponseMessage:
+            return messages.ProofResponseMessage(id=req.id, old_size=req.old_size, new_size=req.new_size, error=error)
+
         with self._lock:
             size = self.ledger.size
             if hi > size:
-                return messages.ProofResponseMessage(**reply, error=f"the log has {size} leaves, not {hi}")
+                return refuse(f"the log has {size} leaves, not {hi}")
             if req.new_size - req.old_size > messages.MAX_ENTRIES_PER_RESPONSE:
-                return messages.ProofResponseMessage(
-                    **reply, error=f"more than {messages.MAX_ENTRIES_PER_RESPONSE} entries; ask in steps")
+                return refuse(f"more than {messages.MAX_ENTRIES_PER_RESPONSE} entries; ask in steps")
             path = self.ledger.tree.consistency_proof(lo, hi)
             entries = [self.ledger.entry(i).hex() for i in range(req.old_size, req.new_size)]
-        return messages.ProofResponseMessage(**reply, consistency_path=[h.hex() for h in path], entries=entries)
+        return messages.ProofResponseMessage(id=req.id, old_size=req.old_size, new_size=req.new_size,
+                                             consistency_path=[h.hex() for h in path], entries=entries)
 
     def _on_message(self, client: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
         self.serve(client, msg)

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from carechain.entries import Registration, registration_entry
-from carechain.identity import Identity, device_id_for
+from carechain.files import write_atomic
+from carechain.identity import Identity, parse_public_key_hex
 from carechain.inventory import InventoryDevice
 from chain_bridge.ledger.store import Ledger
-from contract_rules import Genesis, builtin_hashes
+from contract_rules import Genesis
+from contract_rules.genesis import GenesisError, genesis_from_bytes, genesis_to_json, new_genesis
 
 LEDGER_FILE = "ledger.db"
 LOG_KEY_FILE = "keys/log.key"
@@ -57,18 +57,27 @@ def contract_genesis(data_dir: Path, allocations: Mapping[str, int] | None = Non
     """
     path = Path(data_dir) / GENESIS_FILE
     if not path.exists():
-        keys = [operator_key(data_dir).public_key, *(bytes.fromhex(k) for k in operator_keys)]
-        doc = {"operators": {device_id_for(k): k.hex() for k in keys},
-               "allocations": dict(sorted((allocations or DEFAULT_ALLOCATIONS).items())),
-               "contracts": builtin_hashes()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc, indent=2) + "\n")
-        os.replace(tmp, path)  # a crash never leaves half a genesis
+        keys = [operator_key(data_dir).public_key,
+                *(parse_public_key_hex(k, "bridge.operator_keys") for k in operator_keys)]
+        write_genesis(path, new_genesis(keys, allocations or DEFAULT_ALLOCATIONS))
     try:
-        doc = json.loads(path.read_text())
-        return Genesis(operators={kid: bytes.fromhex(pk) for kid, pk in doc["operators"].items()},
-                       allocations=dict(doc["allocations"]), contracts=dict(doc["contracts"]))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise ValueError(f"{path}: not a readable contract genesis ({exc}); restore it from a backup: every "
-                         "replica must use the same one") from None
+        return read_genesis(path)
+    except ValueError as exc:
+        raise ValueError(f"{exc}; restore it from a backup: every replica must use the same one") from None
+
+
+def write_genesis(path: Path, genesis: Genesis) -> None:
+    """Write `genesis` as JSON, atomically and fsynced: a crash never leaves half a genesis. Not secret: 0644."""
+    write_atomic(Path(path), genesis_to_json(genesis), mode=0o644)
+
+
+def read_genesis(path: Path) -> Genesis:
+    """The contract genesis in the file at `path` (JSON or CBOR); ValueError naming the file otherwise."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the contract genesis: {exc.strerror}") from None
+    try:
+        return genesis_from_bytes(data)
+    except GenesisError as exc:
+        raise ValueError(f"{path}: {exc}") from None

@@ -2,9 +2,10 @@
 
 Each worker has its own MQTT connection on a shared subscription (`$share/<group>/cc/v1/dev/+/ev`), so
 the broker spreads events across workers and both receiving and verifying run in parallel, outside the
-sequencer's GIL. A worker parses, checks and verifies, then hands verdicts to the one sequencer (the
-`Bridge`) over a multiprocessing queue. It holds nothing durable: if it dies, the events it held were
-never receipted and the agents resend them.
+sequencer's GIL. A worker runs the same receive → check loop as an in-process bridge (a
+`chain_bridge.ingest.Receiver`), then hands verdicts to the one sequencer (the `Bridge`) over a
+multiprocessing queue; `WorkerPool.receive` is the sequencer's end of it. A worker holds nothing
+durable: if it dies, the events it held were never receipted and the agents resend them.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from typing import Any
 
 from carechain import topics
 from carechain.config import BrokerConfig, Limits
+from chain_bridge.ingest.verdicts import Verdict
 
 log = logging.getLogger("carechain.bridge.worker")
 SHARE_GROUP = "carechain-bridge"
-Verdicts = list[Any]  # EventCandidate | Rejection | ("bad_topic", topic)
 
 
 @dataclass(frozen=True)
@@ -56,27 +57,18 @@ def shared_subscription(broker: BrokerConfig | None = None) -> str:
     return f"$share/{share_group(broker)}/{topics.EVENTS_WILDCARD}"
 
 
-def run_worker(spec: WorkerSpec, out: mp.Queue, stop: Any, subscribed: Any) -> None:  # mp.Events
+def run_worker(spec: WorkerSpec, out: mp.Queue[list[Verdict]], stop: Any, subscribed: Any) -> None:  # mp.Events
     """Process entry point (spawned): receive, verify, forward verdicts until `stop` is set."""
     from carechain.transport import connect_client
-    from chain_bridge.ingest import Ingest
+    from chain_bridge.ingest.receive import Receiver
     from chain_bridge.ledger.store import Ledger
 
     ledger = Ledger(spec.ledger_path)  # read-only use: registry and its version counter
-    registry = {"version": -1, "devices": {}}
-
-    def refresh() -> None:
-        version = ledger.registry_version()
-        if version != registry["version"]:
-            registry["devices"], registry["version"] = ledger.devices(), version
-
-    ingest = Ingest(spec.limits, lambda dev: registry["devices"].get(dev))
-    inbox: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
+    receiver = Receiver(ledger, spec.limits, spec.batch_max)
     # A clean session: a worker holds nothing durable, and a persistent session of a worker that is gone
     # would keep taking its share of the group's messages into a queue nobody reads.
     client = connect_client(
-        spec.broker, spec.client_id, clean_session=True,
-        on_message=lambda _c, _u, m: inbox.put((m.topic, m.payload)),
+        spec.broker, spec.client_id, clean_session=True, on_message=receiver.inbox.on_message,
         subscriptions=[(shared_subscription(spec.broker), 1)], connected=(ready := threading.Event()),
     )
     if ready.wait(30):
@@ -86,23 +78,9 @@ def run_worker(spec: WorkerSpec, out: mp.Queue, stop: Any, subscribed: Any) -> N
     parent = mp.parent_process()
     try:
         while not stop.is_set() and (parent is None or parent.is_alive()):
-            try:
-                batch = [inbox.get(timeout=0.1)]
-            except queue.Empty:
-                continue
-            while len(batch) < spec.batch_max:
-                try:
-                    batch.append(inbox.get_nowait())
-                except queue.Empty:
-                    break
-            refresh()
-            now_ms = int(time.time() * 1000)
-            verdicts: Verdicts = []
-            for topic, payload in batch:
-                device = topics.device_of_event_topic(topic)
-                verdicts.append(("bad_topic", topic[:100]) if device is None
-                                else ingest.check(device, payload, now_ms))
-            out.put(verdicts)
+            verdicts = receiver.receive(0.1)
+            if verdicts:
+                out.put(verdicts)
     finally:
         client.disconnect()
         client.loop_stop()
@@ -114,7 +92,8 @@ class WorkerPool:
 
     def __init__(self, specs: list[WorkerSpec]) -> None:
         ctx = mp.get_context("spawn")
-        self.results: mp.Queue = ctx.Queue()
+        self.batch_max = max((s.batch_max for s in specs), default=1)
+        self.results: mp.Queue[list[Verdict]] = ctx.Queue()
         self._stop = ctx.Event()
         self._subscribed = [ctx.Event() for _ in specs]
         self._procs = [ctx.Process(target=run_worker, args=(s, self.results, self._stop, ready),
@@ -131,6 +110,19 @@ class WorkerPool:
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
+
+    def receive(self, timeout: float) -> list[Verdict]:
+        """The sequencer's end of the workers' queue: their verdicts, up to about `batch_max` at once."""
+        try:
+            verdicts = list(self.results.get(timeout=timeout))
+        except queue.Empty:
+            return []
+        while len(verdicts) < self.batch_max:
+            try:
+                verdicts.extend(self.results.get_nowait())
+            except queue.Empty:
+                break
+        return verdicts
 
     def wait_subscribed(self, timeout: float) -> bool:
         """True once every worker holds its shared subscription (events sent before may be dropped)."""

@@ -6,19 +6,15 @@ Order matters for safety: the new witness state is written (atomically, fsynced)
 cosignature is published, so a miner restarted at any point never cosigns a view inconsistent with one
 it already vouched for.
 
-    python -m chain_miner.service --data-dir DIR --broker HOST:PORT --log-public-key HEX
+Run one with `carechain miner` (assembled from config by `chain_miner.assembly`).
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import logging
-import os
 import queue
-import signal
-import sys
 import threading
 import time
 import uuid
@@ -32,10 +28,10 @@ from pydantic import ValidationError
 
 from carechain import miner_messages as messages
 from carechain import topics
-from carechain.config import BrokerConfig, ConfigError, parse_address
+from carechain.config import BrokerConfig
 from carechain.cosignature import Cosigner
 from carechain.files import PUBLIC, write_atomic
-from carechain.identity import Identity, KeyFileError
+from carechain.identity import Identity
 from carechain.merkle import leaf_hash
 from carechain.merkle_tree import MerkleTree
 from carechain.transport import connect_client
@@ -82,8 +78,8 @@ def save_state(path: Path, state: WitnessState) -> None:
     write_atomic(path, json.dumps(data, indent=1).encode(), PUBLIC)
 
 
-class Miner:
-    """One miner: own key, own data dir, one witness state for the log whose key it is given."""
+class WitnessMiner:
+    """One witness miner: own key, own data dir, one witness state for the log whose key it is given."""
 
     def __init__(self, data_dir: Path, broker_cfg: BrokerConfig, log_public_key: bytes, miner_key: Identity, *,
                  name: str | None = None, entry_verifier: EntryVerifier = verify_entries,
@@ -250,78 +246,26 @@ def load_entry_verifier(spec: str) -> EntryVerifier:
     func = getattr(importlib.import_module(module_name), attr, None)
     if not callable(func):
         raise ValueError(f"--entry-verifier: {module_name} has no function {attr}")
-    return func  # type: ignore[no-any-return]
+    return func
 
 
 def load_genesis(path: Path) -> Genesis:
-    """The contracts genesis from `path`: JSON `{"operators": {kid: hex key}, "allocations": {account: int},
-    "contracts": {name: code hash}}`, or the CBOR of `Genesis.to_cbor`."""
-    from contract_rules import Genesis
+    """The contracts genesis file at `path` (either form `contract_rules.genesis` reads); ValueError naming it."""
+    from contract_rules.genesis import genesis_from_bytes
 
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise ValueError(f"{path}: cannot read the contracts genesis: {exc.strerror}") from None
     try:
-        if data.lstrip()[:1] == b"{":
-            raw = json.loads(data)
-            return Genesis(operators={k: bytes.fromhex(v) for k, v in raw["operators"].items()},
-                           allocations={k: int(v) for k, v in raw["allocations"].items()},
-                           contracts=dict(raw["contracts"]))
-        return Genesis.from_cbor(data)
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise ValueError(f"{path}: not a contracts genesis (JSON with operators, allocations, contracts; or its "
-                         f"CBOR): {exc}") from None
+        return genesis_from_bytes(data)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
 
 
 def contract_verifier(genesis: Genesis) -> tuple[EntryVerifier, Callable[[], int]]:
-    """Contract re-execution as the miner's entry verifier, and how many leaves it has replayed (see `Miner`)."""
+    """Contract re-execution as the miner's entry verifier, and how many leaves it has replayed (see `WitnessMiner`)."""
     from contract_rules import ContractWitness
 
     witness = ContractWitness(genesis)
     return witness, lambda: witness.state.size
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m chain_miner.service",
-        description="Run a miner: follow the log's checkpoints, check consistency and entries, cosign "
-                    "(C2SP cosignature/v1) or publish evidence. See docs/miners.md.")
-    parser.add_argument("--data-dir", type=Path, required=True, help="where the miner keeps its state")
-    parser.add_argument("--broker", default="127.0.0.1:1883", help="MQTT broker HOST:PORT")
-    parser.add_argument("--username", help="MQTT login (password from CARECHAIN_BROKER_PASSWORD)")
-    parser.add_argument("--log-public-key", required=True, help="hex Ed25519 public key of the log")
-    parser.add_argument("--key", type=Path, help="miner key file (created if missing; default DATA_DIR/miner.key)")
-    parser.add_argument("--name", help="cosigner key name (default carechain.miner/<id>)")
-    parser.add_argument("--entry-verifier", metavar="MODULE:FUNCTION",
-                        help="contract re-execution hook f(old_size, new_size, entries) -> Violation | None "
-                             "(default: accept every entry)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        host, port = parse_address(args.broker)
-        log_key = bytes.fromhex(args.log_public_key)
-        if len(log_key) != 32:
-            raise ValueError("--log-public-key must be 64 hex digits")
-        key = Identity.load_or_create(args.key or args.data_dir / "miner.key")
-        broker = BrokerConfig(host=host, port=port, username=args.username,
-                              password=os.environ.get("CARECHAIN_BROKER_PASSWORD"))
-        verifier = load_entry_verifier(args.entry_verifier) if args.entry_verifier else verify_entries
-        miner = Miner(args.data_dir, broker, log_key, key, name=args.name, entry_verifier=verifier)
-    except (ConfigError, ValueError, KeyFileError, StateError, ImportError) as exc:
-        print(f"miner: {exc}", file=sys.stderr)
-        return 2
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    miner.start()
-    if miner.connected.wait(30):
-        print(json.dumps({"miner": miner.id, "name": miner.cosigner.name,
-                          "public_key": miner.cosigner.public_key.hex(), "ready": True}), flush=True)
-    stop.wait()
-    miner.stop()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,9 +16,8 @@ answers go to `cc/v1/store/{miner}/resp`, both CBOR maps carrying the request's 
 
 An audit answer is null where the miner lacks the share. Failures answer `ok: false` with an `error` saying
 what failed. On start the miner prints one JSON ready line and publishes a retained `cc/v1/store/{miner}/hello`
-(discovery); on SIGTERM it empties it and prints its counters. `--misbehave` is for tests: `delete` drops
-each share right after acknowledging it, `corrupt` stores every byte flipped, `ignore-retrievals` never
-answers `get`.
+(discovery); on SIGTERM it empties it and prints its counters. Misbehaving servers for the tests and the
+benchmarks (dropping, corrupting, not answering) are simulators.storage_servers, not options of this one.
 """
 
 from __future__ import annotations
@@ -35,23 +34,22 @@ import sys
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from carechain import cbor, topics
 from carechain.config import BrokerConfig, parse_address
 from carechain.files import PUBLIC, write_atomic
-from carechain.identity import Identity
+from carechain.identity import Identity, KeyFileError
 from carechain.storage.audit import StoredShare
 from carechain.storage.codec import StorageError
 from carechain.transport import connect_client
 
 log = logging.getLogger("carechain.storage.miner")
-MISBEHAVIOURS = ("delete", "corrupt", "ignore-retrievals")
 MAX_SHARE = 64 << 20  # refuse absurd uploads; a default share is 256 KiB
 MAX_CHALLENGES = 4096
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
-_FLIP = bytes(range(255, -1, -1))  # --misbehave corrupt: every byte inverted, so every chunk fails its proof
 _TREE_CACHE = 64  # share trees kept for audits (a 256 KiB share's tree is ~16 KiB of hashes)
 
 
@@ -133,15 +131,12 @@ def _ref(fields: dict[str, Any]) -> tuple[str, int, int, int]:
     return ds, _int(fields, "segment"), _int(fields, "version", 1), _int(fields, "share", 0, 255)
 
 
-class Miner:
-    """What one miner does with one request (no MQTT here, so tests can call it directly)."""
+class StorageServer:
+    """What one storage miner does with one request (no MQTT here, so tests can call it directly)."""
 
-    def __init__(self, miner_id: str, store: ShareStore, misbehave: str | None = None) -> None:
-        if misbehave not in (None, *MISBEHAVIOURS):
-            raise ValueError(f"--misbehave must be one of {', '.join(MISBEHAVIOURS)}, got {misbehave!r}")
+    def __init__(self, miner_id: str, store: ShareStore) -> None:
         self.miner_id = miner_id
         self.store = store
-        self.misbehave = misbehave
         self.counters = {"put": 0, "get": 0, "audit": 0, "delete": 0, "errors": 0, "ignored": 0}
 
     def handle(self, req: dict[str, Any]) -> dict[str, Any] | None:
@@ -153,14 +148,12 @@ class Miner:
                 data = req.get("data")
                 if not isinstance(data, bytes) or not 0 < len(data) <= MAX_SHARE:
                     raise RequestError(f"field 'data' must be 1..{MAX_SHARE} bytes")
-                self.store.put(ref, data.translate(_FLIP) if self.misbehave == "corrupt" else data)
-                if self.misbehave == "delete":
-                    self.store.delete(ref)
+                self.store_share(ref, data)
                 self.counters["put"] += 1
                 return {"ok": True}
             if op == "get":
                 ref = _ref(req)
-                if self.misbehave == "ignore-retrievals":
+                if not self.answers_retrieval(ref):
                     self.counters["ignored"] += 1
                     return None
                 data = self.store.get(ref)
@@ -175,6 +168,18 @@ class Miner:
         except RequestError as e:
             self.counters["errors"] += 1
             return {"ok": False, "error": str(e)}
+
+    def store_share(self, ref: tuple[str, int, int, int], data: bytes) -> None:
+        """Keep one uploaded share (a hook: simulators.storage_servers' dishonest servers override it)."""
+        self.store.put(ref, data)
+
+    def answers_retrieval(self, ref: tuple[str, int, int, int]) -> bool:
+        """Whether to answer a `get` (a hook, as `store_share`)."""
+        return True
+
+    def ready_info(self) -> dict[str, Any]:
+        """Extra fields of the ready line."""
+        return {}
 
     def _audit(self, req: dict[str, Any]) -> list[Any]:
         chunk_size = _int(req, "chunk_size", 1, MAX_SHARE)
@@ -197,14 +202,14 @@ class Miner:
         return answers
 
 
-def serve(miner: Miner, broker: BrokerConfig, stop: threading.Event) -> None:
+def serve(miner: StorageServer, broker: BrokerConfig, stop: threading.Event) -> None:
     """Answer requests until `stop` is set. Requests are handled one at a time off the network thread."""
     inbox: queue.SimpleQueue[bytes] = queue.SimpleQueue()
     connected = threading.Event()
     hello = topics.store_hello(miner.miner_id)
     client = connect_client(
         broker, f"store-miner-{miner.miner_id}", connected=connected,
-        on_message=lambda _c, _u, msg: inbox.put(msg.payload),
+        on_message=lambda _c, _u, msg: inbox.put(bytes(msg.payload)),
         subscriptions=[(topics.store_request(miner.miner_id), 1)])
     resp_topic = topics.store_response(miner.miner_id)
     try:
@@ -212,7 +217,7 @@ def serve(miner: Miner, broker: BrokerConfig, stop: threading.Event) -> None:
             raise SystemExit(f"storage miner {miner.miner_id}: broker {broker.address} not reachable in 30 s")
         announce = {"miner": miner.miner_id, "shares": miner.store.count(), "ts": int(time.time() * 1000)}
         client.publish(hello, json.dumps(announce).encode(), qos=1, retain=True).wait_for_publish(10)
-        print(json.dumps({"miner": miner.miner_id, "ready": True, "misbehave": miner.misbehave}), flush=True)
+        print(json.dumps({"miner": miner.miner_id, "ready": True, **miner.ready_info()}), flush=True)
         while not stop.is_set():
             try:
                 payload = inbox.get(timeout=0.2)
@@ -236,24 +241,35 @@ def serve(miner: Miner, broker: BrokerConfig, stop: threading.Event) -> None:
         client.loop_stop()
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m chain_miner.storage_server", description=__doc__.split("\n")[0])
+def argument_parser(prog: str = "python -m chain_miner.storage_server") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=(__doc__ or "").split("\n")[0])
     p.add_argument("--data-dir", type=Path, required=True, help="where shares (and the key, by default) live")
     p.add_argument("--broker", required=True, help="MQTT broker HOST:PORT")
     p.add_argument("--key", type=Path, help="miner key file (default DATA_DIR/miner.key, created if missing)")
-    p.add_argument("--misbehave", choices=MISBEHAVIOURS, help="for tests: misbehave this way")
     p.add_argument("-v", "--verbose", action="store_true")
-    args = p.parse_args(argv)
+    return p
+
+
+def run(args: argparse.Namespace, make_server: Callable[[str, ShareStore], StorageServer] = StorageServer) -> int:
+    """Serve until SIGTERM/SIGINT with the parsed `args`; prints the ready line, then the counters."""
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr)
-    host, port = parse_address(args.broker)
-    key = Identity.load_or_create(args.key or args.data_dir / "miner.key")
-    miner = Miner(key.device_id, ShareStore(args.data_dir / "shares"), args.misbehave)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    serve(miner, BrokerConfig(host=host, port=port), stop)
-    print(json.dumps({"miner": miner.miner_id, "stopped": True, **miner.counters}), flush=True)
+    try:
+        host, port = parse_address(args.broker)
+        key = Identity.load_or_create(args.key or args.data_dir / "miner.key")
+    except (ValueError, KeyFileError) as exc:
+        print(f"storage server: {exc}", file=sys.stderr)
+        return 2
+    server = make_server(key.device_id, ShareStore(args.data_dir / "shares"))
+    serve(server, BrokerConfig(host=host, port=port), stop)
+    print(json.dumps({"miner": server.miner_id, "stopped": True, **server.counters}), flush=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(argument_parser().parse_args(argv))
 
 
 if __name__ == "__main__":  # pragma: no cover

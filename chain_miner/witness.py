@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from carechain.checkpoint import Checkpoint, NoteSignature
 from carechain.cosignature import Cosigner, cosign
-from carechain.evidence import Evidence, EvidenceKind
+from carechain.evidence import Evidence, EvidenceKind, Violation
 from carechain.merkle import (
     EMPTY_ROOT,
     HASH_SIZE,
@@ -33,16 +33,6 @@ from carechain.merkle import (
     verify_consistency,
 )
 from carechain.proofs import VerificationError, verify_checkpoint
-
-
-@dataclass(frozen=True)
-class Violation:
-    """A contract rule broken by an entry in the new range; reported by the `verify_entries` hook."""
-
-    leaf_index: int
-    rule: str
-    detail: str
-
 
 # (old_size, new_size, entries old_size..new_size-1) -> a Violation, or None to accept.
 EntryVerifier = Callable[[int, int, Sequence[bytes]], Violation | None]
@@ -95,10 +85,16 @@ class Cosigned:
 
 
 @dataclass(frozen=True)
-class Refused:
+class CosignRefused:
+    """The miner does not cosign this checkpoint: why, and the evidence when the log misbehaved."""
+
     reason: RefusalReason
     detail: str
     evidence: Evidence | None = None
+
+
+# Until chain_miner.service says CosignRefused: the old name, for its imports only.
+Refused = CosignRefused
 
 
 class Witness:
@@ -112,24 +108,24 @@ class Witness:
         self.state = state
         self._verify_entries = entry_verifier
 
-    def plan(self, note: str) -> ProofRequest | Refused:
+    def plan(self, note: str) -> ProofRequest | CosignRefused:
         """Check the log's signature and origin; say which proof and entries to fetch to judge `note`."""
         checked = self._check_note(note)
-        if isinstance(checked, Refused):
+        if isinstance(checked, CosignRefused):
             return checked
         return ProofRequest(self.state.tree_size, checked.tree_size)
 
     def observe(self, note: str, consistency_path: Sequence[bytes], entries: Sequence[bytes],
-                now: int) -> Cosigned | Refused:
+                now: int) -> Cosigned | CosignRefused:
         """Judge `note`. The path proves min(old, new) → max(old, new); `entries` are the new leaves.
 
         On `Cosigned`, `self.state` is already the new state: persist it before publishing.
         """
         checked = self._check_note(note)
-        if isinstance(checked, Refused):
+        if isinstance(checked, CosignRefused):
             return checked
         if len(consistency_path) > MAX_PROOF_LENGTH or any(len(h) != HASH_SIZE for h in consistency_path):
-            return Refused(RefusalReason.BAD_RESPONSE, "the consistency proof is malformed")
+            return CosignRefused(RefusalReason.BAD_RESPONSE, "the consistency proof is malformed")
         cp, st = checked, self.state
         if cp.tree_size == st.tree_size:
             if hmac.compare_digest(cp.root_hash, st.root_hash):
@@ -137,7 +133,7 @@ class Witness:
                 again = WitnessState(cp.origin, st.tree_size, st.root_hash, st.note or note, st.frontier)
                 return self._cosign(cp, note, again, now)
             if st.note is None:
-                return Refused(RefusalReason.SPLIT_VIEW, "a size-0 checkpoint with a non-empty root")
+                return CosignRefused(RefusalReason.SPLIT_VIEW, "a size-0 checkpoint with a non-empty root")
             return self._evidence(RefusalReason.SPLIT_VIEW, EvidenceKind.SPLIT_VIEW, st.note, note, (), now,
                                   f"two roots signed for tree size {cp.tree_size}")
         if cp.tree_size < st.tree_size:
@@ -147,7 +143,7 @@ class Witness:
                 assert st.note is not None  # size > 0 means something was cosigned
                 return self._evidence(RefusalReason.FORK, EvidenceKind.FORK, note, st.note, consistency_path,
                                       now, f"rollback to {cp.tree_size} is not a prefix of {st.tree_size}: {exc}")
-            return Refused(RefusalReason.STALE,
+            return CosignRefused(RefusalReason.STALE,
                            f"checkpoint {cp.tree_size} is older than the cosigned {st.tree_size}; nothing to do")
         try:
             verify_consistency(st.tree_size, cp.tree_size, st.root_hash, cp.root_hash, consistency_path)
@@ -155,15 +151,15 @@ class Witness:
             if st.note is None or self._entries_reach(cp, entries):
                 # Nothing to be inconsistent with, or the entries prove the log consistent: a bad proof
                 # is then the responder's error, not evidence against the log.
-                return Refused(RefusalReason.BAD_RESPONSE, f"consistency proof does not verify: {exc}")
+                return CosignRefused(RefusalReason.BAD_RESPONSE, f"consistency proof does not verify: {exc}")
             return self._evidence(RefusalReason.FORK, EvidenceKind.FORK, st.note, note, consistency_path, now,
                                   f"{st.tree_size} → {cp.tree_size}: {exc}")
         want = cp.tree_size - st.tree_size
         if len(entries) != want:
-            return Refused(RefusalReason.BAD_ENTRIES, f"needed {want} entries, got {len(entries)}")
+            return CosignRefused(RefusalReason.BAD_ENTRIES, f"needed {want} entries, got {len(entries)}")
         frontier = extend_frontier(st.tree_size, st.frontier, [leaf_hash(e) for e in entries])
         if not hmac.compare_digest(frontier_root(frontier), cp.root_hash):
-            return Refused(RefusalReason.BAD_ENTRIES,
+            return CosignRefused(RefusalReason.BAD_ENTRIES,
                            f"entries {st.tree_size}..{cp.tree_size - 1} do not hash to the checkpoint's root")
         violation = self._verify_entries(st.tree_size, cp.tree_size, entries)
         if violation is not None:
@@ -172,20 +168,20 @@ class Witness:
                           new_checkpoint=note, old_frontier=[h.hex() for h in st.frontier],
                           entries=[e.hex() for e in entries], violation_leaf=violation.leaf_index,
                           violation_rule=violation.rule, detail=violation.detail)
-            return Refused(RefusalReason.VIOLATION, f"leaf {violation.leaf_index}: {violation.rule}: "
+            return CosignRefused(RefusalReason.VIOLATION, f"leaf {violation.leaf_index}: {violation.rule}: "
                            f"{violation.detail}", ev)
         new_state = WitnessState(cp.origin, cp.tree_size, cp.root_hash, note, frontier)
         return self._cosign(cp, note, new_state, now)
 
     # -- internals ------------------------------------------------------------------------------------
 
-    def _check_note(self, note: str) -> Checkpoint | Refused:
+    def _check_note(self, note: str) -> Checkpoint | CosignRefused:
         try:
             cp = verify_checkpoint(note, self.log_public_key)
         except VerificationError as exc:
-            return Refused(RefusalReason.BAD_SIGNATURE, str(exc))
+            return CosignRefused(RefusalReason.BAD_SIGNATURE, str(exc))
         if self.state.origin is not None and cp.origin != self.state.origin:
-            return Refused(RefusalReason.WRONG_LOG, f"origin {cp.origin!r}, this miner follows "
+            return CosignRefused(RefusalReason.WRONG_LOG, f"origin {cp.origin!r}, this miner follows "
                            f"{self.state.origin!r}")
         return cp
 
@@ -202,8 +198,8 @@ class Witness:
         return Cosigned(cp, note, line, state)
 
     def _evidence(self, reason: RefusalReason, kind: EvidenceKind, old_note: str, new_note: str,
-                  path: Sequence[bytes], now: int, detail: str) -> Refused:
+                  path: Sequence[bytes], now: int, detail: str) -> CosignRefused:
         ev = Evidence(kind=kind, miner=self.cosigner.name, observed=now, log_public_key=self.log_public_key.hex(),
                       old_checkpoint=old_note, new_checkpoint=new_note,
                       consistency_path=[h.hex() for h in path], detail=detail)
-        return Refused(reason, detail, ev)
+        return CosignRefused(reason, detail, ev)

@@ -1,10 +1,12 @@
 """Deterministic contracts over the ledger: runtime, token ledger, prescriptions and insurance (sans-IO).
 
-Public surface: `Genesis`, `Runtime` (`apply`, `check`), `replay`, `State` (its `root()`), `CodeBook`,
-`load_rule_source`, `MissingContractCode`, `ContractWitness` (the miners' hook), and the entry models and
-builders in `contract_rules.transactions`. See docs/contracts.md.
+Public surface: `Genesis` (and its file form in `contract_rules.genesis`), `Runtime` (`apply`, `check`),
+`State` (its `root()`), replay (`Replica`, `replay`, `replay_leaves`, `ContractWitness` — the miners' hook —
+and the `Violation` it reports), `CodeBook`, `load_rule_source`, `MissingContractCode`, and the entry models
+and builders in `contract_rules.transactions`. See docs/contracts.md.
 """
 
+from contract_rules.replay import ContractWitness, Replica, Violation, replay, replay_leaves
 from contract_rules.runtime import (
     CodeBook,
     Genesis,
@@ -13,9 +15,7 @@ from contract_rules.runtime import (
     State,
     builtin_hashes,
     load_rule_source,
-    replay,
 )
-from contract_rules.witness import ContractViolation, ContractWitness
 
-__all__ = ["CodeBook", "ContractViolation", "ContractWitness", "Genesis", "MissingContractCode", "Runtime", "State",
-           "builtin_hashes", "load_rule_source", "replay"]
+__all__ = ["CodeBook", "ContractWitness", "Genesis", "MissingContractCode", "Replica", "Runtime", "State",
+           "Violation", "builtin_hashes", "load_rule_source", "replay", "replay_leaves"]

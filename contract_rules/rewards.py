@@ -1,6 +1,6 @@
 """Per-epoch storage accounting: reputation from audits, rewards for passed audits and answered retrievals.
 
-Integer minor units only (DESIGN.md "Contracts"). Each epoch has a reward pool. A miner earns points for
+Integer minor units only (docs/contracts.md). Each epoch has a reward pool. A miner earns points for
 each passed audit and each answered retrieval, weighted by its reputation at the start of the epoch; the
 pool is split in proportion to points by the largest-remainder method (ties by miner id), so the payouts
 sum to the pool exactly. An unanswered retrieval earns nothing and counts as a failed audit: a selfish

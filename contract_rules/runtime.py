@@ -136,7 +136,8 @@ class RuleModule:
     module: types.ModuleType
 
     def apply(self, state: State, tx: Tx) -> Outcome:
-        return self.module.apply(state, tx)
+        outcome: Outcome = self.module.apply(state, tx)
+        return outcome
 
 
 def code_hash_of(source: bytes) -> str:
@@ -239,7 +240,7 @@ class State:
         return self.balances.get(account, 0)
 
     def code_in_force(self, name: str, index: int) -> str:
-        chosen = None
+        chosen: str | None = None
         for from_index, _version, code_hash in self.versions.get(name, []):
             if from_index <= index:
                 chosen = code_hash
@@ -504,10 +505,3 @@ def _apply_effects(state: State, effects: Iterable[Effect]) -> bool:
             table[e.key] = table.get(e.key, 0) + e.amount
     return True
 
-
-def replay(genesis: Genesis, entries: Iterable[Entry], code: CodeBook | None = None) -> State:
-    """Replay a whole log from its genesis; each entry runs under the code in force at its index."""
-    runtime = Runtime(genesis, code)
-    for entry in entries:
-        runtime.apply(entry)
-    return runtime.state

@@ -13,24 +13,28 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from carechain import cbor, envelope
-from carechain.entries import (  # noqa: F401 (the type names live with the leaf format; re-exported here)
-    CONTRACT_ENTRY_TYPES,
-    CONTRACT_UPGRADE,
-    PARTY_REGISTER,
-    POLICY_REGISTER,
-    RX_ANCHOR,
-    RX_REVOKE,
-    SALE_REFUSED,
-    STORAGE_AUDIT,
-    STORAGE_COMMIT,
-    TOKEN_TRANSFER,
-    WELLNESS_SETTLE,
-    Entry,
-)
+from carechain import cbor, entries, envelope
+from carechain.entries import Entry
 from carechain.identity import Identity, verify_signature
 
+# The entry type names live with the leaf format (carechain.entries); the rule modules take them from here.
+CONTRACT_ENTRY_TYPES = entries.CONTRACT_ENTRY_TYPES
+CONTRACT_UPGRADE = entries.CONTRACT_UPGRADE
+PARTY_REGISTER = entries.PARTY_REGISTER
+POLICY_REGISTER = entries.POLICY_REGISTER
+RX_ANCHOR = entries.RX_ANCHOR
+RX_REVOKE = entries.RX_REVOKE
+SALE_REFUSED = entries.SALE_REFUSED
+STORAGE_AUDIT = entries.STORAGE_AUDIT
+STORAGE_COMMIT = entries.STORAGE_COMMIT
+TOKEN_TRANSFER = entries.TOKEN_TRANSFER
+WELLNESS_SETTLE = entries.WELLNESS_SETTLE
+
 PARTY_ROLES = ("prescriber", "pharmacy", "insurer", "miner")
+# Domain tags of the Rx hashes and signature: one per purpose, so no hash or signature of one can pass as another.
+RX_DOMAIN = b"carechain/rx/v1\x00"  # the body: the prescriber's signature and rx_ref
+RX_PATIENT_DOMAIN = b"carechain/rx/patient\x00"  # the patient commitment anchored on the ledger
+RX_DRUG_DOMAIN = b"carechain/rx/drug\x00"  # the drug commitment anchored on the ledger
 
 _strict = ConfigDict(extra="forbid", frozen=True, strict=True)
 Hex32 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
@@ -225,8 +229,12 @@ class Prescription(_Payload):
     def encode(self) -> bytes:
         return cbor.encode(self.model_dump())
 
+    def signed_bytes(self) -> bytes:
+        """What the prescriber signs and what `rx_ref` hashes: the Rx domain tag, then the body."""
+        return RX_DOMAIN + self.encode()
+
     def rx_ref(self) -> str:
-        return hashlib.sha256(b"carechain/rx/v1\x00" + self.encode()).hexdigest()
+        return hashlib.sha256(self.signed_bytes()).hexdigest()
 
 
 P = TypeVar("P", bound=_Payload)
@@ -240,11 +248,11 @@ def parse(model: type[P], payload: Any) -> P | None:
 
 
 def patient_commitment(rx_ref: str, patient_token: str) -> str:
-    return hashlib.sha256(b"carechain/rx/patient\x00" + bytes.fromhex(rx_ref) + patient_token.encode()).hexdigest()
+    return hashlib.sha256(RX_PATIENT_DOMAIN + bytes.fromhex(rx_ref) + patient_token.encode()).hexdigest()
 
 
 def drug_commitment(rx_ref: str, code_system: str, drug_code: str) -> str:
-    data = b"carechain/rx/drug\x00" + bytes.fromhex(rx_ref) + f"{code_system}:{drug_code}".encode()
+    data = RX_DRUG_DOMAIN + bytes.fromhex(rx_ref) + f"{code_system}:{drug_code}".encode()
     return hashlib.sha256(data).hexdigest()
 
 
@@ -256,7 +264,12 @@ def signed(identity: Identity, entry_type: str, payload: _Payload) -> Entry:
 
 def sign_prescription(prescriber: Identity, rx: Prescription) -> bytes:
     """The prescriber's detached signature over the Rx body (kept with the body, off-ledger)."""
-    return prescriber.sign(b"carechain/rx/v1\x00" + rx.encode())
+    return prescriber.sign(rx.signed_bytes())
+
+
+def verify_prescription(prescriber_pk: bytes, rx: Prescription, signature: bytes) -> bool:
+    """Whether `signature` is the prescriber's over this Rx body."""
+    return verify_signature(prescriber_pk, rx.signed_bytes(), signature)
 
 
 def rx_anchor_for(rx: Prescription, ts: int) -> RxAnchor:
@@ -268,7 +281,7 @@ def rx_anchor_for(rx: Prescription, ts: int) -> RxAnchor:
 
 def check_rx_against_anchor(rx: Prescription, signature: bytes, prescriber_pk: bytes, anchor: RxAnchor) -> str | None:
     """Off-ledger check a pharmacy (or `carechain rx verify`) runs on the body it holds: None if it matches."""
-    if not verify_signature(prescriber_pk, b"carechain/rx/v1\x00" + rx.encode(), signature):
+    if not verify_prescription(prescriber_pk, rx, signature):
         return "bad_rx_signature"
     if rx_anchor_for(rx, anchor.ts) != anchor:
         return "rx_does_not_match_anchor"

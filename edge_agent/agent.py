@@ -1,10 +1,11 @@
 """The edge agent: sources → sign → outbox (durable) → MQTT uplink → receipt → delete.
 
-asyncio shell. Each device is its own MQTT principal: one client per device (client id derived from the
-device id, the device's own login when one is provisioned), publishing only that device's events and
-subscribed only to its receipts, so a broker ACL can confine every device to its own topics
-(docs/broker-security.md). paho's network threads hand receipts and connection changes to the event loop
-with `call_soon_threadsafe`; all outbox and window state is touched only on the loop.
+asyncio shell. Each device is its own MQTT principal: one client per device (client id
+`cc-agent-<instance>-<device_id>`, unique per agent data directory; the device's own login when one is
+provisioned, never another party's), publishing only that device's events and subscribed only to its
+receipts, so a broker ACL can confine every device to its own topics (docs/broker-security.md). paho's
+network threads hand receipts and connection changes to the event loop with `call_soon_threadsafe`; all
+outbox and window state is touched only on the loop.
 """
 
 from __future__ import annotations
@@ -14,35 +15,32 @@ import contextlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import paho.mqtt.client as mqtt
+from pydantic import BaseModel
 
 from carechain import envelope, topics
 from carechain.config import BrokerConfig
 from carechain.credentials import MqttCredentials
+from carechain.datadir import instance_id
 from carechain.events import make_payload
 from carechain.identity import Identity
 from carechain.receipts import ReceiptError, open_receipt
 from carechain.transport import connect_client
 from edge_agent.outbox import Outbox, OutboxFull
+from edge_agent.source import Source
 from edge_agent.window import SendWindow
 
 log = logging.getLogger("carechain.agent")
 
 
-class Source(Protocol):
-    """Anything that yields readings for one device (simulated, BLE, pharmacy terminal), sans-IO:
-    asked at a time, it returns the readings due then and says when the next one is due."""
-
-    def next_readings(self, now_ms: int) -> Sequence[tuple[str, object]]: ...
-
-    def next_due_ms(self) -> int | None: ...
-
-
 @dataclass
 class AgentDevice:
+    """A device the agent runs: its identity and where its readings come from. (Its config entry is
+    `carechain.config.AgentDeviceConfig`.)"""
+
     identity: Identity
     source: Source | None  # None: events are recorded by the caller via Agent.record
 
@@ -60,9 +58,11 @@ class AgentStats:
 
 
 class Agent:
-    """Runs the devices of one host. `credentials` maps a device id to that device's own MQTT login;
-    a device without one logs in with `broker.username`/`password`. `client_id` is the prefix of the
-    per-device client ids (`<prefix>-<device_id>`)."""
+    """Runs the devices of one host. `credentials` maps a device id to that device's own MQTT login; a
+    device without one connects without a login, and only when `broker` carries none either: the agent
+    never logs a device in with another party's login (in a shared config file, `broker`'s is the
+    bridge's). `client_id` is the prefix of the per-device client ids (`<prefix>-<device_id>`); default
+    `cc-agent-<instance>`, with the instance id of the outbox's directory (`carechain.datadir`)."""
 
     def __init__(self, devices: Sequence[AgentDevice], outbox: Outbox, broker: BrokerConfig,
                  bridge_public_key: bytes, *, window: int = 2000, resend_after_s: float = 10.0,
@@ -72,12 +72,18 @@ class Agent:
         unknown = sorted(set(credentials or {}) - set(self.devices))
         if unknown:
             raise ValueError(f"MQTT credentials given for device(s) this agent does not run: {', '.join(unknown)}")
+        if broker is not None and broker.has_login:
+            without = sorted(set(self.devices) - set(credentials or {}))
+            if without:
+                raise ValueError(f"device(s) {', '.join(without)} have no MQTT login of their own, and the agent "
+                                 f"never logs a device in with the broker settings' login (user "
+                                 f"{broker.username!r}, another party's): give each its own (credentials)")
         self.outbox = outbox
         self.broker = broker
         self.bridge_public_key = bridge_public_key
         self.window = SendWindow(window, int(resend_after_s * 1000))
         self.speedup = speedup
-        self.client_id = client_id or "cc-agent"
+        self.client_id = client_id or f"cc-agent-{instance_id(outbox.path.parent)}"
         self.credentials = dict(credentials or {})
         self.stats = AgentStats()
         self._wake = asyncio.Event()
@@ -89,22 +95,32 @@ class Agent:
         return f"{self.client_id}-{device_id}"
 
     def device_broker(self, device_id: str) -> BrokerConfig:
-        """The broker settings of one device's client: the shared ones with the device's own login."""
+        """The broker settings of one device's client: the shared ones with the device's own login, or with
+        no login at all — never with the shared settings' own."""
         login = self.credentials.get(device_id)
-        if login is None:
-            return self.broker
-        return self.broker.model_copy(update={"username": login.username, "password": login.password,
+        username, password = (login.username, login.password) if login is not None else (None, None)
+        return self.broker.model_copy(update={"username": username, "password": password,
                                               "credentials_file": None})
+
+    def summary(self) -> dict[str, Any]:
+        """The counts `carechain agent` prints when it stops: the stats, what is left in the outbox, and
+        the readings lost to the outbox quota."""
+        return {**asdict(self.stats), "outbox_left": self.outbox.depth(), "quota_losses": self.outbox.losses()}
 
     # -- producing ---------------------------------------------------------------------------------
 
-    def record(self, device_id: str, readings: Sequence[tuple[str, object]], now_ms: int | None = None) -> list[int]:
-        """Sign readings for one device and store them durably before anything is sent."""
+    def record(self, device_id: str, readings: Sequence[tuple[str, BaseModel | dict[str, Any]]],
+               now_ms: int | None = None) -> list[int]:
+        """Sign readings for one device and store them durably before anything is sent. A reading is a
+        `Reading` (kind, body model) or a kind with a plain dict body, validated against the kind's model."""
         device = self.devices[device_id]
         ts = int(time.time() * 1000) if now_ms is None else now_ms
 
-        def signer(kind: str, body: object):  # noqa: ANN202 - closure over one reading
-            return lambda seq: envelope.sign(device.identity, make_payload(device_id, seq, ts, kind, body))
+        def signer(kind: str, body: BaseModel | dict[str, Any]):  # noqa: ANN202 - closure over one reading
+            # make_payload checks the body model matches the kind (a PayloadError otherwise); its hint names
+            # the private body base of carechain.events, which has no public name yet.
+            return lambda seq: envelope.sign(device.identity, make_payload(device_id, seq, ts, kind,
+                                                                           body))  # type: ignore[arg-type]
 
         try:
             seqs = self.outbox.add_many(device_id, [signer(k, b) for k, b in readings])
@@ -206,7 +222,7 @@ class Agent:
 
         def connect(device_id: str) -> mqtt.Client:
             def on_message(_c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
-                loop.call_soon_threadsafe(self._on_receipt, device_id, msg.topic, msg.payload)
+                loop.call_soon_threadsafe(self._on_receipt, device_id, msg.topic, bytes(msg.payload))
 
             def on_state(up: bool) -> None:
                 loop.call_soon_threadsafe(self._on_state, device_id, up)
@@ -217,17 +233,23 @@ class Agent:
             )
 
         self._clients = {device_id: connect(device_id) for device_id in self.devices}
-        tasks = [asyncio.create_task(self._send(stop))]
-        tasks += [asyncio.create_task(self._produce(dev_id, d.source, stop))
+        tasks = [asyncio.create_task(self._send(stop), name="agent-send")]
+        tasks += [asyncio.create_task(self._produce(dev_id, d.source, stop), name=f"agent-produce-{dev_id}")
                   for dev_id, d in self.devices.items() if d.source is not None]
+        stopped = asyncio.create_task(stop.wait(), name="agent-stop")
         try:
-            await stop.wait()
+            # Until stopped — or until a task fails, which is a bug to report, not to run on without.
+            await asyncio.wait([stopped, *tasks], return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for t in tasks:
+            for t in (stopped, *tasks):
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            results = await asyncio.gather(stopped, *tasks, return_exceptions=True)
             for client in self._clients.values():
                 client.disconnect()
             for client in self._clients.values():
                 client.loop_stop()
             self._connected.clear()
+        failures = [r for r in results if isinstance(r, Exception) and not isinstance(r, asyncio.CancelledError)]
+        if failures:
+            raise failures[0]
+

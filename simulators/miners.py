@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,7 +58,11 @@ class MinerProcess:
             self.proc = subprocess.Popen(self.args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
         stdout = self.proc.stdout
         assert stdout is not None
-        threading.Thread(target=lambda: [self._lines.put(line) for line in stdout], daemon=True).start()
+        threading.Thread(target=self._read_lines, args=(stdout,), daemon=True).start()
+
+    def _read_lines(self, stdout: Iterable[str]) -> None:
+        for line in stdout:
+            self._lines.put(line)
 
     def wait_ready(self, timeout: float = 60.0) -> dict[str, object]:
         """The ready line (`{"miner", "name", "public_key", "ready"}`); raises if the miner did not start."""

@@ -20,11 +20,11 @@ import sys
 import time
 from pathlib import Path
 
-from carechain.config import BrokerConfig, parse_address
+from carechain.config import AgentConfig, BrokerConfig, Config, parse_address
 from carechain.identity import Identity
 from carechain.profiles import load_profiles
-from edge_agent.agent import Agent, AgentDevice
-from edge_agent.outbox import Outbox
+from edge_agent.agent import AgentDevice
+from edge_agent.assembly import assemble_agent
 from edge_agent.sources.simulated import SimulatedDevice
 
 
@@ -33,8 +33,10 @@ async def ring_up(terminal: Identity, broker: BrokerConfig, bridge_public_key: b
     """Sign `sales` purchase events, send them, wait for every receipt; returns a summary."""
     profile = load_profiles()["pharmacy_terminal"]
     register = SimulatedDevice(profile, seed)
-    outbox = Outbox(data_dir / "outbox.db")
-    agent = Agent([AgentDevice(terminal, None)], outbox, broker, bridge_public_key, resend_after_s=3.0)
+    cfg = Config(broker=broker, agent=AgentConfig(data_dir=data_dir, bridge_public_key=bridge_public_key.hex(),
+                                                  resend_after_s=3.0))
+    assembled = assemble_agent(cfg, devices=[AgentDevice(terminal, None)])
+    agent, outbox = assembled.agent, assembled.outbox
     lines: list[dict[str, object]] = []
     # The day's sales so far, one sale line per purchase event, spaced as the profile samples them and
     # ending now (the bridge refuses device times in the future beyond its skew limit).
@@ -52,7 +54,7 @@ async def ring_up(terminal: Identity, broker: BrokerConfig, bridge_public_key: b
     stop.set()
     await task
     left = outbox.depth()
-    outbox.close()
+    assembled.close()
     return {"terminal": terminal.device_id, "sales": lines, "receipted": sales - left, "pending": left,
             "quarantined": agent.stats.quarantined}
 

@@ -54,3 +54,26 @@ def test_decoder_rejections(data: bytes, reason: str) -> None:
     with pytest.raises(cbor.CBORError) as err:
         cbor.decode(data)
     assert err.value.reason == reason
+
+
+@given(st.lists(plain, max_size=4))
+def test_arrays_and_maps_inside_the_allowed_tag_decode_as_lists_and_dicts(items: list[object]) -> None:
+    # cbor2 6 returns them as tuples and frozendicts, cbor2 5 as lists and dicts: callers see one shape.
+    value = [b"protected", {}, items, {"k": items}]
+    decoded = cbor.decode(cbor.encode(cbor.CBORTag(18, value)), max_depth=64, allow_tag=18)
+    assert decoded == cbor.CBORTag(18, value)
+    stack = [decoded.value]
+    while stack:
+        item = stack.pop()
+        assert type(item) not in (tuple, cbor2.CBORTag)
+        if isinstance(item, list):
+            stack.extend(item)
+        elif not isinstance(item, str | bytes | int | float | bool | type(None)):
+            assert type(item) is dict
+            stack.extend(item.values())
+
+
+def test_unchecked_tagged_arrays_decode_as_lists_too() -> None:
+    # envelope parsing skips the plain-data walk (check_plain=False) and tests `isinstance(body, list)`.
+    decoded = cbor.decode(cbor.encode(cbor.CBORTag(18, [b"", {}, b"p", b"s"])), allow_tag=18, check_plain=False)
+    assert type(decoded.value) is list and type(decoded.value[1]) is dict

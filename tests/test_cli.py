@@ -272,11 +272,11 @@ def test_verify_with_the_trusted_log_key_passes_and_with_another_key_fails(log: 
     assert "NOT VERIFIED" in text(result) and "not the trusted log key" in text(result)
 
 
-def test_a_log_key_that_is_not_hex_is_an_error_not_a_crash(log: Log, tmp_path: Path) -> None:
+def test_a_log_key_that_is_not_hex_is_a_usage_error_not_a_crash(log: Log, tmp_path: Path) -> None:
     bundle = proof_file(log, tmp_path, log.device_id, "1", "--json")
     result = run("verify", bundle, "--log-key", "not-hex")
-    assert result.exit_code == 1
-    assert "NOT VERIFIED" in text(result) and "not hexadecimal" in text(result)
+    assert result.exit_code == 2  # docs/proofs.md: 2 on a usage error, 1 only when the proof does not hold
+    assert "not hexadecimal" in text(result) and "VERIFIED" not in text(result)
 
 
 def test_a_bundle_whose_key_is_swapped_for_the_attackers_fails(log: Log, tmp_path: Path) -> None:

@@ -94,10 +94,16 @@ def test_bridge_acl_writes_a_private_login_for_each_device_and_never_prints_one(
 def test_bridge_acl_rerun_keeps_every_password_and_rotate_replaces_one(registry, tmp_path: Path) -> None:
     data, ids = registry
     out = tmp_path / "broker"
-    assert run("bridge", "acl", "--data-dir", data, "--out", out).exit_code == 0
+    made = run("bridge", "acl", "--data-dir", data, "--out", out, "--json")
+    assert made.exit_code == 0, made.output
+    assert set(ids) <= set(json.loads(made.output)["added"])  # the devices (and the bridge user) get logins
     first, passwd = passwords(out), (out / "passwd").read_bytes()
-    again = run("bridge", "acl", "--data-dir", data, "--out", out)
-    assert again.exit_code == 0 and "new" not in again.output
+    again = run("bridge", "acl", "--data-dir", data, "--out", out, "--json")
+    assert again.exit_code == 0, again.output
+    summary = json.loads(again.output)
+    assert (summary["added"], summary["rotated"], summary["removed"]) == ([], [], [])  # no login made or changed
+    text = run("bridge", "acl", "--data-dir", data, "--out", out)  # the text form lists no change either
+    assert text.exit_code == 0 and not re.search(r"^(new|rotated|removed) ", text.output, re.MULTILINE)
     assert passwords(out) == first and (out / "passwd").read_bytes() == passwd  # byte for byte: nothing to reload
     rotated = run("bridge", "acl", "--data-dir", data, "--out", out, "--rotate", ids[0])
     assert rotated.exit_code == 0 and f"rotated     {ids[0]}" in rotated.output

@@ -7,10 +7,10 @@ import time
 from pathlib import Path
 
 from carechain import envelope, topics
-from carechain.cli import _contract_gate
 from carechain.config import BridgeConfig, BrokerConfig, load_config
 from carechain.entries import Registration, registration_entry
 from carechain.events import Purchase, make_payload
+from chain_bridge.assembly import contract_gate
 from chain_bridge.bridge import Bridge
 from chain_bridge.ledger.store import Ledger
 from chain_bridge.registry import ledger_path, log_key, operator_key
@@ -82,7 +82,7 @@ def test_party_rx_policy_and_balance_round_trip(tmp_path: Path) -> None:
                        owner=PHARMACY.device_id, site="s", ts=now)
     ledger.append_registrations([(registration_entry(operator_key(data), reg), reg)])
     bridge = Bridge(BridgeConfig(data_dir=data), BrokerConfig(), log_key(data), ledger,
-                    contracts=_contract_gate(load_config(Path(opts[1])), data))
+                    contracts=contract_gate(load_config(Path(opts[1])), data))
     sale = Purchase(item_code=FLU_SHOT, code_system="ndc", rx_only=False, quantity=1, price_minor=3_000,
                     currency="USD", patient_token="pt-a", payment_method="insurance")
     bridge.process([(topics.events(TERMINAL.device_id),

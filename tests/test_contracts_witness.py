@@ -6,7 +6,7 @@ import pytest
 from test_contracts_world import FLU_SHOT, INSURER_FUNDS, World
 
 from contract_rules import transactions as ce
-from contract_rules.witness import ContractViolation, ContractWitness, decode_leaf
+from contract_rules.replay import ContractWitness, Violation, decode_leaf
 
 
 @pytest.fixture
@@ -85,7 +85,7 @@ def test_a_miner_refuses_a_checkpoint_with_a_violating_sale_and_keeps_its_state(
     # A dishonest bridge appends an Rx-only sale with no prescription as if it were valid.
     bad = [w.sale_entry(FLU_SHOT, rx_only=False).encode(), w.sale_entry(rx_ref=None).encode()]
     violation = witness(size, size + 2, bad)
-    assert violation == ContractViolation(size + 1, "rx_missing", "event: rx_missing")
+    assert violation == Violation(size + 1, "rx_missing", "event: rx_missing")
     assert (witness.state.root(), witness.state.size) == (root, size)
     # The same range without the violating leaf is cosignable.
     assert witness(size, size + 1, bad[:1]) is None

@@ -30,9 +30,9 @@ from chain_bridge.proof_responder import ProofResponder
 from chain_miner.service import StateError, load_state, save_state
 from chain_miner.witness import (
     Cosigned,
+    CosignRefused,
     ProofRequest,
     RefusalReason,
-    Refused,
     Violation,
     Witness,
     WitnessState,
@@ -83,11 +83,11 @@ def make_witness(log_key: Identity, seed: bytes = b"M" * 32, **kw: object) -> Wi
                    WitnessState(origin=None), **kw)  # type: ignore[arg-type]
 
 
-def step(w: Witness, log: Log, now: int = NOW) -> Cosigned | Refused:
+def step(w: Witness, log: Log, now: int = NOW) -> Cosigned | CosignRefused:
     """What a miner does with the log's latest checkpoint: plan, fetch from this log, observe."""
     note = log.note()
     plan = w.plan(note)
-    if isinstance(plan, Refused):
+    if isinstance(plan, CosignRefused):
         return plan
     assert isinstance(plan, ProofRequest)
     new_entries = log.leaves[plan.old_size:plan.new_size] if plan.new_size > plan.old_size else []
@@ -143,7 +143,7 @@ def test_older_checkpoint_of_the_same_log_is_stale_not_evidence(log_key: Identit
     old_note = log.note(2)
     assert isinstance(step(w, log), Cosigned)
     d = w.observe(old_note, log.proof(2, 4), [], NOW)
-    assert isinstance(d, Refused) and d.reason is RefusalReason.STALE and d.evidence is None
+    assert isinstance(d, CosignRefused) and d.reason is RefusalReason.STALE and d.evidence is None
     assert w.state.tree_size == 4
 
 
@@ -153,14 +153,14 @@ def test_forked_checkpoint_is_refused_with_evidence_an_auditor_verifies(log_key:
     forked = honest.fork(3)
     forked.append(*entries("evil", 5))  # 8 leaves, leaves 3..5 rewritten
     d = step(w, forked)
-    assert isinstance(d, Refused) and d.reason is RefusalReason.FORK
+    assert isinstance(d, CosignRefused) and d.reason is RefusalReason.FORK
     assert d.evidence is not None and d.evidence.kind is EvidenceKind.FORK
     assert w.state.tree_size == 6 and w.state.root_hash == honest.tree.root()  # nothing moved
     assert "inconsistent" in verify_evidence(d.evidence, log_key.public_key)
     # The fork stays refused, however it grows.
     forked.append(*entries("more", 3))
     again = step(w, forked)
-    assert isinstance(again, Refused) and again.reason is RefusalReason.FORK
+    assert isinstance(again, CosignRefused) and again.reason is RefusalReason.FORK
 
 
 def test_rollback_to_a_rewritten_smaller_tree_is_refused_with_evidence(log_key: Identity) -> None:
@@ -170,7 +170,7 @@ def test_rollback_to_a_rewritten_smaller_tree_is_refused_with_evidence(log_key: 
     rolled.append(b"rewritten")
     note = rolled.note()  # size 3, not a prefix of the cosigned 6
     d = w.observe(note, honest.proof(3, 6), [], NOW)
-    assert isinstance(d, Refused) and d.reason is RefusalReason.FORK and d.evidence is not None
+    assert isinstance(d, CosignRefused) and d.reason is RefusalReason.FORK and d.evidence is not None
     assert d.evidence.old_checkpoint == note  # smaller first
     verify_evidence(d.evidence, log_key.public_key)
 
@@ -180,7 +180,7 @@ def test_two_roots_for_one_size_is_a_self_contained_split_view(log_key: Identity
     assert isinstance(step(w, honest), Cosigned)
     other = Log(log_key, entries("b", 4))
     d = step(w, other)
-    assert isinstance(d, Refused) and d.reason is RefusalReason.SPLIT_VIEW and d.evidence is not None
+    assert isinstance(d, CosignRefused) and d.reason is RefusalReason.SPLIT_VIEW and d.evidence is not None
     assert d.evidence.consistency_path == []
     assert "split_view" in verify_evidence(d.evidence, log_key.public_key)
 
@@ -191,7 +191,7 @@ def test_evidence_that_proves_nothing_is_rejected(log_key: Identity) -> None:
     forked = honest.fork(3)
     forked.append(*entries("evil", 5))
     d = step(w, forked)
-    assert isinstance(d, Refused) and d.evidence is not None
+    assert isinstance(d, CosignRefused) and d.evidence is not None
     with pytest.raises(EvidenceError, match="another log key"):
         verify_evidence(d.evidence, Identity.generate().public_key)
     honest.append(*entries("b", 2))  # a genuine, consistent pair framed as a fork
@@ -208,11 +208,11 @@ def test_checkpoint_not_signed_by_the_log_key_is_refused(log_key: Identity) -> N
     w = make_witness(log_key)
     impostor = Log(Identity.from_seed(b"X" * 32), entries("a", 3))
     d = step(w, impostor)
-    assert isinstance(d, Refused) and d.reason is RefusalReason.BAD_SIGNATURE and d.evidence is None
+    assert isinstance(d, CosignRefused) and d.reason is RefusalReason.BAD_SIGNATURE and d.evidence is None
     honest = Log(log_key, entries("a", 3))
     tampered = honest.note().replace("\n3\n", "\n4\n", 1)
     d2 = w.observe(tampered, [], entries("a", 4), NOW)
-    assert isinstance(d2, Refused) and d2.reason is RefusalReason.BAD_SIGNATURE
+    assert isinstance(d2, CosignRefused) and d2.reason is RefusalReason.BAD_SIGNATURE
     assert w.state == WitnessState(origin=None)
 
 
@@ -220,9 +220,9 @@ def test_entries_that_are_not_the_signed_leaves_are_refused_without_blaming_the_
     log, w = Log(log_key, entries("a", 5)), make_witness(log_key)
     note = log.note()
     d = w.observe(note, [], entries("x", 5), NOW)
-    assert isinstance(d, Refused) and d.reason is RefusalReason.BAD_ENTRIES and d.evidence is None
+    assert isinstance(d, CosignRefused) and d.reason is RefusalReason.BAD_ENTRIES and d.evidence is None
     d = w.observe(note, [], entries("a", 4), NOW)
-    assert isinstance(d, Refused) and d.reason is RefusalReason.BAD_ENTRIES
+    assert isinstance(d, CosignRefused) and d.reason is RefusalReason.BAD_ENTRIES
     assert isinstance(w.observe(note, [], entries("a", 5), NOW), Cosigned)
 
 
@@ -233,11 +233,11 @@ def test_a_bad_proof_for_a_log_its_entries_show_consistent_is_not_evidence(log_k
     note = log.note()
     wrong = [bytes(32)] * len(log.proof(5, 9))
     d = w.observe(note, wrong, log.leaves[5:], NOW)
-    assert isinstance(d, Refused) and d.reason is RefusalReason.BAD_RESPONSE and d.evidence is None
+    assert isinstance(d, CosignRefused) and d.reason is RefusalReason.BAD_RESPONSE and d.evidence is None
     d = w.observe(note, [b"short"], log.leaves[5:], NOW)
-    assert isinstance(d, Refused) and d.reason is RefusalReason.BAD_RESPONSE
+    assert isinstance(d, CosignRefused) and d.reason is RefusalReason.BAD_RESPONSE
     d = w.observe(note, [bytes(32)] * 65, log.leaves[5:], NOW)
-    assert isinstance(d, Refused) and d.reason is RefusalReason.BAD_RESPONSE
+    assert isinstance(d, CosignRefused) and d.reason is RefusalReason.BAD_RESPONSE
     assert w.state.tree_size == 5
     assert isinstance(w.observe(note, log.proof(5, 9), log.leaves[5:], NOW), Cosigned)
 
@@ -253,7 +253,7 @@ def test_contract_hook_violation_is_refused_with_evidence_that_replays(log_key: 
     assert isinstance(step(w, log), Cosigned)
     log.append(b"ok", b"evil sale", b"ok2")
     d = step(w, log)
-    assert isinstance(d, Refused) and d.reason is RefusalReason.VIOLATION and d.evidence is not None
+    assert isinstance(d, CosignRefused) and d.reason is RefusalReason.VIOLATION and d.evidence is not None
     assert d.evidence.violation_leaf == 4 and w.state.tree_size == 3
     assert "leaf 4" in verify_evidence(d.evidence, log_key.public_key, no_evil)
     assert "re-execute" in verify_evidence(d.evidence, log_key.public_key)
@@ -349,7 +349,7 @@ def test_state_survives_a_restart_and_a_damaged_file_is_refused(tmp_path: Path, 
     restarted.state = load_state(path)
     forked = log.fork(5)
     forked.append(*entries("evil", 8))
-    assert isinstance(step(restarted, forked), Refused)
+    assert isinstance(step(restarted, forked), CosignRefused)
     path.write_text('{"v": 1, "tree_size": "x"}')
     with pytest.raises(StateError, match="damaged"):
         load_state(path)

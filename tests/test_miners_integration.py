@@ -7,7 +7,6 @@ import json
 import os
 import queue
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -28,6 +27,7 @@ from chain_bridge.finality import FinalityPolicy, FinalityTracker
 from chain_bridge.ledger.store import EventCandidate, Ledger
 from chain_bridge.proof_responder import ProofResponder
 from chain_miner.witness import Violation
+from simulators.miners import CARECHAIN
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parent.parent
@@ -47,15 +47,17 @@ class MinerProcess:
     def __init__(self, data_dir: Path, broker: str, log_public_key: bytes, *extra: str) -> None:
         self.key = Identity.generate()
         self.key.save(data_dir / "miner.key")
-        self.args = [sys.executable, "-m", "chain_miner.service", "--data-dir", str(data_dir),
-                     "--broker", broker, "--log-public-key", log_public_key.hex(), *extra]
+        self.data_dir = data_dir
+        self.args = [*CARECHAIN, "miner", "--data-dir", str(data_dir), "--broker", broker,
+                     "--log-public-key", log_public_key.hex(), *extra]
         self.cosigner = Cosigner(f"carechain.miner/{self.key.device_id}", self.key.public_key)
         self.proc: subprocess.Popen[str] | None = None
         self.ready: queue.SimpleQueue[str] = queue.SimpleQueue()
 
     def start(self) -> None:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
-        self.proc = subprocess.Popen(self.args, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+        # cwd: the miner's folder, so that no carechain-data/ of the checkout is taken for a bridge's genesis
+        self.proc = subprocess.Popen(self.args, cwd=self.data_dir, env=env, stdout=subprocess.PIPE, text=True)
         stdout = self.proc.stdout
         assert stdout is not None
         threading.Thread(target=lambda: [self.ready.put(line) for line in stdout], daemon=True).start()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ from carechain.profiles import (
     ProfileError,
     bluetooth_uuid,
     default_profiles_dir,
+    installed_profiles_dir,
     load_profile,
     load_profiles,
 )
@@ -126,6 +130,38 @@ def test_profiles_dir_can_be_overridden_by_environment(
     monkeypatch.setenv(PROFILES_DIR_ENV, str(tmp_path))
     assert default_profiles_dir() == tmp_path
     assert list(load_profiles()) == ["heart_rate_band"]
+
+
+def test_lookup_order_is_explicit_folder_then_environment_then_installed_profiles(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import device_profiles
+
+    monkeypatch.delenv(PROFILES_DIR_ENV, raising=False)
+    installed = installed_profiles_dir()
+    assert installed == Path(device_profiles.__file__).parent  # package data, wherever carechain is installed
+    assert default_profiles_dir() == installed
+    assert set(load_profiles()) == set(SHIPPED)
+
+    from_env, explicit = tmp_path / "env", tmp_path / "explicit"
+    for folder, name in ((from_env, "thermometer"), (explicit, "scale")):
+        folder.mkdir()
+        (folder / f"{name}.yaml").write_text((installed / f"{name}.yaml").read_text())
+    monkeypatch.setenv(PROFILES_DIR_ENV, str(from_env))
+    assert list(load_profiles()) == ["thermometer"]
+    assert list(load_profiles(explicit)) == ["scale"]
+
+
+def test_a_missing_profiles_package_says_how_to_fix_it() -> None:
+    code = (
+        "import sys; sys.modules['device_profiles'] = None\n"
+        "from carechain.profiles import ProfileError, installed_profiles_dir\n"
+        "try:\n    installed_profiles_dir()\nexcept ProfileError as exc:\n    print(exc)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != PROFILES_DIR_ENV}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
+                         cwd=Path(__file__).resolve().parent.parent).stdout
+    assert "device_profiles package is not installed" in out and PROFILES_DIR_ENV in out
 
 
 # -- errors name the file, the line and the field -------------------------------------------------------

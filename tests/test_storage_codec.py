@@ -5,11 +5,15 @@ from __future__ import annotations
 import itertools
 import os
 import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from carechain import cbor
 from carechain.files import FilePermissionError
 from carechain.storage.codec import (
     CorruptShareError,
@@ -25,6 +29,7 @@ from carechain.storage.codec import (
     regenerate_shares,
     share_root,
 )
+from carechain.storage.keyfile import load_dataset_key, new_dataset_key, save_dataset_key
 
 KEY = DatasetKey("patient-42/telemetry", bytes(range(32)))
 SMALL = StorageParams(segment_size=4096, k=3, n=6, chunk_size=64)
@@ -132,16 +137,46 @@ def test_regenerated_shares_match_their_roots_without_the_key():
 
 def test_key_file_is_private_and_bound_to_its_dataset(tmp_path):
     path = tmp_path / "keys" / "ds.key"
-    KEY.save(path)
+    save_dataset_key(KEY, path)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    loaded = DatasetKey.load(path, KEY.dataset_id)
+    loaded = load_dataset_key(path, KEY.dataset_id)
     enc = encode_segment(KEY, 0, 1, b"hello", SMALL)
     assert decode_segment(loaded, layout(enc), dict(enumerate(enc.shares)), SMALL) == b"hello"
     with pytest.raises(StorageError, match="is for dataset"):
-        DatasetKey.load(path, "other")
+        load_dataset_key(path, "other")
     path.chmod(0o644)
     with pytest.raises(FilePermissionError, match="chmod 600"):
-        DatasetKey.load(path)
+        load_dataset_key(path)
+
+
+def test_new_keys_are_random_and_round_trip_through_their_file(tmp_path):
+    first, second = new_dataset_key("ds"), new_dataset_key("ds")
+    assert first.key_file_bytes() != second.key_file_bytes()
+    save_dataset_key(first, tmp_path / "ds.key")
+    assert load_dataset_key(tmp_path / "ds.key").key_file_bytes() == first.key_file_bytes()
+
+
+@pytest.mark.parametrize("content", [b"", b"\xa1\x61x\x01", cbor.encode({"format": "carechain-dataset-key/v1"})])
+def test_a_file_that_is_not_a_key_file_is_named(content: bytes) -> None:
+    with pytest.raises(StorageError, match="^ds.key: not a carechain dataset key file"):
+        DatasetKey.from_key_file_bytes(content, "ds.key")
+
+
+def test_coding_without_zfec_names_the_extra_to_install():
+    # A host installed without the `storage` extra (an edge agent) can still import the storage cores;
+    # only coding a segment needs zfec, and the error says what to install.
+    code = (
+        "import sys; sys.modules['zfec'] = None\n"
+        "from carechain.storage.codec import DatasetKey, StorageError, StorageParams, encode_segment\n"
+        "import carechain.storage.manifest, carechain.storage.audit, carechain.storage.repair\n"
+        "try:\n"
+        "    encode_segment(DatasetKey('ds', bytes(32)), 0, 1, b'x', StorageParams())\n"
+        "except StorageError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent).stdout
+    assert "pip install 'carechain[storage]'" in out
 
 
 def test_parameters_are_checked():

@@ -34,15 +34,17 @@ TIMEOUT_S = 3.0
 
 
 class StorageMiner:
-    """One `python -m chain_miner.storage_server` process; its key is made first so its id is known."""
+    """One `python -m chain_miner.storage_server` process (`simulators.storage_servers` for a misbehaving
+    one); its key is made first so its id is known."""
 
     def __init__(self, data_dir: Path, broker: BrokerConfig, misbehave: str | None = None) -> None:
         self.data_dir = data_dir
         self.key = Identity.generate()
         self.key.save(data_dir / "miner.key")
         self.id = self.key.device_id
-        self.args = [sys.executable, "-m", "chain_miner.storage_server", "--data-dir", str(data_dir),
-                     "--broker", broker.address, *(["--misbehave", misbehave] if misbehave else [])]
+        module = "simulators.storage_servers" if misbehave else "chain_miner.storage_server"
+        self.args = [sys.executable, "-m", module, "--data-dir", str(data_dir), "--broker", broker.address,
+                     *(["--misbehave", misbehave] if misbehave else [])]
         self.proc: subprocess.Popen[str] | None = None
         self._lines: queue.SimpleQueue[str] = queue.SimpleQueue()
 

@@ -6,8 +6,8 @@ bridge host.
 The manifest (`FILE.manifest.json`) and the dataset key (`FILE.manifest.key`) are written with mode 0600
 before any share leaves the machine (docs/storage.md). Miners are named with `--miners ID,ID,…` or
 discovered from their retained `cc/v1/store/{id}/hello`; the placement seed is `--seed HEX` or that of the
-final checkpoint retained on the broker. `attach` adds the group to the main app; it uses the main app's
-helpers (config, errors, output) through `base`, the carechain.cli module.
+final checkpoint retained on the broker. The work is chain_bridge.storage_client's; this module parses
+arguments and prints.
 """
 
 from __future__ import annotations
@@ -20,28 +20,30 @@ from typing import Annotated, Any
 
 import typer
 
-base: Any = None  # the carechain.cli module, set by `attach`
+from carechain.cli._ledger import load_key, now_ms, print_result, read_json, replay, submit
+from carechain.cli._options import (
+    BrokerOpt,
+    ConfigOpt,
+    DataDirOpt,
+    JsonOpt,
+    bridge_dir,
+    broker_login,
+    console,
+    example,
+    fail,
+    load,
+)
+from carechain.cli._options import out as stdout
 
 store_app = typer.Typer(help="Encrypted, erasure-coded datasets on storage miners (put, get, update, status, "
                              "audit, repair; commit and settle record roots and audit epochs on the ledger).",
-                        no_args_is_help=True)
+                        no_args_is_help=True, epilog=example("carechain store put scan.pdf --broker 127.0.0.1:1883"))
 MinersOpt = Annotated[str | None, typer.Option(
     "--miners", help="Comma-separated storage miner ids; default: every miner announced on the broker.")]
 SeedOpt = Annotated[str | None, typer.Option(
     "--seed", help="Placement/audit seed (64 hex digits); default: from the broker's final checkpoint.")]
 TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds to wait for each miner's answer.", min=0.1)]
 ManifestArg = Annotated[Path, typer.Argument(help="A manifest written by `carechain store put`.")]
-# The same options as the main app's (carechain/cli.py), declared here because it imports this module.
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML or TOML config file.",
-                                                envvar="CARECHAIN_CONFIG")]
-BrokerOpt = Annotated[str | None, typer.Option("--broker", help="MQTT broker HOST:PORT (overrides config).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")]
-
-
-def attach(app: typer.Typer, cli_module: Any) -> None:
-    global base
-    base = cli_module
-    app.add_typer(store_app, name="store")
 
 
 @contextmanager
@@ -52,11 +54,11 @@ def _client(config: Path | None, broker: str | None, timeout: float) -> Iterator
     from carechain.storage.codec import StorageError
     from chain_bridge.storage_client import StorageClient
 
-    cfg = base._config(config, broker)
-    base._broker_login(cfg)
+    cfg = load(config, broker)
+    broker_login(cfg)
     tasks: dict[str, Any] = {}
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  console=base.console, transient=False) as bar:
+                  console=console, transient=False) as bar:
 
         def progress(phase: str, done: int, total: int) -> None:
             if phase not in tasks:
@@ -67,13 +69,14 @@ def _client(config: Path | None, broker: str | None, timeout: float) -> Iterator
             with StorageClient(cfg.broker, timeout=timeout, progress=progress) as client:
                 yield client, bar
         except StorageError as exc:
-            raise base._fail(str(exc), 1) from None
+            raise fail(str(exc), 1) from None
 
 
 def _miners(client: Any, miners: str | None) -> list[str]:
     found = [m.strip() for m in miners.split(",") if m.strip()] if miners else client.discover()
     if not found:
-        raise base._fail("no storage miners: pass --miners ID,… or start `python -m chain_miner.storage_server`")
+        raise fail("no storage miners: pass --miners ID,… or start `python -m "
+                   "chain_miner.storage_server --data-dir DIR --broker HOST:PORT`")
     return found
 
 
@@ -85,62 +88,74 @@ def _seed(client: Any, seed: str | None) -> bytes:
     except ValueError:
         raw = b""
     if len(raw) != 32:
-        raise base._fail(f"--seed must be 64 hex digits (32 bytes), got {seed!r}")
+        raise fail(f"--seed must be 64 hex digits (32 bytes), got {seed!r}")
     return raw
 
 
 def _load(manifest: Path) -> tuple[Any, Any]:
-    from carechain.storage.codec import DatasetKey, StorageError
+    from carechain.storage.codec import StorageError
+    from carechain.storage.keyfile import load_dataset_key
     from chain_bridge.storage_client import key_path, load_manifest
 
     try:
         m = load_manifest(manifest)
-        return m, DatasetKey.load(key_path(manifest), m.dataset_id)
+        return m, load_dataset_key(key_path(manifest), m.dataset_id)
     except (OSError, StorageError) as exc:
-        raise base._fail(str(exc)) from None
+        raise fail(str(exc)) from None
 
 
-@store_app.command("put")
+@store_app.command("put", epilog=example("carechain store put scan.pdf --broker 127.0.0.1:1883"))
 def put(file: Annotated[Path, typer.Argument(help="The file to store.", exists=True, dir_okay=False)],
         manifest: Annotated[Path | None, typer.Option(help="Where to write the manifest "
                                                       "(default FILE.manifest.json).")] = None,
         owner: Annotated[str, typer.Option(help="Owner recorded in the manifest.")] = "owner",
         miners: MinersOpt = None, seed: SeedOpt = None, timeout: TimeoutOpt = 10.0,
-        config: ConfigOpt = None, broker: BrokerOpt = None) -> None:
+        config: ConfigOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False) -> None:
     """Encrypt, erasure-code and upload FILE; write its manifest and key (0600) first."""
     out = manifest or file.with_name(file.name + ".manifest.json")
     with _client(config, broker, timeout) as (client, _):
         m = client.put(file, _miners(client, miners), _seed(client, seed), out, owner=owner)
-    base.out.print(f"stored {m.length} bytes as dataset {m.dataset_id} ({len(m.segments)} segments, "
-                       f"{m.k}-of-{m.n}); manifest {out}, key {out.with_suffix('.key')}", soft_wrap=True)
+    if as_json:
+        print(json.dumps({"dataset": m.dataset_id, "bytes": m.length, "segments": len(m.segments), "k": m.k,
+                          "n": m.n, "manifest": str(out), "key": str(out.with_suffix(".key"))}), flush=True)
+        return
+    stdout.print(f"stored {m.length} bytes as dataset {m.dataset_id} ({len(m.segments)} segments, "
+                 f"{m.k}-of-{m.n}); manifest {out}, key {out.with_suffix('.key')}", soft_wrap=True)
 
 
-@store_app.command("get")
+@store_app.command("get", epilog=example("carechain store get scan.pdf.manifest.json -o scan-copy.pdf"))
 def get(manifest: ManifestArg, out: Annotated[Path, typer.Option("-o", "--out", help="Where to write the data.")],
         prefer: Annotated[str | None, typer.Option(help="Comma-separated miners to ask first.")] = None,
         timeout: TimeoutOpt = 10.0, config: ConfigOpt = None,
-        broker: BrokerOpt = None) -> None:
+        broker: BrokerOpt = None, as_json: JsonOpt = False) -> None:
     """Fetch k intact shares per segment, decode and decrypt into OUT."""
     m, key = _load(manifest)
     with _client(config, broker, timeout) as (client, _):
         data = client.get(m, key, prefer=[p for p in (prefer or "").split(",") if p])
     out.write_bytes(data)
-    base.out.print(f"wrote {len(data)} bytes to {out}", soft_wrap=True)
+    if as_json:
+        print(json.dumps({"dataset": m.dataset_id, "bytes": len(data), "out": str(out)}), flush=True)
+        return
+    stdout.print(f"wrote {len(data)} bytes to {out}", soft_wrap=True)
 
 
-@store_app.command("update")
+@store_app.command("update", epilog=example("carechain store update scan.pdf.manifest.json scan-v2.pdf"))
 def update(manifest: ManifestArg, file: Annotated[Path, typer.Argument(help="The new content.", exists=True)],
            miners: MinersOpt = None, seed: SeedOpt = None, timeout: TimeoutOpt = 10.0,
-           config: ConfigOpt = None, broker: BrokerOpt = None) -> None:
+           config: ConfigOpt = None, broker: BrokerOpt = None, as_json: JsonOpt = False) -> None:
     """Upload only the segments of FILE that changed; delete the versions they replace."""
     m, key = _load(manifest)
     with _client(config, broker, timeout) as (client, _):
         r = client.update(m, key, file.read_bytes(), _miners(client, miners), _seed(client, seed), manifest)
-    base.out.print(f"revision {r.manifest.revision}: segments {list(r.segments)} rewritten, "
-                       f"{r.bytes_sent} share bytes sent", soft_wrap=True)
+    if as_json:
+        print(json.dumps({"dataset": m.dataset_id, "revision": r.manifest.revision, "segments": list(r.segments),
+                          "bytes_sent": r.bytes_sent}), flush=True)
+        return
+    stdout.print(f"revision {r.manifest.revision}: segments {list(r.segments)} rewritten, "
+                 f"{r.bytes_sent} share bytes sent", soft_wrap=True)
 
 
-@store_app.command("status")
+@store_app.command("status", epilog=example("carechain store status scan.pdf.manifest.json --json"))
 def status(manifest: ManifestArg, timeout: TimeoutOpt = 10.0, as_json: JsonOpt = False,
            config: ConfigOpt = None, broker: BrokerOpt = None) -> None:
     """Live shares per segment (each miner proves it holds chunk 0 of its shares)."""
@@ -156,12 +171,12 @@ def status(manifest: ManifestArg, timeout: TimeoutOpt = 10.0, as_json: JsonOpt =
     t = Table("segment", "version", "live shares", "readable", title=f"{m.dataset_id} revision {m.revision}")
     for r in rows:
         t.add_row(str(r.index), str(r.version), f"{len(r.live)}/{r.n} {list(r.live)}", "yes" if r.readable else "NO")
-    base.out.print(t)
+    stdout.print(t)
     if not all(r.readable for r in rows):
         raise typer.Exit(1)
 
 
-@store_app.command("audit")
+@store_app.command("audit", epilog=example("carechain store audit scan.pdf.manifest.json --challenges 32"))
 def audit(manifest: ManifestArg, challenges: Annotated[int, typer.Option(help="Challenges per miner.", min=1)] = 16,
           seed: SeedOpt = None, timeout: TimeoutOpt = 10.0, as_json: JsonOpt = False,
           config: ConfigOpt = None, broker: BrokerOpt = None) -> None:
@@ -179,12 +194,12 @@ def audit(manifest: ManifestArg, challenges: Annotated[int, typer.Option(help="C
         for v in verdicts.values():
             t.add_row(v.miner, "passed" if v.passed else "[red]FAILED[/]", f"{v.failed}/{v.challenges}",
                       v.reasons[0] if v.reasons else "")
-        base.out.print(t)
+        stdout.print(t)
     if not all(v.passed for v in verdicts.values()):
         raise typer.Exit(1)
 
 
-@store_app.command("repair")
+@store_app.command("repair", epilog=example("carechain store repair scan.pdf.manifest.json --grace 3600"))
 def repair(manifest: ManifestArg, miners: MinersOpt = None, seed: SeedOpt = None,
            grace: Annotated[int, typer.Option(help="Seconds a silent miner may be away before its shares are "
                                                    "regenerated elsewhere (default 24 h).", min=0)] = 24 * 3600,
@@ -205,7 +220,7 @@ def repair(manifest: ManifestArg, miners: MinersOpt = None, seed: SeedOpt = None
     except FileNotFoundError:
         last_seen = {}
     except (OSError, ValueError, AttributeError) as exc:
-        raise base._fail(f"{seen_path}: {exc}") from None
+        raise fail(f"{seen_path}: {exc}") from None
     with _client(config, broker, timeout) as (client, _):
         try:
             repaired, tasks = client.repair(m, manifest, _seed(client, seed), _miners(client, miners),
@@ -217,24 +232,22 @@ def repair(manifest: ManifestArg, miners: MinersOpt = None, seed: SeedOpt = None
             {"segment": t.segment, "version": t.version, "share": t.share, "target": t.target} for t in tasks]}))
         return
     if not tasks:
-        base.out.print(f"{m.dataset_id}: nothing to repair (no segment below its threshold)", soft_wrap=True)
+        stdout.print(f"{m.dataset_id}: nothing to repair (no segment below its threshold)", soft_wrap=True)
         return
-    base.out.print(f"{m.dataset_id}: {len(tasks)} share(s) regenerated on "
+    stdout.print(f"{m.dataset_id}: {len(tasks)} share(s) regenerated on "
                    f"{len({t.target for t in tasks})} miner(s) in {len({t.segment for t in tasks})} segment(s); "
                    f"manifest {manifest} updated", soft_wrap=True)
 
 
 # -- on the ledger (run on the bridge host, like `carechain party|rx`: see carechain/cli/contracts.py) ---------
-DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="Bridge data directory (ledger, log key).")]
 
 
-@store_app.command("commit")
+@store_app.command("commit", epilog=example("carechain store commit scan.pdf.manifest.json --key keys/owner.key"))
 def commit(manifest: ManifestArg,
            key: Annotated[Path, typer.Option("--key", help="The dataset owner's key file (it signs the entry; "
                                                            "any key, bound to the dataset by its first commit).")],
            config: ConfigOpt = None, data_dir: DataDirOpt = None, as_json: JsonOpt = False) -> None:
     """Record MANIFEST's share Merkle roots on the ledger (a `storage.commit` entry)."""
-    from carechain.cli import contracts as cc
     from carechain.storage.codec import StorageError
     from chain_bridge.storage_client import load_manifest
     from contract_rules import transactions as ce
@@ -243,15 +256,15 @@ def commit(manifest: ManifestArg,
     try:
         m = load_manifest(manifest)
     except (OSError, StorageError) as exc:
-        raise base._fail(str(exc)) from None
-    owner = cc._load_key(key)
-    entry = ce.signed(owner, ce.STORAGE_COMMIT, commit_for(m, owner.public_key, cc._now_ms()))
-    leaf = cc._submit(config, data_dir, entry)
-    cc._print({"dataset": m.dataset_id, "revision": m.revision, "segments": len(m.segments), "owner": owner.device_id,
-               "leaf": leaf}, as_json)
+        raise fail(str(exc)) from None
+    owner = load_key(key)
+    entry = ce.signed(owner, ce.STORAGE_COMMIT, commit_for(m, owner.public_key, now_ms()))
+    leaf = submit(config, data_dir, entry)
+    print_result({"dataset": m.dataset_id, "revision": m.revision, "segments": len(m.segments),
+                  "owner": owner.device_id, "leaf": leaf}, as_json)
 
 
-@store_app.command("settle")
+@store_app.command("settle", epilog=example("carechain store settle epoch-12.json --data-dir carechain-data/bridge"))
 def settle(results: Annotated[Path, typer.Argument(help='Epoch results JSON: {"epoch": N, "pool": MINOR, "miners": '
                                                         '[{"miner", "passed", "failed", "answered", "unanswered"}]}.')],
            config: ConfigOpt = None, data_dir: DataDirOpt = None, as_json: JsonOpt = False) -> None:
@@ -259,18 +272,17 @@ def settle(results: Annotated[Path, typer.Argument(help='Epoch results JSON: {"e
 
     Signed with the bridge's operator key; the payouts are what settle_epoch computes against the ledger.
     """
-    from carechain.cli import contracts as cc
     from chain_bridge.registry import operator_key
     from contract_rules import transactions as ce
     from contract_rules.storage import settle as settle_payload
 
-    raw = cc._read_json(results, "epoch results")
-    runtime = cc._replay(config, data_dir)
+    raw = read_json(results, "epoch results")
+    runtime = replay(config, data_dir)
     try:
-        payload = settle_payload(runtime.state, raw["epoch"], raw["pool"], list(raw["miners"]), cc._now_ms())
+        payload = settle_payload(runtime.state, raw["epoch"], raw["pool"], list(raw["miners"]), now_ms())
     except (KeyError, TypeError, ValueError) as exc:  # ValidationError is a ValueError
-        raise base._fail(f"{results}: not epoch results ({exc!s:.300})") from None
-    bdir = base._bridge_dir(base._config(config), data_dir)
-    leaf = cc._submit(config, data_dir, ce.signed(operator_key(bdir), ce.STORAGE_AUDIT, payload))
-    cc._print({"epoch": payload.epoch, "leaf": leaf, "paid": sum(payload.payouts.values()), "carry": payload.carry,
+        raise fail(f"{results}: not epoch results ({exc!s:.300})") from None
+    bdir = bridge_dir(load(config), data_dir)
+    leaf = submit(config, data_dir, ce.signed(operator_key(bdir), ce.STORAGE_AUDIT, payload))
+    print_result({"epoch": payload.epoch, "leaf": leaf, "paid": sum(payload.payouts.values()), "carry": payload.carry,
                "payouts": payload.payouts}, as_json)

@@ -113,7 +113,8 @@ class PharmacyDay:
     @classmethod
     def last_week_activity(cls) -> list[tuple[int, Activity]]:
         """Alice's wearable's daily totals for last week (ts, body): 7 × 25 = 175 active minutes ≥ 150."""
-        monday = datetime.date.fromisocalendar(*map(int, cls.last_week().replace("-W", " ").split()), 1)
+        year, week = (int(part) for part in cls.last_week().split("-W"))
+        monday = datetime.date.fromisocalendar(year, week, 1)
         start = int(datetime.datetime.combine(monday, datetime.time(20), datetime.UTC).timestamp() * 1000)
         return [(start + d * _DAY_MS, Activity(steps=6_000 + 250 * d, active_minutes=25)) for d in range(7)]
 

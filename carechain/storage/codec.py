@@ -10,22 +10,23 @@ Nonces are never chosen by callers: the nonce of a segment is `index (4 bytes) â
 is injective, so it never repeats under a key as long as a (segment, version) pair is sealed only once.
 `manifest.plan_update` guarantees that by taking every new version from the dataset's revision counter;
 the owner must persist a planned manifest before uploading its shares (see docs/storage.md).
+
+This module is pure: the key file's format is here, but making a key (randomness) and reading or writing its
+file (disk) live in the shell `carechain.storage.keyfile`. zfec is imported when a segment is first coded, so
+that reading a manifest or checking an audit answer works on hosts installed without the `storage` extra.
 """
 
 from __future__ import annotations
 
 import hmac
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from types import ModuleType
 
-import zfec
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from carechain import cbor
-from carechain.files import PRIVATE, read_private, write_atomic
 from carechain.merkle import leaf_hash
 from carechain.merkle_tree import MerkleTree
 
@@ -132,27 +133,25 @@ class DatasetKey:
         self._mac_key = hmac.digest(key, _MAC_DOMAIN, "sha256")
         self._key = bytes(key)
 
-    @classmethod
-    def generate(cls, dataset_id: str) -> DatasetKey:
-        return cls(dataset_id, os.urandom(KEY_SIZE))
-
-    def save(self, path: Path) -> None:
-        """Write the key file atomically with mode 0600."""
-        body = cbor.encode({"format": _KEY_FILE_FORMAT, "dataset": self.dataset_id, "key": self._key})
-        write_atomic(Path(path), body, PRIVATE)
+    def key_file_bytes(self) -> bytes:
+        """The key file's content (the secret key included); `carechain.storage.keyfile` writes it 0600."""
+        return cbor.encode({"format": _KEY_FILE_FORMAT, "dataset": self.dataset_id, "key": self._key})
 
     @classmethod
-    def load(cls, path: Path, dataset_id: str | None = None) -> DatasetKey:
-        """Read a key file, refusing one readable by group or others, or one for another dataset."""
+    def from_key_file_bytes(cls, data: bytes, source: str, dataset_id: str | None = None) -> DatasetKey:
+        """Parse a key file's content read from `source` (named in errors), refusing one for another dataset."""
         try:
-            doc = cbor.decode(read_private(Path(path)))
+            doc = cbor.decode(data)
         except cbor.CBORError as e:
-            raise StorageError(f"{path}: not a carechain dataset key file ({e})") from e
+            raise StorageError(f"{source}: not a carechain dataset key file ({e})") from e
         if not isinstance(doc, dict) or doc.get("format") != _KEY_FILE_FORMAT:
-            raise StorageError(f"{path}: not a carechain dataset key file (format {_KEY_FILE_FORMAT} expected)")
+            raise StorageError(f"{source}: not a carechain dataset key file (format {_KEY_FILE_FORMAT} expected)")
         if dataset_id is not None and doc.get("dataset") != dataset_id:
-            raise StorageError(f"{path}: key is for dataset {doc.get('dataset')!r}, not {dataset_id!r}")
-        return cls(doc["dataset"], doc["key"])
+            raise StorageError(f"{source}: key is for dataset {doc.get('dataset')!r}, not {dataset_id!r}")
+        found, key = doc.get("dataset"), doc.get("key")
+        if not isinstance(found, str) or not isinstance(key, bytes):
+            raise StorageError(f"{source}: not a carechain dataset key file (dataset or key missing)")
+        return cls(found, key)
 
     def plaintext_mac(self, index: int, plaintext: bytes) -> bytes:
         """Keyed digest of a segment's plaintext: lets `plan_update` spot unchanged segments without
@@ -174,6 +173,19 @@ class DatasetKey:
     def _aad(self, index: int, version: int) -> bytes:
         ds = self.dataset_id.encode()
         return _AAD_DOMAIN + len(ds).to_bytes(2, "big") + ds + index.to_bytes(4, "big") + version.to_bytes(8, "big")
+
+
+def _zfec() -> ModuleType:
+    """zfec, imported on first use: it is the `storage` extra, which an edge agent does not install."""
+    try:
+        import zfec
+    except ImportError as exc:
+        raise StorageError(
+            "erasure coding needs zfec, which carechain installs with its `storage` extra: "
+            "pip install 'carechain[storage]' (on a Raspberry Pi it builds from source: see docs/raspberry-pi.md)"
+        ) from exc
+    module: ModuleType = zfec  # zfec ships no types
+    return module
 
 
 def _nonce(index: int, version: int) -> bytes:
@@ -223,7 +235,7 @@ def encode_segment(
     size = params.share_length(len(ciphertext))
     padded = ciphertext + bytes(size * params.k - len(ciphertext))
     blocks = tuple(padded[i * size:(i + 1) * size] for i in range(params.k))
-    shares = tuple(bytes(s) for s in zfec.Encoder(params.k, params.n).encode(blocks))
+    shares = tuple(bytes(s) for s in _zfec().Encoder(params.k, params.n).encode(blocks))
     return EncodedSegment(
         index=index, version=version, plaintext_length=len(plaintext), ciphertext_length=len(ciphertext),
         plaintext_mac=key.plaintext_mac(index, plaintext), shares=shares,
@@ -271,7 +283,7 @@ def intact_shares(layout: SegmentLayout, shares: Mapping[int, bytes], params: St
 def _ciphertext(layout: SegmentLayout, shares: Mapping[int, bytes], params: StorageParams) -> bytes:
     good = intact_shares(layout, shares, params)
     nums = tuple(good)
-    primary = zfec.Decoder(params.k, params.n).decode(tuple(good[i] for i in nums), nums)
+    primary = _zfec().Decoder(params.k, params.n).decode(tuple(good[i] for i in nums), nums)
     return b"".join(primary)[:layout.ciphertext_length]
 
 
@@ -302,6 +314,6 @@ def regenerate_shares(
     nums = tuple(sorted(set(wanted)))
     if any(not 0 <= i < params.n for i in nums):
         raise StorageError(f"share indexes must be in 0..{params.n - 1}, got {list(nums)}")
-    out = zfec.Encoder(params.k, params.n).encode(blocks, nums)
+    out = _zfec().Encoder(params.k, params.n).encode(blocks, nums)
     return {i: bytes(s) for i, s in zip(nums, out, strict=True)}
 

@@ -184,10 +184,11 @@ def plan_update(
         if i not in segments and current[i].plaintext_length != params.segment_size:
             raise StorageError(f"segment {i} is short ({current[i].plaintext_length} bytes) and must be rewritten "
                                "in full before the dataset can grow past it")
-    for i, seg in segments.items():
-        if len(seg) > params.segment_size or (i < count - 1 and len(seg) != params.segment_size):
+    for i, new_seg in segments.items():
+        if len(new_seg) > params.segment_size or (i < count - 1 and len(new_seg) != params.segment_size):
             raise StorageError(
-                f"segment {i} would be {len(seg)} bytes; every segment but the last is exactly {params.segment_size}")
+                f"segment {i} would be {len(new_seg)} bytes; "
+                f"every segment but the last is exactly {params.segment_size}")
     version = old.revision + 1
     pool = sorted(set(miners))
     upload: list[EncodedSegment] = []

@@ -44,7 +44,7 @@ from carechain.entries import (
 )
 from carechain.events import PayloadError, validate_payload
 from carechain.identity import device_id_for
-from carechain.merkle import EMPTY_ROOT, ProofError, leaf_hash, node_hash, verify_consistency
+from carechain.merkle import EMPTY_ROOT, ProofError, frontier_root, leaf_hash, node_hash, verify_consistency
 from carechain.proofs import VerificationError, verify_checkpoint
 from carechain.sqlite_store import LEDGER, check_store, store_error
 
@@ -251,6 +251,8 @@ class LogAuditor:
     # -- the tree ------------------------------------------------------------------------------------
 
     def _append_leaf(self, h: bytes) -> None:
+        # carechain.merkle.extend_frontier, plus each node's position: the consistency proof to the next
+        # checkpoint is assembled from the complete subtrees made on the way (see `_keep`).
         node = (self.size, 1, h)
         self._keep(node)
         while self._frontier and self._frontier[-1][1] == node[1]:
@@ -266,20 +268,11 @@ class LogAuditor:
             p.found[(node[0], node[1])] = node[2]
 
     def _root(self) -> bytes:
-        if not self._frontier:
-            return EMPTY_ROOT
-        h = self._frontier[-1][2]
-        for _start, _width, left in reversed(self._frontier[:-1]):
-            h = node_hash(left, h)
-        return h
+        return frontier_root([h for _start, _width, h in self._frontier])
 
     def _right_edge(self, start: int) -> bytes:
         """MTH of leaves [start, size): the frontier nodes from `start` on, folded right to left."""
-        nodes = [n for n in self._frontier if n[0] >= start]
-        h = nodes[-1][2]
-        for _start, _width, left in reversed(nodes[:-1]):
-            h = node_hash(left, h)
-        return h
+        return frontier_root([h for node_start, _width, h in self._frontier if node_start >= start])
 
     # -- checkpoints ---------------------------------------------------------------------------------
 

@@ -37,9 +37,8 @@ def consistency_bundle(ledger: Ledger, old_size: int, new_size: int | None, log_
             raise LedgerError("the log has no checkpoint yet")
         new_size = latest[0]
     old_note, new_note = ledger.checkpoint_at(old_size), ledger.checkpoint_at(new_size)
-    for size, note in ((old_size, old_note), (new_size, new_note)):
-        if note is None:
-            raise LedgerError(f"no checkpoint was issued at tree size {size}")
+    if old_note is None or new_note is None:
+        raise LedgerError(f"no checkpoint was issued at tree size {old_size if old_note is None else new_size}")
     if old_size > new_size:
         raise LedgerError(f"old size {old_size} is larger than new size {new_size}")
     return ConsistencyBundle(

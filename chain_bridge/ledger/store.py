@@ -31,6 +31,7 @@ from carechain.identity import Identity
 from carechain.merkle import leaf_hash
 from carechain.merkle_tree import MerkleTree
 from carechain.sqlite_store import LEDGER, StoreCorruptError, check_store, store_error
+from chain_bridge.ledger.dedup import Anchored, Conflict, Dedup, Duplicate
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -78,8 +79,8 @@ class DeviceRevoked:
 
 
 @dataclass(frozen=True)
-class Refused:
-    """The contracts refused the event: leaf `index` is the `sale.refused` entry that records it and why
+class SaleRefused:
+    """The contracts refused the sale: leaf `index` is the `sale.refused` entry that records it and why
     (None: the contracts could not even count it, so nothing was appended)."""
 
     index: int | None
@@ -108,6 +109,10 @@ class SeqReused:
     """The (device, seq) is already anchored with *different* content at `index`."""
 
     index: int
+
+
+# What `Ledger.append_events` says of each candidate, in order.
+AppendResult = Appended | SeqReused | DeviceRevoked | SaleRefused
 
 
 @dataclass(frozen=True)
@@ -160,7 +165,7 @@ class Ledger:
         """Load leaf hashes appended (by us earlier, or by another process) beyond the in-memory tree."""
         start = self.tree.size
         rows = self._db.execute("SELECT idx, leaf_hash FROM entries WHERE idx >= ? ORDER BY idx", (start,))
-        hashes = []
+        hashes: list[bytes] = []
         for idx, h in rows:
             if idx != start + len(hashes):
                 raise StoreCorruptError(f"{self.path}: the ledger is damaged: entry {start + len(hashes)} is "
@@ -175,7 +180,7 @@ class Ledger:
     # -- appends -------------------------------------------------------------------------------------
 
     def append_events(self, candidates: Sequence[EventCandidate], gate: EventGate | None = None
-                      ) -> list[Appended | SeqReused | DeviceRevoked | Refused]:
+                      ) -> list[AppendResult]:
         """Append new events in one durable transaction; duplicates get their original index back.
 
         Revocation is re-checked under the write lock: another process (`carechain` revoking a device)
@@ -183,7 +188,7 @@ class Ledger:
         an event it refuses is appended as the entry it returns, and its (device, seq) row points there,
         so a resend gets `Refused` again.
         """
-        results: list[Appended | SeqReused | DeviceRevoked | Refused] = []
+        results: list[AppendResult] = []
         new_hashes: list[bytes] = []
         now = _now_ms()
         db = self._db
@@ -193,7 +198,7 @@ class Ledger:
             if gate is not None:
                 gate.catch_up(self)
             next_idx = self.tree.size
-            in_batch: dict[tuple[str, int], tuple[int, bytes]] = {}
+            dedup = Dedup(self._anchored)
             refused_in_batch: dict[int, str] = {}
             rows_entries = []
             rows_events = []
@@ -207,29 +212,23 @@ class Ledger:
                     results.append(DeviceRevoked(revoked[c.device_id]))
                     continue
                 h = leaf_hash(c.leaf)
-                key = (c.device_id, c.seq)
-                prior = in_batch.get(key)
-                if prior is None:
-                    row = db.execute(
-                        "SELECT idx, leaf_hash FROM events WHERE device_id=? AND seq=?", key
-                    ).fetchone()
-                    prior = (row[0], bytes(row[1])) if row else None
-                if prior is not None:
-                    if prior[1] == h:
-                        results.append(Appended(prior[0], duplicate=True))
-                    else:
-                        reason = refused_in_batch.get(prior[0]) or self._refusal_of(prior[0], c.leaf)
-                        results.append(SeqReused(prior[0]) if reason is None else Refused(prior[0], reason))
+                seen = dedup.check(c.device_id, c.seq, h)
+                if isinstance(seen, Duplicate):
+                    results.append(Appended(seen.index, duplicate=True))
+                    continue
+                if isinstance(seen, Conflict):
+                    reason = refused_in_batch.get(seen.index) or self._refusal_of(seen.index, c.leaf)
+                    results.append(SeqReused(seen.index) if reason is None else SaleRefused(seen.index, reason))
                     continue
                 idx = next_idx + len(new_hashes)
                 instead = gate.admit(idx, c) if gate is not None else None
                 if isinstance(instead, str):
-                    results.append(Refused(None, instead))
+                    results.append(SaleRefused(None, instead))
                     continue
                 entry_type, data = (ENTRY_EVENT, c.leaf) if instead is None else (instead.type, instead.encode())
                 h = leaf_hash(data) if instead is not None else h
                 new_hashes.append(h)
-                in_batch[key] = (idx, h)
+                dedup.remember(c.device_id, c.seq, Anchored(idx, h))
                 rows_entries.append((idx, entry_type, h, data, now))
                 rows_events.append((c.device_id, c.seq, idx, h))
                 if instead is None:
@@ -237,7 +236,7 @@ class Ledger:
                 else:
                     reason = _refusal_reason(data) or "refused"
                     refused_in_batch[idx] = reason
-                    results.append(Refused(idx, reason))
+                    results.append(SaleRefused(idx, reason))
             db.executemany("INSERT INTO entries VALUES (?,?,?,?,?)", rows_entries)
             db.executemany("INSERT INTO events VALUES (?,?,?,?)", rows_events)
             db.execute("COMMIT")
@@ -248,6 +247,12 @@ class Ledger:
             raise
         self.tree.extend(new_hashes)
         return results
+
+    def _anchored(self, device_id: str, seq: int) -> Anchored | None:
+        """Dedup's `EventIndex`: where the committed log holds (device, seq), if it does."""
+        row = self._db.execute("SELECT idx, leaf_hash FROM events WHERE device_id=? AND seq=?",
+                               (device_id, seq)).fetchone()
+        return Anchored(row[0], bytes(row[1])) if row else None
 
     def _refusal_of(self, index: int, event_leaf: bytes) -> str | None:
         """The reason, if leaf `index` is a `sale.refused` wrapping exactly this event; else None."""
@@ -275,7 +280,7 @@ class Ledger:
         try:
             self._catch_up()
             first = self.tree.size
-            hashes = []
+            hashes: list[bytes] = []
             for i, entry in enumerate(entries):
                 data = entry.encode()
                 hashes.append(leaf_hash(data))
@@ -286,6 +291,7 @@ class Ledger:
             raise
         self.tree.extend(hashes)
         return list(range(first, first + len(hashes)))
+
     def append_registrations(self, items: Iterable[tuple[Entry, Registration]]) -> list[int]:
         """Append device registrations atomically: all or none. Raises on an already-registered key."""
         items = list(items)
@@ -294,7 +300,7 @@ class Ledger:
         db.execute("BEGIN IMMEDIATE")
         try:
             self._catch_up()
-            hashes = []
+            hashes: list[bytes] = []
             for i, (entry, reg) in enumerate(items):
                 if entry.type != ENTRY_REGISTER:
                     raise LedgerError(f"entry {i} is a {entry.type}, not a registration")

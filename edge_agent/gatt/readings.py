@@ -37,8 +37,7 @@ from edge_agent.gatt import weight_scale as ws
 from edge_agent.gatt.date_time import DateTime
 from edge_agent.gatt.errors import GattReadingError
 from edge_agent.gatt.ieee11073 import Number11073, Special
-
-Reading = tuple[str, BaseModel]
+from edge_agent.source import Reading
 
 PASCALS_PER_MMHG = Decimal("133.322387415")
 GLUCOSE_MOLAR_MASS_G_PER_MOL = Decimal("180.16")
@@ -146,7 +145,7 @@ def temperature_readings(m: ht.TemperatureMeasurement) -> list[Reading]:
     return [("temperature", body)]
 
 
-_PULSE_RANGE_NAMES = {
+_PULSE_RANGE_NAMES: dict[bp.PulseRateRange | int, str] = {
     bp.PulseRateRange.EXCEEDS_UPPER_LIMIT: "pulse_rate_exceeds_upper_limit",
     bp.PulseRateRange.BELOW_LOWER_LIMIT: "pulse_rate_below_lower_limit",
 }

@@ -40,10 +40,10 @@ from edge_agent.gatt import record_access as racp
 from edge_agent.gatt import registry as gatt_registry
 from edge_agent.gatt.errors import GattError
 from edge_agent.paired_devices import PairedDevices
+from edge_agent.source import Reading
 
 log = logging.getLogger("carechain.ble")
 
-Reading = tuple[str, Any]
 OnReadings = Callable[[list[Reading]], object]
 
 DEVICE_INFORMATION = bluetooth_uuid(0x180A)
@@ -205,8 +205,9 @@ class BleSource:
             address = device.address.upper()
             return address == wanted if wanted is not None else address not in self.claims
 
+        scan: dict[str, Any] = {} if self.backend.scanner is None else {"backend": self.backend.scanner}
         device = await BleakScanner.find_device_by_filter(
-            match, timeout=self.scan_timeout_s, service_uuids=[self.gatt.service], backend=self.backend.scanner
+            match, timeout=self.scan_timeout_s, service_uuids=[self.gatt.service], **scan
         )
         if device is not None and self._address is None:
             if device.address.upper() in self.claims:  # taken by another source while we scanned

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from typing import Literal
 
 from pydantic import BaseModel
 
@@ -28,8 +29,8 @@ from carechain.profiles import (
     TemperatureSim,
     WeightSim,
 )
+from edge_agent.source import Reading
 
-Reading = tuple[str, BaseModel]
 RxRefFor = Callable[[str, CatalogueItem], str | None]
 """Given (patient_token, item) for an Rx-only sale, the prescription reference to cite, or None."""
 
@@ -171,6 +172,7 @@ class _Purchase:
         item = rng.choice(self._sim.catalogue)
         patient = rng.choice(self._patients)
         quantity = rng.randint(1, item.max_quantity)
+        payment: Literal["insurance", "card"]
         if item.immunization:
             payment = "insurance"  # covered items are billed to the insurer at sale time
         elif item.rx_only:

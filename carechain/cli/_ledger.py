@@ -1,0 +1,90 @@
+"""Helpers of the commands that write contract entries to the ledger on the bridge host (contracts, store)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from carechain.cli._options import bridge_dir, fail, load, open_store, out
+
+
+def deployment_genesis(cfg: Any, data_dir: Path) -> Any:
+    """The contract genesis of the bridge data dir (written on first use); a bad one exits 2."""
+    from chain_bridge.registry import contract_genesis
+
+    try:
+        return contract_genesis(data_dir, cfg.bridge.genesis_allocations or None, cfg.bridge.operator_keys)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+
+
+def load_key(path: Path) -> Any:
+    """The acting party's key file; a missing or unsafe one exits 2."""
+    from carechain.identity import Identity, KeyFileError
+
+    try:
+        return Identity.load(path)
+    except KeyFileError as exc:
+        raise fail(str(exc)) from None
+
+
+def submit(config: Path | None, data_dir: Path | None, entry: Any) -> int:
+    """Check `entry` against a replay of the ledger and append it; its leaf index (exit 1 if refused)."""
+    from chain_bridge.contract_admin import ContractRefused, submit
+    from chain_bridge.ledger.store import Ledger
+    from chain_bridge.registry import ledger_path
+
+    cfg = load(config)
+    bdir = bridge_dir(cfg, data_dir)
+    genesis = deployment_genesis(cfg, bdir)
+    ledger = open_store(Ledger, ledger_path(bdir))
+    try:
+        return submit(ledger, genesis, [entry])[0]
+    except ContractRefused as exc:
+        raise fail(f"{exc} (nothing appended)", 1) from None
+    finally:
+        ledger.close()
+
+
+def replay(config: Path | None, data_dir: Path | None) -> Any:
+    from chain_bridge.contract_admin import replay_ledger
+    from chain_bridge.ledger.store import Ledger
+    from chain_bridge.registry import ledger_path
+
+    cfg = load(config)
+    bdir = bridge_dir(cfg, data_dir)
+    if not ledger_path(bdir).exists():
+        raise fail(f"no ledger at {ledger_path(bdir)} (use --data-dir: the bridge's data directory)")
+    genesis = deployment_genesis(cfg, bdir)
+    ledger = open_store(Ledger, ledger_path(bdir))
+    try:
+        return replay_ledger(ledger, genesis)
+    finally:
+        ledger.close()
+
+
+def print_result(data: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        out.print_json(data=data)
+    else:
+        width = max(len(k) for k in data)
+        out.print("\n".join(f"{k:<{width}}  {v}" for k, v in data.items()), soft_wrap=True, markup=False,
+                       highlight=False)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        raw = json.loads(path.read_text())
+    except OSError as exc:
+        raise fail(f"{path}: cannot read {what}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise fail(f"{path}: {what} is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise fail(f"{path}: {what} must be a JSON object")
+    return raw

@@ -1,0 +1,148 @@
+"""`carechain bridge` (run the bridge) and `carechain bridge acl` (broker access from the registry)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from carechain.cli._options import (
+    BrokerOpt,
+    ConfigOpt,
+    DataDirOpt,
+    JsonOpt,
+    StopSignal,
+    VerboseOpt,
+    bridge_dir,
+    broker_login,
+    console,
+    example,
+    fail,
+    load,
+    open_store,
+    out,
+    setup_logging,
+)
+
+bridge_app = typer.Typer(no_args_is_help=False)
+
+
+@bridge_app.callback(invoke_without_command=True,
+                     epilog=example("carechain bridge --config carechain.yaml",
+                                    "carechain bridge --broker 127.0.0.1:1883 --data-dir carechain-data/bridge"))
+def bridge(ctx: typer.Context, config: ConfigOpt = None, broker: BrokerOpt = None, data_dir: DataDirOpt = None,
+           workers: Annotated[int | None, typer.Option(
+               help="Ingest worker processes on an MQTT shared subscription (0: verify in-process). "
+                    "Needs a broker with shared subscriptions, e.g. mosquitto.", min=0, max=64)] = None,
+           verbose: VerboseOpt = False) -> None:
+    """Run the bridge: verify, deduplicate and anchor device events; receipts; checkpoints every interval.
+
+    Runs until interrupted (Ctrl-C / SIGTERM), then issues a last checkpoint, prints its counters as one
+    JSON line on stdout and exits. One bridge per data directory: a second one is refused (exit 2). With a
+    subcommand (`carechain bridge acl`), runs that instead.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from carechain.datadir import DataDirLocked
+    from carechain.sqlite_store import StoreError
+    from chain_bridge.assembly import assemble_bridge
+
+    stop = StopSignal()
+    setup_logging(verbose)
+    cfg = load(config, broker)
+    broker_login(cfg)
+    try:
+        assembled = assemble_bridge(cfg, data_dir=bridge_dir(cfg, data_dir), workers=workers)
+    except StoreError as exc:
+        raise fail(str(exc), 1) from None
+    except (ValueError, DataDirLocked) as exc:  # ConfigError is a ValueError
+        raise fail(str(exc)) from None
+    service = assembled.bridge
+    console.print(f"bridge: broker {cfg.broker.address}, ledger {assembled.ledger_path} "
+                  f"(size {service.ledger.size}), origin {service.origin}\n"
+                  f"log public key {service.log_key.public_key.hex()}", soft_wrap=True, highlight=False)
+    try:
+        with stop.children_ignore_sigint():  # ingest workers, if any, are spawned here
+            service.start()
+        if stop.wait_for(service.wait_ready, 30):
+            console.print(f"bridge ready: subscribed with {service.cfg.ingest_workers or 'no'} ingest workers")
+        elif not stop.is_set():
+            console.print(f"[yellow]bridge: not subscribed yet; broker {cfg.broker.address} unreachable or "
+                          "refusing; retrying in the background[/]")
+        stop.wait()
+    finally:
+        service.stop()
+        assembled.close()
+    if not service.connected.is_set():
+        console.print(f"[yellow]bridge: never connected to broker {cfg.broker.address}; nothing was received[/]",
+                      soft_wrap=True)
+    print(json.dumps(service.stats.as_dict()), flush=True)  # final counters, on stdout for scripts
+
+
+@bridge_app.command("acl", epilog=example("carechain bridge acl --data-dir carechain-data/bridge",
+                                          "carechain bridge acl --rotate carechain-bridge"))
+def bridge_acl(
+    config: ConfigOpt = None, data_dir: DataDirOpt = None,
+    out_dir: Annotated[Path | None, typer.Option(
+        "--out", help="Where to write passwd, acl, bridge.json and devices/<device_id>.json "
+                      "(default: DATA_DIR/broker).")] = None,
+    bridge_user: Annotated[str, typer.Option(help="MQTT user name of the bridge.")] = "carechain-bridge",
+    rotate: Annotated[list[str] | None, typer.Option(
+        help="Give this user (a device id, or the bridge user) a new password; repeatable.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a mosquitto password file and ACL from the ledger's registry: least privilege per device.
+
+    Every registered, non-revoked device gets its own MQTT user (user name = device_id) that may only
+    publish cc/v1/dev/<its id>/ev and read its own receipts and the checkpoint; the bridge user reads all
+    events and writes receipts and checkpoints; revoked devices get no login. Passwords are random, kept
+    in DATA_DIR/broker/credentials.json (mode 0600) so re-running keeps them stable, and handed out in one
+    provisioning file per party (mode 0600); they are never printed. Re-run after every registration or
+    revocation, install passwd and acl for mosquitto and reload it (SIGHUP). See docs/broker-security.md.
+    """
+    from chain_bridge.broker import SECURE_CONF_TEMPLATE
+    from chain_bridge.broker.acl import BrokerAccessError, generate_broker_access, store_path
+    from chain_bridge.ledger.store import Ledger
+    from chain_bridge.registry import ledger_path
+
+    cfg = load(config)
+    bdir = bridge_dir(cfg, data_dir)
+    if not ledger_path(bdir).exists():
+        raise fail(f"no ledger at {ledger_path(bdir)}: register devices first (`carechain register`), "
+                   "or point --data-dir at the bridge's data directory")
+    ledger = open_store(Ledger, ledger_path(bdir))
+    try:
+        access = generate_broker_access(ledger, bdir, out_dir or bdir / "broker", bridge_user=bridge_user,
+                                        rotate=rotate or ())
+    except (BrokerAccessError, OSError) as exc:
+        raise fail(str(exc)) from None
+    finally:
+        ledger.close()
+    plan = access.plan
+    devices_dir = access.passwd.parent / "devices"
+    if as_json:
+        print(json.dumps({
+            "devices": len(access.device_credentials), "bridge_user": bridge_user,
+            "revoked_left_out": access.revoked_left_out, "passwd": str(access.passwd), "acl": str(access.acl),
+            "bridge_credentials": str(access.bridge_credentials), "devices_dir": str(devices_dir),
+            "passwords": str(store_path(bdir)), "added": list(plan.added), "rotated": list(plan.rotated),
+            "removed": list(plan.removed), "template": str(SECURE_CONF_TEMPLATE)}), flush=True)
+        return
+    lines = [
+        f"broker access for {len(access.device_credentials)} device(s) and bridge user {bridge_user} "
+        f"({access.revoked_left_out} revoked device(s) left out)",
+        f"passwd      {access.passwd}",
+        f"acl         {access.acl}",
+        f"bridge      {access.bridge_credentials}   (broker.credentials_file of `carechain bridge`)",
+        f"devices     {devices_dir}/<device_id>.json   (copy each to its agent: agent.devices[].mqtt_credentials_file)",
+        f"passwords   {store_path(bdir)} (mode 0600; never printed)",
+    ]
+    for label, users in (("new", plan.added), ("rotated", plan.rotated), ("removed", plan.removed)):
+        if users:
+            lines.append(f"{label:<11} {', '.join(users)}")
+    lines += [f"template    {SECURE_CONF_TEMPLATE}",
+              "next: install passwd and acl where mosquitto reads them (mode 0600, owner mosquitto), "
+              "then reload it: kill -HUP <mosquitto pid>"]
+    out.print("\n".join(lines), soft_wrap=True, markup=False, highlight=False)

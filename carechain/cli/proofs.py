@@ -1,0 +1,248 @@
+"""`carechain proof` (print a proof bundle from the ledger) and `carechain verify` (check one offline).
+
+`verify` exits 0 when the proof holds, 1 when it does not (or the file is not a bundle), 2 on a usage error.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.markup import escape
+
+from carechain.cli._options import ConfigOpt, DataDirOpt, bridge_dir, console, example, fail, load, open_store, out
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel, ValidationError
+
+PROOF_EPILOG = example("carechain proof 7xq3kd2m4n5p6r7s 0 --data-dir carechain-data/bridge --json > p.json",
+                       "carechain proof --consistency 4:8 --data-dir carechain-data/bridge")
+VERIFY_EPILOG = example("carechain verify p.json --log-key 3b6a…e1",
+                        "carechain verify --checkpoint note.txt --log-key 3b6a…e1",
+                        "carechain verify --full --data-dir carechain-data/bridge")
+NO_LOG_KEY_WARNING = ("WARNING: no --log-key: checked only that the bundle is self-consistent, not that the log "
+                      "signed it. Pass --log-key HEX, the log's public key from its operator.")
+
+
+def proof(
+    device_id: Annotated[str | None, typer.Argument(help="Device id of the event.")] = None,
+    seq: Annotated[int | None, typer.Argument(help="The event's seq.")] = None,
+    consistency: Annotated[str | None, typer.Option(
+        help="Instead: a consistency proof OLD[:NEW] between two checkpointed tree sizes.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the proof bundle as JSON.")] = False,
+    config: ConfigOpt = None, data_dir: DataDirOpt = None,
+) -> None:
+    """Print an inclusion proof for event (DEVICE_ID, SEQ) — or a consistency proof — checkable offline
+    with `carechain verify` (format: docs/proofs.md)."""
+    from chain_bridge.ledger.proofs import consistency_bundle, inclusion_bundle
+    from chain_bridge.ledger.store import Ledger, LedgerError
+    from chain_bridge.registry import ledger_path, log_key
+
+    cfg = load(config)
+    bdir = bridge_dir(cfg, data_dir)
+    if not ledger_path(bdir).exists():
+        raise fail(f"no ledger at {ledger_path(bdir)} (use --data-dir)")
+    ledger = open_store(Ledger, ledger_path(bdir))
+    pk = log_key(bdir).public_key
+    try:
+        if consistency:
+            old, _, new = consistency.partition(":")
+            bundle: BaseModel = consistency_bundle(ledger, int(old), int(new) if new else None, pk)
+        elif device_id is not None and seq is not None:
+            bundle = inclusion_bundle(ledger, device_id, seq, pk)
+        else:
+            raise fail("give DEVICE_ID SEQ, or --consistency OLD[:NEW]")
+    except (LedgerError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    finally:
+        ledger.close()
+    if as_json:
+        out.print_json(bundle.model_dump_json())
+    else:
+        # Plain text, never wrapped: the output is redirected to a file that `verify` must parse.
+        out.print(bundle.model_dump_json(indent=2), soft_wrap=True, markup=False, highlight=False)
+
+
+def _bundle_problem(exc: ValidationError, model: type[BaseModel]) -> str:
+    """One line for the first problem of a bundle that does not parse (never pydantic's dump)."""
+    err = exc.errors()[0]
+    where = ".".join(map(str, err["loc"])) or "bundle"
+    if err["type"] == "extra_forbidden":
+        return (f"not a proof bundle: unknown field {where!r} (a {model.__name__} has "
+                f"{', '.join(model.model_fields)}; see docs/proofs.md)")
+    if err["type"] == "missing":
+        return f"not a proof bundle: field {where!r} is missing (see docs/proofs.md)"
+    return f"not a proof bundle: {where}: {err['msg']}"
+
+
+def _trusted_key(log_key_hex: str | None) -> bytes | None:
+    if not log_key_hex:
+        return None
+    try:
+        key = bytes.fromhex(log_key_hex)
+    except ValueError:
+        raise fail(f"--log-key {log_key_hex!r} is not hexadecimal (64 hex digits)") from None
+    if len(key) != 32:
+        raise fail(f"--log-key has {len(log_key_hex)} hex digits; an Ed25519 public key has 64")
+    return key
+
+
+def verify(
+    bundle_file: Annotated[Path | None, typer.Argument(help="A proof bundle JSON file, or - for stdin.")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="Instead: check a signed checkpoint note file.")] = None,
+    log_key_hex: Annotated[str | None, typer.Option("--log-key", help="Trusted log public key (hex). "
+                                                    "Without it, the key in the bundle is used.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    full: Annotated[bool, typer.Option("--full", help="Instead: audit a whole ledger (--data-dir): every leaf "
+                                       "hash, tree head, checkpoint, consistency and event signature.")] = False,
+    data_dir: DataDirOpt = None,
+    operator_keys: Annotated[list[str] | None, typer.Option("--operator-key", help="With --full: an operator "
+                             "public key (hex) trusted for registrations; repeatable.")] = None,
+) -> None:
+    """Check a proof offline, from public data alone: an inclusion proof (event → signed checkpoint),
+    a consistency proof between two checkpoints, or a checkpoint signature. Exit 0 if it holds, 1 if it
+    does not, 2 on a usage error. With --full, audit a whole ledger store instead (docs/proofs.md)."""
+    from pydantic import ValidationError
+
+    if full:
+        _verify_full(data_dir, log_key_hex, operator_keys, as_json)
+        return
+
+    from carechain.proofs import (
+        ConsistencyBundle,
+        InclusionBundle,
+        VerificationError,
+        verify_checkpoint,
+        verify_consistency_bundle,
+        verify_inclusion_bundle,
+    )
+
+    trusted = _trusted_key(log_key_hex)
+    if checkpoint is None and bundle_file is None:
+        raise fail("give a proof bundle file (or -), or --checkpoint NOTE --log-key HEX")
+    if checkpoint is not None and trusted is None:
+        raise fail("--log-key is required to check a checkpoint")
+    source = checkpoint if checkpoint is not None else bundle_file
+    try:
+        text = sys.stdin.read() if str(source) == "-" else Path(str(source)).read_text()
+    except OSError as exc:
+        raise fail(f"{source}: cannot read it: {exc.strerror}") from None
+    result: dict[str, Any]
+    try:
+        if checkpoint is not None:
+            assert trusted is not None
+            cp = verify_checkpoint(text, trusted)
+            result = {"ok": True, "checkpoint": {"origin": cp.origin, "tree_size": cp.tree_size,
+                                                 "root_hash": cp.root_hash.hex()}}
+        else:
+            try:
+                raw = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise VerificationError(f"not a proof bundle: the file is not JSON ({exc})") from None
+            if not isinstance(raw, dict):
+                raise VerificationError("not a proof bundle: a proof bundle is a JSON object (see docs/proofs.md)")
+            model: type[BaseModel] = ConsistencyBundle if "consistency_path" in raw else InclusionBundle
+            try:
+                parsed = model.model_validate(raw)
+            except ValidationError as exc:
+                raise VerificationError(_bundle_problem(exc, model)) from None
+            if isinstance(parsed, ConsistencyBundle):
+                old, new = verify_consistency_bundle(parsed, trusted)
+                result = {"ok": True, "consistency": {"old_size": old.tree_size, "new_size": new.tree_size}}
+            else:
+                assert isinstance(parsed, InclusionBundle)
+                v = verify_inclusion_bundle(parsed, trusted)
+                result = {"ok": True, "inclusion": {"leaf_index": v.leaf_index, "tree_size": v.checkpoint.tree_size,
+                                                    "entry_type": v.entry_type, "device_id": v.device_id,
+                                                    "seq": v.seq, "kind": v.kind}}
+    except (VerificationError, ValueError) as exc:
+        if as_json:
+            out.print_json(data={"ok": False, "error": str(exc)})
+        else:
+            console.print(f"[bold red]NOT VERIFIED:[/] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(1) from None
+    if trusted is None:
+        console.print(f"[bold yellow]{escape(NO_LOG_KEY_WARNING)}[/]", soft_wrap=True)
+    if as_json:
+        out.print_json(data=result)
+    else:
+        details = json.dumps({k: v for k, v in result.items() if k != 'ok'})
+        out.print(f"[bold green]VERIFIED[/] {escape(details)}", soft_wrap=True)
+
+
+def _verify_full(data_dir: Path | None, log_key_hex: str | None, operator_hex: list[str] | None,
+                 as_json: bool) -> None:
+    """`verify --full`: audit a whole ledger store (chain_bridge.ledger.integrity), progress bar on stderr."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from carechain.identity import Identity, KeyFileError, device_id_for
+    from carechain.sqlite_store import StoreError
+    from chain_bridge.ledger.integrity import AuditFailure, audit_ledger
+    from chain_bridge.registry import LOG_KEY_FILE, OPERATOR_KEY_FILE, ledger_path
+
+    if data_dir is None:
+        raise fail("--full needs --data-dir: the bridge data directory that holds ledger.db")
+    try:
+        if log_key_hex:
+            log_key = bytes.fromhex(log_key_hex)
+        elif (data_dir / LOG_KEY_FILE).exists():
+            log_key = Identity.load(data_dir / LOG_KEY_FILE).public_key
+        else:
+            raise fail(f"no log key: pass --log-key HEX (the log's public key, from its operator), or a "
+                       f"--data-dir with {LOG_KEY_FILE}")
+        operators: dict[str, bytes] | None = None
+        if operator_hex:
+            operators = {device_id_for(k): k for k in map(bytes.fromhex, operator_hex)}
+        elif (data_dir / OPERATOR_KEY_FILE).exists():
+            op = Identity.load(data_dir / OPERATOR_KEY_FILE)
+            operators = {op.device_id: op.public_key}
+        if len(log_key) != 32:
+            raise ValueError("the log key must be 32 bytes (64 hex digits)")
+    except KeyFileError as exc:
+        raise fail(str(exc)) from None
+    except ValueError as exc:
+        raise fail(f"--log-key/--operator-key: {exc}") from None
+
+    bar: Progress | None = None
+
+    def on_progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None and total >= 20_000:  # small logs verify in well under a second
+            bar = Progress(TextColumn("verifying"), BarColumn(), MofNCompleteColumn(), TextColumn("entries"),
+                           TimeRemainingColumn(), console=console, transient=True)
+            bar.start()
+            bar.add_task("entries", total=total)
+        if bar is not None:
+            bar.update(bar.task_ids[0], completed=done)
+
+    path = ledger_path(data_dir)
+    try:
+        report = audit_ledger(path, log_key, operator_keys=operators, on_progress=on_progress)
+    except (AuditFailure, StoreError) as exc:
+        if bar is not None:
+            bar.stop()
+        if as_json:
+            out.print_json(data={"ok": False, "error": str(exc), "where": getattr(exc, "where", "store"),
+                                 "index": getattr(exc, "index", None)})
+        else:
+            console.print(f"[bold red]NOT VERIFIED:[/] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(1) from None
+    if bar is not None:
+        bar.stop()
+    if as_json:
+        out.print_json(data={"ok": True, "full": report.as_dict()})
+        return
+    r = report
+    notes = [f"root {r.root.hex()} at size {r.entries}"]
+    if r.uncovered:
+        notes.append(f"{r.uncovered} entries after the last checkpoint are not yet covered by a signed one")
+    if not r.operator_signatures_checked:
+        notes.append("registration signers not checked (give --operator-key HEX)")
+    contract = f", {r.contract_entries} contract entries" if r.contract_entries else ""
+    out.print(f"[bold green]VERIFIED[/] {escape(str(path))}: {r.entries} entries ({r.events} events, "
+              f"{r.registrations} registrations, {r.revocations} revocations{contract}), {r.checkpoints} checkpoints "
+              f"signed by the log key, {r.consistency_proofs} consistency proofs; {escape('; '.join(notes))}",
+              soft_wrap=True, highlight=False)

@@ -1,0 +1,72 @@
+"""A bridge assembled from config: data-dir lock, log and operator keys, ledger, contract gate, `Bridge`.
+
+One place for what `carechain bridge`, the demo and the test harnesses would otherwise each wire by hand.
+Failures are `ConfigError` (a setting or file the user must fix), `DataDirLocked` (another process runs on
+this data directory) or `StoreError` (the ledger file is damaged); every message names what to do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from carechain.config import Config, ConfigError
+from carechain.datadir import DataDirLock, lock_data_dir
+from chain_bridge.bridge import Bridge
+from chain_bridge.contract_gate import ContractGate
+from chain_bridge.ledger.store import Ledger
+from chain_bridge.registry import contract_genesis, ledger_path, log_key, operator_key
+
+
+def contract_gate(cfg: Config, data_dir: Path) -> ContractGate:
+    """The bridge's contract gate: the deployment genesis (written on first use) and the operator key."""
+    try:
+        genesis = contract_genesis(data_dir, cfg.bridge.genesis_allocations or None, cfg.bridge.operator_keys)
+        return ContractGate(genesis, operator_key(data_dir))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+@dataclass
+class AssembledBridge:
+    """A bridge ready to `start()`, holding its data directory until `close()` (or process exit)."""
+
+    bridge: Bridge
+    data_dir: Path
+    lock: DataDirLock
+
+    @property
+    def ledger_path(self) -> Path:
+        return ledger_path(self.data_dir)
+
+    def close(self) -> None:
+        """After `bridge.stop()` (or if it never started): close the ledger and release the data directory."""
+        self.bridge.ledger.close()
+        self.lock.release()
+
+
+def assemble_bridge(cfg: Config, *, data_dir: Path | None = None, workers: int | None = None,
+                    client_id: str | None = None) -> AssembledBridge:
+    """Lock `data_dir` (default `cfg.bridge.data_dir`) and build the bridge it holds; nothing connects yet.
+
+    `cfg.broker` must carry a resolved login (username/password), not a credentials file.
+    """
+    bdir = Path(data_dir or cfg.bridge.data_dir)
+    bridge_cfg = cfg.bridge.model_copy(update={"data_dir": bdir})
+    if workers is not None:
+        bridge_cfg.ingest_workers = workers
+    lock = lock_data_dir(bdir, "bridge")
+    try:
+        gate = contract_gate(cfg, bdir) if bridge_cfg.contracts else None
+        ledger = Ledger(ledger_path(bdir))
+        try:
+            lk = log_key(bdir)
+            bridge = (Bridge(bridge_cfg, cfg.broker, lk, ledger, client_id=client_id, contracts=gate) if client_id
+                      else Bridge(bridge_cfg, cfg.broker, lk, ledger, contracts=gate))
+        except BaseException:
+            ledger.close()
+            raise
+    except BaseException:
+        lock.release()
+        raise
+    return AssembledBridge(bridge, bdir, lock)

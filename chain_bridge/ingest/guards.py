@@ -1,0 +1,85 @@
+"""The `guards` stage: per-device limits that need state, so they run in the one sequencer.
+
+`SeqGuard` bounds how far a device's seq may jump; `RateGuard` bounds its events per second. Both see only
+events whose signature verified (the `check` stage ran first), so their tables hold at most one small
+entry per registered device.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from carechain.errors import Reason
+from chain_bridge.ingest.verdicts import Rejection
+from chain_bridge.ledger.store import EventCandidate
+
+
+@dataclass
+class SeqGuard:
+    """Sequencer-side seq limit: a device may not jump more than `max_seq_gap` past its highest seq.
+
+    Reordering and gaps below the limit are fine (outboxes resend out of order; quota policies may drop);
+    the limit stops a compromised device from exhausting the seq space or hiding a burst.
+    """
+
+    max_seq_gap: int
+    last_seq: Callable[[str], int | None]  # highest anchored seq, from the store (cached here)
+    _highest: dict[str, int] = field(default_factory=dict)
+
+    def check(self, c: EventCandidate) -> Rejection | None:
+        if c.device_id not in self._highest:
+            last = self.last_seq(c.device_id)
+            self._highest[c.device_id] = -1 if last is None else last
+        highest = self._highest[c.device_id]
+        if c.seq > highest + self.max_seq_gap:
+            return Rejection(c.device_id, c.seq, Reason.SEQ_GAP,
+                             f"seq {c.seq} jumps more than {self.max_seq_gap} past {highest}", c.digest)
+        return None
+
+    def anchored(self, c: EventCandidate) -> None:
+        if c.seq > self._highest.get(c.device_id, -1):
+            self._highest[c.device_id] = c.seq
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    at: float  # when `tokens` was last computed (the clock's seconds)
+
+
+@dataclass
+class RateGuard:
+    """Sequencer-side per-device rate limit: a token bucket of `burst` tokens refilled at `rate` per second.
+
+    Each event admitted takes one token; with none left the event is refused as `rate_limited`, which is
+    retryable: the agent keeps it and resends later. `clock` (monotonic seconds) is injected so tests
+    drive time by hand.
+    """
+
+    rate: float
+    burst: int
+    clock: Callable[[], float] = time.monotonic
+    _buckets: dict[str, _Bucket] = field(default_factory=dict)
+
+    def check(self, c: EventCandidate) -> Rejection | None:
+        """Take a token for `c`, or return the `rate_limited` rejection if the device has none left."""
+        now = self.clock()
+        bucket = self._buckets.get(c.device_id)
+        if bucket is None:
+            bucket = self._buckets[c.device_id] = _Bucket(float(self.burst), now)
+        bucket.tokens = min(float(self.burst), bucket.tokens + max(0.0, now - bucket.at) * self.rate)
+        bucket.at = now
+        if bucket.tokens < 1.0:
+            wait = (1.0 - bucket.tokens) / self.rate
+            return Rejection(c.device_id, c.seq, Reason.RATE_LIMITED,
+                             f"more than {self.rate:g} events/s (burst {self.burst}); retry in {wait:.2f} s", c.digest)
+        bucket.tokens -= 1.0
+        return None
+
+    def refund(self, device_id: str) -> None:
+        """Give back the token of an event that turned out to be a duplicate (nothing was appended)."""
+        bucket = self._buckets.get(device_id)
+        if bucket is not None:
+            bucket.tokens = min(float(self.burst), bucket.tokens + 1.0)

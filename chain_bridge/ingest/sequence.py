@@ -1,0 +1,123 @@
+"""The sequencer's stages: guards (seq, rate) → sequence (dedup) → append (group commit) → receipt.
+
+One `Sequencer` runs in the bridge, whichever process checked the events. For a batch of verdicts it
+applies the guards, appends the candidates in one durable transaction (`Ledger.append_events`, which asks
+`Dedup` whether each (device, seq) is new, a resend, or a conflict), and only then builds the receipts:
+a receipt never names an event that is not committed. Publishing them is the caller's (the MQTT shell's).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from carechain.config import Limits
+from carechain.errors import Reason, contract_reason
+from carechain.receipts import Receipt, Rejected
+from chain_bridge.ingest.guards import RateGuard, SeqGuard
+from chain_bridge.ingest.verdicts import Rejection, Verdict
+from chain_bridge.ledger.store import (
+    Appended,
+    AppendResult,
+    DeviceRevoked,
+    EventCandidate,
+    EventGate,
+    Ledger,
+    SaleRefused,
+    SeqReused,
+)
+
+PURCHASE = "purchase"  # the only event kind the contract gate decides
+
+
+@dataclass
+class SequencedBatch:
+    """What one batch came to: receipts to publish (all committed), the rejections, the counts."""
+
+    receipts: dict[str, Receipt] = field(default_factory=dict)
+    rejections: list[Rejection] = field(default_factory=list)
+    anchored: int = 0
+    duplicates: int = 0
+
+
+@dataclass
+class _Admitted:
+    """Candidates past the guards, and whether each took a rate token (given back if it is a duplicate)."""
+
+    candidates: list[EventCandidate] = field(default_factory=list)
+    charged: list[bool] = field(default_factory=list)
+
+
+class Sequencer:
+    def __init__(self, ledger: Ledger, limits: Limits, gate: EventGate | None = None,
+                 lock: contextlib.AbstractContextManager[object] | None = None) -> None:
+        self.ledger = ledger
+        self.gate = gate
+        self.seq_guard = SeqGuard(limits.max_seq_gap, ledger.last_seq)
+        self.rate_guard = RateGuard(limits.max_events_per_s, limits.burst)
+        # Held while the ledger is extended: other threads (the proof responder) must not read it mid-append.
+        self._lock = lock if lock is not None else contextlib.nullcontext()
+
+    def sequence(self, verdicts: Sequence[Verdict], now_ms: int) -> SequencedBatch:
+        out = SequencedBatch()
+        admitted = self.guard(verdicts, out)
+        with self._lock:
+            # Only a batch holding a sale pays for the contracts; the gate catches up on the rest then.
+            gate = self.gate if self.gate and any(c.kind == PURCHASE for c in admitted.candidates) else None
+            results = self.ledger.append_events(admitted.candidates, gate) if admitted.candidates else []
+        for cand, result, took in zip(admitted.candidates, results, admitted.charged, strict=True):
+            self._settle(out, cand, result, took, now_ms)
+        for r in out.rejections:
+            if r.receipted:
+                assert r.device_id is not None
+                out.receipts.setdefault(r.device_id, Receipt(r.device_id, now_ms)).rejected.append(
+                    Rejected(r.seq, r.reason, r.detail, r.retryable, r.digest))
+        return out
+
+    def guard(self, verdicts: Sequence[Verdict], out: SequencedBatch) -> _Admitted:
+        """The guards stage: seq limit, then rate limit (a resend of an anchored event passes uncharged)."""
+        admitted = _Admitted()
+        for v in verdicts:
+            if isinstance(v, Rejection):
+                out.rejections.append(v)
+            elif (gap := self.seq_guard.check(v)) is not None:
+                out.rejections.append(gap)
+            elif (limited := self.rate_guard.check(v)) is None:
+                admitted.candidates.append(v)
+                admitted.charged.append(True)
+            elif self.ledger.event_index(v.device_id, v.seq) is not None:  # a resend: re-ack it, no token
+                admitted.candidates.append(v)
+                admitted.charged.append(False)
+            else:
+                out.rejections.append(limited)
+        return admitted
+
+    def _settle(self, out: SequencedBatch, cand: EventCandidate, result: AppendResult, took: bool,
+                now_ms: int) -> None:
+        """The receipt stage for one appended candidate: acknowledge it, or say why it is not in the log."""
+        if isinstance(result, Appended):
+            out.receipts.setdefault(cand.device_id, Receipt(cand.device_id, now_ms)).ok.append(
+                (cand.seq, result.index))
+            if result.duplicate:
+                out.duplicates += 1
+                if took:
+                    self.rate_guard.refund(cand.device_id)
+            else:
+                out.anchored += 1
+                self.seq_guard.anchored(cand)
+        elif isinstance(result, SaleRefused):
+            where = "nothing appended" if result.index is None else f"recorded at leaf {result.index}"
+            out.rejections.append(Rejection(
+                cand.device_id, cand.seq, contract_reason(result.reason),
+                f"the contracts refuse this sale ({result.reason}); {where}", cand.digest))
+            if result.index is not None:
+                self.seq_guard.anchored(cand)
+        elif isinstance(result, DeviceRevoked):
+            out.rejections.append(Rejection(
+                cand.device_id, cand.seq, Reason.REVOKED, f"device revoked at leaf {result.index}", cand.digest))
+        else:
+            assert isinstance(result, SeqReused)
+            out.rejections.append(Rejection(
+                cand.device_id, cand.seq, Reason.SEQ_REUSED,
+                f"seq {cand.seq} is already anchored at leaf {result.index} with different content", cand.digest))

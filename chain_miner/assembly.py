@@ -1,0 +1,80 @@
+"""A witness miner assembled from config: data-dir lock, miner key, log key, entry verifier, `WitnessMiner`.
+
+The one way to run a witness miner (`carechain miner` calls it). Failures are `ConfigError` (a setting or
+file the user must fix, named in the message) or `DataDirLocked` (another miner runs on this data dir).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from carechain.config import Config, ConfigError
+from carechain.datadir import DataDirLock, lock_data_dir
+from carechain.identity import Identity, KeyFileError
+from chain_miner.service import StateError, WitnessMiner, contract_verifier, load_entry_verifier, load_genesis
+from chain_miner.witness import verify_entries
+
+DEFAULT_GENESIS = Path("contracts") / "genesis.json"  # under the bridge's data dir, on a shared host
+
+
+@dataclass
+class AssembledMiner:
+    """A witness miner ready to `start()`, holding its data directory until `close()` (or process exit)."""
+
+    miner: WitnessMiner
+    data_dir: Path
+    lock: DataDirLock
+    checks: str  # what it checks besides log consistency, e.g. "contracts re-executed from genesis …"
+
+    def close(self) -> None:
+        """After `miner.stop()`: release the data directory."""
+        self.lock.release()
+
+
+def assemble_miner(cfg: Config, *, data_dir: Path | None = None, key: Path | None = None,
+                   log_public_key: str | None = None, name: str | None = None, genesis: Path | None = None,
+                   entry_verifier: str | None = None) -> AssembledMiner:
+    """Lock the miner's data directory and build its witness; arguments override the `miner` config section.
+
+    Without a genesis (argument, `miner.genesis`, or BRIDGE_DATA_DIR/contracts/genesis.json when it exists)
+    nor an entry verifier, `checks` is empty: only log consistency is checked (the caller warns).
+    `cfg.broker` must carry a resolved login, not a credentials file.
+    """
+    mc = cfg.miner
+    mdir = Path(data_dir or mc.data_dir)
+    log_hex = log_public_key or mc.log_public_key
+    if not log_hex:
+        raise ConfigError("no log public key: give --log-public-key HEX or miner.log_public_key (the bridge "
+                          "prints it on start; `carechain keys show BRIDGE_DATA_DIR/keys/log.key` shows it too)")
+    try:
+        log_key = bytes.fromhex(log_hex)
+        if len(log_key) != 32:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"log public key {log_hex!r} must be 64 hex digits (an Ed25519 public key)") from None
+    genesis_file = genesis or mc.genesis
+    shared_genesis = cfg.bridge.data_dir / DEFAULT_GENESIS
+    if genesis_file is None and shared_genesis.exists():
+        genesis_file = shared_genesis
+    spec = entry_verifier or mc.entry_verifier
+    lock = lock_data_dir(mdir, "miner")
+    try:
+        identity = Identity.load_or_create(key or mc.key_file or mdir / "miner.key")
+        size_of = None
+        if spec:
+            verifier, checks = load_entry_verifier(spec), f"entry verifier {spec}"
+        elif genesis_file is not None:
+            verifier, size_of = contract_verifier(load_genesis(genesis_file))
+            checks = f"contracts re-executed from genesis {genesis_file}"
+        else:
+            verifier, checks = verify_entries, ""
+        miner = WitnessMiner(mdir, cfg.broker, log_key, identity, name=name or mc.name, entry_verifier=verifier,
+                             request_timeout_s=mc.request_timeout_s, verifier_size=size_of)
+    except (ValueError, KeyFileError, StateError, ImportError, OSError) as exc:
+        lock.release()
+        raise ConfigError(str(exc)) from None
+    except BaseException:
+        lock.release()
+        raise
+    return AssembledMiner(miner, mdir, lock, checks)

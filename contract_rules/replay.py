@@ -1,0 +1,103 @@
+"""Replaying a log through the contract rules: the one way the bridge, its tools and the miners do it.
+
+A `Replica` is a `Runtime` kept in step with a log by applying its leaves in order, each under the code in
+force at its index. The bridge's contract gate keeps one beside the ledger, `carechain rx|party|…` build
+one from the whole ledger, and a miner's `ContractWitness` advances one range of leaves per cosigned
+checkpoint, refusing (with a `Violation`) the first leaf the rules do not accept.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+
+from carechain.entries import LEDGER_ENTRY_TYPES, Entry, EntryError
+from carechain.evidence import Violation
+from contract_rules.runtime import OK, CodeBook, Genesis, Runtime, State
+
+LEAF_TYPES = LEDGER_ENTRY_TYPES
+
+__all__ = ["LEAF_TYPES", "ContractWitness", "Replica", "Violation", "decode_leaf", "replay", "replay_leaves"]
+
+
+def decode_leaf(data: bytes) -> Entry:
+    """Decode a ledger leaf `{"t", "cose"}` of any device or contract entry type (strict, canonical only)."""
+    return Entry.decode(data, types=LEAF_TYPES)
+
+
+class Replica:
+    """The contract state of a log's first `size` leaves, advanced leaf by leaf."""
+
+    def __init__(self, genesis: Genesis, code: CodeBook | None = None) -> None:
+        self.genesis = genesis
+        self.code = code
+        self.runtime = Runtime(genesis, code)
+
+    @property
+    def state(self) -> State:
+        return self.runtime.state
+
+    @property
+    def size(self) -> int:
+        return self.runtime.state.size
+
+    def reset(self) -> None:
+        """Back to the genesis (e.g. after leaves it applied were rolled back)."""
+        self.runtime = Runtime(self.genesis, self.code)
+
+    def apply_entries(self, entries: Iterable[Entry]) -> None:
+        """Apply entries in log order; a rejected entry is recorded as rejected and changes nothing else."""
+        for entry in entries:
+            self.runtime.apply(entry)
+
+    def apply_leaves(self, leaves: Iterable[bytes]) -> None:
+        """Apply encoded ledger leaves in log order (raises EntryError on a leaf that is not an entry)."""
+        for leaf in leaves:
+            self.runtime.apply(decode_leaf(leaf))
+
+
+def replay(genesis: Genesis, entries: Iterable[Entry], code: CodeBook | None = None) -> State:
+    """Replay a whole log from its genesis; each entry runs under the code in force at its index."""
+    replica = Replica(genesis, code)
+    replica.apply_entries(entries)
+    return replica.state
+
+
+def replay_leaves(genesis: Genesis, leaves: Iterable[bytes], code: CodeBook | None = None) -> Runtime:
+    """A runtime that has applied every leaf of `leaves` (a whole log's, in order), ready for `check`."""
+    replica = Replica(genesis, code)
+    replica.apply_leaves(leaves)
+    return replica.runtime
+
+
+class ContractWitness(Replica):
+    """A miner's entry verifier: `(old_size, new_size, leaves) -> Violation | None`, advancing only on success.
+
+    On an honest log every leaf is accepted, since the bridge appends only what `Runtime.check` accepts and
+    records refused sales as `sale.refused`. The first leaf that is not accepted is a violation: the miner
+    refuses to cosign, and the state stays at the last cosigned tree. Raises `MissingContractCode` when the
+    log pins code this miner lacks: neither cosign nor accuse then.
+    """
+
+    def __call__(self, old_size: int, new_size: int, leaves: Sequence[bytes]) -> Violation | None:
+        state = self.runtime.state
+        if old_size != state.size:
+            raise ValueError(f"the contract state covers {state.size} leaves, the range starts at {old_size}: "
+                             "replay the log up to the last cosigned checkpoint first")
+        if old_size + len(leaves) != new_size:
+            raise ValueError(f"{len(leaves)} leaves do not take {old_size} to {new_size}")
+        saved = copy.deepcopy(state)  # restored on a violation: the state follows cosigned trees only
+        for offset, leaf in enumerate(leaves):
+            index = old_size + offset
+            violation: Violation | None
+            try:
+                entry = decode_leaf(leaf)
+            except EntryError as exc:
+                violation = Violation(index, "bad_leaf", str(exc))
+            else:
+                result = self.runtime.apply(entry)
+                violation = None if result == OK else Violation(index, result, f"{entry.type}: {result}")
+            if violation is not None:
+                self.runtime.state = saved
+                return violation
+        return None

@@ -1,0 +1,159 @@
+"""An edge agent assembled from config: data-dir lock, device keys and logins, outbox, sources, `Agent`.
+
+Used by `carechain agent`, the demo and the simulators. Failures are `ConfigError` (a setting or file the
+user must fix, named in the message), `DataDirLocked` (another agent runs on this data directory) or
+`StoreError` (the outbox file is damaged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from carechain.config import AgentDevice as DeviceEntry
+from carechain.config import Config, ConfigError
+from carechain.credentials import CredentialsError, MqttCredentials, load_mqtt_credentials
+from carechain.datadir import DataDirLock, lock_data_dir
+from carechain.identity import Identity, KeyFileError
+from carechain.profiles import DeviceProfile, load_profiles
+from edge_agent.agent import Agent, AgentDevice
+from edge_agent.outbox import Outbox, Quota, QuotaPolicy
+from edge_agent.sources.simulated import SimulatedDevice
+
+if TYPE_CHECKING:
+    from edge_agent.sources.ble import BleSource
+
+OUTBOX_FILE = "outbox.db"
+
+
+@dataclass
+class AssembledAgent:
+    """An agent ready to `run`, holding its data directory until `close()` (or process exit)."""
+
+    agent: Agent
+    data_dir: Path
+    lock: DataDirLock
+    profiles: dict[str, DeviceProfile]
+    ble: list[tuple[str, DeviceEntry]] = field(default_factory=list)  # (device_id, entry) read over BLE
+
+    @property
+    def outbox(self) -> Outbox:
+        return self.agent.outbox
+
+    def ble_sources(self) -> list[BleSource]:
+        """One bleak source per `source: ble` device, feeding the agent (imports bleak only when needed)."""
+        if not self.ble:
+            return []
+        from edge_agent.paired_devices import PairedDevices
+        from edge_agent.sources.ble import BleSource
+
+        registry = PairedDevices.in_dir(self.data_dir)
+        return [BleSource(self.profiles[d.profile], partial(self.agent.record, dev_id), address=d.address,
+                          registry=registry, pair=d.pair) for dev_id, d in self.ble]
+
+    async def run(self, stop: asyncio.Event, produce_seconds: float | None = None,
+                  on_stop_producing: Callable[[], None] | None = None) -> None:
+        """Sample, sign and forward until `stop`; after `produce_seconds` only forward what is left."""
+        ble_stop = asyncio.Event()  # BLE sources stop sampling with the others, or at shutdown
+
+        def stop_producing() -> None:
+            self.agent.stop_producing()
+            ble_stop.set()
+            if on_stop_producing is not None:
+                on_stop_producing()
+
+        if produce_seconds == 0:
+            stop_producing()  # forward the backlog only: not one reading sampled
+        elif produce_seconds is not None:
+            asyncio.get_running_loop().call_later(produce_seconds, stop_producing)
+        sources = self.ble_sources()
+        if not sources:
+            await self.agent.run(stop)
+            return
+        from edge_agent.sources.ble import run_sources
+
+        async def until_stopped() -> None:
+            await stop.wait()
+            ble_stop.set()
+
+        await asyncio.gather(self.agent.run(stop), run_sources(sources, ble_stop), until_stopped())
+
+    def close(self) -> None:
+        """After `run` returned: close the outbox and release the data directory."""
+        self.agent.outbox.close()
+        self.lock.release()
+
+
+def _device(entry: DeviceEntry, profiles: dict[str, DeviceProfile]) -> tuple[Identity, MqttCredentials | None]:
+    if entry.profile not in profiles:
+        raise ConfigError(f"unknown profile {entry.profile!r}; known: {', '.join(sorted(profiles))}")
+    try:
+        ident = Identity.load(entry.key_file)
+        login = load_mqtt_credentials(entry.mqtt_credentials_file) if entry.mqtt_credentials_file else None
+    except (KeyFileError, CredentialsError) as exc:
+        raise ConfigError(str(exc)) from None
+    if login is not None and login.device_id != ident.device_id:
+        raise ConfigError(f"{entry.mqtt_credentials_file} is the MQTT login of device {login.device_id}, "
+                          f"but {entry.key_file} is device {ident.device_id}")
+    if entry.source == "ble" and profiles[entry.profile].gatt is None:
+        raise ConfigError(f"{entry.key_file}: profile {entry.profile!r} is not a BLE device (no gatt section)")
+    return ident, login
+
+
+def assemble_agent(cfg: Config, *, devices: Sequence[AgentDevice] | None = None,
+                   client_id: str | None = None) -> AssembledAgent:
+    """Lock `cfg.agent.data_dir` and build the agent for `cfg.agent.devices` (or for `devices`, given ready).
+
+    From config, a `source: ble` device is read through bleak; the others are simulated from their profile.
+    `cfg.broker` must carry a resolved login, not a credentials file.
+    """
+    ac = cfg.agent
+    if devices is None and not ac.devices:
+        raise ConfigError("no devices: list them under agent.devices (key_file, profile) in the config file")
+    if not ac.bridge_public_key:
+        raise ConfigError("agent.bridge_public_key is required (printed by `carechain bridge`): "
+                          "receipts are trusted only when the bridge signed them")
+    try:
+        bridge_key = bytes.fromhex(ac.bridge_public_key)
+        if len(bridge_key) != 32:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"agent.bridge_public_key {ac.bridge_public_key!r} must be 64 hex digits") from None
+    profiles = load_profiles()
+    ble: list[tuple[str, DeviceEntry]] = []
+    logins: dict[str, MqttCredentials] = {}
+    if devices is None:
+        built = []
+        for entry in ac.devices:
+            ident, login = _device(entry, profiles)
+            if login is not None:
+                logins[ident.device_id] = login
+            if entry.source == "ble":
+                ble.append((ident.device_id, entry))
+                built.append(AgentDevice(ident, None))
+            else:
+                built.append(AgentDevice(ident, SimulatedDevice(profiles[entry.profile], random.Random())))
+        devices = built
+    lock = lock_data_dir(ac.data_dir, "agent")
+    try:
+        quota = Quota(int(ac.outbox_quota_mb * (1 << 20)), QuotaPolicy(ac.on_quota))
+        outbox = Outbox(ac.data_dir / OUTBOX_FILE, quota)
+        try:
+            agent = Agent(devices, outbox, cfg.broker, bridge_key, window=ac.window,
+                          resend_after_s=ac.resend_after_s, speedup=ac.speedup, client_id=client_id,
+                          credentials=logins)
+        except ValueError as exc:  # e.g. a device without its own MQTT login on a broker that needs one
+            outbox.close()
+            raise ConfigError(str(exc)) from None
+        except BaseException:
+            outbox.close()
+            raise
+    except BaseException:
+        lock.release()
+        raise
+    return AssembledAgent(agent, ac.data_dir, lock, profiles, ble)
