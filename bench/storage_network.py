@@ -28,7 +28,8 @@ sys.path.insert(0, str(REPO))
 
 from carechain.config import BrokerConfig  # noqa: E402
 from carechain.storage import audit  # noqa: E402
-from carechain.storage.codec import DatasetKey, StorageParams  # noqa: E402
+from carechain.storage.codec import StorageParams  # noqa: E402
+from carechain.storage.keyfile import load_dataset_key  # noqa: E402
 from chain_bridge.storage_client import StorageClient, key_path  # noqa: E402
 from simulators.mosquitto import Mosquitto  # noqa: E402
 
@@ -80,7 +81,7 @@ def run(mib: int) -> dict[str, object]:
                     t = time.perf_counter()
                     manifest = client.put(data, ids, bytes(32), path, params=params)
                     t_put = time.perf_counter() - t
-                    key = DatasetKey.load(key_path(path), manifest.dataset_id)
+                    key = load_dataset_key(key_path(path), manifest.dataset_id)
                     t = time.perf_counter()
                     back = client.get(manifest, key)
                     t_get = time.perf_counter() - t

@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from carechain.identity import parse_public_key_hex
+
 
 class ConfigError(ValueError):
     """A setting the user must fix; the message names the key (or device entry) and what to do."""
@@ -167,10 +169,6 @@ class AgentDeviceConfig(_Section):
     pair: bool | None = Field(default=None, description="ble: pair/bond on connect; null: as the profile says.")
 
 
-# Kept while importers move to AgentDeviceConfig (edge_agent/assembly.py); not a second meaning.
-AgentDevice = AgentDeviceConfig
-
-
 class AgentConfig(_Section):
     """`agent`: `carechain agent`, which signs its devices' readings and forwards them to the bridge."""
 
@@ -200,7 +198,7 @@ class AgentConfig(_Section):
             raise ConfigError("agent.bridge_public_key is required to run an agent: set it to the log key "
                               "`carechain bridge` prints on start (receipts are trusted only when the bridge "
                               "signed them)")
-        return bytes.fromhex(self.bridge_public_key)
+        return parse_public_key_hex(self.bridge_public_key, "agent.bridge_public_key")
 
 
 class Config(_Section):

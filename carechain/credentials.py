@@ -2,7 +2,8 @@
 
 `carechain bridge acl` writes one such provisioning file (JSON, mode 0600) per device and one for the
 bridge; an agent names a device's file in `agent.devices[].mqtt_credentials_file`, the bridge in
-`broker.credentials_file`. The password is never printed or logged (`repr` hides it).
+`broker.credentials_file`, which every party's assembly resolves with `resolve_broker_login`. The password
+is never printed or logged (`repr` hides it).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from carechain.config import BrokerConfig
 from carechain.files import FilePermissionError, read_private
 
 CREDENTIALS_FORMAT: Final = "carechain-mqtt-credentials-v1"
@@ -52,3 +54,15 @@ def load_mqtt_credentials(path: Path) -> MqttCredentials:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "file"
         raise CredentialsError(f"{path}: not a carechain MQTT credentials file ({where}: {err['msg']})") from None
+
+
+def resolve_broker_login(broker: BrokerConfig) -> BrokerConfig:
+    """`broker` with the login of its `credentials_file` as username and password, and no file left to read;
+    `broker` itself when it names no file. A `CredentialsError` (naming the file) when it is missing, readable
+    by others or malformed. The one place a party's broker login is read (bridge, agent and miner assemblies).
+    """
+    if broker.credentials_file is None:
+        return broker
+    login = load_mqtt_credentials(broker.credentials_file)
+    return broker.model_copy(update={"username": login.username, "password": login.password,
+                                     "credentials_file": None})

@@ -23,24 +23,26 @@ LocalDateTime = Annotated[str, Field(pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]
 StatusFlags = Annotated[list[Annotated[str, Field(pattern=r"^[a-z0-9_]{1,64}$")]], Field(max_length=48)]
 
 
-class _Body(BaseModel):
+class EventBody(BaseModel):
+    """The body of one event kind (a subclass per kind, in `BODY_MODELS`): strict, frozen, no extra keys."""
+
     model_config = _strict
 
 
-class HeartRate(_Body):
+class HeartRate(EventBody):
     bpm: int = Field(ge=20, le=300)
     sensor_contact: bool | None = None
     energy_kj: int | None = Field(default=None, ge=0, le=65535)
     rr_intervals_1024: list[Annotated[int, Field(ge=0, le=65535)]] = Field(default_factory=list, max_length=32)
 
 
-class Temperature(_Body):
+class Temperature(EventBody):
     celsius: Finite = Field(ge=25.0, le=45.0)
     site: str | None = Field(default=None, max_length=32)
     measured_at: LocalDateTime | None = None
 
 
-class BloodPressure(_Body):
+class BloodPressure(EventBody):
     systolic_mmhg: Finite = Field(ge=40, le=300)
     diastolic_mmhg: Finite = Field(ge=20, le=200)
     mean_mmhg: Finite | None = Field(default=None, ge=20, le=250)
@@ -56,7 +58,7 @@ class BloodPressure(_Body):
         return self
 
 
-class SpO2(_Body):
+class SpO2(EventBody):
     spo2_pct: Finite = Field(ge=50, le=100)
     pulse_bpm: Finite | None = Field(default=None, ge=20, le=300)
     pulse_amplitude_index_pct: Finite | None = Field(default=None, ge=0, le=100)
@@ -64,7 +66,7 @@ class SpO2(_Body):
     measured_at: LocalDateTime | None = None
 
 
-class Glucose(_Body):
+class Glucose(EventBody):
     mg_dl: Finite = Field(ge=10, le=1000)
     record_seq: int | None = Field(default=None, ge=0, le=65535)
     sample: str | None = Field(default=None, max_length=32)
@@ -73,7 +75,7 @@ class Glucose(_Body):
     measured_at: LocalDateTime | None = None
 
 
-class Weight(_Body):
+class Weight(EventBody):
     kg: Finite = Field(gt=0, le=650)
     bmi: Finite | None = Field(default=None, gt=0, le=200)
     height_m: Finite | None = Field(default=None, gt=0, le=3)
@@ -81,12 +83,12 @@ class Weight(_Body):
     measured_at: LocalDateTime | None = None
 
 
-class Activity(_Body):
+class Activity(EventBody):
     steps: int = Field(ge=0, le=200_000)
     active_minutes: int = Field(ge=0, le=1440)
 
 
-class Purchase(_Body):
+class Purchase(EventBody):
     item_code: str = Field(min_length=1, max_length=32)
     code_system: Literal["ndc", "rxnorm", "gtin"]
     rx_only: bool
@@ -98,7 +100,7 @@ class Purchase(_Body):
     rx_ref: str | None = Field(default=None, max_length=128)
 
 
-BODY_MODELS: dict[str, type[_Body]] = {
+BODY_MODELS: dict[str, type[EventBody]] = {
     "heart_rate": HeartRate,
     "temperature": Temperature,
     "blood_pressure": BloodPressure,
@@ -124,7 +126,7 @@ class EventPayload(BaseModel):
     kind: EventKind
     body: dict[str, Any]
 
-    def parsed_body(self) -> _Body:
+    def parsed_body(self) -> EventBody:
         return BODY_MODELS[self.kind].model_validate(self.body)
 
     def to_wire(self) -> dict[str, Any]:
@@ -135,9 +137,9 @@ class PayloadError(ProtocolError):
     """A signed payload whose content cannot be accepted; `reason` (a `Reason`) is reported to the device."""
 
 
-def make_payload(dev: str, seq: int, ts: int, kind: str, body: _Body | dict[str, Any]) -> dict[str, Any]:
+def make_payload(dev: str, seq: int, ts: int, kind: str, body: EventBody | dict[str, Any]) -> dict[str, Any]:
     """Build a validated wire payload; `body` may be a model or a plain dict."""
-    body_model = body if isinstance(body, _Body) else BODY_MODELS[kind].model_validate(body)
+    body_model = body if isinstance(body, EventBody) else BODY_MODELS[kind].model_validate(body)
     if type(body_model) is not BODY_MODELS.get(kind):
         raise PayloadError(Reason.BAD_BODY, f"body model {type(body_model).__name__} does not match kind {kind!r}")
     body_dict = body_model.model_dump(exclude_none=True, exclude_defaults=True)

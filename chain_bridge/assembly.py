@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from carechain.config import Config, ConfigError
-from carechain.datadir import DataDirLock, lock_data_dir
+from carechain.credentials import CredentialsError, resolve_broker_login
+from carechain.datadir import DataDirLock, instance_id, lock_data_dir
 from chain_bridge.bridge import Bridge
 from chain_bridge.contract_gate import ContractGate
 from chain_bridge.ledger.store import Ledger
@@ -49,20 +50,25 @@ def assemble_bridge(cfg: Config, *, data_dir: Path | None = None, workers: int |
                     client_id: str | None = None) -> AssembledBridge:
     """Lock `data_dir` (default `cfg.bridge.data_dir`) and build the bridge it holds; nothing connects yet.
 
-    `cfg.broker` must carry a resolved login (username/password), not a credentials file.
+    `broker.credentials_file`, if set, is resolved (`resolve_broker_login`). The MQTT client id is
+    `client_id`, default `carechain-bridge-<instance>` with the data directory's instance id
+    (`carechain.datadir`), so two bridges never take over each other's session; ingest workers add `-w<i>`.
     """
     bdir = Path(data_dir or cfg.bridge.data_dir)
     bridge_cfg = cfg.bridge.model_copy(update={"data_dir": bdir})
     if workers is not None:
         bridge_cfg.ingest_workers = workers
+    try:
+        broker = resolve_broker_login(cfg.broker)
+    except CredentialsError as exc:
+        raise ConfigError(str(exc)) from None
     lock = lock_data_dir(bdir, "bridge")
     try:
         gate = contract_gate(cfg, bdir) if bridge_cfg.contracts else None
         ledger = Ledger(ledger_path(bdir))
         try:
-            lk = log_key(bdir)
-            bridge = (Bridge(bridge_cfg, cfg.broker, lk, ledger, client_id=client_id, contracts=gate) if client_id
-                      else Bridge(bridge_cfg, cfg.broker, lk, ledger, contracts=gate))
+            bridge = Bridge(bridge_cfg, broker, log_key(bdir), ledger,
+                            client_id=client_id or f"carechain-bridge-{instance_id(bdir)}", contracts=gate)
         except BaseException:
             ledger.close()
             raise

@@ -100,6 +100,7 @@ class Bridge:
                 tuple(Cosigner(m.name, parse_public_key_hex(m.public_key, f"miner {m.name}")) for m in cfg.miners),
                 cfg.finality_threshold))
         self._finality_lock = threading.Lock()
+        self.ever_connected = threading.Event()  # `connected` is cleared at every disconnect, this is not
         self._issued: dict[str, tuple[int, str]] = {}  # recent checkpoint body -> (tree size, note)
         self._last_final_size = -1
 
@@ -134,11 +135,15 @@ class Bridge:
             subscriptions.append((topics.MINER_COSIG_WILDCARD, 1))
         self._client = connect_client(
             self.broker, self.client_id, clean_session=False, on_message=self._on_message,
-            subscriptions=subscriptions, connected=self.connected,
+            subscriptions=subscriptions, connected=self.connected, on_state=self._on_link,
         )
         self.proofs.client = self._client
         self._worker = threading.Thread(target=self._run, name="bridge-sequencer", daemon=True)
         self._worker.start()
+
+    def _on_link(self, up: bool) -> None:
+        if up:
+            self.ever_connected.set()
 
     def wait_ready(self, timeout: float = 30.0) -> bool:
         """True once the bridge (and every ingest worker) is subscribed: events sent later are not missed."""

@@ -97,13 +97,14 @@ def read_rx_file(path: Path) -> RxFile:
     return signed
 
 
-def rx_status(runtime: Runtime, rx: RxFile) -> dict[str, Any]:
-    """What the ledger says about an Rx file: signature, anchor, revocation, fills left (off-ledger check)."""
+def rx_status(runtime: Runtime, rx: RxFile, now_ms: int) -> dict[str, Any]:
+    """What the ledger says about an Rx file at `now_ms`: signature, anchor, revocation, expiry, fills left
+    (an off-ledger check). `ok` says whether it would allow a sale now; when not, `problem` says why."""
     ref = rx.rx.rx_ref()
     record = runtime.state.table("rx").get(ref)
     status: dict[str, Any] = {"rx_ref": ref, "anchored": record is not None}
     if record is None:
-        status["problem"] = "rx_unknown: no rx.anchor for this rx_ref on the ledger"
+        status.update(problem="rx_unknown: no rx.anchor for this rx_ref on the ledger", ok=False)
         return status
     party = runtime.state.table("parties").get(record["prescriber"])
     anchor = ce.RxAnchor(rx_ref=ref, patient_c=record["patient_c"], drug_c=record["drug_c"],
@@ -122,4 +123,8 @@ def rx_status(runtime: Runtime, rx: RxFile) -> dict[str, Any]:
         status["problem"] = problem
     elif record["revoked_at"] is not None:
         status["problem"] = f"rx_revoked at leaf {record['revoked_at']}"
+    elif record["expires_ms"] <= now_ms:
+        status["problem"] = "rx_expired"
+    # A sale is allowed while a fill is left, or while the open fill still has quantity to dispense.
+    status["ok"] = "problem" not in status and fills_left + (record["open"] > 0) > 0
     return status

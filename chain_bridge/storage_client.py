@@ -17,9 +17,10 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,8 @@ from carechain.storage.codec import (
     check_share,
     decode_segment,
 )
-from carechain.storage.manifest import Manifest, SegmentRecord, plan_put, plan_update
+from carechain.storage.keyfile import new_dataset_key, save_dataset_key
+from carechain.storage.manifest import Manifest, SegmentRecord, ShareRecord, plan_put, plan_update
 from carechain.transport import connect_client
 
 # (phase, done, total): phase is "put", "get", "update" or "audit"; done/total in bytes (or requests).
@@ -176,9 +178,9 @@ class StorageClient:
         if isinstance(data, Path):
             dataset_id = dataset_id or f"{data.name}-{os.urandom(4).hex()}"
             data = data.read_bytes()
-        key = DatasetKey.generate(dataset_id or f"dataset-{os.urandom(8).hex()}")
+        key = new_dataset_key(dataset_id or f"dataset-{os.urandom(8).hex()}")
         plan = plan_put(key, owner, data, miners, seed, params)
-        key.save(key_path(manifest_path))
+        save_dataset_key(key, key_path(manifest_path))
         save_manifest(plan.manifest, manifest_path)
         self._upload(key.dataset_id, plan.manifest.segments, plan.upload, "put")
         return plan.manifest
@@ -228,15 +230,16 @@ class StorageClient:
             for job, answer in zip(jobs, self._run(jobs, None), strict=True):
                 i, share = job.fields["segment"], job.fields["share"]
                 rec = manifest.segments[i]
-                ok = answer is not None and answer.get("ok") is True and isinstance(answer.get("data"), bytes)
-                if ok:
+                data = _share_data(answer)
+                ok = data is not None
+                if data is not None:
                     try:
-                        check_share(rec.layout(), share, answer["data"], params.chunk_size)
+                        check_share(rec.layout(), share, data, params.chunk_size)
                     except CorruptShareError as e:
                         ok = False
                         failures[i].append(f"{job.miner}: {e}")
                     else:
-                        intact[i][share] = answer["data"]
+                        intact[i][share] = data
                         got += job.size
                         if self.progress:
                             self.progress("get", got, total)
@@ -325,7 +328,7 @@ class StorageClient:
         params = manifest.params
         intact: dict[int, dict[int, bytes]] = {i: {} for i in by_segment}
         order = {i: sorted((sh for sh in manifest.segments[i].shares if (i, sh.index) in live),
-                           key=lambda sh, i=i: (sh.index not in by_segment[i][0].sources, sh.index))
+                           key=partial(_planned_first, by_segment[i][0].sources))
                  for i in by_segment}
         while True:
             jobs = []
@@ -338,14 +341,15 @@ class StorageClient:
                 break
             for job, answer in zip(jobs, self._run(jobs, "fetch"), strict=True):
                 i, share = job.fields["segment"], job.fields["share"]
-                ok = answer is not None and answer.get("ok") is True and isinstance(answer.get("data"), bytes)
-                if ok:
+                data = _share_data(answer)
+                ok = data is not None
+                if data is not None:
                     try:
-                        check_share(manifest.segments[i].layout(), share, answer["data"], params.chunk_size)
+                        check_share(manifest.segments[i].layout(), share, data, params.chunk_size)
                     except CorruptShareError:
                         ok = False
                     else:
-                        intact[i][share] = answer["data"]
+                        intact[i][share] = data
                 self.retrievals.append((job.miner, ok))
         uploads: list[tuple[Any, _Job]] = []
         short = []
@@ -457,7 +461,7 @@ class StorageClient:
 
     def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
         if msg.topic == topics.FINAL_CHECKPOINT:
-            self.final_note = msg.payload or None
+            self.final_note = bytes(msg.payload) or None
             return
         where = topics.store_miner_of_topic(msg.topic)
         if where is None:
@@ -472,7 +476,7 @@ class StorageClient:
                     self.hellos.pop(miner, None)
             return
         try:
-            answer = cbor.decode(msg.payload)
+            answer = cbor.decode(bytes(msg.payload))
         except cbor.CBORError:
             return
         if not isinstance(answer, dict) or not isinstance(answer.get("id"), bytes):
@@ -495,3 +499,16 @@ def _answer(a: Any) -> Answer | None:
             and all(isinstance(h, bytes) for h in a[1])):
         return Answer(a[0], tuple(a[1]))
     return None
+
+
+def _share_data(answer: dict[str, Any] | None) -> bytes | None:
+    """The share bytes of a miner's `get` answer, or None when it did not answer with one."""
+    if answer is None or answer.get("ok") is not True:
+        return None
+    data = answer.get("data")
+    return data if isinstance(data, bytes) else None
+
+
+def _planned_first(sources: Container[int], share: ShareRecord) -> tuple[bool, int]:
+    """Sort key for repair fetches: the planned source shares first, then any other live one."""
+    return share.index not in sources, share.index

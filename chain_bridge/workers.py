@@ -14,6 +14,7 @@ import hashlib
 import logging
 import multiprocessing as mp
 import queue
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from chain_bridge.ingest.verdicts import Verdict
 
 log = logging.getLogger("carechain.bridge.worker")
 SHARE_GROUP = "carechain-bridge"
+STOP_TIMEOUT_S = 10.0  # a worker checks `stop` every 0.1 s; one still running after this is stuck
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,10 @@ def shared_subscription(broker: BrokerConfig | None = None) -> str:
 
 def run_worker(spec: WorkerSpec, out: mp.Queue[list[Verdict]], stop: Any, subscribed: Any) -> None:  # mp.Events
     """Process entry point (spawned): receive, verify, forward verdicts until `stop` is set."""
+    # The parent decides when workers stop (a Ctrl-C reaches the whole process group): no KeyboardInterrupt
+    # tracebacks from workers, whoever spawned them (`carechain bridge` spawns them with SIGINT ignored; the
+    # demo and tests do not).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     from carechain.transport import connect_client
     from chain_bridge.ingest.receive import Receiver
     from chain_bridge.ledger.store import Ledger
@@ -71,13 +77,15 @@ def run_worker(spec: WorkerSpec, out: mp.Queue[list[Verdict]], stop: Any, subscr
         spec.broker, spec.client_id, clean_session=True, on_message=receiver.inbox.on_message,
         subscriptions=[(shared_subscription(spec.broker), 1)], connected=(ready := threading.Event()),
     )
-    if ready.wait(30):
-        subscribed.set()
     # If the sequencer dies (kill -9, OOM), an orphaned worker would keep taking its share of the
     # subscription and feed a queue nobody reads: leave as soon as the parent is gone.
     parent = mp.parent_process()
     try:
+        # Short steps, whether the broker is up or not: `stop` (and the parent's death) end the worker
+        # promptly even while it is still waiting for its first subscription.
         while not stop.is_set() and (parent is None or parent.is_alive()):
+            if not subscribed.is_set() and ready.is_set():
+                subscribed.set()
             verdicts = receiver.receive(0.1)
             if verdicts:
                 out.put(verdicts)
@@ -107,9 +115,22 @@ class WorkerPool:
     def stop(self) -> None:
         self._stop.set()
         for p in self._procs:
-            p.join(timeout=10)
+            p.join(timeout=STOP_TIMEOUT_S)
             if p.is_alive():
+                log.warning("ingest worker %s did not stop within %.0f s of being asked; killed it", p.name,
+                            STOP_TIMEOUT_S)
                 p.kill()
+                p.join()
+
+    @property
+    def pids(self) -> list[int | None]:
+        """The workers' process ids (None before `start`)."""
+        return [p.pid for p in self._procs]
+
+    @property
+    def exitcodes(self) -> list[int | None]:
+        """The workers' exit codes: None while running, 0 after a clean stop, -N when killed by signal N."""
+        return [p.exitcode for p in self._procs]
 
     def receive(self, timeout: float) -> list[Verdict]:
         """The sequencer's end of the workers' queue: their verdicts, up to about `batch_max` at once."""

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from carechain.config import Config, ConfigError
+from carechain.credentials import CredentialsError, resolve_broker_login
 from carechain.datadir import DataDirLock, lock_data_dir
-from carechain.identity import Identity, KeyFileError
+from carechain.identity import Identity, KeyFileError, PublicKeyError, parse_public_key_hex
 from chain_miner.service import StateError, WitnessMiner, contract_verifier, load_entry_verifier, load_genesis
 from chain_miner.witness import verify_entries
 
@@ -39,7 +40,7 @@ def assemble_miner(cfg: Config, *, data_dir: Path | None = None, key: Path | Non
 
     Without a genesis (argument, `miner.genesis`, or BRIDGE_DATA_DIR/contracts/genesis.json when it exists)
     nor an entry verifier, `checks` is empty: only log consistency is checked (the caller warns).
-    `cfg.broker` must carry a resolved login, not a credentials file.
+    `broker.credentials_file`, if set, is resolved (`resolve_broker_login`).
     """
     mc = cfg.miner
     mdir = Path(data_dir or mc.data_dir)
@@ -48,11 +49,10 @@ def assemble_miner(cfg: Config, *, data_dir: Path | None = None, key: Path | Non
         raise ConfigError("no log public key: give --log-public-key HEX or miner.log_public_key (the bridge "
                           "prints it on start; `carechain keys show BRIDGE_DATA_DIR/keys/log.key` shows it too)")
     try:
-        log_key = bytes.fromhex(log_hex)
-        if len(log_key) != 32:
-            raise ValueError
-    except ValueError:
-        raise ConfigError(f"log public key {log_hex!r} must be 64 hex digits (an Ed25519 public key)") from None
+        log_key = parse_public_key_hex(log_hex, "log public key (--log-public-key or miner.log_public_key)")
+        broker = resolve_broker_login(cfg.broker)
+    except (PublicKeyError, CredentialsError) as exc:
+        raise ConfigError(str(exc)) from None
     genesis_file = genesis or mc.genesis
     shared_genesis = cfg.bridge.data_dir / DEFAULT_GENESIS
     if genesis_file is None and shared_genesis.exists():
@@ -69,7 +69,7 @@ def assemble_miner(cfg: Config, *, data_dir: Path | None = None, key: Path | Non
             checks = f"contracts re-executed from genesis {genesis_file}"
         else:
             verifier, checks = verify_entries, ""
-        miner = WitnessMiner(mdir, cfg.broker, log_key, identity, name=name or mc.name, entry_verifier=verifier,
+        miner = WitnessMiner(mdir, broker, log_key, identity, name=name or mc.name, entry_verifier=verifier,
                              request_timeout_s=mc.request_timeout_s, verifier_size=size_of)
     except (ValueError, KeyFileError, StateError, ImportError, OSError) as exc:
         lock.release()

@@ -37,9 +37,9 @@ from carechain.merkle_tree import MerkleTree
 from carechain.transport import connect_client
 from chain_miner.witness import (
     Cosigned,
+    CosignRefused,
     EntryVerifier,
     ProofRequest,
-    Refused,
     Witness,
     WitnessState,
     verify_entries,
@@ -141,12 +141,12 @@ class WitnessMiner:
             except Exception:  # keep following the log; the next checkpoint is judged afresh
                 log.exception("miner %s: judging a checkpoint failed", self.id)
 
-    def handle(self, note: str) -> Cosigned | Refused | None:
+    def handle(self, note: str) -> Cosigned | CosignRefused | None:
         """Judge one checkpoint note: fetch what is needed, decide, persist, publish."""
         if not self._replay_cosigned():
             return None
         plan = self.witness.plan(note)
-        if isinstance(plan, Refused):
+        if isinstance(plan, CosignRefused):
             return self._refused(plan)
         resp = self._fetch(plan)
         if resp is None:
@@ -161,7 +161,7 @@ class WitnessMiner:
             self.stats["bad_response"] += 1
             return None
         decision = self.witness.observe(note, path, entries, int(time.time()))
-        if isinstance(decision, Refused):
+        if isinstance(decision, CosignRefused):
             return self._refused(decision)
         save_state(self.state_path, decision.state)  # before the cosignature leaves this process
         self.stats["cosigned"] += 1
@@ -201,7 +201,7 @@ class WitnessMiner:
         log.info("miner %s: replayed %d cosigned leaves into the contracts", self.id, cosigned)
         return True
 
-    def _refused(self, r: Refused) -> Refused:
+    def _refused(self, r: CosignRefused) -> CosignRefused:
         self.stats[f"refused_{r.reason}"] += 1
         log.log(logging.WARNING if r.evidence else logging.INFO, "miner %s refused: %s: %s", self.id, r.reason,
                 r.detail)

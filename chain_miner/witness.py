@@ -93,10 +93,6 @@ class CosignRefused:
     evidence: Evidence | None = None
 
 
-# Until chain_miner.service says CosignRefused: the old name, for its imports only.
-Refused = CosignRefused
-
-
 class Witness:
     """One miner's witness logic for one log. Pure: no clock, no I/O; the caller persists `state`."""
 

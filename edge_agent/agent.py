@@ -14,18 +14,17 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from pydantic import BaseModel
 
 from carechain import envelope, topics
 from carechain.config import BrokerConfig
 from carechain.credentials import MqttCredentials
 from carechain.datadir import instance_id
-from carechain.events import make_payload
+from carechain.events import EventBody, make_payload
 from carechain.identity import Identity
 from carechain.receipts import ReceiptError, open_receipt
 from carechain.transport import connect_client
@@ -109,18 +108,17 @@ class Agent:
 
     # -- producing ---------------------------------------------------------------------------------
 
-    def record(self, device_id: str, readings: Sequence[tuple[str, BaseModel | dict[str, Any]]],
+    def record(self, device_id: str, readings: Sequence[tuple[str, EventBody | dict[str, Any]]],
                now_ms: int | None = None) -> list[int]:
         """Sign readings for one device and store them durably before anything is sent. A reading is a
-        `Reading` (kind, body model) or a kind with a plain dict body, validated against the kind's model."""
+        `Reading` (kind, `EventBody` model) or a kind with a plain dict body, validated against the kind's
+        model; any other model is a `TypeError` (a bug in the source)."""
         device = self.devices[device_id]
         ts = int(time.time() * 1000) if now_ms is None else now_ms
 
-        def signer(kind: str, body: BaseModel | dict[str, Any]):  # noqa: ANN202 - closure over one reading
-            # make_payload checks the body model matches the kind (a PayloadError otherwise); its hint names
-            # the private body base of carechain.events, which has no public name yet.
-            return lambda seq: envelope.sign(device.identity, make_payload(device_id, seq, ts, kind,
-                                                                           body))  # type: ignore[arg-type]
+        def signer(kind: str, body: EventBody | dict[str, Any]) -> Callable[[int], bytes]:
+            # make_payload checks the body model matches the kind (a PayloadError otherwise).
+            return lambda seq: envelope.sign(device.identity, make_payload(device_id, seq, ts, kind, body))
 
         try:
             seqs = self.outbox.add_many(device_id, [signer(k, b) for k, b in readings])
@@ -238,8 +236,13 @@ class Agent:
                   for dev_id, d in self.devices.items() if d.source is not None]
         stopped = asyncio.create_task(stop.wait(), name="agent-stop")
         try:
-            # Until stopped — or until a task fails, which is a bug to report, not to run on without.
-            await asyncio.wait([stopped, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            # Until stopped — or until a task fails, which is a bug to report, not to run on without. A
+            # producer whose source is exhausted ends normally; sending goes on.
+            pending: set[asyncio.Task[Any]] = {stopped, *tasks}
+            while stopped in pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if any(not t.cancelled() and t.exception() is not None for t in done):
+                    break
         finally:
             for t in (stopped, *tasks):
                 t.cancel()

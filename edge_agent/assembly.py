@@ -15,9 +15,8 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from carechain.config import AgentDevice as DeviceEntry
-from carechain.config import Config, ConfigError
-from carechain.credentials import CredentialsError, MqttCredentials, load_mqtt_credentials
+from carechain.config import AgentDeviceConfig, Config, ConfigError, check_agent_logins
+from carechain.credentials import CredentialsError, MqttCredentials, load_mqtt_credentials, resolve_broker_login
 from carechain.datadir import DataDirLock, lock_data_dir
 from carechain.identity import Identity, KeyFileError
 from carechain.profiles import DeviceProfile, load_profiles
@@ -39,7 +38,7 @@ class AssembledAgent:
     data_dir: Path
     lock: DataDirLock
     profiles: dict[str, DeviceProfile]
-    ble: list[tuple[str, DeviceEntry]] = field(default_factory=list)  # (device_id, entry) read over BLE
+    ble: list[tuple[str, AgentDeviceConfig]] = field(default_factory=list)  # (device_id, entry) read over BLE
 
     @property
     def outbox(self) -> Outbox:
@@ -89,7 +88,7 @@ class AssembledAgent:
         self.lock.release()
 
 
-def _device(entry: DeviceEntry, profiles: dict[str, DeviceProfile]) -> tuple[Identity, MqttCredentials | None]:
+def _device(entry: AgentDeviceConfig, profiles: dict[str, DeviceProfile]) -> tuple[Identity, MqttCredentials | None]:
     if entry.profile not in profiles:
         raise ConfigError(f"unknown profile {entry.profile!r}; known: {', '.join(sorted(profiles))}")
     try:
@@ -110,22 +109,21 @@ def assemble_agent(cfg: Config, *, devices: Sequence[AgentDevice] | None = None,
     """Lock `cfg.agent.data_dir` and build the agent for `cfg.agent.devices` (or for `devices`, given ready).
 
     From config, a `source: ble` device is read through bleak; the others are simulated from their profile.
-    `cfg.broker` must carry a resolved login, not a credentials file.
+    A config in which a device would log in with the broker section's login (the bridge's) is refused
+    (`check_agent_logins`); `broker.credentials_file`, if set, is resolved (`resolve_broker_login`).
     """
     ac = cfg.agent
     if devices is None and not ac.devices:
         raise ConfigError("no devices: list them under agent.devices (key_file, profile) in the config file")
-    if not ac.bridge_public_key:
-        raise ConfigError("agent.bridge_public_key is required (printed by `carechain bridge`): "
-                          "receipts are trusted only when the bridge signed them")
+    bridge_key = ac.bridge_key()
+    if devices is None:
+        check_agent_logins(cfg)
     try:
-        bridge_key = bytes.fromhex(ac.bridge_public_key)
-        if len(bridge_key) != 32:
-            raise ValueError
-    except ValueError:
-        raise ConfigError(f"agent.bridge_public_key {ac.bridge_public_key!r} must be 64 hex digits") from None
+        broker = resolve_broker_login(cfg.broker)
+    except CredentialsError as exc:
+        raise ConfigError(str(exc)) from None
     profiles = load_profiles()
-    ble: list[tuple[str, DeviceEntry]] = []
+    ble: list[tuple[str, AgentDeviceConfig]] = []
     logins: dict[str, MqttCredentials] = {}
     if devices is None:
         built = []
@@ -144,7 +142,7 @@ def assemble_agent(cfg: Config, *, devices: Sequence[AgentDevice] | None = None,
         quota = Quota(int(ac.outbox_quota_mb * (1 << 20)), QuotaPolicy(ac.on_quota))
         outbox = Outbox(ac.data_dir / OUTBOX_FILE, quota)
         try:
-            agent = Agent(devices, outbox, cfg.broker, bridge_key, window=ac.window,
+            agent = Agent(devices, outbox, broker, bridge_key, window=ac.window,
                           resend_after_s=ac.resend_after_s, speedup=ac.speedup, client_id=client_id,
                           credentials=logins)
         except ValueError as exc:  # e.g. a device without its own MQTT login on a broker that needs one

@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from pydantic import BaseModel
+from carechain.events import EventBody
 
-Reading = tuple[str, BaseModel]
+Reading = tuple[str, EventBody]
 
 
 class Source(Protocol):

@@ -156,7 +156,12 @@ def wait_ready(proc: subprocess.Popen[str], log_file: Path, timeout: float = 60.
     finally:
         timer.cancel()
     stderr = proc.stderr
-    threading.Thread(target=lambda: (sink.writelines(stderr), sink.close()), daemon=True).start()
+
+    def copy_rest() -> None:
+        sink.writelines(stderr)
+        sink.close()
+
+    threading.Thread(target=copy_rest, daemon=True).start()
 
 
 @dataclass
@@ -437,9 +442,10 @@ def duplicated_and_reordered(work: Path, copies: int = 2) -> Result:
         captured: set[bytes] = set()  # MQTT 3.1.1 has no no-local: the tap also hears its own replays
 
         def capture(_c: object, _u: object, m: mqtt.MQTTMessage) -> None:
-            if m.payload not in captured:
-                captured.add(m.payload)
-                seen.append((m.topic, m.payload))
+            payload = bytes(m.payload)
+            if payload not in captured:
+                captured.add(payload)
+                seen.append((m.topic, payload))
 
         tap = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id="replayer")
         tap.on_message = capture

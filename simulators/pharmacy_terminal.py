@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from carechain.config import AgentConfig, BrokerConfig, Config, parse_address
-from carechain.identity import Identity
+from carechain.identity import Identity, PublicKeyError, parse_public_key_hex
 from carechain.profiles import load_profiles
 from edge_agent.agent import AgentDevice
 from edge_agent.assembly import assemble_agent
@@ -69,9 +69,13 @@ def main() -> None:
     ap.add_argument("--data-dir", type=Path, default=Path("carechain-data/pharmacy-terminal"))
     ap.add_argument("--seed", default="1")
     args = ap.parse_args()
+    try:
+        bridge_key = parse_public_key_hex(args.bridge_key, "--bridge-key")
+    except PublicKeyError as exc:
+        ap.error(str(exc))
     host, port = parse_address(args.broker)
     summary = asyncio.run(ring_up(Identity.load_or_create(args.key), BrokerConfig(host=host, port=port),
-                                  bytes.fromhex(args.bridge_key), args.data_dir, args.sales, args.seed))
+                                  bridge_key, args.data_dir, args.sales, args.seed))
     print(json.dumps(summary, indent=2))
     sys.exit(0 if summary["pending"] == 0 and summary["quarantined"] == 0 else 1)
 

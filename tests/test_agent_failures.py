@@ -89,6 +89,24 @@ def test_a_missing_bridge_key_is_named_when_the_agent_starts_not_when_a_bridge_r
         Config.model_validate({"agent": {"bridge_public_key": "abc"}})
 
 
+def test_record_signs_event_bodies_and_dicts_and_refuses_any_other_model(tmp_path: Path) -> None:
+    from pydantic import BaseModel
+
+    from carechain.events import HeartRate
+
+    class NotABody(BaseModel):
+        bpm: int
+
+    dev = Identity.generate()
+    outbox = Outbox(tmp_path / "agent" / "outbox.db")
+    agent = Agent([AgentDevice(dev, None)], outbox, Config().broker, bytes(32))
+    assert agent.record(dev.device_id, [("heart_rate", HeartRate(bpm=70)), ("heart_rate", {"bpm": 71})]) == [0, 1]
+    with pytest.raises((TypeError, ValueError)):  # not signed, whoever catches it: record or make_payload
+        agent.record(dev.device_id, [("heart_rate", NotABody(bpm=72))])
+    assert outbox.depth() == 2 and agent.stats.signed == 2
+    outbox.close()
+
+
 def test_client_ids_are_unique_per_data_dir_and_stable_across_restarts(tmp_path: Path) -> None:
     dev = Identity.generate()
     ids = []

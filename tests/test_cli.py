@@ -276,7 +276,7 @@ def test_a_log_key_that_is_not_hex_is_a_usage_error_not_a_crash(log: Log, tmp_pa
     bundle = proof_file(log, tmp_path, log.device_id, "1", "--json")
     result = run("verify", bundle, "--log-key", "not-hex")
     assert result.exit_code == 2  # docs/proofs.md: 2 on a usage error, 1 only when the proof does not hold
-    assert "not hexadecimal" in text(result) and "VERIFIED" not in text(result)
+    assert "--log-key: 'not-hex' is not hex" in text(result) and "VERIFIED" not in text(result)
 
 
 def test_a_bundle_whose_key_is_swapped_for_the_attackers_fails(log: Log, tmp_path: Path) -> None:

@@ -34,6 +34,15 @@ def setup(tmp_path: Path) -> tuple[Path, list[str]]:
     return tmp_path / "bridge", ["--config", str(config), "--data-dir", str(tmp_path / "bridge")]
 
 
+def issue_amoxicillin(tmp_path: Path, opts: list[str], refills: int) -> dict:
+    """`carechain rx issue` of an amoxicillin Rx (expires 2099-01-01) by the registered prescriber."""
+    draft = tmp_path / "amox.json"
+    draft.write_text(json.dumps({"patient_token": "pt-a", "drug_code": AMOXICILLIN, "code_system": "ndc",
+                                 "quantity": 1, "refills": refills, "expires": "2099-01-01", "controlled": False,
+                                 "sig_text": "1 capsule 3x daily"}))
+    return out_json(run("rx", "issue", draft, "--key", tmp_path / "prescriber.key", *opts, "--json"))
+
+
 def test_party_rx_policy_and_balance_round_trip(tmp_path: Path) -> None:
     data, opts = setup(tmp_path)
     party = out_json(run("party", "register", "prescriber", tmp_path / "prescriber.key", "--name", "Dr A", *opts,
@@ -46,11 +55,7 @@ def test_party_rx_policy_and_balance_round_trip(tmp_path: Path) -> None:
     assert again.exit_code == 1 and "party_already_registered" in text(again) and "nothing appended" in text(again)
     assert run("party", "register", "doctor", "00" * 32, "--name", "x", *opts).exit_code == 2
 
-    draft = tmp_path / "amox.json"
-    draft.write_text(json.dumps({"patient_token": "pt-a", "drug_code": AMOXICILLIN, "code_system": "ndc",
-                                 "quantity": 1, "refills": 1, "expires": "2099-01-01", "controlled": False,
-                                 "sig_text": "1 capsule 3x daily"}))
-    issued = out_json(run("rx", "issue", draft, "--key", tmp_path / "prescriber.key", *opts, "--json"))
+    issued = issue_amoxicillin(tmp_path, opts, refills=1)
     rx_file = Path(issued["rx_file"])
     assert rx_file == tmp_path / "amox.rx.json" and rx_file.exists()
     shown = out_json(run("rx", "show", rx_file, "--json"))
@@ -117,3 +122,27 @@ def test_contract_commands_explain_their_inputs(tmp_path: Path) -> None:
     draft.write_text(json.dumps({"patient_token": "pt"}))
     result = run("rx", "issue", draft, "--key", tmp_path / "prescriber.key", *opts)
     assert result.exit_code == 2 and "drug_code" in text(result)
+
+
+def test_rx_status_decides_expiry_and_ok_at_the_time_it_is_given(tmp_path: Path) -> None:
+    from carechain.cli._ledger import replay
+    from chain_bridge.contract_admin import read_rx_file, rx_status
+
+    data, opts = setup(tmp_path)
+    out_json(run("party", "register", "prescriber", tmp_path / "prescriber.key", "--name", "Dr A", *opts, "--json"))
+    rx_file = Path(issue_amoxicillin(tmp_path, opts, refills=0)["rx_file"])
+    runtime, signed = replay(Path(opts[1]), data), read_rx_file(rx_file)
+    expires = signed.rx.expires_ms
+    before = rx_status(runtime, signed, expires - 1)
+    assert before["ok"] is True and "problem" not in before and before["fills_left"] == 1
+    at = rx_status(runtime, signed, expires)
+    assert at["ok"] is False and at["problem"] == "rx_expired" and at["fills_left"] == 1
+
+
+def test_a_party_key_that_is_neither_hex_nor_a_file_names_the_argument(tmp_path: Path) -> None:
+    _, opts = setup(tmp_path)
+    short = run("party", "register", "pharmacy", "ab" * 31, "--name", "x", *opts)
+    assert short.exit_code == 2 and "PUBLIC_KEY (not a key file either)" in text(short)
+    assert "got 31" in text(short)
+    not_hex = run("party", "register", "pharmacy", "not-a-key", "--name", "x", *opts)
+    assert not_hex.exit_code == 2 and "'not-a-key' is not hex" in text(not_hex)

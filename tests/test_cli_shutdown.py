@@ -98,6 +98,23 @@ def _peek(proc: subprocess.Popen[str]) -> str:
     return text
 
 
+def test_a_bridge_with_ingest_workers_and_no_broker_stops_them_on_sigterm_without_killing_them(tmp_path: Path) -> None:
+    broker = f"127.0.0.1:{free_port()}"  # nothing listens: the workers never get their first connection
+    proc = start("bridge", "--data-dir", tmp_path / "bridge", "--broker", broker, "--workers", "2", cwd=tmp_path)
+    try:
+        wait_until(lambda: (tmp_path / "bridge" / "instance-id").exists(), "the bridge's instance id")
+        bridge_id = f"carechain-bridge-{(tmp_path / 'bridge' / 'instance-id').read_text().strip()}"
+        # each worker is trying to connect, under an id derived from the bridge's own
+        wait_until(lambda: all(f"{bridge_id}-w{i}: cannot connect to broker" in _peek(proc) for i in (0, 1)),
+                   "both ingest workers to try the broker")
+    except BaseException:
+        proc.kill()
+        raise
+    stats, err = assert_quiet_exit(proc, signal.SIGTERM)
+    assert "did not stop" not in err and "killed" not in err, err  # the workers left when asked
+    assert stats["received"] == 0
+
+
 def test_a_miner_stops_on_sigint_with_its_counters_and_refuses_a_twin(tmp_path: Path) -> None:
     broker = f"127.0.0.1:{free_port()}"
     log_key = Identity.generate().public_key.hex()

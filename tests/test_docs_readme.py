@@ -150,6 +150,7 @@ def test_the_readme_setup_and_configs_anchor_an_event_over_tls(tmp_path: Path, p
 
     stats = json.loads(bridge.output().strip().splitlines()[-1])
     assert stats["anchored"] >= 1 and stats["rejected"] == 0, stats
+    assert "never connected" not in bridge.output()  # it did connect, then disconnected at its stop
     (folder / "proof.json").write_text(proof.stdout)
     verified = carechain(folder, "verify", "proof.json", "--log-key", log_key)
     assert verified.returncode == 0, verified.stdout + verified.stderr

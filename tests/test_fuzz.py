@@ -292,7 +292,8 @@ def test_the_fast_envelope_split_agrees_with_the_decoder(data: bytes) -> None:
     parts = envelope._split_deterministic(data)
     if parts is not None:
         protected, payload, signature = parts
-        assert cbor2.loads(data) == cbor2.CBORTag(18, [protected, {}, payload, signature])
+        decoded = cbor2.loads(data)  # cbor2 6 returns a tuple inside a tag, cbor2 5 a list
+        assert decoded.tag == 18 and list(decoded.value) == [protected, {}, payload, signature]
         assert cbor2.dumps(cbor2.loads(data), canonical=True) == data
 
 

@@ -139,3 +139,15 @@ def test_ci_runs_the_readme_test_command_verbatim() -> None:
     assert commands, "the README shows no test command"
     for command in commands:
         assert command in ci, f"the README's {command!r} is not in .ci/run"
+
+
+def test_demo_ble_without_bumble_names_the_extra() -> None:
+    code = """
+import sys
+sys.modules["bumble"] = None  # as on an install without the ble-sim extra
+from carechain.cli import app
+app(["demo", "--ble", "--json"], prog_name="carechain")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "carechain[ble-sim]" in done.stderr and "Traceback" not in done.stderr

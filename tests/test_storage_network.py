@@ -21,7 +21,8 @@ from carechain import topics
 from carechain.cli import app
 from carechain.config import BrokerConfig
 from carechain.identity import Identity
-from carechain.storage.codec import DatasetKey, StorageParams
+from carechain.storage.codec import StorageParams
+from carechain.storage.keyfile import load_dataset_key
 from chain_bridge.storage_client import StorageClient, key_path, load_manifest
 from contract_rules.rewards import EpochEvents, RewardPolicy, settle_epoch
 from simulators.miners import REPO, clear_retained
@@ -131,7 +132,7 @@ def test_get_returns_exact_bytes_with_n_minus_k_miners_killed(fleet, client, tmp
     data = os.urandom(5 * PARAMS.segment_size + 77)
     path = tmp_path / "d.manifest.json"
     m = client.put(data, ids(fleet["honest"]), SEED, path, params=PARAMS)
-    key = DatasetKey.load(key_path(path), m.dataset_id)
+    key = load_dataset_key(key_path(path), m.dataset_id)
     victims = fleet["honest"][:PARAMS.n - PARAMS.k]
     try:
         for v in victims:
@@ -161,7 +162,7 @@ def test_audit_catches_deleting_and_corrupting_miners(fleet, client, tmp_path) -
     assert "did not answer" not in verdicts[cheaters[0]].reasons[0]  # the deleter answers, without the chunks
     assert all(v.failed == v.challenges == 8 for v in (verdicts[c] for c in cheaters))
     # The data is still readable: the cheaters' shares are detected by their roots and others fetched.
-    key = DatasetKey.load(key_path(tmp_path / "d.manifest.json"), m.dataset_id)
+    key = load_dataset_key(key_path(tmp_path / "d.manifest.json"), m.dataset_id)
     assert len(client.get(m, key, prefer=cheaters)) == m.length
 
 
@@ -171,7 +172,7 @@ def test_ignored_retrievals_count_as_failed_and_cost_rewards(fleet, client, tmp_
     data = os.urandom(2 * PARAMS.segment_size)
     path = tmp_path / "d.manifest.json"
     m = client.put(data, pool, SEED, path, params=PARAMS)
-    key = DatasetKey.load(key_path(path), m.dataset_id)
+    key = load_dataset_key(key_path(path), m.dataset_id)
     assert client.get(m, key, prefer=[ignorer]) == data  # asked first, never answers, others fill in
     assert (ignorer, False) in client.retrievals and (ignorer, True) not in client.retrievals
     verdicts = client.audit(m, bytes(32), challenges=4)
@@ -188,7 +189,7 @@ def test_update_of_one_segment_transfers_only_that_segment(fleet, client, tmp_pa
     data = bytearray(os.urandom(4 * PARAMS.segment_size))
     path = tmp_path / "d.manifest.json"
     m = client.put(bytes(data), ids(honest), SEED, path, params=PARAMS)
-    key = DatasetKey.load(key_path(path), m.dataset_id)
+    key = load_dataset_key(key_path(path), m.dataset_id)
     data[2 * PARAMS.segment_size + 5] ^= 0x01  # one byte in segment 2
     result = client.update(m, key, bytes(data), ids(honest), SEED, path)
     assert result.segments == (2,)

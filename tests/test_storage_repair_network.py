@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 
 from carechain import topics
 from carechain.cli import app
-from carechain.storage.codec import DatasetKey, StorageParams
+from carechain.storage.codec import StorageParams
+from carechain.storage.keyfile import load_dataset_key
 from carechain.storage.repair import GRACE, RepairPolicy
 from chain_bridge.storage_client import StorageClient, key_path, load_manifest
 from simulators.miners import clear_retained
@@ -57,7 +58,7 @@ def test_repair_restores_n_live_shares_and_grace_prevents_storms(fleet, broker, 
     policy = RepairPolicy()
     with StorageClient(broker.config, timeout=TIMEOUT_S) as client:
         m = client.put(data, [h.id for h in holders], SEED, path, params=PARAMS)
-        key = DatasetKey.load(key_path(path), m.dataset_id)
+        key = load_dataset_key(key_path(path), m.dataset_id)
         before = path.read_bytes()
 
         # A holder briefly offline (within the grace period): suspect, not lost; no repair, manifest untouched.

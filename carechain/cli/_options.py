@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from carechain.config import Config, ConfigError, load_config, parse_address
+from carechain.config import BrokerConfig, Config, ConfigError, load_config, parse_address
 
 console = Console(stderr=True)  # progress, warnings and errors
 out = Console()  # results, for the user or a script
@@ -71,18 +71,12 @@ def open_store(opener: Callable[..., T], path: Path, *args: Any) -> T:
         raise fail(str(exc), 1) from None
 
 
-def broker_login(cfg: Config) -> None:
-    """Resolve broker.credentials_file into username/password and check the TLS files, before connecting."""
-    from carechain.credentials import CredentialsError, load_mqtt_credentials
+def check_broker_tls(cfg: Config) -> None:
+    """Check the broker's TLS files before connecting, so a bad one is an error now, not a retry loop.
+    (The login in broker.credentials_file is read by each party's assembly: `resolve_broker_login`.)"""
     from carechain.transport import tls_context
 
     b = cfg.broker
-    if b.credentials_file is not None:
-        try:
-            login = load_mqtt_credentials(b.credentials_file)
-        except CredentialsError as exc:
-            raise fail(str(exc)) from None
-        b.username, b.password, b.credentials_file = login.username, login.password, None
     if b.tls_ca is not None:
         try:
             tls_context(b)
@@ -91,6 +85,18 @@ def broker_login(cfg: Config) -> None:
                        f"{exc}") from None
     elif b.tls_cert is not None:
         raise fail("broker.tls_cert is set but broker.tls_ca is not: TLS needs the CA that signed the broker")
+
+
+def resolved_broker(cfg: Config) -> BrokerConfig:
+    """For a command that connects without a party's assembly (`carechain store`): the broker settings with
+    their login resolved and TLS checked; a bad credentials or TLS file exits 2."""
+    from carechain.credentials import CredentialsError, resolve_broker_login
+
+    check_broker_tls(cfg)
+    try:
+        return resolve_broker_login(cfg.broker)
+    except CredentialsError as exc:
+        raise fail(str(exc)) from None
 
 
 def setup_logging(verbose: bool) -> None:

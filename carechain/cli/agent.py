@@ -12,7 +12,7 @@ from carechain.cli._options import (
     ConfigOpt,
     StopSignal,
     VerboseOpt,
-    broker_login,
+    check_broker_tls,
     console,
     example,
     fail,
@@ -45,7 +45,7 @@ def agent(config: ConfigOpt = None, broker: BrokerOpt = None,
     early = StopSignal()  # a signal during start-up ends the run as quietly as one later
     setup_logging(verbose)
     cfg = load(config, broker)
-    broker_login(cfg)
+    check_broker_tls(cfg)
     try:
         assembled = assemble_agent(cfg)
     except StoreError as exc:
@@ -63,11 +63,9 @@ def agent(config: ConfigOpt = None, broker: BrokerOpt = None,
         await assembled.run(stop, produce_seconds, on_stop_producing=lambda: console.print(
             "agent: stopped producing; forwarding what is in the outbox"))
 
-    service = assembled.agent
     try:
         asyncio.run(main())
-        summary = {**service.stats.__dict__, "outbox_left": service.outbox.depth(),
-                   "quota_losses": service.outbox.losses()}
+        summary = assembled.agent.summary()
     finally:
         assembled.close()
     print(json.dumps(summary), flush=True)

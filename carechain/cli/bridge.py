@@ -16,7 +16,7 @@ from carechain.cli._options import (
     StopSignal,
     VerboseOpt,
     bridge_dir,
-    broker_login,
+    check_broker_tls,
     console,
     example,
     fail,
@@ -52,7 +52,7 @@ def bridge(ctx: typer.Context, config: ConfigOpt = None, broker: BrokerOpt = Non
     stop = StopSignal()
     setup_logging(verbose)
     cfg = load(config, broker)
-    broker_login(cfg)
+    check_broker_tls(cfg)
     try:
         assembled = assemble_bridge(cfg, data_dir=bridge_dir(cfg, data_dir), workers=workers)
     except StoreError as exc:
@@ -75,7 +75,7 @@ def bridge(ctx: typer.Context, config: ConfigOpt = None, broker: BrokerOpt = Non
     finally:
         service.stop()
         assembled.close()
-    if not service.connected.is_set():
+    if not service.ever_connected.is_set():
         console.print(f"[yellow]bridge: never connected to broker {cfg.broker.address}; nothing was received[/]",
                       soft_wrap=True)
     print(json.dumps(service.stats.as_dict()), flush=True)  # final counters, on stdout for scripts

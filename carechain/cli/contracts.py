@@ -43,7 +43,7 @@ def party_register(
 
     A pharmacy's terminals are then registered with `carechain register`, owner = the pharmacy's party id.
     """
-    from carechain.identity import device_id_for
+    from carechain.identity import PublicKeyError, device_id_for, parse_public_key_hex
     from chain_bridge.registry import operator_key
     from contract_rules import transactions as ce
 
@@ -53,11 +53,9 @@ def party_register(
         pk = load_key(Path(public_key)).public_key
     else:
         try:
-            pk = bytes.fromhex(public_key)
-        except ValueError:
-            pk = b""
-        if len(pk) != 32:
-            raise fail(f"{public_key!r} is neither 64 hex digits (an Ed25519 public key) nor a key file")
+            pk = parse_public_key_hex(public_key, "PUBLIC_KEY (not a key file either)")
+        except PublicKeyError as exc:
+            raise fail(str(exc)) from None
     cfg = load(config)
     bdir = bridge_dir(cfg, data_dir)
     reg = ce.PartyRegistration(role=role, pk=pk, name=name, ts=now_ms())
@@ -143,10 +141,7 @@ def rx_verify(rx_file: Annotated[Path, typer.Argument(help="A signed Rx file (fr
     from chain_bridge.contract_admin import rx_status
 
     signed = _rx_file(rx_file)
-    status = rx_status(replay(config, data_dir), signed)
-    if "problem" not in status and status["expires_ms"] <= now_ms():
-        status["problem"] = "rx_expired"
-    status["ok"] = "problem" not in status and status["fills_left"] + (status["open_quantity"] > 0) > 0
+    status = rx_status(replay(config, data_dir), signed, now_ms())
     print_result(status, as_json)
     if not status["ok"]:
         raise typer.Exit(1)

@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from carechain.cli._options import example, out
+from carechain.cli._options import example, fail, out
 
 EPILOG = example("carechain demo", "carechain demo --json", "carechain demo --data-dir demo-data --ble")
 
@@ -29,8 +29,12 @@ def demo(
 ) -> None:
     """The whole flow on one machine: 6 BLE health devices + a pharmacy terminal → agent → MQTT → bridge →
     verifiable log, with hostile traffic injected, then one inclusion proof verified end to end."""
-    from carechain.demo.pipeline import run_demo
+    from carechain.demo.pipeline import DemoUnavailable, check_available, run_demo
 
+    try:
+        check_available(ble=ble)
+    except DemoUnavailable as exc:
+        raise fail(str(exc)) from None
     logging.basicConfig(level=logging.ERROR)
     if as_json:
         summary = run_demo(broker=broker, seconds=seconds, data_dir=data_dir, speedup=speedup, ble=ble)

@@ -13,7 +13,7 @@ from carechain.cli._options import (
     ConfigOpt,
     StopSignal,
     VerboseOpt,
-    broker_login,
+    check_broker_tls,
     console,
     example,
     fail,
@@ -57,7 +57,7 @@ def miner(config: ConfigOpt = None, broker: BrokerOpt = None,
     stop = StopSignal()
     setup_logging(verbose)
     cfg = load(config, broker)
-    broker_login(cfg)
+    check_broker_tls(cfg)
     try:
         assembled = assemble_miner(cfg, data_dir=data_dir, key=key, log_public_key=log_public_key, name=name,
                                    genesis=genesis, entry_verifier=entry_verifier)

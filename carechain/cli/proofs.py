@@ -79,15 +79,14 @@ def _bundle_problem(exc: ValidationError, model: type[BaseModel]) -> str:
 
 
 def _trusted_key(log_key_hex: str | None) -> bytes | None:
+    from carechain.identity import PublicKeyError, parse_public_key_hex
+
     if not log_key_hex:
         return None
     try:
-        key = bytes.fromhex(log_key_hex)
-    except ValueError:
-        raise fail(f"--log-key {log_key_hex!r} is not hexadecimal (64 hex digits)") from None
-    if len(key) != 32:
-        raise fail(f"--log-key has {len(log_key_hex)} hex digits; an Ed25519 public key has 64")
-    return key
+        return parse_public_key_hex(log_key_hex, "--log-key")
+    except PublicKeyError as exc:
+        raise fail(str(exc)) from None
 
 
 def verify(
@@ -178,7 +177,7 @@ def _verify_full(data_dir: Path | None, log_key_hex: str | None, operator_hex: l
     """`verify --full`: audit a whole ledger store (chain_bridge.ledger.integrity), progress bar on stderr."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from carechain.identity import Identity, KeyFileError, device_id_for
+    from carechain.identity import Identity, KeyFileError, PublicKeyError, device_id_for, parse_public_key_hex
     from carechain.sqlite_store import StoreError
     from chain_bridge.ledger.integrity import AuditFailure, audit_ledger
     from chain_bridge.registry import LOG_KEY_FILE, OPERATOR_KEY_FILE, ledger_path
@@ -187,7 +186,7 @@ def _verify_full(data_dir: Path | None, log_key_hex: str | None, operator_hex: l
         raise fail("--full needs --data-dir: the bridge data directory that holds ledger.db")
     try:
         if log_key_hex:
-            log_key = bytes.fromhex(log_key_hex)
+            log_key = parse_public_key_hex(log_key_hex, "--log-key")
         elif (data_dir / LOG_KEY_FILE).exists():
             log_key = Identity.load(data_dir / LOG_KEY_FILE).public_key
         else:
@@ -195,16 +194,13 @@ def _verify_full(data_dir: Path | None, log_key_hex: str | None, operator_hex: l
                        f"--data-dir with {LOG_KEY_FILE}")
         operators: dict[str, bytes] | None = None
         if operator_hex:
-            operators = {device_id_for(k): k for k in map(bytes.fromhex, operator_hex)}
+            keys = [parse_public_key_hex(k, "--operator-key") for k in operator_hex]
+            operators = {device_id_for(k): k for k in keys}
         elif (data_dir / OPERATOR_KEY_FILE).exists():
             op = Identity.load(data_dir / OPERATOR_KEY_FILE)
             operators = {op.device_id: op.public_key}
-        if len(log_key) != 32:
-            raise ValueError("the log key must be 32 bytes (64 hex digits)")
-    except KeyFileError as exc:
+    except (KeyFileError, PublicKeyError) as exc:
         raise fail(str(exc)) from None
-    except ValueError as exc:
-        raise fail(f"--log-key/--operator-key: {exc}") from None
 
     bar: Progress | None = None
 

@@ -27,11 +27,11 @@ from carechain.cli._options import (
     DataDirOpt,
     JsonOpt,
     bridge_dir,
-    broker_login,
     console,
     example,
     fail,
     load,
+    resolved_broker,
 )
 from carechain.cli._options import out as stdout
 
@@ -54,8 +54,7 @@ def _client(config: Path | None, broker: str | None, timeout: float) -> Iterator
     from carechain.storage.codec import StorageError
     from chain_bridge.storage_client import StorageClient
 
-    cfg = load(config, broker)
-    broker_login(cfg)
+    settings = resolved_broker(load(config, broker))
     tasks: dict[str, Any] = {}
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                   console=console, transient=False) as bar:
@@ -66,7 +65,7 @@ def _client(config: Path | None, broker: str | None, timeout: float) -> Iterator
             bar.update(tasks[phase], completed=done, total=total)
 
         try:
-            with StorageClient(cfg.broker, timeout=timeout, progress=progress) as client:
+            with StorageClient(settings, timeout=timeout, progress=progress) as client:
                 yield client, bar
         except StorageError as exc:
             raise fail(str(exc), 1) from None

@@ -39,6 +39,21 @@ class _ExpectedRefusals(logging.Filter):
         return not (str(record.msg).startswith("bridge rejected") and args[:1] == (self.device_id,))
 
 
+class DemoUnavailable(RuntimeError):
+    """The demo cannot run as asked on this install (an optional extra is missing)."""
+
+
+def check_available(*, ble: bool) -> None:
+    """Raise `DemoUnavailable` when this install lacks what the demo needs as asked."""
+    if not ble:
+        return
+    try:
+        import bumble  # noqa: F401 - only asking whether it is installed
+    except ImportError:
+        raise DemoUnavailable("--ble needs the virtual BLE peripherals (bumble): "
+                              "pip install 'carechain[ble-sim]'") from None
+
+
 def run_demo(*, broker: str | None, seconds: float, data_dir: Path | None, speedup: float,
              on_tick: Callable[[dict[str, Any]], None] | None = None, ble: bool = False,
              contracts: bool = True) -> dict[str, Any]:
@@ -52,6 +67,7 @@ def run_demo(*, broker: str | None, seconds: float, data_dir: Path | None, speed
     signs its purchases itself. With `contracts` (the default) the terminal rings up a scripted pharmacy
     day (carechain.demo.pharmacy_day) that the bridge's contract gate decides sale by sale.
     """
+    check_available(ble=ble)
     root = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="carechain-demo-"))
     try:
         summary = _run(root, broker=broker, seconds=seconds, speedup=speedup, on_tick=on_tick, ble=ble,

@@ -115,7 +115,8 @@ def plan_logins(previous: Mapping[str, Login], bridge_user: str, device_ids: Ite
         raise BrokerAccessError(f"cannot rotate {', '.join(unknown)}: not the bridge user nor a registered, "
                                 "non-revoked device")
     logins: dict[str, Login] = {}
-    added, rotated = [], []
+    added: list[str] = []
+    rotated: list[str] = []
     for user, role in wanted.items():
         old = previous.get(user)
         if old is not None and old.role == role and user not in rotate:

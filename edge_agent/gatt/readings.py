@@ -24,9 +24,9 @@ from __future__ import annotations
 from decimal import Decimal
 from enum import IntEnum, IntFlag
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
-from carechain.events import BloodPressure, Glucose, HeartRate, SpO2, Temperature, Weight
+from carechain.events import BloodPressure, EventBody, Glucose, HeartRate, SpO2, Temperature, Weight
 from edge_agent.gatt import blood_pressure as bp
 from edge_agent.gatt import glucose as gl
 from edge_agent.gatt import health_thermometer as ht
@@ -102,7 +102,7 @@ def flag_names(flags: int | None, enum: type[IntFlag], reserved_prefix: str) -> 
     return names
 
 
-def _body(model: type[BaseModel], characteristic: str, kind: str, **fields: object) -> BaseModel:
+def _body(model: type[EventBody], characteristic: str, kind: str, **fields: object) -> EventBody:
     try:
         return model(**{name: value for name, value in fields.items() if value is not None})
     except ValidationError as exc:

@@ -13,9 +13,7 @@ import random
 from collections.abc import Callable
 from typing import Literal
 
-from pydantic import BaseModel
-
-from carechain.events import Activity, BloodPressure, Glucose, HeartRate, Purchase, SpO2, Temperature, Weight
+from carechain.events import Activity, BloodPressure, EventBody, Glucose, HeartRate, Purchase, SpO2, Temperature, Weight
 from carechain.profiles import (
     ActivitySim,
     BloodPressureSim,
@@ -66,7 +64,7 @@ class _HeartRate:
     def __init__(self, sim: HeartRateSim, rng: random.Random) -> None:
         self._rng, self._bpm = rng, _Walk(sim.bpm, rng)
 
-    def __call__(self, now_ms: int) -> BaseModel:
+    def __call__(self, now_ms: int) -> EventBody:
         bpm = round(self._bpm.step())
         beat_1024 = 60 * 1024 / bpm  # mean RR interval in 1/1024 s, as the Heart Rate Measurement carries it
         rr = [round(beat_1024 * self._rng.uniform(0.96, 1.04)) for _ in range(self._rng.randint(1, 3))]
@@ -77,7 +75,7 @@ class _Temperature:
     def __init__(self, sim: TemperatureSim, rng: random.Random) -> None:
         self._site, self._celsius = sim.site, _Walk(sim.celsius, rng)
 
-    def __call__(self, now_ms: int) -> BaseModel:
+    def __call__(self, now_ms: int) -> EventBody:
         return Temperature(celsius=round(self._celsius.step(), 1), site=self._site)
 
 
@@ -87,7 +85,7 @@ class _BloodPressure:
         self._sys, self._dia = _Walk(sim.systolic_mmhg, rng), _Walk(sim.diastolic_mmhg, rng)
         self._pulse = _Walk(sim.pulse_bpm, rng) if sim.pulse_bpm else None
 
-    def __call__(self, now_ms: int) -> BaseModel:
+    def __call__(self, now_ms: int) -> EventBody:
         systolic = float(round(self._sys.step()))  # cuffs report whole mmHg
         ceiling = systolic - self._sim.min_pulse_pressure_mmhg
         diastolic = float(round(max(self._sim.diastolic_mmhg.limits[0], min(self._dia.step(), ceiling))))
@@ -104,7 +102,7 @@ class _SpO2:
         self._spo2 = _Walk(sim.spo2_pct, rng)
         self._pulse = _Walk(sim.pulse_bpm, rng) if sim.pulse_bpm else None
 
-    def __call__(self, now_ms: int) -> BaseModel:
+    def __call__(self, now_ms: int) -> EventBody:
         pulse = float(round(self._pulse.step())) if self._pulse else None
         return SpO2(spo2_pct=float(round(self._spo2.step())), pulse_bpm=pulse)
 
@@ -114,7 +112,7 @@ class _Glucose:
         self._sample, self._mg_dl = sim.sample, _Walk(sim.mg_dl, rng)
         self._seq = rng.randint(1, 500)  # a meter in use already holds records
 
-    def __call__(self, now_ms: int) -> BaseModel:
+    def __call__(self, now_ms: int) -> EventBody:
         seq, self._seq = self._seq, (self._seq + 1) % 65536  # the GATT record sequence number is a uint16
         return Glucose(mg_dl=float(round(self._mg_dl.step())), record_seq=seq, sample=self._sample)
 
@@ -128,7 +126,7 @@ class _Weight:
             lo, hi = sim.height_m
             self._height_m = min(hi, max(lo, (self._kg.baseline / rng.uniform(20, 30)) ** 0.5))
 
-    def __call__(self, now_ms: int) -> BaseModel:
+    def __call__(self, now_ms: int) -> EventBody:
         kg = round(self._kg.step(), 1)
         bmi = round(kg / self._height_m**2, 1) if self._height_m else None
         return Weight(kg=kg, bmi=bmi)
@@ -144,7 +142,7 @@ class _Activity:
         self._steps = 0.0
         self._active_ms = 0
 
-    def __call__(self, now_ms: int) -> BaseModel:
+    def __call__(self, now_ms: int) -> EventBody:
         day = now_ms // _DAY_MS
         if day != self._day:
             # A new day starts from zero; the first reading ever counts from now, later ones from midnight.
@@ -167,7 +165,7 @@ class _Purchase:
         self._sim, self._rng, self._rx_ref_for = sim, rng, rx_ref_for
         self._patients = [f"pt-{rng.getrandbits(64):016x}" for _ in range(sim.patients)]
 
-    def __call__(self, now_ms: int) -> BaseModel:
+    def __call__(self, now_ms: int) -> EventBody:
         rng = self._rng
         item = rng.choice(self._sim.catalogue)
         patient = rng.choice(self._patients)
@@ -215,7 +213,7 @@ class SimulatedDevice:
         self._profile = profile
         rng = seed if isinstance(seed, random.Random) else random.Random(seed)
         sim = profile.sampling.simulate
-        makers: dict[str, Callable[[int], BaseModel]] = {}
+        makers: dict[str, Callable[[int], EventBody]] = {}
         for kind in profile.events:
             spec = getattr(sim, kind, None) if sim is not None else None
             if spec is None:
@@ -249,7 +247,7 @@ class SimulatedDevice:
         return readings
 
 
-_MAKERS: dict[str, Callable[..., Callable[[int], BaseModel]]] = {
+_MAKERS: dict[str, Callable[..., Callable[[int], EventBody]]] = {
     "heart_rate": lambda spec, rng, _rx: _HeartRate(spec, rng),
     "temperature": lambda spec, rng, _rx: _Temperature(spec, rng),
     "blood_pressure": lambda spec, rng, _rx: _BloodPressure(spec, rng),

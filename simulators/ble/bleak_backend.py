@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, cast
 
 from bleak.args import SizedBuffer
 from bleak.assigned_numbers import CHARACTERISTIC_PROPERTIES, CharacteristicPropertyName
@@ -30,7 +30,7 @@ from bleak.exc import BleakDeviceNotFoundError, BleakError
 from bleak.uuids import normalize_uuid_str
 from bumble import core, hci
 from bumble.att import ATT_Error
-from bumble.core import AdvertisingData
+from bumble.core import UUID, AdvertisingData
 from bumble.device import Advertisement, Connection, Peer
 from bumble.gatt_client import CharacteristicProxy, DescriptorProxy
 
@@ -78,8 +78,12 @@ def advertisement_data(advertisement: Advertisement) -> AdvertisementData:
     names = data.get_all(AdvertisingData.Type.COMPLETE_LOCAL_NAME) or data.get_all(
         AdvertisingData.Type.SHORTENED_LOCAL_NAME
     )
-    service_uuids = [_uuid_str(u) for kind in _UUID_LISTS for uuids in data.get_all(kind) for u in uuids]
-    service_data = {_uuid_str(u): bytes(v) for kind in _SERVICE_DATA for u, v in data.get_all(kind)}
+    # bumble types `get_all` as the union of every AD type's value; these kinds hold UUID lists and
+    # (UUID, bytes) pairs.
+    service_uuids = [_uuid_str(u) for kind in _UUID_LISTS
+                     for uuids in cast(list[list[UUID]], data.get_all(kind)) for u in uuids]
+    service_data = {_uuid_str(u): bytes(v) for kind in _SERVICE_DATA
+                    for u, v in cast(list[tuple[UUID, bytes]], data.get_all(kind))}
     manufacturer = {company: bytes(v) for company, v in data.get_all(AdvertisingData.Type.MANUFACTURER_SPECIFIC_DATA)}
     tx_power = data.get(AdvertisingData.Type.TX_POWER_LEVEL)
     return AdvertisementData(

@@ -207,7 +207,7 @@ def racp_answer(request: bytes, stored: list[int]) -> RacpOutcome:
     try:
         message = ra.parse_record_access_control_point(request)
     except GattError:
-        op = request[0] if request and request[0] in iter(ra.RacpOpCode) else 0
+        op = request[0] if request and request[0] in {c.value for c in ra.RacpOpCode} else 0
         code = ra.RacpResponseCode.OP_CODE_NOT_SUPPORTED if op == 0 else ra.RacpResponseCode.INVALID_OPERAND
         return RacpOutcome([], _racp_response(op, code))
     if not isinstance(message, ra.RacpRequest):
