@@ -12,7 +12,7 @@ from carechain.identity import Identity, parse_public_key_hex
 from carechain.inventory import InventoryDevice
 from chain_bridge.ledger.store import Ledger
 from contract_rules import Genesis
-from contract_rules.genesis import GenesisError, genesis_from_bytes, genesis_to_json, new_genesis
+from contract_rules.genesis import genesis_to_json, new_genesis, read_genesis
 
 LEDGER_FILE = "ledger.db"
 LOG_KEY_FILE = "keys/log.key"
@@ -69,15 +69,3 @@ def contract_genesis(data_dir: Path, allocations: Mapping[str, int] | None = Non
 def write_genesis(path: Path, genesis: Genesis) -> None:
     """Write `genesis` as JSON, atomically and fsynced: a crash never leaves half a genesis. Not secret: 0644."""
     write_atomic(Path(path), genesis_to_json(genesis), mode=0o644)
-
-
-def read_genesis(path: Path) -> Genesis:
-    """The contract genesis in the file at `path` (JSON or CBOR); ValueError naming the file otherwise."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot read the contract genesis: {exc.strerror}") from None
-    try:
-        return genesis_from_bytes(data)
-    except GenesisError as exc:
-        raise ValueError(f"{path}: {exc}") from None

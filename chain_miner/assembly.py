@@ -13,8 +13,9 @@ from carechain.config import Config, ConfigError
 from carechain.credentials import CredentialsError, resolve_broker_login
 from carechain.datadir import DataDirLock, lock_data_dir
 from carechain.identity import Identity, KeyFileError, PublicKeyError, parse_public_key_hex
-from chain_miner.service import StateError, WitnessMiner, contract_verifier, load_entry_verifier, load_genesis
+from chain_miner.service import StateError, WitnessMiner, contract_verifier, load_entry_verifier
 from chain_miner.witness import verify_entries
+from contract_rules.genesis import read_genesis
 
 DEFAULT_GENESIS = Path("contracts") / "genesis.json"  # under the bridge's data dir, on a shared host
 
@@ -65,7 +66,7 @@ def assemble_miner(cfg: Config, *, data_dir: Path | None = None, key: Path | Non
         if spec:
             verifier, checks = load_entry_verifier(spec), f"entry verifier {spec}"
         elif genesis_file is not None:
-            verifier, size_of = contract_verifier(load_genesis(genesis_file))
+            verifier, size_of = contract_verifier(read_genesis(genesis_file))
             checks = f"contracts re-executed from genesis {genesis_file}"
         else:
             verifier, checks = verify_entries, ""

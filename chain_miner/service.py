@@ -249,20 +249,6 @@ def load_entry_verifier(spec: str) -> EntryVerifier:
     return func
 
 
-def load_genesis(path: Path) -> Genesis:
-    """The contracts genesis file at `path` (either form `contract_rules.genesis` reads); ValueError naming it."""
-    from contract_rules.genesis import genesis_from_bytes
-
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot read the contracts genesis: {exc.strerror}") from None
-    try:
-        return genesis_from_bytes(data)
-    except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from None
-
-
 def contract_verifier(genesis: Genesis) -> tuple[EntryVerifier, Callable[[], int]]:
     """Contract re-execution as the miner's entry verifier, and how many leaves it has replayed (see `WitnessMiner`)."""
     from contract_rules import ContractWitness

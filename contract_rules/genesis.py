@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from carechain.identity import device_id_for, parse_public_key_hex
 from contract_rules.runtime import Genesis, builtin_hashes
@@ -48,6 +49,19 @@ def genesis_from_bytes(data: bytes) -> Genesis:
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise GenesisError(f"not a contract genesis (JSON with operators, allocations, contracts; or its CBOR): "
                            f"{exc}") from None
+
+
+def read_genesis(path: Path) -> Genesis:
+    """The genesis in the file at `path` (JSON or CBOR); a ValueError naming the file otherwise. (Written by
+    `chain_bridge.registry.write_genesis`, atomically; read by the bridge and by every miner.)"""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise GenesisError(f"{path}: cannot read the contract genesis: {exc.strerror}") from None
+    try:
+        return genesis_from_bytes(data)
+    except GenesisError as exc:
+        raise GenesisError(f"{path}: {exc}") from None
 
 
 def _amount(account: str, n: object) -> int:

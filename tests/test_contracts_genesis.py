@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from carechain.identity import Identity
-from chain_bridge.registry import GENESIS_FILE, contract_genesis, operator_key, read_genesis, write_genesis
+from chain_bridge.registry import GENESIS_FILE, contract_genesis, operator_key, write_genesis
 from contract_rules import Genesis, builtin_hashes
-from contract_rules.genesis import GenesisError, genesis_from_bytes, genesis_to_json, new_genesis
+from contract_rules.genesis import GenesisError, genesis_from_bytes, genesis_to_json, new_genesis, read_genesis
 
 OP = Identity.from_seed(b"\x31" * 32)
 OTHER = Identity.from_seed(b"\x32" * 32)
