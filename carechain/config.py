@@ -52,6 +52,10 @@ class BrokerConfig(_Section):
                                           "password. Never used for an agent's devices.")
     keepalive_s: int = Field(default=30, ge=5, le=3600, description="MQTT keepalive: seconds between pings on "
                              "an idle link; a broker that does not answer is taken as lost and reconnected to.")
+    max_packet_bytes: int = Field(default=128 * 1024, ge=4096, le=256 << 20, description="Largest MQTT packet "
+                                  "this party publishes: at most the broker's `max_packet_size`. Proof answers "
+                                  "and miners' evidence are paged below it (docs/miners.md); the default fits "
+                                  "every common broker.")
 
     @property
     def address(self) -> str:
@@ -83,6 +87,9 @@ class Limits(_Section):
                                     "refill), generous enough for a backlog drained after an outage.")
     burst: int = Field(default=20_000, ge=1, description="Per-device token bucket size: events a device may "
                        "send at once above the rate.")
+    inbox_max_messages: int = Field(default=10_000, ge=1, le=1_000_000, description="Messages received but "
+                                    "not yet checked that the bridge (each ingest worker) holds; when full, the "
+                                    "broker waits for room (QoS 1 stays unacknowledged), nothing is dropped.")
 
 
 class MinerKey(_Section):
@@ -141,6 +148,12 @@ class BridgeConfig(_Section):
     finality_threshold: int = Field(default=0, ge=0, description="How many of `miners` must cosign a checkpoint "
                                     "for it to be final; > 0: the bridge collects cosignatures and publishes final "
                                     "checkpoints on cc/v1/log/final.")
+    proof_requests_per_s: float = Field(default=20.0, gt=0, description="Per-requester rate of proof requests "
+                                        "answered (token bucket refill); above it a requester is told when to "
+                                        "retry (docs/miners.md).")
+    proof_request_burst: int = Field(default=40, ge=1, description="Per-requester token bucket size: proof "
+                                     "requests answered at once above the rate (a miner catching up asks one page "
+                                     "at a time).")
 
     @model_validator(mode="after")
     def _threshold_fits(self) -> BridgeConfig:

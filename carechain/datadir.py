@@ -1,8 +1,10 @@
 """One process per data directory: an OS file lock that a second bridge, agent or miner meets at start,
 and the directory's instance id that makes MQTT client ids unique per instance.
 
-The lock is `fcntl.flock` on `<data dir>/.lock`, held for the life of the process: the kernel releases it
-when the process exits, however it exits (kill -9 included), so a stale lock never blocks a restart.
+Locking a data directory also makes it mode 0700 (`carechain.files.private_dir`): it holds keys and
+health data, so nobody but its owner may list or read it. The lock is `fcntl.flock` on `<data dir>/.lock`,
+held for the life of the process: the kernel releases it when the process exits, however it exits
+(kill -9 included), so a stale lock never blocks a restart.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import re
 import secrets
 from pathlib import Path
 
-from carechain.files import PUBLIC, write_atomic
+from carechain.files import PRIVATE, private_dir, write_atomic
 
 LOCK_FILE = ".lock"
 INSTANCE_FILE = "instance-id"
@@ -33,8 +35,7 @@ class DataDirLock:
     """Holds `<path>/.lock` until `release()` (or process exit)."""
 
     def __init__(self, path: Path, party: str) -> None:
-        self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path = private_dir(Path(path))  # 0700: it holds keys and health data
         self._fd: int | None = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -78,6 +79,6 @@ def instance_id(path: Path) -> str:
     if _INSTANCE_ID.match(text):
         return text
     new = secrets.token_hex(4)
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    write_atomic(file, f"{new}\n".encode(), PUBLIC)
+    private_dir(path)
+    write_atomic(file, f"{new}\n".encode(), PRIVATE)
     return new

@@ -9,6 +9,8 @@ All evidence rests on checkpoints the log key signed, so the log cannot deny the
 - `violation`: the new checkpoint, the previous one, the previous tree's frontier and the new entries.
   The auditor checks that the frontier folds to the old root and, with the entries appended, to the new
   root — so the entries are exactly the leaves the log signed — then re-executes the contract rules.
+  Evidence must fit one MQTT packet, so when all the new entries would not, it carries them only up to
+  the violating leaf (`v` 2) plus a consistency proof from that prefix's tree to the new checkpoint.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from carechain.merkle import EMPTY_ROOT, ProofError, extend_frontier, frontier_r
 from carechain.proofs import VerificationError, verify_checkpoint
 
 _Hex32 = Field(pattern=r"^[0-9a-f]{64}$")
+PREFIX_VERSION = 2  # evidence `v` from which a violation may carry a prefix of the new entries
 
 
 class EvidenceError(FixedReasonError):
@@ -58,7 +61,7 @@ class Evidence(BaseModel):
     """JSON on `cc/v1/miner/{id}/evidence` (docs/miners.md)."""
 
     model_config = ConfigDict(extra="forbid")
-    v: int = 1
+    v: int = 1  # 2: a violation's entries stop after the violating leaf (see `verify_evidence`)
     kind: EvidenceKind
     miner: str  # the cosigner name of the miner that found it
     observed: int  # POSIX seconds
@@ -120,21 +123,41 @@ def _verify_violation(ev: Evidence, old: Checkpoint | None, new: Checkpoint,
         raise EvidenceError("old_frontier and entries must be hex") from None
     if len(frontier) != old_size.bit_count() or not hmac.compare_digest(frontier_root(frontier), old_root):
         raise EvidenceError(f"old_frontier is not the frontier of the signed {old_size}-leaf tree")
-    if old_size + len(entries) != new.tree_size:
+    end = old_size + len(entries)
+    if end > new.tree_size or (end < new.tree_size and ev.v < PREFIX_VERSION):
         raise EvidenceError(f"{len(entries)} entries do not take {old_size} leaves to {new.tree_size}")
     grown = extend_frontier(old_size, frontier, [leaf_hash(e) for e in entries])
-    if not hmac.compare_digest(frontier_root(grown), new.root_hash):
-        raise EvidenceError("the entries are not the leaves the log signed in new_checkpoint")
+    if end == new.tree_size:
+        if not hmac.compare_digest(frontier_root(grown), new.root_hash):
+            raise EvidenceError("the entries are not the leaves the log signed in new_checkpoint")
+    else:  # a prefix: the proof must show the log's new tree extends the prefix's tree
+        try:
+            path = [bytes.fromhex(h) for h in ev.consistency_path]
+            verify_consistency(end, new.tree_size, frontier_root(grown), new.root_hash, path)
+        except (ProofError, ValueError) as exc:
+            raise EvidenceError(f"the entries {old_size}..{end - 1} are not a prefix of the leaves the log "
+                                f"signed in new_checkpoint: {exc}") from None
     leaf = ev.violation_leaf
-    if leaf is None or not old_size <= leaf < new.tree_size:
-        raise EvidenceError(f"violation_leaf {leaf} is not in the new range {old_size}..{new.tree_size - 1}")
+    if leaf is None or not old_size <= leaf < end:
+        raise EvidenceError(f"violation_leaf {leaf} is not in the entries' range {old_size}..{end - 1}")
     if entry_verifier is None:
         return (f"violation: leaves {old_size}..{new.tree_size - 1} are in the signed log; re-execute the "
                 f"contracts to confirm {ev.violation_rule} at leaf {leaf}")
-    found = entry_verifier(old_size, new.tree_size, entries)
+    found = entry_verifier(old_size, end, entries)
     if found is None or getattr(found, "leaf_index", None) != leaf:
         raise EvidenceError(f"re-executing the contracts finds no violation at leaf {leaf}")
     return f"violation: leaf {leaf} of log {new.origin} breaks {ev.violation_rule}"
+
+
+def shrink_violation(ev: Evidence, old_size: int, prefix_path: Sequence[bytes]) -> Evidence:
+    """`ev` (a violation of the range from `old_size`) with its entries cut after the violating leaf, and
+    `prefix_path`: the log's consistency proof from that prefix's tree to the new checkpoint's tree. What
+    fits one packet when all the entries would not; `verify_evidence` checks it the same way."""
+    if ev.kind is not EvidenceKind.VIOLATION or ev.violation_leaf is None:
+        raise ValueError("only violation evidence carries entries")
+    keep = ev.violation_leaf - old_size + 1
+    return ev.model_copy(update={"v": PREFIX_VERSION, "entries": ev.entries[:keep],
+                                 "consistency_path": [h.hex() for h in prefix_path]})
 
 
 def _checkpoint(what: str, note: str, key: bytes) -> Checkpoint:

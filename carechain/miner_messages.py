@@ -16,10 +16,23 @@ from carechain.topics import miner_request as request
 from carechain.topics import miner_response as response
 
 __all__ = ["MAX_ENTRIES_PER_RESPONSE", "MINER_COSIG_WILDCARD", "MINER_EVIDENCE_WILDCARD", "MINER_REQUEST_WILDCARD",
-           "CosignatureMessage", "ProofRequestMessage", "ProofResponseMessage", "cosignature", "evidence",
+           "RATE_LIMITED", "CosignatureMessage", "ProofRequestMessage", "ProofResponseMessage", "cosignature",
+           "evidence", "payload_budget",
            "miner_of_topic", "request", "response"]
-# Far more than a checkpoint interval's worth of entries; a miner far behind catches up in several steps.
+# The most entries one answer carries; the bytes usually bound a page first (the broker's packet limit).
 MAX_ENTRIES_PER_RESPONSE = 10_000
+# What an MQTT 3.1.1 PUBLISH adds to its payload besides the topic: fixed header (≤ 5), topic length (2),
+# packet id (2); rounded up.
+PACKET_OVERHEAD = 16
+
+
+def payload_budget(max_packet_bytes: int, topic: str) -> int:
+    """The largest payload a PUBLISH on `topic` may carry under a broker's `max_packet_bytes`."""
+    return max_packet_bytes - PACKET_OVERHEAD - len(topic.encode())
+
+
+# The start of a response's `error` when the requester asked too often: "rate_limited: retry in 0.050 s".
+RATE_LIMITED = "rate_limited"
 
 
 class _Message(BaseModel):
@@ -35,6 +48,10 @@ class ProofRequestMessage(_Message):
 
 
 class ProofResponseMessage(_Message):
+    """Bridge → miner: the proof, and a page of the asked entries — a prefix of them, as many as fit one packet
+    under the broker's limit. Fewer entries than asked (and no error): ask again from `old_size + len(entries)`.
+    A page is not a new field, so miners that predate paging still parse every answer (docs/miners.md)."""
+
     id: str = Field(max_length=64)
     old_size: int = Field(ge=0)
     new_size: int = Field(ge=0)

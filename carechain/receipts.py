@@ -1,11 +1,22 @@
 """Receipts: the bridge's signed statement that events are durably anchored (or why they were refused).
 
 A receipt is a COSE_Sign1 by the bridge's log key over
-`{v, dev, ts, ok: [[seq, leaf_index], ...], rej: [[seq | null, reason, detail, retryable, digest], ...]}`.
+`{v, hi?, ok: [[seq, leaf_index], ...], ts, dev, okd?: [digest, ...], rej: [[seq | null, reason, detail,
+retryable, digest], ...]}`.
 Agents delete an event from their outbox only on a verified `ok` entry; an unsigned or wrongly signed
 receipt is ignored, so a party able to publish on the receipt topic still cannot make an agent drop data.
 A rejection names the SHA-256 `digest` of the exact bytes refused: someone who publishes a forged event
 with a seq the agent has pending must not get the agent's genuine event quarantined.
+
+Two optional keys were added to version 1 without a flag day (readers of the first layout ignore keys they
+do not know, and nothing they read changed shape):
+- `okd`, parallel to `ok`: the SHA-256 of the bytes anchored under each acknowledged seq. An agent deletes
+  its event only if the digest is its own, so an event forged under a pending seq (a cloned image, a stolen
+  key) cannot get the genuine reading deleted by "its" receipt. A receipt without `okd` (an older bridge)
+  is *unbound*: the agent falls back to deleting by seq, and counts it.
+- `hi`: the highest seq anchored for the device, on a receipt that refuses an event as `seq_reused`, so an
+  agent whose outbox (and seq counter) was lost or restored from a backup can move its counter past it and
+  re-sign the refused readings instead of losing them.
 """
 
 from __future__ import annotations
@@ -35,6 +46,25 @@ class Receipt:
     ts: int
     ok: list[tuple[int, int]] = field(default_factory=list)  # (seq, leaf_index)
     rejected: list[Rejected] = field(default_factory=list)
+    # SHA-256 of the anchored bytes, one per `ok` entry; None: an unbound receipt (from an older bridge)
+    ok_digests: list[bytes] | None = None
+    highest_seq: int | None = None  # the device's highest anchored seq (sent with `seq_reused` refusals)
+
+    @property
+    def bound(self) -> bool:
+        """Whether each `ok` entry names the digest of what was anchored (`okd`)."""
+        return self.ok_digests is not None
+
+    def acknowledge(self, seq: int, index: int, digest: bytes) -> None:
+        self.ok.append((seq, index))
+        if self.ok_digests is None:
+            self.ok_digests = []
+        self.ok_digests.append(digest)
+
+    def acknowledged(self) -> list[tuple[int, int, bytes | None]]:
+        """(seq, leaf index, digest or None when unbound) per `ok` entry."""
+        digests: list[bytes | None] = list(self.ok_digests) if self.ok_digests is not None else [None] * len(self.ok)
+        return [(s, i, d) for (s, i), d in zip(self.ok, digests, strict=True)]
 
     def split(self, max_items: int = MAX_ITEMS) -> list[Receipt]:
         """Receipts of at most `max_items` entries each, so none outgrows a broker's packet limit.
@@ -43,21 +73,28 @@ class Receipt:
         """
         if len(self.ok) + len(self.rejected) <= max_items:
             return [self]
-        parts = [Receipt(self.device_id, self.ts, ok=self.ok[i:i + max_items])
+        digests = self.ok_digests
+        parts = [Receipt(self.device_id, self.ts, ok=self.ok[i:i + max_items],
+                         ok_digests=None if digests is None else digests[i:i + max_items])
                  for i in range(0, len(self.ok), max_items)]
-        parts += [Receipt(self.device_id, self.ts, rejected=self.rejected[i:i + max_items])
+        parts += [Receipt(self.device_id, self.ts, rejected=self.rejected[i:i + max_items],
+                          highest_seq=self.highest_seq)
                   for i in range(0, len(self.rejected), max_items)]
         return parts
 
     def seal(self, bridge_key: Identity) -> bytes:
-        # Keys in deterministic order (shorter first, then bytewise): v, ok, ts, dev, rej.
-        payload = {
-            "v": 1,
-            "ok": [list(p) for p in self.ok],
-            "ts": self.ts,
-            "dev": self.device_id,
-            "rej": [[r.seq, str(r.reason), r.detail[:200], r.retryable, r.digest] for r in self.rejected],
-        }
+        # Keys in deterministic order (shorter first, then bytewise): v, hi, ok, ts, dev, okd, rej.
+        payload: dict[str, object] = {"v": 1}
+        if self.highest_seq is not None:
+            payload["hi"] = self.highest_seq
+        payload["ok"] = [list(p) for p in self.ok]
+        payload["ts"] = self.ts
+        payload["dev"] = self.device_id
+        if self.ok_digests is not None:
+            if len(self.ok_digests) != len(self.ok):
+                raise ValueError("a bound receipt needs one digest per ok entry")
+            payload["okd"] = list(self.ok_digests)
+        payload["rej"] = [[r.seq, str(r.reason), r.detail[:200], r.retryable, r.digest] for r in self.rejected]
         return envelope.sign(bridge_key, payload, presorted=True)
 
 
@@ -85,6 +122,12 @@ def open_receipt(data: bytes, bridge_public_key: bytes, expected_device: str) ->
             raise ReceiptError(f"receipt for {p['dev']!r}, expected {expected_device!r}")
         ok = [(int(s), int(i)) for s, i in p["ok"]]
         rej = [Rejected(s, str(r), str(d), bool(t), bytes(h)) for s, r, d, t, h in p["rej"]]
-        return Receipt(p["dev"], int(p["ts"]), ok, rej)
+        digests = [bytes(d) for d in p["okd"]] if "okd" in p else None
+        if digests is not None and (len(digests) != len(ok) or any(len(d) != 32 for d in digests)):
+            raise ReceiptError("receipt `okd` does not hold one SHA-256 digest per ok entry")
+        hi = p.get("hi")
+        if hi is not None and (not isinstance(hi, int) or isinstance(hi, bool) or hi < 0):
+            raise ReceiptError("receipt `hi` is not a seq")
+        return Receipt(p["dev"], int(p["ts"]), ok, rej, digests, hi)
     except (KeyError, TypeError, ValueError) as exc:
         raise ReceiptError(f"receipt payload has the wrong shape: {exc}") from None

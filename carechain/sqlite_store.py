@@ -53,9 +53,9 @@ LEDGER = StoreKind(
 )
 OUTBOX = StoreKind(
     "agent outbox",
-    "Stop the agent and restore {path} (with its -wal file, if any) from a backup. Do not delete it: it "
-    "holds events not yet receipted and each device's seq counter, and a new outbox would reuse seqs the "
-    "bridge has anchored (refused as seq_reused).",
+    "Stop the agent and restore {path} (with its -wal file, if any) from a backup, or move it aside: a new "
+    "outbox starts its seq counters over, the bridge answers the first reused seq with the device's highest "
+    "anchored seq and the agent re-signs past it, so only the unreceipted events in the damaged file are lost.",
 )
 
 

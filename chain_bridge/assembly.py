@@ -13,6 +13,7 @@ from pathlib import Path
 from carechain.config import Config, ConfigError
 from carechain.credentials import CredentialsError, resolve_broker_login
 from carechain.datadir import DataDirLock, instance_id, lock_data_dir
+from carechain.files import make_private
 from chain_bridge.bridge import Bridge
 from chain_bridge.contract_gate import ContractGate
 from chain_bridge.ledger.store import Ledger
@@ -46,13 +47,25 @@ class AssembledBridge:
         self.lock.release()
 
 
+def default_client_id(username: str | None, data_dir: Path) -> str:
+    """The bridge's MQTT client id: its login when it has one, else `carechain-bridge-<instance>`.
+
+    A broker locked down by `carechain bridge acl` ties client ids to logins (`use_username_as_clientid`):
+    it replaces whatever id a client sends by its user name, so the bridge's id is its login there anyway,
+    and its ingest workers (`<id>-w<i>`) get the ids of their own logins `<bridge user>-w<i>`. Without a
+    login (an open test broker) the data directory's instance id keeps two bridges apart.
+    """
+    return username or f"carechain-bridge-{instance_id(data_dir)}"
+
+
 def assemble_bridge(cfg: Config, *, data_dir: Path | None = None, workers: int | None = None,
                     client_id: str | None = None) -> AssembledBridge:
     """Lock `data_dir` (default `cfg.bridge.data_dir`) and build the bridge it holds; nothing connects yet.
 
     `broker.credentials_file`, if set, is resolved (`resolve_broker_login`). The MQTT client id is
-    `client_id`, default `carechain-bridge-<instance>` with the data directory's instance id
-    (`carechain.datadir`), so two bridges never take over each other's session; ingest workers add `-w<i>`.
+    `client_id`, default `default_client_id` (the bridge's login, or `carechain-bridge-<instance>` with the
+    data directory's instance id, so two bridges never take over each other's session); ingest workers add
+    `-w<i>`. The data directory is made 0700 and the ledger 0600 (with its WAL and SHM).
     """
     bdir = Path(data_dir or cfg.bridge.data_dir)
     bridge_cfg = cfg.bridge.model_copy(update={"data_dir": bdir})
@@ -66,9 +79,10 @@ def assemble_bridge(cfg: Config, *, data_dir: Path | None = None, workers: int |
     try:
         gate = contract_gate(cfg, bdir) if bridge_cfg.contracts else None
         ledger = Ledger(ledger_path(bdir))
+        make_private(ledger.path)  # 0600 with its WAL and SHM: health data (the dir is 0700 already)
         try:
             bridge = Bridge(bridge_cfg, broker, log_key(bdir), ledger,
-                            client_id=client_id or f"carechain-bridge-{instance_id(bdir)}", contracts=gate)
+                            client_id=client_id or default_client_id(broker.username, bdir), contracts=gate)
         except BaseException:
             ledger.close()
             raise

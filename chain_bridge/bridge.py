@@ -10,9 +10,13 @@ commit), then publishes receipts: a receipt is never sent for an event that is n
 from __future__ import annotations
 
 import logging
+import os
+import sqlite3
+import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -27,6 +31,7 @@ from carechain.crash_points import crash_point
 from carechain.errors import Reason
 from carechain.identity import Identity, parse_public_key_hex
 from carechain.miner_messages import CosignatureMessage
+from carechain.retry import Backoff, ReconnectPolicy
 from carechain.transport import connect_client
 from chain_bridge.finality import FinalityPolicy, FinalityTracker
 from chain_bridge.ingest import Ingest, RateGuard, Receiver, Rejection, SeqGuard, Sequencer, Verdict, VerdictSource
@@ -41,6 +46,18 @@ if TYPE_CHECKING:
 log = logging.getLogger("carechain.bridge")
 # Checkpoints whose cosignatures are still collected; miners cosign within a few intervals.
 MAX_PENDING_CHECKPOINTS = 256
+# A store that cannot be written (disk full, I/O error) is retried with this backoff, the same batch again.
+STORAGE_RETRY = ReconnectPolicy(initial_s=0.5, max_s=5.0, stable_s=0.0)
+# The exit status when the sequencer thread dies: nothing would be anchored any more, so the process ends
+# and its supervisor (systemd `Restart=on-failure`) starts a fresh one, which resumes from the ledger.
+EXIT_SEQUENCER_DIED = 70
+
+
+def _exit_process() -> None:
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_SEQUENCER_DIED)  # from a thread: sys.exit would end only the thread
 
 
 @dataclass
@@ -53,13 +70,16 @@ class BridgeStats:
     tree_size: int = 0
     batches: int = 0
     final_checkpoints: int = 0
+    storage_errors: int = 0  # batches and checkpoints that failed to write (disk full, I/O error), then retried
+    unreceipted: int = 0  # refusals of unregistered ids not receipted (over the unregistered-receipt budget)
 
     def as_dict(self) -> dict[str, object]:
         return {
             "received": self.received, "anchored": self.anchored, "duplicates": self.duplicates,
             "rejected": sum(self.rejected.values()), "rejected_by_reason": dict(self.rejected),
             "checkpoints": self.checkpoints, "tree_size": self.tree_size, "batches": self.batches,
-            "final_checkpoints": self.final_checkpoints,
+            "final_checkpoints": self.final_checkpoints, "storage_errors": self.storage_errors,
+            "unreceipted": self.unreceipted,
         }
 
 
@@ -69,7 +89,8 @@ def default_origin(log_key: Identity) -> str:
 
 class Bridge:
     def __init__(self, cfg: BridgeConfig, broker: BrokerConfig, log_key: Identity, ledger: Ledger,
-                 client_id: str = "carechain-bridge", contracts: ContractGate | None = None) -> None:
+                 client_id: str = "carechain-bridge", contracts: ContractGate | None = None,
+                 on_fatal: Callable[[], None] = _exit_process) -> None:
         self.cfg = cfg
         self.broker = broker
         self.log_key = log_key
@@ -79,7 +100,10 @@ class Bridge:
         # With contracts, every sale is checked before it is appended (docs/contracts.md); replay now.
         self.contracts = contracts
         if contracts is not None:
+            started = time.monotonic()
             contracts.catch_up(ledger)
+            log.info("contract state ready: %d of %d leaves replayed in %.2f s (the rest from a snapshot)",
+                     contracts.replayed, ledger.size, time.monotonic() - started)
         self.stats = BridgeStats(tree_size=ledger.size, checkpoints=ledger.checkpoint_count())
         self._stop = threading.Event()
         self._last_checkpoint_size = (ledger.latest_checkpoint() or (-1, ""))[0]
@@ -93,7 +117,8 @@ class Bridge:
         self._client: mqtt.Client | None = None
         self._worker: threading.Thread | None = None
         self.connected = threading.Event()
-        self.proofs = ProofResponder(ledger, None, self.ledger_lock)
+        self.proofs = ProofResponder(ledger, None, self.ledger_lock, max_packet_bytes=self.broker.max_packet_bytes,
+                                     requests_per_s=cfg.proof_requests_per_s, burst=cfg.proof_request_burst)
         self.finality: FinalityTracker | None = None
         if cfg.finality_threshold:
             self.finality = FinalityTracker(FinalityPolicy(
@@ -103,6 +128,8 @@ class Bridge:
         self.ever_connected = threading.Event()  # `connected` is cleared at every disconnect, this is not
         self._issued: dict[str, tuple[int, str]] = {}  # recent checkpoint body -> (tree size, note)
         self._last_final_size = -1
+        self._on_fatal = on_fatal  # the sequencer thread died: by default the process exits non-zero
+        self._storage_backoff = Backoff(STORAGE_RETRY)
 
     # The stages, by name (tests and tools reach them here).
     @property
@@ -122,10 +149,11 @@ class Bridge:
     def start(self) -> None:
         workers = self.cfg.ingest_workers
         if workers:
+            from chain_bridge.broker import worker_broker
             from chain_bridge.workers import WorkerPool, WorkerSpec
 
             self._pool = WorkerPool([
-                WorkerSpec(i, self.broker, self.ledger.path, self.cfg.limits, self.cfg.batch_max,
+                WorkerSpec(i, worker_broker(self.broker, i), self.ledger.path, self.cfg.limits, self.cfg.batch_max,
                            f"{self.client_id}-w{i}") for i in range(workers)])
             self._pool.start()
         # Miner topics are in the subscription list so that a reconnect re-subscribes them too.
@@ -160,12 +188,13 @@ class Bridge:
             self._pool.stop()
         if self._client:
             self._client.disconnect()
+            self.receiver.inbox.close()  # a network thread waiting for room returns without acknowledging
             self._client.loop_stop()
 
     def _on_message(self, client: mqtt.Client, _userdata: object, msg: mqtt.MQTTMessage) -> None:
         miner = topics.miner_of_topic(msg.topic)
         if miner is None:
-            self.receiver.inbox.put(msg.topic, bytes(msg.payload))
+            self.receiver.inbox.on_message(client, _userdata, msg)  # waits for room: back-pressure, not loss
         elif miner[1] == "req":
             self.proofs.serve(client, msg)
         elif miner[1] == "cosig" and msg.payload:
@@ -211,20 +240,57 @@ class Bridge:
     # -- sequencer -----------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._sequence_forever()
+        except BaseException:
+            log.critical("the bridge's sequencer thread died: nothing will be anchored or receipted any more; "
+                         "exiting with status %d so that the supervisor restarts the bridge (agents keep and "
+                         "resend their events)", EXIT_SEQUENCER_DIED, exc_info=True)
+            self._on_fatal()
+
+    def _sequence_forever(self) -> None:
         next_checkpoint = time.monotonic()
         source: VerdictSource = self._pool or self.receiver
+        retry: list[Verdict] = []  # a batch the store could not take: sequenced again, not dropped
         while not self._stop.is_set():
             timeout = min(0.2, max(0.001, next_checkpoint - time.monotonic()))
+            verdicts, retry = retry, []
             try:
-                verdicts = source.receive(timeout)
+                if not verdicts:
+                    verdicts = source.receive(timeout)
                 if verdicts:
+                    retry = verdicts  # until it is committed
                     self.sequence(verdicts)
+                    retry = []
+                if time.monotonic() >= next_checkpoint:
+                    self.maybe_checkpoint()
+                    next_checkpoint = time.monotonic() + self.cfg.checkpoint_interval_s
+                self._storage_ok()
+            except (sqlite3.OperationalError, OSError) as exc:
+                self._stop.wait(self._storage_failed(exc, len(retry)))
             except Exception:  # keep serving: agents resend what was not receipted
+                retry = []
                 log.exception("a batch failed; nothing from it was receipted")
-            if time.monotonic() >= next_checkpoint:
-                self.maybe_checkpoint()
-                next_checkpoint = time.monotonic() + self.cfg.checkpoint_interval_s
-        self.maybe_checkpoint()
+        try:
+            self.maybe_checkpoint()
+        except (sqlite3.OperationalError, OSError) as exc:  # stopping anyway: the next start checkpoints
+            self._storage_failed(exc, len(retry))
+
+    def _storage_failed(self, exc: BaseException, pending: int) -> float:
+        """Log and count a failed write to the ledger store; the seconds to wait before trying again."""
+        self.stats.storage_errors += 1
+        wait = self._storage_backoff.failed()
+        log.error("cannot write the ledger %s: %s. %d event(s) wait, unreceipted (agents keep them); retrying in "
+                  "%.1f s and resuming by itself. If the disk is full, free space on the filesystem of %s; if "
+                  "it is an I/O error, check the disk (dmesg).", self.ledger.path, exc, pending, wait,
+                  self.ledger.path.parent)
+        return wait
+
+    def _storage_ok(self) -> None:
+        if self._storage_backoff.failures:
+            log.warning("the ledger %s is writable again after %d failed attempt(s): anchoring resumed",
+                        self.ledger.path, self._storage_backoff.failures)
+            self._storage_backoff.failures = 0
 
     def process(self, batch: list[tuple[str, bytes]]) -> None:
         """Check, append and receipt one batch of raw (topic, payload) messages in this process."""
@@ -238,6 +304,7 @@ class Bridge:
         crash_point("bridge.after_append")  # committed, no receipt out yet: agents must resend, we dedup
         self.stats.anchored += batch.anchored
         self.stats.duplicates += batch.duplicates
+        self.stats.unreceipted += batch.unreceipted
         for r in batch.rejections:
             self._count(r)
         self.stats.tree_size = self.ledger.size
@@ -264,5 +331,9 @@ class Bridge:
         self._remember_checkpoint(note, self._last_checkpoint_size)
         self.stats.checkpoints += 1
         if self._client is not None:
-            self._client.publish(topics.CHECKPOINT, note.encode(), qos=1, retain=True)
+            # QoS 0: retained for whoever subscribes, never queued for an offline device's session.
+            self._client.publish(topics.CHECKPOINT, note.encode(), qos=0, retain=True)
+        if self.contracts is not None:
+            with self.ledger_lock:  # no batch in flight: the gate's state covers committed leaves only
+                self.contracts.save_snapshot(self.ledger)  # restarts and aborts replay from here on
         return note

@@ -5,10 +5,15 @@ seen, then decides each new event in log order. A purchase the contracts refuse 
 `sale.refused` entry (signed by the operator key, wrapping the terminal's signed bytes) so it counts
 against the pharmacy; a sale the contracts would not even accept as refused (e.g. from a device the
 contracts do not know) is not appended at all. Other event kinds go in unchecked, as before.
+
+Replaying the whole log at every start (and after every rolled-back batch) would make both grow with the
+ledger, so the gate keeps snapshots of its state in the ledger database (`save_snapshot`, called at
+checkpoints) and starts from the newest one, replaying only the leaves after it.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
 from carechain.entries import ENTRY_EVENT, Entry
@@ -16,20 +21,30 @@ from carechain.identity import Identity
 from chain_bridge.ledger.store import EventCandidate, Ledger
 from contract_rules import CodeBook, Genesis, Replica, Runtime, State
 from contract_rules import transactions as ce
+from contract_rules.replay import SnapshotError, genesis_hash
 from contract_rules.runtime import OK
 
 PURCHASE = "purchase"
+# Snapshot at a checkpoint once this many leaves were applied since the last one: a restart then replays at
+# most about this many leaves (~150 µs each), and a snapshot costs one write of the contract tables.
+SNAPSHOT_EVERY = 10_000
+log = logging.getLogger("carechain.bridge")
 
 
 class ContractGate:
-    def __init__(self, genesis: Genesis, operator: Identity, code: CodeBook | None = None) -> None:
+    def __init__(self, genesis: Genesis, operator: Identity, code: CodeBook | None = None,
+                 snapshot_every: int = SNAPSHOT_EVERY) -> None:
         if operator.device_id not in genesis.operators:
             raise ValueError(f"the bridge's operator key {operator.device_id} is not a genesis operator: the "
                              "contracts would reject every sale.refused it signs")
         self.genesis = genesis
         self.operator = operator
         self.replica = Replica(genesis, code)
-        self._stale = False
+        self._genesis_hash = genesis_hash(genesis)
+        self._stale = True  # nothing loaded yet: the first catch_up starts from the newest snapshot
+        self._snapshot_size = 0
+        self.snapshot_every = snapshot_every
+        self.replayed = 0  # leaves applied by the last catch_up (restart and abort cost; tests and bench read it)
 
     @property
     def runtime(self) -> Runtime:
@@ -40,11 +55,48 @@ class ContractGate:
         return self.replica.state
 
     def catch_up(self, ledger: Ledger) -> None:
-        """Apply the committed leaves beyond what the runtime has seen (all of them after an abort)."""
+        """Apply the committed leaves beyond what the runtime has seen (after an abort or at start: beyond
+        the newest snapshot)."""
         if self._stale:
-            self.replica.reset()
+            self._load_snapshot(ledger)
             self._stale = False
-        self.replica.apply_leaves(ledger.leaves(self.replica.size, ledger.size))
+        start = self.replica.size
+        self.replica.apply_leaves(ledger.leaves(start, ledger.size))
+        self.replayed = ledger.size - start
+
+    def _load_snapshot(self, ledger: Ledger) -> None:
+        self.replica.reset()
+        found = ledger.contract_snapshot(self._genesis_hash)
+        if found is None:
+            return
+        size, data = found
+        try:
+            self.replica.restore(data)
+        except SnapshotError as exc:
+            log.warning("contract snapshot at %d leaves of %s not used (%s): replaying from the genesis",
+                        size, ledger.path, exc)
+            self.replica.reset()
+            return
+        if self.replica.size != size:
+            log.warning("contract snapshot row %d holds a state of %d leaves: replaying from the genesis",
+                        size, self.replica.size)
+            self.replica.reset()
+            return
+        self._snapshot_size = size
+
+    def save_snapshot(self, ledger: Ledger) -> bool:
+        """Catch up with the committed log and snapshot the state, once `snapshot_every` leaves have passed.
+
+        Call with the ledger lock held and no batch in flight (the bridge does it after a checkpoint), so
+        the state covers exactly committed leaves. Storage errors propagate: the caller logs and retries.
+        """
+        if ledger.size - self._snapshot_size < self.snapshot_every:
+            return False
+        self.catch_up(ledger)  # batches without a sale leave the gate behind; it catches up here instead
+        size = self.replica.size
+        ledger.save_contract_snapshot(size, self._genesis_hash, self.replica.snapshot())
+        self._snapshot_size = size
+        return True
 
     def admit(self, index: int, candidate: EventCandidate) -> Entry | str | None:
         if index != self.runtime.state.size:  # cannot happen after catch_up; never decide on a stale state

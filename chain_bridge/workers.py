@@ -87,10 +87,18 @@ def run_worker(spec: WorkerSpec, out: mp.Queue[list[Verdict]], stop: Any, subscr
             if not subscribed.is_set() and ready.is_set():
                 subscribed.set()
             verdicts = receiver.receive(0.1)
-            if verdicts:
-                out.put(verdicts)
+            while verdicts and not stop.is_set():
+                try:  # bounded: while the sequencer is behind, this worker stops draining its inbox (back-pressure)
+                    out.put(verdicts, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
     finally:
+        # Disconnect first: a network thread waiting for room in a full inbox then gives up, and the message
+        # it held is not acknowledged (the DISCONNECT goes out before its PUBACK could); close() ends any
+        # other wait, so the exit never hangs on a full inbox.
         client.disconnect()
+        receiver.inbox.close()
         client.loop_stop()
         ledger.close()
 
@@ -101,7 +109,9 @@ class WorkerPool:
     def __init__(self, specs: list[WorkerSpec]) -> None:
         ctx = mp.get_context("spawn")
         self.batch_max = max((s.batch_max for s in specs), default=1)
-        self.results: mp.Queue[list[Verdict]] = ctx.Queue()
+        # Bounded like an inbox: verdicts waiting for the sequencer take at most about one inbox's worth.
+        slots = max((s.limits.inbox_max_messages // max(s.batch_max, 1) for s in specs), default=1)
+        self.results: mp.Queue[list[Verdict]] = ctx.Queue(maxsize=max(2, slots))
         self._stop = ctx.Event()
         self._subscribed = [ctx.Event() for _ in specs]
         self._procs = [ctx.Process(target=run_worker, args=(s, self.results, self._stop, ready),

@@ -15,6 +15,7 @@ import importlib
 import json
 import logging
 import queue
+import re
 import threading
 import time
 import uuid
@@ -30,6 +31,7 @@ from carechain import miner_messages as messages
 from carechain import topics
 from carechain.config import BrokerConfig
 from carechain.cosignature import Cosigner
+from carechain.evidence import Evidence, EvidenceError, EvidenceKind, shrink_violation, verify_evidence
 from carechain.files import PUBLIC, write_atomic
 from carechain.identity import Identity
 from carechain.merkle import leaf_hash
@@ -51,6 +53,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("carechain.miner")
 STATE_FILE = "witness.json"
 STATE_VERSION = 1
+MAX_RATE_RETRIES = 20  # asked to come back later this many times in a row: give up until the next checkpoint
 
 
 class StateError(Exception):
@@ -180,16 +183,13 @@ class WitnessMiner:
             return True
         if done != 0:
             raise StateError(f"the entry verifier is at leaf {done}, the cosigned tree at {cosigned}")
-        entries: list[bytes] = []
-        while len(entries) < cosigned:
-            hi = min(cosigned, len(entries) + messages.MAX_ENTRIES_PER_RESPONSE)
-            resp = self._fetch(ProofRequest(len(entries), hi))
-            if resp is None or len(resp.entries) != hi - len(entries):
-                self.stats["no_replay"] += 1
-                log.warning("miner %s: could not fetch leaves %d..%d to replay the contracts; retrying with the "
-                            "next checkpoint", self.id, len(entries), hi - 1)
-                return False
-            entries.extend(bytes.fromhex(e) for e in resp.entries)
+        resp = self._fetch(ProofRequest(0, cosigned))
+        if resp is None or len(resp.entries) != cosigned:
+            self.stats["no_replay"] += 1
+            log.warning("miner %s: could not fetch leaves 0..%d to replay the contracts; retrying with the next "
+                        "checkpoint", self.id, cosigned - 1)
+            return False
+        entries = [bytes.fromhex(e) for e in resp.entries]
         if MerkleTree(leaf_hash(e) for e in entries).root() != self.witness.state.root_hash:
             self.stats["bad_replay"] += 1
             log.warning("miner %s: the served leaves 0..%d are not the tree it cosigned", self.id, cosigned - 1)
@@ -206,10 +206,64 @@ class WitnessMiner:
         log.log(logging.WARNING if r.evidence else logging.INFO, "miner %s refused: %s: %s", self.id, r.reason,
                 r.detail)
         if r.evidence is not None:
-            self._publish(messages.evidence(self.id), r.evidence.model_dump_json().encode())
+            payload = self._evidence_payload(r.evidence)
+            if payload is not None:
+                self._publish(messages.evidence(self.id), payload)
         return r
 
+    def _evidence_payload(self, ev: Evidence) -> bytes | None:
+        """`ev` as one packet under the broker's limit: a violation over many entries is cut after the
+        violating leaf (with the log's proof that the prefix is its tree's); what still does not fit is kept
+        in DATA_DIR/evidence/ and logged, never queued for a broker that would refuse it."""
+        budget = messages.payload_budget(self.broker.max_packet_bytes, messages.evidence(self.id))
+        payload = ev.model_dump_json().encode()
+        if len(payload) <= budget:
+            return payload
+        old_size = self.witness.state.tree_size  # a refusal leaves the state as it was
+        new_size = old_size + len(ev.entries)
+        if ev.kind is EvidenceKind.VIOLATION and ev.violation_leaf is not None and ev.violation_leaf + 1 < new_size:
+            proof = self._ask(new_size, ev.violation_leaf + 1)  # the proof (leaf + 1) → new; no entries
+            try:
+                if proof is not None:
+                    shrunk = shrink_violation(ev, old_size, [bytes.fromhex(h) for h in proof.consistency_path])
+                    verify_evidence(shrunk, self.witness.log_public_key)
+                    payload = shrunk.model_dump_json().encode()
+                    if len(payload) <= budget:
+                        self.stats["evidence_shrunk"] += 1
+                        return payload
+            except (ValueError, EvidenceError) as exc:
+                log.warning("miner %s: the log's proof for shortened evidence does not verify: %s", self.id, exc)
+        kept = self.data_dir / "evidence" / f"{ev.kind}-{new_size}.json"
+        kept.parent.mkdir(exist_ok=True)
+        write_atomic(kept, ev.model_dump_json().encode(), PUBLIC)
+        self.stats["evidence_unsent"] += 1
+        log.error("miner %s: %s evidence for tree size %d is %d bytes, above broker.max_packet_bytes (%d): not "
+                  "published; it is kept in %s — hand it to an auditor (carechain.evidence.verify_evidence checks "
+                  "it)", self.id, ev.kind, new_size, len(payload), self.broker.max_packet_bytes, kept)
+        return None
+
     def _fetch(self, plan: ProofRequest) -> messages.ProofResponseMessage | None:
+        """The proof and every entry `plan` needs, asked page by page: the log answers with as many entries
+        as fit one packet under the broker's limit, and this miner asks again from where a page ended."""
+        first = self._ask(plan.old_size, plan.new_size)
+        if first is None:
+            return None
+        entries = list(first.entries)
+        while plan.old_size + len(entries) < plan.new_size:
+            page = self._ask(plan.old_size + len(entries), plan.new_size)
+            if page is None:
+                return None
+            if not page.entries:  # an answer that makes no progress would loop forever
+                self.stats["bad_response"] += 1
+                log.warning("miner %s: the log sent no entries from %d; will judge the next checkpoint", self.id,
+                            plan.old_size + len(entries))
+                return None
+            entries.extend(page.entries)
+            self.stats["pages"] += 1
+        return first.model_copy(update={"entries": entries})
+
+    def _ask(self, old_size: int, new_size: int, attempts: int = 0) -> messages.ProofResponseMessage | None:
+        """One request, one answer (or None: timeout, or the log's error)."""
         if self._client is None:
             return None
         while True:  # drop late answers to earlier requests
@@ -217,7 +271,7 @@ class WitnessMiner:
                 self._responses.get_nowait()
             except queue.Empty:
                 break
-        req = messages.ProofRequestMessage(id=uuid.uuid4().hex, old_size=plan.old_size, new_size=plan.new_size)
+        req = messages.ProofRequestMessage(id=uuid.uuid4().hex, old_size=old_size, new_size=new_size)
         self._client.publish(messages.request(self.id), req.model_dump_json().encode(), qos=1)
         deadline = time.monotonic() + self.request_timeout_s
         while (left := deadline - time.monotonic()) > 0 and not self._stop.is_set():
@@ -226,9 +280,14 @@ class WitnessMiner:
             except queue.Empty:
                 continue
             if resp.id == req.id:
+                if resp.error and resp.error.startswith(messages.RATE_LIMITED) and attempts < MAX_RATE_RETRIES:
+                    self.stats["rate_limited"] += 1
+                    match = re.search(r"retry in ([0-9.]+) s", resp.error)
+                    self._stop.wait(min(float(match.group(1)) if match else 1.0, 5.0))
+                    return self._ask(old_size, new_size, attempts + 1)
                 if resp.error:
-                    log.warning("miner %s: the log could not prove %d → %d: %s", self.id, plan.old_size,
-                                plan.new_size, resp.error)
+                    log.warning("miner %s: the log could not prove %d → %d: %s", self.id, old_size, new_size,
+                                resp.error)
                     return None
                 return resp
         return None

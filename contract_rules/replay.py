@@ -9,15 +9,29 @@ checkpoint, refusing (with a `Violation`) the first leaf the rules do not accept
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Iterable, Sequence
 
+from carechain import cbor
 from carechain.entries import LEDGER_ENTRY_TYPES, Entry, EntryError
 from carechain.evidence import Violation
 from contract_rules.runtime import OK, CodeBook, Genesis, Runtime, State
 
 LEAF_TYPES = LEDGER_ENTRY_TYPES
 
-__all__ = ["LEAF_TYPES", "ContractWitness", "Replica", "Violation", "decode_leaf", "replay", "replay_leaves"]
+__all__ = ["LEAF_TYPES", "ContractWitness", "Replica", "SnapshotError", "Violation", "decode_leaf", "genesis_hash",
+           "replay", "replay_leaves"]
+
+SNAPSHOT_VERSION = 1
+
+
+class SnapshotError(ValueError):
+    """Bytes that are not a contract snapshot this replica can restore (replay from the genesis instead)."""
+
+
+def genesis_hash(genesis: Genesis) -> bytes:
+    """What a snapshot is bound to: a state is only meaningful under the genesis it grew from."""
+    return hashlib.sha256(b"carechain/contracts/genesis/v1\x00" + genesis.to_cbor()).digest()
 
 
 def decode_leaf(data: bytes) -> Entry:
@@ -44,6 +58,39 @@ class Replica:
     def reset(self) -> None:
         """Back to the genesis (e.g. after leaves it applied were rolled back)."""
         self.runtime = Runtime(self.genesis, self.code)
+
+    def snapshot(self) -> bytes:
+        """The state as deterministic CBOR, to resume from without replaying the leaves it covers.
+
+        `results` holds `[index, outcome]` for every leaf, almost all "ok": the snapshot keeps only the
+        other outcomes, so it grows with the contract tables and the refusals, not with the log.
+        """
+        state = self.state
+        refused = [[i, r] for i, r in state.results if r != OK]
+        return cbor.encode({"v": SNAPSHOT_VERSION, "operators": state.operators, "balances": state.balances,
+                            "supply": state.supply, "versions": state.versions, "tables": state.tables,
+                            "size": state.size, "refused": refused})
+
+    def restore(self, data: bytes) -> None:
+        """Continue from a `snapshot()` (of this genesis; the caller checks). Raises SnapshotError."""
+        try:
+            raw = cbor.decode(data, max_depth=64)
+            if not isinstance(raw, dict) or raw.get("v") != SNAPSHOT_VERSION:
+                raise SnapshotError(f"not a version {SNAPSHOT_VERSION} contract snapshot")
+            size = raw["size"]
+            results: list[list[object]] = [[i, OK] for i in range(size)]
+            for index, outcome in raw["refused"]:
+                if not 0 <= index < size:
+                    raise SnapshotError(f"a refusal at leaf {index} outside the snapshot's {size} leaves")
+                results[index][1] = outcome
+            state = State(operators=raw["operators"], balances=raw["balances"], supply=raw["supply"],
+                          versions=raw["versions"], tables=raw["tables"], results=results, size=size)
+        except (cbor.CBORError, KeyError, TypeError, ValueError, IndexError) as exc:
+            if isinstance(exc, SnapshotError):
+                raise
+            raise SnapshotError(f"damaged contract snapshot: {exc}") from None
+        self.runtime = Runtime(self.genesis, self.code)
+        self.runtime.state = state
 
     def apply_entries(self, entries: Iterable[Entry]) -> None:
         """Apply entries in log order; a rejected entry is recorded as rejected and changes nothing else."""

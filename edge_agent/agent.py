@@ -6,6 +6,12 @@ provisioned, never another party's), publishing only that device's events and su
 receipts, so a broker ACL can confine every device to its own topics (docs/broker-security.md). paho's
 network threads hand receipts and connection changes to the event loop with `call_soon_threadsafe`; all
 outbox and window state is touched only on the loop.
+
+Under pressure: a full disk never stops the agent — the readings it cannot store are counted as lost
+(`losses`, policy `disk_full`), writing is retried with backoff, and signing resumes when space returns.
+An `ok` receipt deletes an event only when it names our bytes' digest (a mismatch is quarantined and
+raises the alarm); a `seq_reused` refusal naming the highest anchored seq moves the counter past it and
+re-signs the refused reading, so a lost or restored outbox costs no readings.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -24,11 +31,12 @@ from carechain import envelope, topics
 from carechain.config import BrokerConfig
 from carechain.credentials import MqttCredentials
 from carechain.datadir import instance_id
+from carechain.errors import Reason
 from carechain.events import EventBody, make_payload
 from carechain.identity import Identity
-from carechain.receipts import ReceiptError, open_receipt
+from carechain.receipts import Receipt, ReceiptError, open_receipt
 from carechain.transport import connect_client
-from edge_agent.outbox import Outbox, OutboxFull
+from edge_agent.outbox import DiskFull, Outbox, OutboxFull
 from edge_agent.source import Source
 from edge_agent.window import SendWindow
 
@@ -53,7 +61,17 @@ class AgentStats:
     rejected_retryable: int = 0
     bad_receipts: int = 0
     refused_quota: int = 0
+    refused_disk: int = 0  # readings not signed because the outbox's disk was full (also in `losses`)
+    storage_errors: int = 0  # outbox writes the disk refused (signing, acks, quarantine, re-signing)
+    receipt_mismatches: int = 0  # `ok` receipts naming other bytes than ours: an alarm (cloned key/image)
+    unbound_acks: int = 0  # `ok` entries without a digest (an older bridge): deleted by seq alone
+    resigned: int = 0  # readings re-signed past the highest anchored seq after a `seq_reused` refusal
     reasons: dict[str, int] = field(default_factory=dict)
+
+
+# Backoff between attempts to write to a full disk (first, at most): short, because every reading that
+# arrives meanwhile is lost (and counted), and an attempt costs one statvfs and one refused transaction.
+DISK_RETRY_S = (0.5, 5.0)
 
 
 class Agent:
@@ -89,6 +107,8 @@ class Agent:
         self._producing = True
         self._connected: set[str] = set()  # devices whose MQTT client is connected now
         self._clients: dict[str, mqtt.Client] = {}
+        self._disk_backoff_s = 0.0  # 0: the outbox's disk took the last write
+        self._disk_retry_at = 0.0  # monotonic time of the next write attempt while the disk is full
 
     def device_client_id(self, device_id: str) -> str:
         return f"{self.client_id}-{device_id}"
@@ -120,11 +140,26 @@ class Agent:
             # make_payload checks the body model matches the kind (a PayloadError otherwise).
             return lambda seq: envelope.sign(device.identity, make_payload(device_id, seq, ts, kind, body))
 
+        if self._disk_backoff_s and time.monotonic() < self._disk_retry_at:
+            self.stats.refused_disk += len(readings)  # not even tried: counted, written to `losses` later
+            self.outbox.count_disk_loss(device_id, len(readings))
+            return []
         try:
             seqs = self.outbox.add_many(device_id, [signer(k, b) for k, b in readings])
+        except DiskFull as exc:
+            self.stats.refused_disk += len(readings)  # counted by the outbox (persisted as soon as it can)
+            self.stats.storage_errors += 1
+            self._disk_backoff_s = min(DISK_RETRY_S[1], max(DISK_RETRY_S[0], 2 * self._disk_backoff_s))
+            self._disk_retry_at = time.monotonic() + self._disk_backoff_s
+            log.error("%s; next attempt in %.1f s", exc, self._disk_backoff_s)
+            return []
         except OutboxFull:
             self.stats.refused_quota += len(readings)  # counted and logged by the outbox, persisted too
             return []
+        if self._disk_backoff_s:
+            self._disk_backoff_s = 0.0
+            log.warning("outbox disk has room again: signing resumed (%d reading(s) lost to a full disk so far, "
+                        "in `losses`)", self.stats.refused_disk)
         self.stats.signed += len(seqs)
         self._wake.set()
         return seqs
@@ -181,10 +216,38 @@ class Agent:
             self.stats.bad_receipts += 1
             log.warning("ignored receipt on %s: %s", topic, exc)
             return
-        if receipt.ok:
+        try:
+            self._apply_receipt(device_id, receipt)
+        except sqlite3.OperationalError as exc:  # e.g. a full disk: the events stay, are resent and re-acked
+            self.stats.storage_errors += 1
+            log.error("could not apply a receipt for %s to the outbox (%s): free space on %s; the events "
+                      "stay queued and are resent", device_id, exc, self.outbox.path.parent)
+        self._wake.set()
+
+    def _apply_receipt(self, device_id: str, receipt: Receipt) -> None:
+        if receipt.ok and receipt.bound:
+            deleted, mismatched = self.outbox.ack_bound(
+                device_id, [(seq, digest) for seq, _, digest in receipt.acknowledged() if digest is not None])
+            self.stats.acked += len(deleted)
+            if mismatched:
+                self.stats.receipt_mismatches += len(mismatched)
+                self.stats.quarantined += len(mismatched)
+                log.error("ALARM: the bridge anchored OTHER bytes under %s seq %s than this agent signed: another "
+                          "holder of this device's key or disk image is publishing as it. Ours are kept in "
+                          "quarantine (receipt_mismatch); revoke and re-key the device", device_id,
+                          ", ".join(map(str, mismatched[:10])))
+        elif receipt.ok:  # an older bridge: its receipts do not name the bytes
+            self.stats.unbound_acks += len(receipt.ok)
             self.stats.acked += self.outbox.ack(device_id, [seq for seq, _ in receipt.ok])
-            for seq, _ in receipt.ok:
-                self.window.settled((device_id, seq))
+        for seq, _ in receipt.ok:
+            self.window.settled((device_id, seq))
+        if receipt.highest_seq is not None and any(r.reason == Reason.SEQ_REUSED for r in receipt.rejected):
+            before = self.outbox.next_seq(device_id)
+            nxt = self.outbox.advance(device_id, receipt.highest_seq)
+            if nxt != before:
+                log.warning("bridge says %s's highest anchored seq is %d: its counter moves from %d to %d (outbox "
+                            "lost or restored?); refused readings are re-signed", device_id, receipt.highest_seq,
+                            before, nxt)
         for rej in receipt.rejected:
             self.stats.reasons[rej.reason] = self.stats.reasons.get(rej.reason, 0) + 1
             if rej.seq is None:
@@ -193,12 +256,30 @@ class Agent:
             if rej.retryable:
                 self.stats.rejected_retryable += 1  # stays in flight; resent after the timeout
                 log.info("bridge deferred %s seq %d: %s", device_id, rej.seq, rej.detail)
+            elif rej.reason == Reason.SEQ_REUSED and receipt.highest_seq is not None:
+                new_seq = self.outbox.resign(device_id, rej.seq, rej.digest, receipt.highest_seq,
+                                             self._resigner(device_id))
+                if new_seq is not None:
+                    self.stats.resigned += 1
+                    self.window.settled((device_id, rej.seq))
+                    log.info("re-signed %s seq %d as seq %d (its seq was already anchored)",
+                             device_id, rej.seq, new_seq)
             elif self.outbox.quarantine(device_id, rej.seq, rej.reason, rej.detail, rej.digest):
                 self.stats.quarantined += 1
                 self.window.settled((device_id, rej.seq))
                 log.error("bridge rejected %s seq %d (%s): %s; kept in quarantine",
                           device_id, rej.seq, rej.reason, rej.detail)
-        self._wake.set()
+
+    def _resigner(self, device_id: str) -> Callable[[bytes, int], bytes]:
+        """Re-sign one of our own stored envelopes with a new seq, everything else unchanged."""
+        identity = self.devices[device_id].identity
+
+        def sign(old: bytes, seq: int) -> bytes:
+            payload = dict(envelope.parse(old, max_bytes=1 << 20).payload)
+            payload["seq"] = seq
+            return envelope.sign(identity, payload)
+
+        return sign
 
     def _on_state(self, device_id: str, up: bool) -> None:
         if up:
@@ -241,7 +322,11 @@ class Agent:
             pending: set[asyncio.Task[Any]] = {stopped, *tasks}
             while stopped in pending:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                if any(not t.cancelled() and t.exception() is not None for t in done):
+                failed = [t for t in done if not t.cancelled() and t.exception() is not None]
+                for t in failed:
+                    log.error("agent task %s failed: %r; the agent stops (its supervisor restarts it)",
+                              t.get_name(), t.exception())
+                if failed:
                     break
         finally:
             for t in (stopped, *tasks):

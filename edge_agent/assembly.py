@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from carechain.config import AgentDeviceConfig, Config, ConfigError, check_agent_logins
 from carechain.credentials import CredentialsError, MqttCredentials, load_mqtt_credentials, resolve_broker_login
 from carechain.datadir import DataDirLock, lock_data_dir
+from carechain.files import make_private
 from carechain.identity import Identity, KeyFileError
 from carechain.profiles import DeviceProfile, load_profiles
 from edge_agent.agent import Agent, AgentDevice
@@ -141,6 +142,7 @@ def assemble_agent(cfg: Config, *, devices: Sequence[AgentDevice] | None = None,
     try:
         quota = Quota(int(ac.outbox_quota_mb * (1 << 20)), QuotaPolicy(ac.on_quota))
         outbox = Outbox(ac.data_dir / OUTBOX_FILE, quota)
+        make_private(outbox.path)  # 0600 with its WAL and SHM: health data (the dir is 0700 already)
         try:
             agent = Agent(devices, outbox, broker, bridge_key, window=ac.window,
                           resend_after_s=ac.resend_after_s, speedup=ac.speedup, client_id=client_id,

@@ -8,20 +8,34 @@ Invariants:
 - Reads are paged (`pending_after`), so memory stays bounded whatever the backlog.
 - The file has a size quota. What happens at the quota is the operator's documented choice
   (`QuotaPolicy`), and every event lost to it is counted in the `losses` table and logged — never silent.
+- The quota is only as good as the disk under it: before signing, the outbox checks that the filesystem
+  keeps `Quota.min_free_bytes` free (room for the losses ledger and SQLite's journal). Below that, and when
+  the disk fills anyway (SQLITE_FULL, an I/O error), readings are not signed, and each is counted in
+  `losses` (policy `disk_full`; held in memory while even that row cannot be written, and written as soon
+  as it can). Nothing already signed is touched, and signing resumes by itself when space returns.
+- An `ok` receipt deletes an event only if it names the digest of *our* bytes (`ack_bound`); a receipt
+  for other bytes under our seq quarantines ours as `receipt_mismatch`.
+- A `seq_reused` refusal with the device's highest anchored seq moves the counter past it and re-signs
+  the refused event under a fresh seq (`resign`): a lost or restored outbox costs no readings.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import logging
+import shutil
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import NoReturn
 
+from carechain.disk_full_points import disk_full_point
+from carechain.files import make_private
 from carechain.sqlite_store import OUTBOX, check_store
 
 log = logging.getLogger("carechain.agent.outbox")
@@ -41,6 +55,11 @@ CREATE TABLE IF NOT EXISTS losses (
 """
 
 
+DISK_FULL = "disk_full"  # the `losses` policy of readings not stored because the disk had no room
+RECEIPT_MISMATCH = "receipt_mismatch"  # the quarantine reason of an event whose `ok` receipt named other bytes
+MIN_FREE_BYTES = 8 << 20
+
+
 class QuotaPolicy(StrEnum):
     """What the outbox does when it reaches its size quota (agent.outbox_quota_mb)."""
 
@@ -52,10 +71,17 @@ class QuotaPolicy(StrEnum):
 class Quota:
     max_bytes: int = 2 << 30
     policy: QuotaPolicy = QuotaPolicy.REFUSE_NEW
+    min_free_bytes: int = MIN_FREE_BYTES  # below this much free disk, new readings are refused (disk_full)
 
 
 class OutboxFull(RuntimeError):
     """The quota is reached and the policy is refuse_new: these readings were not signed or stored."""
+
+
+class DiskFull(OutboxFull):
+    """The disk under the outbox is (nearly) full, or refused a write: these readings were not signed.
+
+    Counted in `losses` as `disk_full`; the outbox is usable again as soon as space returns."""
 
 
 @dataclass(frozen=True)
@@ -85,8 +111,10 @@ class Outbox:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        make_private(self.path)  # 0600: health data; SQLite gives later -wal/-shm files this mode
         self._page_size = self._db.execute("PRAGMA page_size").fetchone()[0]
-        self._loss_logged_at: dict[tuple[str, QuotaPolicy], float] = {}
+        self._loss_logged_at: dict[tuple[str, str], float] = {}
+        self._unrecorded: dict[str, int] = {}  # device -> disk_full losses not yet written (no room for the row)
         # Deleting receipted events need not survive a power cut: a delete rolled back by one is resent
         # and deduplicated by the bridge. So acks commit on their own connection without an fsync
         # (WAL + synchronous=NORMAL stays consistent), while signing keeps FULL: a seq must never repeat.
@@ -108,13 +136,26 @@ class Outbox:
         drop_oldest stores the new events and deletes the oldest ones in the same transaction.
         """
         signers = list(signers)
-        db = self._db
+        free, reserve = self.free_disk_bytes(), self.reserve_bytes()
+        if free < reserve:
+            self._disk_loss(device_id, len(signers), f"{free / (1 << 20):.1f} MB free on the outbox's disk, below "
+                                                     f"the {reserve / (1 << 20):.1f} MB kept free")
         if self.quota.policy is QuotaPolicy.REFUSE_NEW and self.used_bytes() >= self.quota.max_bytes:
             self._record_loss(device_id, QuotaPolicy.REFUSE_NEW, len(signers), None, None, commit=True)
             raise OutboxFull(f"{self.path}: outbox quota of {self.quota.max_bytes / (1 << 20):.1f} MB reached; "
                              f"{len(signers)} reading(s) of {device_id} not stored (policy refuse_new)")
-        db.execute("BEGIN IMMEDIATE")
         try:
+            seqs = self._store(device_id, signers)
+        except sqlite3.OperationalError as exc:
+            if not is_storage_error(exc):
+                raise
+            self._disk_loss(device_id, len(signers), f"the disk refused the write ({exc})")  # nothing was stored
+        self._flush_unrecorded()
+        return seqs
+
+    def _store(self, device_id: str, signers: list[Callable[[int], bytes]]) -> list[int]:
+        db = self._db
+        with _transaction(db):
             row = db.execute("SELECT next_seq FROM counters WHERE device_id=?", (device_id,)).fetchone()
             seq = row[0] if row else 0
             now = int(time.time() * 1000)
@@ -128,11 +169,43 @@ class Outbox:
             db.execute("INSERT OR REPLACE INTO counters VALUES (?, ?)", (device_id, seq))
             if self.quota.policy is QuotaPolicy.DROP_OLDEST:
                 self._drop_oldest_over_quota()
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         return seqs
+
+    def free_disk_bytes(self) -> int:
+        return shutil.disk_usage(self.path.parent).free
+
+    def reserve_bytes(self) -> int:
+        """Free space kept on the outbox's filesystem: `min_free_bytes`, at most 5 % of a small disk."""
+        return min(self.quota.min_free_bytes, shutil.disk_usage(self.path.parent).total // 20)
+
+    def _disk_loss(self, device_id: str, events: int, why: str) -> NoReturn:
+        """Count `events` readings of `device_id` lost to a full disk, say what to do, and raise DiskFull."""
+        try:
+            self._record_loss(device_id, DISK_FULL, events, None, None, commit=True)
+        except sqlite3.OperationalError as exc:  # not even room for the row: keep the count until there is
+            if not is_storage_error(exc):
+                raise
+            self._unrecorded[device_id] = self._unrecorded.get(device_id, 0) + events
+            self._log_loss(device_id, DISK_FULL, events, None, None)
+        raise DiskFull(f"{self.path}: {why}; {events} reading(s) of {device_id} not signed or stored. "
+                       f"Free space on that filesystem (or move agent.data_dir): signing resumes by itself")
+
+    def count_disk_loss(self, device_id: str, events: int) -> None:
+        """Count readings not even offered to a full disk (the agent backs off): written with the next write."""
+        self._unrecorded[device_id] = self._unrecorded.get(device_id, 0) + events
+        self._log_loss(device_id, DISK_FULL, events, None, None)
+
+    def _flush_unrecorded(self) -> None:
+        """Write the disk_full losses counted while not even their row fitted (the disk has room again)."""
+        while self._unrecorded:
+            device_id, events = next(iter(self._unrecorded.items()))
+            try:
+                self._record_loss(device_id, DISK_FULL, events, None, None, commit=True, log_it=False)
+            except sqlite3.OperationalError as exc:
+                if not is_storage_error(exc):
+                    raise
+                return  # still no room: kept, tried again after the next write
+            del self._unrecorded[device_id]
 
     def pending_after(self, row_id: int, limit: int) -> list[Pending]:
         rows = self._db.execute(
@@ -146,14 +219,67 @@ class Outbox:
         One transaction for the whole receipt, without an fsync (see __init__).
         """
         db = self._acks
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(db):
             cur = db.executemany("DELETE FROM outbox WHERE device_id=? AND seq=?", [(device_id, s) for s in seqs])
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         return cur.rowcount
+
+    def ack_bound(self, device_id: str, acks: Iterable[tuple[int, bytes]]) -> tuple[list[int], list[int]]:
+        """Delete the events whose stored bytes have the acknowledged SHA-256 digest.
+
+        Returns (seqs deleted, seqs whose receipt named *other* bytes). Those are moved to quarantine as
+        `receipt_mismatch`: the bridge anchored something else under our seq (a clone of this device's
+        image or key published first), so ours can never be anchored under it; the caller raises the alarm.
+        """
+        db = self._acks
+        deleted: list[int] = []
+        mismatched: list[tuple[int, bytes]] = []
+        with _transaction(db):
+            for seq, digest in acks:
+                row = db.execute("SELECT envelope FROM outbox WHERE device_id=? AND seq=?",
+                                 (device_id, seq)).fetchone()
+                if row is None:
+                    continue  # a re-acknowledgement
+                ours = hashlib.sha256(row[0]).digest()
+                if hmac.compare_digest(ours, digest):
+                    db.execute("DELETE FROM outbox WHERE device_id=? AND seq=?", (device_id, seq))
+                    deleted.append(seq)
+                else:
+                    mismatched.append((seq, ours))
+        for seq, ours in mismatched:
+            self.quarantine(device_id, seq, RECEIPT_MISMATCH,
+                            "the bridge acknowledged other bytes under this seq: another holder of this "
+                            "device's key or image published first", ours)
+        return deleted, [seq for seq, _ in mismatched]
+
+    def advance(self, device_id: str, highest_anchored: int) -> int:
+        """Move the seq counter past `highest_anchored` (never back); returns the next seq."""
+        db = self._db
+        with _transaction(db):
+            nxt = max(self.next_seq(device_id), highest_anchored + 1)
+            db.execute("INSERT OR REPLACE INTO counters VALUES (?, ?)", (device_id, nxt))
+        return nxt
+
+    def resign(self, device_id: str, seq: int, digest: bytes, highest_anchored: int,
+               sign: Callable[[bytes, int], bytes]) -> int | None:
+        """Re-sign our event at `seq` (refused as `seq_reused`) under a fresh seq past `highest_anchored`.
+
+        Only when `digest` is that of our stored bytes (as for `quarantine`). `sign(old_envelope, new_seq)`
+        returns the new envelope; the old row goes, the new one joins the end of the queue and the counter
+        moves past it — one transaction, fsynced, like signing. Returns the new seq, or None.
+        """
+        db = self._db
+        with _transaction(db):
+            row = db.execute("SELECT envelope, created_ms FROM outbox WHERE device_id=? AND seq=?",
+                             (device_id, seq)).fetchone()
+            if row is None or not hmac.compare_digest(hashlib.sha256(row[0]).digest(), digest):
+                return None
+            counter = db.execute("SELECT next_seq FROM counters WHERE device_id=?", (device_id,)).fetchone()
+            new_seq = max(counter[0] if counter else 0, highest_anchored + 1)
+            db.execute("DELETE FROM outbox WHERE device_id=? AND seq=?", (device_id, seq))
+            db.execute("INSERT INTO outbox (device_id, seq, envelope, created_ms) VALUES (?,?,?,?)",
+                       (device_id, new_seq, sign(bytes(row[0]), new_seq), row[1]))
+            db.execute("INSERT OR REPLACE INTO counters VALUES (?, ?)", (device_id, new_seq + 1))
+        return new_seq
 
     # -- quota -------------------------------------------------------------------------------------
 
@@ -185,27 +311,38 @@ class Outbox:
         for dev, seqs in by_device.items():
             self._record_loss(dev, QuotaPolicy.DROP_OLDEST, len(seqs), min(seqs), max(seqs), commit=False)
 
-    def _record_loss(self, device_id: str, policy: QuotaPolicy, events: int, first: int | None,
-                     last: int | None, *, commit: bool) -> None:
-        if commit:
-            self._db.execute("BEGIN IMMEDIATE")
-        self._db.execute("INSERT INTO losses VALUES (?,?,?,?,?,?)",
-                         (device_id, policy.value, events, first, last, int(time.time() * 1000)))
-        if commit:
-            self._db.execute("COMMIT")
+    def _record_loss(self, device_id: str, policy: str, events: int, first: int | None,
+                     last: int | None, *, commit: bool, log_it: bool = True) -> None:
+        db = self._db
+        with _transaction(db) if commit else contextlib.nullcontext():
+            db.execute("INSERT INTO losses VALUES (?,?,?,?,?,?)",
+                       (device_id, str(policy), events, first, last, int(time.time() * 1000)))
+        if log_it:
+            self._log_loss(device_id, policy, events, first, last)
+
+    def _log_loss(self, device_id: str, policy: str, events: int, first: int | None, last: int | None) -> None:
         now = time.monotonic()
         if now - self._loss_logged_at.get((device_id, policy), -1e9) < LOSS_LOG_INTERVAL_S:
-            return  # counted above; the log line repeats at most once a minute per device
+            return  # counted; the log line repeats at most once a minute per device and policy
         self._loss_logged_at[(device_id, policy)] = now
         where = f" (seq {first}..{last})" if first is not None else ""
+        if policy == DISK_FULL:
+            log.error("outbox disk full (%s, %.1f MB free): %d reading(s) of %s not signed and counted as lost; "
+                      "free space on that filesystem: signing resumes by itself", self.path.parent,
+                      self.free_disk_bytes() / (1 << 20), events, device_id)
+            return
         log.error("outbox quota (%.1f MB) reached: %s %d event(s) of %s%s",
-                  self.quota.max_bytes / (1 << 20), "refused" if policy is QuotaPolicy.REFUSE_NEW else "dropped oldest",
+                  self.quota.max_bytes / (1 << 20), "refused" if policy == QuotaPolicy.REFUSE_NEW else "dropped oldest",
                   events, device_id, where)
 
     def losses(self) -> dict[str, int]:
-        """Events lost to the quota so far, by policy (persisted across restarts)."""
+        """Events lost to the quota or a full disk so far, by policy (persisted across restarts; with the
+        disk_full losses not yet written, which are, as soon as the disk has room)."""
         rows = self._db.execute("SELECT policy, SUM(events) FROM losses GROUP BY policy").fetchall()
-        return {policy: int(n) for policy, n in rows}
+        out = {policy: int(n) for policy, n in rows}
+        if self._unrecorded:
+            out[DISK_FULL] = out.get(DISK_FULL, 0) + sum(self._unrecorded.values())
+        return out
 
     def loss_records(self) -> list[Loss]:
         rows = self._db.execute(
@@ -219,8 +356,7 @@ class Outbox:
         forgery that happens to carry the same seq must not touch the genuine event.
         """
         db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(db):
             row = db.execute(
                 "SELECT envelope FROM outbox WHERE device_id=? AND seq=?", (device_id, seq)
             ).fetchone()
@@ -231,10 +367,6 @@ class Outbox:
                     (device_id, seq, row[0], reason, detail, int(time.time() * 1000)),
                 )
                 db.execute("DELETE FROM outbox WHERE device_id=? AND seq=?", (device_id, seq))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         return moved
 
     def depth(self) -> int:
@@ -246,3 +378,30 @@ class Outbox:
     def next_seq(self, device_id: str) -> int:
         row = self._db.execute("SELECT next_seq FROM counters WHERE device_id=?", (device_id,)).fetchone()
         return row[0] if row else 0
+
+
+def is_storage_error(exc: sqlite3.Error) -> bool:
+    """A write the disk refused (SQLITE_FULL, an I/O error), as opposed to a lock timeout or a bug."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    return name.startswith(("SQLITE_FULL", "SQLITE_IOERR")) or "disk is full" in str(exc)
+
+
+def _rollback(db: sqlite3.Connection) -> None:
+    """Roll back if a transaction is still open: on SQLITE_FULL and some I/O errors SQLite has already
+    rolled it back, and a second ROLLBACK would raise over the error that matters."""
+    if db.in_transaction:
+        db.execute("ROLLBACK")
+
+
+@contextlib.contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction: BEGIN IMMEDIATE, then COMMIT — or a rollback that never hides the error.
+    Every commit passes a disk-full point (`carechain.disk_full_points`, test-only)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        disk_full_point(db)
+        db.execute("COMMIT")
+    except BaseException:
+        _rollback(db)
+        raise

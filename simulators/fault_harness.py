@@ -12,6 +12,7 @@ Used by tests/test_faults.py (assertions) and bench/fault_table.py (the table in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -22,7 +23,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,9 +121,10 @@ class BridgeProcess:
     log: Path
     proc: subprocess.Popen[str] | None = None
     stats: dict = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)  # e.g. CARECHAIN_DISK_FULL_WHILE (test-only)
 
     def start(self, crash_at: str | None = None) -> None:
-        extra = {"CARECHAIN_CRASH_AT": crash_at} if crash_at else {}
+        extra = {**self.env, **({"CARECHAIN_CRASH_AT": crash_at} if crash_at else {})}
         self.proc = subprocess.Popen(
             _cli("bridge", "--config", str(self.config), "--data-dir", str(self.data_dir),
                  "--workers", str(self.workers)),
@@ -174,12 +176,13 @@ class AgentProcess:
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
     killed: int = 0
+    env: dict[str, str] = field(default_factory=dict)  # e.g. CARECHAIN_DISK_FULL_WHILE (test-only)
 
     def start(self, produce_s: float) -> None:
         self.starts += 1
         self.proc = subprocess.Popen(
             _cli("agent", "--config", str(self.config), "--produce-seconds", str(produce_s)),
-            stdout=subprocess.DEVNULL, stderr=self.log.open("ab"), cwd=REPO, env=_env())
+            stdout=subprocess.DEVNULL, stderr=self.log.open("ab"), cwd=REPO, env=_env(self.env))
 
     def producing(self) -> bool:
         """Until this run of the agent says it stopped sampling (its clock starts after its imports)."""
@@ -477,6 +480,103 @@ def duplicated_and_reordered(work: Path, copies: int = 2) -> Result:
         return fleet.finish(result)
 
 
+class MountRefused(RuntimeError):
+    """The small test filesystem could not be mounted here (needs root or CAP_SYS_ADMIN); the text says why."""
+
+
+@contextlib.contextmanager
+def small_tmpfs(mount: Path, size_mb: int = 16) -> Iterator[Path]:
+    """Mount a `size_mb` tmpfs (mode 0700) at `mount` for the block, to fill with `fill_disk`; raises MountRefused."""
+    mount.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0700",
+                           f"cc-full-{os.getpid()}-{mount.name}", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise MountRefused(done.stderr.strip() or f"mount exited with {done.returncode}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill_disk(mount: Path) -> Path:
+    """Fill the filesystem holding `mount` to the last byte with one file; delete that file to free it."""
+    filler = mount / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        size = 1 << 20
+        while size:
+            try:
+                os.write(fd, b"\0" * size)
+            except OSError:
+                size //= 2  # the last few blocks, in ever smaller writes
+    finally:
+        os.close(fd)
+    return filler
+
+
+def bridge_disk_full(work: Path, full_s: float = 6.0, mount: Path | None = None) -> Result:
+    """The bridge's disk is full for `full_s` while agents send, then freed: it must resume by itself.
+
+    With `mount` (a small filesystem already mounted at `work/bridge`) the disk really fills; without, the
+    bridge is told to fail its ledger writes as SQLite does on a full disk (`CARECHAIN_DISK_FULL_WHILE`).
+    """
+    flag = work / "disk-full"
+    with Fleet(work) as fleet:
+        assert fleet.bridge is not None
+        if mount is None:
+            fleet.bridge.env["CARECHAIN_DISK_FULL_WHILE"] = str(flag)
+        fleet.start(PRODUCE_S + full_s)
+        time.sleep(1.5)
+        full = fill_disk(mount) if mount is not None else flag
+        full.touch()
+        time.sleep(full_s)
+        assert fleet.bridge.proc is not None
+        alive = fleet.bridge.proc.poll() is None
+        full.unlink()  # space returns
+        how = "tmpfs" if mount is not None else "injected ENOSPC"
+        result = fleet.wait_drained(f"bridge disk full {full_s:.0f} s, then freed ({how})", time.monotonic())
+        result.detail["alive_while_full"] = alive
+        return fleet.finish(result)
+
+
+def agent_disk_full(work: Path, full_s: float = 6.0, mount: Path | None = None) -> Result:
+    """An agent's disk is full for `full_s` while it samples, then freed: what it could not store is counted
+    in its `losses` table (`disk_full`), it resumes signing by itself, and nothing it signed is lost.
+
+    With `mount` (a small filesystem already mounted at `work/agent0`) the disk really fills; without, the
+    agent's outbox writes fail as SQLite's do on a full disk (`CARECHAIN_DISK_FULL_WHILE`).
+    """
+    flag = work / "agent-disk-full"
+    with Fleet(work, agents=1) as fleet:
+        victim = fleet.agents[0]
+        victim.log = work / "agent0.log"  # not on the disk that fills: the agent says what happened there
+        if mount is None:
+            victim.env["CARECHAIN_DISK_FULL_WHILE"] = str(flag)
+        fleet.start(PRODUCE_S + full_s)
+        time.sleep(1.5)
+        full = fill_disk(mount) if mount is not None else flag
+        full.touch()
+        time.sleep(full_s)
+        assert victim.proc is not None
+        alive = victim.proc.poll() is None
+        full.unlink()  # space returns
+        freed = time.monotonic()
+        resume_s = None
+        while resume_s is None and time.monotonic() < freed + 30:
+            if "signing resumed" in victim.log.read_text(errors="replace"):
+                resume_s = time.monotonic() - freed
+            time.sleep(0.05)
+        how = "tmpfs" if mount is not None else "injected SQLITE_FULL"
+        result = fleet.finish(fleet.wait_drained(f"agent disk full {full_s:.0f} s, then freed ({how})", freed))
+        db = sqlite3.connect(f"file:{victim.outbox}?mode=ro", uri=True, timeout=30)
+        try:
+            lost = db.execute("SELECT COALESCE(SUM(events), 0) FROM losses WHERE policy='disk_full'").fetchone()[0]
+        finally:
+            db.close()
+        result.detail.update(alive_while_full=alive, resume_s=resume_s, readings_not_stored=lost)
+        return result
+
+
 SCENARIOS: dict[str, Callable[[Path], Result]] = {
     "agent_kill9": agent_kill9,
     "bridge_kill9": bridge_kill9_after_append,
@@ -484,4 +584,6 @@ SCENARIOS: dict[str, Callable[[Path], Result]] = {
     "broker_down": broker_down,
     "network_cut": network_cut,
     "dup_reorder": duplicated_and_reordered,
+    "bridge_disk_full": bridge_disk_full,
+    "agent_disk_full": agent_disk_full,
 }

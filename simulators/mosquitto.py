@@ -45,8 +45,9 @@ def wait_listening(host: str, port: int, timeout: float = 10.0) -> None:
 @dataclass
 class Mosquitto:
     """`conf` (a file in the repo), then `extra` lines (e.g. password_file, acl_file), then a plain
-    `listener <port> <host>`, then `listeners`: more listener blocks, e.g. a TLS one; their ports in
-    `wait_ports` are awaited too."""
+    `listener <port> <host>` followed by `listener_options` (e.g. `use_username_as_clientid true`: listener
+    options before any `listener` line would open a default listener on port 1883), then `listeners`: more
+    listener blocks, e.g. a TLS one; their ports in `wait_ports` are awaited too."""
 
     workdir: Path
     port: int = 0
@@ -54,6 +55,7 @@ class Mosquitto:
     extra: str = ""
     host: str = "127.0.0.1"
     listeners: str = ""
+    listener_options: str = ""
     wait_ports: tuple[int, ...] = ()
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
@@ -68,7 +70,7 @@ class Mosquitto:
         # (password file, TLS keys) this process wrote; keep it as the user who started it.
         run_as = "user root\n" if os.geteuid() == 0 else ""
         conf.write_text(f"{self.conf.read_text()}\n{run_as}{self.extra}\nlistener {self.port} {self.host}\n"
-                        f"{self.listeners}\n")
+                        f"{self.listener_options}\n{self.listeners}\n")
         log = open(self.workdir / "mosquitto.log", "ab")  # noqa: SIM115 - lives as long as the process
         self.process = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=log)
         for port in (self.port, *self.wait_ports):

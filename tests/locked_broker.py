@@ -21,13 +21,15 @@ from carechain.credentials import MqttCredentials, load_mqtt_credentials
 from carechain.entries import Revocation, revocation_entry
 from carechain.identity import Identity
 from chain_bridge.broker import SECURE_CONF_TEMPLATE
-from chain_bridge.broker.acl import DEFAULT_BRIDGE_USER, BrokerAccess, generate_broker_access
+from chain_bridge.broker.acl import DEFAULT_BRIDGE_USER, MINER_USER_PREFIX, BrokerAccess, generate_broker_access
 from chain_bridge.ledger.store import Ledger
 from simulators.mosquitto import REPO, Mosquitto
 from tests.test_pipeline import OPERATOR, register
 
 LOCKED_CONF = REPO / "tests" / "broker" / "mosquitto-locked-test.conf"
 BRIDGE = DEFAULT_BRIDGE_USER
+# As the shipped template's listener: a client's id is its user name (docs/broker-security.md).
+TIED_IDS = "use_username_as_clientid true"
 
 
 def revoke(ledger: Ledger, ident: Identity) -> None:
@@ -50,7 +52,9 @@ class Conn:
 
     client: mqtt.Client
     rc: mqtt.ReasonCode | None = None
+    session_present: bool = False  # CONNACK: the broker resumed a session kept for this client id
     messages: list[tuple[str, bytes]] = field(default_factory=list)
+    retained: list[bool] = field(default_factory=list)  # per message: sent because it was retained
     granted: list[list[mqtt.ReasonCode]] = field(default_factory=list)
     answered: threading.Event = field(default_factory=threading.Event)
     dropped: threading.Event = field(default_factory=threading.Event)
@@ -59,10 +63,10 @@ class Conn:
     def accepted(self) -> bool:
         return self.rc is not None and not self.rc.is_failure
 
-    def subscribe(self, *topics: str) -> None:
+    def subscribe(self, *topics: str, qos: int = 1) -> None:
         n = len(self.granted)
         for t in topics:
-            self.client.subscribe(t, qos=1)
+            self.client.subscribe(t, qos=qos)
         assert wait_until(lambda: len(self.granted) >= n + len(topics), 5), "no SUBACK"
 
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
@@ -79,18 +83,21 @@ class Conn:
 
 
 def login(port: int, username: str | None = None, password: str | None = None, *, host: str = "127.0.0.1",
-          client_id: str | None = None, tls: ssl.SSLContext | None = None, timeout: float = 5.0) -> Conn:
+          client_id: str | None = None, tls: ssl.SSLContext | None = None, timeout: float = 5.0,
+          clean_session: bool = True) -> Conn:
     """Connect once (no reconnects) and wait for the CONNACK, or for the connection to fail."""
     c = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-                    client_id=client_id or f"probe-{secrets.token_hex(4)}", protocol=mqtt.MQTTv311)
+                    client_id=client_id or f"probe-{secrets.token_hex(4)}", protocol=mqtt.MQTTv311,
+                    clean_session=clean_session)
     conn = Conn(c)
     if username is not None:
         c.username_pw_set(username, password)
     if tls is not None:
         c.tls_set_context(tls)
 
-    def on_connect(_c: mqtt.Client, _u: object, _f: object, rc: mqtt.ReasonCode, _p: object) -> None:
+    def on_connect(_c: mqtt.Client, _u: object, flags: mqtt.ConnectFlags, rc: mqtt.ReasonCode, _p: object) -> None:
         conn.rc = rc
+        conn.session_present = flags.session_present
         conn.answered.set()
 
     def on_disconnect(*_a: object) -> None:
@@ -99,7 +106,11 @@ def login(port: int, username: str | None = None, password: str | None = None, *
 
     c.on_connect = on_connect
     c.on_disconnect = on_disconnect
-    c.on_message = lambda _c, _u, m: conn.messages.append((m.topic, m.payload))
+    def on_message(_c: mqtt.Client, _u: object, m: mqtt.MQTTMessage) -> None:
+        conn.retained.append(bool(m.retain))
+        conn.messages.append((m.topic, m.payload))
+
+    c.on_message = on_message
     c.on_subscribe = lambda _c, _u, _mid, codes, _p: conn.granted.append(codes)
     try:
         c.connect(host, port, keepalive=30)
@@ -139,8 +150,11 @@ class LockedBroker:
         return self.mosquitto.port
 
     def credentials(self, user: str) -> MqttCredentials:
-        path = self.out_dir / "bridge.json" if user == BRIDGE else self.out_dir / "devices" / f"{user}.json"
-        return load_mqtt_credentials(path)
+        if user == BRIDGE or user.startswith(f"{BRIDGE}-w"):  # workers share the bridge's file
+            return load_mqtt_credentials(self.out_dir / "bridge.json").model_copy(update={"username": user})
+        if user.startswith(MINER_USER_PREFIX):
+            return load_mqtt_credentials(self.out_dir / "miners" / f"{user.removeprefix(MINER_USER_PREFIX)}.json")
+        return load_mqtt_credentials(self.out_dir / "devices" / f"{user}.json")
 
     def password(self, user: str) -> str:
         return self.credentials(user).password
@@ -156,6 +170,7 @@ class LockedBroker:
 
     def regenerate(self, *, reload: bool = True, **kw: object) -> BrokerAccess:
         """Re-run the generator (as `carechain bridge acl` does) and, by default, SIGHUP mosquitto."""
+        kw.setdefault("workers", self.access.workers)  # miners are kept by the credential store itself
         self.access = generate(self.ledger, self.data_dir, self.out_dir, **kw)
         if reload:
             self.mosquitto.reload()
@@ -189,15 +204,19 @@ def render_template(files: Path, tls_port: int, *, require_certificate: bool = F
 
 
 def start_locked_broker(root: Path, devices: list[Identity], *, conf: Path = LOCKED_CONF, listeners: str = "",
-                        wait_ports: tuple[int, ...] = (), auth_lines: bool = True) -> LockedBroker:
+                        wait_ports: tuple[int, ...] = (), auth_lines: bool = True, tied_ids: bool = True,
+                        **access: object) -> LockedBroker:
     """Register `devices` on a fresh ledger, generate passwd + ACL from it, start mosquitto with them.
 
-    `auth_lines=False` when `conf` names the password file and ACL itself (the shipped template)."""
+    `auth_lines=False` when `conf` names the password file and ACL itself (the shipped template).
+    `tied_ids=False` leaves out `use_username_as_clientid` on the plain listener (how brokers were set up
+    before: any login could take any client id). `access` goes to `generate_broker_access` (workers, miners)."""
     ledger = Ledger(root / "bridge" / "ledger.db")
     if devices:
         register(ledger, devices)
-    access = generate(ledger, root / "bridge", root / "broker-files")
-    extra = f"password_file {access.passwd}\nacl_file {access.acl}\n" if auth_lines else ""
-    m = Mosquitto(root / "mosquitto", conf=conf, listeners=listeners, wait_ports=wait_ports, extra=extra)
+    access_files = generate(ledger, root / "bridge", root / "broker-files", **access)
+    extra = f"password_file {access_files.passwd}\nacl_file {access_files.acl}\n" if auth_lines else ""
+    m = Mosquitto(root / "mosquitto", conf=conf, listeners=listeners, wait_ports=wait_ports, extra=extra,
+                  listener_options=TIED_IDS if tied_ids else "")
     m.start()
-    return LockedBroker(root, ledger, m, access)
+    return LockedBroker(root, ledger, m, access_files)

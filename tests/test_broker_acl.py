@@ -24,6 +24,7 @@ from carechain.events import make_payload
 from carechain.identity import Identity
 from carechain.receipts import open_receipt
 from chain_bridge.bridge import Bridge
+from chain_bridge.broker import worker_user
 from chain_bridge.broker.acl import (
     BrokerAccessError,
     acl_text,
@@ -60,7 +61,7 @@ def devices() -> list[Identity]:
 def locked(tmp_path: Path, devices: list[Identity]):
     if mosquitto_binary() is None:
         pytest.skip("mosquitto is not installed")
-    lb = start_locked_broker(tmp_path, devices)
+    lb = start_locked_broker(tmp_path, devices, workers=2)
     yield lb
     lb.close()
 
@@ -100,7 +101,9 @@ def test_the_acl_gives_each_device_exactly_its_own_topics() -> None:
     rules = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
     assert rules == [
         f"user {BRIDGE}", "topic read cc/v1/dev/+/ev", "topic write cc/v1/dev/+/rcpt",
-        "topic write cc/v1/log/checkpoint",
+        "topic write cc/v1/log/checkpoint", "topic write cc/v1/log/final",
+        "topic read cc/v1/miner/+/req", "topic read cc/v1/miner/+/cosig", "topic read cc/v1/miner/+/evidence",
+        "topic write cc/v1/miner/+/resp",
         "user aaaaaaaaaaaaaaaa", "topic write cc/v1/dev/aaaaaaaaaaaaaaaa/ev",
         "topic read cc/v1/dev/aaaaaaaaaaaaaaaa/rcpt", "topic read cc/v1/log/checkpoint",
     ]  # a newline smuggled into a registry label cannot add a line
@@ -150,7 +153,7 @@ def test_a_device_cannot_publish_as_another_device(locked: LockedBroker, devices
     a, b = devices[0].device_id, devices[1].device_id
     bridge = locked.login(BRIDGE)
     bridge.subscribe(topics.EVENTS_WILDCARD)
-    worker = locked.login(BRIDGE)  # as an ingest worker does
+    worker = locked.login(worker_user(BRIDGE, 0))  # as an ingest worker does
     worker.subscribe(shared_subscription(locked.config(BRIDGE)))
     b_client = locked.login(b)
     b_client.subscribe(topics.receipts(b), topics.CHECKPOINT)
@@ -203,9 +206,9 @@ def test_a_device_cannot_take_the_bridge_workers_share_of_the_events(locked: Loc
     a = devices[0].device_id
     bridge_cfg = locked.config(BRIDGE)
     assert shared_subscription(bridge_cfg) != shared_subscription()  # not the public default name
-    worker = locked.login(BRIDGE)
+    worker = locked.login(worker_user(BRIDGE, 0))
     worker.subscribe(shared_subscription(bridge_cfg))
-    naive = locked.login(BRIDGE)  # a group anyone can name: the negative control
+    naive = locked.login(worker_user(BRIDGE, 1))  # a group anyone can name: the negative control
     naive.subscribe(shared_subscription())
     squatters = [locked.login(d.device_id) for d in devices]
     for sq in squatters:

@@ -135,8 +135,39 @@ def test_bridge_acl_writes_next_to_the_data_dir_by_default(registry) -> None:
     assert load_mqtt_credentials(data / "broker" / "bridge.json").username == "bridge-east"
 
 
+def test_bridge_acl_gives_each_worker_and_miner_its_own_login(registry, tmp_path: Path) -> None:
+    """The broker ties client ids to logins, so every client of the bridge and every miner needs one."""
+    data, ids = registry
+    miner = new_device(tmp_path, "miner-1")  # a miner id has a device id's shape
+    out = tmp_path / "out"
+    result = run("bridge", "acl", "--data-dir", data, "--out", out, "--workers", "2", "--miner", miner, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["workers"] == 2 and summary["miners"] == [miner]
+    users = dict(line.split(":", 1) for line in (out / "passwd").read_text().splitlines())
+    assert set(users) == {"carechain-bridge", "carechain-bridge-w0", "carechain-bridge-w1",
+                          f"carechain-miner-{miner}", *ids}
+    bridge_pw = load_mqtt_credentials(out / "bridge.json").password
+    assert verify_password(users["carechain-bridge-w1"], bridge_pw)  # workers run from bridge.json
+    login = load_mqtt_credentials(out / "miners" / f"{miner}.json")
+    assert login.username == f"carechain-miner-{miner}" and mode(out / "miners" / f"{miner}.json") == 0o600
+    assert verify_password(users[login.username], login.password) and login.password != bridge_pw
+    acl = (out / "acl").read_text()
+    assert "user carechain-bridge-w0\ntopic read cc/v1/dev/+/ev\n" in acl
+    assert f"topic write cc/v1/miner/{miner}/cosig" in acl and f"topic read cc/v1/miner/{miner}/resp" in acl
+    again = run("bridge", "acl", "--data-dir", data, "--out", out)  # no --miner: the miner's login stays
+    assert again.exit_code == 0, again.output
+    assert load_mqtt_credentials(out / "miners" / f"{miner}.json").password == login.password
+    assert "carechain-bridge-w0" not in (out / "passwd").read_text()  # config: 0 workers
+    gone = run("bridge", "acl", "--data-dir", data, "--out", out, "--remove-miner", miner)
+    assert gone.exit_code == 0, gone.output
+    assert miner not in (out / "passwd").read_text() and not (out / "miners" / f"{miner}.json").exists()
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--bridge-user", "aaaaaaaaaaaaaaaa"], "looks like a device id"),
+    (["--bridge-user", "carechain-miner-x"], "must not start with"),
+    (["--miner", "not-a-miner"], "is not a miner id"),
     (["--bridge-user", "two words"], "use 1-64 letters"),
     (["--rotate", "nobody"], "cannot rotate nobody"),
 ])

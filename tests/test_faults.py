@@ -59,3 +59,16 @@ def test_duplicated_and_reordered_deliveries_land_exactly_once(tmp_path: Path) -
     assert result.detail["replayed"] == 2 * result.events  # every event replayed twice, shuffled
     # Each replayed copy was recognised as a duplicate (agents' own resends add to that count).
     assert result.detail["bridge"]["duplicates"] >= result.detail["replayed"]
+
+
+def test_bridge_disk_full_then_freed_loses_nothing_and_resumes_by_itself(tmp_path: Path) -> None:
+    # Injected SQLITE_FULL so this row runs everywhere; tests/test_disk_full_bridge.py also fills a real tmpfs.
+    result = check(faults.bridge_disk_full(tmp_path))
+    assert result.detail["alive_while_full"] and result.detail["bridge"]["storage_errors"] > 0
+
+
+def test_agent_disk_full_then_freed_loses_nothing_it_signed_and_resumes_by_itself(tmp_path: Path) -> None:
+    # Injected SQLITE_FULL so this row runs everywhere; tests/test_agent_disk_full.py also fills a real tmpfs.
+    result = check(faults.agent_disk_full(tmp_path))
+    assert result.detail["alive_while_full"] and result.detail["resume_s"] is not None
+    assert result.detail["readings_not_stored"] > 0  # counted in the agent's losses table, not signed

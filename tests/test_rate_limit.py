@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
 
-from carechain import envelope
+from carechain import envelope, topics
 from carechain.config import BridgeConfig, BrokerConfig, Limits
 from carechain.entries import Registration, registration_entry
 from carechain.events import make_payload
 from carechain.identity import Identity
 from chain_bridge.bridge import Bridge
 from chain_bridge.ingest import RETRYABLE, RateGuard
+from chain_bridge.ingest.guards import UnregisteredReceipts
 from chain_bridge.ledger.store import EventCandidate, Ledger
 
 OPERATOR = Identity.from_seed(b"\x01" * 32)
@@ -146,3 +149,73 @@ def test_duplicates_do_not_use_up_tokens(bridge: Bridge) -> None:
     bridge.process(events(DEV, range(3)))  # three duplicates while tokens remain: their tokens come back
     bridge.process(events(DEV, range(3, 5)))
     assert (bridge.stats.anchored, bridge.stats.duplicates, dict(bridge.stats.rejected)) == (5, 3, {})
+
+
+# -- receipts to unregistered ids: one budget for all of them ---------------------------------------------
+
+
+def test_receipts_to_unregistered_ids_share_one_bucket_and_are_counted() -> None:
+    clock = Clock()
+    budget = UnregisteredReceipts(rate=2.0, burst=3, clock=clock)
+    assert [budget.allow() for _ in range(5)] == [True, True, True, False, False]
+    clock.t += 1.0
+    assert [budget.allow() for _ in range(3)] == [True, True, False]
+    assert (budget.sent, budget.suppressed) == (5, 3)
+
+
+def test_a_junk_flood_signs_a_bounded_number_of_receipts_but_registered_devices_hear_everything(
+        bridge: Bridge) -> None:
+    clock = Clock()
+    bridge.sequencer.unregistered_receipts = UnregisteredReceipts(rate=10.0, burst=50, clock=clock)
+    strangers = [Identity.generate() for _ in range(400)]
+    junk = [(f"cc/v1/dev/{s.device_id}/ev", envelope.sign(s, make_payload(s.device_id, 0, START_MS, "heart_rate",
+                                                                          {"bpm": 70}))) for s in strangers]
+    junk += [(f"cc/v1/dev/{s.device_id}/ev", b"\xde\xad") for s in strangers[:100]]  # malformed, unknown topic
+    junk += [(f"cc/v1/dev/{DEV.device_id}/ev", b"\xde\xad")]  # a registered device's refusal is always receipted
+    batch = bridge.sequencer.sequence(bridge.receiver.check(junk + events(DEV2, range(1))), START_MS)
+    assert len(batch.rejections) == 501  # every refusal still counted by reason
+    strangers_receipted = sum(len(r.rejected) for d, r in batch.receipts.items() if d != DEV.device_id)
+    assert strangers_receipted == 50 and batch.unreceipted == 450
+    assert batch.receipts[DEV.device_id].rejected[0].reason == "malformed"
+    assert batch.receipts[DEV2.device_id].ok  # and an event of a registered device is acknowledged
+    assert bridge.sequencer.unregistered_receipts.suppressed == 450
+
+
+@pytest.mark.integration
+def test_junk_from_unique_unregistered_ids_over_the_broker_gets_few_receipts(broker, running_bridge) -> None:
+    """Real mosquitto (and, with 2 workers, real ingest processes): 3,000 signed events from 3,000 made-up ids."""
+    bridge = running_bridge
+    budget = bridge.sequencer.unregistered_receipts
+    heard: list[str] = []
+    ready = threading.Event()
+    listener = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2)
+    listener.on_message = lambda _c, _u, m: heard.append(m.topic)
+    listener.on_subscribe = lambda *_a: ready.set()
+    listener.connect(broker.host, broker.port)
+    listener.loop_start()
+    listener.subscribe("cc/v1/dev/+/rcpt", qos=1)
+    assert ready.wait(5)
+    n = 3000
+    now = int(time.time() * 1000)
+    junk = []
+    for _ in range(n):
+        s = Identity.generate()
+        junk.append((topics.events(s.device_id),
+                     envelope.sign(s, make_payload(s.device_id, 0, now, "heart_rate", {"bpm": 70}))))
+    pub = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2)
+    pub.connect(broker.host, broker.port)
+    pub.loop_start()
+    started = time.monotonic()
+    for topic, payload in junk:
+        pub.publish(topic, payload, qos=1)
+    deadline = time.monotonic() + 60
+    while bridge.stats.rejected.get("unregistered", 0) < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    elapsed = time.monotonic() - started
+    time.sleep(0.5)  # the last receipts reach the listener
+    for c in (pub, listener):
+        c.disconnect()
+        c.loop_stop()
+    assert bridge.stats.rejected["unregistered"] == n  # every one counted
+    assert len(heard) == budget.sent <= budget.burst + budget.rate * elapsed + 1
+    assert budget.sent + budget.suppressed == n

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,14 +20,15 @@ from typer.testing import CliRunner
 from carechain import envelope
 from carechain.cli import app
 from carechain.config import BridgeConfig, BrokerConfig
-from carechain.entries import Registration, registration_entry
+from carechain.entries import ENTRY_EVENT, Entry, Registration, registration_entry
 from carechain.events import make_payload
 from carechain.identity import Identity
 from carechain.sqlite_store import StoreCorruptError
 from chain_bridge.bridge import Bridge
-from chain_bridge.ledger.store import Ledger
+from chain_bridge.ledger.store import EventCandidate, Ledger
 from chain_bridge.registry import ledger_path, log_key, operator_key
 from edge_agent.outbox import Outbox
+from simulators import fault_harness as faults
 
 DEV = Identity.from_seed(b"\x03" * 32)
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -168,3 +169,44 @@ def test_cli_agent_reports_a_damaged_outbox_in_one_line(tmp_path: Path) -> None:
     text = one_line_error(run("agent", "--config", config, "--broker", "127.0.0.1:9"))
     assert "agent outbox is damaged" in text and "not a SQLite database" in text
     assert outbox.read_bytes() == damaged
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    try:
+        with faults.small_tmpfs(tmp_path / "small", size_mb=4) as mount:
+            yield mount
+    except faults.MountRefused as exc:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root or CAP_SYS_ADMIN): {exc}")
+
+
+def test_a_full_disk_at_commit_surfaces_as_disk_full_and_the_ledger_takes_writes_again_once_freed(
+        tiny_tmpfs: Path) -> None:
+    # SQLite rolls a transaction back by itself on SQLITE_FULL; our rollback must not turn that into
+    # "no transaction is active", and the ledger must work again once there is space (a real tmpfs).
+    mount = tiny_tmpfs
+    ledger = Ledger(ledger_path(mount))
+    reg = Registration(dev=DEV.device_id, pk=DEV.public_key, profile="heart_rate_band", owner="patient:a",
+                       site="ward", ts=int(time.time() * 1000))
+    ledger.append_registrations([(registration_entry(operator_key(mount), reg), reg)])
+
+    def events(first: int, n: int) -> list[EventCandidate]:
+        return [EventCandidate(DEV.device_id, s, _leaf(s)) for s in range(first, first + n)]
+
+    filler = faults.fill_disk(mount)
+    size = ledger.size
+    seq = 0
+    with pytest.raises(sqlite3.OperationalError, match="disk is full"):
+        for _ in range(200):  # the WAL's already allocated pages absorb the first few batches
+            ledger.append_events(events(seq, 50))
+            seq += 50
+    assert ledger.size == size + seq
+    filler.unlink()
+    ledger.append_events(events(seq, 50))
+    assert ledger.size == size + seq + 50 and ledger.count_events() == seq + 50
+    ledger.close()
+
+
+def _leaf(seq: int) -> bytes:
+    cose = envelope.sign(DEV, make_payload(DEV.device_id, seq, int(time.time() * 1000), "heart_rate", {"bpm": 70}))
+    return Entry(ENTRY_EVENT, cose).encode()

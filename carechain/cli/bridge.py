@@ -82,6 +82,7 @@ def bridge(ctx: typer.Context, config: ConfigOpt = None, broker: BrokerOpt = Non
 
 
 @bridge_app.command("acl", epilog=example("carechain bridge acl --data-dir carechain-data/bridge",
+                                          "carechain bridge acl --workers 4 --miner MINER_ID",
                                           "carechain bridge acl --rotate carechain-bridge"))
 def bridge_acl(
     config: ConfigOpt = None, data_dir: DataDirOpt = None,
@@ -90,14 +91,27 @@ def bridge_acl(
                       "(default: DATA_DIR/broker).")] = None,
     bridge_user: Annotated[str, typer.Option(help="MQTT user name of the bridge.")] = "carechain-bridge",
     rotate: Annotated[list[str] | None, typer.Option(
-        help="Give this user (a device id, or the bridge user) a new password; repeatable.")] = None,
+        help="Give this user (a device id, the bridge user or carechain-miner-<id>) a new password; "
+             "repeatable.")] = None,
+    workers: Annotated[int | None, typer.Option(
+        help="Logins for this many bridge ingest workers, <bridge user>-w0 … (default: bridge.ingest_workers "
+             "of the config). The broker ties client ids to logins, so each worker needs its own.",
+        min=0, max=64)] = None,
+    miner: Annotated[list[str] | None, typer.Option(
+        help="Add a login for the witness miner with this id (`carechain keys show MINER_KEY`); repeatable. "
+             "Miners' logins are kept across runs.")] = None,
+    remove_miner: Annotated[list[str] | None, typer.Option(
+        help="Drop the login of this miner; repeatable.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Write a mosquitto password file and ACL from the ledger's registry: least privilege per device.
 
     Every registered, non-revoked device gets its own MQTT user (user name = device_id) that may only
     publish cc/v1/dev/<its id>/ev and read its own receipts and the checkpoint; the bridge user reads all
-    events and writes receipts and checkpoints; revoked devices get no login. Passwords are random, kept
+    events and writes receipts and checkpoints; each ingest worker (<bridge user>-w<i>, sharing bridge.json's
+    password) only reads events; each witness miner (carechain-miner-<id>, miners/<id>.json) its own miner
+    topics and the checkpoints; revoked devices get no login. The shipped mosquitto template ties every
+    client id to its login, so no login can take over another client. Passwords are random, kept
     in DATA_DIR/broker/credentials.json (mode 0600) so re-running keeps them stable, and handed out in one
     provisioning file per party (mode 0600); they are never printed. Re-run after every registration or
     revocation, install passwd and acl for mosquitto and reload it (SIGHUP). See docs/broker-security.md.
@@ -114,8 +128,10 @@ def bridge_acl(
                    "or point --data-dir at the bridge's data directory")
     ledger = open_store(Ledger, ledger_path(bdir))
     try:
-        access = generate_broker_access(ledger, bdir, out_dir or bdir / "broker", bridge_user=bridge_user,
-                                        rotate=rotate or ())
+        access = generate_broker_access(
+            ledger, bdir, out_dir or bdir / "broker", bridge_user=bridge_user, rotate=rotate or (),
+            workers=cfg.bridge.ingest_workers if workers is None else workers, add_miners=miner or (),
+            remove_miners=remove_miner or ())
     except (BrokerAccessError, OSError) as exc:
         raise fail(str(exc)) from None
     finally:
@@ -127,6 +143,8 @@ def bridge_acl(
             "devices": len(access.device_credentials), "bridge_user": bridge_user,
             "revoked_left_out": access.revoked_left_out, "passwd": str(access.passwd), "acl": str(access.acl),
             "bridge_credentials": str(access.bridge_credentials), "devices_dir": str(devices_dir),
+            "workers": access.workers, "miners": sorted(access.miner_credentials),
+            "miners_dir": str(access.passwd.parent / "miners"),
             "passwords": str(store_path(bdir)), "added": list(plan.added), "rotated": list(plan.rotated),
             "removed": list(plan.removed), "template": str(SECURE_CONF_TEMPLATE)}), flush=True)
         return
@@ -137,8 +155,13 @@ def bridge_acl(
         f"acl         {access.acl}",
         f"bridge      {access.bridge_credentials}   (broker.credentials_file of `carechain bridge`)",
         f"devices     {devices_dir}/<device_id>.json   (copy each to its agent: agent.devices[].mqtt_credentials_file)",
+        f"workers     {access.workers} ingest worker login(s), {bridge_user}-w<i>, from bridge.json "
+        "(run the bridge with at most that many --workers)",
         f"passwords   {store_path(bdir)} (mode 0600; never printed)",
     ]
+    if access.miner_credentials:
+        lines.insert(5, f"miners      {access.passwd.parent / 'miners'}/<miner_id>.json   (copy each to its miner: "
+                        f"broker.credentials_file; {len(access.miner_credentials)} miner(s))")
     for label, users in (("new", plan.added), ("rotated", plan.rotated), ("removed", plan.removed)):
         if users:
             lines.append(f"{label:<11} {', '.join(users)}")

@@ -127,11 +127,13 @@ def get(manifest: ManifestArg, out: Annotated[Path, typer.Option("-o", "--out", 
         prefer: Annotated[str | None, typer.Option(help="Comma-separated miners to ask first.")] = None,
         timeout: TimeoutOpt = 10.0, config: ConfigOpt = None,
         broker: BrokerOpt = None, as_json: JsonOpt = False) -> None:
-    """Fetch k intact shares per segment, decode and decrypt into OUT."""
+    """Fetch k intact shares per segment, decode and decrypt into OUT (mode 0600: it is health data)."""
+    from carechain.files import PRIVATE, write_atomic
+
     m, key = _load(manifest)
     with _client(config, broker, timeout) as (client, _):
         data = client.get(m, key, prefer=[p for p in (prefer or "").split(",") if p])
-    out.write_bytes(data)
+    write_atomic(out, data, PRIVATE)
     if as_json:
         print(json.dumps({"dataset": m.dataset_id, "bytes": len(data), "out": str(out)}), flush=True)
         return

@@ -23,6 +23,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from carechain.files import private_dir
+
 DEMO_PROFILES = ("heart_rate_band", "thermometer", "blood_pressure_cuff", "pulse_oximeter",
                  "glucose_meter", "scale", "pharmacy_terminal")
 
@@ -68,7 +70,8 @@ def run_demo(*, broker: str | None, seconds: float, data_dir: Path | None, speed
     day (carechain.demo.pharmacy_day) that the bridge's contract gate decides sale by sale.
     """
     check_available(ble=ble)
-    root = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="carechain-demo-"))
+    # 0700 either way (mkdtemp makes its folder 0700)
+    root = private_dir(Path(data_dir)) if data_dir else Path(tempfile.mkdtemp(prefix="carechain-demo-"))
     try:
         summary = _run(root, broker=broker, seconds=seconds, speedup=speedup, on_tick=on_tick, ble=ble,
                        contracts=contracts)

@@ -2,7 +2,10 @@
 
 Least privilege (docs/broker-security.md): every registered, non-revoked device is its own MQTT user
 (username = device_id) that may only publish its own events and read its own receipts and the checkpoint;
-the bridge has its own user. A revoked device has no login at all. Passwords are random, kept in
+the bridge has its own user, each of its ingest workers one more (`<bridge user>-w<i>`, read-only), and each
+witness miner one (`carechain-miner-<miner id>`). A revoked device has no login at all. One login per
+client matters because the broker ties client ids to logins (`use_username_as_clientid`): a login can
+then hold one session only and never take over another client's id. Passwords are random, kept in
 `<bridge data dir>/broker/credentials.json` (mode 0600) so that re-running keeps every existing login
 stable, and handed to each party in its own provisioning file (mode 0600); they are never printed.
 
@@ -25,9 +28,12 @@ from typing import Literal
 from carechain import topics
 from carechain.credentials import MqttCredentials
 from carechain.files import FilePermissionError, read_private, write_atomic
+from chain_bridge.broker import worker_user
 from chain_bridge.ledger.store import DeviceRecord, Ledger
 
 DEFAULT_BRIDGE_USER = "carechain-bridge"
+MINER_USER_PREFIX = "carechain-miner-"  # + miner id: the witness miner's client id, so nothing there changes
+MAX_WORKERS = 64  # as bridge.ingest_workers
 STORE_FORMAT = "carechain-broker-credentials-v1"
 STORE_FILE = Path("broker") / "credentials.json"  # under the bridge data dir
 # mosquitto_passwd's defaults for its `$7$` format (PBKDF2-HMAC-SHA512, 12-byte salt, 64-byte hash).
@@ -41,11 +47,15 @@ _DEVICE_ID = re.compile(r"[a-z2-7]{16}")
 _USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _LABEL = re.compile(r"[\w.:/ -]{1,64}")
 
-Role = Literal["bridge", "device"]
+Role = Literal["bridge", "worker", "miner", "device"]
 
 
 class BrokerAccessError(ValueError):
     """Something the operator must fix before broker access files can be written."""
+
+
+def miner_user(miner_id: str) -> str:
+    return f"{MINER_USER_PREFIX}{miner_id}"
 
 
 # -- the password hash (mosquitto 2.x `$7$` format) ----------------------------------------------------
@@ -98,32 +108,61 @@ def check_bridge_user(name: str) -> str:
     if _DEVICE_ID.fullmatch(name):
         raise BrokerAccessError(f"bridge user {name!r} looks like a device id; pick a name no device can have, "
                                 f"e.g. {DEFAULT_BRIDGE_USER}")
+    if name.startswith(MINER_USER_PREFIX) or len(name) > 60:
+        raise BrokerAccessError(f"bridge user {name!r}: must not start with {MINER_USER_PREFIX!r} (miners' logins) "
+                                "and must leave room for the workers' '-w<i>' (at most 60 characters)")
     return name
 
 
+def check_miner_id(miner_id: str) -> str:
+    if not _DEVICE_ID.fullmatch(miner_id):
+        raise BrokerAccessError(f"{miner_id!r} is not a miner id (16 characters a-z, 2-7; `carechain keys show "
+                                "MINER_KEY` prints it)")
+    return miner_id
+
+
 def plan_logins(previous: Mapping[str, Login], bridge_user: str, device_ids: Iterable[str],
-                rotate: Collection[str] = (), new_password: Callable[[], str] = _new_password) -> LoginPlan:
-    """Keep every existing login, create missing ones, give `rotate`d users a new password, drop the rest."""
+                rotate: Collection[str] = (), new_password: Callable[[], str] = _new_password, *,
+                workers: int = 0, miner_ids: Iterable[str] = ()) -> LoginPlan:
+    """Keep every existing login, create missing ones, give `rotate`d users a new password, drop the rest.
+
+    The bridge's `workers` logins share its password: they run in the bridge's own processes from the same
+    provisioning file (and the workers' shared-subscription group is derived from that password); they exist
+    so that the broker gives each worker its own client id. Rotating the bridge rotates them with it.
+    """
     check_bridge_user(bridge_user)
+    if not 0 <= workers <= MAX_WORKERS:
+        raise BrokerAccessError(f"workers: {workers} is not between 0 and {MAX_WORKERS}")
     wanted: dict[str, Role] = {bridge_user: "bridge"}
+    for i in range(workers):
+        wanted[worker_user(bridge_user, i)] = "worker"
+    for miner in sorted(set(miner_ids)):
+        wanted[miner_user(check_miner_id(miner))] = "miner"
     for dev in sorted(device_ids):
         if not _DEVICE_ID.fullmatch(dev):
             raise BrokerAccessError(f"registry holds {dev!r}, which is not a device id; refusing to write an ACL")
         wanted[dev] = "device"
-    unknown = sorted(set(rotate) - set(wanted))
+    unknown = sorted(set(rotate) - {u for u, r in wanted.items() if r != "worker"})
     if unknown:
-        raise BrokerAccessError(f"cannot rotate {', '.join(unknown)}: not the bridge user nor a registered, "
-                                "non-revoked device")
+        raise BrokerAccessError(f"cannot rotate {', '.join(unknown)}: not the bridge user, a miner's login nor a "
+                                "registered, non-revoked device")
     logins: dict[str, Login] = {}
     added: list[str] = []
     rotated: list[str] = []
     for user, role in wanted.items():
         old = previous.get(user)
-        if old is not None and old.role == role and user not in rotate:
+        if role == "worker":
+            shared = logins[bridge_user].password
+            if old is not None and old.role == role and hmac.compare_digest(old.password, shared):
+                logins[user] = old
+                continue
+            logins[user] = Login(role, shared, hash_password(shared))
+        elif old is not None and old.role == role and user not in rotate:
             logins[user] = old
             continue
-        password = new_password()
-        logins[user] = Login(role, password, hash_password(password))
+        else:
+            password = new_password()
+            logins[user] = Login(role, password, hash_password(password))
         (rotated if old is not None else added).append(user)
     return LoginPlan(logins, added, rotated, sorted(set(previous) - set(wanted)))
 
@@ -136,7 +175,8 @@ def _label(text: str) -> str:
     return text if _LABEL.fullmatch(text) else "?"
 
 
-def acl_text(bridge_user: str, devices: Iterable[DeviceRecord], *, registry_version: int, revoked: int) -> str:
+def acl_text(bridge_user: str, devices: Iterable[DeviceRecord], *, registry_version: int, revoked: int,
+             workers: int = 0, miner_ids: Iterable[str] = ()) -> str:
     """The ACL: nothing for anonymous clients; per user, exactly the topics it needs."""
     devices = list(devices)
     lines = [
@@ -152,7 +192,28 @@ def acl_text(bridge_user: str, devices: Iterable[DeviceRecord], *, registry_vers
         f"topic read {topics.EVENTS_WILDCARD}",
         f"topic write {topics.PREFIX}/dev/+/rcpt",
         f"topic write {topics.CHECKPOINT}",
+        f"topic write {topics.FINAL_CHECKPOINT}",
+        "# Witness miners: their requests, cosignatures and evidence in, proof answers out.",
+        f"topic read {topics.MINER_REQUEST_WILDCARD}",
+        f"topic read {topics.MINER_COSIG_WILDCARD}",
+        f"topic read {topics.MINER_EVIDENCE_WILDCARD}",
+        f"topic write {topics.PREFIX}/miner/+/resp",
     ]
+    for i in range(workers):
+        lines += ["", f"# bridge ingest worker {i}: reads events through the workers' shared subscription",
+                  f"user {worker_user(bridge_user, i)}", f"topic read {topics.EVENTS_WILDCARD}"]
+    for miner in sorted(set(miner_ids)):
+        lines += [
+            "",
+            f"# witness miner {miner}",
+            f"user {miner_user(miner)}",
+            f"topic read {topics.CHECKPOINT}",
+            f"topic read {topics.FINAL_CHECKPOINT}",
+            f"topic write {topics.miner_request(miner)}",
+            f"topic write {topics.miner_cosignature(miner)}",
+            f"topic write {topics.miner_evidence(miner)}",
+            f"topic read {topics.miner_response(miner)}",
+        ]
     for d in sorted(devices, key=lambda d: d.device_id):
         lines += [
             "",
@@ -207,25 +268,34 @@ class BrokerAccess:
     revoked_left_out: int
     plan: LoginPlan
     stale_removed: list[Path]
+    miner_credentials: dict[str, Path] = field(default_factory=dict)
+    workers: int = 0
 
 
 def generate_broker_access(ledger: Ledger, data_dir: Path, out_dir: Path, *,
-                           bridge_user: str = DEFAULT_BRIDGE_USER, rotate: Collection[str] = ()) -> BrokerAccess:
-    """Write passwd, acl, bridge.json and devices/<id>.json (all mode 0600) into `out_dir`.
+                           bridge_user: str = DEFAULT_BRIDGE_USER, rotate: Collection[str] = (), workers: int = 0,
+                           add_miners: Collection[str] = (), remove_miners: Collection[str] = ()) -> BrokerAccess:
+    """Write passwd, acl, bridge.json, devices/<id>.json and miners/<id>.json (all mode 0600) into `out_dir`.
 
+    Logins for `workers` ingest workers share bridge.json's password. Miners' logins are kept in the store
+    across runs (the ledger has no miner registry yet): `add_miners` adds, `remove_miners` drops.
     The credential store is saved first, so no file ever carries a password that is not persisted.
     """
     registry = ledger.devices()
     active = [d for d in registry.values() if not d.revoked]
     store = store_path(data_dir)
-    plan = plan_logins(load_store(store), bridge_user, [d.device_id for d in active], rotate)
+    previous = load_store(store)
+    kept_miners = {u.removeprefix(MINER_USER_PREFIX) for u, x in previous.items() if x.role == "miner"}
+    miners = sorted((kept_miners | {check_miner_id(m) for m in add_miners}) - set(remove_miners))
+    plan = plan_logins(previous, bridge_user, [d.device_id for d in active], rotate, workers=workers,
+                       miner_ids=miners)
     save_store(store, plan.logins)
 
     out_dir = Path(out_dir)
     passwd, acl = out_dir / "passwd", out_dir / "acl"
     write_atomic(passwd, passwd_text(plan.logins).encode())
     write_atomic(acl, acl_text(bridge_user, active, registry_version=ledger.registry_version(),
-                               revoked=len(registry) - len(active)).encode())
+                               revoked=len(registry) - len(active), workers=workers, miner_ids=miners).encode())
     bridge_file = out_dir / "bridge.json"
     write_atomic(bridge_file, MqttCredentials(username=bridge_user, password=plan.logins[bridge_user].password)
                  .to_json())
@@ -238,6 +308,15 @@ def generate_broker_access(ledger: Ledger, data_dir: Path, out_dir: Path, *,
         device_files[d.device_id] = path
     stale = [p for p in sorted(dev_dir.glob("*.json"))
              if _DEVICE_ID.fullmatch(p.stem) and p.stem not in device_files]
-    for p in stale:  # revoked devices: their login is gone, so is their provisioning file
+    miner_dir = out_dir / "miners"
+    miner_files = {}
+    for m in miners:
+        path = miner_dir / f"{m}.json"
+        write_atomic(path, MqttCredentials(username=miner_user(m), password=plan.logins[miner_user(m)].password)
+                     .to_json())
+        miner_files[m] = path
+    stale += [p for p in sorted(miner_dir.glob("*.json")) if _DEVICE_ID.fullmatch(p.stem) and p.stem not in miner_files]
+    for p in stale:  # revoked devices and removed miners: their login is gone, so is their provisioning file
         p.unlink()
-    return BrokerAccess(passwd, acl, bridge_file, device_files, len(registry) - len(active), plan, stale)
+    return BrokerAccess(passwd, acl, bridge_file, device_files, len(registry) - len(active), plan, stale,
+                        miner_files, workers)

@@ -2,7 +2,8 @@
 
 `SeqGuard` bounds how far a device's seq may jump; `RateGuard` bounds its events per second. Both see only
 events whose signature verified (the `check` stage ran first), so their tables hold at most one small
-entry per registered device.
+entry per registered device. `UnregisteredReceipts` bounds the receipts the bridge signs for devices it
+does not know: one token bucket for all of them, so its memory is constant whatever ids a flood makes up.
 """
 
 from __future__ import annotations
@@ -83,3 +84,39 @@ class RateGuard:
         bucket = self._buckets.get(device_id)
         if bucket is not None:
             bucket.tokens = min(float(self.burst), bucket.tokens + 1.0)
+
+
+UNREGISTERED_RECEIPTS_PER_S = 20.0
+UNREGISTERED_RECEIPTS_BURST = 200
+
+
+@dataclass
+class UnregisteredReceipts:
+    """One token bucket for every receipt to a device that is not registered (`unregistered`, or refused
+    before the registry was consulted under a topic naming no registered device).
+
+    A device whose registration is not on the ledger *yet* still hears why (its first events, then some
+    of its resends); a flood from made-up ids costs at most `rate` signatures a second after a `burst`.
+    The refusals over the budget are still counted by reason; `suppressed` counts the receipts not sent.
+    """
+
+    rate: float = UNREGISTERED_RECEIPTS_PER_S
+    burst: int = UNREGISTERED_RECEIPTS_BURST
+    clock: Callable[[], float] = time.monotonic
+    sent: int = 0
+    suppressed: int = 0
+    _bucket: _Bucket | None = None
+
+    def allow(self) -> bool:
+        now = self.clock()
+        if self._bucket is None:
+            self._bucket = _Bucket(float(self.burst), now)
+        b = self._bucket
+        b.tokens = min(float(self.burst), b.tokens + max(0.0, now - b.at) * self.rate)
+        b.at = now
+        if b.tokens < 1.0:
+            self.suppressed += 1
+            return False
+        b.tokens -= 1.0
+        self.sent += 1
+        return True

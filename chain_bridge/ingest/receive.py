@@ -9,8 +9,11 @@ Either way the sequencer gets `list[Verdict]` from a `VerdictSource`.
 
 from __future__ import annotations
 
+import logging
 import queue
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -22,6 +25,9 @@ from chain_bridge.ingest.check import Ingest
 from chain_bridge.ingest.verdicts import RawMessage, Rejection, Verdict
 from chain_bridge.ledger.store import DeviceRecord, Ledger
 
+log = logging.getLogger("carechain.bridge.inbox")
+DEFAULT_INBOX_MESSAGES = Limits.model_fields["inbox_max_messages"].default
+
 
 class VerdictSource(Protocol):
     """Where the sequencer takes its next batch of verdicts from (the in-process receiver, or the workers)."""
@@ -30,19 +36,66 @@ class VerdictSource(Protocol):
 
 
 class Inbox:
-    """Messages handed over by paho's network thread, drained in batches by the receive loop."""
+    """Messages handed over by paho's network thread, drained in batches by the receive loop.
 
-    def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[RawMessage] = queue.SimpleQueue()
+    Bounded, with back-pressure rather than loss: when it holds `max_messages`, `put` waits for room. paho
+    calls `on_message` on its network thread and acknowledges a QoS 1 message only after it returns, so
+    while the inbox is full the broker keeps the rest queued (for a persistent session) and the bridge's
+    memory stays bounded, however fast junk arrives. Publishing is not held up: paho's `publish`, which the
+    sequencer thread calls for receipts and checkpoints, only queues the packet. A wait ends when there
+    is room, when the inbox is closed, or — given the link's state (`on_message` passes it) — when the link
+    goes down: the message is then not acknowledged and the broker delivers it again. Without the link's
+    state, it ends when the thread that drains the inbox has ended (a bridge stopping; the message may
+    then be acknowledged unprocessed: never receipted, so its agent resends it). Stopping never hangs on
+    a full inbox.
+    """
 
-    def put(self, topic: str, payload: bytes) -> None:
-        self._queue.put(RawMessage(topic, payload))
+    def __init__(self, max_messages: int = DEFAULT_INBOX_MESSAGES) -> None:
+        self.max_messages = max_messages
+        self._queue: queue.Queue[RawMessage] = queue.Queue(maxsize=max_messages)
+        self._closed = threading.Event()
+        self._consumer: threading.Thread | None = None
+        self.stats: Counter[str] = Counter()  # "waited": puts that found it full; "abandoned": gave up waiting
 
-    def on_message(self, _client: Any, _userdata: object, msg: Any) -> None:  # paho's on_message signature
-        self._queue.put(RawMessage(msg.topic, msg.payload))
+    def put(self, topic: str, payload: bytes, link_up: Callable[[], bool] | None = None) -> bool:
+        """Hand over one message, waiting while the inbox is full; False if the wait was abandoned (see above)."""
+        msg = RawMessage(topic, payload)
+        try:
+            self._queue.put_nowait(msg)
+            return True
+        except queue.Full:
+            pass
+        self.stats["waited"] += 1
+        if self.stats["waited"] & (self.stats["waited"] - 1) == 0:  # 1st, 2nd, 4th, 8th, ...
+            log.warning("the inbox is full (%d messages): holding the broker's deliveries until the bridge "
+                        "catches up (%d times so far)", self.max_messages, self.stats["waited"])
+        while not self._closed.is_set():
+            if link_up is not None:
+                if not link_up():
+                    break
+            elif (consumer := self._consumer) is not None and not consumer.is_alive():
+                break
+            try:
+                self._queue.put(msg, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        self.stats["abandoned"] += 1
+        return False
+
+    def on_message(self, client: Any, _userdata: object, msg: Any) -> None:  # paho's on_message signature
+        self.put(msg.topic, msg.payload, client.is_connected)
+
+    def close(self) -> None:
+        """End every wait for room (the bridge is stopping); messages still waiting are not acknowledged."""
+        self._closed.set()
+
+    def qsize(self) -> int:
+        return self._queue.qsize()
 
     def drain(self, timeout: float, batch_max: int, linger_s: float = 0.0) -> list[RawMessage]:
         """Up to `batch_max` messages: wait up to `timeout` for the first, then up to `linger_s` for more."""
+        self._consumer = threading.current_thread()
         try:
             first = self._queue.get(timeout=timeout)
         except queue.Empty:
@@ -96,7 +149,7 @@ class Receiver:
 
     def __init__(self, ledger: Ledger, limits: Limits, batch_max: int, linger_s: float = 0.0,
                  clock_ms: Callable[[], int] = wall_clock_ms) -> None:
-        self.inbox = Inbox()
+        self.inbox = Inbox(limits.inbox_max_messages)
         self.registry = RegistryView(ledger)
         self.registry.refresh()
         self.ingest = Ingest(limits, self.registry.lookup)

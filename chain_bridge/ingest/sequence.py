@@ -4,6 +4,11 @@ One `Sequencer` runs in the bridge, whichever process checked the events. For a 
 applies the guards, appends the candidates in one durable transaction (`Ledger.append_events`, which asks
 `Dedup` whether each (device, seq) is new, a resend, or a conflict), and only then builds the receipts:
 a receipt never names an event that is not committed. Publishing them is the caller's (the MQTT shell's).
+
+An `ok` entry carries the digest of the bytes anchored under its seq (`okd`), and a receipt refusing a
+`seq_reused` event carries the device's highest anchored seq (`hi`): see carechain.receipts. Receipts to
+devices that are not registered are rate-limited as a whole (`UnregisteredReceipts`): a flood of junk from
+made-up ids must not make the bridge sign a receipt for every message.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from dataclasses import dataclass, field
 from carechain.config import Limits
 from carechain.errors import Reason, contract_reason
 from carechain.receipts import Receipt, Rejected
-from chain_bridge.ingest.guards import RateGuard, SeqGuard
+from chain_bridge.ingest.guards import RateGuard, SeqGuard, UnregisteredReceipts
+from chain_bridge.ingest.receive import RegistryView
 from chain_bridge.ingest.verdicts import Rejection, Verdict
 from chain_bridge.ledger.store import (
     Appended,
@@ -39,6 +45,7 @@ class SequencedBatch:
     rejections: list[Rejection] = field(default_factory=list)
     anchored: int = 0
     duplicates: int = 0
+    unreceipted: int = 0  # rejections of unregistered devices not receipted (over `UnregisteredReceipts`)
 
 
 @dataclass
@@ -56,6 +63,8 @@ class Sequencer:
         self.gate = gate
         self.seq_guard = SeqGuard(limits.max_seq_gap, ledger.last_seq)
         self.rate_guard = RateGuard(limits.max_events_per_s, limits.burst)
+        self.unregistered_receipts = UnregisteredReceipts()
+        self._registry = RegistryView(ledger)
         # Held while the ledger is extended: other threads (the proof responder) must not read it mid-append.
         self._lock = lock if lock is not None else contextlib.nullcontext()
 
@@ -68,12 +77,30 @@ class Sequencer:
             results = self.ledger.append_events(admitted.candidates, gate) if admitted.candidates else []
         for cand, result, took in zip(admitted.candidates, results, admitted.charged, strict=True):
             self._settle(out, cand, result, took, now_ms)
-        for r in out.rejections:
-            if r.receipted:
-                assert r.device_id is not None
-                out.receipts.setdefault(r.device_id, Receipt(r.device_id, now_ms)).rejected.append(
-                    Rejected(r.seq, r.reason, r.detail, r.retryable, r.digest))
+        self._refusals(out, now_ms)
         return out
+
+    def _refusals(self, out: SequencedBatch, now_ms: int) -> None:
+        """The receipt stage for rejections: to registered devices always, to others within a budget."""
+        refreshed = False
+        for r in out.rejections:
+            if not r.receipted:
+                continue
+            assert r.device_id is not None
+            if r.reason == Reason.UNREGISTERED:
+                known = False
+            else:  # a parse-stage refusal names only the topic's device: is that one registered?
+                if not refreshed:
+                    self._registry.refresh()
+                    refreshed = True
+                known = self._registry.lookup(r.device_id) is not None
+            if not known and not self.unregistered_receipts.allow():
+                out.unreceipted += 1  # still counted and logged by reason; just not signed and sent
+                continue
+            receipt = out.receipts.setdefault(r.device_id, Receipt(r.device_id, now_ms))
+            receipt.rejected.append(Rejected(r.seq, r.reason, r.detail, r.retryable, r.digest))
+            if r.reason == Reason.SEQ_REUSED and receipt.highest_seq is None:
+                receipt.highest_seq = self.ledger.last_seq(r.device_id)
 
     def guard(self, verdicts: Sequence[Verdict], out: SequencedBatch) -> _Admitted:
         """The guards stage: seq limit, then rate limit (a resend of an anchored event passes uncharged)."""
@@ -97,8 +124,8 @@ class Sequencer:
                 now_ms: int) -> None:
         """The receipt stage for one appended candidate: acknowledge it, or say why it is not in the log."""
         if isinstance(result, Appended):
-            out.receipts.setdefault(cand.device_id, Receipt(cand.device_id, now_ms)).ok.append(
-                (cand.seq, result.index))
+            out.receipts.setdefault(cand.device_id, Receipt(cand.device_id, now_ms)).acknowledge(
+                cand.seq, result.index, cand.digest)
             if result.duplicate:
                 out.duplicates += 1
                 if took:

@@ -8,6 +8,7 @@ crash can never leave a root that covers uncommitted leaves.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -17,6 +18,7 @@ from typing import Protocol
 
 from carechain import envelope
 from carechain.checkpoint import Checkpoint, sign_note
+from carechain.disk_full_points import disk_full_point
 from carechain.entries import (
     CONTRACT_ENTRY_TYPES,
     ENTRY_EVENT,
@@ -27,6 +29,7 @@ from carechain.entries import (
     Registration,
     Revocation,
 )
+from carechain.files import make_private
 from carechain.identity import Identity
 from carechain.merkle import leaf_hash
 from carechain.merkle_tree import MerkleTree
@@ -47,6 +50,8 @@ CREATE TABLE IF NOT EXISTS devices (
     owner TEXT NOT NULL, site TEXT NOT NULL, registered_idx INTEGER NOT NULL, revoked_idx INTEGER);
 CREATE TABLE IF NOT EXISTS checkpoints (
     tree_size INTEGER PRIMARY KEY, root_hash BLOB NOT NULL, note TEXT NOT NULL, issued_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS contract_snapshots (
+    tree_size INTEGER PRIMARY KEY, genesis_hash BLOB NOT NULL, state BLOB NOT NULL, taken_ms INTEGER NOT NULL);
 """
 
 
@@ -140,6 +145,7 @@ class Ledger:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            make_private(self.path)  # 0600: health data; SQLite gives later -wal/-shm files this mode
             version = self._meta("schema_version")
             if version is None:
                 self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
@@ -239,11 +245,12 @@ class Ledger:
                     results.append(SaleRefused(idx, reason))
             db.executemany("INSERT INTO entries VALUES (?,?,?,?,?)", rows_entries)
             db.executemany("INSERT INTO events VALUES (?,?,?,?)", rows_events)
+            disk_full_point(db)
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
             if gate is not None:
-                gate.abort()
+                gate.abort()  # first: whatever the rollback does, the gate must not trust leaves it admitted
+            _rollback(db)
             raise
         self.tree.extend(new_hashes)
         return results
@@ -287,7 +294,7 @@ class Ledger:
                 db.execute("INSERT INTO entries VALUES (?,?,?,?,?)", (first + i, entry.type, hashes[-1], data, now))
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            _rollback(db)
             raise
         self.tree.extend(hashes)
         return list(range(first, first + len(hashes)))
@@ -322,7 +329,7 @@ class Ledger:
             self._bump_registry_version()
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            _rollback(db)
             raise
         first = self.tree.size
         self.tree.extend(hashes)
@@ -348,7 +355,7 @@ class Ledger:
             self._bump_registry_version()
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            _rollback(db)
             raise
         self.tree.append(h)
         return idx
@@ -410,6 +417,7 @@ class Ledger:
         size = self.tree.size
         body = Checkpoint(origin=origin, tree_size=size, root_hash=self.tree.root()).body()
         note = sign_note(body, origin, log_key.public_key, log_key.sign)
+        disk_full_point()
         self._db.execute(
             "INSERT OR IGNORE INTO checkpoints VALUES (?,?,?,?)", (size, self.tree.root(), note, _now_ms())
         )
@@ -427,6 +435,48 @@ class Ledger:
 
     def checkpoint_count(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM checkpoints").fetchone()[0]
+
+    # -- contract snapshots --------------------------------------------------------------------------
+
+    def save_contract_snapshot(self, tree_size: int, genesis_hash: bytes, state: bytes, keep: int = 2) -> None:
+        """Store the contract state after the first `tree_size` leaves; keep only the newest `keep` snapshots.
+
+        A snapshot is a cache beside the log, never part of it: losing one costs a longer replay, nothing
+        else, and `contract_snapshot` ignores any that were taken under another genesis.
+        """
+        if tree_size > self.size:
+            raise LedgerError(f"a contract snapshot at {tree_size} leaves is ahead of the log ({self.size})")
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("INSERT OR REPLACE INTO contract_snapshots VALUES (?,?,?,?)",
+                       (tree_size, genesis_hash, state, _now_ms()))
+            db.execute("DELETE FROM contract_snapshots WHERE tree_size NOT IN "
+                       "(SELECT tree_size FROM contract_snapshots ORDER BY tree_size DESC LIMIT ?)", (keep,))
+            disk_full_point(db)
+            db.execute("COMMIT")
+        except BaseException:
+            _rollback(db)
+            raise
+
+    def contract_snapshot(self, genesis_hash: bytes, at_most: int | None = None) -> tuple[int, bytes] | None:
+        """The newest stored contract state `(tree_size, state)` of this genesis covering at most `at_most` leaves."""
+        limit = self.size if at_most is None else min(at_most, self.size)
+        row = self._db.execute(
+            "SELECT tree_size, state FROM contract_snapshots WHERE genesis_hash=? AND tree_size<=? "
+            "ORDER BY tree_size DESC LIMIT 1", (genesis_hash, limit)).fetchone()
+        return (row[0], bytes(row[1])) if row else None
+
+
+def _rollback(db: sqlite3.Connection) -> None:
+    """Roll back if a transaction is still open, never masking the error that got us here.
+
+    On SQLITE_FULL or SQLITE_IOERR at COMMIT, SQLite has usually rolled back already: a `ROLLBACK` then
+    raises "no transaction is active" and would replace the disk-full error the caller must see.
+    """
+    if db.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
 
 
 def _now_ms() -> int:
