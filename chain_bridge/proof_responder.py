@@ -15,7 +15,6 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
 from pydantic import ValidationError
@@ -23,6 +22,7 @@ from pydantic import ValidationError
 from carechain import miner_messages as messages
 from carechain.config import BridgeConfig, BrokerConfig
 from carechain.merkle import HASH_SIZE
+from carechain.token_bucket import TokenBucket
 from carechain.transport import connect_client
 from chain_bridge.ledger.store import Ledger
 
@@ -34,35 +34,26 @@ DEFAULT_REQUEST_BURST = BridgeConfig.model_fields["proof_request_burst"].default
 MAX_REQUESTERS = 4096  # rate-limit buckets kept; the least recently seen requester is forgotten first
 
 
-@dataclass
-class _Bucket:
-    tokens: float
-    at: float
-
-
 class RequestLimiter:
     """Per-requester token bucket (`burst` tokens refilled at `rate` per second) over a bounded set of requesters."""
 
     def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.rate, self.burst, self._clock = rate, burst, clock
-        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
 
     def take(self, requester: str) -> float:
         """0.0 if `requester` may be answered now (a token is taken), else the seconds until it may."""
         now = self._clock()
-        bucket = self._buckets.pop(requester, None) or _Bucket(float(self.burst), now)
-        bucket.tokens = min(float(self.burst), bucket.tokens + max(0.0, now - bucket.at) * self.rate)
-        bucket.at = now
+        bucket = self._buckets.pop(requester, None) or TokenBucket.full(self.rate, self.burst, now)
         self._buckets[requester] = bucket
         while len(self._buckets) > MAX_REQUESTERS:
             self._buckets.popitem(last=False)
-        if bucket.tokens < 1.0:
-            wait = (1.0 - bucket.tokens) / self.rate
-            bucket.tokens -= 1.0  # a requester that keeps asking only pushes its next answer further out
-            bucket.tokens = max(bucket.tokens, -float(self.burst))
-            return wait
-        bucket.tokens -= 1.0
-        return 0.0
+        if bucket.take(now):
+            return 0.0
+        wait = bucket.wait_s()
+        # A requester that keeps asking only pushes its next answer further out (down to -burst tokens).
+        bucket.tokens = max(bucket.tokens - 1.0, -float(self.burst))
+        return wait
 
 
 class ProofResponder:

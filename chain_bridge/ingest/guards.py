@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from carechain.errors import Reason
+from carechain.token_bucket import TokenBucket
 from chain_bridge.ingest.verdicts import Rejection
 from chain_bridge.ledger.store import EventCandidate
 
@@ -45,12 +46,6 @@ class SeqGuard:
 
 
 @dataclass
-class _Bucket:
-    tokens: float
-    at: float  # when `tokens` was last computed (the clock's seconds)
-
-
-@dataclass
 class RateGuard:
     """Sequencer-side per-device rate limit: a token bucket of `burst` tokens refilled at `rate` per second.
 
@@ -62,28 +57,24 @@ class RateGuard:
     rate: float
     burst: int
     clock: Callable[[], float] = time.monotonic
-    _buckets: dict[str, _Bucket] = field(default_factory=dict)
+    _buckets: dict[str, TokenBucket] = field(default_factory=dict)
 
     def check(self, c: EventCandidate) -> Rejection | None:
         """Take a token for `c`, or return the `rate_limited` rejection if the device has none left."""
         now = self.clock()
         bucket = self._buckets.get(c.device_id)
         if bucket is None:
-            bucket = self._buckets[c.device_id] = _Bucket(float(self.burst), now)
-        bucket.tokens = min(float(self.burst), bucket.tokens + max(0.0, now - bucket.at) * self.rate)
-        bucket.at = now
-        if bucket.tokens < 1.0:
-            wait = (1.0 - bucket.tokens) / self.rate
-            return Rejection(c.device_id, c.seq, Reason.RATE_LIMITED,
-                             f"more than {self.rate:g} events/s (burst {self.burst}); retry in {wait:.2f} s", c.digest)
-        bucket.tokens -= 1.0
+            bucket = self._buckets[c.device_id] = TokenBucket.full(self.rate, self.burst, now)
+        if not bucket.take(now):
+            return Rejection(c.device_id, c.seq, Reason.RATE_LIMITED, f"more than {self.rate:g} events/s (burst "
+                             f"{self.burst}); retry in {bucket.wait_s():.2f} s", c.digest)
         return None
 
     def refund(self, device_id: str) -> None:
         """Give back the token of an event that turned out to be a duplicate (nothing was appended)."""
         bucket = self._buckets.get(device_id)
         if bucket is not None:
-            bucket.tokens = min(float(self.burst), bucket.tokens + 1.0)
+            bucket.give_back()
 
 
 UNREGISTERED_RECEIPTS_PER_S = 20.0
@@ -105,18 +96,14 @@ class UnregisteredReceipts:
     clock: Callable[[], float] = time.monotonic
     sent: int = 0
     suppressed: int = 0
-    _bucket: _Bucket | None = None
+    _bucket: TokenBucket | None = None
 
     def allow(self) -> bool:
         now = self.clock()
         if self._bucket is None:
-            self._bucket = _Bucket(float(self.burst), now)
-        b = self._bucket
-        b.tokens = min(float(self.burst), b.tokens + max(0.0, now - b.at) * self.rate)
-        b.at = now
-        if b.tokens < 1.0:
+            self._bucket = TokenBucket.full(self.rate, self.burst, now)
+        if not self._bucket.take(now):
             self.suppressed += 1
             return False
-        b.tokens -= 1.0
         self.sent += 1
         return True
