@@ -83,16 +83,25 @@ def run_worker(spec: WorkerSpec, out: mp.Queue[list[Verdict]], stop: Any, subscr
     try:
         # Short steps, whether the broker is up or not: `stop` (and the parent's death) end the worker
         # promptly even while it is still waiting for its first subscription.
+        pending: list[Verdict] = []
         while not stop.is_set() and (parent is None or parent.is_alive()):
             if not subscribed.is_set() and ready.is_set():
                 subscribed.set()
-            verdicts = receiver.receive(0.1)
-            while verdicts and not stop.is_set():
-                try:  # bounded: while the sequencer is behind, this worker stops draining its inbox (back-pressure)
-                    out.put(verdicts, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
+            if len(pending) < spec.batch_max:
+                pending.extend(receiver.receive(0.01 if pending else 0.1))
+            if not pending:
+                continue
+            # The queue to the sequencer is bounded (a few slots). While it is full, this worker keeps merging
+            # verdicts into one list up to `batch_max`, so the sequencer still gets full batches; only then does
+            # it stop draining its inbox (back-pressure, ending at the broker).
+            try:
+                if len(pending) < spec.batch_max:
+                    out.put_nowait(pending)
+                else:
+                    out.put(pending, timeout=0.1)
+                pending = []
+            except queue.Full:
+                continue
     finally:
         # Disconnect first: a network thread waiting for room in a full inbox then gives up, and the message
         # it held is not acknowledged (the DISCONNECT goes out before its PUBACK could); close() ends any
