@@ -112,7 +112,7 @@ class Bridge:
         # Held by the sequencer while it extends the ledger; miners' proof requests are answered from the
         # MQTT thread and must never read the in-memory tree mid-append.
         self.ledger_lock = threading.Lock()
-        self.sequencer = Sequencer(ledger, cfg.limits, contracts, self.ledger_lock)
+        self.sequencer = Sequencer(ledger, cfg.limits, contracts, self.ledger_lock, self.receiver.registry)
         self._pool: WorkerPool | None = None
         self._client: mqtt.Client | None = None
         self._worker: threading.Thread | None = None

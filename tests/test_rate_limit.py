@@ -12,10 +12,11 @@ import pytest
 from carechain import envelope, topics
 from carechain.config import BridgeConfig, BrokerConfig, Limits
 from carechain.entries import Registration, registration_entry
+from carechain.errors import Reason
 from carechain.events import make_payload
 from carechain.identity import Identity
 from chain_bridge.bridge import Bridge
-from chain_bridge.ingest import RETRYABLE, RateGuard
+from chain_bridge.ingest import RateGuard
 from chain_bridge.ingest.guards import UnregisteredReceipts
 from chain_bridge.ledger.store import EventCandidate, Ledger
 
@@ -43,7 +44,7 @@ def test_a_device_gets_its_burst_then_is_refused_with_a_retryable_reason() -> No
     assert [guard.check(cand("a", s)) for s in range(5)] == [None] * 5
     refused = guard.check(cand("a", 5))
     assert refused is not None and refused.reason == "rate_limited" and refused.retryable
-    assert "rate_limited" in RETRYABLE  # the agent keeps the event and resends it
+    assert Reason("rate_limited").retryable  # the agent keeps the event and resends it
     assert (refused.seq, refused.digest) == (5, b"digest")
 
 

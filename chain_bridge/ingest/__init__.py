@@ -7,7 +7,6 @@ Every stage hands on typed values (`verdicts`); every refusal is a `Rejection` w
 `carechain.errors.Reason`.
 """
 
-from carechain.errors import Reason
 from chain_bridge.ingest.check import Ingest
 from chain_bridge.ingest.guards import RateGuard, SeqGuard
 from chain_bridge.ingest.receive import Inbox, Receiver, RegistryView, VerdictSource, check_batch
@@ -15,10 +14,6 @@ from chain_bridge.ingest.sequence import SequencedBatch, Sequencer
 from chain_bridge.ingest.verdicts import EventCandidate, RawMessage, Rejection, Verdict
 from chain_bridge.ledger.dedup import Dedup
 
-# Reasons a device can fix by waiting (e.g. its registration is not yet on the ledger); the agent keeps
-# such events and resends. Every other reason is permanent: the agent moves the event to quarantine.
-RETRYABLE = frozenset(r for r in Reason if r.retryable)
-
-__all__ = ["RETRYABLE", "Dedup", "EventCandidate", "Inbox", "Ingest", "RateGuard", "RawMessage", "Receiver",
+__all__ = ["Dedup", "EventCandidate", "Inbox", "Ingest", "RateGuard", "RawMessage", "Receiver",
            "RegistryView", "Rejection", "SeqGuard", "SequencedBatch", "Sequencer", "Verdict", "VerdictSource",
            "check_batch"]

@@ -58,13 +58,15 @@ class _Admitted:
 
 class Sequencer:
     def __init__(self, ledger: Ledger, limits: Limits, gate: EventGate | None = None,
-                 lock: contextlib.AbstractContextManager[object] | None = None) -> None:
+                 lock: contextlib.AbstractContextManager[object] | None = None,
+                 registry: RegistryView | None = None) -> None:
         self.ledger = ledger
         self.gate = gate
         self.seq_guard = SeqGuard(limits.max_seq_gap, ledger.last_seq)
         self.rate_guard = RateGuard(limits.max_events_per_s, limits.burst)
         self.unregistered_receipts = UnregisteredReceipts()
-        self._registry = RegistryView(ledger)
+        # The receive stage's view when it runs on this thread (the bridge passes it): one copy, one refresh.
+        self._registry = registry if registry is not None else RegistryView(ledger)
         # Held while the ledger is extended: other threads (the proof responder) must not read it mid-append.
         self._lock = lock if lock is not None else contextlib.nullcontext()
 
