@@ -165,9 +165,16 @@ def _run(root: Path, *, broker: str | None, seconds: float, speedup: float,
             now = int(time.time() * 1000)
             forged = envelope.sign(Identity.generate(), make_payload(dev, 10**6, now, "heart_rate", {"bpm": 180}),
                                    kid=dev)
+            # The reused seq must come after the band's own seq 0 is anchored: sent first, it would be the
+            # intruder's bytes the bridge keeps, and the agent would rightly raise its cloned-key alarm.
             first_idx = ledger_reader.event_index(dev, 0)
+            settle = time.monotonic() + 30
+            while first_idx is None and time.monotonic() < settle:
+                time.sleep(0.1)
+                first_idx = ledger_reader.event_index(dev, 0)
             replay = Entry.decode(ledger_reader.entry(first_idx)).cose if first_idx is not None else b""
-            reused = envelope.sign(victim, make_payload(dev, 0, now, "heart_rate", {"bpm": 61}))
+            reused = envelope.sign(victim, make_payload(dev, 0, now, "heart_rate", {"bpm": 61})) \
+                if first_idx is not None else b""
             msgs = {"forged_signature": forged, "replay": replay, "reused_seq": reused,
                     "garbage": b"\xff\x00 not cbor", "oversized": b"\x00" * 64 * 1024}
             for name, payload in msgs.items():
