@@ -46,6 +46,9 @@ class Reason(enum.StrEnum):
         return member
 
     TOO_LARGE = ("too_large", False, "event larger than `limits.max_event_bytes` (default 4096)")
+    BAD_ENVELOPE = ("bad_envelope", False,
+                    "a CBOR map that is not a sealed event (v2): the deterministic map of exactly `ct` (a "
+                    "ciphertext of at most 4096 bytes) and `ev` (a COSE_Sign1), both byte strings")
     MALFORMED = ("malformed", False,
                  "not well-formed CBOR (or a tag, an indefinite length, a simple value, invalid UTF-8, too deep), "
                  "trailing bytes, or a COSE_Sign1 not in its deterministic encoding (the signature does not "
@@ -64,6 +67,11 @@ class Reason(enum.StrEnum):
     BAD_SIGNATURE = ("bad_signature", False, "the signature does not verify with the **registered** key")
     UNSUPPORTED_VERSION = ("unsupported_version", False, "payload `v` not served by this bridge")
     BAD_BODY = ("bad_body", False, "unknown `kind`, or a body outside its model (type or physiological range)")
+    CIPHERTEXT_MISSING = ("ciphertext_missing", False,
+                          "a sealed reading (v2) sent without its ciphertext, as a bare COSE_Sign1")
+    CIPHERTEXT_MISMATCH = ("ciphertext_mismatch", False,
+                           "the ciphertext sent with a sealed reading does not hash to the `ct` its signed body "
+                           "carries, or a ciphertext came with an event that has none")
     CLOCK_SKEW = ("clock_skew", False,
                   "`ts` more than `limits.max_future_skew_s` (default 300 s) ahead of the bridge")
     TOO_OLD = ("too_old", False, "`ts` older than `limits.max_age_s` (default 30 days)")
@@ -74,6 +82,11 @@ class Reason(enum.StrEnum):
     RATE_LIMITED = ("rate_limited", True,
                     "the device sent more than `limits.max_events_per_s` (default 1,000/s) beyond a burst of "
                     "`limits.burst` (default 20,000); resends of anchored events are re-acknowledged, never limited")
+    VERSION_RETIRED = ("version_retired", False,
+                       "a plain-text (v1) health reading after the operator's `protocol.cutover` entry; "
+                       "upgrade the agent to protocol 2")
+    UNKNOWN_OWNER = ("unknown_owner", False,
+                     "an `epoch_key` event whose `owner` is not the device's registered owner")
     BAD_TOPIC = ("bad_topic", False, "a message on a topic that is not `cc/v1/dev/{id}/ev` (counted and logged only)",
                  False)
 

@@ -1,7 +1,14 @@
-"""Event payload models (wire protocol v1): `{v, dev, seq, ts, kind, body}` and one body model per kind.
+"""Event payload models: `{v, dev, seq, ts, kind, body}` and one body model per kind.
 
 Bodies carry values in the units named by their field (SI or the clinical unit FHIR uses), so that a
 reading means the same thing on every party without a lookup table.
+
+Protocol v2 (docs/protocol.md, "Protocol v2: sealed readings") seals the health readings (`SEALED_KINDS`): the
+signed body of such a reading is only `SealedBody {epoch, ct}`, the hash of a ciphertext (carechain.sealed)
+that carries the reading's body model; the models in `BODY_MODELS` are then used only by whoever holds the
+data key (the agent before sealing, a requester after opening). v2 adds two clear kinds, `epoch_key` (the
+epoch's data key encapsulated to its owner) and `weekly_activity` (a summary disclosed to a wellness policy).
+v1 payloads are validated exactly as before.
 """
 
 from __future__ import annotations
@@ -12,8 +19,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from carechain.errors import ProtocolError, Reason
 
-PROTOCOL_VERSION = 1
-SUPPORTED_VERSIONS = frozenset({1})
+PROTOCOL_VERSION = 1  # what v1 agents sign; v2 agents sign PROTOCOL_V2
+PROTOCOL_V2 = 2
+SUPPORTED_VERSIONS = frozenset({1, 2})
+# Health readings: sealed under protocol v2. Purchases stay clear (the contracts read them; they carry
+# pseudonymous patient tokens, not vitals).
+SEALED_KINDS = frozenset({"heart_rate", "temperature", "blood_pressure", "spo2", "glucose", "weight", "activity"})
+MAX_CAPSULE_BYTES = 256
+MAX_KEY_CT_BYTES = 256
+MIN_EPOCH_MS = 60_000  # one minute
+MAX_EPOCH_MS = 86_400_000  # one day
 
 _strict = ConfigDict(extra="forbid", frozen=True, strict=True)
 Finite = Annotated[float, Field(allow_inf_nan=False)]
@@ -110,9 +125,53 @@ BODY_MODELS: dict[str, type[EventBody]] = {
     "activity": Activity,
     "purchase": Purchase,
 }
+
+
+class SealedBody(EventBody):
+    """The signed body of a v2 health reading: its epoch and the hash of its ciphertext (`sealed.ciphertext_hash`)."""
+
+    epoch: int = Field(ge=0, le=2**63 - 1)
+    ct: bytes = Field(min_length=32, max_length=32)
+
+
+class EpochKey(EventBody):
+    """The data key of one (device, epoch), encapsulated to the device's owner (`reencryption.encapsulate`).
+
+    Sent once per epoch before its readings; the rules keep it as the `epochs` record miners re-encrypt.
+    """
+
+    epoch: int = Field(ge=0, le=2**63 - 1)
+    epoch_ms: int = Field(ge=MIN_EPOCH_MS, le=MAX_EPOCH_MS)
+    owner: str = Field(pattern=r"^[a-z2-7]{16}$")  # the owner's party id (`Identity.device_id` of her key)
+    capsule: bytes = Field(min_length=1, max_length=MAX_CAPSULE_BYTES)
+    key_ct: bytes = Field(min_length=1, max_length=MAX_KEY_CT_BYTES)
+
+
+class WeeklyActivity(EventBody):
+    """Active minutes of one ISO week, disclosed in clear to one wellness policy with the patient's consent."""
+
+    week: str = Field(pattern=r"^[0-9]{4}-W(0[1-9]|[1-4][0-9]|5[0-3])$")
+    active_minutes: int = Field(ge=0, le=7 * 1440)
+    policy: str = Field(min_length=1, max_length=64)
+
+
+# Kinds only v2 carries, in clear.
+V2_CLEAR_MODELS: dict[str, type[EventBody]] = {"epoch_key": EpochKey, "weekly_activity": WeeklyActivity}
 EventKind = Literal[
-    "heart_rate", "temperature", "blood_pressure", "spo2", "glucose", "weight", "activity", "purchase"
+    "heart_rate", "temperature", "blood_pressure", "spo2", "glucose", "weight", "activity", "purchase",
+    "epoch_key", "weekly_activity",
 ]
+
+
+def signed_body_model(v: int, kind: str) -> type[EventBody] | None:
+    """The model of the body a device signs for `kind` under protocol `v`; None when `v` cannot carry `kind`."""
+    if v == PROTOCOL_V2:
+        if kind in SEALED_KINDS:
+            return SealedBody
+        return V2_CLEAR_MODELS.get(kind) or BODY_MODELS.get(kind)
+    if v == PROTOCOL_VERSION:
+        return BODY_MODELS.get(kind)
+    return None
 
 
 class EventPayload(BaseModel):
@@ -126,8 +185,17 @@ class EventPayload(BaseModel):
     kind: EventKind
     body: dict[str, Any]
 
+    @property
+    def sealed(self) -> bool:
+        """Whether the body is a `SealedBody` (a v2 health reading) rather than the reading itself."""
+        return self.v == PROTOCOL_V2 and self.kind in SEALED_KINDS
+
     def parsed_body(self) -> EventBody:
-        return BODY_MODELS[self.kind].model_validate(self.body)
+        """The signed body as its model: the reading (v1, clear kinds) or a `SealedBody` (v2 readings)."""
+        model = signed_body_model(self.v, self.kind)
+        if model is None:
+            raise PayloadError(Reason.BAD_BODY, f"kind {self.kind!r} is not carried by protocol version {self.v}")
+        return model.model_validate(self.body)
 
     def to_wire(self) -> dict[str, Any]:
         return self.model_dump()
@@ -137,14 +205,32 @@ class PayloadError(ProtocolError):
     """A signed payload whose content cannot be accepted; `reason` (a `Reason`) is reported to the device."""
 
 
-def make_payload(dev: str, seq: int, ts: int, kind: str, body: EventBody | dict[str, Any]) -> dict[str, Any]:
-    """Build a validated wire payload; `body` may be a model or a plain dict."""
-    body_model = body if isinstance(body, EventBody) else BODY_MODELS[kind].model_validate(body)
-    if type(body_model) is not BODY_MODELS.get(kind):
+def make_payload(dev: str, seq: int, ts: int, kind: str, body: EventBody | dict[str, Any], *,
+                 v: int = PROTOCOL_VERSION) -> dict[str, Any]:
+    """Build a validated wire payload of a clear kind; `body` may be a model or a plain dict.
+
+    Under v2 a health reading is not clear: seal its body (`sealed.seal_body`) and use `make_sealed_payload`.
+    """
+    model = signed_body_model(v, kind)
+    if v == PROTOCOL_V2 and kind in SEALED_KINDS:
+        raise PayloadError(Reason.BAD_BODY, f"{kind} is sealed under protocol 2: use make_sealed_payload")
+    if model is None:
+        raise PayloadError(Reason.BAD_BODY, f"kind {kind!r} is not carried by protocol version {v}")
+    body_model = body if isinstance(body, EventBody) else model.model_validate(body)
+    if type(body_model) is not model:
         raise PayloadError(Reason.BAD_BODY, f"body model {type(body_model).__name__} does not match kind {kind!r}")
     body_dict = body_model.model_dump(exclude_none=True, exclude_defaults=True)
     return EventPayload.model_validate(
-        {"v": PROTOCOL_VERSION, "dev": dev, "seq": seq, "ts": ts, "kind": kind, "body": body_dict}).to_wire()
+        {"v": v, "dev": dev, "seq": seq, "ts": ts, "kind": kind, "body": body_dict}).to_wire()
+
+
+def make_sealed_payload(dev: str, seq: int, ts: int, kind: str, epoch: int, ct_hash: bytes) -> dict[str, Any]:
+    """The v2 payload of a sealed health reading: its epoch and the hash of its ciphertext."""
+    if kind not in SEALED_KINDS:
+        raise PayloadError(Reason.BAD_BODY, f"{kind!r} is not a sealed kind ({', '.join(sorted(SEALED_KINDS))})")
+    body = SealedBody(epoch=epoch, ct=ct_hash).model_dump()
+    return EventPayload.model_validate(
+        {"v": PROTOCOL_V2, "dev": dev, "seq": seq, "ts": ts, "kind": kind, "body": body}).to_wire()
 
 
 def validate_payload(raw: Any) -> EventPayload:
@@ -159,6 +245,9 @@ def validate_payload(raw: Any) -> EventPayload:
         event = EventPayload.model_validate(raw)
     except ValidationError as exc:
         raise PayloadError(Reason.BAD_PAYLOAD, _first_error(exc)) from None
+    if v == PROTOCOL_VERSION and event.kind in V2_CLEAR_MODELS:
+        # Refused as v1 always refused a kind it does not know (the payload's `kind` is out of range).
+        raise PayloadError(Reason.BAD_PAYLOAD, f"kind: {event.kind!r} needs protocol version {PROTOCOL_V2}")
     try:
         event.parsed_body()
     except ValidationError as exc:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nacl.exceptions
+import nacl.public
 import nacl.signing
 
 from carechain.errors import FixedReasonError
@@ -102,6 +103,12 @@ class Identity:
     def sign(self, message: bytes) -> bytes:
         """Detached Ed25519 signature (64 bytes)."""
         return self._signing_key.sign(message).signature
+
+    def sealed_box_private_key(self) -> nacl.public.PrivateKey:
+        """The X25519 private key of this Ed25519 key (RFC 7748 birational map, as libsodium does), to open
+        what others sealed to `public_key` (`carechain.access.open_sealed_kfrag`). Only this module holds it.
+        """
+        return self._signing_key.to_curve25519_private_key()
 
     def __repr__(self) -> str:  # never print key material
         return f"Identity(device_id={self.device_id})"

@@ -90,3 +90,21 @@ def store_hello(miner_id: str) -> str:
 def store_miner_of_topic(topic: str) -> tuple[str, str] | None:
     """(miner id, kind) of a storage topic, kind one of req/resp/hello; None when it is not one."""
     return _id_and_kind(_STORE_TOPIC, topic)
+
+
+# -- private records (issue 13; docs/protocol.md "Protocol v2: sealed readings") -------------------------
+ACCESS_RECORDS = f"{PREFIX}/access/records"  # requesters → bridge: signed RecordsRequest
+ACCESS_EVIDENCE = f"{PREFIX}/access/evidence"  # anyone → all: a miner's capsule fragments that do not verify
+_PARTY_INBOX = re.compile(rf"{PREFIX}/party/([^/]+)/inbox")
+
+
+def party_inbox(party_id: str) -> str:
+    """→ one party: miners' capsule fragments and the bridge's record pages (the broker ACL lets only that
+    party subscribe)."""
+    return f"{PREFIX}/party/{_checked(party_id)}/inbox"
+
+
+def party_of_inbox_topic(topic: str) -> str | None:
+    """The party id named by an inbox topic, or None when the topic is not one."""
+    m = _PARTY_INBOX.fullmatch(topic)
+    return m.group(1) if m and _DEVICE_ID.fullmatch(m.group(1)) else None

@@ -30,9 +30,11 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"
 TABLE = re.compile(r"<!-- reasons-table:[^\n]*-->\n(.*?)<!-- /reasons-table -->\n", re.S)
 
 # What agents in the field already receive: a changed value would be an unknown reason to them.
-WIRE_VALUES = ["too_large", "malformed", "not_cose_sign1", "bad_header", "bad_alg", "bad_payload", "topic_mismatch",
-               "unregistered", "revoked", "bad_signature", "unsupported_version", "bad_body", "clock_skew",
-               "too_old", "seq_gap", "seq_reused", "rate_limited", "bad_topic"]
+# Protocol v2 (issue 13) added bad_envelope, ciphertext_missing, ciphertext_mismatch, version_retired, unknown_owner.
+WIRE_VALUES = ["too_large", "bad_envelope", "malformed", "not_cose_sign1", "bad_header", "bad_alg", "bad_payload",
+               "topic_mismatch", "unregistered", "revoked", "bad_signature", "unsupported_version", "bad_body",
+               "ciphertext_missing", "ciphertext_mismatch", "clock_skew", "too_old", "seq_gap", "seq_reused",
+               "rate_limited", "version_retired", "unknown_owner", "bad_topic"]
 
 
 def test_the_wire_values_of_the_reasons_are_unchanged() -> None:
