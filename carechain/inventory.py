@@ -5,19 +5,24 @@ site: ward-3                      # default for devices that do not name one
 devices:
   - name: hr-band-1               # a label for people; the identity is the key
     profile: heart_rate_band      # a file stem in device_profiles/
-    owner: patient:alice          # whose record the readings belong to
+    owner: 6ifx6nqmh3jwbbdz       # whose records the readings are: the owner's registered party id
     site: ward-3                  # optional
     public_key: <64 hex chars>    # or key_file: keys/hr-band-1.key (relative to this file)
 ```
 
 Only public keys are registered: from `key_file` (a carechain key file, checked like ssh checks its keys)
 just the public half is taken. Every problem is reported as `{file}:{line}: {what}`, all at once.
+
+The owner binds a device to a key, not a label: given the ledger's registered parties, the owner of a
+device that records health readings must be a registered patient (whose re-encryption key its sealed
+readings are encapsulated to), and the owner of any other device (a pharmacy terminal) a registered party.
 """
 
 from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -80,8 +85,12 @@ class _Top(BaseModel):
 _ENTRY_FIELDS = ", ".join(_Entry.model_fields)
 
 
-def load_inventory(path: Path | str, profiles: dict[str, DeviceProfile]) -> list[InventoryDevice]:
-    """Parse and check an inventory against the known `profiles`; raise `InventoryError` naming lines."""
+def load_inventory(path: Path | str, profiles: dict[str, DeviceProfile],
+                   parties: Mapping[str, str] | None = None) -> list[InventoryDevice]:
+    """Parse and check an inventory against the known `profiles`; raise `InventoryError` naming lines.
+
+    With `parties` (registered party id → role, from the ledger), every owner is checked against them.
+    """
     path = Path(path)
     doc = read_yaml(path, InventoryError)
     problems: list[tuple[int, str]] = []
@@ -103,7 +112,7 @@ def load_inventory(path: Path | str, profiles: dict[str, DeviceProfile]) -> list
     by_name: dict[str, InventoryDevice] = {}
     by_key: dict[bytes, InventoryDevice] = {}
     for i, raw in enumerate(top.devices):
-        device = _device(doc, i, raw, top.site, profiles, problems)
+        device = _device(doc, i, raw, top.site, profiles, parties, problems)
         if device is None:
             continue
         if device.name in by_name:
@@ -129,6 +138,7 @@ def _device(
     raw: Any,
     default_site: str | None,
     profiles: dict[str, DeviceProfile],
+    parties: Mapping[str, str] | None,
     problems: list[tuple[int, str]],
 ) -> InventoryDevice | None:
     """Check one `devices:` item, appending its problems; None when it cannot be registered."""
@@ -160,6 +170,10 @@ def _device(
         close = difflib.get_close_matches(entry.profile, profiles, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         add("profile", f"unknown profile {entry.profile!r}; {hint}known profiles: {known}")
+    if parties is not None and entry.profile in profiles:
+        problem = _owner_problem(entry.owner, profiles[entry.profile], parties)
+        if problem:
+            add("owner", problem)
     site = entry.site or default_site
     if site is None:
         add(None, "no site; add `site:` to this device or at the top of the file")
@@ -183,6 +197,19 @@ def _device(
     if len(problems) > before or public_key is None or site is None:
         return None
     return InventoryDevice(entry.name, entry.profile, entry.owner, site, public_key, line)
+
+
+def _owner_problem(owner: str, profile: DeviceProfile, parties: Mapping[str, str]) -> str | None:
+    health = any(kind != "purchase" for kind in profile.events)
+    role = parties.get(owner)
+    if role is None:
+        who = "patient" if health else "party"
+        return (f"owner {owner!r} is not a registered party id; register the {who} first "
+                f"(`carechain party register {who if health else '<role>'} ...`) and use the id it prints")
+    if health and role != "patient":
+        return (f"owner {owner!r} is a registered {role}, but a {profile.name} records health readings: "
+                "its owner must be a registered patient")
+    return None
 
 
 def _parse_public_key(text: str) -> tuple[bytes | None, str | None]:

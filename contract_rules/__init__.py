@@ -2,8 +2,9 @@
 
 Public surface: `Genesis` (and its file form in `contract_rules.genesis`), `Runtime` (`apply`, `check`),
 `State` (its `root()`), replay (`Replica`, `replay`, `replay_leaves`, `ContractWitness` — the miners' hook —
-and the `Violation` it reports), `CodeBook`, `load_rule_source`, `MissingContractCode`, and the entry models
-and builders in `contract_rules.transactions`. See docs/contracts.md.
+and the `Violation` it reports), `CodeBook`, `load_rule_source`, `MissingContractCode`, the entry models
+and builders in `contract_rules.transactions`, and the access-record readers in `contract_rules.access`
+(`access_record`, `is_usable`, `granted_epochs`, `registered_miners`, `request_key_of`). See docs/contracts.md.
 """
 
 from contract_rules.replay import ContractWitness, Replica, Violation, replay, replay_leaves

@@ -24,7 +24,7 @@ from typing import Any
 
 from carechain import cbor, envelope
 from carechain.entries import ENTRY_EVENT, ENTRY_REGISTER, ENTRY_REVOKE, Entry, Registration, Revocation
-from carechain.events import PayloadError, validate_payload
+from carechain.events import SEALED_KINDS, EpochKey, PayloadError, validate_payload
 from carechain.identity import device_id_for
 from contract_rules import transactions as ce
 
@@ -38,9 +38,14 @@ ROUTES: dict[str, tuple[str, ...]] = {
     ce.POLICY_REGISTER: ("insurance",),
     ce.WELLNESS_SETTLE: ("insurance",),
     "event:purchase": ("prescriptions", "insurance"),
-    "event:activity": ("insurance",),
+    "event:activity": ("insurance",),  # v1 only: a v2 reading of a sealed kind goes to no contract
+    "event:weekly_activity": ("insurance",),
     ce.STORAGE_COMMIT: ("storage",),
     ce.STORAGE_AUDIT: ("storage",),
+    ce.ACCESS_REQUEST: ("access",),
+    ce.ACCESS_GRANT: ("access",),
+    ce.ACCESS_REVOKE: ("access",),
+    ce.ACCESS_FAULT: ("access",),
 }
 # Who may sign each entry type (a party role, "operator" from the genesis, or a registered "device").
 SIGNERS: dict[str, frozenset[str]] = {
@@ -56,12 +61,18 @@ SIGNERS: dict[str, frozenset[str]] = {
     ce.WELLNESS_SETTLE: frozenset({"insurer"}),
     ce.STORAGE_COMMIT: frozenset({"key", "operator", *ce.PARTY_ROLES}),  # any key: see SELF_KEYED
     ce.STORAGE_AUDIT: frozenset({"operator"}),
+    ce.PROTOCOL_CUTOVER: frozenset({"operator"}),
+    ce.ACCESS_REQUEST: frozenset(ce.PARTY_ROLES),  # the rule also wants a registered re-encryption key
+    ce.ACCESS_GRANT: frozenset({"patient"}),
+    ce.ACCESS_REVOKE: frozenset({"patient"}),
+    ce.ACCESS_FAULT: frozenset(ce.PARTY_ROLES),
     ENTRY_EVENT: frozenset({"device"}),
 }
 # Entry types any Ed25519 key may sign: the payload carries `pk`, whose id must be the signer's kid; an
 # unregistered signer then acts with the role "key" (a patient committing its dataset's share roots).
 SELF_KEYED = frozenset({ce.STORAGE_COMMIT})
-BUILTIN = ("tokens", "prescriptions", "insurance", "storage")
+# The rule modules shipped in this package, by module name: old versions stay, since deployed logs pin them.
+BUILTIN = ("tokens", "prescriptions", "insurance", "insurance_v2", "storage", "access")
 
 
 class MissingContractCode(RuntimeError):
@@ -79,6 +90,7 @@ class Tx:
     signer: str  # party id, device id or operator kid
     role: str  # the signer's role: a party role, "device" or "operator"
     payload: Mapping[str, Any]  # for events: the validated wire payload {v, dev, seq, ts, kind, body}
+    leaf: bytes = b""  # the entry's leaf bytes (what `access.request` is known by: its leaf hash)
 
 
 @dataclass(frozen=True)
@@ -184,8 +196,12 @@ def _builtin_module(name: str) -> RuleModule:
 
 
 def builtin_hashes() -> dict[str, str]:
-    """Contract name → code hash of the modules shipped in this package (for a genesis)."""
-    return {name: _builtin_module(name).code_hash for name in BUILTIN}
+    """Contract name → code hash of the newest version of each contract shipped here (for a new genesis)."""
+    newest: dict[str, RuleModule] = {}
+    for module in map(_builtin_module, BUILTIN):
+        if module.name not in newest or module.version > newest[module.name].version:
+            newest[module.name] = module
+    return {name: module.code_hash for name, module in newest.items()}
 
 
 @dataclass(frozen=True)
@@ -328,14 +344,23 @@ class Runtime:
                 return Reject(f"bad_event:{exc.reason}")
             if event.dev != msg.kid:
                 return Reject("event_device_mismatch")
+            if event.kind in SEALED_KINDS:
+                if event.v == 1:
+                    cutover = self.state.table("protocol").get("cutover")
+                    if cutover is not None and index >= cutover["retire_v1_after"]:
+                        return Reject("version_retired")
+                else:
+                    return Accept()  # anchored as a ciphertext hash, which no contract can read
+            if event.kind == "epoch_key":
+                return self._epoch_key(index, payload)
             route_key = f"event:{event.kind}"
         core = _CORE.get(entry.type)
         if core is not None:
             return core(self, index, payload)
         names = ROUTES.get(route_key)
         if names is None:
-            return Accept()  # anchored, but no contract reads it (e.g. a heart-rate reading)
-        return self._route(Tx(index, route_key, msg.kid, role, payload), names)
+            return Accept()  # anchored, but no contract reads it (e.g. a v1 heart-rate reading)
+        return self._route(Tx(index, route_key, msg.kid, role, payload, entry.encode()), names)
 
     def _route(self, tx: Tx, names: tuple[str, ...]) -> Outcome:
         """Run the rule modules in force at `tx.index`, in order; the first rejection decides."""
@@ -351,6 +376,8 @@ class Runtime:
         for name in names:
             if name not in self.state.versions:  # a genesis from before this contract existed
                 return Reject("contract_not_in_genesis")
+            if self.state.versions[name][0][0] > index:  # added by an upgrade that is not in force yet
+                return Reject("contract_not_in_force")
             module = self.code.get(self.state.code_in_force(name, index))
             outcome = module.apply(self.state, tx)
             if isinstance(outcome, Reject):
@@ -381,7 +408,12 @@ class Runtime:
         party_id = device_id_for(p.pk)
         if party_id in self.state.table("parties") or party_id in self.state.operators:
             return Reject("party_already_registered")
-        return Accept((Put("parties", party_id, {"role": p.role, "pk": p.pk, "name": p.name, "at": index}),))
+        if (p.pre_pk is None) != (p.pre_vk is None):
+            return Reject("incomplete_pre_key")
+        record: dict[str, Any] = {"role": p.role, "pk": p.pk, "name": p.name, "at": index}
+        if p.pre_pk is not None:  # only then: parties registered before re-encryption keys keep their state
+            record |= {"pre_pk": p.pre_pk, "pre_vk": p.pre_vk}
+        return Accept((Put("parties", party_id, record),))
 
     def _device_register(self, index: int, payload: dict[str, Any]) -> Outcome:
         try:
@@ -438,17 +470,45 @@ class Runtime:
         if up is None:
             return Reject("bad_payload")
         history = self.state.versions.get(up.name)
-        if history is None:
+        if history is None and up.name not in ADDABLE:
             return Reject("unknown_contract")
         # The named checkpoint must lie beyond this entry: an upgrade can never reach back into history.
         if up.from_size <= index:
             return Reject("upgrade_is_retroactive")
-        last_from, last_version, _ = history[-1]
+        last_from, last_version, _ = history[-1] if history else (0, 0, "")
         if up.version <= last_version or up.from_size < last_from:
             return Reject("upgrade_not_newer")
         # Whether this replica holds the code is *not* checked here: that would make acceptance depend on
         # the replica. Replay raises MissingContractCode when the code is first needed.
         return Accept((Put("versions", up.name, [up.from_size, up.version, up.code_hash]),))
+
+    def _protocol_cutover(self, index: int, payload: dict[str, Any]) -> Outcome:
+        """Name the tree size from which v1 (plain-text) readings of sealed kinds are refused."""
+        c = ce.parse(ce.ProtocolCutover, payload)
+        if c is None:
+            return Reject("bad_payload")
+        if "cutover" in self.state.table("protocol"):
+            return Reject("cutover_already_set")
+        if c.retire_v1_after <= index:  # like an upgrade: never reach back into history
+            return Reject("cutover_is_retroactive")
+        return Accept((Put("protocol", "cutover", {"retire_v1_after": c.retire_v1_after, "at": index}),))
+
+    def _epoch_key(self, index: int, payload: dict[str, Any]) -> Outcome:
+        """Anchor the capsule of one (device, epoch) data key, encapsulated to the device's registered owner."""
+        key = f"{payload['dev']}:{payload['seq']}"
+        if key in self.state.table("seen"):
+            return Reject("duplicate_event")
+        body = EpochKey.model_validate(payload["body"])  # validate_payload has checked it already
+        device = self.state.table("devices")[payload["dev"]]
+        owner = self.state.table("parties").get(body.owner)
+        if device["owner"] != body.owner or owner is None or owner["role"] != "patient" or "pre_pk" not in owner:
+            return Reject("unknown_owner")
+        epoch_key = f"{payload['dev']}:{body.epoch}"
+        if epoch_key in self.state.table("epochs"):
+            return Reject("epoch_key_exists")
+        record = {"owner": body.owner, "capsule": body.capsule, "key_ct": body.key_ct, "epoch_ms": body.epoch_ms,
+                  "index": index}
+        return Accept((Put("epochs", epoch_key, record), Put("seen", key, index)))
 
 
 _CORE = {
@@ -457,7 +517,10 @@ _CORE = {
     ENTRY_REVOKE: Runtime._device_revoke,
     ce.CONTRACT_UPGRADE: Runtime._contract_upgrade,
     ce.SALE_REFUSED: Runtime._sale_refused,
+    ce.PROTOCOL_CUTOVER: Runtime._protocol_cutover,
 }
+# Contracts a `contract.upgrade` may add to a ledger whose genesis predates them.
+ADDABLE = frozenset({"access"})
 
 
 def _self_key(msg: envelope.Sign1) -> tuple[str, bytes] | None:
@@ -497,7 +560,7 @@ def _apply_effects(state: State, effects: Iterable[Effect]) -> bool:
     for e in effects:
         if isinstance(e, Put):
             if e.table == "versions":
-                state.versions[e.key].append(e.value)
+                state.versions.setdefault(e.key, []).append(e.value)
             else:
                 state.tables.setdefault(e.table, {})[e.key] = e.value
         elif isinstance(e, Add):

@@ -18,10 +18,15 @@ from carechain.entries import Entry
 from carechain.identity import Identity, verify_signature
 
 # The entry type names live with the leaf format (carechain.entries); the rule modules take them from here.
+ACCESS_FAULT = entries.ACCESS_FAULT
+ACCESS_GRANT = entries.ACCESS_GRANT
+ACCESS_REQUEST = entries.ACCESS_REQUEST
+ACCESS_REVOKE = entries.ACCESS_REVOKE
 CONTRACT_ENTRY_TYPES = entries.CONTRACT_ENTRY_TYPES
 CONTRACT_UPGRADE = entries.CONTRACT_UPGRADE
 PARTY_REGISTER = entries.PARTY_REGISTER
 POLICY_REGISTER = entries.POLICY_REGISTER
+PROTOCOL_CUTOVER = entries.PROTOCOL_CUTOVER
 RX_ANCHOR = entries.RX_ANCHOR
 RX_REVOKE = entries.RX_REVOKE
 SALE_REFUSED = entries.SALE_REFUSED
@@ -30,7 +35,8 @@ STORAGE_COMMIT = entries.STORAGE_COMMIT
 TOKEN_TRANSFER = entries.TOKEN_TRANSFER
 WELLNESS_SETTLE = entries.WELLNESS_SETTLE
 
-PARTY_ROLES = ("prescriber", "pharmacy", "insurer", "miner")
+PARTY_ROLES = ("prescriber", "pharmacy", "insurer", "miner", "patient", "doctor", "researcher")
+PreKeyBytes = Annotated[bytes, Field(min_length=33, max_length=33)]  # a compressed secp256k1 point (umbral)
 # Domain tags of the Rx hashes and signature: one per purpose, so no hash or signature of one can pass as another.
 RX_DOMAIN = b"carechain/rx/v1\x00"  # the body: the prescriber's signature and rx_ref
 RX_PATIENT_DOMAIN = b"carechain/rx/patient\x00"  # the patient commitment anchored on the ledger
@@ -47,15 +53,27 @@ ItemKey = Annotated[str, Field(pattern=r"^(ndc|rxnorm|gtin):[A-Za-z0-9-]{1,32}$"
 class _Payload(BaseModel):
     model_config = _strict
 
+    def wire(self) -> dict[str, Any]:
+        """The dict that is signed: every field, as entries of this type have always been signed."""
+        return self.model_dump()
+
 
 class PartyRegistration(_Payload):
     """Operator-signed: binds a key to a role. Its account is "<role>:<party id>"."""
 
     v: int = 1
-    role: Literal["prescriber", "pharmacy", "insurer", "miner"]
+    role: Literal["prescriber", "pharmacy", "insurer", "miner", "patient", "doctor", "researcher"]
     pk: bytes = Field(min_length=32, max_length=32)
     name: str = Field(min_length=1, max_length=128)
     ts: int = Field(ge=0)
+    # The party's re-encryption keys (carechain.reencryption.PreKey): records are encapsulated to an owner's
+    # `pre_pk`, whose kfrags are checked with `pre_vk`; a requester receives capsule fragments for its `pre_pk`.
+    pre_pk: PreKeyBytes | None = None
+    pre_vk: PreKeyBytes | None = None
+
+    def wire(self) -> dict[str, Any]:
+        # Absent keys stay absent, so a registration without re-encryption keys has the bytes it always had.
+        return self.model_dump(exclude_none=True)
 
 
 class ContractUpgrade(_Payload):
@@ -210,6 +228,83 @@ class StorageAudit(_Payload):
     ts: int = Field(ge=0)
 
 
+DevId = Annotated[str, Field(pattern=r"^[a-z2-7]{16}$")]
+TimeMs = Annotated[int, Field(ge=0, le=2**63 - 1)]
+MAX_ACCESS_MINERS = 16
+MAX_SEALED_KFRAG = 2048  # carechain.access.MAX_SEALED_KFRAG_BYTES: a sealed box around one kfrag (~360 bytes)
+MAX_SEED_CHECKPOINT = 16 * 1024  # a checkpoint note with the bridge's and up to ~100 cosignature lines
+MAX_FAULT_MESSAGE = 1024 * 1024  # a miner's signed capsule-fragments message (carechain.access's limit)
+
+
+class AccessRequest(_Payload):
+    """Requester-signed: which of an owner's sealed records it asks to read, for what, until when.
+
+    Empty `devices` means all the owner's devices, empty `kinds` all sealed kinds. The rules keep it in table
+    `access_requests` under the hex `request_hash` of its leaf, which the owner's grant names.
+    """
+
+    v: int = 1
+    owner: PartyId
+    devices: list[DevId] = Field(default_factory=list, max_length=64)
+    kinds: list[str] = Field(default_factory=list, max_length=16)
+    from_ms: TimeMs
+    to_ms: TimeMs
+    purpose: str = Field(min_length=1, max_length=256)
+    expires_ms: TimeMs
+    nonce: int = Field(ge=0, le=2**63 - 1)  # makes two otherwise equal requests distinct entries
+    ts: TimeMs
+
+
+class AccessGrant(_Payload):
+    """Owner-signed: the authorization of one request, carrying m-of-n kfrags each sealed to one chosen miner.
+
+    `miners` must be exactly `carechain.access.choose_miners(seed, registered miners, n, request)` for the seed
+    of `seed_checkpoint` (a final checkpoint note: the bridge's signature and a majority of the registered
+    miners' cosignatures), so neither the owner's client nor the bridge picks who holds the fragments.
+    """
+
+    v: int = 1
+    request: Hex32
+    requester: PartyId
+    threshold: int = Field(ge=1, le=MAX_ACCESS_MINERS)
+    miners: list[PartyId] = Field(min_length=1, max_length=MAX_ACCESS_MINERS)
+    kfrags: list[Annotated[bytes, Field(min_length=1, max_length=MAX_SEALED_KFRAG)]] = Field(
+        min_length=1, max_length=MAX_ACCESS_MINERS)
+    seed_checkpoint: str = Field(min_length=1, max_length=MAX_SEED_CHECKPOINT)
+    expires_ms: TimeMs
+    ts: TimeMs
+
+
+class AccessRevoke(_Payload):
+    """Owner-signed: ends a grant (the `access` record at leaf `grant_index`); miners then refuse it."""
+
+    v: int = 1
+    grant_index: int = Field(ge=0, le=2**63 - 1)
+    reason: str = Field(min_length=1, max_length=256)
+    ts: TimeMs
+
+
+class AccessFault(_Payload):
+    """Signed by a registered party (usually the requester): a miner's signed capsule fragments, as evidence.
+
+    Accepted only when the miner's signature verifies and at least one fragment fails verification against
+    the capsule anchored for its (device, epoch); it then counts against the miner (`access_faults`).
+    """
+
+    v: int = 1
+    grant_index: int = Field(ge=0, le=2**63 - 1)
+    message: bytes = Field(min_length=1, max_length=MAX_FAULT_MESSAGE)
+    ts: TimeMs
+
+
+class ProtocolCutover(_Payload):
+    """Operator-signed: from tree size `retire_v1_after` on, v1 (plain-text) readings of sealed kinds are refused."""
+
+    v: int = 1
+    retire_v1_after: int = Field(ge=1, le=2**63 - 1)
+    ts: TimeMs
+
+
 class Prescription(_Payload):
     """The Rx body: held off-ledger by patient and pharmacy; the ledger sees only its hash and terms."""
 
@@ -259,7 +354,33 @@ def drug_commitment(rx_ref: str, code_system: str, drug_code: str) -> str:
 # -- building signed entries -------------------------------------------------------------------------
 
 def signed(identity: Identity, entry_type: str, payload: _Payload) -> Entry:
-    return Entry(entry_type, envelope.sign(identity, payload.model_dump()))
+    return Entry(entry_type, envelope.sign(identity, payload.wire()))
+
+
+def party_registration_entry(operator: Identity, reg: PartyRegistration) -> Entry:
+    return signed(operator, PARTY_REGISTER, reg)
+
+
+def access_request_entry(requester: Identity, req: AccessRequest) -> Entry:
+    return signed(requester, ACCESS_REQUEST, req)
+
+
+def access_grant_entry(owner: Identity, grant: AccessGrant) -> Entry:
+    if len(grant.kfrags) != len(grant.miners):
+        raise ValueError(f"a grant needs one sealed kfrag per miner: {len(grant.kfrags)} for {len(grant.miners)}")
+    return signed(owner, ACCESS_GRANT, grant)
+
+
+def access_revoke_entry(owner: Identity, revoke: AccessRevoke) -> Entry:
+    return signed(owner, ACCESS_REVOKE, revoke)
+
+
+def access_fault_entry(reporter: Identity, fault: AccessFault) -> Entry:
+    return signed(reporter, ACCESS_FAULT, fault)
+
+
+def protocol_cutover_entry(operator: Identity, cutover: ProtocolCutover) -> Entry:
+    return signed(operator, PROTOCOL_CUTOVER, cutover)
 
 
 def sign_prescription(prescriber: Identity, rx: Prescription) -> bytes:

@@ -53,7 +53,7 @@ def test_party_rx_policy_and_balance_round_trip(tmp_path: Path) -> None:
     out_json(run("party", "register", "insurer", tmp_path / "insurer.key", "--name", "Ins", *opts, "--json"))
     again = run("party", "register", "insurer", tmp_path / "insurer.key", "--name", "Ins", *opts)
     assert again.exit_code == 1 and "party_already_registered" in text(again) and "nothing appended" in text(again)
-    assert run("party", "register", "doctor", "00" * 32, "--name", "x", *opts).exit_code == 2
+    assert run("party", "register", "janitor", "00" * 32, "--name", "x", *opts).exit_code == 2
 
     issued = issue_amoxicillin(tmp_path, opts, refills=1)
     rx_file = Path(issued["rx_file"])

@@ -272,3 +272,31 @@ def test_every_problem_is_reported_at_once_in_line_order(
 
 def test_inventory_error_is_a_value_error() -> None:
     assert issubclass(InventoryError, ValueError)
+
+
+def test_with_the_ledgers_parties_a_health_device_belongs_to_a_registered_patient(
+    tmp_path: Path, profiles: dict[str, DeviceProfile]
+) -> None:
+    alice, pharmacy, doctor = KEY_A.device_id, KEY_B.device_id, KEY_C.device_id
+    parties = {alice: "patient", pharmacy: "pharmacy", doctor: "doctor"}
+    text = f"""\
+site: ward-3
+devices:
+  - {{name: band, profile: heart_rate_band, owner: {alice}, public_key: {"ab" * 32}}}
+  - {{name: till, profile: pharmacy_terminal, owner: {pharmacy}, public_key: {"cd" * 32}}}
+"""
+    devices = load_inventory(write(tmp_path, text, cuff_key=None), profiles, parties)
+    assert [d.owner for d in devices] == [alice, pharmacy]
+    bad = text.replace(f"owner: {alice}", "owner: patient:alice").replace(f"owner: {pharmacy}", f"owner: {doctor}")
+    path = write(tmp_path, bad, cuff_key=None)
+    with pytest.raises(InventoryError) as info:
+        load_inventory(path, profiles, parties)
+    message = str(info.value)
+    assert f"{path}:3: device 'band': owner 'patient:alice' is not a registered party id" in message
+    assert "carechain party register patient" in message
+    # A terminal may belong to any registered party; a doctor is one, so only the band is wrong.
+    assert "till" not in message
+    wrong_role = text.replace(f"owner: {alice}", f"owner: {pharmacy}")
+    with pytest.raises(InventoryError, match="a heart_rate_band records health readings: its owner must be a "
+                                             "registered patient"):
+        load_inventory(write(tmp_path, wrong_role, cuff_key=None), profiles, parties)

@@ -29,16 +29,23 @@ def register(
     from carechain.inventory import InventoryError, load_inventory
     from carechain.profiles import ProfileError, load_profiles
     from chain_bridge.ledger.store import Ledger, LedgerError
-    from chain_bridge.registry import ledger_path, operator_key, register_devices
+    from chain_bridge.contract_admin import replay_ledger
+    from chain_bridge.registry import GENESIS_FILE, ledger_path, operator_key, register_devices
+    from contract_rules.genesis import read_genesis
 
     cfg = load(config)
     bdir = bridge_dir(cfg, data_dir)
-    try:
-        devices = load_inventory(inventory, load_profiles(profiles_dir))
-    except (InventoryError, ProfileError) as exc:
-        raise fail(str(exc)) from None
     ledger = open_store(Ledger, ledger_path(bdir))
     try:
+        # With contracts, an owner is a registered party's id (a patient for a health device), not a label.
+        parties = None
+        if (bdir / GENESIS_FILE).exists():
+            state = replay_ledger(ledger, read_genesis(bdir / GENESIS_FILE)).state
+            parties = {pid: str(p["role"]) for pid, p in state.table("parties").items()}
+        try:
+            devices = load_inventory(inventory, load_profiles(profiles_dir), parties)
+        except (InventoryError, ProfileError) as exc:
+            raise fail(str(exc)) from None
         known = ledger.devices()
         for d in devices:
             if d.device_id in known:
