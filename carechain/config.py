@@ -29,6 +29,8 @@ class _Section(BaseModel):
 
 
 HEX_KEY = r"^[0-9a-f]{64}$"  # a hex Ed25519 public key
+PRE_KEY_HEX = r"^[0-9a-f]{66}$"  # a hex umbral (secp256k1, compressed) public key: 33 bytes
+PARTY_ID = r"^[a-z2-7]{16}$"  # a party id: base32 of its Ed25519 public key's hash, as a device id
 
 
 class BrokerConfig(_Section):
@@ -180,6 +182,24 @@ class AgentDeviceConfig(_Section):
     address: str | None = Field(default=None, max_length=64, description="ble: the device's Bluetooth address; "
                                 "default: the first device advertising the profile's service.")
     pair: bool | None = Field(default=None, description="ble: pair/bond on connect; null: as the profile says.")
+    owner: str | None = Field(default=None, pattern=PARTY_ID, description="Protocol 2: the party id of the "
+                              "record owner (the patient this device is registered to in the inventory); named "
+                              "in each epoch_key event. Required, with `owner_pre_key`, when the device's "
+                              "profile produces health readings.")
+    owner_pre_key: str | None = Field(default=None, pattern=PRE_KEY_HEX, description="Protocol 2: the owner's "
+                                      "re-encryption public key, hex (33 bytes, as `carechain keys new --pre` "
+                                      "prints it). Each epoch's data key is encapsulated to it; only the owner's "
+                                      "authorization (threshold re-encryption by miners) opens the readings.")
+    wellness_policy: str | None = Field(default=None, min_length=1, max_length=64, description="Protocol 2: "
+                                        "the id of the wellness policy the owner consented to; the agent then "
+                                        "discloses one signed weekly_activity summary (active minutes of each "
+                                        "completed ISO week) in clear, and never the raw activity readings.")
+
+    @model_validator(mode="after")
+    def _owner_with_key(self) -> AgentDeviceConfig:
+        if (self.owner is None) != (self.owner_pre_key is None):
+            raise ValueError("owner and owner_pre_key go together: the party id and its re-encryption key")
+        return self
 
 
 class AgentConfig(_Section):
@@ -204,6 +224,26 @@ class AgentConfig(_Section):
                                                            "refuse_new keeps every signed event and stops signing "
                                                            "new readings; drop_oldest keeps the newest. Both count "
                                                            "and log every loss.")
+    protocol: Literal[1, 2] = Field(default=2, description="Wire protocol of the readings: 2 seals each health "
+                                    "reading at the edge (only its ciphertext's hash is anchored; needs each "
+                                    "health device's `owner` and `owner_pre_key`); 1 signs readings in clear, "
+                                    "for bridges that predate protocol 2 (refused after the ledger's cutover).")
+    epoch_minutes: int = Field(default=60, ge=1, le=1440, description="Protocol 2: length of a key epoch. All "
+                               "readings of one device in one epoch share a data key; an access grant opens "
+                               "whole epochs, and each epoch costs one re-encryption per miner.")
+
+    @model_validator(mode="after")
+    def _protocol_2_features(self) -> AgentConfig:
+        if self.protocol == 1:
+            for i, device in enumerate(self.devices):
+                if device.wellness_policy is not None:
+                    raise ValueError(f"devices[{i}].wellness_policy needs protocol 2 (weekly_activity is a "
+                                     "protocol 2 event)")
+        return self
+
+    @property
+    def epoch_ms(self) -> int:
+        return self.epoch_minutes * 60_000
 
     def bridge_key(self) -> bytes:
         """The bridge's public key, or a `ConfigError` saying where to find it."""

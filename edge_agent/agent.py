@@ -12,6 +12,11 @@ Under pressure: a full disk never stops the agent — the readings it cannot sto
 An `ok` receipt deletes an event only when it names our bytes' digest (a mismatch is quarantined and
 raises the alarm); a `seq_reused` refusal naming the highest anchored seq moves the counter past it and
 re-signs the refused reading, so a lost or restored outbox costs no readings.
+
+Protocol 2 (`protocol=2`): each health reading is sealed under its (device, epoch) data key before it is
+signed (`edge_agent.sealing`); the epoch_key event that anchors the key's capsule goes into the outbox in
+the same transaction as, and before, the first reading sealed under it. A device with a wellness policy
+discloses one signed weekly_activity summary per completed ISO week instead of its raw activity.
 """
 
 from __future__ import annotations
@@ -32,11 +37,23 @@ from carechain.config import BrokerConfig
 from carechain.credentials import MqttCredentials
 from carechain.datadir import instance_id
 from carechain.errors import Reason
-from carechain.events import EventBody, make_payload
+from carechain.events import SEALED_KINDS, EventBody, make_payload
 from carechain.identity import Identity
 from carechain.receipts import Receipt, ReceiptError, open_receipt
+from carechain.sealed import DEFAULT_EPOCH_MS, epoch_of
 from carechain.transport import connect_client
-from edge_agent.outbox import DiskFull, Outbox, OutboxFull
+from edge_agent.outbox import Batch, DataKey, DiskFull, Outbox, OutboxFull
+from edge_agent.sealing import (
+    RecordOwner,
+    iso_week,
+    new_epoch_key,
+    reading_body,
+    reseal,
+    sign_clear,
+    sign_epoch_key,
+    sign_sealed,
+    weekly_activity_body,
+)
 from edge_agent.source import Source
 from edge_agent.window import SendWindow
 
@@ -50,6 +67,8 @@ class AgentDevice:
 
     identity: Identity
     source: Source | None  # None: events are recorded by the caller via Agent.record
+    owner: RecordOwner | None = None  # protocol 2: whose records its health readings are (required for those)
+    wellness_policy: str | None = None  # protocol 2: disclose weekly active minutes to this policy
 
 
 @dataclass
@@ -66,12 +85,16 @@ class AgentStats:
     receipt_mismatches: int = 0  # `ok` receipts naming other bytes than ours: an alarm (cloned key/image)
     unbound_acks: int = 0  # `ok` entries without a digest (an older bridge): deleted by seq alone
     resigned: int = 0  # readings re-signed past the highest anchored seq after a `seq_reused` refusal
+    epoch_keys: int = 0  # protocol 2: data keys made (one epoch_key event each)
+    keys_forgotten: int = 0  # protocol 2: data keys deleted once their epoch was over and its events receipted
+    weekly_summaries: int = 0  # protocol 2: weekly_activity summaries signed
     reasons: dict[str, int] = field(default_factory=dict)
 
 
 # Backoff between attempts to write to a full disk (first, at most): short, because every reading that
 # arrives meanwhile is lost (and counted), and an attempt costs one statvfs and one refused transaction.
 DISK_RETRY_S = (0.5, 5.0)
+KEY_SWEEP_S = 1.0  # at most this often, look for data keys of spent epochs to delete (one indexed query)
 
 
 class Agent:
@@ -84,8 +107,15 @@ class Agent:
     def __init__(self, devices: Sequence[AgentDevice], outbox: Outbox, broker: BrokerConfig,
                  bridge_public_key: bytes, *, window: int = 2000, resend_after_s: float = 10.0,
                  speedup: float = 1.0, client_id: str | None = None,
-                 credentials: Mapping[str, MqttCredentials] | None = None) -> None:
+                 credentials: Mapping[str, MqttCredentials] | None = None, protocol: int = 1,
+                 epoch_ms: int = DEFAULT_EPOCH_MS) -> None:
+        if protocol not in (1, 2):
+            raise ValueError(f"protocol {protocol} is not one this agent speaks (1 or 2)")
         self.devices = {d.identity.device_id: d for d in devices}
+        if protocol == 1:
+            wellness = sorted(d for d, dev in self.devices.items() if dev.wellness_policy is not None)
+            if wellness:
+                raise ValueError(f"device(s) {', '.join(wellness)} have a wellness policy, which needs protocol 2")
         unknown = sorted(set(credentials or {}) - set(self.devices))
         if unknown:
             raise ValueError(f"MQTT credentials given for device(s) this agent does not run: {', '.join(unknown)}")
@@ -109,6 +139,10 @@ class Agent:
         self._clients: dict[str, mqtt.Client] = {}
         self._disk_backoff_s = 0.0  # 0: the outbox's disk took the last write
         self._disk_retry_at = 0.0  # monotonic time of the next write attempt while the disk is full
+        self.protocol = protocol
+        self.epoch_ms = epoch_ms
+        self._keys: dict[tuple[str, int], DataKey] = {}  # protocol 2: data keys in use, as stored
+        self._key_sweep_at = 0.0  # monotonic time of the next search for spent keys
 
     def device_client_id(self, device_id: str) -> str:
         return f"{self.client_id}-{device_id}"
@@ -144,8 +178,14 @@ class Agent:
             self.stats.refused_disk += len(readings)  # not even tried: counted, written to `losses` later
             self.outbox.count_disk_loss(device_id, len(readings))
             return []
+        if self.protocol == 1:
+            batch = Batch()
+            for kind, body in readings:
+                batch.add(signer(kind, body))
+        else:
+            batch = self._sealed_batch(device, readings, ts)
         try:
-            seqs = self.outbox.add_many(device_id, [signer(k, b) for k, b in readings])
+            seqs = self.outbox.add_batch(device_id, batch)
         except DiskFull as exc:
             self.stats.refused_disk += len(readings)  # counted by the outbox (persisted as soon as it can)
             self.stats.storage_errors += 1
@@ -161,8 +201,77 @@ class Agent:
             log.warning("outbox disk has room again: signing resumed (%d reading(s) lost to a full disk so far, "
                         "in `losses`)", self.stats.refused_disk)
         self.stats.signed += len(seqs)
+        if self.protocol == 2:
+            for key in batch.new_keys:
+                self._keys[(device_id, key.epoch)] = key
+            self.stats.epoch_keys += len(batch.new_keys)
+            self.stats.weekly_summaries += len(batch.disclosed_weeks)
+            if batch.new_keys:  # a new epoch began: the previous one's key may be spent
+                self.forget_spent_keys(ts, force=True)
         self._wake.set()
         return seqs
+
+    def _sealed_batch(self, device: AgentDevice, readings: Sequence[tuple[str, EventBody | dict[str, Any]]],
+                      ts: int) -> Batch:
+        """Protocol 2: the events to store for these readings — summaries of completed weeks first, then
+        per reading its epoch's epoch_key event when the key is new, and the sealed reading (clear kinds,
+        purchases, are signed in clear)."""
+        identity, dev = device.identity, device.identity.device_id
+        batch = Batch()
+        week = iso_week(ts)
+        if device.wellness_policy is not None:
+            for done, minutes in self.outbox.undisclosed_weeks(dev, week):
+                batch.add(sign_clear(identity, ts, "weekly_activity",
+                                     weekly_activity_body(done, minutes, device.wellness_policy)))
+                batch.disclosed_weeks.append(done)
+        for kind, body in readings:
+            if kind not in SEALED_KINDS:
+                batch.add(sign_clear(identity, ts, kind, body))
+                continue
+            plain = reading_body(kind, body)  # validated now: a bad body fails before any seq is reserved
+            key = self._epoch_key(device, ts, batch)
+            batch.add(sign_sealed(identity, key, ts, kind, plain), key.epoch)
+            if kind == "activity" and device.wellness_policy is not None:
+                batch.activity_minutes[week] = batch.activity_minutes.get(week, 0) + int(plain["active_minutes"])
+        return batch
+
+    def _epoch_key(self, device: AgentDevice, ts: int, batch: Batch) -> DataKey:
+        """The data key of the device's epoch at `ts`: the one in use (kept across restarts in the outbox),
+        or a new one announced by an epoch_key event ahead of the reading in the same batch."""
+        dev = device.identity.device_id
+        epoch = epoch_of(ts, self.epoch_ms)
+        key = self._keys.get((dev, epoch))
+        if key is None and (key := self.outbox.data_key(dev, epoch)) is not None:
+            self._keys[(dev, epoch)] = key  # stored by an earlier run: reused, not announced again
+        if key is None:
+            key = next((k for k in batch.new_keys if k.epoch == epoch), None)
+        if key is None:
+            if device.owner is None:
+                raise ValueError(f"device {dev} has no record owner (owner, owner_pre_key): protocol 2 cannot "
+                                 "seal its health readings to anyone")
+            key = new_epoch_key(dev, epoch, self.epoch_ms)  # cached once stored (record)
+            batch.new_keys.append(key)
+            batch.add(sign_epoch_key(device.identity, key, device.owner, ts), epoch)
+        return key
+
+    def forget_spent_keys(self, now_ms: int | None = None, *, force: bool = False) -> None:
+        """Delete the data keys of epochs that are over and whose events all left the outbox (at most once
+        per KEY_SWEEP_S unless `force`): a stolen device no longer holds the keys of its past readings."""
+        if self.protocol != 2 or (not force and time.monotonic() < self._key_sweep_at):
+            return
+        self._key_sweep_at = time.monotonic() + KEY_SWEEP_S
+        try:
+            gone = self.outbox.forget_spent_keys(int(time.time() * 1000) if now_ms is None else now_ms)
+        except sqlite3.OperationalError as exc:  # tried again at the next sweep
+            self.stats.storage_errors += 1
+            log.error("could not delete spent data keys from the outbox (%s); tried again later", exc)
+            return
+        for dev_epoch in gone:
+            self._keys.pop(dev_epoch, None)
+        if gone:
+            self.stats.keys_forgotten += len(gone)
+            log.info("deleted the data keys of %d spent epoch(s): %s", len(gone),
+                     ", ".join(f"{d} epoch {e}" for d, e in gone[:10]))
 
     def stop_producing(self) -> None:
         """Stop sampling sources; sending and receipts go on so the outbox can drain."""
@@ -241,6 +350,8 @@ class Agent:
             self.stats.acked += self.outbox.ack(device_id, [seq for seq, _ in receipt.ok])
         for seq, _ in receipt.ok:
             self.window.settled((device_id, seq))
+        if receipt.ok:
+            self.forget_spent_keys()
         if receipt.highest_seq is not None and any(r.reason == Reason.SEQ_REUSED for r in receipt.rejected):
             before = self.outbox.next_seq(device_id)
             nxt = self.outbox.advance(device_id, receipt.highest_seq)
@@ -271,15 +382,14 @@ class Agent:
                           device_id, rej.seq, rej.reason, rej.detail)
 
     def _resigner(self, device_id: str) -> Callable[[bytes, int], bytes]:
-        """Re-sign one of our own stored envelopes with a new seq, everything else unchanged."""
+        """Re-sign one of our own stored events with a new seq, everything else unchanged (a sealed one is
+        re-sealed: its AEAD binds the seq)."""
         identity = self.devices[device_id].identity
 
-        def sign(old: bytes, seq: int) -> bytes:
-            payload = dict(envelope.parse(old, max_bytes=1 << 20).payload)
-            payload["seq"] = seq
-            return envelope.sign(identity, payload)
+        def key_of(epoch: int) -> DataKey | None:
+            return self._keys.get((device_id, epoch)) or self.outbox.data_key(device_id, epoch)
 
-        return sign
+        return lambda old, seq: reseal(identity, old, seq, key_of)
 
     def _on_state(self, device_id: str, up: bool) -> None:
         if up:

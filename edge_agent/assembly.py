@@ -18,11 +18,13 @@ from typing import TYPE_CHECKING
 from carechain.config import AgentDeviceConfig, Config, ConfigError, check_agent_logins
 from carechain.credentials import CredentialsError, MqttCredentials, load_mqtt_credentials, resolve_broker_login
 from carechain.datadir import DataDirLock, lock_data_dir
+from carechain.events import SEALED_KINDS
 from carechain.files import make_private
 from carechain.identity import Identity, KeyFileError
 from carechain.profiles import DeviceProfile, load_profiles
 from edge_agent.agent import Agent, AgentDevice
 from edge_agent.outbox import Outbox, Quota, QuotaPolicy
+from edge_agent.sealing import RecordOwner
 from edge_agent.sources.simulated import SimulatedDevice
 
 if TYPE_CHECKING:
@@ -89,6 +91,22 @@ class AssembledAgent:
         self.lock.release()
 
 
+def record_owner(entry: AgentDeviceConfig, profile: DeviceProfile, protocol: int) -> RecordOwner | None:
+    """The owner a protocol 2 device seals its health readings to; a `ConfigError` naming the device entry
+    when its profile produces health readings and the owner is not configured."""
+    if protocol != 2:
+        return None
+    if entry.owner is None or entry.owner_pre_key is None:
+        sealed = sorted(set(profile.events) & SEALED_KINDS)
+        if sealed:
+            raise ConfigError(f"{entry.key_file}: profile {profile.name!r} produces health readings "
+                              f"({', '.join(sealed)}), which protocol 2 seals to their owner: set the device's "
+                              "owner (the patient's party id) and owner_pre_key (her re-encryption public key, "
+                              "`carechain keys new --pre`), or agent.protocol: 1 for a bridge before protocol 2")
+        return None
+    return RecordOwner(entry.owner, bytes.fromhex(entry.owner_pre_key))
+
+
 def _device(entry: AgentDeviceConfig, profiles: dict[str, DeviceProfile]) -> tuple[Identity, MqttCredentials | None]:
     if entry.profile not in profiles:
         raise ConfigError(f"unknown profile {entry.profile!r}; known: {', '.join(sorted(profiles))}")
@@ -111,7 +129,9 @@ def assemble_agent(cfg: Config, *, devices: Sequence[AgentDevice] | None = None,
 
     From config, a `source: ble` device is read through bleak; the others are simulated from their profile.
     A config in which a device would log in with the broker section's login (the bridge's) is refused
-    (`check_agent_logins`); `broker.credentials_file`, if set, is resolved (`resolve_broker_login`).
+    (`check_agent_logins`); `broker.credentials_file`, if set, is resolved (`resolve_broker_login`). Under
+    protocol 2 (`agent.protocol`) a device whose profile produces health readings needs its owner
+    (`record_owner`); `devices` given ready carry theirs.
     """
     ac = cfg.agent
     if devices is None and not ac.devices:
@@ -132,11 +152,14 @@ def assemble_agent(cfg: Config, *, devices: Sequence[AgentDevice] | None = None,
             ident, login = _device(entry, profiles)
             if login is not None:
                 logins[ident.device_id] = login
+            profile = profiles[entry.profile]
+            owner = record_owner(entry, profile, ac.protocol)
             if entry.source == "ble":
                 ble.append((ident.device_id, entry))
-                built.append(AgentDevice(ident, None))
+                built.append(AgentDevice(ident, None, owner, entry.wellness_policy))
             else:
-                built.append(AgentDevice(ident, SimulatedDevice(profiles[entry.profile], random.Random())))
+                built.append(AgentDevice(ident, SimulatedDevice(profile, random.Random()), owner,
+                                         entry.wellness_policy))
         devices = built
     lock = lock_data_dir(ac.data_dir, "agent")
     try:
@@ -146,7 +169,7 @@ def assemble_agent(cfg: Config, *, devices: Sequence[AgentDevice] | None = None,
         try:
             agent = Agent(devices, outbox, broker, bridge_key, window=ac.window,
                           resend_after_s=ac.resend_after_s, speedup=ac.speedup, client_id=client_id,
-                          credentials=logins)
+                          credentials=logins, protocol=ac.protocol, epoch_ms=ac.epoch_ms)
         except ValueError as exc:  # e.g. a device without its own MQTT login on a broker that needs one
             outbox.close()
             raise ConfigError(str(exc)) from None

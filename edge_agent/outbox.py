@@ -17,6 +17,14 @@ Invariants:
   for other bytes under our seq quarantines ours as `receipt_mismatch`.
 - A `seq_reused` refusal with the device's highest anchored seq moves the counter past it and re-signs
   the refused event under a fresh seq (`resign`): a lost or restored outbox costs no readings.
+- Protocol 2: a sealed event is stored in its wire form `{"ct", "ev"}`; digests (receipts, quarantine,
+  re-signing) are over its COSE_Sign1 part, which is what the bridge anchors and names. The data key of a
+  (device, epoch) is stored in `epoch_keys` in the same transaction as its epoch_key event, so the event
+  that anchors the capsule always precedes the first reading sealed under the key, and a restart reuses the
+  key instead of announcing a second one. Once the epoch is over and none of its events is left here, the
+  key is deleted (`forget_spent_keys`, with secure_delete and a truncated WAL): forward secrecy at the device.
+- `weekly_activity` tallies the active minutes of a wellness device's activity readings per ISO week, and
+  records which weeks' summaries were signed, in the same transaction as the readings and summaries.
 """
 
 from __future__ import annotations
@@ -29,13 +37,14 @@ import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import NoReturn
 
 from carechain.disk_full_points import disk_full_point
 from carechain.files import make_private
+from carechain.sealed import split_wire
 from carechain.sqlite_store import OUTBOX, check_store
 
 log = logging.getLogger("carechain.agent.outbox")
@@ -45,14 +54,24 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS counters (device_id TEXT PRIMARY KEY, next_seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT, device_id TEXT NOT NULL, seq INTEGER NOT NULL,
-    envelope BLOB NOT NULL, created_ms INTEGER NOT NULL, UNIQUE (device_id, seq));
+    envelope BLOB NOT NULL, created_ms INTEGER NOT NULL, epoch INTEGER, UNIQUE (device_id, seq));
 CREATE TABLE IF NOT EXISTS quarantine (
     device_id TEXT NOT NULL, seq INTEGER NOT NULL, envelope BLOB NOT NULL, reason TEXT NOT NULL,
     detail TEXT NOT NULL, at_ms INTEGER NOT NULL, PRIMARY KEY (device_id, seq));
 CREATE TABLE IF NOT EXISTS losses (
     device_id TEXT NOT NULL, policy TEXT NOT NULL, events INTEGER NOT NULL,
     first_seq INTEGER, last_seq INTEGER, at_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS epoch_keys (
+    device_id TEXT NOT NULL, epoch INTEGER NOT NULL, epoch_ms INTEGER NOT NULL, data_key BLOB NOT NULL,
+    PRIMARY KEY (device_id, epoch));
+CREATE TABLE IF NOT EXISTS weekly_activity (
+    device_id TEXT NOT NULL, week TEXT NOT NULL, active_minutes INTEGER NOT NULL,
+    disclosed INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (device_id, week));
 """
+# Added with protocol 2: an outbox written by an older agent gains the column (its rows are all clear, NULL).
+_SEALED_MAP = b"\xa2"  # the first byte of `carechain.sealed.encode_sealed`'s map of two keys
+_EPOCH_COLUMN = "ALTER TABLE outbox ADD COLUMN epoch INTEGER"
+_EPOCH_INDEX = "CREATE INDEX IF NOT EXISTS outbox_epoch ON outbox (device_id, epoch) WHERE epoch IS NOT NULL"
 
 
 DISK_FULL = "disk_full"  # the `losses` policy of readings not stored because the disk had no room
@@ -94,6 +113,42 @@ class Loss:
 
 
 @dataclass(frozen=True)
+class DataKey:
+    """The data key of one device's epoch; never logged (repr shows no key)."""
+
+    device_id: str
+    epoch: int
+    epoch_ms: int
+    data_key: bytes = field(repr=False)
+
+
+@dataclass
+class Batch:
+    """What one device stores in one transaction: events (each signed with the seq reserved for it, and
+    the epoch whose key sealed it, if any), the epoch keys announced by the epoch_key events among them,
+    the active minutes to tally per ISO week, and the weeks whose weekly_activity summary is among them."""
+
+    signers: list[Callable[[int], bytes]] = field(default_factory=list)
+    epochs: list[int | None] = field(default_factory=list)
+    new_keys: list[DataKey] = field(default_factory=list)
+    activity_minutes: dict[str, int] = field(default_factory=dict)
+    disclosed_weeks: list[str] = field(default_factory=list)
+
+    def add(self, sign: Callable[[int], bytes], epoch: int | None = None) -> None:
+        self.signers.append(sign)
+        self.epochs.append(epoch)
+
+
+def wire_digest(wire: bytes) -> bytes:
+    """SHA-256 of what the bridge anchors and names in receipts: the COSE_Sign1 of a stored event (the
+    whole message for v1 and clear v2 events, the `ev` part of a sealed one). The outbox stores whatever
+    its caller signed: only a sealed map (first byte 0xa2, our own encoding) is split."""
+    if wire[:1] == _SEALED_MAP:
+        wire = split_wire(wire)[0]
+    return hashlib.sha256(wire).digest()
+
+
+@dataclass(frozen=True)
 class Pending:
     row_id: int
     device_id: str
@@ -110,7 +165,12 @@ class Outbox:
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        # Deleted epoch keys are overwritten in the file, not left on free pages (forward secrecy).
+        self._db.execute("PRAGMA secure_delete=ON")
         self._db.executescript(_SCHEMA)
+        if "epoch" not in {r[1] for r in self._db.execute("PRAGMA table_info(outbox)")}:
+            self._db.execute(_EPOCH_COLUMN)
+        self._db.execute(_EPOCH_INDEX)
         make_private(self.path)  # 0600: health data; SQLite gives later -wal/-shm files this mode
         self._page_size = self._db.execute("PRAGMA page_size").fetchone()[0]
         self._loss_logged_at: dict[tuple[str, str], float] = {}
@@ -135,7 +195,14 @@ class Outbox:
         At the quota, refuse_new raises OutboxFull before any seq is reserved (nothing is signed);
         drop_oldest stores the new events and deletes the oldest ones in the same transaction.
         """
-        signers = list(signers)
+        batch = Batch()
+        for sign in signers:
+            batch.add(sign)
+        return self.add_batch(device_id, batch)
+
+    def add_batch(self, device_id: str, batch: Batch) -> list[int]:
+        """`add_many` for a `Batch`: its events, keys and tallies in one transaction, or none of them."""
+        signers = batch.signers
         free, reserve = self.free_disk_bytes(), self.reserve_bytes()
         if free < reserve:
             self._disk_loss(device_id, len(signers), f"{free / (1 << 20):.1f} MB free on the outbox's disk, below "
@@ -145,7 +212,7 @@ class Outbox:
             raise OutboxFull(f"{self.path}: outbox quota of {self.quota.max_bytes / (1 << 20):.1f} MB reached; "
                              f"{len(signers)} reading(s) of {device_id} not stored (policy refuse_new)")
         try:
-            seqs = self._store(device_id, signers)
+            seqs = self._store(device_id, batch)
         except sqlite3.OperationalError as exc:
             if not is_storage_error(exc):
                 raise
@@ -153,20 +220,30 @@ class Outbox:
         self._flush_unrecorded()
         return seqs
 
-    def _store(self, device_id: str, signers: list[Callable[[int], bytes]]) -> list[int]:
+    def _store(self, device_id: str, batch: Batch) -> list[int]:
         db = self._db
         with _transaction(db):
+            # Keys first: a signer sealing under a new key may look it up (`data_key`) on this connection.
+            db.executemany("INSERT INTO epoch_keys VALUES (?,?,?,?)",
+                           [(k.device_id, k.epoch, k.epoch_ms, k.data_key) for k in batch.new_keys])
             row = db.execute("SELECT next_seq FROM counters WHERE device_id=?", (device_id,)).fetchone()
             seq = row[0] if row else 0
             now = int(time.time() * 1000)
             seqs = []
             rows = []
-            for sign in signers:
-                rows.append((device_id, seq, sign(seq), now))
+            for sign, epoch in zip(batch.signers, batch.epochs, strict=True):
+                rows.append((device_id, seq, sign(seq), now, epoch))
                 seqs.append(seq)
                 seq += 1
-            db.executemany("INSERT INTO outbox (device_id, seq, envelope, created_ms) VALUES (?,?,?,?)", rows)
+            db.executemany("INSERT INTO outbox (device_id, seq, envelope, created_ms, epoch) VALUES (?,?,?,?,?)",
+                           rows)
             db.execute("INSERT OR REPLACE INTO counters VALUES (?, ?)", (device_id, seq))
+            db.executemany("INSERT INTO weekly_activity (device_id, week, active_minutes) VALUES (?,?,?) "
+                           "ON CONFLICT (device_id, week) DO UPDATE SET active_minutes = active_minutes + "
+                           "excluded.active_minutes",
+                           [(device_id, week, m) for week, m in batch.activity_minutes.items()])
+            db.executemany("UPDATE weekly_activity SET disclosed=1 WHERE device_id=? AND week=?",
+                           [(device_id, week) for week in batch.disclosed_weeks])
             if self.quota.policy is QuotaPolicy.DROP_OLDEST:
                 self._drop_oldest_over_quota()
         return seqs
@@ -239,7 +316,7 @@ class Outbox:
                                  (device_id, seq)).fetchone()
                 if row is None:
                     continue  # a re-acknowledgement
-                ours = hashlib.sha256(row[0]).digest()
+                ours = wire_digest(row[0])
                 if hmac.compare_digest(ours, digest):
                     db.execute("DELETE FROM outbox WHERE device_id=? AND seq=?", (device_id, seq))
                     deleted.append(seq)
@@ -269,15 +346,15 @@ class Outbox:
         """
         db = self._db
         with _transaction(db):
-            row = db.execute("SELECT envelope, created_ms FROM outbox WHERE device_id=? AND seq=?",
+            row = db.execute("SELECT envelope, created_ms, epoch FROM outbox WHERE device_id=? AND seq=?",
                              (device_id, seq)).fetchone()
-            if row is None or not hmac.compare_digest(hashlib.sha256(row[0]).digest(), digest):
+            if row is None or not hmac.compare_digest(wire_digest(row[0]), digest):
                 return None
             counter = db.execute("SELECT next_seq FROM counters WHERE device_id=?", (device_id,)).fetchone()
             new_seq = max(counter[0] if counter else 0, highest_anchored + 1)
             db.execute("DELETE FROM outbox WHERE device_id=? AND seq=?", (device_id, seq))
-            db.execute("INSERT INTO outbox (device_id, seq, envelope, created_ms) VALUES (?,?,?,?)",
-                       (device_id, new_seq, sign(bytes(row[0]), new_seq), row[1]))
+            db.execute("INSERT INTO outbox (device_id, seq, envelope, created_ms, epoch) VALUES (?,?,?,?,?)",
+                       (device_id, new_seq, sign(bytes(row[0]), new_seq), row[1], row[2]))
             db.execute("INSERT OR REPLACE INTO counters VALUES (?, ?)", (device_id, new_seq + 1))
         return new_seq
 
@@ -360,7 +437,7 @@ class Outbox:
             row = db.execute(
                 "SELECT envelope FROM outbox WHERE device_id=? AND seq=?", (device_id, seq)
             ).fetchone()
-            moved = row is not None and hmac.compare_digest(hashlib.sha256(row[0]).digest(), digest)
+            moved = row is not None and hmac.compare_digest(wire_digest(row[0]), digest)
             if moved:
                 db.execute(
                     "INSERT OR REPLACE INTO quarantine VALUES (?,?,?,?,?,?)",
@@ -368,6 +445,40 @@ class Outbox:
                 )
                 db.execute("DELETE FROM outbox WHERE device_id=? AND seq=?", (device_id, seq))
         return moved
+
+    # -- protocol 2: epoch keys and weekly activity ------------------------------------------------------
+
+    def data_key(self, device_id: str, epoch: int) -> DataKey | None:
+        row = self._db.execute("SELECT epoch_ms, data_key FROM epoch_keys WHERE device_id=? AND epoch=?",
+                               (device_id, epoch)).fetchone()
+        return None if row is None else DataKey(device_id, epoch, row[0], bytes(row[1]))
+
+    def data_keys(self) -> list[tuple[str, int]]:
+        """(device, epoch) of every data key held now."""
+        return [(r[0], r[1]) for r in self._db.execute("SELECT device_id, epoch FROM epoch_keys ORDER BY 1, 2")]
+
+    def forget_spent_keys(self, now_ms: int) -> list[tuple[str, int]]:
+        """Delete the data key of every epoch that is over and has no event left here (neither waiting for a
+        receipt nor to be re-sealed); returns their (device, epoch). The rows are overwritten in the file
+        (secure_delete) and the WAL is truncated, so no copy of a spent key stays on the device's disk."""
+        spent = "(epoch + 1) * epoch_ms <= ? AND NOT EXISTS (SELECT 1 FROM outbox o WHERE " \
+                "o.device_id = epoch_keys.device_id AND o.epoch = epoch_keys.epoch)"
+        db = self._db
+        if db.execute(f"SELECT 1 FROM epoch_keys WHERE {spent} LIMIT 1", (now_ms,)).fetchone() is None:
+            return []
+        with _transaction(db):
+            gone = [(r[0], r[1]) for r in db.execute(f"SELECT device_id, epoch FROM epoch_keys WHERE {spent}",
+                                                     (now_ms,))]
+            db.execute(f"DELETE FROM epoch_keys WHERE {spent}", (now_ms,))
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return gone
+
+    def undisclosed_weeks(self, device_id: str, before_week: str) -> list[tuple[str, int]]:
+        """(ISO week, active minutes) of the device's tallied weeks before `before_week` whose summary has
+        not been signed yet, oldest first ("YYYY-Www" sorts chronologically)."""
+        return [(r[0], r[1]) for r in self._db.execute(
+            "SELECT week, active_minutes FROM weekly_activity WHERE device_id=? AND week < ? AND disclosed=0 "
+            "ORDER BY week", (device_id, before_week))]
 
     def depth(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]

@@ -34,6 +34,7 @@ from carechain import envelope, topics
 from carechain.entries import ENTRY_EVENT, Entry
 from carechain.identity import Identity
 from carechain.inventory import InventoryDevice
+from carechain.reencryption import PreKey
 from chain_bridge.ledger.store import Ledger
 from chain_bridge.registry import ledger_path, log_key, operator_key, register_devices
 from simulators.mosquitto import REPO, Mosquitto, free_port
@@ -307,14 +308,17 @@ class Fleet:
         for a in range(self.n_agents):
             adir = self.work / f"agent{a}"
             devices, ids = [], []
+            # Protocol 2: each agent's devices seal their readings to one patient (her re-encryption key).
+            patient, patient_pre = Identity.generate(), PreKey.generate()
             for d in range(self.per_agent):
                 profile = PROFILES[d % len(PROFILES)]
                 key_file = adir / "keys" / f"{profile}-{d}.key"
                 ident = Identity.generate()
                 ident.save(key_file)
-                devices.append({"key_file": str(key_file), "profile": profile})
+                devices.append({"key_file": str(key_file), "profile": profile, "owner": patient.device_id,
+                                "owner_pre_key": patient_pre.public_key.hex()})
                 ids.append(ident.device_id)
-                inventory.append(InventoryDevice(name=f"a{a}d{d}", profile=profile, owner=f"patient:{a}",
+                inventory.append(InventoryDevice(name=f"a{a}d{d}", profile=profile, owner=patient.device_id,
                                                  site="faults", public_key=ident.public_key, line=0))
             cfg = self._config(adir / "agent.yaml", agent_port, {
                 "data_dir": str(adir), "devices": devices, "bridge_public_key": log_pk,

@@ -19,11 +19,13 @@ from carechain.config import AgentConfig, AgentDeviceConfig, Config, ConfigError
 from carechain.credentials import MqttCredentials
 from carechain.datadir import instance_id
 from carechain.identity import Identity
+from carechain.reencryption import PreKey
 from edge_agent.agent import Agent, AgentDevice
 from edge_agent.outbox import Outbox
 from simulators.mosquitto import REPO, free_port
 
 BRIDGE_KEY = Identity.generate().public_key.hex()
+OWNER = Identity.generate()  # the patient the (protocol 2, default) agent seals its readings to
 
 
 def _config(tmp_path: Path, broker: dict[str, object], devices: list[dict[str, object]]) -> Config:
@@ -132,7 +134,8 @@ def test_an_agent_process_says_why_it_cannot_connect_and_stops_on_sigterm_with_i
     cfg.write_text(yaml.safe_dump({
         "broker": {"host": "127.0.0.1", "port": port},
         "agent": {"data_dir": str(tmp_path / "agent"), "bridge_public_key": BRIDGE_KEY, "speedup": 60.0,
-                  "devices": [{"key_file": str(key), "profile": "heart_rate_band"}]}}))
+                  "devices": [{"key_file": str(key), "profile": "heart_rate_band", "owner": OWNER.device_id,
+                               "owner_pre_key": PreKey.generate().public_key.hex()}]}}))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("CARECHAIN_CONFIG", None)
     proc = subprocess.Popen([sys.executable, "-m", "carechain.cli", "agent", "--config", str(cfg)], cwd=tmp_path,
