@@ -14,7 +14,7 @@ from carechain.credentials import CredentialsError, resolve_broker_login
 from carechain.datadir import DataDirLock, lock_data_dir
 from carechain.identity import Identity, KeyFileError, PublicKeyError, parse_public_key_hex
 from chain_miner.service import StateError, WitnessMiner, contract_verifier, load_entry_verifier
-from chain_miner.witness import verify_entries
+from chain_miner.witness import EntryVerifier, verify_entries
 from contract_rules.genesis import read_genesis
 
 DEFAULT_GENESIS = Path("contracts") / "genesis.json"  # under the bridge's data dir, on a shared host
@@ -63,15 +63,17 @@ def assemble_miner(cfg: Config, *, data_dir: Path | None = None, key: Path | Non
     try:
         identity = Identity.load_or_create(key or mc.key_file or mdir / "miner.key")
         size_of = None
+        replica = None  # with the contracts, the miner also serves the access grants naming it
+        verifier: EntryVerifier
         if spec:
             verifier, checks = load_entry_verifier(spec), f"entry verifier {spec}"
         elif genesis_file is not None:
-            verifier, size_of = contract_verifier(read_genesis(genesis_file))
-            checks = f"contracts re-executed from genesis {genesis_file}"
+            replica, size_of = contract_verifier(read_genesis(genesis_file))
+            verifier, checks = replica, f"contracts re-executed from genesis {genesis_file}"
         else:
             verifier, checks = verify_entries, ""
         miner = WitnessMiner(mdir, broker, log_key, identity, name=name or mc.name, entry_verifier=verifier,
-                             request_timeout_s=mc.request_timeout_s, verifier_size=size_of)
+                             request_timeout_s=mc.request_timeout_s, verifier_size=size_of, replica=replica)
     except (ValueError, KeyFileError, StateError, ImportError, OSError) as exc:
         lock.release()
         raise ConfigError(str(exc)) from None

@@ -48,7 +48,8 @@ from chain_miner.witness import (
 )
 
 if TYPE_CHECKING:
-    from contract_rules import Genesis
+    from chain_miner.reencryptor import AccessReleaser, Reencryptor
+    from contract_rules import ContractWitness, Genesis, Replica
 
 log = logging.getLogger("carechain.miner")
 STATE_FILE = "witness.json"
@@ -86,10 +87,14 @@ class WitnessMiner:
 
     def __init__(self, data_dir: Path, broker_cfg: BrokerConfig, log_public_key: bytes, miner_key: Identity, *,
                  name: str | None = None, entry_verifier: EntryVerifier = verify_entries,
-                 request_timeout_s: float = 10.0, verifier_size: Callable[[], int] | None = None) -> None:
+                 request_timeout_s: float = 10.0, verifier_size: Callable[[], int] | None = None,
+                 replica: Replica | None = None, reencryptor: Reencryptor | None = None) -> None:
         """`verifier_size`: for an entry verifier that keeps state from leaf 0 (the contracts'
         `ContractWitness`), how many leaves it has seen; before judging, the miner replays into it the
-        tree it already cosigned (fetched from the log and checked against that tree's root)."""
+        tree it already cosigned (fetched from the log and checked against that tree's root).
+
+        `replica`: that verifier's contract state. With it the miner also serves the access grants that
+        name it (`chain_miner.reencryptor`), through `reencryptor` (default: one for this miner's key)."""
         self.data_dir = Path(data_dir)
         self.broker = broker_cfg
         self.id = miner_key.device_id
@@ -102,16 +107,27 @@ class WitnessMiner:
         self.verifier_size = verifier_size
         self.stats: Counter[str] = Counter()
         self.connected = threading.Event()
-        self._notes: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._notes: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()  # (topic, note)
         self._responses: queue.SimpleQueue[messages.ProofResponseMessage] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._client: mqtt.Client | None = None
         self._worker: threading.Thread | None = None
+        self.access: AccessReleaser | None = None
+        if replica is not None:
+            from chain_miner.reencryptor import DONE_FILE, AccessReleaser, Reencryptor, load_done
+
+            core = reencryptor or Reencryptor(
+                miner_key, log_public_key, load_done(self.data_dir / DONE_FILE), stats=self.stats,
+                max_message_bytes=messages.payload_budget(broker_cfg.max_packet_bytes, topics.party_inbox("a" * 16)))
+            self.access = AccessReleaser(core, self.data_dir, lambda: replica.state, self._leaves, self._publish_once)
 
     def start(self) -> None:
+        subscriptions = [(topics.CHECKPOINT, 1), (messages.response(self.id), 1)]
+        if self.access is not None:  # finality, counted by this miner itself (chain_miner.reencryptor)
+            subscriptions += [(topics.FINAL_CHECKPOINT, 1), (topics.MINER_COSIG_WILDCARD, 1)]
         self._client = connect_client(
             self.broker, f"carechain-miner-{self.id}", on_message=self._on_message, connected=self.connected,
-            subscriptions=[(topics.CHECKPOINT, 1), (messages.response(self.id), 1)])
+            subscriptions=subscriptions)
         self._worker = threading.Thread(target=self._run, name=f"miner-{self.id}", daemon=True)
         self._worker.start()
 
@@ -124,9 +140,18 @@ class WitnessMiner:
             self._client.loop_stop()
 
     def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
-        if msg.topic == topics.CHECKPOINT:
+        if msg.topic in (topics.CHECKPOINT, topics.FINAL_CHECKPOINT):
             if msg.payload:  # an empty retained message clears the topic
-                self._notes.put(msg.payload.decode("utf-8", errors="replace"))
+                self._notes.put((msg.topic, msg.payload.decode("utf-8", errors="replace")))
+            return
+        miner = topics.miner_of_topic(msg.topic)
+        if miner is not None and miner[1] == "cosig":  # another miner's line: finality counted here too
+            if msg.payload:
+                try:
+                    cosig = messages.CosignatureMessage.model_validate_json(msg.payload)
+                except ValidationError:
+                    return
+                self._notes.put((topics.FINAL_CHECKPOINT, cosig.checkpoint + cosig.cosignature))
             return
         try:
             self._responses.put(messages.ProofResponseMessage.model_validate_json(msg.payload))
@@ -136,13 +161,16 @@ class WitnessMiner:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                note = self._notes.get(timeout=0.2)
+                topic, note = self._notes.get(timeout=0.2)
             except queue.Empty:
                 continue
             try:
-                self.handle(note)
+                if topic == topics.CHECKPOINT:
+                    self.handle(note)
+                elif self.access is not None:
+                    self.access.on_note(note)
             except Exception:  # keep following the log; the next checkpoint is judged afresh
-                log.exception("miner %s: judging a checkpoint failed", self.id)
+                log.exception("miner %s: handling %s failed", self.id, topic)
 
     def handle(self, note: str) -> Cosigned | CosignRefused | None:
         """Judge one checkpoint note: fetch what is needed, decide, persist, publish."""
@@ -163,6 +191,7 @@ class WitnessMiner:
         except ValueError:
             self.stats["bad_response"] += 1
             return None
+        before = self.witness.state
         decision = self.witness.observe(note, path, entries, int(time.time()))
         if isinstance(decision, CosignRefused):
             return self._refused(decision)
@@ -172,6 +201,8 @@ class WitnessMiner:
                                           tree_size=decision.checkpoint.tree_size, checkpoint=note,
                                           cosignature=decision.cosignature.line())
         self._publish(messages.cosignature(self.id), msg.model_dump_json().encode())
+        if self.access is not None and decision.state.tree_size > before.tree_size:
+            self.access.after_cosign(before.tree_size, before.frontier, entries)
         return decision
 
     def _replay_cosigned(self) -> bool:
@@ -199,6 +230,8 @@ class WitnessMiner:
             raise StateError(f"replaying the cosigned tree ({cosigned} leaves) breaks a contract rule at leaf "
                              f"{violation.leaf_index}: {violation.rule}; check the genesis file")
         log.info("miner %s: replayed %d cosigned leaves into the contracts", self.id, cosigned)
+        if self.access is not None:
+            self.access.after_cosign(0, (), entries)
         return True
 
     def _refused(self, r: CosignRefused) -> CosignRefused:
@@ -296,6 +329,21 @@ class WitnessMiner:
         if self._client is not None:
             self._client.publish(topic, payload, qos=1, retain=True)
 
+    def _publish_once(self, topic: str, payload: bytes) -> None:
+        """QoS 1, not retained: capsule fragments for one requester's inbox."""
+        if self._client is not None:
+            self._client.publish(topic, payload, qos=1)
+
+    def _leaves(self, old_size: int, new_size: int) -> list[bytes] | None:
+        """Leaves `old_size`..`new_size - 1` from the log (unverified: the caller proves them against a root)."""
+        resp = self._fetch(ProofRequest(old_size, new_size))
+        if resp is None or len(resp.entries) != new_size - old_size:
+            return None
+        try:
+            return [bytes.fromhex(e) for e in resp.entries]
+        except ValueError:
+            return None
+
 
 def load_entry_verifier(spec: str) -> EntryVerifier:
     """The hook named `module:function` (e.g. the contract runtime's), imported by name."""
@@ -308,7 +356,7 @@ def load_entry_verifier(spec: str) -> EntryVerifier:
     return func
 
 
-def contract_verifier(genesis: Genesis) -> tuple[EntryVerifier, Callable[[], int]]:
+def contract_verifier(genesis: Genesis) -> tuple[ContractWitness, Callable[[], int]]:
     """Contract re-execution as the miner's entry verifier, and how many leaves it has replayed (see `WitnessMiner`)."""
     from contract_rules import ContractWitness
 

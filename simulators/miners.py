@@ -2,6 +2,9 @@
 
 A `MinerFleet` creates each miner's key up front (so the bridge's finality policy can list them before
 they start), runs `carechain miner` per miner, and reads the ready line each prints.
+`MinerProcess(..., garbage_cfrags=True)` runs the same command through this module's entry point, which
+makes the miner sign and send random bytes as its capsule fragments (`garbage_reencrypt`): the misbehaving
+miner the access tests must detect and attribute.
 `CosignatureWatch` follows the cosignature topics and the final-checkpoint topic on the broker, recording
 when each was seen (monotonic clock) for the benchmark.
 """
@@ -17,6 +20,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -36,12 +40,14 @@ CARECHAIN = [sys.executable, "-c", "import sys; sys.argv[0] = 'carechain'; from 
 class MinerProcess:
     """One `carechain miner` process with its own data dir and a key created before it starts."""
 
-    def __init__(self, data_dir: Path, broker: BrokerConfig, log_public_key: bytes, *extra: str) -> None:
+    def __init__(self, data_dir: Path, broker: BrokerConfig, log_public_key: bytes, *extra: str,
+                 garbage_cfrags: bool = False) -> None:
         self.data_dir = Path(data_dir)
         self.key = Identity.generate()
         self.key.save(self.data_dir / "miner.key")
         self.name = f"carechain.miner/{self.key.device_id}"
-        self.args = [*CARECHAIN, "miner", "--data-dir", str(self.data_dir),
+        command = [sys.executable, "-m", "simulators.miners", GARBAGE_FLAG] if garbage_cfrags else CARECHAIN
+        self.args = [*command, "miner", "--data-dir", str(self.data_dir),
                      "--broker", broker.address, "--log-public-key", log_public_key.hex(), *extra]
         self.proc: subprocess.Popen[str] | None = None
         self._lines: queue.SimpleQueue[str] = queue.SimpleQueue()
@@ -157,3 +163,43 @@ def clear_retained(broker: BrokerConfig, client_id: str, topic_names: list[str])
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+# -- a misbehaving re-encryption miner (issue 13: a bad capsule fragment is detected and attributed) -------
+
+
+def garbage_reencrypt(capsule: bytes, kfrag: object) -> bytes:
+    """Random bytes of a capsule fragment's size instead of the re-encryption: signed and sent like an honest
+    miner's, so the requester's `verify_cfrag` must catch it and the fault names this miner."""
+    return os.urandom(GARBAGE_CFRAG_BYTES)
+
+
+GARBAGE_CFRAG_BYTES = 381  # what umbral-pre 0.11 serializes a capsule fragment to
+
+
+GARBAGE_FLAG = "--garbage-cfrags"
+
+
+def _garbage_cli() -> None:
+    """`python -m simulators.miners --garbage-cfrags miner ARGS…`: `carechain miner ARGS…` whose re-encryption
+    returns garbage. The miner is assembled as `carechain miner` does; only its capsule fragments change."""
+    import chain_miner.assembly as assembly
+    from carechain.cli import app
+
+    real = assembly.assemble_miner
+
+    def garbage_miner(*args: Any, **kwargs: Any) -> assembly.AssembledMiner:
+        assembled = real(*args, **kwargs)
+        if assembled.miner.access is not None:
+            assembled.miner.access.core.reencrypt = garbage_reencrypt
+        return assembled
+
+    assembly.assemble_miner = garbage_miner  # the CLI imports it when the command runs
+    sys.argv = ["carechain", *sys.argv[2:]]
+    app()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != [GARBAGE_FLAG]:
+        raise SystemExit(f"usage: python -m simulators.miners {GARBAGE_FLAG} miner [carechain miner options]")
+    _garbage_cli()

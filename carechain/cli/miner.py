@@ -48,6 +48,9 @@ def miner(config: ConfigOpt = None, broker: BrokerOpt = None,
     and publishes a C2SP cosignature (cc/v1/miner/<id>/cosig) — or evidence of a fork or rule violation
     (cc/v1/miner/<id>/evidence). Prints its cosigner key on stdout (one JSON line) for the bridge's
     `bridge.miners` list; a checkpoint is final when bridge.finality_threshold of them cosigned it.
+    With a genesis it also serves the access grants that name it: once a checkpoint covering a grant is
+    final (a majority of the registered miners, counted by the miner itself), it re-encrypts the granted
+    epochs for the requester (cc/v1/party/<id>/inbox), never for a revoked or expired grant.
     Runs until interrupted (Ctrl-C / SIGTERM), then prints its counters (one JSON line). One miner per
     data directory. Settings: the `miner` config section. See docs/miners.md.
     """
