@@ -1,6 +1,6 @@
 """The `carechain` command line: this module only builds the Typer app from the command groups.
 
-One module per group (keys, register, bridge, agent, miner, contracts, store, proofs, demo), sharing
+One module per group (keys, register, bridge, agent, miner, contracts, access, store, proofs, demo), sharing
 options and helpers through `carechain.cli._options`. Heavy modules (bridge, agent, broker) are imported
 only by the command that needs them, so `carechain verify` stays small and fast on an auditor's laptop;
 assembling a party from config is its own package's `assembly` module, not the CLI's.
@@ -16,16 +16,16 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from carechain.cli import agent, bridge, contracts, demo, keys, miner, proofs, register, store
+from carechain.cli import access, agent, bridge, contracts, demo, keys, miner, proofs, register, store
 from carechain.cli._options import example, out
 
-SET_UP, RUN, CONTRACTS, STORAGE, AUDIT, TRY = ("Set up", "Run a party", "Contracts", "Storage", "Audit",
-                                               "Try it")
+SET_UP, RUN, CONTRACTS, RECORDS, STORAGE, AUDIT, TRY = ("Set up", "Run a party", "Contracts", "Records",
+                                                        "Storage", "Audit", "Try it")
 
 # In the order a deployment meets them: keys, register, run the bridge, agents and miners, then the
 # contracts, storage and the proofs anyone can check; the demo last.
-ORDER = ("keys", "register", "bridge", "agent", "miner", "party", "rx", "policy", "balance", "store", "proof",
-         "verify", "demo")
+ORDER = ("keys", "register", "bridge", "agent", "miner", "party", "rx", "policy", "balance", "access", "store",
+         "proof", "verify", "demo")
 
 
 class _InOrder(TyperGroup):
@@ -69,6 +69,7 @@ app.add_typer(contracts.party_app, name="party", rich_help_panel=CONTRACTS)
 app.add_typer(contracts.rx_app, name="rx", rich_help_panel=CONTRACTS)
 app.add_typer(contracts.policy_app, name="policy", rich_help_panel=CONTRACTS)
 app.command("balance", epilog=contracts.BALANCE_EPILOG, rich_help_panel=CONTRACTS)(contracts.balance)
+app.add_typer(access.access_app, name="access", rich_help_panel=RECORDS)
 app.add_typer(store.store_app, name="store", rich_help_panel=STORAGE)
 app.command("proof", epilog=proofs.PROOF_EPILOG, rich_help_panel=AUDIT)(proofs.proof)
 app.command("verify", epilog=proofs.VERIFY_EPILOG, rich_help_panel=AUDIT)(proofs.verify)

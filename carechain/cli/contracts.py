@@ -18,7 +18,8 @@ import typer
 from carechain.cli._ledger import load_key, now_ms, print_result, read_json, replay, submit
 from carechain.cli._options import ConfigOpt, DataDirOpt, JsonOpt, bridge_dir, example, fail, load, out
 
-party_app = typer.Typer(help="Register parties (prescribers, pharmacies, insurers, miners) on the ledger.",
+party_app = typer.Typer(help="Register parties (prescribers, pharmacies, insurers, miners, patients, doctors, "
+                             "researchers) on the ledger.",
                         no_args_is_help=True, epilog=example("carechain party register insurer keys/insurer.key "
                                                              "--name 'Demo Health'"))
 rx_app = typer.Typer(help="Prescriptions: issue (sign + anchor), show, verify against the ledger, revoke.",
@@ -32,16 +33,23 @@ KeyOpt = Annotated[Path, typer.Option("--key", help="The acting party's key file
 # -- party --------------------------------------------------------------------------------------------
 
 @party_app.command("register", epilog=example(
-    "carechain party register pharmacy keys/pharmacy.key --name 'Main St Pharmacy'"))
+    "carechain party register pharmacy keys/pharmacy.key --name 'Main St Pharmacy'",
+    "carechain party register patient keys/alice.key --name Alice --pre-key keys/alice.pre"))
 def party_register(
-    role: Annotated[str, typer.Argument(help="prescriber, pharmacy, insurer or miner.")],
+    role: Annotated[str, typer.Argument(help="prescriber, pharmacy, insurer, miner, patient, doctor or researcher.")],
     public_key: Annotated[str, typer.Argument(help="The party's public key: 64 hex digits, or its key file.")],
     name: Annotated[str, typer.Option(help="A display name (e.g. the pharmacy's name).")],
+    pre_key: Annotated[str | None, typer.Option("--pre-key", help="The party's re-encryption key file (`carechain "
+                                                                   "keys new --pre`), or PUBLIC:VERIFYING as 66+66 hex "
+                                                                   "digits. Needed to own or request sealed records.")]
+    = None,
     config: ConfigOpt = None, data_dir: DataDirOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Register a party's public key in a role, signed by the operator key; its account is ROLE:<party id>.
 
     A pharmacy's terminals are then registered with `carechain register`, owner = the pharmacy's party id.
+    A patient (a record owner) and a requester (doctor, researcher, insurer) also register a re-encryption
+    key with --pre-key: only its public halves go on the ledger.
     """
     from carechain.identity import PublicKeyError, device_id_for, parse_public_key_hex
     from chain_bridge.registry import operator_key
@@ -58,10 +66,35 @@ def party_register(
             raise fail(str(exc)) from None
     cfg = load(config)
     bdir = bridge_dir(cfg, data_dir)
-    reg = ce.PartyRegistration(role=role, pk=pk, name=name, ts=now_ms())
-    index = submit(config, data_dir, ce.signed(operator_key(bdir), ce.PARTY_REGISTER, reg))
+    pre_pk, pre_vk = _pre_public_keys(pre_key) if pre_key is not None else (None, None)
+    reg = ce.PartyRegistration(role=role, pk=pk, name=name, ts=now_ms(), pre_pk=pre_pk, pre_vk=pre_vk)
+    index = submit(config, data_dir, ce.party_registration_entry(operator_key(bdir), reg))
     party = device_id_for(pk)
-    print_result({"party_id": party, "role": role, "account": f"{role}:{party}", "leaf": index}, as_json)
+    result = {"party_id": party, "role": role, "account": f"{role}:{party}", "leaf": index}
+    if pre_pk is not None:
+        result["pre_public_key"] = pre_pk.hex()
+    print_result(result, as_json)
+
+
+def _pre_public_keys(text: str) -> tuple[bytes, bytes]:
+    """(public key, verifying key) of a re-encryption key file, or of `PUBLIC:VERIFYING` in hex."""
+    import re
+
+    from carechain.identity import KeyFileError
+    from carechain.reencryption import PRE_PUBLIC_SIZE, PreKey
+
+    if Path(text).is_file():
+        try:
+            key = PreKey.load(Path(text))
+        except KeyFileError as exc:
+            raise fail(str(exc)) from None
+        return key.public_key, key.verifying_key
+    hex_size = 2 * PRE_PUBLIC_SIZE
+    m = re.fullmatch(rf"([0-9a-fA-F]{{{hex_size}}}):([0-9a-fA-F]{{{hex_size}}})", text.strip())
+    if m is None:
+        raise fail(f"--pre-key {text!r:.80} is neither a re-encryption key file nor PUBLIC:VERIFYING "
+                   f"({hex_size}+{hex_size} hex digits)")
+    return bytes.fromhex(m.group(1)), bytes.fromhex(m.group(2))
 
 
 # -- rx -----------------------------------------------------------------------------------------------

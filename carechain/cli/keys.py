@@ -10,7 +10,8 @@ import typer
 
 from carechain.cli._options import JsonOpt, example, fail, out
 
-keys_app = typer.Typer(help="Create and inspect Ed25519 key files (mode 0600).", no_args_is_help=True,
+keys_app = typer.Typer(help="Create and inspect key files (mode 0600): Ed25519, and re-encryption keys (--pre).",
+                       no_args_is_help=True,
                        epilog=example("carechain keys new keys/band-1.key", "carechain keys ca init"))
 ca_app = typer.Typer(
     help="A deployment CA for the broker's TLS listener: CA, server and client certificates (ECDSA P-256; "
@@ -37,19 +38,43 @@ def _identity(ident: Any, path: Path | None, as_json: bool) -> None:
               highlight=False)
 
 
-@keys_app.command("new", epilog=example("carechain keys new keys/band-1.key"))
+@keys_app.command("new", epilog=example("carechain keys new keys/band-1.key", "carechain keys new --pre keys/alice.pre"))
 def keys_new(path: Annotated[Path, typer.Argument(help="Where to write the private key (mode 0600).")],
              force: Annotated[bool, typer.Option(help="Overwrite an existing key file.")] = False,
+             pre: Annotated[bool, typer.Option("--pre", help="A re-encryption key pair (umbral, secp256k1) instead: "
+                                                              "record owners and requesters register it with "
+                                                              "`carechain party register --pre-key`.")] = False,
              as_json: JsonOpt = False) -> None:
-    """Generate an Ed25519 key; prints its device id and public key (safe to share)."""
+    """Generate an Ed25519 key; prints its device id and public key (safe to share). With --pre, a re-encryption
+    key pair; prints its public and verifying keys."""
     from carechain.identity import Identity, KeyFileError
 
+    if pre:
+        _pre_key_new(path, force, as_json)
+        return
     ident = Identity.generate()
     try:
         ident.save(path, overwrite=force)
     except KeyFileError as exc:
         raise fail(str(exc)) from None
     _identity(ident, path, as_json)
+
+
+def _pre_key_new(path: Path, force: bool, as_json: bool) -> None:
+    from carechain.identity import KeyFileError
+    from carechain.reencryption import PreKey
+
+    key = PreKey.generate()
+    try:
+        key.save(path, overwrite=force)
+    except (KeyFileError, OSError) as exc:
+        raise fail(str(exc)) from None
+    data = {"pre_public_key": key.public_key.hex(), "pre_verifying_key": key.verifying_key.hex(), "key_file": str(path)}
+    if as_json:
+        print(json.dumps(data), flush=True)
+        return
+    width = max(map(len, data))
+    out.print("\n".join(f"{k:<{width}} {v}" for k, v in data.items()), soft_wrap=True, markup=False, highlight=False)
 
 
 @keys_app.command("show", epilog=example("carechain keys show carechain-data/bridge/keys/log.key"))
