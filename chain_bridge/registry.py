@@ -51,13 +51,14 @@ def contract_genesis(data_dir: Path, allocations: Mapping[str, int] | None = Non
                      operator_keys: Sequence[str] = ()) -> Genesis:
     """The deployment's contract genesis, `<data_dir>/contracts/genesis.json`.
 
-    Written on first use: the operator key (plus `operator_keys`, hex), `allocations` (or
+    Written on first use: the operator and log keys (plus `operator_keys`, hex), `allocations` (or
     DEFAULT_ALLOCATIONS) and the code hashes of the builtin contracts. Once written it is only ever read:
     every replica must replay the ledger from the same genesis, so changing it means a new ledger.
     """
     path = Path(data_dir) / GENESIS_FILE
     if not path.exists():
-        keys = [operator_key(data_dir).public_key,
+        # The log key signs checkpoints, which an access grant's seed checkpoint must carry (docs/access.md).
+        keys = [operator_key(data_dir).public_key, log_key(data_dir).public_key,
                 *(parse_public_key_hex(k, "bridge.operator_keys") for k in operator_keys)]
         write_genesis(path, new_genesis(keys, allocations or DEFAULT_ALLOCATIONS))
     try:

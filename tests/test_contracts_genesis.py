@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from carechain.identity import Identity
-from chain_bridge.registry import GENESIS_FILE, contract_genesis, operator_key, write_genesis
+from chain_bridge.registry import GENESIS_FILE, contract_genesis, log_key, operator_key, write_genesis
 from contract_rules import Genesis, builtin_hashes
 from contract_rules.genesis import GenesisError, genesis_from_bytes, genesis_to_json, new_genesis, read_genesis
 
@@ -41,7 +41,8 @@ def test_the_bridge_writes_its_genesis_once_atomically_and_miners_read_the_same_
     path = tmp_path / GENESIS_FILE
     doc = json.loads(path.read_text())
     assert list(doc) == ["operators", "allocations", "contracts"]
-    assert list(doc["operators"].values()) == [operator_key(tmp_path).public_key.hex(), OTHER.public_key.hex()]
+    assert list(doc["operators"].values()) == [operator_key(tmp_path).public_key.hex(), log_key(tmp_path).public_key.hex(),
+                                             OTHER.public_key.hex()]
     assert stat.S_IMODE(path.stat().st_mode) == 0o644  # public: every miner needs a copy
     assert not [p for p in path.parent.iterdir() if p != path]  # no temporary file left behind
     assert read_genesis(path) == genesis == contract_genesis(tmp_path, {"insurer:x": 999})

@@ -26,12 +26,13 @@ import yaml
 
 from carechain.config import load_config
 from carechain.identity import Identity
+from carechain.reencryption import PreKey
 from simulators.mosquitto import Mosquitto, free_port, mosquitto_binary
 from tests.locked_broker import render_template
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 BIN = Path(sys.executable).parent
-PLACEHOLDERS = ("broker.example.org", "8883", "LOG_PUBLIC_KEY_HEX", "DEVICE_ID")
+PLACEHOLDERS = ("broker.example.org", "8883", "LOG_PUBLIC_KEY_HEX", "DEVICE_ID", "OWNER_PARTY_ID", "OWNER_PRE_KEY_HEX")
 
 
 def snippet(name: str, lang: str) -> str:
@@ -66,7 +67,8 @@ def test_both_readme_configs_are_complete_and_valid(tmp_path: Path) -> None:
         raw = yaml.safe_load(text)
         assert set(raw) == {"broker", section}, f"{name} shows the broker section and the {section} section"
         path = tmp_path / name
-        path.write_text(fill(text, {"LOG_PUBLIC_KEY_HEX": "ab" * 32}))
+        path.write_text(fill(text, {"LOG_PUBLIC_KEY_HEX": "ab" * 32, "OWNER_PARTY_ID": "a" * 16,
+                                    "OWNER_PRE_KEY_HEX": "02" + "ab" * 32}))
         cfg = load_config(path, env={})
         assert cfg.broker.tls_ca is not None, f"{name}: the README's broker is reached over TLS"
     agent = load_config(tmp_path / "agent.yaml", env={}).agent
@@ -126,7 +128,10 @@ def test_the_readme_setup_and_configs_anchor_an_event_over_tls(tmp_path: Path, p
     tls_port = free_port()
     conf = render_template(folder / "broker-files", tls_port)
     device = Identity.load(folder / "keys" / "hr-band.key").device_id
-    values = {"broker.example.org": "127.0.0.1", "8883": str(tls_port), "DEVICE_ID": device}
+    owner = Identity.load(folder / "keys" / "alice.key").device_id
+    assert f"owner: {owner}" in (folder / "inventory.yaml").read_text()  # bound to her key, not a label
+    values = {"broker.example.org": "127.0.0.1", "8883": str(tls_port), "DEVICE_ID": device, "OWNER_PARTY_ID": owner,
+              "OWNER_PRE_KEY_HEX": PreKey.load(folder / "keys" / "alice.pre").public_key.hex()}
     with Mosquitto(tmp_path / "mosquitto", conf=conf, wait_ports=(tls_port,)):
         (folder / "bridge.yaml").write_text(fill(snippet("bridge.yaml", "yaml"), values))
         bridge = Party(folder, "bridge", "bridge", "--config", "bridge.yaml")

@@ -23,6 +23,7 @@ from carechain.config import BridgeConfig, BrokerConfig
 from carechain.entries import ENTRY_EVENT, Entry, Registration, registration_entry
 from carechain.events import make_payload
 from carechain.identity import Identity
+from carechain.reencryption import PreKey
 from carechain.sqlite_store import StoreCorruptError
 from chain_bridge.bridge import Bridge
 from chain_bridge.ledger.store import EventCandidate, Ledger
@@ -165,7 +166,8 @@ def test_cli_agent_reports_a_damaged_outbox_in_one_line(tmp_path: Path) -> None:
     damaged = damage(outbox, "header zeroed")
     config = tmp_path / "agent.yaml"
     config.write_text(f"agent:\n  data_dir: {tmp_path / 'agent'}\n  bridge_public_key: {'ab' * 32}\n"
-                      f"  devices: [{{key_file: {tmp_path / 'hr.key'}, profile: heart_rate_band}}]\n")
+                      f"  devices: [{{key_file: {tmp_path / 'hr.key'}, profile: heart_rate_band, owner: {'a' * 16},\n"
+                      f"             owner_pre_key: '{PreKey.generate().public_key.hex()}'}}]\n")
     text = one_line_error(run("agent", "--config", config, "--broker", "127.0.0.1:9"))
     assert "agent outbox is damaged" in text and "not a SQLite database" in text
     assert outbox.read_bytes() == damaged

@@ -77,16 +77,36 @@ def _pre_key_new(path: Path, force: bool, as_json: bool) -> None:
     out.print("\n".join(f"{k:<{width}} {v}" for k, v in data.items()), soft_wrap=True, markup=False, highlight=False)
 
 
-@keys_app.command("show", epilog=example("carechain keys show carechain-data/bridge/keys/log.key"))
-def keys_show(path: Annotated[Path, typer.Argument(help="A carechain key file.")], as_json: JsonOpt = False) -> None:
-    """Print the device id and public key of a key file (never the private key)."""
+@keys_app.command("show", epilog=example("carechain keys show carechain-data/bridge/keys/log.key",
+                                          "carechain keys show keys/alice.key --field device_id",
+                                          "carechain keys show keys/alice.pre --field pre_public_key"))
+def keys_show(path: Annotated[Path, typer.Argument(help="A carechain key file (Ed25519, or re-encryption).")],
+              field: Annotated[str | None, typer.Option(help="Print only this field (e.g. device_id, public_key, "
+                                                        "pre_public_key): for scripts.")] = None,
+              as_json: JsonOpt = False) -> None:
+    """Print the public half of a key file (never the private key): an Ed25519 key's device id and public key,
+    or a re-encryption key's public and verifying keys."""
     from carechain.identity import Identity, KeyFileError
+    from carechain.reencryption import PreKey
 
     try:
         ident = Identity.load(path)
+        data = {"device_id": ident.device_id, "public_key": ident.public_key.hex()}
     except KeyFileError as exc:
-        raise fail(str(exc)) from None
-    _identity(ident, None, as_json)
+        try:
+            pre = PreKey.load(path)
+        except KeyFileError:
+            raise fail(str(exc)) from None
+        data = {"pre_public_key": pre.public_key.hex(), "pre_verifying_key": pre.verifying_key.hex()}
+    if field is not None:
+        if field not in data:
+            raise fail(f"{path} has no field {field!r}; it has: {', '.join(data)}")
+        print(data[field], flush=True)
+    elif as_json:
+        print(json.dumps(data), flush=True)
+    else:
+        for k, v in data.items():
+            out.print(f"{k:<18}{v}", soft_wrap=True, markup=False, highlight=False)
 
 
 def _issued(what: str, issued: Any, as_json: bool) -> None:
