@@ -5,8 +5,12 @@ Measured in one run, on the same broker and the same pre-signed events:
   bridge_eps  events verified, appended (group commit, fsync) and receipted by `carechain bridge`
   ratio       bridge_eps / raw_eps
   p50/p99     signing → receipt latency at a fixed offered load (default 2,000 events/s)
+With --protocol 2, the same bridge then takes as many sealed (v2) readings — wire form {"ct", "ev"}, the
+ciphertext hash checked and the ciphertext stored with its leaf — and the run adds
+  v2_bridge_eps   sealed readings anchored per second
+  v2_ratio        v2_bridge_eps / bridge_eps (the issue's target: at least 0.9)
 
-    python bench/ingest.py [--devices 1000] [--events 30000] [--rate 2000] [--json]
+    python bench/ingest.py [--devices 1000] [--events 30000] [--rate 2000] [--protocol 2] [--json]
 """
 
 from __future__ import annotations
@@ -31,9 +35,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from carechain import envelope, topics  # noqa: E402
-from carechain.events import make_payload  # noqa: E402
+from carechain.events import make_payload, make_sealed_payload  # noqa: E402
 from carechain.identity import Identity  # noqa: E402
 from carechain.inventory import InventoryDevice  # noqa: E402
+from carechain.sealed import DEFAULT_EPOCH_MS, ciphertext_hash, encode_sealed, epoch_of, seal_body  # noqa: E402
 from chain_bridge.ledger.store import Ledger  # noqa: E402
 from chain_bridge.registry import ledger_path, operator_key, register_devices  # noqa: E402
 from simulators.fault_harness import wait_ready  # noqa: E402
@@ -81,6 +86,43 @@ def sign_events(devices: list[Identity], count: int, start_seq: int) -> list[tup
         payload = make_payload(dev.device_id, seq, now, "heart_rate", body)
         out.append((topics.events(dev.device_id), envelope.sign(dev, payload)))
     return out
+
+
+def sign_sealed_events(devices: list[Identity], count: int, start_seq: int) -> list[tuple[str, bytes]]:
+    """Sealed (v2) heart-rate readings as a v2 agent sends them; the key is fixed (the bridge never sees it)."""
+    now = int(time.time() * 1000)
+    epoch = epoch_of(now, DEFAULT_EPOCH_MS)
+    key = bytes(32)
+    out = []
+    for i in range(count):
+        dev = devices[i % len(devices)]
+        seq = start_seq + i // len(devices)
+        ct = seal_body(key, i.to_bytes(12, "big"), dev.device_id, seq, now, "heart_rate", epoch, {"bpm": 60 + i % 40})
+        payload = make_sealed_payload(dev.device_id, seq, now, "heart_rate", epoch, ciphertext_hash(ct))
+        out.append((topics.events(dev.device_id), encode_sealed(envelope.sign(dev, payload), ct)))
+    return out
+
+
+def anchored_rate(port: int, data_dir: Path, events: list[tuple[str, bytes]], client_id: str) -> tuple[float, int]:
+    """Publish `events` and time until the ledger holds them all: (events anchored per second, how many)."""
+    # Counted from the ledger (committed = durable), not by a receipt subscriber in this process: in
+    # production the receipts go to agents on other machines, and consuming 30k receipts here would take
+    # CPU from the bridge on this 2-core box.
+    reader = Ledger(ledger_path(data_dir))
+    base = reader.count_events()
+    pub = WindowedPublisher(port, client_id)
+    t0 = time.perf_counter()
+    for t, p in events:
+        pub.publish(t, p)
+    deadline, anchored, t1 = time.monotonic() + 180, 0, time.perf_counter()
+    while anchored < len(events) and time.monotonic() < deadline:
+        time.sleep(0.02)
+        n_now = reader.count_events() - base
+        if n_now != anchored:
+            anchored, t1 = n_now, time.perf_counter()
+    reader.close()
+    pub.close()
+    return anchored / (t1 - t0), anchored
 
 
 def raw_delivery_rate(port: int, events: list[tuple[str, bytes]]) -> float:
@@ -142,6 +184,8 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=2000.0, help="offered load for the latency run (events/s)")
     ap.add_argument("--latency-seconds", type=float, default=10.0)
     ap.add_argument("--workers", type=int, default=2, help="bridge ingest worker processes (0: in-process)")
+    ap.add_argument("--protocol", type=int, choices=(1, 2), default=1,
+                    help="2: also measure sealed v2 readings on the same bridge and print the ratio to v1")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
@@ -171,32 +215,26 @@ def main() -> None:
                 env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"})
             wait_ready(bridge, work / "bridge.log")
             say("bridge throughput (verify + append + fsync + receipt)…")
-            # Counted from the ledger (committed = durable), not by a receipt subscriber in this
-            # process: in production the receipts go to agents on other machines, and consuming 30k
-            # receipts here would take CPU from the bridge on this 2-core box.
-            reader = Ledger(ledger_path(data_dir))
-            base = reader.count_events()
-            pub = WindowedPublisher(broker.port, "bench-pub")
-            t0 = time.perf_counter()
-            for t, p in events:
-                pub.publish(t, p)
-            deadline, anchored, t1 = time.monotonic() + 180, 0, time.perf_counter()
-            while anchored < len(events) and time.monotonic() < deadline:
-                time.sleep(0.02)
-                n_now = reader.count_events() - base
-                if n_now != anchored:
-                    anchored, t1 = n_now, time.perf_counter()
-            reader.close()
-            bridge_eps = anchored / (t1 - t0)
+            bridge_eps, anchored = anchored_rate(broker.port, data_dir, events, "bench-pub")
             say(f"  bridge_eps {bridge_eps:,.0f} ({'all' if anchored == len(events) else 'NOT all'} "
                 f"{len(events)} anchored)")
+            start_seq = args.events // args.devices + 1
+            v2: dict[str, float] = {}
+            if args.protocol == 2:
+                sealed = sign_sealed_events(devices, args.events, start_seq)
+                start_seq += args.events // args.devices + 1
+                say("sealed v2 readings (+ ciphertext hash check and store)…")
+                v2_eps, v2_anchored = anchored_rate(broker.port, data_dir, sealed, "bench-pub-v2")
+                v2 = {"v2_bridge_eps": round(v2_eps, 1), "v2_ratio": round(v2_eps / bridge_eps, 3)}
+                say(f"  v2_bridge_eps {v2_eps:,.0f} ({'all' if v2_anchored == len(sealed) else 'NOT all'} "
+                    f"{len(sealed)} anchored), ratio to v1 {v2_eps / bridge_eps:.3f}")
+            pub = WindowedPublisher(broker.port, "bench-pub-latency")
             counter = ReceiptCounter(broker.port)
             time.sleep(0.5)
 
             say(f"latency at {args.rate:,.0f} events/s offered for {args.latency_seconds:.0f} s…")
             sent_at: dict[tuple[str, int], float] = {}
             n = int(args.rate * args.latency_seconds)
-            start_seq = args.events // args.devices + 1
             t_start = time.perf_counter()
             now_ms = int(time.time() * 1000)
             for i in range(n):
@@ -221,6 +259,7 @@ def main() -> None:
                 "ratio": round(bridge_eps / raw_eps, 3), "p50_ms": round(p50, 1), "p99_ms": round(p99, 1),
                 "devices": args.devices, "events": args.events, "offered_eps": round(offered, 1),
                 "latency_samples": len(lat), "latency_lost": n - len(lat), "workers": args.workers,
+                "protocol": args.protocol, **v2,
             }
     finally:
         if bridge is not None:

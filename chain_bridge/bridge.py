@@ -41,6 +41,7 @@ from chain_bridge.proof_responder import ProofResponder
 
 if TYPE_CHECKING:
     from chain_bridge.contract_gate import ContractGate
+    from chain_bridge.record_server import RecordServer
     from chain_bridge.workers import WorkerPool
 
 log = logging.getLogger("carechain.bridge")
@@ -72,6 +73,7 @@ class BridgeStats:
     final_checkpoints: int = 0
     storage_errors: int = 0  # batches and checkpoints that failed to write (disk full, I/O error), then retried
     unreceipted: int = 0  # refusals of unregistered ids not receipted (over the unregistered-receipt budget)
+    records: Counter[str] = field(default_factory=Counter)  # record server: answered, pages, refusals by reason
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -79,7 +81,7 @@ class BridgeStats:
             "rejected": sum(self.rejected.values()), "rejected_by_reason": dict(self.rejected),
             "checkpoints": self.checkpoints, "tree_size": self.tree_size, "batches": self.batches,
             "final_checkpoints": self.final_checkpoints, "storage_errors": self.storage_errors,
-            "unreceipted": self.unreceipted,
+            "unreceipted": self.unreceipted, "records": dict(self.records),
         }
 
 
@@ -130,6 +132,17 @@ class Bridge:
         self._last_final_size = -1
         self._on_fatal = on_fatal  # the sequencer thread died: by default the process exits non-zero
         self._storage_backoff = Backoff(STORAGE_RETRY)
+        # Sealed readings for requesters named in a final access record (needs the contracts and finality).
+        self.records: RecordServer | None = None
+        if contracts is not None:
+            from chain_bridge.record_server import RecordServer
+
+            self.records = RecordServer(ledger.path, contracts.genesis, self.final_size,
+                                        max_packet_bytes=broker.max_packet_bytes)
+            self.stats.records = self.records.stats  # one counter: `carechain bridge` prints it with the rest
+            if self.finality is None:
+                log.warning("bridge.finality_threshold is 0: no checkpoint becomes final, so no sealed "
+                            "record will be served to anyone")
 
     # The stages, by name (tests and tools reach them here).
     @property
@@ -161,11 +174,15 @@ class Bridge:
         subscriptions.append((topics.MINER_REQUEST_WILDCARD, 1))
         if self.finality is not None:
             subscriptions.append((topics.MINER_COSIG_WILDCARD, 1))
+        if self.records is not None:
+            subscriptions.append((topics.ACCESS_RECORDS, 1))
         self._client = connect_client(
             self.broker, self.client_id, clean_session=False, on_message=self._on_message,
             subscriptions=subscriptions, connected=self.connected, on_state=self._on_link,
         )
         self.proofs.client = self._client
+        if self.records is not None:
+            self.records.start(self._client)
         self._worker = threading.Thread(target=self._run, name="bridge-sequencer", daemon=True)
         self._worker.start()
 
@@ -190,8 +207,14 @@ class Bridge:
             self._client.disconnect()
             self.receiver.inbox.close()  # a network thread waiting for room returns without acknowledging
             self._client.loop_stop()
+        if self.records is not None:
+            self.records.stop()
 
     def _on_message(self, client: mqtt.Client, _userdata: object, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic == topics.ACCESS_RECORDS:
+            if self.records is not None:
+                self.records.submit(msg.payload)  # answered on the record server's own thread
+            return
         miner = topics.miner_of_topic(msg.topic)
         if miner is None:
             self.receiver.inbox.on_message(client, _userdata, msg)  # waits for room: back-pressure, not loss
@@ -201,6 +224,11 @@ class Bridge:
             self._on_cosignature(bytes(msg.payload))
 
     # -- finality ------------------------------------------------------------------------------------
+
+    def final_size(self) -> int:
+        """The tree size of the latest checkpoint this bridge saw become final (-1: none since it started)."""
+        with self._finality_lock:
+            return self._last_final_size
 
     def _on_cosignature(self, payload: bytes) -> None:
         """Count one miner's cosignature; publish the checkpoint, retained, once t-of-n cosigned it."""

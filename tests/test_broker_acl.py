@@ -104,6 +104,7 @@ def test_the_acl_gives_each_device_exactly_its_own_topics() -> None:
         "topic write cc/v1/log/checkpoint", "topic write cc/v1/log/final",
         "topic read cc/v1/miner/+/req", "topic read cc/v1/miner/+/cosig", "topic read cc/v1/miner/+/evidence",
         "topic write cc/v1/miner/+/resp",
+        "topic read cc/v1/access/records", "topic read cc/v1/access/evidence", "topic write cc/v1/party/+/inbox",
         "user aaaaaaaaaaaaaaaa", "topic write cc/v1/dev/aaaaaaaaaaaaaaaa/ev",
         "topic read cc/v1/dev/aaaaaaaaaaaaaaaa/rcpt", "topic read cc/v1/log/checkpoint",
     ]  # a newline smuggled into a registry label cannot add a line

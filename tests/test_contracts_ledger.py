@@ -108,10 +108,10 @@ def pharmacy(tmp_path: Path) -> Pharmacy:
     return Pharmacy(tmp_path)
 
 
-def test_genesis_is_written_once_with_the_operator_key_and_builtin_code(tmp_path: Path) -> None:
+def test_genesis_is_written_once_with_the_operator_and_log_keys_and_builtin_code(tmp_path: Path) -> None:
     first = contract_genesis(tmp_path, {"insurer:x": 5})
     assert (tmp_path / GENESIS_FILE).exists()
-    assert first.operators == {operator_key(tmp_path).device_id: operator_key(tmp_path).public_key}
+    assert first.operators == {key.device_id: key.public_key for key in (operator_key(tmp_path), log_key(tmp_path))}
     assert contract_genesis(tmp_path, {"insurer:x": 999}) == first  # fixed once written
     (tmp_path / GENESIS_FILE).write_text("{")
     with pytest.raises(ValueError, match="genesis"):

@@ -2,8 +2,9 @@
 
 Least privilege (docs/broker-security.md): every registered, non-revoked device is its own MQTT user
 (username = device_id) that may only publish its own events and read its own receipts and the checkpoint;
-the bridge has its own user, each of its ingest workers one more (`<bridge user>-w<i>`, read-only), and each
-witness miner one (`carechain-miner-<miner id>`). A revoked device has no login at all. One login per
+the bridge has its own user, each of its ingest workers one more (`<bridge user>-w<i>`, read-only), each
+witness miner one (`carechain-miner-<miner id>`), and each registered patient, doctor and researcher one
+(`carechain-party-<party id>`) that reads only its own inbox. A revoked device has no login at all. One login per
 client matters because the broker ties client ids to logins (`use_username_as_clientid`): a login can
 then hold one session only and never take over another client's id. Passwords are random, kept in
 `<bridge data dir>/broker/credentials.json` (mode 0600) so that re-running keeps every existing login
@@ -33,6 +34,9 @@ from chain_bridge.ledger.store import DeviceRecord, Ledger
 
 DEFAULT_BRIDGE_USER = "carechain-bridge"
 MINER_USER_PREFIX = "carechain-miner-"  # + miner id: the witness miner's client id, so nothing there changes
+PARTY_USER_PREFIX = "carechain-party-"  # + party id: a record owner's or requester's login
+# The parties that read records (owners) or ask for them (requesters) over MQTT (`carechain access`).
+PARTY_ROLES = frozenset({"patient", "doctor", "researcher"})
 MAX_WORKERS = 64  # as bridge.ingest_workers
 STORE_FORMAT = "carechain-broker-credentials-v1"
 STORE_FILE = Path("broker") / "credentials.json"  # under the bridge data dir
@@ -47,7 +51,7 @@ _DEVICE_ID = re.compile(r"[a-z2-7]{16}")
 _USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _LABEL = re.compile(r"[\w.:/ -]{1,64}")
 
-Role = Literal["bridge", "worker", "miner", "device"]
+Role = Literal["bridge", "worker", "miner", "device", "party"]
 
 
 class BrokerAccessError(ValueError):
@@ -56,6 +60,10 @@ class BrokerAccessError(ValueError):
 
 def miner_user(miner_id: str) -> str:
     return f"{MINER_USER_PREFIX}{miner_id}"
+
+
+def party_user(party_id: str) -> str:
+    return f"{PARTY_USER_PREFIX}{party_id}"
 
 
 # -- the password hash (mosquitto 2.x `$7$` format) ----------------------------------------------------
@@ -108,9 +116,10 @@ def check_bridge_user(name: str) -> str:
     if _DEVICE_ID.fullmatch(name):
         raise BrokerAccessError(f"bridge user {name!r} looks like a device id; pick a name no device can have, "
                                 f"e.g. {DEFAULT_BRIDGE_USER}")
-    if name.startswith(MINER_USER_PREFIX) or len(name) > 60:
-        raise BrokerAccessError(f"bridge user {name!r}: must not start with {MINER_USER_PREFIX!r} (miners' logins) "
-                                "and must leave room for the workers' '-w<i>' (at most 60 characters)")
+    if name.startswith((MINER_USER_PREFIX, PARTY_USER_PREFIX)) or len(name) > 60:
+        raise BrokerAccessError(f"bridge user {name!r}: must not start with {MINER_USER_PREFIX!r} or "
+                                f"{PARTY_USER_PREFIX!r} (miners' and parties' logins) and must leave room for the "
+                                "workers' '-w<i>' (at most 60 characters)")
     return name
 
 
@@ -123,7 +132,7 @@ def check_miner_id(miner_id: str) -> str:
 
 def plan_logins(previous: Mapping[str, Login], bridge_user: str, device_ids: Iterable[str],
                 rotate: Collection[str] = (), new_password: Callable[[], str] = _new_password, *,
-                workers: int = 0, miner_ids: Iterable[str] = ()) -> LoginPlan:
+                workers: int = 0, miner_ids: Iterable[str] = (), party_ids: Iterable[str] = ()) -> LoginPlan:
     """Keep every existing login, create missing ones, give `rotate`d users a new password, drop the rest.
 
     The bridge's `workers` logins share its password: they run in the bridge's own processes from the same
@@ -138,14 +147,18 @@ def plan_logins(previous: Mapping[str, Login], bridge_user: str, device_ids: Ite
         wanted[worker_user(bridge_user, i)] = "worker"
     for miner in sorted(set(miner_ids)):
         wanted[miner_user(check_miner_id(miner))] = "miner"
+    for party in sorted(set(party_ids)):
+        if not _DEVICE_ID.fullmatch(party):
+            raise BrokerAccessError(f"ledger holds party {party!r}, which is not a party id; refusing to write an ACL")
+        wanted[party_user(party)] = "party"
     for dev in sorted(device_ids):
         if not _DEVICE_ID.fullmatch(dev):
             raise BrokerAccessError(f"registry holds {dev!r}, which is not a device id; refusing to write an ACL")
         wanted[dev] = "device"
     unknown = sorted(set(rotate) - {u for u, r in wanted.items() if r != "worker"})
     if unknown:
-        raise BrokerAccessError(f"cannot rotate {', '.join(unknown)}: not the bridge user, a miner's login nor a "
-                                "registered, non-revoked device")
+        raise BrokerAccessError(f"cannot rotate {', '.join(unknown)}: not the bridge user, a miner's or a party's "
+                                "login, nor a registered, non-revoked device")
     logins: dict[str, Login] = {}
     added: list[str] = []
     rotated: list[str] = []
@@ -176,7 +189,7 @@ def _label(text: str) -> str:
 
 
 def acl_text(bridge_user: str, devices: Iterable[DeviceRecord], *, registry_version: int, revoked: int,
-             workers: int = 0, miner_ids: Iterable[str] = ()) -> str:
+             workers: int = 0, miner_ids: Iterable[str] = (), party_ids: Iterable[str] = ()) -> str:
     """The ACL: nothing for anonymous clients; per user, exactly the topics it needs."""
     devices = list(devices)
     lines = [
@@ -198,6 +211,11 @@ def acl_text(bridge_user: str, devices: Iterable[DeviceRecord], *, registry_vers
         f"topic read {topics.MINER_COSIG_WILDCARD}",
         f"topic read {topics.MINER_EVIDENCE_WILDCARD}",
         f"topic write {topics.PREFIX}/miner/+/resp",
+        "# Private records: requesters' signed page requests and fault evidence in, record pages out to",
+        "# each requester's inbox.",
+        f"topic read {topics.ACCESS_RECORDS}",
+        f"topic read {topics.ACCESS_EVIDENCE}",
+        f"topic write {_PARTY_INBOXES}",
     ]
     for i in range(workers):
         lines += ["", f"# bridge ingest worker {i}: reads events through the workers' shared subscription",
@@ -213,6 +231,21 @@ def acl_text(bridge_user: str, devices: Iterable[DeviceRecord], *, registry_vers
             f"topic write {topics.miner_cosignature(miner)}",
             f"topic write {topics.miner_evidence(miner)}",
             f"topic read {topics.miner_response(miner)}",
+            "# capsule fragments go to the requester named in an access record",
+            f"topic write {_PARTY_INBOXES}",
+        ]
+    for party in sorted(set(party_ids)):
+        lines += [
+            "",
+            f"# party {party}: reads its own inbox only; asks the bridge for record pages, files evidence,",
+            "# sends an access request to a record owner's inbox, and reads the final checkpoint (public) that",
+            "# seeds the choice of miners for a grant",
+            f"user {party_user(party)}",
+            f"topic read {topics.party_inbox(party)}",
+            f"topic write {topics.ACCESS_RECORDS}",
+            f"topic write {topics.ACCESS_EVIDENCE}",
+            f"topic write {_PARTY_INBOXES}",
+            f"topic read {topics.FINAL_CHECKPOINT}",
         ]
     for d in sorted(devices, key=lambda d: d.device_id):
         lines += [
@@ -225,6 +258,9 @@ def acl_text(bridge_user: str, devices: Iterable[DeviceRecord], *, registry_vers
             f"topic read {topics.CHECKPOINT}",
         ]
     return "\n".join(lines) + "\n"
+
+
+_PARTY_INBOXES = f"{topics.PREFIX}/party/+/inbox"
 
 
 # -- the credential store -----------------------------------------------------------------------------
@@ -270,6 +306,7 @@ class BrokerAccess:
     stale_removed: list[Path]
     miner_credentials: dict[str, Path] = field(default_factory=dict)
     workers: int = 0
+    party_credentials: dict[str, Path] = field(default_factory=dict)
 
 
 def generate_broker_access(ledger: Ledger, data_dir: Path, out_dir: Path, *,
@@ -278,7 +315,9 @@ def generate_broker_access(ledger: Ledger, data_dir: Path, out_dir: Path, *,
     """Write passwd, acl, bridge.json, devices/<id>.json and miners/<id>.json (all mode 0600) into `out_dir`.
 
     Logins for `workers` ingest workers share bridge.json's password. Miners' logins are kept in the store
-    across runs (the ledger has no miner registry yet): `add_miners` adds, `remove_miners` drops.
+    across runs (the ledger has no miner registry yet): `add_miners` adds, `remove_miners` drops. Every
+    patient, doctor and researcher registered on the ledger (`party.register`) gets a login and
+    parties/<id>.json.
     The credential store is saved first, so no file ever carries a password that is not persisted.
     """
     registry = ledger.devices()
@@ -287,15 +326,17 @@ def generate_broker_access(ledger: Ledger, data_dir: Path, out_dir: Path, *,
     previous = load_store(store)
     kept_miners = {u.removeprefix(MINER_USER_PREFIX) for u, x in previous.items() if x.role == "miner"}
     miners = sorted((kept_miners | {check_miner_id(m) for m in add_miners}) - set(remove_miners))
+    parties = sorted(pid for pid, role in ledger.registered_parties().items() if role in PARTY_ROLES)
     plan = plan_logins(previous, bridge_user, [d.device_id for d in active], rotate, workers=workers,
-                       miner_ids=miners)
+                       miner_ids=miners, party_ids=parties)
     save_store(store, plan.logins)
 
     out_dir = Path(out_dir)
     passwd, acl = out_dir / "passwd", out_dir / "acl"
     write_atomic(passwd, passwd_text(plan.logins).encode())
     write_atomic(acl, acl_text(bridge_user, active, registry_version=ledger.registry_version(),
-                               revoked=len(registry) - len(active), workers=workers, miner_ids=miners).encode())
+                               revoked=len(registry) - len(active), workers=workers, miner_ids=miners,
+                               party_ids=parties).encode())
     bridge_file = out_dir / "bridge.json"
     write_atomic(bridge_file, MqttCredentials(username=bridge_user, password=plan.logins[bridge_user].password)
                  .to_json())
@@ -316,7 +357,15 @@ def generate_broker_access(ledger: Ledger, data_dir: Path, out_dir: Path, *,
                      .to_json())
         miner_files[m] = path
     stale += [p for p in sorted(miner_dir.glob("*.json")) if _DEVICE_ID.fullmatch(p.stem) and p.stem not in miner_files]
+    party_dir = out_dir / "parties"
+    party_files = {}
+    for pid in parties:
+        path = party_dir / f"{pid}.json"
+        write_atomic(path, MqttCredentials(username=party_user(pid), password=plan.logins[party_user(pid)].password)
+                     .to_json())
+        party_files[pid] = path
+    stale += [p for p in sorted(party_dir.glob("*.json")) if _DEVICE_ID.fullmatch(p.stem) and p.stem not in party_files]
     for p in stale:  # revoked devices and removed miners: their login is gone, so is their provisioning file
         p.unlink()
     return BrokerAccess(passwd, acl, bridge_file, device_files, len(registry) - len(active), plan, stale,
-                        miner_files, workers)
+                        miner_files, workers, party_files)

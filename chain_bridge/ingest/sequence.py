@@ -32,6 +32,7 @@ from chain_bridge.ledger.store import (
     Ledger,
     SaleRefused,
     SeqReused,
+    VersionRetired,
 )
 
 PURCHASE = "purchase"  # the only event kind the contract gate decides
@@ -142,6 +143,11 @@ class Sequencer:
                 f"the contracts refuse this sale ({result.reason}); {where}", cand.digest))
             if result.index is not None:
                 self.seq_guard.anchored(cand)
+        elif isinstance(result, VersionRetired):
+            out.rejections.append(Rejection(
+                cand.device_id, cand.seq, Reason.VERSION_RETIRED,
+                f"v1 {cand.kind} readings are refused from tree size {result.retire_v1_after} on "
+                "(protocol.cutover): send protocol v2", cand.digest))
         elif isinstance(result, DeviceRevoked):
             out.rejections.append(Rejection(
                 cand.device_id, cand.seq, Reason.REVOKED, f"device revoked at leaf {result.index}", cand.digest))

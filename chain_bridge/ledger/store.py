@@ -24,13 +24,16 @@ from carechain.entries import (
     ENTRY_EVENT,
     ENTRY_REGISTER,
     ENTRY_REVOKE,
+    PARTY_REGISTER,
+    PROTOCOL_CUTOVER,
     SALE_REFUSED,
     Entry,
     Registration,
     Revocation,
 )
+from carechain.events import SEALED_KINDS
 from carechain.files import make_private
-from carechain.identity import Identity
+from carechain.identity import Identity, device_id_for
 from carechain.merkle import leaf_hash
 from carechain.merkle_tree import MerkleTree
 from carechain.sqlite_store import LEDGER, StoreCorruptError, check_store, store_error
@@ -52,7 +55,12 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     tree_size INTEGER PRIMARY KEY, root_hash BLOB NOT NULL, note TEXT NOT NULL, issued_ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS contract_snapshots (
     tree_size INTEGER PRIMARY KEY, genesis_hash BLOB NOT NULL, state BLOB NOT NULL, taken_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS ciphertexts (
+    idx INTEGER PRIMARY KEY, dev TEXT NOT NULL, seq INTEGER NOT NULL, epoch INTEGER NOT NULL, ct BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS ciphertexts_by_epoch ON ciphertexts (dev, epoch);
 """
+# meta key: the tree size from which v1 readings of sealed kinds are refused (the protocol.cutover).
+RETIRE_V1_AFTER = "retire_v1_after"
 
 
 class LedgerError(Exception):
@@ -68,6 +76,9 @@ class EventCandidate:
     leaf: bytes  # encoded Entry
     digest: bytes = b""  # SHA-256 of the event bytes, echoed on a rejection receipt
     kind: str = ""  # the event's kind: the contract gate looks at purchases only
+    version: int = 1  # the payload's `v`: v1 readings of sealed kinds are refused after the cutover
+    ct: bytes | None = None  # a sealed reading's ciphertext (its hash checked), stored with its leaf
+    epoch: int | None = None  # a sealed reading's epoch
 
 
 @dataclass(frozen=True)
@@ -110,6 +121,13 @@ class EventGate(Protocol):
 
 
 @dataclass(frozen=True)
+class VersionRetired:
+    """A v1 reading of a sealed kind that would land at or after the cutover's tree size: nothing appended."""
+
+    retire_v1_after: int
+
+
+@dataclass(frozen=True)
 class SeqReused:
     """The (device, seq) is already anchored with *different* content at `index`."""
 
@@ -117,7 +135,7 @@ class SeqReused:
 
 
 # What `Ledger.append_events` says of each candidate, in order.
-AppendResult = Appended | SeqReused | DeviceRevoked | SaleRefused
+AppendResult = Appended | SeqReused | DeviceRevoked | SaleRefused | VersionRetired
 
 
 @dataclass(frozen=True)
@@ -192,7 +210,10 @@ class Ledger:
         Revocation is re-checked under the write lock: another process (`carechain` revoking a device)
         may have committed one after the caller last loaded the registry. With a `gate` (the contracts),
         an event it refuses is appended as the entry it returns, and its (device, seq) row points there,
-        so a resend gets `Refused` again.
+        so a resend gets `Refused` again. A sealed reading's ciphertext goes into `ciphertexts` in the same
+        transaction as its leaf: no receipt ever names a leaf whose ciphertext is lost. A new v1 reading
+        of a sealed kind whose index would reach the cutover (`protocol.cutover`) is `VersionRetired`
+        (a resend of one anchored earlier is still re-acknowledged).
         """
         results: list[AppendResult] = []
         new_hashes: list[bytes] = []
@@ -208,6 +229,8 @@ class Ledger:
             refused_in_batch: dict[int, str] = {}
             rows_entries = []
             rows_events = []
+            rows_ciphertexts = []
+            retire = self.retire_v1_after()
             revoked: dict[str, int] = {}
             for dev in {c.device_id for c in candidates}:
                 row = db.execute("SELECT revoked_idx FROM devices WHERE device_id=?", (dev,)).fetchone()
@@ -227,6 +250,9 @@ class Ledger:
                     results.append(SeqReused(seen.index) if reason is None else SaleRefused(seen.index, reason))
                     continue
                 idx = next_idx + len(new_hashes)
+                if retire is not None and idx >= retire and c.version == 1 and c.kind in SEALED_KINDS:
+                    results.append(VersionRetired(retire))
+                    continue
                 instead = gate.admit(idx, c) if gate is not None else None
                 if isinstance(instead, str):
                     results.append(SaleRefused(None, instead))
@@ -237,6 +263,8 @@ class Ledger:
                 dedup.remember(c.device_id, c.seq, Anchored(idx, h))
                 rows_entries.append((idx, entry_type, h, data, now))
                 rows_events.append((c.device_id, c.seq, idx, h))
+                if instead is None and c.ct is not None:
+                    rows_ciphertexts.append((idx, c.device_id, c.seq, c.epoch, c.ct))
                 if instead is None:
                     results.append(Appended(idx))
                 else:
@@ -245,6 +273,8 @@ class Ledger:
                     results.append(SaleRefused(idx, reason))
             db.executemany("INSERT INTO entries VALUES (?,?,?,?,?)", rows_entries)
             db.executemany("INSERT INTO events VALUES (?,?,?,?)", rows_events)
+            if rows_ciphertexts:
+                db.executemany("INSERT INTO ciphertexts VALUES (?,?,?,?,?)", rows_ciphertexts)
             disk_full_point(db)
             db.execute("COMMIT")
         except BaseException:
@@ -275,7 +305,10 @@ class Ledger:
         """Append contract entries (`party.register`, `rx.anchor`, …) in one durable transaction.
 
         All or nothing; returns their leaf indexes. Whether the contracts accept them is the caller's
-        check (`Runtime.check` on a replay of the log), done before calling this.
+        check (`Runtime.check` on a replay of the log), done before calling this. A `protocol.cutover`
+        also records, in the same transaction, the tree size from which `append_events` refuses v1
+        readings: it reads it under the write lock, so the bridge applies it from its next batch on,
+        whichever process appended the entry.
         """
         for i, entry in enumerate(entries):
             if entry.type not in CONTRACT_ENTRY_TYPES or entry.type == SALE_REFUSED:
@@ -292,6 +325,8 @@ class Ledger:
                 data = entry.encode()
                 hashes.append(leaf_hash(data))
                 db.execute("INSERT INTO entries VALUES (?,?,?,?,?)", (first + i, entry.type, hashes[-1], data, now))
+                if entry.type == PROTOCOL_CUTOVER:
+                    self._record_cutover(first + i, entry)
             db.execute("COMMIT")
         except BaseException:
             _rollback(db)
@@ -360,6 +395,30 @@ class Ledger:
         self.tree.append(h)
         return idx
 
+    def _record_cutover(self, index: int, entry: Entry) -> None:
+        """Remember the `protocol.cutover` (inside the caller's transaction). As the contracts do, refuse a
+        second one and one that reaches back into the log: the whole append then rolls back."""
+        try:
+            payload = envelope.parse(entry.cose).payload
+        except envelope.EnvelopeError as exc:
+            raise LedgerError(f"protocol.cutover at leaf {index} is not a signed entry: {exc}") from None
+        retire = payload.get("retire_v1_after") if isinstance(payload, dict) else None
+        if type(retire) is not int or retire <= index:
+            raise LedgerError(f"protocol.cutover at leaf {index}: retire_v1_after must be a tree size after it")
+        if (already := self.retire_v1_after()) is not None:
+            raise LedgerError(f"protocol.cutover at leaf {index}: the log already retires v1 from {already}")
+        self._db.execute("INSERT INTO meta VALUES (?, ?)", (RETIRE_V1_AFTER, str(retire)))
+
+    def retire_v1_after(self) -> int | None:
+        """The tree size from which v1 readings of sealed kinds are refused, once a cutover is on the ledger."""
+        value = self._meta(RETIRE_V1_AFTER)
+        return None if value is None else int(value)
+
+    def ciphertext(self, index: int) -> bytes | None:
+        """The ciphertext stored with sealed reading `index` (None: not a sealed reading, or pruned)."""
+        row = self._db.execute("SELECT ct FROM ciphertexts WHERE idx=?", (index,)).fetchone()
+        return bytes(row[0]) if row else None
+
     # -- reads ---------------------------------------------------------------------------------------
 
     def devices(self) -> dict[str, DeviceRecord]:
@@ -375,6 +434,22 @@ class Ledger:
             "INSERT INTO meta VALUES ('registry_version', '1') "
             "ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
         )
+
+    def registered_parties(self) -> dict[str, str]:
+        """party id → role of every `party.register` on the log (the contracts checked each before it was
+        appended, and refuse a second one for a key, so the first one counts)."""
+        parties: dict[str, str] = {}
+        for (data,) in self._db.execute("SELECT data FROM entries WHERE type=? ORDER BY idx", (PARTY_REGISTER,)):
+            try:
+                payload = envelope.parse(Entry.decode(bytes(data)).cose).payload
+            except (ValueError, envelope.EnvelopeError):
+                continue
+            if not isinstance(payload, dict):
+                continue
+            pk, role = payload.get("pk"), payload.get("role")
+            if isinstance(pk, bytes) and len(pk) == 32 and isinstance(role, str):
+                parties.setdefault(device_id_for(pk), role)
+        return parties
 
     def last_seq(self, device_id: str) -> int | None:
         row = self._db.execute("SELECT MAX(seq) FROM events WHERE device_id=?", (device_id,)).fetchone()
