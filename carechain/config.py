@@ -156,6 +156,11 @@ class BridgeConfig(_Section):
     proof_request_burst: int = Field(default=40, ge=1, description="Per-requester token bucket size: proof "
                                      "requests answered at once above the rate (a miner catching up asks one page "
                                      "at a time).")
+    records_requests_per_s: float = Field(default=20.0, gt=0, description="Per-requester rate of sealed-record "
+                                          "requests answered (docs/access.md); above it requests are refused and "
+                                          "counted.")
+    records_request_burst: int = Field(default=64, ge=1, description="Per-requester token bucket size for "
+                                       "sealed-record requests (one request per page of a large grant).")
 
     @model_validator(mode="after")
     def _threshold_fits(self) -> BridgeConfig:

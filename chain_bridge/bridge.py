@@ -138,7 +138,8 @@ class Bridge:
             from chain_bridge.record_server import RecordServer
 
             self.records = RecordServer(ledger.path, contracts.genesis, self.final_size,
-                                        max_packet_bytes=broker.max_packet_bytes)
+                                        max_packet_bytes=broker.max_packet_bytes,
+                                        requests_per_s=cfg.records_requests_per_s, burst=cfg.records_request_burst)
             self.stats.records = self.records.stats  # one counter: `carechain bridge` prints it with the rest
             if self.finality is None:
                 log.warning("bridge.finality_threshold is 0: no checkpoint becomes final, so no sealed "

@@ -227,6 +227,8 @@ def acl_text(bridge_user: str, devices: Iterable[DeviceRecord], *, registry_vers
             f"user {miner_user(miner)}",
             f"topic read {topics.CHECKPOINT}",
             f"topic read {topics.FINAL_CHECKPOINT}",
+            "# every miner's cosignatures: a miner counts finality itself, never on the bridge's word",
+            f"topic read {topics.MINER_COSIG_WILDCARD}",
             f"topic write {topics.miner_request(miner)}",
             f"topic write {topics.miner_cosignature(miner)}",
             f"topic write {topics.miner_evidence(miner)}",
