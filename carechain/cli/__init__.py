@@ -1,6 +1,6 @@
 """The `carechain` command line: this module only builds the Typer app from the command groups.
 
-One module per group (keys, register, bridge, agent, miner, contracts, access, store, proofs, demo), sharing
+One module per group (keys, register, cutover, bridge, agent, miner, contracts, access, store, proofs, demo), sharing
 options and helpers through `carechain.cli._options`. Heavy modules (bridge, agent, broker) are imported
 only by the command that needs them, so `carechain verify` stays small and fast on an auditor's laptop;
 assembling a party from config is its own package's `assembly` module, not the CLI's.
@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from carechain.cli import access, agent, bridge, contracts, demo, keys, miner, proofs, register, store
+from carechain.cli import access, agent, bridge, contracts, cutover, demo, keys, miner, proofs, register, store
 from carechain.cli._options import example, out
 
 SET_UP, RUN, CONTRACTS, RECORDS, STORAGE, AUDIT, TRY = ("Set up", "Run a party", "Contracts", "Records",
@@ -24,7 +24,7 @@ SET_UP, RUN, CONTRACTS, RECORDS, STORAGE, AUDIT, TRY = ("Set up", "Run a party",
 
 # In the order a deployment meets them: keys, register, run the bridge, agents and miners, then the
 # contracts, storage and the proofs anyone can check; the demo last.
-ORDER = ("keys", "register", "bridge", "agent", "miner", "party", "rx", "policy", "balance", "access", "store",
+ORDER = ("keys", "register", "cutover", "bridge", "agent", "miner", "party", "rx", "policy", "balance", "access", "store",
          "proof", "verify", "demo")
 
 
@@ -62,6 +62,7 @@ def main(version_: Annotated[bool, typer.Option(
 
 app.add_typer(keys.keys_app, name="keys", rich_help_panel=SET_UP)
 app.command("register", epilog=register.EPILOG, rich_help_panel=SET_UP)(register.register)
+app.command("cutover", epilog=cutover.EPILOG, rich_help_panel=SET_UP)(cutover.cutover)
 app.add_typer(bridge.bridge_app, name="bridge", rich_help_panel=RUN)
 app.command("agent", epilog=agent.EPILOG, rich_help_panel=RUN)(agent.agent)
 app.command("miner", epilog=miner.EPILOG, rich_help_panel=RUN)(miner.miner)
