@@ -4,7 +4,8 @@ It implements the ledger's `EventGate`: under the write lock it replays the comm
 seen, then decides each new event in log order. A purchase the contracts refuse is appended as a
 `sale.refused` entry (signed by the operator key, wrapping the terminal's signed bytes) so it counts
 against the pharmacy; a sale the contracts would not even accept as refused (e.g. from a device the
-contracts do not know) is not appended at all. Other event kinds go in unchecked, as before.
+contracts do not know) is not appended at all. An epoch_key or weekly_activity the contracts reject is refused
+without a leaf. Other event kinds (readings) go in unchecked.
 
 Replaying the whole log at every start (and after every rolled-back batch) would make both grow with the
 ledger, so the gate keeps snapshots of its state in the ledger database (`save_snapshot`, called at
@@ -25,6 +26,10 @@ from contract_rules.replay import SnapshotError, genesis_hash
 from contract_rules.runtime import OK
 
 PURCHASE = "purchase"
+# The event kinds the contracts decide: a purchase they refuse is recorded as sale.refused; an epoch_key or a
+# weekly_activity they would reject (a second key for one epoch, an owner who is not the device's) is refused
+# without a leaf, since a leaf the miners' rules reject would stop them cosigning.
+GATED_KINDS = frozenset({PURCHASE, "epoch_key", "weekly_activity"})
 # Snapshot at a checkpoint once this many leaves were applied since the last one: a restart then replays at
 # most about this many leaves (~150 µs each), and a snapshot costs one write of the contract tables.
 SNAPSHOT_EVERY = 10_000
@@ -113,6 +118,10 @@ class ContractGate:
                     return reason  # not a sale the contracts can count: refuse it without a leaf
                 self.runtime.apply(refusal)
                 return refusal
+        elif candidate.kind in GATED_KINDS:
+            reason = self.runtime.check(entry)
+            if reason != OK:  # e.g. a second epoch_key for one epoch: a leaf the miners' rules would reject
+                return reason
         self.runtime.apply(entry)
         return None
 

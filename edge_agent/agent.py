@@ -87,6 +87,7 @@ class AgentStats:
     resigned: int = 0  # readings re-signed past the highest anchored seq after a `seq_reused` refusal
     epoch_keys: int = 0  # protocol 2: data keys made (one epoch_key event each)
     keys_forgotten: int = 0  # protocol 2: data keys deleted once their epoch was over and its events receipted
+    sealed_late: int = 0  # protocol 2: late readings of a spent epoch, sealed under the current epoch's key
     weekly_summaries: int = 0  # protocol 2: weekly_activity summaries signed
     reasons: dict[str, int] = field(default_factory=dict)
 
@@ -240,6 +241,11 @@ class Agent:
         or a new one announced by an epoch_key event ahead of the reading in the same batch."""
         dev = device.identity.device_id
         epoch = epoch_of(ts, self.epoch_ms)
+        if (dev, epoch) not in self._keys and self.outbox.epoch_spent(dev, epoch):
+            # A late reading (synced from the device's memory) of an epoch whose key is already deleted: its
+            # epoch_key is anchored, a second one would be refused, so it is sealed under the current epoch's key.
+            epoch = epoch_of(int(time.time() * 1000), self.epoch_ms)
+            self.stats.sealed_late += 1
         key = self._keys.get((dev, epoch))
         if key is None and (key := self.outbox.data_key(dev, epoch)) is not None:
             self._keys[(dev, epoch)] = key  # stored by an earlier run: reused, not announced again

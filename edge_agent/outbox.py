@@ -64,6 +64,13 @@ CREATE TABLE IF NOT EXISTS losses (
 CREATE TABLE IF NOT EXISTS epoch_keys (
     device_id TEXT NOT NULL, epoch INTEGER NOT NULL, epoch_ms INTEGER NOT NULL, data_key BLOB NOT NULL,
     PRIMARY KEY (device_id, epoch));
+-- Epochs whose data key was deleted: a late reading of one (synced from a device's memory) is sealed under
+-- the current epoch's key instead, never under a second key announced for a spent epoch.
+CREATE TABLE IF NOT EXISTS spent_epochs (
+    device_id TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    PRIMARY KEY (device_id, epoch)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS weekly_activity (
     device_id TEXT NOT NULL, week TEXT NOT NULL, active_minutes INTEGER NOT NULL,
     disclosed INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (device_id, week));
@@ -469,9 +476,15 @@ class Outbox:
         with _transaction(db):
             gone = [(r[0], r[1]) for r in db.execute(f"SELECT device_id, epoch FROM epoch_keys WHERE {spent}",
                                                      (now_ms,))]
+            db.executemany("INSERT OR IGNORE INTO spent_epochs VALUES (?,?)", gone)
             db.execute(f"DELETE FROM epoch_keys WHERE {spent}", (now_ms,))
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return gone
+
+    def epoch_spent(self, device_id: str, epoch: int) -> bool:
+        """Whether the device's data key of `epoch` was deleted (its epoch_key is anchored: never announce another)."""
+        return self._db.execute("SELECT 1 FROM spent_epochs WHERE device_id=? AND epoch=?",
+                                (device_id, epoch)).fetchone() is not None
 
     def undisclosed_weeks(self, device_id: str, before_week: str) -> list[tuple[str, int]]:
         """(ISO week, active minutes) of the device's tallied weeks before `before_week` whose summary has

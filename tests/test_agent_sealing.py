@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import time
 from pathlib import Path
 
 import pytest
@@ -235,3 +236,20 @@ def test_protocol_2_config_names_a_health_device_without_its_owner(tmp_path: Pat
         assert dev.owner == OWNER and dev.wellness_policy == "wellness-2026"
     finally:
         assembled.close()
+
+
+def test_a_late_reading_of_a_spent_epoch_is_sealed_under_the_current_key_not_a_second_epoch_key(
+        tmp_path: Path) -> None:
+    """A second epoch_key for an epoch whose key is anchored would be refused: the reading would be lost."""
+    agent = _agent(tmp_path)
+    agent.record(DEV.device_id, [("heart_rate", HR)], T0)
+    _ack_all(agent)
+    agent.forget_spent_keys(T0 + HOUR + 1, force=True)
+    assert agent.outbox.data_keys() == [] and agent.outbox.epoch_spent(DEV.device_id, T0 // HOUR)
+    before = {seq for seq, _ in _rows(agent)}
+    agent.record(DEV.device_id, [("heart_rate", HR)], T0 + 10)  # synced late from the band's memory
+    new = [_opened(wire)[0] for seq, wire in _rows(agent) if seq not in before]
+    current = int(time.time() * 1000) // HOUR
+    assert [p["kind"] for p in new] == ["epoch_key", "heart_rate"]
+    assert new[0]["body"]["epoch"] == current != T0 // HOUR and new[1]["body"]["epoch"] == current
+    assert new[1]["ts"] == T0 + 10 and agent.stats.sealed_late == 1

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from carechain.config import Limits
 from carechain.errors import Reason, contract_reason
 from carechain.receipts import Receipt, Rejected
+from chain_bridge.contract_gate import GATED_KINDS
 from chain_bridge.ingest.guards import RateGuard, SeqGuard, UnregisteredReceipts
 from chain_bridge.ingest.receive import RegistryView
 from chain_bridge.ingest.verdicts import Rejection, Verdict
@@ -35,7 +36,6 @@ from chain_bridge.ledger.store import (
     VersionRetired,
 )
 
-PURCHASE = "purchase"  # the only event kind the contract gate decides
 
 
 @dataclass
@@ -75,8 +75,8 @@ class Sequencer:
         out = SequencedBatch()
         admitted = self.guard(verdicts, out)
         with self._lock:
-            # Only a batch holding a sale pays for the contracts; the gate catches up on the rest then.
-            gate = self.gate if self.gate and any(c.kind == PURCHASE for c in admitted.candidates) else None
+            # Only a batch holding an event the contracts decide pays for them; the gate catches up on the rest then.
+            gate = self.gate if self.gate and any(c.kind in GATED_KINDS for c in admitted.candidates) else None
             results = self.ledger.append_events(admitted.candidates, gate) if admitted.candidates else []
         for cand, result, took in zip(admitted.candidates, results, admitted.charged, strict=True):
             self._settle(out, cand, result, took, now_ms)
@@ -140,7 +140,7 @@ class Sequencer:
             where = "nothing appended" if result.index is None else f"recorded at leaf {result.index}"
             out.rejections.append(Rejection(
                 cand.device_id, cand.seq, contract_reason(result.reason),
-                f"the contracts refuse this sale ({result.reason}); {where}", cand.digest))
+                f"the contracts refuse this {cand.kind} ({result.reason}); {where}", cand.digest))
             if result.index is not None:
                 self.seq_guard.anchored(cand)
         elif isinstance(result, VersionRetired):
