@@ -6,6 +6,12 @@ real broker: over TCP on loopback. Production deployments use mosquitto (or a cl
 The thread is a daemon and holds no worker threads of its own (stopping is an asyncio event set from the
 caller's thread, not a blocking wait in an executor), so a process that forgets `stop()` — or dies of an
 exception before reaching it — still exits instead of hanging on the broker.
+
+Two amqtt 0.12 bugs are fixed here. On every connection amqtt walks all subscription filters of all sessions
+and sends the new client every retained message matching any of them (another party's retained messages in a
+requester's inbox subscription); and since that walk awaits each delivery, a client subscribing meanwhile makes
+it fail with "dictionary changed size during iteration" (the connecting client is dropped). Here a client gets
+only the retained messages of the filters it subscribed to, and the walk runs over a snapshot.
 """
 
 from __future__ import annotations
@@ -15,12 +21,40 @@ import contextlib
 import logging
 import socket
 import threading
+from typing import Any
 
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+class _Filters(dict[str, Any]):
+    """amqtt's subscription table, iterated over a snapshot of its filters (it changes while walked)."""
+
+    def __iter__(self) -> Any:
+        return iter(list(self.keys()))
+
+    def items(self) -> Any:  # walked while delivering a message, which awaits
+        return list(super().items())
+
+
+def _broker_class() -> type:
+    from amqtt.broker import Broker  # imported lazily: only the demo and fallback tests need it
+
+    class FixedBroker(Broker):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            setattr(self, "_subscriptions", _Filters(getattr(self, "_subscriptions")))  # noqa: B009, B010
+
+        async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int],
+                                                              session: Any) -> None:
+            subscribers = self._subscriptions.get(subscription[0], ())
+            if any(s.client_id == session.client_id for s, _qos in subscribers):
+                await super()._publish_retained_messages_for_subscription(subscription, session)
+
+    return FixedBroker
 
 
 class EmbeddedBroker:
@@ -44,10 +78,10 @@ class EmbeddedBroker:
         return self
 
     def _main(self) -> None:
-        from amqtt.broker import Broker  # imported lazily: only the demo and fallback tests need it
+        broker_class = _broker_class()
 
         async def serve() -> None:
-            broker = Broker({
+            broker = broker_class({
                 "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}",
                                           "max_connections": 5000}},
                 "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},

@@ -24,12 +24,13 @@ import paho.mqtt.client as mqtt
 
 from carechain import access, reencryption, topics
 from carechain.config import BrokerConfig
+from carechain.errors import ProtocolError
 from carechain.entries import Entry
 from carechain.identity import Identity
 from carechain.transport import connect_client
 from contract_rules import transactions as ce
 from record_access.ledger_view import AccessContext
-from record_access.opening import Fault, Opening, Problem, chunks, open_records
+from record_access.opening import Fault, Opening, OpeningError, Problem, chunks, open_records
 from record_access.requesting import SignedRequest
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ Progress = Callable[[str, int, int], None]  # (phase, done, total)
 CHUNK = 4096  # records per worker task
 POOL_FROM = 8192  # below this many records, one process is faster than starting workers
 CONNECT_TIMEOUT_S = 30.0
+REASK_S = 2.0  # until the first page comes: the bridge says nothing about a grant that is not final yet
 
 
 class AccessClientError(Exception):
@@ -123,11 +125,13 @@ def open_access(broker: BrokerConfig, requester: Identity, requester_pre: reencr
     opening = Opening(ctx, requester_pre.public_key)
     inbox: queue.Queue[bytes] = queue.Queue()
 
-    def on_message(_c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
-        inbox.put(bytes(msg.payload))
+    my_inbox = topics.party_inbox(requester.device_id)
 
-    client = _connect(broker, inbox_client_id(requester.device_id), [(topics.party_inbox(requester.device_id), 1)],
-                      on_message, clean_session=False)
+    def on_message(_c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic == my_inbox:  # nothing else is ours, whatever a broker delivers
+            inbox.put(bytes(msg.payload))
+
+    client = _connect(broker, inbox_client_id(requester.device_id), [(my_inbox, 1)], on_message, clean_session=False)
     faults_sent = 0
     fault_entries: list[Entry] = []
     try:
@@ -136,20 +140,28 @@ def open_access(broker: BrokerConfig, requester: Identity, requester_pre: reencr
 
         ask(0)
         deadline = time.monotonic() + timeout
+        asked_at = time.monotonic()
         while not opening.ready():
             left = deadline - time.monotonic()
             if left <= 0:
                 raise AccessClientError(_timeout_message(opening, timeout))
+            if not opening.pages_seen and time.monotonic() - asked_at > REASK_S:
+                ask(0)  # the bridge answers only once the grant is final: ask again until it is
+                asked_at = time.monotonic()
             try:
                 raw = inbox.get(timeout=min(left, 1.0))
             except queue.Empty:
                 continue
-            if raw[:1] == b"\xd2":  # a COSE_Sign1: a miner's capsule fragments
-                opening.on_fragments(raw)
-            else:
+            try:
+                if raw[:1] == b"\xd2":  # a COSE_Sign1: a miner's capsule fragments
+                    opening.on_fragments(raw)
+                    continue
                 next_page = opening.on_page(raw)
-                if next_page is not None:
-                    ask(next_page)
+            except (OpeningError, ProtocolError) as exc:  # anyone may write to an inbox: never fatal
+                log.warning("ignored a message in %s's inbox: %s", requester.device_id, exc)
+                continue
+            if next_page is not None:
+                ask(next_page)
                 if progress:
                     progress("pages", len(opening.pages_seen), (opening.last_page or len(opening.pages_seen)) + 1)
             for fault in opening.faults[faults_sent:]:
