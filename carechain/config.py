@@ -121,6 +121,48 @@ class MinerConfig(_Section):
                                      "to a proof request.")
 
 
+class ArchiveConfig(_Section):
+    """`bridge.archive`: sealed readings archived per (owner, epoch) on the storage miners, then pruned from the
+    bridge (docs/access.md, "Where the ciphertexts live"). The storage settings are those of `carechain store`."""
+
+    enabled: bool = Field(default=False, description="Archive the ciphertexts of every ended epoch to the storage "
+                          "miners (a `storage.commit` on the ledger each) and prune the bridge's own copy after "
+                          "`retention_s`.")
+    grace_s: float = Field(default=3600.0, ge=0, description="How long after an epoch ends its ciphertexts are "
+                           "archived: readings an agent buffered while offline arrive late (later ones go into "
+                           "another archive of the same epoch).")
+    retention_s: float = Field(default=7 * 86400.0, ge=0, description="How long the bridge keeps its own copy of "
+                               "archived ciphertexts; it prunes them only once their archive is committed under a "
+                               "final checkpoint and fetched back intact.")
+    miners: list[Annotated[str, Field(pattern=PARTY_ID)]] = Field(default_factory=list, description="Ids of the "
+                                                                  "storage miners to place shares on (`python -m "
+                                                                  "chain_miner.storage_server` prints them); empty: "
+                                                                  "every miner that announced itself.")
+    k: int = Field(default=4, ge=1, le=255, description="Shares needed to rebuild a segment (docs/storage.md).")
+    n: int = Field(default=8, ge=2, le=256, description="Shares stored per segment, each on another miner.")
+    segment_size: int = Field(default=(1 << 20) - 16, ge=64, le=64 << 20, description="Plaintext bytes per "
+                              "encrypted, erasure-coded segment.")
+    chunk_size: int = Field(default=1024, ge=16, le=1 << 20, description="Bytes per audited chunk of a share.")
+    timeout_s: float = Field(default=10.0, gt=0, description="How long a storage miner may take to answer one "
+                             "request before it counts as not answering.")
+    window: int = Field(default=16, ge=1, le=1024, description="Storage requests in flight at once.")
+    interval_s: float = Field(default=60.0, gt=0, description="Seconds between archive passes; a failed pass is "
+                              "retried with backoff.")
+    max_archives_per_pass: int = Field(default=16, ge=1, le=10_000, description="Most archives uploaded, "
+                                       "committed or pruned in one pass (bounded work; the rest waits).")
+    max_bundle_bytes: int = Field(default=8 << 20, ge=4096, le=256 << 20, description="Largest bundle of "
+                                  "ciphertexts in one archive; a larger (owner, epoch) is archived in parts.")
+
+    @model_validator(mode="after")
+    def _k_below_n(self) -> ArchiveConfig:
+        if not self.k < self.n:
+            raise ValueError(f"k ({self.k}) must be less than n ({self.n})")
+        if self.miners and len(set(self.miners)) < self.n:
+            raise ValueError(f"miners lists {len(set(self.miners))} distinct storage miner(s); each share of a "
+                             f"segment goes to another one, so n={self.n} need at least as many (or leave it empty)")
+        return self
+
+
 class BridgeConfig(_Section):
     """`bridge`: `carechain bridge`, which verifies, sequences and anchors events and answers with receipts."""
 
@@ -161,6 +203,8 @@ class BridgeConfig(_Section):
                                           "counted.")
     records_request_burst: int = Field(default=64, ge=1, description="Per-requester token bucket size for "
                                        "sealed-record requests (one request per page of a large grant).")
+    archive: ArchiveConfig = Field(default_factory=ArchiveConfig, description="Archiving sealed readings to "
+                                   "the storage miners (see `bridge.archive`).")
 
     @model_validator(mode="after")
     def _threshold_fits(self) -> BridgeConfig:

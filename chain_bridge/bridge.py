@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from carechain import topics
 from carechain.checkpoint import NoteError, parse_note
-from carechain.config import BridgeConfig, BrokerConfig
+from carechain.config import BridgeConfig, BrokerConfig, ConfigError
 from carechain.cosignature import Cosigner
 from carechain.crash_points import crash_point
 from carechain.errors import Reason
@@ -33,6 +33,7 @@ from carechain.identity import Identity, parse_public_key_hex
 from carechain.miner_messages import CosignatureMessage
 from carechain.retry import Backoff, ReconnectPolicy
 from carechain.transport import connect_client
+from chain_bridge.broker import archive_broker
 from chain_bridge.finality import FinalityPolicy, FinalityTracker
 from chain_bridge.ingest import Ingest, RateGuard, Receiver, Rejection, SeqGuard, Sequencer, Verdict, VerdictSource
 from chain_bridge.ingest.receive import wall_clock_ms
@@ -40,6 +41,7 @@ from chain_bridge.ledger.store import Ledger
 from chain_bridge.proof_responder import ProofResponder
 
 if TYPE_CHECKING:
+    from chain_bridge.archiver import Archiver
     from chain_bridge.contract_gate import ContractGate
     from chain_bridge.record_server import RecordServer
     from chain_bridge.workers import WorkerPool
@@ -74,6 +76,7 @@ class BridgeStats:
     storage_errors: int = 0  # batches and checkpoints that failed to write (disk full, I/O error), then retried
     unreceipted: int = 0  # refusals of unregistered ids not receipted (over the unregistered-receipt budget)
     records: Counter[str] = field(default_factory=Counter)  # record server: answered, pages, refusals by reason
+    archive: Counter[str] = field(default_factory=Counter)  # archiver: planned, uploaded, committed, pruned, ...
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -81,7 +84,7 @@ class BridgeStats:
             "rejected": sum(self.rejected.values()), "rejected_by_reason": dict(self.rejected),
             "checkpoints": self.checkpoints, "tree_size": self.tree_size, "batches": self.batches,
             "final_checkpoints": self.final_checkpoints, "storage_errors": self.storage_errors,
-            "unreceipted": self.unreceipted, "records": dict(self.records),
+            "unreceipted": self.unreceipted, "records": dict(self.records), "archive": dict(self.archive),
         }
 
 
@@ -134,12 +137,29 @@ class Bridge:
         self._storage_backoff = Backoff(STORAGE_RETRY)
         # Sealed readings for requesters named in a final access record (needs the contracts and finality).
         self.records: RecordServer | None = None
+        # Ciphertexts of ended epochs archived to the storage miners, then pruned here (needs the contracts'
+        # storage rule and the operator key that signs the commits).
+        self.archiver: Archiver | None = None
+        if cfg.archive.enabled:
+            if contracts is None or "storage" not in contracts.genesis.contracts:
+                raise ConfigError("bridge.archive needs bridge.contracts and a genesis with the storage contract: "
+                                  "each archive's manifest is committed on the ledger")
+            from chain_bridge.archiver import Archiver
+
+            # Its own MQTT session: under a locked broker (client id = login) it must never take the bridge's.
+            self.archiver = Archiver(ledger, self.ledger_lock, contracts.operator, self.final_size, cfg.archive,
+                                     archive_broker(broker), cfg.data_dir, client_id=f"{client_id}-archive")
+            self.stats.archive = self.archiver.stats
+            if self.finality is None:
+                log.warning("bridge.finality_threshold is 0: ciphertexts are archived but never pruned (only an "
+                            "archive committed under a final checkpoint is)")
         if contracts is not None:
             from chain_bridge.record_server import RecordServer
 
             self.records = RecordServer(ledger.path, contracts.genesis, self.final_size,
                                         max_packet_bytes=broker.max_packet_bytes,
-                                        requests_per_s=cfg.records_requests_per_s, burst=cfg.records_request_burst)
+                                        requests_per_s=cfg.records_requests_per_s, burst=cfg.records_request_burst,
+                                        archive=self.archiver.fetcher if self.archiver else None)
             self.stats.records = self.records.stats  # one counter: `carechain bridge` prints it with the rest
             if self.finality is None:
                 log.warning("bridge.finality_threshold is 0: no checkpoint becomes final, so no sealed "
@@ -184,6 +204,8 @@ class Bridge:
         self.proofs.client = self._client
         if self.records is not None:
             self.records.start(self._client)
+        if self.archiver is not None:
+            self.archiver.start()
         self._worker = threading.Thread(target=self._run, name="bridge-sequencer", daemon=True)
         self._worker.start()
 
@@ -210,6 +232,8 @@ class Bridge:
             self._client.loop_stop()
         if self.records is not None:
             self.records.stop()
+        if self.archiver is not None:
+            self.archiver.stop()
 
     def _on_message(self, client: mqtt.Client, _userdata: object, msg: mqtt.MQTTMessage) -> None:
         if msg.topic == topics.ACCESS_RECORDS:
@@ -351,8 +375,11 @@ class Bridge:
             log.info("rejected %s from %s seq %s: %s", r.reason, r.device_id, r.seq, r.detail)
 
     def maybe_checkpoint(self) -> str | None:
-        """Sign a checkpoint if the log grew since the last one; publish it retained."""
-        if self.ledger.size == self._last_checkpoint_size:
+        """Sign a checkpoint if the log grew since the last one (by ingest, or by entries another process
+        appended: an access grant on an idle log must still become final); publish it retained."""
+        with self.ledger_lock:
+            size = self.ledger.refresh()
+        if size == self._last_checkpoint_size:
             return None
         with self.ledger_lock:
             note = self.ledger.issue_checkpoint(self.log_key, self.origin)

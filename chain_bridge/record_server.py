@@ -21,6 +21,10 @@ That view is the contract runtime applied to every leaf except the sealed readin
 `ciphertexts`): no contract table the server reads (parties, devices, epochs, access) depends on them, and
 re-verifying each reading's signature (~90 µs) would make the first request after a day of 1 Hz readings
 wait seconds. So it is a view for these tables only — never a snapshot, never a state root.
+
+A ciphertext the bridge archived and pruned (chain_bridge/archiver.py) is fetched back from the storage miners
+and served only if it hashes to the `ct` its signed envelope carries; otherwise the page is refused and the
+mismatch logged, never served.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from carechain.access import (
 from carechain.entries import Entry
 from carechain.events import SEALED_KINDS
 from carechain.miner_messages import payload_budget
+from chain_bridge.archiver import ArchiveError, ArchiveFetcher
 from contract_rules import Genesis, Replica, State
 from contract_rules.access import access_record, granted_epochs, is_usable
 from contract_rules.replay import SnapshotError, decode_leaf, genesis_hash
@@ -125,22 +130,29 @@ class _LedgerReader:
         return 0 if row is None else int(row[0])
 
     def sealed_between(self, start: int, stop: int) -> set[int]:
-        """Indexes in [start, stop) of the sealed readings stored with a ciphertext."""
-        return {i for (i,) in self._db.execute("SELECT idx FROM ciphertexts WHERE idx >= ? AND idx < ?",
-                                               (start, stop))}
+        """Indexes in [start, stop) of the sealed readings stored with a ciphertext (or archived and pruned)."""
+        return {i for (i,) in self._db.execute("SELECT idx FROM ciphertexts WHERE idx >= ? AND idx < ? UNION "
+                                               "SELECT idx FROM archived WHERE idx >= ? AND idx < ?",
+                                               (start, stop, start, stop))}
 
     def readings(self, dev: str, epoch: int, below: int) -> list[tuple[int, int]]:
-        """(index, size of leaf + ciphertext) of `dev`'s stored sealed readings of `epoch` below `below`."""
+        """(index, size of leaf + ciphertext) of `dev`'s sealed readings of `epoch` below `below`: those stored,
+        and those archived whose stored copy was pruned."""
         return [(i, n) for i, n in self._db.execute(
             "SELECT c.idx, length(e.data) + length(c.ct) FROM ciphertexts c JOIN entries e ON e.idx = c.idx "
-            "WHERE c.dev=? AND c.epoch=? AND c.idx < ? ORDER BY c.idx", (dev, epoch, below))]
+            "WHERE c.dev=? AND c.epoch=? AND c.idx < ? "
+            "UNION ALL SELECT a.idx, length(e.data) + a.ct_len FROM archived a JOIN entries e ON e.idx = a.idx "
+            "WHERE a.dev=? AND a.epoch=? AND a.idx < ? "
+            "AND NOT EXISTS (SELECT 1 FROM ciphertexts c WHERE c.idx = a.idx) "
+            "ORDER BY 1", (dev, epoch, below, dev, epoch, below))]
 
-    def reading(self, index: int) -> tuple[bytes, bytes]:
-        row = self._db.execute("SELECT e.data, c.ct FROM ciphertexts c JOIN entries e ON e.idx = c.idx "
-                               "WHERE c.idx=?", (index,)).fetchone()
+    def reading(self, index: int) -> tuple[bytes, bytes | None]:
+        """The leaf and stored ciphertext of a sealed reading (None: pruned, fetch it from its archive)."""
+        row = self._db.execute("SELECT e.data, c.ct FROM entries e LEFT JOIN ciphertexts c ON c.idx = e.idx "
+                               "WHERE e.idx=?", (index,)).fetchone()
         if row is None:
             raise KeyError(index)
-        return bytes(row[0]), bytes(row[1])
+        return bytes(row[0]), None if row[1] is None else bytes(row[1])
 
     def snapshot(self, genesis_hash_: bytes, at_most: int) -> tuple[int, bytes] | None:
         row = self._db.execute("SELECT tree_size, state FROM contract_snapshots WHERE genesis_hash=? AND "
@@ -159,9 +171,10 @@ class RecordServer:
     def __init__(self, ledger_path: Path, genesis: Genesis, final_size: Callable[[], int], *,
                  max_packet_bytes: int = MAX_PAGE_BYTES, requests_per_s: float = DEFAULT_REQUESTS_PER_S,
                  burst: int = DEFAULT_REQUEST_BURST, clock_ms: Callable[[], int] | None = None,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic, archive: ArchiveFetcher | None = None) -> None:
         from chain_bridge.proof_responder import RequestLimiter
 
+        self._archive = archive  # where pruned ciphertexts come back from (bridge.archive)
         self._reader = _LedgerReader(ledger_path)
         self._replica = Replica(genesis)
         self._genesis_hash = genesis_hash(genesis)
@@ -221,8 +234,11 @@ class RecordServer:
         self._plans.move_to_end(grant)
         if request.page >= len(plan):
             return Refusal("no_such_page", f"grant {grant} has {len(plan)} page(s), not page {request.page}")
-        return Answer(topics.party_inbox(requester),
-                      [self._page(grant, request.page, request.page == len(plan) - 1, plan[request.page])])
+        try:
+            page = self._page(grant, request.page, request.page == len(plan) - 1, plan[request.page])
+        except ArchiveError as exc:  # never serve a ciphertext that is not the anchored one; nor a page without it
+            return Refusal(exc.reason, f"grant {grant} page {request.page}: {exc.detail}")
+        return Answer(topics.party_inbox(requester), [page])
 
     def _budget(self, requester: str) -> int:
         return min(MAX_PAGE_BYTES, payload_budget(self.max_packet_bytes, topics.party_inbox(requester)))
@@ -270,6 +286,11 @@ class RecordServer:
         for i in items:
             if i.part == "records":
                 leaf, ct = self._reader.reading(i.index)
+                if ct is None:
+                    if self._archive is None:
+                        raise ArchiveError("ciphertext_missing", f"leaf {i.index} was pruned and no archive is "
+                                                                 "configured (bridge.archive)")
+                    ct = self._archive.ciphertext(i.index)
                 records.append(Record(index=i.index, cose=Entry.decode(leaf).cose, ct=ct))
         return encode_records_page(RecordsPage(v=1, access=grant, page=number, last=last, epochs=epochs,
                                                registrations=registrations, records=records))

@@ -38,7 +38,7 @@ from carechain import access, reencryption, topics
 from carechain.checkpoint import Checkpoint, NoteError, NoteSignature, key_hash, parse_note
 from carechain.cosignature import CosignatureError, Cosigner, cosignature_timestamp
 from carechain.entries import ACCESS_GRANT, Entry, EntryError
-from carechain.files import PUBLIC, write_atomic
+from carechain.files import write_atomic
 from carechain.identity import Identity
 from carechain.merkle import ProofError, extend_frontier, leaf_hash, node_hash, verify_inclusion
 from carechain.proofs import VerificationError, verify_checkpoint
@@ -381,7 +381,7 @@ def load_done(path: Path) -> dict[int, str]:
 
 def save_done(path: Path, done: dict[int, str]) -> None:
     write_atomic(path, json.dumps({"v": DONE_VERSION, "done": {str(k): v for k, v in sorted(done.items())}},
-                                  indent=1).encode(), PUBLIC)
+                                  indent=1).encode())  # 0600: which grants this miner served
 
 
 class AccessReleaser:

@@ -105,6 +105,8 @@ def test_the_acl_gives_each_device_exactly_its_own_topics() -> None:
         "topic read cc/v1/miner/+/req", "topic read cc/v1/miner/+/cosig", "topic read cc/v1/miner/+/evidence",
         "topic write cc/v1/miner/+/resp",
         "topic read cc/v1/access/records", "topic read cc/v1/access/evidence", "topic write cc/v1/party/+/inbox",
+        f"user {BRIDGE}-archive", "topic write cc/v1/store/+/req", "topic read cc/v1/store/+/resp",
+        "topic read cc/v1/store/+/hello", "topic read cc/v1/log/final",
         "user aaaaaaaaaaaaaaaa", "topic write cc/v1/dev/aaaaaaaaaaaaaaaa/ev",
         "topic read cc/v1/dev/aaaaaaaaaaaaaaaa/rcpt", "topic read cc/v1/log/checkpoint",
     ]  # a newline smuggled into a registry label cannot add a line
@@ -113,7 +115,8 @@ def test_the_acl_gives_each_device_exactly_its_own_topics() -> None:
 
 def test_login_plans_keep_passwords_rotate_on_request_and_refuse_bad_names() -> None:
     first = plan_logins({}, BRIDGE, ["aaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbb"])
-    assert first.added == [BRIDGE, "aaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbb"]
+    assert first.added == [BRIDGE, f"{BRIDGE}-archive", "aaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbb"]
+    assert first.logins[f"{BRIDGE}-archive"].password == first.logins[BRIDGE].password  # one provisioning file
     again = plan_logins(first.logins, BRIDGE, ["aaaaaaaaaaaaaaaa", "cccccccccccccccc"], rotate=["aaaaaaaaaaaaaaaa"])
     assert again.logins[BRIDGE] == first.logins[BRIDGE]
     assert again.logins["aaaaaaaaaaaaaaaa"].password != first.logins["aaaaaaaaaaaaaaaa"].password

@@ -82,7 +82,7 @@ def test_bridge_acl_writes_a_private_login_for_each_device_and_never_prints_one(
     assert all(pw not in result.output for pw in secrets.values())
     assert "2 device(s) and bridge user carechain-bridge" in result.output
     lines = dict(line.split(":", 1) for line in (out / "passwd").read_text().splitlines())
-    assert sorted(lines) == sorted(["carechain-bridge", *ids])
+    assert sorted(lines) == sorted(["carechain-bridge", "carechain-bridge-archive", *ids])
     assert verify_password(lines["carechain-bridge"], secrets["bridge"])
     for d in ids:
         creds = load_mqtt_credentials(out / "devices" / f"{d}.json")
@@ -146,7 +146,7 @@ def test_bridge_acl_gives_each_worker_and_miner_its_own_login(registry, tmp_path
     assert summary["workers"] == 2 and summary["miners"] == [miner]
     users = dict(line.split(":", 1) for line in (out / "passwd").read_text().splitlines())
     assert set(users) == {"carechain-bridge", "carechain-bridge-w0", "carechain-bridge-w1",
-                          f"carechain-miner-{miner}", *ids}
+                          "carechain-bridge-archive", f"carechain-miner-{miner}", *ids}
     bridge_pw = load_mqtt_credentials(out / "bridge.json").password
     assert verify_password(users["carechain-bridge-w1"], bridge_pw)  # workers run from bridge.json
     login = load_mqtt_credentials(out / "miners" / f"{miner}.json")

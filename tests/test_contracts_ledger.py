@@ -23,6 +23,7 @@ from carechain.entries import ENTRY_EVENT, SALE_REFUSED, Entry, Registration, re
 from carechain.events import Activity, Purchase, make_payload
 from carechain.identity import Identity
 from carechain.receipts import open_receipt
+from carechain.reencryption import PreKey
 from chain_bridge.bridge import Bridge
 from chain_bridge.contract_admin import ContractRefused, replay_ledger, submit
 from chain_bridge.contract_gate import ContractGate
@@ -30,6 +31,7 @@ from chain_bridge.ledger.integrity import audit_ledger
 from chain_bridge.ledger.store import Ledger, LedgerError
 from chain_bridge.registry import GENESIS_FILE, contract_genesis, ledger_path, log_key, operator_key
 from contract_rules import transactions as ce
+from edge_agent.sealing import RecordOwner, new_epoch_key, sign_epoch_key
 from tests.test_contracts_world import AMOXICILLIN, DAY, FLU_SHOT, ident
 
 PRESCRIBER, PHARMACY, INSURER, TERMINAL, WEARABLE = ident(2), ident(4), ident(6), ident(7), ident(9)
@@ -215,3 +217,38 @@ def test_entries_the_contracts_refuse_are_not_appended(pharmacy: Pharmacy) -> No
         pharmacy.ledger.append_entries([Entry(ENTRY_EVENT, b"x")])
     assert pharmacy.ledger.size == size
     assert json.loads((pharmacy.dir / GENESIS_FILE).read_text())["allocations"] == {INSURER_ACCOUNT: 1_000_000}
+
+
+def test_a_second_epoch_key_for_one_epoch_is_refused_without_a_leaf(pharmacy: Pharmacy) -> None:
+    """A leaf the miners' rules reject would stop them cosigning: the gate decides epoch_key events too."""
+    alice, alice_pre, band = ident(0x51), PreKey.from_seed(b"\x52" * 32), ident(0x53)
+    submit(pharmacy.ledger, pharmacy.genesis, [ce.party_registration_entry(pharmacy.operator, ce.PartyRegistration(
+        role="patient", pk=alice.public_key, name="Alice", ts=pharmacy.now, pre_pk=alice_pre.public_key,
+        pre_vk=alice_pre.verifying_key))])
+    reg = Registration(dev=band.device_id, pk=band.public_key, profile="heart_rate_band", owner=alice.device_id,
+                       site="s", ts=pharmacy.now)
+    pharmacy.ledger.append_registrations([(registration_entry(pharmacy.operator, reg), reg)])
+    owner = RecordOwner(alice.device_id, alice_pre.public_key)
+    first, again = (sign_epoch_key(band, new_epoch_key(band.device_id, 7, 3_600_000), owner, pharmacy.now)
+                    for _ in range(2))
+    [ok] = pharmacy.send(first(0), dev=band)
+    assert ok.rejected == [] and len(ok.ok) == 1
+    size = pharmacy.ledger.size
+    [refused] = pharmacy.send(again(1), dev=band)
+    assert [r.reason for r in refused.rejected] == ["contract:epoch_key_exists"]
+    assert pharmacy.ledger.size == size  # nothing appended
+
+
+def test_entries_another_process_appends_are_checkpointed_on_an_idle_log(pharmacy: Pharmacy) -> None:
+    """`carechain access grant` appends through its own connection: the bridge must still checkpoint it."""
+    before = pharmacy.bridge.maybe_checkpoint()
+    assert before is not None and pharmacy.bridge.maybe_checkpoint() is None  # nothing new
+    other = Ledger(ledger_path(pharmacy.dir))
+    try:
+        [index] = submit(other, pharmacy.genesis, [ce.signed(pharmacy.operator, ce.PARTY_REGISTER, ce.PartyRegistration(
+            role="doctor", pk=ident(0x54).public_key, name="Dr", ts=pharmacy.now))])
+    finally:
+        other.close()
+    note = pharmacy.bridge.maybe_checkpoint()
+    assert note is not None and pharmacy.bridge.ledger.size == index + 1
+    assert f"\n{index + 1}\n" in note  # the checkpoint covers the other process's entry

@@ -29,7 +29,7 @@ from typing import Literal
 from carechain import topics
 from carechain.credentials import MqttCredentials
 from carechain.files import FilePermissionError, read_private, write_atomic
-from chain_bridge.broker import worker_user
+from chain_bridge.broker import archive_user, worker_user
 from chain_bridge.ledger.store import DeviceRecord, Ledger
 
 DEFAULT_BRIDGE_USER = "carechain-bridge"
@@ -51,7 +51,7 @@ _DEVICE_ID = re.compile(r"[a-z2-7]{16}")
 _USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _LABEL = re.compile(r"[\w.:/ -]{1,64}")
 
-Role = Literal["bridge", "worker", "miner", "device", "party"]
+Role = Literal["bridge", "worker", "archive", "miner", "device", "party"]
 
 
 class BrokerAccessError(ValueError):
@@ -145,6 +145,7 @@ def plan_logins(previous: Mapping[str, Login], bridge_user: str, device_ids: Ite
     wanted: dict[str, Role] = {bridge_user: "bridge"}
     for i in range(workers):
         wanted[worker_user(bridge_user, i)] = "worker"
+    wanted[archive_user(bridge_user)] = "archive"
     for miner in sorted(set(miner_ids)):
         wanted[miner_user(check_miner_id(miner))] = "miner"
     for party in sorted(set(party_ids)):
@@ -155,7 +156,7 @@ def plan_logins(previous: Mapping[str, Login], bridge_user: str, device_ids: Ite
         if not _DEVICE_ID.fullmatch(dev):
             raise BrokerAccessError(f"registry holds {dev!r}, which is not a device id; refusing to write an ACL")
         wanted[dev] = "device"
-    unknown = sorted(set(rotate) - {u for u, r in wanted.items() if r != "worker"})
+    unknown = sorted(set(rotate) - {u for u, r in wanted.items() if r not in ("worker", "archive")})
     if unknown:
         raise BrokerAccessError(f"cannot rotate {', '.join(unknown)}: not the bridge user, a miner's or a party's "
                                 "login, nor a registered, non-revoked device")
@@ -164,7 +165,7 @@ def plan_logins(previous: Mapping[str, Login], bridge_user: str, device_ids: Ite
     rotated: list[str] = []
     for user, role in wanted.items():
         old = previous.get(user)
-        if role == "worker":
+        if role in ("worker", "archive"):
             shared = logins[bridge_user].password
             if old is not None and old.role == role and hmac.compare_digest(old.password, shared):
                 logins[user] = old
@@ -220,6 +221,10 @@ def acl_text(bridge_user: str, devices: Iterable[DeviceRecord], *, registry_vers
     for i in range(workers):
         lines += ["", f"# bridge ingest worker {i}: reads events through the workers' shared subscription",
                   f"user {worker_user(bridge_user, i)}", f"topic read {topics.EVENTS_WILDCARD}"]
+    lines += ["", "# the bridge's archiver (bridge.archive): ciphertexts per owner and epoch to the storage miners",
+              f"user {archive_user(bridge_user)}", f"topic write {topics.PREFIX}/store/+/req",
+              f"topic read {topics.STORE_RESPONSE_WILDCARD}", f"topic read {topics.STORE_HELLO_WILDCARD}",
+              f"topic read {topics.FINAL_CHECKPOINT}"]
     for miner in sorted(set(miner_ids)):
         lines += [
             "",

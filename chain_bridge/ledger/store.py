@@ -27,6 +27,7 @@ from carechain.entries import (
     PARTY_REGISTER,
     PROTOCOL_CUTOVER,
     SALE_REFUSED,
+    STORAGE_COMMIT,
     Entry,
     Registration,
     Revocation,
@@ -58,13 +59,35 @@ CREATE TABLE IF NOT EXISTS contract_snapshots (
 CREATE TABLE IF NOT EXISTS ciphertexts (
     idx INTEGER PRIMARY KEY, dev TEXT NOT NULL, seq INTEGER NOT NULL, epoch INTEGER NOT NULL, ct BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS ciphertexts_by_epoch ON ciphertexts (dev, epoch);
+CREATE TABLE IF NOT EXISTS archive_epochs (
+    dev TEXT NOT NULL, epoch INTEGER NOT NULL, owner TEXT NOT NULL, epoch_ms INTEGER NOT NULL, idx INTEGER NOT NULL,
+    PRIMARY KEY (dev, epoch)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS archives (
+    id INTEGER PRIMARY KEY, owner TEXT NOT NULL, epoch INTEGER NOT NULL, dataset_id TEXT NOT NULL UNIQUE,
+    planned_size INTEGER NOT NULL, planned_ms INTEGER NOT NULL, readings INTEGER NOT NULL, bytes INTEGER NOT NULL,
+    manifest TEXT, stored_ms INTEGER, commit_idx INTEGER, pruned_ms INTEGER);
+CREATE TABLE IF NOT EXISTS archived (
+    idx INTEGER PRIMARY KEY, archive INTEGER NOT NULL, dev TEXT NOT NULL, epoch INTEGER NOT NULL,
+    ct_len INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS archived_by_archive ON archived (archive);
+CREATE INDEX IF NOT EXISTS archived_by_epoch ON archived (dev, epoch);
 """
+# The archive tables (chain_bridge/archiver.py): `archive_epochs` is the (device, epoch) → owner and epoch length
+# of each epoch_key event (scanned from the log up to meta ARCHIVE_SCANNED); `archives` is one storage dataset
+# holding a bundle of ciphertexts of one (owner, epoch), from its plan to its commit leaf and the pruning of the
+# bridge's own copy; `archived` names the archive of each ciphertext in it (and stays after the prune, so the
+# record server knows where a pruned ciphertext lives).
+ARCHIVE_SCANNED = "archive_scanned"
 # meta key: the tree size from which v1 readings of sealed kinds are refused (the protocol.cutover).
 RETIRE_V1_AFTER = "retire_v1_after"
 
 
 class LedgerError(Exception):
     pass
+
+
+class ArchiveConflict(LedgerError):
+    """Someone else's `storage.commit` took an archive's dataset id: the archive must be planned anew."""
 
 
 @dataclass(frozen=True)
@@ -199,6 +222,11 @@ class Ledger:
 
     @property
     def size(self) -> int:
+        return self.tree.size
+
+    def refresh(self) -> int:
+        """Take in the entries another process appended (contract commands on the bridge host); the new size."""
+        self._catch_up()
         return self.tree.size
 
     # -- appends -------------------------------------------------------------------------------------
@@ -419,6 +447,131 @@ class Ledger:
         row = self._db.execute("SELECT ct FROM ciphertexts WHERE idx=?", (index,)).fetchone()
         return bytes(row[0]) if row else None
 
+    # -- archives (chain_bridge/archiver.py; the caller holds the bridge's ledger lock) ----------------
+
+    def archive_scanned(self) -> int:
+        """How many leaves the archiver has scanned for epoch_key events."""
+        return int(self._meta(ARCHIVE_SCANNED) or 0)
+
+    def record_epoch_keys(self, rows: Iterable[tuple[str, int, str, int, int]], scanned: int) -> None:
+        """Remember (dev, epoch, owner, epoch_ms, leaf) of epoch_key events (the first one of a (dev, epoch)
+        wins, as in the contracts) and that the log was scanned up to `scanned` leaves; one transaction."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany("INSERT OR IGNORE INTO archive_epochs VALUES (?,?,?,?,?)", rows)
+            db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                       (ARCHIVE_SCANNED, str(scanned)))
+            db.execute("COMMIT")
+        except BaseException:
+            _rollback(db)
+            raise
+
+    def plan_archive(self, owner: str, epoch: int, dataset_id: str, members: Sequence[tuple[int, str, int, int]],
+                     now_ms: int) -> int:
+        """Record a new archive of `members` ((idx, dev, epoch, ct length) of stored ciphertexts) before any of
+        it is uploaded; its id. A ciphertext already in another archive, or one no longer stored, is an error
+        and nothing is recorded."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            cur = db.execute("INSERT INTO archives (owner, epoch, dataset_id, planned_size, planned_ms, readings, "
+                             "bytes) VALUES (?,?,?,?,?,?,?)", (owner, epoch, dataset_id, self.tree.size, now_ms,
+                                                               len(members), sum(m[3] for m in members)))
+            archive = int(cur.lastrowid or 0)
+            db.executemany("INSERT INTO archived VALUES (?,?,?,?,?)",
+                           [(idx, archive, dev, ep, n) for idx, dev, ep, n in members])
+            stored = db.execute("SELECT COUNT(*) FROM ciphertexts c JOIN archived a ON a.idx = c.idx "
+                                "WHERE a.archive=?", (archive,)).fetchone()[0]
+            if stored != len(members):
+                raise LedgerError(f"archive of {owner} epoch {epoch}: {len(members) - stored} of its ciphertexts "
+                                  "are not stored")
+            db.execute("COMMIT")
+        except sqlite3.IntegrityError as exc:
+            _rollback(db)
+            raise LedgerError(f"archive of {owner} epoch {epoch}: a ciphertext is already archived ({exc})") from None
+        except BaseException:
+            _rollback(db)
+            raise
+        return archive
+
+    def store_archive(self, archive: int, manifest: str, now_ms: int) -> None:
+        """The archive's dataset is uploaded: keep its manifest (JSON)."""
+        self._db.execute("UPDATE archives SET manifest=?, stored_ms=? WHERE id=? AND commit_idx IS NULL",
+                         (manifest, now_ms, archive))
+
+    def drop_archive(self, archive: int) -> None:
+        """Forget an archive that was never committed (its ciphertexts become unarchived again)."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            row = db.execute("SELECT commit_idx FROM archives WHERE id=?", (archive,)).fetchone()
+            if row is not None and row[0] is not None:
+                raise LedgerError(f"archive {archive} is committed at leaf {row[0]}: it is never dropped")
+            db.execute("DELETE FROM archived WHERE archive=?", (archive,))
+            db.execute("DELETE FROM archives WHERE id=?", (archive,))
+            db.execute("COMMIT")
+        except BaseException:
+            _rollback(db)
+            raise
+
+    def commit_archive(self, archive: int, entry: Entry) -> int:
+        """Append the archive's `storage.commit` and record its leaf, in one transaction; the leaf index.
+
+        The contracts bind a dataset id to the key of its first commit. The id is random and first shown to
+        the storage miners at upload, after the plan, so only a commit appended since the plan can have taken
+        it: if one names it, `ArchiveConflict` (nothing appended; drop the archive and plan again).
+        """
+        if entry.type != STORAGE_COMMIT:
+            raise LedgerError(f"entry is a {entry.type}, not a {STORAGE_COMMIT}")
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            self._catch_up()
+            row = db.execute("SELECT dataset_id, planned_size, commit_idx FROM archives WHERE id=?",
+                             (archive,)).fetchone()
+            if row is None:
+                raise LedgerError(f"no archive {archive}")
+            dataset_id, planned_size, committed = row
+            if committed is not None:
+                raise LedgerError(f"archive {archive} is already committed at leaf {committed}")
+            for idx, data in db.execute("SELECT idx, data FROM entries WHERE type=? AND idx >= ?",
+                                        (STORAGE_COMMIT, planned_size)).fetchall():
+                payload = _entry_payload(bytes(data))
+                if payload is not None and payload.get("dataset_id") == dataset_id:
+                    raise ArchiveConflict(f"dataset id {dataset_id} was committed by someone else at leaf {idx}")
+            idx = self.tree.size
+            data = entry.encode()
+            h = leaf_hash(data)
+            db.execute("INSERT INTO entries VALUES (?,?,?,?,?)", (idx, entry.type, h, data, _now_ms()))
+            db.execute("UPDATE archives SET commit_idx=? WHERE id=?", (idx, archive))
+            disk_full_point(db)
+            db.execute("COMMIT")
+        except BaseException:
+            _rollback(db)
+            raise
+        self.tree.append(h)
+        return idx
+
+    def prune_archive(self, archive: int, now_ms: int) -> int:
+        """Delete the bridge's own copy of the ciphertexts of a committed archive; how many were deleted.
+        The leaves (and so the ciphertext hashes) stay; `archived` keeps naming where each ciphertext lives."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            row = db.execute("SELECT commit_idx, manifest FROM archives WHERE id=?", (archive,)).fetchone()
+            if row is None or row[0] is None or row[1] is None:
+                raise LedgerError(f"archive {archive} is not stored and committed: nothing of it is pruned")
+            deleted = db.execute("DELETE FROM ciphertexts WHERE idx IN (SELECT idx FROM archived WHERE archive=?)",
+                                 (archive,)).rowcount
+            db.execute("UPDATE archives SET pruned_ms=? WHERE id=?", (now_ms, archive))
+            disk_full_point(db)
+            db.execute("COMMIT")
+        except BaseException:
+            _rollback(db)
+            raise
+        return int(deleted)
+
     # -- reads ---------------------------------------------------------------------------------------
 
     def devices(self) -> dict[str, DeviceRecord]:
@@ -559,6 +712,15 @@ def _now_ms() -> int:
 
 
 def _sale_refusal(leaf: bytes) -> dict | None:
+    try:
+        payload = envelope.parse(Entry.decode(leaf).cose).payload
+    except (ValueError, envelope.EnvelopeError):
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def _entry_payload(leaf: bytes) -> dict | None:
+    """The payload of a signed contract entry (its signature checked by whoever appended it), or None."""
     try:
         payload = envelope.parse(Entry.decode(leaf).cose).payload
     except (ValueError, envelope.EnvelopeError):
