@@ -436,13 +436,16 @@ def test_demo_json_summarizes_the_whole_flow(tmp_path: Path) -> None:
     result = run("demo", "--json", "--seconds", "2", "--data-dir", tmp_path)
     assert result.exit_code == 0, text(result)
     summary = json.loads(result.stdout)
-    assert set(summary) == {"sent", "anchored", "rejected", "duplicates", "checkpoints", "proof_verified"}
+    assert set(summary) == {"sent", "anchored", "rejected", "duplicates", "checkpoints", "proof_verified",
+                            "access_opened", "access_logged", "access_refused_without_grant"}
     # Everything anchored but the pharmacy day's Rx-only sale without a prescription (refused by contract).
     assert summary["sent"] - 1 == summary["anchored"] > 0
     assert summary["rejected"] >= 5  # that sale, forged signature, reused seq, garbage, oversized
     assert summary["duplicates"] >= 1  # the replay
     assert summary["checkpoints"] >= 1
     assert summary["proof_verified"] is True
+    assert summary["access_opened"] is True and summary["access_refused_without_grant"] is True
+    assert summary["access_logged"] == 1  # the doctor's one access record of this run
 
 
 def test_agent_refuses_ble_for_a_profile_without_gatt(tmp_path: Path) -> None:

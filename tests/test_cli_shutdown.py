@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from carechain.identity import Identity
+from carechain.reencryption import PreKey
 from simulators.mosquitto import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -133,10 +134,12 @@ def test_a_miner_stops_on_sigint_with_its_counters_and_refuses_a_twin(tmp_path: 
 def test_an_agent_stops_on_sigterm_with_its_counters(tmp_path: Path) -> None:
     key = tmp_path / "band.key"
     Identity.generate().save(key)
+    owner, owner_pre = Identity.generate().device_id, PreKey.generate().public_key.hex()  # protocol 2 seals to her
     cfg = tmp_path / "agent.yaml"
     cfg.write_text(f"broker: {{host: 127.0.0.1, port: {free_port()}}}\n"
                    f"agent:\n  data_dir: '{tmp_path / 'agent'}'\n  bridge_public_key: '{'ab' * 32}'\n"
-                   f"  devices:\n    - {{key_file: '{key}', profile: heart_rate_band}}\n")
+                   f"  devices:\n    - {{key_file: '{key}', profile: heart_rate_band, owner: {owner}, "
+                   f"owner_pre_key: '{owner_pre}'}}\n")
     proc = start("agent", "--config", cfg, cwd=tmp_path)
     wait_until(lambda: (tmp_path / "agent" / "outbox.db").exists(), "the agent's outbox")
     twin = start("agent", "--config", cfg, cwd=tmp_path)

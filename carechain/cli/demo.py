@@ -13,7 +13,10 @@ from rich.table import Table
 
 from carechain.cli._options import example, fail, out
 
-EPILOG = example("carechain demo", "carechain demo --json", "carechain demo --data-dir demo-data --ble")
+EPILOG = example("carechain demo", "carechain demo --json", "carechain demo --data-dir demo-data --ble",
+                 "carechain demo --data-dir demo-data && carechain access log --data-dir demo-data/bridge")
+JSON_KEYS = ("sent", "anchored", "rejected", "duplicates", "checkpoints", "proof_verified", "access_opened",
+             "access_logged", "access_refused_without_grant")
 
 
 def demo(
@@ -28,7 +31,14 @@ def demo(
                                       "reached through the agent's bleak code, as on a Raspberry Pi.")] = False,
 ) -> None:
     """The whole flow on one machine: 6 BLE health devices + a pharmacy terminal → agent → MQTT → bridge →
-    verifiable log, with hostile traffic injected, then one inclusion proof verified end to end."""
+    verifiable log cosigned by 5 miners, with hostile traffic injected, then one inclusion proof verified end to end.
+
+    The health readings are sealed at the edge to their owner, Alice (the ledger anchors hashes, never
+    readings). Then a doctor in another city asks for Alice's last hour of heart rate, Alice grants it
+    3-of-5, and once the grant is final the miners release capsule fragments and the doctor opens and
+    verifies every reading; the access log follows, and an outsider asking without a grant is refused.
+    --json adds access_opened, access_logged (access records on the ledger) and access_refused_without_grant.
+    """
     from carechain.demo.pipeline import DemoUnavailable, check_available, run_demo
 
     try:
@@ -38,9 +48,8 @@ def demo(
     logging.basicConfig(level=logging.ERROR)
     if as_json:
         summary = run_demo(broker=broker, seconds=seconds, data_dir=data_dir, speedup=speedup, ble=ble)
-        print(json.dumps({k: summary[k] for k in ("sent", "anchored", "rejected", "duplicates", "checkpoints",
-                                                  "proof_verified")}), flush=True)
-        raise typer.Exit(0 if summary["proof_verified"] else 1)
+        print(json.dumps({k: summary[k] for k in JSON_KEYS}), flush=True)
+        raise typer.Exit(0 if _succeeded(summary) else 1)
     from rich.live import Live
 
     def render(s: dict[str, Any]) -> Table:
@@ -56,7 +65,11 @@ def demo(
                            on_tick=lambda s: live.update(render(s)))
     out.line()  # a pipe gets the live table's last frame without its line end
     _print_summary(summary)
-    raise typer.Exit(0 if summary["proof_verified"] else 1)
+    raise typer.Exit(0 if _succeeded(summary) else 1)
+
+
+def _succeeded(s: dict[str, Any]) -> bool:
+    return bool(s["proof_verified"] and s["access_opened"] and s["access_refused_without_grant"])
 
 
 def _counts(counts: dict[str, int]) -> str:
@@ -83,6 +96,8 @@ def _print_summary(s: dict[str, Any]) -> None:
     out.print(t)
     if s.get("pharmacy"):
         _print_pharmacy_day(s["pharmacy"], s["rejected_by_reason"])
+    if s.get("access"):
+        _print_access(s["access"], s["finality"])
     p = s["proof"] or {}
     if "leaf_index" in p:
         out.print(f"proof: event {p['device_id']}#0 is leaf {p['leaf_index']} of tree {p['tree_size']} "
@@ -112,3 +127,37 @@ def _print_pharmacy_day(day: dict[str, Any], reasons: dict[str, int]) -> None:
         t.add_row(f"  balance {account}", f"{minor / 100:,.2f}")
     t.add_row("contract state root", day["state_root"][:32] + "…")
     out.print(t)
+
+
+def _print_access(a: dict[str, Any], finality: str) -> None:
+    """Who opened what through which miners, the access log, and the refusal."""
+    t = Table(title="private records (sealed at the edge; access granted, logged, opened)", show_header=False)
+    t.add_row("record owner", f"Alice {a['owner']} (her devices seal every health reading to her key)")
+    t.add_row("requester", f"{escape(a['doctor_name'])} {a['doctor']}")
+    if "access" in a:
+        t.add_row("asked for", f"the last hour of heart rate of device {a['device']}")
+        t.add_row("Alice granted", f"access record {a['access']}: {a['threshold']}-of-{len(a['miners'])} miners "
+                                   f"{', '.join(a['miners'])}; final when {finality} cosigned")
+    if "readings" in a:
+        t.add_row("opened", f"{a['readings']} of {a['expected']} readings, each checked against its anchored hash "
+                            f"and its device's signature, from {a['epochs']} epoch key(s)")
+        t.add_row("  capsule fragments from", ", ".join(a["answered_by"]))
+        if a.get("bpm"):
+            t.add_row("  heart rate (bpm)", " ".join(map(str, a["bpm"])))
+    t.add_row("access opened", "[green]yes[/]" if a["opened"] else "[red]no[/]")
+    refusal = a.get("refusal") or {}
+    t.add_row("outsider without a grant", (f"[green]refused[/] ({refusal.get('who')} asked for access "
+                                           f"{refusal.get('asked_for')}: {refusal.get('reason')}; no page, no fragment)")
+              if a["refused_without_grant"] else "[red]not refused[/]")
+    if a.get("error"):
+        t.add_row("[red]error[/]", escape(a["error"]))
+    out.print(t)
+    log = Table(title=f"access log ({len(a['log'])} access record(s) on the ledger)")
+    for col in ("access", "requester", "owner", "scope", "purpose", "miners", "status"):
+        log.add_column(col)
+    for e in a["log"]:
+        scope = f"{','.join(e['kinds']) or 'all kinds'} of {','.join(e['devices']) or 'all devices'}, " \
+                f"{(e['to_ms'] - e['from_ms']) // 60_000} min"
+        log.add_row(str(e["index"]), f"{escape(e['requester_name'])} ({e['requester_role']})", e["owner_name"] or
+                    e["owner"], scope, escape(e["purpose"]), f"{e['threshold']}-of-{len(e['miners'])}", e["status"])
+    out.print(log)

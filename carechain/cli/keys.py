@@ -30,6 +30,10 @@ def _identity(ident: Any, path: Path | None, as_json: bool) -> None:
     data = {"device_id": ident.device_id, "public_key": ident.public_key.hex()}
     if path is not None:
         data["key_file"] = str(path)
+    _print(data, as_json)
+
+
+def _print(data: dict[str, str], as_json: bool) -> None:
     if as_json:
         print(json.dumps(data), flush=True)
         return
@@ -102,11 +106,8 @@ def keys_show(path: Annotated[Path, typer.Argument(help="A carechain key file (E
         if field not in data:
             raise fail(f"{path} has no field {field!r}; it has: {', '.join(data)}")
         print(data[field], flush=True)
-    elif as_json:
-        print(json.dumps(data), flush=True)
     else:
-        for k, v in data.items():
-            out.print(f"{k:<18}{v}", soft_wrap=True, markup=False, highlight=False)
+        _print(data, as_json)
 
 
 def _issued(what: str, issued: Any, as_json: bool) -> None:

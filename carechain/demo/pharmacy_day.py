@@ -7,6 +7,10 @@ decides each one before appending it. The day shows: Rx sales and a refill accep
 a prescription refused and counted against the pharmacy (then sold once the prescriber has issued one), a
 flu shot billed to the insurer, an over-the-counter sale, and a weekly wellness rebate earned from last
 week's activity of a registered wearable.
+
+Alice is a registered patient (carechain.demo.records): her patient token is her party id, so that her
+wearable (whose registered owner she is) can disclose its weekly activity summary to her policy
+(protocol 2 seals the raw activity; contract_rules.insurance_v2). Bob and Carol are plain tokens.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from chain_bridge.ledger.store import Ledger
 from chain_bridge.registry import contract_genesis, operator_key
 from contract_rules import transactions as ce
 
-ALICE, BOB, CAROL = "pt-demo-alice", "pt-demo-bob", "pt-demo-carol"
+BOB, CAROL = "pt-demo-bob", "pt-demo-carol"
+WELLNESS_POLICY = "demo-alice"  # Alice's policy id: her wearable discloses its weekly summary to it
 AMOXICILLIN = ("70882-114-20", 1250)  # Rx-only, from device_profiles/pharmacy_terminal.yaml
 METFORMIN = ("65841-809-01", 1500)  # Rx-only
 FLU_SHOT = ("49281-0621-15", 4500)  # immunization under a standing order
@@ -42,7 +47,8 @@ def _sale(item: tuple[str, int], patient: str, *, rx_only: bool, payment: str, r
 class PharmacyDay:
     """Parties and their keys (in `keys_dir`), the contract genesis and the entries of the day."""
 
-    def __init__(self, bridge_dir: Path, keys_dir: Path, ledger_file: Path) -> None:
+    def __init__(self, bridge_dir: Path, keys_dir: Path, ledger_file: Path, alice: str) -> None:
+        self.alice = alice  # her party id, also her patient token
         self.prescriber = Identity.load_or_create(keys_dir / "prescriber.key")
         self.pharmacy = Identity.load_or_create(keys_dir / "pharmacy.key")
         self.insurer = Identity.load_or_create(keys_dir / "insurer.key")
@@ -59,7 +65,7 @@ class PharmacyDay:
         ledger = Ledger(self.ledger_file)
         try:
             state = replay_ledger(ledger, self.genesis).state
-            if state.table("policies").get(ALICE) is not None:
+            if state.table("policies").get(self.alice) is not None:
                 return
             parties = [ce.signed(self.operator, ce.PARTY_REGISTER, ce.PartyRegistration(
                 role=role, pk=who.public_key, name=name, ts=now_ms))
@@ -69,9 +75,9 @@ class PharmacyDay:
             flu = ce.CoverageRule(category="immunization", bp=10_000, items=[f"ndc:{FLU_SHOT[0]}"])
             generics = ce.CoverageRule(category="generic", bp=8_000, items=[f"ndc:{METFORMIN[0]}"])
             policies = [ce.signed(self.insurer, ce.POLICY_REGISTER, ce.PolicyRegistration(
-                policy_id=f"demo-{patient[8:]}", patient_token=patient, coverage=[flu, generics],
-                wellness=ce.Wellness(min_active_minutes=150, rebate_minor=REBATE) if patient == ALICE else None,
-                ts=now_ms)) for patient in (ALICE, BOB)]
+                policy_id=policy_id, patient_token=patient, coverage=[flu, generics],
+                wellness=ce.Wellness(min_active_minutes=150, rebate_minor=REBATE) if patient == self.alice else None,
+                ts=now_ms)) for patient, policy_id in ((self.alice, WELLNESS_POLICY), (BOB, "demo-bob"))]
             submit(ledger, self.genesis, parties + policies)
         finally:
             ledger.close()
@@ -92,13 +98,13 @@ class PharmacyDay:
 
     def morning_sales(self, now_ms: int) -> list[Purchase]:
         """Sales before Bob's doctor calls in his prescription: one of them is refused."""
-        amoxicillin = self.prescribe(ALICE, AMOXICILLIN, refills=1, now_ms=now_ms)
+        amoxicillin = self.prescribe(self.alice, AMOXICILLIN, refills=1, now_ms=now_ms)
         return [
-            _sale(AMOXICILLIN, ALICE, rx_only=True, payment="card", rx_ref=amoxicillin),
+            _sale(AMOXICILLIN, self.alice, rx_only=True, payment="card", rx_ref=amoxicillin),
             _sale(METFORMIN, BOB, rx_only=True, payment="insurance", rx_ref=None),  # no Rx: refused
-            _sale(FLU_SHOT, ALICE, rx_only=False, payment="insurance", rx_ref=None),  # billed 100 % to insurer
+            _sale(FLU_SHOT, self.alice, rx_only=False, payment="insurance", rx_ref=None),  # billed 100 % to insurer
             _sale(ACETAMINOPHEN, CAROL, rx_only=False, payment="card", rx_ref=None),
-            _sale(AMOXICILLIN, ALICE, rx_only=True, payment="card", rx_ref=amoxicillin),  # the refill
+            _sale(AMOXICILLIN, self.alice, rx_only=True, payment="card", rx_ref=amoxicillin),  # the refill
         ]
 
     def afternoon_sales(self, now_ms: int) -> list[Purchase]:
@@ -119,10 +125,13 @@ class PharmacyDay:
         return [(start + d * _DAY_MS, Activity(steps=6_000 + 250 * d, active_minutes=25)) for d in range(7)]
 
     def settle_wellness(self, now_ms: int) -> None:
+        """The insurer settles Alice's last week (once: a later demo run on the same data dir finds it settled)."""
         ledger = Ledger(self.ledger_file)
         try:
+            if f"{self.alice}:{self.last_week()}" in replay_ledger(ledger, self.genesis).state.table("wellness"):
+                return
             submit(ledger, self.genesis, [ce.signed(self.insurer, ce.WELLNESS_SETTLE, ce.WellnessSettle(
-                patient_token=ALICE, week=self.last_week(), ts=now_ms))])
+                patient_token=self.alice, week=self.last_week(), ts=now_ms))])
         finally:
             ledger.close()
 
@@ -137,5 +146,6 @@ class PharmacyDay:
             "pharmacy_violations": state.table("violations").get(self.pharmacy_account, 0),
             "claims": list(state.table("claims").values()),
             "insurer_account": self.insurer_account, "pharmacy_account": self.pharmacy_account,
+            "alice_account": f"patient:{self.alice}",
             "state_root": state.root().hex(),
         }

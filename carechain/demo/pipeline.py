@@ -3,9 +3,14 @@
 Registers one device per shipped profile (six BLE health devices and a pharmacy terminal), runs the
 agent and the bridge for a few seconds, injects hostile traffic (a forged signature, a replay, a reused
 seq, garbage and an oversized payload), drains the outbox, and verifies an inclusion proof end to end.
-The bridge and the agent are assembled as `carechain bridge` and `carechain agent` assemble them
-(chain_bridge.assembly, edge_agent.assembly). Without a data directory the demo works in a temporary one
-and removes it before returning.
+The agent speaks protocol 2: the health devices belong to Alice, a registered patient, and their readings
+are sealed to her at the edge, so the ledger anchors hashes, never readings. Five witness miners cosign
+the log (finality: 3 of 5); then a doctor in another city opens Alice's last hour of heart rate through
+3-of-5 miners with her grant, the access log is read back, and an outsider is refused
+(carechain.demo.records). The bridge, the agent and the miners are assembled as `carechain bridge`,
+`carechain agent` and `carechain miner` assemble them (chain_bridge.assembly, edge_agent.assembly,
+chain_miner.assembly). Without a data directory the demo works in a temporary one and removes it before
+returning.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import shutil
 import tempfile
@@ -57,8 +63,7 @@ def check_available(*, ble: bool) -> None:
 
 
 def run_demo(*, broker: str | None, seconds: float, data_dir: Path | None, speedup: float,
-             on_tick: Callable[[dict[str, Any]], None] | None = None, ble: bool = False,
-             contracts: bool = True) -> dict[str, Any]:
+             on_tick: Callable[[dict[str, Any]], None] | None = None, ble: bool = False) -> dict[str, Any]:
     """Run the demo and return its summary (the `--json` object plus details).
 
     With `data_dir` the ledger, keys and outbox stay there (`data_kept`); without, they live in a fresh
@@ -66,15 +71,15 @@ def run_demo(*, broker: str | None, seconds: float, data_dir: Path | None, speed
 
     With `ble`, the six health devices are virtual BLE peripherals (bumble, simulators/ble) that the
     agent's unchanged bleak code scans, connects to and subscribes to; the pharmacy terminal still
-    signs its purchases itself. With `contracts` (the default) the terminal rings up a scripted pharmacy
-    day (carechain.demo.pharmacy_day) that the bridge's contract gate decides sale by sale.
+    signs its purchases itself. The terminal rings up a scripted pharmacy day (carechain.demo.pharmacy_day)
+    that the bridge's contract gate decides sale by sale; then the access scenario runs
+    (carechain.demo.records), summarized under `access` and the three `access_*` keys.
     """
     check_available(ble=ble)
     # 0700 either way (mkdtemp makes its folder 0700)
     root = private_dir(Path(data_dir)) if data_dir else Path(tempfile.mkdtemp(prefix="carechain-demo-"))
     try:
-        summary = _run(root, broker=broker, seconds=seconds, speedup=speedup, on_tick=on_tick, ble=ble,
-                       contracts=contracts)
+        summary = _run(root, broker=broker, seconds=seconds, speedup=speedup, on_tick=on_tick, ble=ble)
     finally:
         if data_dir is None:
             shutil.rmtree(root, ignore_errors=True)
@@ -83,12 +88,13 @@ def run_demo(*, broker: str | None, seconds: float, data_dir: Path | None, speed
 
 
 def _run(root: Path, *, broker: str | None, seconds: float, speedup: float,
-         on_tick: Callable[[dict[str, Any]], None] | None, ble: bool, contracts: bool) -> dict[str, Any]:
-    from carechain import envelope, topics
+         on_tick: Callable[[dict[str, Any]], None] | None, ble: bool) -> dict[str, Any]:
+    from carechain import envelope, sealed, topics
     from carechain.config import AgentConfig, BridgeConfig, BrokerConfig, Config, parse_address
-    from carechain.demo.pharmacy_day import ALICE, PharmacyDay
+    from carechain.demo.pharmacy_day import WELLNESS_POLICY, PharmacyDay
+    from carechain.demo.records import THRESHOLD, RecordsDemo, load_alice
     from carechain.entries import ENTRY_EVENT, Entry
-    from carechain.events import make_payload
+    from carechain.events import SEALED_KINDS, make_sealed_payload
     from carechain.identity import Identity
     from carechain.inventory import InventoryDevice
     from carechain.profiles import load_profiles
@@ -98,9 +104,10 @@ def _run(root: Path, *, broker: str | None, seconds: float, speedup: float,
     from chain_bridge.embedded_broker import EmbeddedBroker
     from chain_bridge.ledger.proofs import inclusion_bundle
     from chain_bridge.ledger.store import Ledger
-    from chain_bridge.registry import ledger_path, log_key, operator_key, register_devices
+    from chain_bridge.registry import GENESIS_FILE, ledger_path, log_key, operator_key, register_devices
     from edge_agent.agent import AgentDevice
     from edge_agent.assembly import assemble_agent
+    from edge_agent.sealing import RecordOwner
     from edge_agent.sources.simulated import SimulatedDevice
 
     with contextlib.ExitStack() as cleanup:
@@ -115,21 +122,25 @@ def _run(root: Path, *, broker: str | None, seconds: float, speedup: float,
         ledger = Ledger(ledger_path(bridge_dir))
         lk, operator = log_key(bridge_dir), operator_key(bridge_dir)
         identities = {name: Identity.load_or_create(agent_dir / "keys" / f"{name}.key") for name in DEMO_PROFILES}
-        day = PharmacyDay(bridge_dir, agent_dir / "keys", ledger_path(bridge_dir)) if contracts else None
-        owners = {"pharmacy_terminal": day.pharmacy.device_id if day else "pharmacy:demo",
-                  "heart_rate_band": ALICE if day else "patient:demo"}  # Alice's wearable earns her rebate
+        alice = load_alice(root)
+        day = PharmacyDay(bridge_dir, agent_dir / "keys", ledger_path(bridge_dir), alice.id)  # writes the genesis
+        records = RecordsDemo(root, alice, day.genesis, operator, ledger_path(bridge_dir))
+        # Parties first: a health device's owner must be a registered patient (carechain.inventory).
+        ledger.close()
+        records.register(int(time.time() * 1000))
+        day.set_up(int(time.time() * 1000))
+        ledger = Ledger(ledger_path(bridge_dir))
         known = ledger.devices()
-        new = [InventoryDevice(name=name, profile=name, owner=owners.get(name, "patient:demo"), site="demo-ward",
-                               public_key=ident.public_key, line=0)
+        new = [InventoryDevice(name=name, profile=name, site="demo-ward", public_key=ident.public_key, line=0,
+                               owner=day.pharmacy.device_id if name == "pharmacy_terminal" else alice.id)
                for name, ident in identities.items() if ident.device_id not in known]
         if new:
             register_devices(ledger, operator, new)
-        if day:
-            day.set_up(int(time.time() * 1000))
-
         ledger.close()  # the bridge opens its own
+
         cfg = Config(broker=broker_cfg, bridge=BridgeConfig(data_dir=bridge_dir, checkpoint_interval_s=1.0,
-                                                            contracts=day is not None),
+                                                            contracts=True, miners=records.miner_keys_for_bridge(),
+                                                            finality_threshold=THRESHOLD),
                      agent=AgentConfig(data_dir=agent_dir, bridge_public_key=lk.public_key.hex(), speedup=speedup,
                                        resend_after_s=3.0))
         assembled_bridge = assemble_bridge(cfg, client_id=f"carechain-bridge-demo-{port}")
@@ -137,16 +148,21 @@ def _run(root: Path, *, broker: str | None, seconds: float, speedup: float,
         bridge = assembled_bridge.bridge
         cleanup.callback(bridge.stop)
         bridge.start()
+        cleanup.callback(records.stop_miners)
+        records.start_miners(cfg, lk.public_key, bridge_dir / GENESIS_FILE)
         rng = random.Random(2026)
         over_ble = {name for name in identities if ble and profiles[name].transport == "ble"}
-        scripted = {"pharmacy_terminal"} if day else set()  # the pharmacy day's sales, rung up below
+        scripted = {"pharmacy_terminal"}  # the pharmacy day's sales, rung up below
+        owner = RecordOwner(alice.id, alice.pre.public_key)  # protocol 2: health readings sealed to Alice
         devices = [AgentDevice(ident, None if name in over_ble | scripted
-                               else SimulatedDevice(profiles[name], random.Random(rng.random())))
+                               else SimulatedDevice(profiles[name], random.Random(rng.random())),
+                               owner=None if name == "pharmacy_terminal" else owner,
+                               wellness_policy=WELLNESS_POLICY if name == "heart_rate_band" else None)
                    for name, ident in identities.items()]
-        if day:  # the pharmacy day's refused sale is expected: a row of the summary, not an ERROR line
-            quiet = _ExpectedRefusals(identities["pharmacy_terminal"].device_id)
-            logging.getLogger("carechain.agent").addFilter(quiet)
-            cleanup.callback(logging.getLogger("carechain.agent").removeFilter, quiet)
+        # The pharmacy day's refused sale is expected: a row of the summary, not an ERROR line.
+        quiet = _ExpectedRefusals(identities["pharmacy_terminal"].device_id)
+        logging.getLogger("carechain.agent").addFilter(quiet)
+        cleanup.callback(logging.getLogger("carechain.agent").removeFilter, quiet)
         assembled_agent = assemble_agent(cfg, devices=devices)
         cleanup.callback(assembled_agent.close)
         agent, outbox = assembled_agent.agent, assembled_agent.outbox
@@ -163,8 +179,15 @@ def _run(root: Path, *, broker: str | None, seconds: float, speedup: float,
             victim = identities["heart_rate_band"]
             dev = victim.device_id
             now = int(time.time() * 1000)
-            forged = envelope.sign(Identity.generate(), make_payload(dev, 10**6, now, "heart_rate", {"bpm": 180}),
-                                   kid=dev)
+
+            def sealed_reading(signer: Identity, seq: int) -> bytes:
+                """A sealed heart rate as a v2 device sends it (random ciphertext: never a plain reading)."""
+                ct = os.urandom(64)
+                epoch = sealed.epoch_of(now, sealed.DEFAULT_EPOCH_MS)
+                payload = make_sealed_payload(dev, seq, now, "heart_rate", epoch, sealed.ciphertext_hash(ct))
+                return sealed.encode_sealed(envelope.sign(signer, payload, kid=dev), ct)
+
+            forged = sealed_reading(Identity.generate(), 10**6)
             # The reused seq must come after the band's own seq 0 is anchored: sent first, it would be the
             # intruder's bytes the bridge keeps, and the agent would rightly raise its cloned-key alarm.
             first_idx = ledger_reader.event_index(dev, 0)
@@ -173,8 +196,7 @@ def _run(root: Path, *, broker: str | None, seconds: float, speedup: float,
                 time.sleep(0.1)
                 first_idx = ledger_reader.event_index(dev, 0)
             replay = Entry.decode(ledger_reader.entry(first_idx)).cose if first_idx is not None else b""
-            reused = envelope.sign(victim, make_payload(dev, 0, now, "heart_rate", {"bpm": 61})) \
-                if first_idx is not None else b""
+            reused = sealed_reading(victim, 0) if first_idx is not None else b""
             msgs = {"forged_signature": forged, "replay": replay, "reused_seq": reused,
                     "garbage": b"\xff\x00 not cbor", "oversized": b"\x00" * 64 * 1024}
             for name, payload in msgs.items():
@@ -191,16 +213,19 @@ def _run(root: Path, *, broker: str | None, seconds: float, speedup: float,
 
         async def produce(stop: asyncio.Event) -> None:
             start = time.monotonic()
-            if day:
-                wearable = identities["heart_rate_band"].device_id
-                for ts, activity in day.last_week_activity():  # synced from the band's memory
+            wearable = identities["heart_rate_band"].device_id
+            # Last week, synced from the band's memory on its first run only: sealed to Alice, and summed into
+            # the weekly summary her policy receives. (Its epochs are over: a later sync would need their keys
+            # again, which the agent deleted once the epochs were receipted.)
+            if outbox.next_seq(wearable) == 0:
+                for ts, activity in day.last_week_activity():
                     agent.record(wearable, [("activity", activity)], ts)
-                ring_up(day.morning_sales(int(time.time() * 1000)))
-            afternoon = day is not None
+            ring_up(day.morning_sales(int(time.time() * 1000)))
+            afternoon = True
             while time.monotonic() - start < seconds:
                 if afternoon and time.monotonic() - start > seconds / 2:
                     afternoon = False
-                    ring_up(day.afternoon_sales(int(time.time() * 1000)))  # type: ignore[union-attr]
+                    ring_up(day.afternoon_sales(int(time.time() * 1000)))
                 await asyncio.sleep(0.2)
                 if on_tick:
                     on_tick(snapshot("running" + (" over BLE" if over_ble else "")))
@@ -233,14 +258,29 @@ def _run(root: Path, *, broker: str | None, seconds: float, speedup: float,
                 await asyncio.sleep(0.2)
                 if on_tick:
                     on_tick(snapshot("draining"))
+            if on_tick:
+                on_tick(snapshot("a doctor in another city opens Alice's last hour through 3-of-5 miners"))
+            loop = asyncio.get_running_loop()
+            band = identities["heart_rate_band"].device_id
+
+            def measure() -> None:
+                """Alice's band measures once more (from any thread): the log grows, so it is checkpointed."""
+                loop.call_soon_threadsafe(agent.record, band, [("heart_rate", {"bpm": 72})])
+
+            access.update(await asyncio.to_thread(records.run, broker_cfg, bridge, band, day.insurer, measure))
+            deadline = time.monotonic() + 10
+            while outbox.depth() and time.monotonic() < deadline:  # that last reading receipted too
+                await asyncio.sleep(0.1)
             stop.set()
             await task
-            if day:
-                day.settle_wellness(int(time.time() * 1000))  # last week is over: the insurer settles it
+            day.settle_wellness(int(time.time() * 1000))  # last week is over: the insurer settles it
 
         ledger_reader = Ledger(ledger_path(bridge_dir))  # a second connection: the bridge thread owns its own
         cleanup.callback(ledger_reader.close)
+        access: dict[str, Any] = {}
         asyncio.run(main())
+        access["miner_stats"] = records.miner_stats()
+        records.stop_miners()
         bridge.stop()
         ledger_reader.close()
         ledger_reader = Ledger(ledger_path(bridge_dir))
@@ -282,5 +322,10 @@ def _run(root: Path, *, broker: str | None, seconds: float, speedup: float,
             "broker": "embedded (amqtt)" if embedded else f"{host}:{port}",
             "ble": sorted(over_ble),
             "anchored_by_kind": kinds,
-            "pharmacy": day.summary() if day else None,
+            "pharmacy": day.summary(),
+            "access": access,
+            "access_opened": access["opened"],
+            "access_logged": access["logged"],
+            "access_refused_without_grant": access["refused_without_grant"],
+            "finality": f"{THRESHOLD} of {len(records.miner_keys)} miners",
         }

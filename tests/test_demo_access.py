@@ -1,0 +1,45 @@
+"""`carechain demo`'s private records: a doctor opens Alice's last hour through 3-of-5 miners; nothing is in clear."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parent.parent
+PLAIN_HEART_RATE = b"\x63bpm"  # the CBOR text key of a heart-rate body: only a plain reading carries it
+
+
+def test_demo_opens_a_granted_hour_logs_it_refuses_an_outsider_and_keeps_no_reading_in_clear(tmp_path: Path) -> None:
+    data = tmp_path / "demo"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "carechain.cli", "demo", "--json", "--seconds", "2",
+                           "--data-dir", str(data)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["access_opened"] is True
+    assert summary["access_logged"] == 1
+    assert summary["access_refused_without_grant"] is True
+    files = [p for p in data.rglob("*") if p.is_file()]
+    assert any(p.name == "ledger.db" for p in files) and any(p.name == "outbox.db" for p in files)
+    assert len({p.parent.name for p in files if p.name == "witness.json"}) == 5  # the five miners' replicas
+    in_clear = [str(p.relative_to(data)) for p in files if PLAIN_HEART_RATE in p.read_bytes()]
+    assert in_clear == [], f"plain heart-rate readings in {in_clear}"
+
+
+def test_a_second_run_on_the_same_data_dir_logs_both_accesses(tmp_path: Path) -> None:
+    """Idempotent set-up (parties, devices, miners) and a new access record per run, both in the log."""
+    from carechain.demo.pipeline import run_demo
+
+    first = run_demo(broker=None, seconds=2, data_dir=tmp_path, speedup=20)
+    second = run_demo(broker=None, seconds=2, data_dir=tmp_path, speedup=20)
+    assert first["access_opened"] and second["access_opened"], (first["access"], second["access"])
+    assert (first["access_logged"], second["access_logged"]) == (1, 2)
+    assert [e["requester_role"] for e in second["access"]["log"]] == ["doctor", "doctor"]
