@@ -13,7 +13,7 @@ box is randomized by construction); everything else is a pure function of its ar
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal, TypeVar
 
 import nacl.bindings
@@ -29,8 +29,8 @@ from carechain.sealed import MAX_CIPHERTEXT_BYTES
 __all__ = ["ACCESS_SEED_PURPOSE", "MAX_CAPSULE_FRAGMENTS_BYTES", "MAX_FRAGS_PER_MESSAGE", "MAX_RECORDS_PAGE_BYTES",
            "AccessMessageError", "CapsuleFragments", "Fragment", "GrantProof", "Record", "RecordsPage",
            "RecordsRequest", "choose_miners", "decode_records_page", "encode_records_page", "open_sealed_kfrag",
-           "parse_capsule_fragments", "parse_records_request", "record_size", "request_hash", "seal_to_miner",
-           "sign_capsule_fragments", "sign_records_request", "signer_of"]
+           "parse_capsule_fragments", "parse_records_request", "parse_signed_records_page", "record_size", "request_hash",
+           "seal_to_miner", "sign_capsule_fragments", "sign_records_page", "sign_records_request", "signer_of"]
 
 ACCESS_SEED_PURPOSE = "access.miners"
 MESSAGE_VERSION = 1
@@ -40,6 +40,7 @@ MAX_FRAGS_PER_MESSAGE = 2048  # a miner splits a larger grant into several messa
 MAX_CFRAG_BYTES = 1024
 MAX_CHECKPOINT_CHARS = 16 * 1024  # a checkpoint note with its bridge signature and miners' cosignature lines
 MAX_RECORDS_PAGE_BYTES = 900_000  # below mosquitto's and the bridge's packet limits, with room for the topic
+SIGNED_PAGE_OVERHEAD = 256  # the COSE_Sign1 around a page: headers, the bridge's kid, the signature
 MAX_RECORDS_REQUEST_BYTES = 512
 MAX_EVENT_BYTES = envelope.MAX_ENVELOPE_BYTES
 MAX_REGISTRATION_BYTES = 4096
@@ -275,6 +276,25 @@ def encode_records_page(page: RecordsPage) -> bytes:
     if len(raw) > MAX_RECORDS_PAGE_BYTES:
         raise AccessMessageError(f"records page of {len(raw)} bytes exceeds the limit of {MAX_RECORDS_PAGE_BYTES}")
     return raw
+
+
+def sign_records_page(bridge: Identity, page: RecordsPage) -> bytes:
+    """A page as the bridge sends it: signed by its log key. Anyone may write to a requester's inbox, so only
+    the bridge's signature says a page — and which page is the last — is the bridge's answer."""
+    encode_records_page(page)  # the size limit
+    return envelope.sign(bridge, page.to_wire())
+
+
+def parse_signed_records_page(raw: bytes, bridge_keys: Mapping[str, bytes]) -> RecordsPage:
+    """A page from untrusted bytes, signed by one of `bridge_keys` (kid → public key: the genesis operators)."""
+    try:
+        msg = envelope.parse(raw, max_bytes=MAX_RECORDS_PAGE_BYTES + SIGNED_PAGE_OVERHEAD, max_depth=3)
+    except envelope.EnvelopeError as exc:
+        raise AccessMessageError(f"records page is not a signed message: {exc}") from None
+    key = bridge_keys.get(msg.kid)
+    if key is None or not msg.verify(key):
+        raise AccessMessageError(f"records page is not signed by the bridge (signer {msg.kid!r})")
+    return decode_records_page(msg.payload_bytes)
 
 
 def decode_records_page(raw: bytes) -> RecordsPage:

@@ -156,7 +156,7 @@ class Bridge:
         if contracts is not None:
             from chain_bridge.record_server import RecordServer
 
-            self.records = RecordServer(ledger.path, contracts.genesis, self.final_size,
+            self.records = RecordServer(ledger.path, contracts.genesis, self.final_size, log_key,
                                         max_packet_bytes=broker.max_packet_bytes,
                                         requests_per_s=cfg.records_requests_per_s, burst=cfg.records_request_burst,
                                         archive=self.archiver.fetcher if self.archiver else None)

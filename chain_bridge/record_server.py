@@ -45,14 +45,16 @@ import paho.mqtt.client as mqtt
 from carechain import envelope, topics
 from carechain.access import (
     MAX_RECORDS_PAGE_BYTES,
+    SIGNED_PAGE_OVERHEAD,
     AccessMessageError,
     Record,
     RecordsPage,
     RecordsRequest,
-    encode_records_page,
     parse_records_request,
+    sign_records_page,
 )
 from carechain.entries import Entry
+from carechain.identity import Identity
 from carechain.events import SEALED_KINDS
 from carechain.miner_messages import payload_budget
 from chain_bridge.archiver import ArchiveError, ArchiveFetcher
@@ -168,13 +170,14 @@ class RecordServer:
     `max_packet_bytes` is the broker's packet limit: a page never exceeds it (nor MAX_PAGE_BYTES).
     """
 
-    def __init__(self, ledger_path: Path, genesis: Genesis, final_size: Callable[[], int], *,
+    def __init__(self, ledger_path: Path, genesis: Genesis, final_size: Callable[[], int], signer: Identity, *,
                  max_packet_bytes: int = MAX_PAGE_BYTES, requests_per_s: float = DEFAULT_REQUESTS_PER_S,
                  burst: int = DEFAULT_REQUEST_BURST, clock_ms: Callable[[], int] | None = None,
                  monotonic: Callable[[], float] = time.monotonic, archive: ArchiveFetcher | None = None) -> None:
         from chain_bridge.proof_responder import RequestLimiter
 
         self._archive = archive  # where pruned ciphertexts come back from (bridge.archive)
+        self._signer = signer  # the log key: a requester takes pages signed by the bridge only
         self._reader = _LedgerReader(ledger_path)
         self._replica = Replica(genesis)
         self._genesis_hash = genesis_hash(genesis)
@@ -241,7 +244,9 @@ class RecordServer:
         return Answer(topics.party_inbox(requester), [page])
 
     def _budget(self, requester: str) -> int:
-        return min(MAX_PAGE_BYTES, payload_budget(self.max_packet_bytes, topics.party_inbox(requester)))
+        # the page's own bytes: the bridge's signature around it must still fit the packet
+        return min(MAX_PAGE_BYTES, payload_budget(self.max_packet_bytes, topics.party_inbox(requester))
+                   - SIGNED_PAGE_OVERHEAD)
 
     def _plan(self, state: State, record: dict[str, Any], budget: int) -> list[list[_Item]]:
         """The pages of one grant's answer: registrations, then epoch keys, then readings, in log order,
@@ -292,8 +297,8 @@ class RecordServer:
                                                                  "configured (bridge.archive)")
                     ct = self._archive.ciphertext(i.index)
                 records.append(Record(index=i.index, cose=Entry.decode(leaf).cose, ct=ct))
-        return encode_records_page(RecordsPage(v=1, access=grant, page=number, last=last, epochs=epochs,
-                                               registrations=registrations, records=records))
+        return sign_records_page(self._signer, RecordsPage(v=1, access=grant, page=number, last=last, epochs=epochs,
+                                                           registrations=registrations, records=records))
 
     def _state(self) -> State:
         """The contract state of every committed leaf (caught up from the newest snapshot on first use)."""

@@ -153,10 +153,10 @@ def open_access(broker: BrokerConfig, requester: Identity, requester_pre: reencr
             except queue.Empty:
                 continue
             try:
-                if raw[:1] == b"\xd2":  # a COSE_Sign1: a miner's capsule fragments
+                if access.signer_of(raw) not in ctx.operator_keys:  # a miner's capsule fragments
                     opening.on_fragments(raw)
                     continue
-                next_page = opening.on_page(raw)
+                next_page = opening.on_page(raw)  # the bridge's signed records page
             except (OpeningError, ProtocolError) as exc:  # anyone may write to an inbox: never fatal
                 log.warning("ignored a message in %s's inbox: %s", requester.device_id, exc)
                 continue

@@ -100,11 +100,12 @@ class Opening:
         return kid
 
     def on_page(self, raw: bytes) -> int | None:
-        """A records page from the bridge; the next page to ask for, or None once the last one is in."""
+        """A records page signed by the bridge (a genesis operator key: its log key); the next page to ask for,
+        or None once the last one is in."""
         try:
-            page = access.decode_records_page(raw)
+            page = access.parse_signed_records_page(raw, self.ctx.operator_keys)
         except ValueError as exc:
-            raise OpeningError(f"the bridge sent a records page that does not decode: {exc}") from None
+            raise OpeningError(f"a records page that is not the bridge's: {exc}") from None
         if page.access != self.ctx.index:
             return None
         if page.page in self.pages_seen:

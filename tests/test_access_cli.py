@@ -24,7 +24,7 @@ from carechain.transport import connect_client
 from chain_bridge.contract_admin import replay_ledger
 from chain_bridge.ledger.store import EventCandidate, Ledger
 from chain_bridge.record_server import RecordServer
-from chain_bridge.registry import contract_genesis, ledger_path, operator_key
+from chain_bridge.registry import contract_genesis, ledger_path, log_key, operator_key
 from contract_rules.access import granted_epochs
 from tests.test_cli import run, text
 from tests.test_record_opening import DEVICE, MINERS
@@ -159,7 +159,7 @@ def record_server(tmp_path: Path, broker: TestBroker):  # noqa: ANN201
     servers: list[RecordServer] = []
 
     def start(dep: Deployment) -> RecordServer:
-        server = RecordServer(ledger_path(dep.bdir), contract_genesis(dep.bdir), lambda: 2**62)
+        server = RecordServer(ledger_path(dep.bdir), contract_genesis(dep.bdir), lambda: 2**62, log_key(dep.bdir))
         connected = threading.Event()
         client = connect_client(broker.config, f"records-{os.urandom(3).hex()}", connected=connected,
                                 subscriptions=[(topics.ACCESS_RECORDS, 1)],

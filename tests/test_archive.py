@@ -202,7 +202,8 @@ def final_note(deployment: Deployment, broker: TestBroker) -> Iterator[None]:
 
 def records_server(d: Deployment, archive: ArchiveFetcher) -> RecordServer:
     """The record server of `d`'s bridge, everything final, fetching pruned ciphertexts through `archive`."""
-    return RecordServer(d.ledger.path, d.world.genesis, lambda: d.ledger.size, clock_ms=lambda: NOW, archive=archive)
+    return RecordServer(d.ledger.path, d.world.genesis, lambda: d.ledger.size, d.world.operator, clock_ms=lambda: NOW,
+                        archive=archive)
 
 
 class Clock:

@@ -141,7 +141,7 @@ def miner_messages(world: World, index: int, garbage: set[str] = frozenset()) ->
 
 def page(world: World, index: int, records: list[tuple[int, bytes, bytes]] | None = None,
          registrations: list[bytes] | None = None, epochs: list[bytes] | None = None) -> bytes:
-    return access.encode_records_page(access.RecordsPage(
+    return access.sign_records_page(OPERATOR, access.RecordsPage(
         v=1, access=index, page=0, last=True, epochs=world.epoch_events if epochs is None else epochs,
         registrations=[world.registration] if registrations is None else registrations,
         records=[access.Record(index=i, cose=c, ct=ct) for i, c, ct in (world.records if records is None else records)]))
@@ -269,3 +269,16 @@ def test_a_large_open_is_verified_in_worker_processes_in_leaf_order() -> None:
                                                                                  epoch["key_ct"])}
     readings, problems = verify_and_decrypt(o, keys, workers=2)
     assert not problems and readings == world.readings
+
+
+def test_a_page_not_signed_by_the_bridge_is_refused_so_nobody_can_cut_an_open_short() -> None:
+    """Anyone may write to an inbox: an empty 'last' page from a stranger must not end the open."""
+    world, index = granted_world(epochs=1, readings=3)
+    o = opening(world, index)
+    forged = access.sign_records_page(Identity.from_seed(b"\x07" * 32), access.RecordsPage(
+        v=1, access=index, page=0, last=True, epochs=[], registrations=[], records=[]))
+    with pytest.raises(OpeningError, match="not the bridge's"):
+        o.on_page(forged)
+    assert o.last_page is None and o.records == []
+    o.on_page(page(world, index))  # the bridge's own page still counts
+    assert o.last_page == 0 and len(o.records) == 3

@@ -21,7 +21,7 @@ from test_contracts_access import HOUR, AccessWorld
 from test_contracts_world import DAY, T0
 
 from carechain import envelope, topics
-from carechain.access import decode_records_page, sign_records_request
+from carechain.access import parse_signed_records_page, sign_records_request
 from carechain.config import BridgeConfig, MinerKey
 from carechain.credentials import load_mqtt_credentials
 from carechain.cosignature import Cosigner, cosign
@@ -118,8 +118,12 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
 def server(d: Deployment, final: int | None = None, now: int = NOW, *, max_packet_bytes: int = 1 << 20,
            requests_per_s: float = 20.0, burst: int = 64) -> RecordServer:
     size = d.ledger.size if final is None else final
-    return RecordServer(d.ledger.path, d.world.genesis, lambda: size, clock_ms=lambda: now,
+    return RecordServer(d.ledger.path, d.world.genesis, lambda: size, d.world.operator, clock_ms=lambda: now,
                         max_packet_bytes=max_packet_bytes, requests_per_s=requests_per_s, burst=burst)
+
+
+def rs_signer(rs: RecordServer) -> Identity:
+    return rs._signer  # the key the server signs its pages with
 
 
 def fetch_all(rs: RecordServer, requester: Identity, grant: int) -> list[bytes]:
@@ -129,14 +133,14 @@ def fetch_all(rs: RecordServer, requester: Identity, grant: int) -> list[bytes]:
         assert isinstance(answer, Answer), answer
         assert answer.topic == topics.party_inbox(requester.device_id)
         pages += answer.pages
-        if decode_records_page(pages[-1]).last:
+        if parse_signed_records_page(pages[-1], {rs_signer(rs).device_id: rs_signer(rs).public_key}).last:
             return pages
 
 
-def check_pages(d: Deployment, pages: list[bytes]) -> None:
+def check_pages(d: Deployment, pages: list[bytes], bridge_keys: dict[str, bytes] | None = None) -> None:
     """What a requester checks: the records in scope, each ciphertext anchored by its signed event and
     opening under its epoch's key to the reading; the granted epochs' keys; the device's registration."""
-    decoded = [decode_records_page(p) for p in pages]
+    decoded = [parse_signed_records_page(p, bridge_keys or dict(d.world.genesis.operators)) for p in pages]
     assert [p.page for p in decoded] == list(range(len(pages)))
     assert [p.last for p in decoded] == [False] * (len(pages) - 1) + [True]
     records = [r for p in decoded for r in p.records]
@@ -237,8 +241,8 @@ def test_a_requester_gets_its_pages_on_its_inbox_once_the_bridge_saw_the_grant_b
                        miners=[MinerKey(name=f"carechain.miner/{m.device_id}", public_key=m.public_key.hex())
                                for m in w.miners])
     gate = ContractGate(w.genesis, w.operator)
-    bridge = Bridge(cfg, broker.config, Identity.generate(), d.ledger, client_id=f"bridge-{tmp_path.name}",
-                    contracts=gate)
+    log = Identity.generate()
+    bridge = Bridge(cfg, broker.config, log, d.ledger, client_id=f"bridge-{tmp_path.name}", contracts=gate)
     assert bridge.records is not None
     bridge.records._clock_ms = lambda: NOW  # the world's grant lives in November 2026
     pages: list[bytes] = []
@@ -283,7 +287,7 @@ def test_a_requester_gets_its_pages_on_its_inbox_once_the_bridge_saw_the_grant_b
         client.loop_stop()
         client.disconnect()
         bridge.stop()
-    check_pages(d, pages)
+    check_pages(d, pages, {log.device_id: log.public_key})  # signed by the bridge's log key
     assert bridge.records.stats["answered"] == 1
     d.ledger.close()
 
