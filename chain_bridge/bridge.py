@@ -43,6 +43,7 @@ from chain_bridge.proof_responder import ProofResponder
 if TYPE_CHECKING:
     from chain_bridge.archiver import Archiver
     from chain_bridge.contract_gate import ContractGate
+    from chain_bridge.evidence_intake import EvidenceIntake
     from chain_bridge.record_server import RecordServer
     from chain_bridge.workers import WorkerPool
 
@@ -77,6 +78,7 @@ class BridgeStats:
     unreceipted: int = 0  # refusals of unregistered ids not receipted (over the unregistered-receipt budget)
     records: Counter[str] = field(default_factory=Counter)  # record server: answered, pages, refusals by reason
     archive: Counter[str] = field(default_factory=Counter)  # archiver: planned, uploaded, committed, pruned, ...
+    evidence: Counter[str] = field(default_factory=Counter)  # access.fault from requesters: appended, refusals
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -85,6 +87,7 @@ class BridgeStats:
             "checkpoints": self.checkpoints, "tree_size": self.tree_size, "batches": self.batches,
             "final_checkpoints": self.final_checkpoints, "storage_errors": self.storage_errors,
             "unreceipted": self.unreceipted, "records": dict(self.records), "archive": dict(self.archive),
+            "evidence": dict(self.evidence),
         }
 
 
@@ -153,6 +156,13 @@ class Bridge:
             if self.finality is None:
                 log.warning("bridge.finality_threshold is 0: ciphertexts are archived but never pruned (only an "
                             "archive committed under a final checkpoint is)")
+        # Requesters' evidence against miners (access.fault), decided by the contracts on the sequencer's thread.
+        self.evidence: EvidenceIntake | None = None
+        if contracts is not None:
+            from chain_bridge.evidence_intake import EvidenceIntake
+
+            self.evidence = EvidenceIntake()
+            self.stats.evidence = self.evidence.stats
         if contracts is not None:
             from chain_bridge.record_server import RecordServer
 
@@ -197,6 +207,8 @@ class Bridge:
             subscriptions.append((topics.MINER_COSIG_WILDCARD, 1))
         if self.records is not None:
             subscriptions.append((topics.ACCESS_RECORDS, 1))
+        if self.evidence is not None:
+            subscriptions.append((topics.ACCESS_EVIDENCE, 1))
         self._client = connect_client(
             self.broker, self.client_id, clean_session=False, on_message=self._on_message,
             subscriptions=subscriptions, connected=self.connected, on_state=self._on_link,
@@ -239,6 +251,10 @@ class Bridge:
         if msg.topic == topics.ACCESS_RECORDS:
             if self.records is not None:
                 self.records.submit(msg.payload)  # answered on the record server's own thread
+            return
+        if msg.topic == topics.ACCESS_EVIDENCE:
+            if self.evidence is not None:
+                self.evidence.submit(bytes(msg.payload))  # decided on the sequencer's thread
             return
         miner = topics.miner_of_topic(msg.topic)
         if miner is None:
@@ -316,6 +332,8 @@ class Bridge:
                     self.sequence(verdicts)
                     retry = []
                 if time.monotonic() >= next_checkpoint:
+                    if self.evidence is not None and self.contracts is not None:
+                        self.evidence.drain(self.ledger, self.contracts, self.ledger_lock)
                     self.maybe_checkpoint()
                     next_checkpoint = time.monotonic() + self.cfg.checkpoint_interval_s
                 self._storage_ok()

@@ -36,7 +36,7 @@ from carechain import envelope, topics
 from carechain.config import BrokerConfig
 from carechain.credentials import MqttCredentials
 from carechain.datadir import instance_id
-from carechain.errors import Reason
+from carechain.errors import Reason, contract_reason
 from carechain.events import SEALED_KINDS, EventBody, make_payload
 from carechain.identity import Identity
 from carechain.receipts import Receipt, ReceiptError, open_receipt
@@ -88,6 +88,7 @@ class AgentStats:
     epoch_keys: int = 0  # protocol 2: data keys made (one epoch_key event each)
     keys_forgotten: int = 0  # protocol 2: data keys deleted once their epoch was over and its events receipted
     sealed_late: int = 0  # protocol 2: late readings of a spent epoch, sealed under the current epoch's key
+    rekeyed: int = 0  # protocol 2: an epoch_key refused because its epoch's key is anchored (lost outbox)
     weekly_summaries: int = 0  # protocol 2: weekly_activity summaries signed
     reasons: dict[str, int] = field(default_factory=dict)
 
@@ -95,6 +96,7 @@ class AgentStats:
 # Backoff between attempts to write to a full disk (first, at most): short, because every reading that
 # arrives meanwhile is lost (and counted), and an attempt costs one statvfs and one refused transaction.
 DISK_RETRY_S = (0.5, 5.0)
+EPOCH_KEY_EXISTS = contract_reason("epoch_key_exists")  # the contracts' word for a second key of one epoch
 KEY_SWEEP_S = 1.0  # at most this often, look for data keys of spent epochs to delete (one indexed query)
 
 
@@ -242,9 +244,12 @@ class Agent:
         dev = device.identity.device_id
         epoch = epoch_of(ts, self.epoch_ms)
         if (dev, epoch) not in self._keys and self.outbox.epoch_spent(dev, epoch):
-            # A late reading (synced from the device's memory) of an epoch whose key is already deleted: its
-            # epoch_key is anchored, a second one would be refused, so it is sealed under the current epoch's key.
+            # A late reading (synced from the device's memory) of an epoch whose key is already deleted, or an
+            # epoch another key of which is anchored (a lost outbox): a second epoch_key would be refused, so the
+            # reading is sealed under the first key epoch from now on that is not spent (the AAD binds it).
             epoch = epoch_of(int(time.time() * 1000), self.epoch_ms)
+            while (dev, epoch) not in self._keys and self.outbox.epoch_spent(dev, epoch):
+                epoch += 1
             self.stats.sealed_late += 1
         key = self._keys.get((dev, epoch))
         if key is None and (key := self.outbox.data_key(dev, epoch)) is not None:
@@ -381,6 +386,13 @@ class Agent:
                     self.window.settled((device_id, rej.seq))
                     log.info("re-signed %s seq %d as seq %d (its seq was already anchored)",
                              device_id, rej.seq, new_seq)
+            elif rej.reason == EPOCH_KEY_EXISTS and (epoch := self.outbox.retire_epoch(device_id, rej.seq)) is not None:
+                self._keys.pop((device_id, epoch), None)
+                self.window.settled((device_id, rej.seq))
+                self.stats.rekeyed += 1
+                log.warning("%s: another key of epoch %d is already anchored (was this outbox lost or restored?); "
+                            "readings from now on are sealed under a new key epoch, those already sent under this "
+                            "key cannot be opened by anyone", device_id, epoch)
             elif self.outbox.quarantine(device_id, rej.seq, rej.reason, rej.detail, rej.digest):
                 self.stats.quarantined += 1
                 self.window.settled((device_id, rej.seq))

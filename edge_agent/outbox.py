@@ -481,6 +481,20 @@ class Outbox:
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return gone
 
+    def retire_epoch(self, device_id: str, seq: int) -> int | None:
+        """The bridge refused our epoch_key at `seq` because another key of its epoch is anchored (this outbox
+        was lost or restored): drop that event and its key, and remember the epoch as spent so no reading is
+        sealed under it again. Returns the epoch (None if the event is no longer here)."""
+        row = self._db.execute("SELECT epoch FROM outbox WHERE device_id=? AND seq=?", (device_id, seq)).fetchone()
+        if row is None or row[0] is None:
+            return None
+        epoch = int(row[0])
+        with _transaction(self._db):
+            self._db.execute("DELETE FROM outbox WHERE device_id=? AND seq=?", (device_id, seq))
+            self._db.execute("DELETE FROM epoch_keys WHERE device_id=? AND epoch=?", (device_id, epoch))
+            self._db.execute("INSERT OR IGNORE INTO spent_epochs VALUES (?,?)", (device_id, epoch))
+        return epoch
+
     def epoch_spent(self, device_id: str, epoch: int) -> bool:
         """Whether the device's data key of `epoch` was deleted (its epoch_key is anchored: never announce another)."""
         return self._db.execute("SELECT 1 FROM spent_epochs WHERE device_id=? AND epoch=?",

@@ -36,7 +36,9 @@ from carechain.identity import Identity
 from carechain.inventory import InventoryDevice
 from carechain.reencryption import PreKey
 from chain_bridge.ledger.store import Ledger
-from chain_bridge.registry import ledger_path, log_key, operator_key, register_devices
+from chain_bridge.contract_admin import submit
+from chain_bridge.registry import contract_genesis, ledger_path, log_key, operator_key, register_devices
+from contract_rules import transactions as ce
 from simulators.mosquitto import REPO, Mosquitto, free_port
 
 PROFILES = ("heart_rate_band", "pulse_oximeter", "thermometer")
@@ -308,8 +310,12 @@ class Fleet:
         for a in range(self.n_agents):
             adir = self.work / f"agent{a}"
             devices, ids = [], []
-            # Protocol 2: each agent's devices seal their readings to one patient (her re-encryption key).
+            # Protocol 2: each agent's devices seal their readings to one patient (her re-encryption key), a
+            # registered party: the contracts refuse an epoch_key sealed to anyone else.
             patient, patient_pre = Identity.generate(), PreKey.generate()
+            submit(ledger, contract_genesis(bdir), [ce.party_registration_entry(operator_key(bdir), ce.PartyRegistration(
+                role="patient", pk=patient.public_key, name=f"patient {a}", ts=int(time.time() * 1000),
+                pre_pk=patient_pre.public_key, pre_vk=patient_pre.verifying_key))])
             for d in range(self.per_agent):
                 profile = PROFILES[d % len(PROFILES)]
                 key_file = adir / "keys" / f"{profile}-{d}.key"

@@ -253,3 +253,20 @@ def test_a_late_reading_of_a_spent_epoch_is_sealed_under_the_current_key_not_a_s
     assert [p["kind"] for p in new] == ["epoch_key", "heart_rate"]
     assert new[0]["body"]["epoch"] == current != T0 // HOUR and new[1]["body"]["epoch"] == current
     assert new[1]["ts"] == T0 + 10 and agent.stats.sealed_late == 1
+
+
+def test_an_epoch_key_refused_because_its_epoch_is_anchored_re_keys_under_the_next_key_epoch(tmp_path: Path) -> None:
+    """A lost or restored outbox makes a second key for an anchored epoch: the agent retires it, never quarantines
+    its readings, and seals from then on under the next key epoch it can announce."""
+    agent = _agent(tmp_path)
+    now = int(time.time() * 1000)
+    agent.record(DEV.device_id, [("heart_rate", HR)], now)  # seq 0: epoch_key, seq 1: the reading
+    epoch = now // HOUR
+    refusal = Receipt(DEV.device_id, now, rejected=[Rejected(0, "contract:epoch_key_exists", "x", False, b"")])
+    agent._apply_receipt(DEV.device_id, refusal)
+    assert agent.stats.rekeyed == 1 and agent.outbox.quarantined() == 0
+    assert agent.outbox.epoch_spent(DEV.device_id, epoch) and agent.outbox.data_key(DEV.device_id, epoch) is None
+    before = {seq for seq, _ in _rows(agent)}
+    agent.record(DEV.device_id, [("heart_rate", HR)], now + 1)
+    new = [_opened(wire)[0] for seq, wire in _rows(agent) if seq not in before]
+    assert [(p["kind"], p["body"]["epoch"]) for p in new] == [("epoch_key", epoch + 1), ("heart_rate", epoch + 1)]
