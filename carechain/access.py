@@ -248,21 +248,29 @@ class Record(_Message):
 
 
 class RecordsPage(_Message):
-    """One page of the records of an access record (bridge → requester's inbox), unsigned: every part verifies
-    on its own — events by their devices' signatures, registrations against the log, ciphertexts by the hash
-    their signed event carries."""
+    """One page of the records of an access record (bridge → requester's inbox), signed by the bridge
+    (`sign_records_page`); every part also verifies on its own — events by their devices' signatures,
+    registrations against the log, ciphertexts by the hash their signed event carries."""
 
     v: Literal[1]
     access: Index
     page: int = Field(ge=0, le=MAX_PAGE)
+    pages: int = Field(ge=1, le=MAX_PAGE + 1)  # how many pages the answer has: a requester asks for the rest at once
     last: bool
     epochs: list[Annotated[bytes, Field(min_length=1, max_length=MAX_EVENT_BYTES)]]  # COSE of epoch_key events
     registrations: list[Annotated[bytes, Field(min_length=1, max_length=MAX_REGISTRATION_BYTES)]]  # entry leaves
     records: list[Record]
 
+    @model_validator(mode="after")
+    def _page_in_range(self) -> RecordsPage:
+        if self.page >= self.pages or self.last != (self.page == self.pages - 1):
+            raise ValueError(f"page {self.page} (last: {self.last}) does not fit an answer of {self.pages} pages")
+        return self
+
     def to_wire(self) -> dict[str, Any]:
-        return {"v": self.v, "access": self.access, "page": self.page, "last": self.last, "epochs": list(self.epochs),
-                "registrations": list(self.registrations), "records": [r.to_wire() for r in self.records]}
+        return {"v": self.v, "access": self.access, "page": self.page, "pages": self.pages, "last": self.last,
+                "epochs": list(self.epochs), "registrations": list(self.registrations),
+                "records": [r.to_wire() for r in self.records]}
 
 
 def record_size(index: int, cose: bytes, ct: bytes) -> int:

@@ -10,6 +10,8 @@ pharmacy; only its hash and terms are anchored.
 from __future__ import annotations
 
 import json
+import logging
+import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +22,15 @@ from pydantic import ValidationError
 from carechain.entries import Entry
 from carechain.files import write_atomic
 from carechain.identity import device_id_for, parse_public_key_hex
+from chain_bridge.contract_gate import SNAPSHOT_EVERY
 from chain_bridge.ledger.store import Ledger
-from contract_rules import Genesis, Runtime, replay_leaves
+from contract_rules import Genesis, Replica, Runtime
+from contract_rules.replay import SnapshotError, genesis_hash
 from contract_rules import transactions as ce
 from contract_rules.runtime import OK
 
+
+log = logging.getLogger("carechain.bridge")
 
 class ContractRefused(Exception):
     """The contracts would reject the entry: nothing was appended."""
@@ -35,8 +41,29 @@ class ContractRefused(Exception):
 
 
 def replay_ledger(ledger: Ledger, genesis: Genesis) -> Runtime:
-    """A runtime that has applied every committed leaf of `ledger`, in order."""
-    return replay_leaves(genesis, ledger.leaves())
+    """A runtime that has applied every committed leaf of `ledger`, in order.
+
+    It starts from the newest contract snapshot in the ledger's database (the state is equal to a replay from
+    leaf 0: tests/test_contract_snapshots.py) and leaves one behind when it applied many leaves, so the next
+    command on a long log (an owner's `access grant`, `balance`) does not replay it all again.
+    """
+    replica = Replica(genesis)
+    key = genesis_hash(genesis)
+    found = ledger.contract_snapshot(key)
+    if found is not None:
+        try:
+            replica.restore(found[1])
+        except SnapshotError as exc:
+            log.warning("contract snapshot at %d leaves not used (%s): replaying from the genesis", found[0], exc)
+            replica.reset()
+    start, size = replica.size, ledger.size
+    replica.apply_leaves(ledger.leaves(start, size))
+    if size - start >= SNAPSHOT_EVERY:
+        try:
+            ledger.save_contract_snapshot(size, key, replica.snapshot())
+        except sqlite3.Error as exc:  # a cache beside the log: the next command replays a little more
+            log.warning("could not save a contract snapshot at %d leaves: %s", size, exc)
+    return replica.runtime
 
 
 def submit(ledger: Ledger, genesis: Genesis, entries: Sequence[Entry]) -> list[int]:

@@ -238,7 +238,7 @@ class RecordServer:
         if request.page >= len(plan):
             return Refusal("no_such_page", f"grant {grant} has {len(plan)} page(s), not page {request.page}")
         try:
-            page = self._page(grant, request.page, request.page == len(plan) - 1, plan[request.page])
+            page = self._page(grant, request.page, len(plan), plan[request.page])
         except ArchiveError as exc:  # never serve a ciphertext that is not the anchored one; nor a page without it
             return Refusal(exc.reason, f"grant {grant} page {request.page}: {exc.detail}")
         return Answer(topics.party_inbox(requester), [page])
@@ -284,7 +284,7 @@ class RecordServer:
         payload = envelope.parse(Entry.decode(self._reader.entry(index)).cose).payload
         return payload["kind"] in kinds and lo <= payload["ts"] <= hi
 
-    def _page(self, grant: int, number: int, last: bool, items: Sequence[_Item]) -> bytes:
+    def _page(self, grant: int, number: int, pages: int, items: Sequence[_Item]) -> bytes:
         registrations = [self._reader.entry(i.index) for i in items if i.part == "registrations"]
         epochs = [Entry.decode(self._reader.entry(i.index)).cose for i in items if i.part == "epochs"]
         records: list[Record] = []
@@ -297,8 +297,9 @@ class RecordServer:
                                                                  "configured (bridge.archive)")
                     ct = self._archive.ciphertext(i.index)
                 records.append(Record(index=i.index, cose=Entry.decode(leaf).cose, ct=ct))
-        return sign_records_page(self._signer, RecordsPage(v=1, access=grant, page=number, last=last, epochs=epochs,
-                                                           registrations=registrations, records=records))
+        return sign_records_page(self._signer, RecordsPage(
+            v=1, access=grant, page=number, pages=pages, last=number == pages - 1, epochs=epochs,
+            registrations=registrations, records=records))
 
     def _state(self) -> State:
         """The contract state of every committed leaf (caught up from the newest snapshot on first use)."""

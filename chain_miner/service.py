@@ -107,6 +107,7 @@ class WitnessMiner:
         self.verifier_size = verifier_size
         self.stats: Counter[str] = Counter()
         self.connected = threading.Event()
+        self.ever_connected = threading.Event()  # `connected` is cleared at every disconnect (and at stop)
         self._notes: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()  # (topic, note)
         self._responses: queue.SimpleQueue[messages.ProofResponseMessage] = queue.SimpleQueue()
         self._stop = threading.Event()
@@ -127,7 +128,7 @@ class WitnessMiner:
             subscriptions += [(topics.FINAL_CHECKPOINT, 1), (topics.MINER_COSIG_WILDCARD, 1)]
         self._client = connect_client(
             self.broker, f"carechain-miner-{self.id}", on_message=self._on_message, connected=self.connected,
-            subscriptions=subscriptions)
+            subscriptions=subscriptions, on_state=lambda up: self.ever_connected.set() if up else None)
         self._worker = threading.Thread(target=self._run, name=f"miner-{self.id}", daemon=True)
         self._worker.start()
 

@@ -39,6 +39,7 @@ Progress = Callable[[str, int, int], None]  # (phase, done, total)
 CHUNK = 4096  # records per worker task
 POOL_FROM = 8192  # below this many records, one process is faster than starting workers
 CONNECT_TIMEOUT_S = 30.0
+PAGE_WINDOW = 8  # records pages asked for ahead (the bridge's per-requester burst is larger)
 REASK_S = 2.0  # until the first page comes: the bridge says nothing about a grant that is not final yet
 
 
@@ -138,6 +139,11 @@ def open_access(broker: BrokerConfig, requester: Identity, requester_pre: reencr
         def ask(page: int) -> None:
             client.publish(topics.ACCESS_RECORDS, access.sign_records_request(requester, ctx.index, page), qos=1)
 
+        asked = {0}
+
+        def in_flight(pages: set[int]) -> int:
+            return len(pages - opening.pages_seen)
+
         ask(0)
         deadline = time.monotonic() + timeout
         asked_at = time.monotonic()
@@ -145,8 +151,11 @@ def open_access(broker: BrokerConfig, requester: Identity, requester_pre: reencr
             left = deadline - time.monotonic()
             if left <= 0:
                 raise AccessClientError(_timeout_message(opening, timeout))
-            if not opening.pages_seen and time.monotonic() - asked_at > REASK_S:
-                ask(0)  # the bridge answers only once the grant is final: ask again until it is
+            if not opening.complete_pages() and time.monotonic() - asked_at > REASK_S:
+                # The bridge answers only once the grant is final (and drops what is over a requester's rate):
+                # ask again for what has not come.
+                for p in sorted(asked - opening.pages_seen) or [0]:
+                    ask(p)
                 asked_at = time.monotonic()
             try:
                 raw = inbox.get(timeout=min(left, 1.0))
@@ -160,10 +169,16 @@ def open_access(broker: BrokerConfig, requester: Identity, requester_pre: reencr
             except (OpeningError, ProtocolError) as exc:  # anyone may write to an inbox: never fatal
                 log.warning("ignored a message in %s's inbox: %s", requester.device_id, exc)
                 continue
+            asked_at = time.monotonic()  # a page came: the bridge is answering
             if next_page is not None:
-                ask(next_page)
+                # Keep up to PAGE_WINDOW pages asked ahead: the bridge plans every page at the first request.
+                wanted = [p for p in range((opening.last_page or 0) + 1)
+                          if p not in opening.pages_seen and p not in asked][:PAGE_WINDOW - in_flight(asked)]
+                for p in wanted:
+                    ask(p)
+                    asked.add(p)
                 if progress:
-                    progress("pages", len(opening.pages_seen), (opening.last_page or len(opening.pages_seen)) + 1)
+                    progress("pages", len(opening.pages_seen), (opening.last_page or 0) + 1)
             for fault in opening.faults[faults_sent:]:
                 entry = fault_entry(requester, ctx.index, fault, now_ms() if now_ms else int(time.time() * 1000))
                 fault_entries.append(entry)

@@ -116,8 +116,7 @@ class Opening:
             self._add_epoch_key(cose)
         self.records.extend((r.index, r.cose, r.ct) for r in page.records)
         self.pages_seen.add(page.page)
-        if page.last:
-            self.last_page = page.page
+        self.last_page = page.pages - 1  # every page says how many there are
         self._check_fragments()
         return None if self.complete_pages() else max(self.pages_seen) + 1
 

@@ -202,8 +202,10 @@ def test_a_records_request_round_trips_signed_by_the_requester() -> None:
 
 
 def _page(records: list[Record], **change: Any) -> RecordsPage:
-    return RecordsPage(**{"v": 1, "access": 41, "page": 0, "last": True, "epochs": [b"\xd2epoch"],
-                          "registrations": [b"leaf"], "records": records, **change})
+    fields = {"v": 1, "access": 41, "page": 0, "last": True, "epochs": [b"\xd2epoch"], "registrations": [b"leaf"],
+              "records": records, **change}
+    fields.setdefault("pages", fields["page"] + 1 if fields["last"] else fields["page"] + 2)
+    return RecordsPage(**fields)
 
 
 records = st.lists(st.builds(Record, index=st.integers(0, 2**63 - 1), cose=st.binary(min_size=1, max_size=300),
@@ -211,7 +213,7 @@ records = st.lists(st.builds(Record, index=st.integers(0, 2**63 - 1), cose=st.bi
 
 
 @settings(max_examples=100)
-@given(records, st.booleans(), st.integers(0, 2**31 - 1))
+@given(records, st.booleans(), st.integers(0, 2**31 - 2))
 def test_a_records_page_round_trips(recs: list[Record], last: bool, page_no: int) -> None:
     page = _page(recs, last=last, page=page_no)
     raw = encode_records_page(page)
@@ -219,6 +221,13 @@ def test_a_records_page_round_trips(recs: list[Record], last: bool, page_no: int
     empty = len(encode_records_page(_page([], last=last, page=page_no)))
     # record_size is what a record adds (give or take the array head's growth past 23 records).
     assert len(raw) - empty - sum(record_size(r.index, r.cose, r.ct) for r in recs) in (0, 1, 2)
+
+
+def test_a_page_must_fit_its_answer() -> None:
+    with pytest.raises(ValueError, match="does not fit"):
+        _page([], page=3, pages=3, last=False)
+    with pytest.raises(ValueError, match="does not fit"):
+        _page([], page=1, pages=3, last=True)
 
 
 def test_a_page_over_the_limit_is_refused_both_ways() -> None:

@@ -13,7 +13,7 @@ from carechain import disk_full_points
 from carechain.events import Activity
 from chain_bridge.contract_admin import replay_ledger
 from chain_bridge.contract_gate import ContractGate
-from contract_rules import Genesis, Replica
+from contract_rules import Genesis, Replica, replay_leaves
 from contract_rules.replay import SnapshotError, genesis_hash
 from tests.test_contracts_ledger import FLU_SHOT, WEARABLE, Pharmacy
 
@@ -35,7 +35,8 @@ def busy(pharmacy: Pharmacy, activities: int = 30) -> None:
 
 
 def full_replay_root(pharmacy: Pharmacy) -> bytes:
-    return replay_ledger(pharmacy.ledger, pharmacy.genesis).state.root()
+    """From leaf 0, no snapshot: what every snapshot must agree with."""
+    return replay_leaves(pharmacy.genesis, pharmacy.ledger.leaves()).state.root()
 
 
 def test_a_snapshot_restores_the_exact_state_refusals_included(shop: Pharmacy) -> None:
@@ -131,3 +132,22 @@ def test_a_checkpoint_never_replays_the_log_to_snapshot(shop: Pharmacy) -> None:
     assert size_before < shop.ledger.size  # the device events after the last sale are not applied yet
     shop.bridge.maybe_checkpoint()
     assert gate.replica.size == size_before
+
+
+def test_a_contract_command_starts_from_the_newest_snapshot_and_leaves_one_for_the_next(
+        shop: Pharmacy, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`carechain access grant` and the other contract commands replay through replay_ledger: on a long log
+    they must not replay it all every time, and what they get must equal a replay from leaf 0."""
+    import chain_bridge.contract_admin as admin
+
+    busy(shop)
+    monkeypatch.setattr(admin, "SNAPSHOT_EVERY", 5)
+    key = genesis_hash(shop.genesis)
+    size = shop.ledger.size
+    first = admin.replay_ledger(shop.ledger, shop.genesis)
+    assert first.state.root() == full_replay_root(shop)
+    assert shop.ledger.contract_snapshot(key) is not None and shop.ledger.contract_snapshot(key)[0] == size
+    busy(shop, activities=3)
+    second = admin.replay_ledger(shop.ledger, shop.genesis)  # from the snapshot: only the new leaves
+    assert second.state.root() == full_replay_root(shop) and second.state.results == \
+        replay_leaves(shop.genesis, shop.ledger.leaves()).state.results

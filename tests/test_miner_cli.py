@@ -118,6 +118,7 @@ def test_five_miner_processes_cosign_and_the_bridge_publishes_a_final_checkpoint
         assert stats is not None and int(stats.get("cosigned", 0)) >= 1, m.stderr()[-2000:]
         assert not any(k.startswith("refused_violation") for k in stats), stats
         assert "re-executed" in m.stderr()
+        assert "never connected" not in m.stderr()  # it did, then disconnected at its stop
 
 
 def test_a_dishonest_bridge_appending_an_rx_sale_without_prescription_never_becomes_final(

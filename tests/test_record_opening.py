@@ -142,7 +142,7 @@ def miner_messages(world: World, index: int, garbage: set[str] = frozenset()) ->
 def page(world: World, index: int, records: list[tuple[int, bytes, bytes]] | None = None,
          registrations: list[bytes] | None = None, epochs: list[bytes] | None = None) -> bytes:
     return access.sign_records_page(OPERATOR, access.RecordsPage(
-        v=1, access=index, page=0, last=True, epochs=world.epoch_events if epochs is None else epochs,
+        v=1, access=index, page=0, pages=1, last=True, epochs=world.epoch_events if epochs is None else epochs,
         registrations=[world.registration] if registrations is None else registrations,
         records=[access.Record(index=i, cose=c, ct=ct) for i, c, ct in (world.records if records is None else records)]))
 
@@ -276,7 +276,7 @@ def test_a_page_not_signed_by_the_bridge_is_refused_so_nobody_can_cut_an_open_sh
     world, index = granted_world(epochs=1, readings=3)
     o = opening(world, index)
     forged = access.sign_records_page(Identity.from_seed(b"\x07" * 32), access.RecordsPage(
-        v=1, access=index, page=0, last=True, epochs=[], registrations=[], records=[]))
+        v=1, access=index, page=0, pages=1, last=True, epochs=[], registrations=[], records=[]))
     with pytest.raises(OpeningError, match="not the bridge's"):
         o.on_page(forged)
     assert o.last_page is None and o.records == []

@@ -86,6 +86,6 @@ def miner(config: ConfigOpt = None, broker: BrokerOpt = None,
     finally:
         service.stop()
         assembled.close()
-    if not service.connected.is_set():
+    if not service.ever_connected.is_set():
         console.print(f"[yellow]miner: never connected to broker {cfg.broker.address}[/]", soft_wrap=True)
     print(json.dumps({"miner": service.id, **service.stats}), flush=True)
