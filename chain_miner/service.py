@@ -79,7 +79,7 @@ def load_state(path: Path) -> WitnessState:
 def save_state(path: Path, state: WitnessState) -> None:
     data = {"v": STATE_VERSION, "origin": state.origin, "tree_size": state.tree_size,
             "root_hash": state.root_hash.hex(), "note": state.note, "frontier": [h.hex() for h in state.frontier]}
-    write_atomic(path, json.dumps(data, indent=1).encode(), PUBLIC)
+    write_atomic(path, json.dumps(data, indent=1).encode())  # 0600, like everything in a data dir
 
 
 class WitnessMiner:

@@ -109,6 +109,7 @@ class CosignatureWatch:
     cosigned: dict[int, dict[str, float]] = field(default_factory=dict)  # tree size -> miner name -> seen at
     finals: list[tuple[float, int, str]] = field(default_factory=list)  # (seen at, tree size, note)
     connected: threading.Event = field(default_factory=threading.Event)
+    origin: str | None = None  # only this log's notes (a shared broker may carry another log's retained ones)
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -124,8 +125,11 @@ class CosignatureWatch:
             if msg.topic in (topics.CHECKPOINT, topics.FINAL_CHECKPOINT):
                 note = msg.payload.decode()
                 try:
-                    size = int(parse_note(note)[0].split("\n")[1])
+                    lines = parse_note(note)[0].split("\n")
+                    size = int(lines[1])
                 except (NoteError, IndexError, ValueError):
+                    return
+                if self.origin is not None and lines[0] != self.origin:
                     return
                 if msg.topic == topics.CHECKPOINT:
                     self.checkpoints.setdefault(size, now)

@@ -463,7 +463,7 @@ def test_miner_processes_release_to_the_requesters_inbox_only_under_finality_and
     bridge = Bridge(BridgeConfig(data_dir=tmp_path / "bridge", checkpoint_interval_s=0.3,
                                  miners=[m.registered for m in miners], finality_threshold=3),
                     broker.config, log, Ledger(tmp_path / "bridge" / "ledger.db"), client_id=f"bridge-{tmp_path.name}")
-    watch = CosignatureWatch(broker.config, f"watch-{tmp_path.name}")
+    watch = CosignatureWatch(broker.config, f"watch-{tmp_path.name}", origin=bridge.origin)
     patient, doctor, device = Identity.generate(), Identity.generate(), Identity.generate()
     patient_pre, doctor_pre = PreKey.generate(), PreKey.generate()
     inbox: queue.SimpleQueue[tuple[float, bytes]] = queue.SimpleQueue()

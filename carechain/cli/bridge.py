@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Annotated
@@ -64,7 +65,9 @@ def bridge(ctx: typer.Context, config: ConfigOpt = None, broker: BrokerOpt = Non
                   f"(size {service.ledger.size}), origin {service.origin}\n"
                   f"log public key {service.log_key.public_key.hex()}", soft_wrap=True, highlight=False)
     try:
-        with stop.children_ignore_sigint():  # ingest workers, if any, are spawned here
+        # Ingest workers, if any, are spawned in start(): they must inherit an ignored SIGINT. Without workers
+        # there is nothing to spawn, and no window in which a Ctrl-C would be lost.
+        with stop.children_ignore_sigint() if service.cfg.ingest_workers else contextlib.nullcontext():
             service.start()
         if stop.wait_for(service.wait_ready, 30):
             console.print(f"bridge ready: subscribed with {service.cfg.ingest_workers or 'no'} ingest workers")
