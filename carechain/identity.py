@@ -117,43 +117,12 @@ class Identity:
 
     def save(self, path: Path, *, overwrite: bool = False) -> None:
         """Write the private seed to `path`, created with mode 0600 (atomically, fsynced)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists() and not overwrite:
-            raise KeyFileError(f"{path}: key file already exists; refusing to overwrite a private key")
-        text = f"{KEY_FILE_HEADER}\n{base64.b64encode(bytes(self._signing_key)).decode()}\n"
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.fchmod(fd, 0o600)  # O_CREAT's mode is masked by umask; be explicit
-            os.write(fd, text.encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        write_seed_file(path, KEY_FILE_HEADER, bytes(self._signing_key), overwrite=overwrite)
 
     @classmethod
     def load(cls, path: Path) -> Identity:
         """Read a key file; refuse one that group or others can read (like ssh does)."""
-        path = Path(path)
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            raise KeyFileError(f"{path}: no such key file (create one with `carechain keys new`)") from None
-        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise KeyFileError(
-                f"{path}: permissions {stat.S_IMODE(st.st_mode):04o} are too open; run `chmod 600 {path}`"
-            )
-        lines = path.read_text(encoding="ascii", errors="replace").split()
-        if len(lines) != 2 or lines[0] != KEY_FILE_HEADER:
-            raise KeyFileError(f"{path}: not a carechain key file (expected header {KEY_FILE_HEADER!r})")
-        try:
-            seed = base64.b64decode(lines[1], validate=True)
-        except ValueError:
-            raise KeyFileError(f"{path}: key is not valid base64") from None
-        if len(seed) != 32:
-            raise KeyFileError(f"{path}: key seed must be 32 bytes, found {len(seed)}")
-        return cls.from_seed(seed)
+        return cls.from_seed(read_seed_file(path, KEY_FILE_HEADER, "`carechain keys new`"))
 
     @classmethod
     def load_or_create(cls, path: Path) -> Identity:
@@ -163,3 +132,45 @@ class Identity:
         ident = cls.generate()
         ident.save(path)
         return ident
+
+
+# -- seed files: every private key carechain writes (Ed25519 here, re-encryption in carechain.reencryption) --
+# Written with `os`, not carechain.files: the contract rules import these modules and stay free of the I/O shells.
+
+def write_seed_file(path: Path, header: str, seed: bytes, *, overwrite: bool = False) -> None:
+    """`header` and the base64 seed, in a file created 0600 (atomically, fsynced); never overwrite a key unasked."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not overwrite:
+        raise KeyFileError(f"{path}: key file already exists; refusing to overwrite a private key")
+    text = f"{header}\n{base64.b64encode(seed).decode()}\n"
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # O_CREAT's mode is masked by umask; be explicit
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def read_seed_file(path: Path, header: str, create_with: str) -> bytes:
+    """The 32-byte seed of a key file with `header`; refuse one that group or others can read (like ssh does)."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise KeyFileError(f"{path}: no such key file (create one with {create_with})") from None
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise KeyFileError(f"{path}: permissions {stat.S_IMODE(st.st_mode):04o} are too open; run `chmod 600 {path}`")
+    lines = path.read_text(encoding="ascii", errors="replace").split()
+    if len(lines) != 2 or lines[0] != header:
+        raise KeyFileError(f"{path}: not a carechain key file (expected header {header!r})")
+    try:
+        seed = base64.b64decode(lines[1], validate=True)
+    except ValueError:
+        raise KeyFileError(f"{path}: key is not valid base64") from None
+    if len(seed) != 32:
+        raise KeyFileError(f"{path}: key seed must be 32 bytes, found {len(seed)}")
+    return seed

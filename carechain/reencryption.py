@@ -11,9 +11,7 @@ fragment is signed by the owner's signing key and checked by whoever receives it
 
 from __future__ import annotations
 
-import base64
 import os
-import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +19,7 @@ from pathlib import Path
 import umbral_pre
 
 from carechain.errors import FixedReasonError
-from carechain.identity import KeyFileError
+from carechain.identity import read_seed_file, write_seed_file
 
 __all__ = ["PRE_PUBLIC_SIZE", "PreKey", "ReencryptionError", "VerifiedCfrag", "VerifiedKfrag", "encapsulate",
            "make_kfrags", "open_data_key", "owner_decrypt", "reencrypt", "verify_cfrag", "verify_kfrag"]
@@ -82,51 +80,16 @@ class PreKey:
     def __repr__(self) -> str:  # never print key material
         return f"PreKey(public_key={self.public_key.hex()})"
 
-    # -- key files (same rules as carechain.identity: 0600, no overwrite, refuse lax modes) ------------
+    # -- key files (the same rules and code as carechain.identity: 0600, no overwrite, refuse lax modes) -------
 
     def save(self, path: Path, *, overwrite: bool = False) -> None:
-        """Write the seed to `path`, created 0600, atomically and fsynced; refuse to overwrite an existing key.
-
-        Written with `os` as `Identity.save` does, not with carechain.files: the contract rules import this
-        module (to judge capsule fragments) and must stay free of the I/O shells.
-        """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists() and not overwrite:
-            raise KeyFileError(f"{path}: key file already exists; refusing to overwrite a private key")
-        text = f"{KEY_FILE_HEADER}\n{base64.b64encode(self._seed).decode()}\n"
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.fchmod(fd, 0o600)  # O_CREAT's mode is masked by the umask; be explicit
-            os.write(fd, text.encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        """Write the seed to `path`, created 0600, atomically and fsynced; refuse to overwrite an existing key."""
+        write_seed_file(path, KEY_FILE_HEADER, self._seed, overwrite=overwrite)
 
     @classmethod
     def load(cls, path: Path) -> PreKey:
         """Read a key file; refuse one that group or others can read (like ssh does)."""
-        path = Path(path)
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            raise KeyFileError(f"{path}: no such re-encryption key file "
-                               "(create one with `carechain keys new --pre`)") from None
-        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise KeyFileError(f"{path}: permissions {stat.S_IMODE(st.st_mode):04o} are too open; "
-                               f"run `chmod 600 {path}`")
-        lines = path.read_text(encoding="ascii", errors="replace").split()
-        if len(lines) != 2 or lines[0] != KEY_FILE_HEADER:
-            raise KeyFileError(f"{path}: not a carechain re-encryption key file (expected header {KEY_FILE_HEADER!r})")
-        try:
-            seed = base64.b64decode(lines[1], validate=True)
-        except ValueError:
-            raise KeyFileError(f"{path}: key is not valid base64") from None
-        if len(seed) != PRE_SEED_SIZE:
-            raise KeyFileError(f"{path}: key seed must be {PRE_SEED_SIZE} bytes, found {len(seed)}")
-        return cls.from_seed(seed)
+        return cls.from_seed(read_seed_file(path, KEY_FILE_HEADER, "`carechain keys new --pre`"))
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ from carechain.sealed import MAX_CIPHERTEXT_BYTES, ciphertext_hash
 from carechain.storage.codec import StorageError, StorageParams
 from carechain.storage.keyfile import load_dataset_key
 from carechain.storage.manifest import Manifest
+from chain_bridge.ledger.reader import LedgerReader
 from chain_bridge.ledger.store import ArchiveConflict, Ledger, LedgerError
 from chain_bridge.storage_client import StorageClient, TransferError, key_path, seed_from_final_checkpoint
 from contract_rules import transactions as ce
@@ -220,16 +221,8 @@ _ROW = ", ".join(_COLUMNS)
 _ROW_OF_R = ", ".join(f"r.{c}" for c in _COLUMNS)
 
 
-class _ArchiveReader:
-    def __init__(self, path: Path) -> None:
-        self._db = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True, check_same_thread=False, timeout=30)
-
-    def close(self) -> None:
-        self._db.close()
-
-    def size(self) -> int:
-        row = self._db.execute("SELECT MAX(idx) FROM entries").fetchone()
-        return 0 if row[0] is None else int(row[0]) + 1
+class _ArchiveReader(LedgerReader):
+    """What the archiver reads (epochs, stock, members), on a read-only connection."""
 
     def unsealed_events(self, start: int, stop: int) -> list[tuple[int, bytes]]:
         return [(i, bytes(d)) for i, d in self._db.execute(
@@ -261,7 +254,7 @@ class _ArchiveReader:
             "SELECT a.idx, c.ct FROM archived a JOIN ciphertexts c ON c.idx = a.idx WHERE a.archive = ? "
             "ORDER BY a.idx", (archive,))]
 
-    def leaves(self, archive: int) -> dict[int, bytes]:
+    def archive_leaves(self, archive: int) -> dict[int, bytes]:
         return {i: bytes(d) for i, d in self._db.execute(
             "SELECT a.idx, e.data FROM archived a JOIN entries e ON e.idx = a.idx WHERE a.archive = ?", (archive,))}
 
@@ -337,7 +330,7 @@ class ArchiveFetcher:
                         exc)
             raise ArchiveError("archive_unavailable", f"archive {row.dataset_id}: {exc}") from None
         items = decode_bundle(raw, row.readings)
-        good, bad = check_bundle(items, {i: anchored_ct_hash(leaf) for i, leaf in self._reader.leaves(row.id).items()})
+        good, bad = check_bundle(items, {i: anchored_ct_hash(leaf) for i, leaf in self._reader.archive_leaves(row.id).items()})
         self.stats["fetched"] += 1
         if bad:
             self.stats["mismatch"] += len(bad)

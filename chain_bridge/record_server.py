@@ -31,11 +31,10 @@ from __future__ import annotations
 
 import logging
 import queue
-import sqlite3
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +57,7 @@ from carechain.identity import Identity
 from carechain.events import SEALED_KINDS
 from carechain.miner_messages import payload_budget
 from chain_bridge.archiver import ArchiveError, ArchiveFetcher
+from chain_bridge.ledger.reader import LedgerReader
 from contract_rules import Genesis, Replica, State
 from contract_rules.access import access_record, granted_epochs, is_usable
 from contract_rules.replay import SnapshotError, decode_leaf, genesis_hash
@@ -96,36 +96,8 @@ class _Item:
     size: int  # bytes it adds to a page, an upper bound
 
 
-class _LedgerReader:
+class _LedgerReader(LedgerReader):
     """Committed leaves and ciphertexts through a read-only connection: never sees a batch mid-append."""
-
-    def __init__(self, path: Path) -> None:
-        self._db = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True, check_same_thread=False, timeout=30)
-
-    def close(self) -> None:
-        self._db.close()
-
-    def size(self) -> int:
-        row = self._db.execute("SELECT MAX(idx) FROM entries").fetchone()
-        return 0 if row[0] is None else row[0] + 1
-
-    def leaves(self, start: int, stop: int) -> Iterator[bytes]:
-        while start < stop:
-            rows = self._db.execute("SELECT idx, data FROM entries WHERE idx >= ? AND idx < ? ORDER BY idx",
-                                    (start, min(stop, start + 4096))).fetchall()
-            if not rows:
-                return
-            for idx, data in rows:
-                if idx != start:
-                    raise RuntimeError(f"ledger entry {start} is missing")
-                yield bytes(data)
-                start += 1
-
-    def entry(self, index: int) -> bytes:
-        row = self._db.execute("SELECT data FROM entries WHERE idx=?", (index,)).fetchone()
-        if row is None:
-            raise KeyError(index)
-        return bytes(row[0])
 
     def entry_size(self, index: int) -> int:
         row = self._db.execute("SELECT length(data) FROM entries WHERE idx=?", (index,)).fetchone()

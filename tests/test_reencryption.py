@@ -172,7 +172,7 @@ def test_a_key_file_is_0600_not_overwritten_and_refused_when_others_can_read_it(
     bad = tmp_path / "bad.key"
     bad.write_text("carechain-ed25519-seed-v1\nAAAA\n")
     os.chmod(bad, 0o600)
-    with pytest.raises(KeyFileError, match="not a carechain re-encryption key"):
+    with pytest.raises(KeyFileError, match="expected header 'carechain-pre-seed-v1'"):
         PreKey.load(bad)
 
 

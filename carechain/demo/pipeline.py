@@ -94,7 +94,7 @@ def _run(root: Path, *, broker: str | None, seconds: float, speedup: float,
     from carechain.demo.pharmacy_day import WELLNESS_POLICY, PharmacyDay
     from carechain.demo.records import THRESHOLD, RecordsDemo, load_alice
     from carechain.entries import ENTRY_EVENT, Entry
-    from carechain.events import SEALED_KINDS, make_sealed_payload
+    from carechain.events import make_sealed_payload
     from carechain.identity import Identity
     from carechain.inventory import InventoryDevice
     from carechain.profiles import load_profiles

@@ -1,0 +1,43 @@
+"""A read-only view of the ledger database for threads beside the sequencer (record server, archiver).
+
+Its own SQLite connection opened `mode=ro`: it only ever sees committed transactions, never a batch
+mid-append, and never takes the sequencer's lock.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+PAGE = 4096  # leaves read per query
+
+
+class LedgerReader:
+    def __init__(self, path: Path) -> None:
+        self._db = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True, check_same_thread=False, timeout=30)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def size(self) -> int:
+        row = self._db.execute("SELECT MAX(idx) FROM entries").fetchone()
+        return 0 if row[0] is None else int(row[0]) + 1
+
+    def entry(self, index: int) -> bytes:
+        row = self._db.execute("SELECT data FROM entries WHERE idx=?", (index,)).fetchone()
+        if row is None:
+            raise KeyError(index)
+        return bytes(row[0])
+
+    def leaves(self, start: int, stop: int) -> Iterator[bytes]:
+        while start < stop:
+            rows = self._db.execute("SELECT idx, data FROM entries WHERE idx >= ? AND idx < ? ORDER BY idx",
+                                    (start, min(stop, start + PAGE))).fetchall()
+            if not rows:
+                return
+            for idx, data in rows:
+                if idx != start:
+                    raise RuntimeError(f"ledger entry {start} is missing")
+                yield bytes(data)
+                start += 1
