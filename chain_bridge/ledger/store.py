@@ -9,12 +9,14 @@ crash can never leave a root that covers uncommitted leaves.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sqlite3
+import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, TypeVar, cast
 
 from carechain import envelope
 from carechain.checkpoint import Checkpoint, sign_note
@@ -176,6 +178,19 @@ class DeviceRecord:
         return self.revoked_idx is not None
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _exclusive(method: _F) -> _F:
+    """Run a write of the ledger under its tree lock: another thread's `refresh()` on this (shared) connection
+    would otherwise read the transaction's uncommitted rows into the tree."""
+    @functools.wraps(method)
+    def locked(self: Ledger, *args: Any, **kwargs: Any) -> Any:
+        with self._tree_lock:
+            return method(self, *args, **kwargs)
+    return cast(_F, locked)
+
+
 class Ledger:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -193,6 +208,7 @@ class Ledger:
             elif int(version) != SCHEMA_VERSION:
                 raise LedgerError(f"{self.path}: schema version {version}, this carechain reads {SCHEMA_VERSION}")
             self.tree = MerkleTree()
+            self._tree_lock = threading.RLock()
             self._catch_up()
         except sqlite3.DatabaseError as exc:
             self._db.close()
@@ -209,7 +225,16 @@ class Ledger:
         return row[0] if row else None
 
     def _catch_up(self) -> None:
-        """Load leaf hashes appended (by us earlier, or by another process) beyond the in-memory tree."""
+        """Load leaf hashes appended (by us earlier, or by another process) beyond the in-memory tree.
+
+        The only way the tree grows: every append re-reads its own committed rows through here (never extends
+        the tree by what it meant to write), under a lock, so a `refresh()` from another thread between an
+        append's COMMIT and its return can never count the same leaves twice.
+        """
+        with self._tree_lock:
+            self._catch_up_locked()
+
+    def _catch_up_locked(self) -> None:
         start = self.tree.size
         rows = self._db.execute("SELECT idx, leaf_hash FROM entries WHERE idx >= ? ORDER BY idx", (start,))
         hashes: list[bytes] = []
@@ -231,6 +256,7 @@ class Ledger:
 
     # -- appends -------------------------------------------------------------------------------------
 
+    @_exclusive
     def append_events(self, candidates: Sequence[EventCandidate], gate: EventGate | None = None
                       ) -> list[AppendResult]:
         """Append new events in one durable transaction; duplicates get their original index back.
@@ -310,7 +336,7 @@ class Ledger:
                 gate.abort()  # first: whatever the rollback does, the gate must not trust leaves it admitted
             _rollback(db)
             raise
-        self.tree.extend(new_hashes)
+        self._catch_up()
         return results
 
     def _anchored(self, device_id: str, seq: int) -> Anchored | None:
@@ -329,6 +355,7 @@ class Ledger:
             return None
         return payload.get("reason")
 
+    @_exclusive
     def append_entries(self, entries: Sequence[Entry]) -> list[int]:
         """Append contract entries (`party.register`, `rx.anchor`, …) in one durable transaction.
 
@@ -359,9 +386,10 @@ class Ledger:
         except BaseException:
             _rollback(db)
             raise
-        self.tree.extend(hashes)
+        self._catch_up()
         return list(range(first, first + len(hashes)))
 
+    @_exclusive
     def append_registrations(self, items: Iterable[tuple[Entry, Registration]]) -> list[int]:
         """Append device registrations atomically: all or none. Raises on an already-registered key."""
         items = list(items)
@@ -390,14 +418,15 @@ class Ledger:
                     (reg.dev, reg.pk, reg.profile, reg.owner, reg.site, idx),
                 )
             self._bump_registry_version()
+            first = self.tree.size
             db.execute("COMMIT")
         except BaseException:
             _rollback(db)
             raise
-        first = self.tree.size
-        self.tree.extend(hashes)
+        self._catch_up()
         return list(range(first, first + len(hashes)))
 
+    @_exclusive
     def append_revocation(self, entry: Entry, rev: Revocation) -> int:
         if entry.type != ENTRY_REVOKE:
             raise LedgerError(f"entry is a {entry.type}, not a revocation")
@@ -420,7 +449,7 @@ class Ledger:
         except BaseException:
             _rollback(db)
             raise
-        self.tree.append(h)
+        self._catch_up()
         return idx
 
     def _record_cutover(self, index: int, entry: Entry) -> None:
@@ -453,6 +482,7 @@ class Ledger:
         """How many leaves the archiver has scanned for epoch_key events."""
         return int(self._meta(ARCHIVE_SCANNED) or 0)
 
+    @_exclusive
     def record_epoch_keys(self, rows: Iterable[tuple[str, int, str, int, int]], scanned: int) -> None:
         """Remember (dev, epoch, owner, epoch_ms, leaf) of epoch_key events (the first one of a (dev, epoch)
         wins, as in the contracts) and that the log was scanned up to `scanned` leaves; one transaction."""
@@ -467,6 +497,7 @@ class Ledger:
             _rollback(db)
             raise
 
+    @_exclusive
     def plan_archive(self, owner: str, epoch: int, dataset_id: str, members: Sequence[tuple[int, str, int, int]],
                      now_ms: int) -> int:
         """Record a new archive of `members` ((idx, dev, epoch, ct length) of stored ciphertexts) before any of
@@ -500,6 +531,7 @@ class Ledger:
         self._db.execute("UPDATE archives SET manifest=?, stored_ms=? WHERE id=? AND commit_idx IS NULL",
                          (manifest, now_ms, archive))
 
+    @_exclusive
     def drop_archive(self, archive: int) -> None:
         """Forget an archive that was never committed (its ciphertexts become unarchived again)."""
         db = self._db
@@ -515,6 +547,7 @@ class Ledger:
             _rollback(db)
             raise
 
+    @_exclusive
     def commit_archive(self, archive: int, entry: Entry) -> int:
         """Append the archive's `storage.commit` and record its leaf, in one transaction; the leaf index.
 
@@ -550,9 +583,10 @@ class Ledger:
         except BaseException:
             _rollback(db)
             raise
-        self.tree.append(h)
+        self._catch_up()
         return idx
 
+    @_exclusive
     def prune_archive(self, archive: int, now_ms: int) -> int:
         """Delete the bridge's own copy of the ciphertexts of a committed archive; how many were deleted.
         The leaves (and so the ciphertext hashes) stay; `archived` keeps naming where each ciphertext lives."""
@@ -640,6 +674,7 @@ class Ledger:
 
     # -- checkpoints ---------------------------------------------------------------------------------
 
+    @_exclusive
     def issue_checkpoint(self, log_key: Identity, origin: str) -> str:
         """Sign and store a checkpoint of the current tree; returns the signed note."""
         size = self.tree.size
@@ -666,6 +701,7 @@ class Ledger:
 
     # -- contract snapshots --------------------------------------------------------------------------
 
+    @_exclusive
     def save_contract_snapshot(self, tree_size: int, genesis_hash: bytes, state: bytes, keep: int = 2) -> None:
         """Store the contract state after the first `tree_size` leaves; keep only the newest `keep` snapshots.
 
