@@ -32,6 +32,12 @@ def load_key(path: Path) -> Any:
 
 def submit(config: Path | None, data_dir: Path | None, entry: Any) -> int:
     """Check `entry` against a replay of the ledger and append it; its leaf index (exit 1 if refused)."""
+    return submit_all(config, data_dir, [entry])[0]
+
+
+def submit_all(config: Path | None, data_dir: Path | None, entries: list[Any]) -> list[int]:
+    """Check `entries` in order against a replay of the ledger, then append them all or none (exit 1 if any
+    is refused); their leaf indexes."""
     from chain_bridge.contract_admin import ContractRefused, submit
     from chain_bridge.ledger.store import Ledger
     from chain_bridge.registry import ledger_path
@@ -41,7 +47,7 @@ def submit(config: Path | None, data_dir: Path | None, entry: Any) -> int:
     genesis = deployment_genesis(cfg, bdir)
     ledger = open_store(Ledger, ledger_path(bdir))
     try:
-        return submit(ledger, genesis, [entry])[0]
+        return submit(ledger, genesis, entries)
     except ContractRefused as exc:
         raise fail(f"{exc} (nothing appended)", 1) from None
     finally:

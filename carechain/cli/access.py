@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 import typer
 
-from carechain.cli._ledger import deployment_genesis, load_key, now_ms, print_result, replay, submit
+from carechain.cli._ledger import deployment_genesis, load_key, now_ms, print_result, replay, submit, submit_all
 from carechain.cli._options import (
     BrokerOpt,
     ConfigOpt,
@@ -81,24 +81,6 @@ def _pre_key(path: Path) -> Any:
         return PreKey.load(path)
     except KeyFileError as exc:
         raise fail(str(exc)) from None
-
-
-def _submit_all(config: Path | None, data_dir: Path | None, entries: list[Any]) -> list[int]:
-    """`_ledger.submit` for several entries in order (a request and its grant), all or none appended."""
-    from chain_bridge.contract_admin import ContractRefused, submit
-    from chain_bridge.ledger.store import Ledger
-    from chain_bridge.registry import ledger_path
-
-    cfg = load(config)
-    bdir = bridge_dir(cfg, data_dir)
-    genesis = deployment_genesis(cfg, bdir)
-    ledger = open_store(Ledger, ledger_path(bdir))
-    try:
-        return submit(ledger, genesis, entries)
-    except ContractRefused as exc:
-        raise fail(f"{exc} (nothing appended)", 1) from None
-    finally:
-        ledger.close()
 
 
 # -- request ------------------------------------------------------------------------------------------
@@ -221,7 +203,7 @@ def grant(
     except (GrantError, ValueError) as exc:
         raise fail(str(exc), 1) from None
     entries = [built.entry] if find_request(state, request_hash(signed.leaf()).hex()) else [signed.entry, built.entry]
-    leaves = _submit_all(config, data_dir, entries)
+    leaves = submit_all(config, data_dir, entries)
     print_result({"access": leaves[-1], "request": built.request_hash.hex(), "request_leaf": leaves[0]
                   if len(leaves) == 2 else None, "requester": signed.requester,
                   "requester_name": party(state, signed.requester).name, "threshold": threshold,
