@@ -21,7 +21,7 @@ import hmac
 import json
 import re
 import secrets
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -356,23 +356,22 @@ def generate_broker_access(ledger: Ledger, data_dir: Path, out_dir: Path, *,
         device_files[d.device_id] = path
     stale = [p for p in sorted(dev_dir.glob("*.json"))
              if _DEVICE_ID.fullmatch(p.stem) and p.stem not in device_files]
-    miner_dir = out_dir / "miners"
-    miner_files = {}
-    for m in miners:
-        path = miner_dir / f"{m}.json"
-        write_atomic(path, MqttCredentials(username=miner_user(m), password=plan.logins[miner_user(m)].password)
-                     .to_json())
-        miner_files[m] = path
-    stale += [p for p in sorted(miner_dir.glob("*.json")) if _DEVICE_ID.fullmatch(p.stem) and p.stem not in miner_files]
-    party_dir = out_dir / "parties"
-    party_files = {}
-    for pid in parties:
-        path = party_dir / f"{pid}.json"
-        write_atomic(path, MqttCredentials(username=party_user(pid), password=plan.logins[party_user(pid)].password)
-                     .to_json())
-        party_files[pid] = path
-    stale += [p for p in sorted(party_dir.glob("*.json")) if _DEVICE_ID.fullmatch(p.stem) and p.stem not in party_files]
+    miner_files, stale_miners = _login_files(out_dir / "miners", miners, miner_user, plan)
+    party_files, stale_parties = _login_files(out_dir / "parties", parties, party_user, plan)
+    stale += stale_miners + stale_parties
     for p in stale:  # revoked devices and removed miners: their login is gone, so is their provisioning file
         p.unlink()
     return BrokerAccess(passwd, acl, bridge_file, device_files, len(registry) - len(active), plan, stale,
                         miner_files, workers, party_files)
+
+
+def _login_files(folder: Path, ids: Sequence[str], user_of: Callable[[str], str], plan: LoginPlan
+                 ) -> tuple[dict[str, Path], list[Path]]:
+    """One 0600 credentials file per id in `folder` (`<id>.json`); and the files there of ids no longer listed."""
+    files = {}
+    for i in ids:
+        files[i] = folder / f"{i}.json"
+        write_atomic(files[i], MqttCredentials(username=user_of(i), password=plan.logins[user_of(i)].password)
+                     .to_json())
+    stale = [p for p in sorted(folder.glob("*.json")) if _DEVICE_ID.fullmatch(p.stem) and p.stem not in files]
+    return files, stale
