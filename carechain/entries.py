@@ -37,9 +37,20 @@ ACCESS_GRANT = "access.grant"
 ACCESS_REVOKE = "access.revoke"
 ACCESS_FAULT = "access.fault"
 PROTOCOL_CUTOVER = "protocol.cutover"
+FORMULARY_SET = "formulary.set"  # an authority's signed formulary entries (drug code -> Rx-only, schedule, limits)
+CLOCK_ATTEST = "clock.attest"  # the bridge's attested time, which time-based rules judge on
+BOND_POST = "bond.post"  # a party locks tokens as its bond
+BOND_UNBOND = "bond.unbond"  # a party asks for part of its bond back (released after a delay)
+BOND_WITHDRAW = "bond.withdraw"  # the released part moves back to the party's account
+MINER_FORK = "miner.fork"  # proof that a miner cosigned two contradicting checkpoints
+STORAGE_RETRIEVAL = "storage.retrieval"  # a signed retrieval request and the miner's signed answer (or none)
+STORAGE_SETTLE = "storage.settle"  # closes a storage epoch: rewards and cosigning weight from ledger evidence
+CHECKPOINT_FINAL = "checkpoint.final"  # a final checkpoint note with its cosignatures, recorded for rewards
 CONTRACT_ENTRY_TYPES = frozenset({PARTY_REGISTER, CONTRACT_UPGRADE, TOKEN_TRANSFER, RX_ANCHOR, RX_REVOKE,
                                   POLICY_REGISTER, WELLNESS_SETTLE, SALE_REFUSED, STORAGE_COMMIT, STORAGE_AUDIT,
-                                  ACCESS_REQUEST, ACCESS_GRANT, ACCESS_REVOKE, ACCESS_FAULT, PROTOCOL_CUTOVER})
+                                  ACCESS_REQUEST, ACCESS_GRANT, ACCESS_REVOKE, ACCESS_FAULT, PROTOCOL_CUTOVER,
+                                  FORMULARY_SET, CLOCK_ATTEST, BOND_POST, BOND_UNBOND, BOND_WITHDRAW, MINER_FORK,
+                                  STORAGE_RETRIEVAL, STORAGE_SETTLE, CHECKPOINT_FINAL})
 LEDGER_ENTRY_TYPES = ENTRY_TYPES | CONTRACT_ENTRY_TYPES
 
 

@@ -34,6 +34,15 @@ STORAGE_AUDIT = entries.STORAGE_AUDIT
 STORAGE_COMMIT = entries.STORAGE_COMMIT
 TOKEN_TRANSFER = entries.TOKEN_TRANSFER
 WELLNESS_SETTLE = entries.WELLNESS_SETTLE
+FORMULARY_SET = entries.FORMULARY_SET
+CLOCK_ATTEST = entries.CLOCK_ATTEST
+BOND_POST = entries.BOND_POST
+BOND_UNBOND = entries.BOND_UNBOND
+BOND_WITHDRAW = entries.BOND_WITHDRAW
+MINER_FORK = entries.MINER_FORK
+STORAGE_RETRIEVAL = entries.STORAGE_RETRIEVAL
+STORAGE_SETTLE = entries.STORAGE_SETTLE
+CHECKPOINT_FINAL = entries.CHECKPOINT_FINAL
 
 PARTY_ROLES = ("prescriber", "pharmacy", "insurer", "miner", "patient", "doctor", "researcher")
 PreKeyBytes = Annotated[bytes, Field(min_length=33, max_length=33)]  # a compressed secp256k1 point (umbral)
@@ -407,3 +416,12 @@ def check_rx_against_anchor(rx: Prescription, signature: bytes, prescriber_pk: b
     if rx_anchor_for(rx, anchor.ts) != anchor:
         return "rx_does_not_match_anchor"
     return None
+
+
+# -- formulary and attested time ---------------------------------------------------------------------
+
+
+# -- bonds, slashing, patient payments and policies --------------------------------------------------
+
+
+# -- storage audits, retrievals and epochs -----------------------------------------------------------
