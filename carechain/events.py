@@ -17,7 +17,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from carechain import cbor
 from carechain.errors import ProtocolError, Reason
+from carechain.identity import Identity
 
 PROTOCOL_VERSION = 1  # what v1 agents sign; v2 agents sign PROTOCOL_V2
 PROTOCOL_V2 = 2
@@ -103,6 +105,18 @@ class Activity(EventBody):
     active_minutes: int = Field(ge=0, le=1440)
 
 
+class PaymentAuthorization(EventBody):
+    """The patient's consent to one sale line: `pay_minor` tokens from her account and `claim_minor` from her
+    insurer's, both to the pharmacy. `sig` is her wallet key's signature over `payment_message(...)`, which
+    binds the terminal, the item, quantity, price, both amounts, the policy and `nonce` (each nonce once)."""
+
+    patient: str = Field(pattern=r"^[a-z2-7]{16}$")  # her party id: her account is "patient:<id>"
+    pay_minor: int = Field(ge=0, le=10**12)
+    claim_minor: int = Field(ge=0, le=10**12)
+    nonce: int = Field(ge=0, le=2**63 - 1)
+    sig: bytes = Field(min_length=64, max_length=64)
+
+
 class Purchase(EventBody):
     item_code: str = Field(min_length=1, max_length=32)
     code_system: Literal["ndc", "rxnorm", "gtin"]
@@ -111,8 +125,32 @@ class Purchase(EventBody):
     price_minor: int = Field(ge=0, le=10**12)  # integer minor units: no float money
     currency: str = Field(pattern=r"^[A-Z]{3}$")
     patient_token: str = Field(min_length=1, max_length=64)
-    payment_method: Literal["card", "cash", "insurance", "account"]
+    # "token" and "insurance" move tokens on the ledger and need the patient's `payment`; the rest settle off it.
+    payment_method: Literal["card", "cash", "insurance", "account", "token"]
     rx_ref: str | None = Field(default=None, max_length=128)
+    payment: PaymentAuthorization | None = None
+
+
+PAYMENT_DOMAIN = b"carechain/payment/v1\x00"
+
+
+def payment_message(terminal: str, item: str, quantity: int, price_minor: int, pay_minor: int, claim_minor: int,
+                    policy_id: str, nonce: int) -> bytes:
+    """What a patient's wallet signs to authorize a payment: the domain tag, then the terms as CBOR.
+
+    `terminal` is the terminal's device id, `item` "system:code", `policy_id` the id of the policy the claim
+    is billed to ("" when `claim_minor` is 0).
+    """
+    return PAYMENT_DOMAIN + cbor.encode([terminal, item, quantity, price_minor, pay_minor, claim_minor, policy_id,
+                                         nonce])
+
+
+def authorize_payment(wallet: Identity, terminal: str, item: str, quantity: int, price_minor: int, *,
+                      pay_minor: int, claim_minor: int = 0, policy_id: str = "", nonce: int) -> PaymentAuthorization:
+    """Sign a payment with the patient's wallet key (her party key): what a terminal puts on the sale."""
+    message = payment_message(terminal, item, quantity, price_minor, pay_minor, claim_minor, policy_id, nonce)
+    return PaymentAuthorization(patient=wallet.device_id, pay_minor=pay_minor, claim_minor=claim_minor, nonce=nonce,
+                                sig=wallet.sign(message))
 
 
 BODY_MODELS: dict[str, type[EventBody]] = {

@@ -220,9 +220,11 @@ def connect_client(
     on_state: Callable[[bool], None] | None = None,
     max_queued: int = 0,
     policy: ReconnectPolicy = MQTT_RECONNECT,
+    will: tuple[str, bytes] | None = None,
 ) -> mqtt.Client:
     """Create a paho client, start its network thread and connect asynchronously (it keeps retrying under
-    `policy`, logging every failure)."""
+    `policy`, logging every failure). `will`: (topic, payload) the broker publishes, retained, when this
+    client vanishes without a clean disconnect (an empty payload clears a retained discovery message)."""
     client = _Client(
         callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
         client_id=client_id,
@@ -237,6 +239,8 @@ def connect_client(
         client.tls_set_context(tls_context(broker))
     client.max_inflight_messages_set(MAX_INFLIGHT)
     client.max_queued_messages_set(max_queued)
+    if will is not None:
+        client.will_set(will[0], will[1], qos=1, retain=True)
     if on_message is not None:
         client.on_message = on_message
 

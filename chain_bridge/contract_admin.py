@@ -22,7 +22,8 @@ from pydantic import ValidationError
 from carechain.entries import Entry
 from carechain.files import write_atomic
 from carechain.identity import device_id_for, parse_public_key_hex
-from chain_bridge.contract_gate import SNAPSHOT_EVERY
+from carechain.identity import Identity
+from chain_bridge.contract_gate import SNAPSHOT_EVERY, clock_attestation, wall_clock_ms
 from chain_bridge.ledger.store import Ledger
 from contract_rules import Genesis, Replica, Runtime
 from contract_rules.replay import SnapshotError, genesis_hash
@@ -66,19 +67,23 @@ def replay_ledger(ledger: Ledger, genesis: Genesis) -> Runtime:
     return replica.runtime
 
 
-def submit(ledger: Ledger, genesis: Genesis, entries: Sequence[Entry]) -> list[int]:
+def submit(ledger: Ledger, genesis: Genesis, entries: Sequence[Entry], clock: Identity | None = None) -> list[int]:
     """Check `entries` in order against a replay of the ledger, then append them all; their leaf indexes.
 
+    With `clock` (the bridge's operator key) a `clock.attest` goes in first when the attested time is stale,
+    so rules that judge on time (settlement weeks, unbonding) see the time of this submission.
     Raises ContractRefused (nothing appended) if any would be rejected. Another process appending in
     between can still change the outcome; run these commands on the bridge host, one at a time.
     """
     runtime = replay_ledger(ledger, genesis)
-    for entry in entries:
+    attest = clock_attestation(clock, runtime.state, wall_clock_ms()) if clock is not None else None
+    batch = [attest, *entries] if attest is not None else list(entries)
+    for entry in batch:
         reason = runtime.check(entry)
         if reason != OK:
             raise ContractRefused(entry.type, reason)
         runtime.apply(entry)
-    return ledger.append_entries(entries)
+    return ledger.append_entries(batch)[len(batch) - len(entries):]
 
 
 # -- Rx files ----------------------------------------------------------------------------------------

@@ -7,6 +7,11 @@ against the pharmacy; a sale the contracts would not even accept as refused (e.g
 contracts do not know) is not appended at all. An epoch_key or weekly_activity the contracts reject is refused
 without a leaf. Other event kinds (readings) go in unchecked.
 
+Time-based rules judge on the time the bridge attests (`contract_rules.clock`), so before each gated event
+the gate appends an operator-signed `clock.attest` in the same batch whenever the attested time is missing
+or more than `CLOCK_STALE_MS` old by the bridge's clock: a sale is judged on a time at most about a second
+before it reached the bridge, and a terminal cannot backdate it.
+
 Replaying the whole log at every start (and after every rolled-back batch) would make both grow with the
 ledger, so the gate keeps snapshots of its state in the ledger database (`save_snapshot`, called at
 checkpoints) and starts from the newest one, replaying only the leaves after it.
@@ -16,12 +21,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from carechain.entries import ENTRY_EVENT, Entry
 from carechain.identity import Identity
-from chain_bridge.ledger.store import EventCandidate, Ledger
+from chain_bridge.ledger.store import Admission, EventCandidate, Ledger
 from contract_rules import CodeBook, Genesis, Replica, Runtime, State
 from contract_rules import transactions as ce
+from contract_rules.clock import attested_ms
 from contract_rules.replay import SnapshotError, genesis_hash
 from contract_rules.runtime import OK
 
@@ -33,12 +40,30 @@ GATED_KINDS = frozenset({PURCHASE, "epoch_key", "weekly_activity"})
 # Snapshot at a checkpoint once this many leaves were applied since the last one: a restart then replays at
 # most about this many leaves (~150 µs each), and a snapshot costs one write of the contract tables.
 SNAPSHOT_EVERY = 10_000
+# Attest the time again before a gated event once the attested time is this old (by the bridge's clock).
+CLOCK_STALE_MS = 1_000
 log = logging.getLogger("carechain.bridge")
+
+
+def wall_clock_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def clock_attestation(operator: Identity, state: State, now_ms: int) -> Entry | None:
+    """The `clock.attest` to append next, or None while the attested time is less than `CLOCK_STALE_MS` old.
+
+    Attested time never moves back: while the bridge's clock is behind the last attestation (it was stepped
+    back), sales are judged on that attestation, and attesting resumes once the clock has passed it.
+    """
+    last = attested_ms(state)
+    if last is not None and now_ms - last < CLOCK_STALE_MS:
+        return None
+    return ce.clock_attest_entry(operator, now_ms)
 
 
 class ContractGate:
     def __init__(self, genesis: Genesis, operator: Identity, code: CodeBook | None = None,
-                 snapshot_every: int = SNAPSHOT_EVERY) -> None:
+                 snapshot_every: int = SNAPSHOT_EVERY, clock: Callable[[], int] = wall_clock_ms) -> None:
         if operator.device_id not in genesis.operators:
             raise ValueError(f"the bridge's operator key {operator.device_id} is not a genesis operator: the "
                              "contracts would reject every sale.refused it signs")
@@ -49,6 +74,7 @@ class ContractGate:
         self._stale = True  # nothing loaded yet: the first catch_up starts from the newest snapshot
         self._snapshot_size = 0
         self.snapshot_every = snapshot_every
+        self.clock = clock  # ms since the epoch: what the gate attests (tests pass a fixed clock)
         self.replayed = 0  # leaves applied by the last catch_up (restart and abort cost; tests and bench read it)
 
     @property
@@ -105,25 +131,38 @@ class ContractGate:
         self._snapshot_size = size
         return True
 
-    def admit(self, index: int, candidate: EventCandidate) -> Entry | str | None:
+    def admit(self, index: int, candidate: EventCandidate) -> Admission | str | None:
         if index != self.runtime.state.size:  # cannot happen after catch_up; never decide on a stale state
             raise RuntimeError(f"contract gate at size {self.runtime.state.size} asked about leaf {index}")
-        entry = Entry(ENTRY_EVENT, Entry.decode(candidate.leaf).cose)
-        if candidate.kind == PURCHASE:
-            reason = self.runtime.check(entry)
-            if reason != OK:
-                refusal = ce.signed(self.operator, ce.SALE_REFUSED,
-                                    ce.SaleRefusal(event=entry.cose, reason=reason, ts=int(time.time() * 1000)))
-                if self.runtime.check(refusal) != OK:
-                    return reason  # not a sale the contracts can count: refuse it without a leaf
-                self.runtime.apply(refusal)
-                return refusal
-        elif candidate.kind in GATED_KINDS:
-            reason = self.runtime.check(entry)
-            if reason != OK:  # e.g. a second epoch_key for one epoch: a leaf the miners' rules would reject
-                return reason
-        self.runtime.apply(entry)
-        return None
+        if candidate.kind not in GATED_KINDS:
+            self.runtime.apply(Entry(ENTRY_EVENT, Entry.decode(candidate.leaf).cose))
+            return None
+        now = self.clock()
+        attest = clock_attestation(self.operator, self.state, now)
+        before: tuple[Entry, ...] = ()
+        if attest is not None:
+            result = self.runtime.apply(attest)
+            if result != OK:  # the operator key is a genesis operator and the time moves forward: cannot happen
+                raise RuntimeError(f"the contracts refused the bridge's clock.attest: {result}")
+            before = (attest,)
+        decision = self._decide(Entry(ENTRY_EVENT, Entry.decode(candidate.leaf).cose), candidate.kind, now)
+        if isinstance(decision, str):
+            return Admission(before, refused=decision) if before else decision
+        return Admission(before, decision) if before or decision is not None else None
+
+    def _decide(self, entry: Entry, kind: str, now: int) -> Entry | str | None:
+        """Apply a gated event (None), its `sale.refused` (returned), or refuse it without a leaf (a reason)."""
+        reason = self.runtime.check(entry)
+        if reason == OK:
+            self.runtime.apply(entry)
+            return None
+        if kind != PURCHASE:  # e.g. a second epoch_key for one epoch: a leaf the miners' rules would reject
+            return reason
+        refusal = ce.signed(self.operator, ce.SALE_REFUSED, ce.SaleRefusal(event=entry.cose, reason=reason, ts=now))
+        if self.runtime.check(refusal) != OK:
+            return reason  # not a sale the contracts can count: refuse it without a leaf
+        self.runtime.apply(refusal)
+        return refusal
 
     def abort(self) -> None:
         self._stale = True  # leaves applied in the rolled-back transaction: rebuild from the ledger

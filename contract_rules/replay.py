@@ -3,12 +3,12 @@
 A `Replica` is a `Runtime` kept in step with a log by applying its leaves in order, each under the code in
 force at its index. The bridge's contract gate keeps one beside the ledger, `carechain rx|party|…` build
 one from the whole ledger, and a miner's `ContractWitness` advances one range of leaves per cosigned
-checkpoint, refusing (with a `Violation`) the first leaf the rules do not accept.
+checkpoint: a leaf the rules do not accept is void (recorded, changes nothing else) and reported in
+`witness.voids`; only a leaf that is not an entry at all stops it.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 from collections.abc import Iterable, Sequence
 
@@ -22,7 +22,8 @@ LEAF_TYPES = LEDGER_ENTRY_TYPES
 __all__ = ["LEAF_TYPES", "ContractWitness", "Replica", "SnapshotError", "Violation", "decode_leaf", "genesis_hash",
            "replay", "replay_leaves"]
 
-SNAPSHOT_VERSION = 1
+# 2: refused leaves are recorded as voids (`void` table); a version 1 snapshot lacks them, so it is replayed.
+SNAPSHOT_VERSION = 2
 
 
 class SnapshotError(ValueError):
@@ -118,13 +119,20 @@ def replay_leaves(genesis: Genesis, leaves: Iterable[bytes], code: CodeBook | No
 
 
 class ContractWitness(Replica):
-    """A miner's entry verifier: `(old_size, new_size, leaves) -> Violation | None`, advancing only on success.
+    """A miner's entry verifier: `(old_size, new_size, leaves) -> Violation | None`, advancing on success.
 
-    On an honest log every leaf is accepted, since the bridge appends only what `Runtime.check` accepts and
-    records refused sales as `sale.refused`. The first leaf that is not accepted is a violation: the miner
-    refuses to cosign, and the state stays at the last cosigned tree. Raises `MissingContractCode` when the
-    log pins code this miner lacks: neither cosign nor accuse then.
+    A leaf the rules refuse does not stop the miner: the runtime records it as void (no effects but its
+    Reject's) and the miner keeps cosigning, so a dishonest bridge cannot stall finality by appending one;
+    the range's voids are left in `self.voids` (cleared at every call) for the miner to publish as evidence.
+    Only a leaf that is not a ledger entry at all is a `Violation` (returned, nothing applied): no honest
+    log holds one. Judging a range costs O(its leaves): the state's undo journal, not a copy, takes it back
+    on a violation. Raises `MissingContractCode` when the log pins code this miner lacks (state unchanged):
+    neither cosign nor accuse then.
     """
+
+    def __init__(self, genesis: Genesis, code: CodeBook | None = None) -> None:
+        super().__init__(genesis, code)
+        self.voids: list[Violation] = []
 
     def __call__(self, old_size: int, new_size: int, leaves: Sequence[bytes]) -> Violation | None:
         state = self.runtime.state
@@ -133,18 +141,24 @@ class ContractWitness(Replica):
                              "replay the log up to the last cosigned checkpoint first")
         if old_size + len(leaves) != new_size:
             raise ValueError(f"{len(leaves)} leaves do not take {old_size} to {new_size}")
-        saved = copy.deepcopy(state)  # restored on a violation: the state follows cosigned trees only
-        for offset, leaf in enumerate(leaves):
-            index = old_size + offset
-            violation: Violation | None
-            try:
-                entry = decode_leaf(leaf)
-            except EntryError as exc:
-                violation = Violation(index, "bad_leaf", str(exc))
-            else:
+        self.voids = []
+        voids: list[Violation] = []
+        state.journal = []  # taken back on a violation: the state follows cosigned trees only
+        try:
+            for offset, leaf in enumerate(leaves):
+                index = old_size + offset
+                try:
+                    entry = decode_leaf(leaf)
+                except EntryError as exc:
+                    state.rollback()
+                    return Violation(index, "bad_leaf", str(exc))
                 result = self.runtime.apply(entry)
-                violation = None if result == OK else Violation(index, result, f"{entry.type}: {result}")
-            if violation is not None:
-                self.runtime.state = saved
-                return violation
+                if result != OK:
+                    voids.append(Violation(index, result, f"{entry.type}: {result}"))
+        except BaseException:
+            state.rollback()
+            raise
+        finally:
+            state.journal = None
+        self.voids = voids
         return None

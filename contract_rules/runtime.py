@@ -27,6 +27,7 @@ from carechain.entries import ENTRY_EVENT, ENTRY_REGISTER, ENTRY_REVOKE, Entry, 
 from carechain.events import SEALED_KINDS, EpochKey, PayloadError, validate_payload
 from carechain.identity import device_id_for
 from contract_rules import transactions as ce
+from contract_rules.clock import CLOCK_TABLE, NOW, attested_ms
 
 STATE_DOMAIN = b"carechain/contracts/state/v1\x00"
 OK = "ok"
@@ -42,10 +43,18 @@ ROUTES: dict[str, tuple[str, ...]] = {
     "event:weekly_activity": ("insurance",),
     ce.STORAGE_COMMIT: ("storage",),
     ce.STORAGE_AUDIT: ("storage",),
+    ce.STORAGE_RETRIEVAL: ("storage",),
+    ce.STORAGE_SETTLE: ("storage",),
+    ce.CHECKPOINT_FINAL: ("storage",),
     ce.ACCESS_REQUEST: ("access",),
     ce.ACCESS_GRANT: ("access",),
     ce.ACCESS_REVOKE: ("access",),
     ce.ACCESS_FAULT: ("access",),
+    ce.BOND_POST: ("bonds",),
+    ce.BOND_UNBOND: ("bonds",),
+    ce.BOND_WITHDRAW: ("bonds",),
+    ce.MINER_FORK: ("bonds",),
+    ce.FORMULARY_SET: ("formulary",),
 }
 # Who may sign each entry type (a party role, "operator" from the genesis, or a registered "device").
 SIGNERS: dict[str, frozenset[str]] = {
@@ -58,21 +67,36 @@ SIGNERS: dict[str, frozenset[str]] = {
     ce.RX_ANCHOR: frozenset({"prescriber"}),
     ce.RX_REVOKE: frozenset({"prescriber"}),
     ce.POLICY_REGISTER: frozenset({"insurer"}),
-    ce.WELLNESS_SETTLE: frozenset({"insurer"}),
+    ce.WELLNESS_SETTLE: frozenset({"insurer", "patient"}),  # insurance v3: the patient may settle her own week
     ce.STORAGE_COMMIT: frozenset({"key", "operator", *ce.PARTY_ROLES}),  # any key: see SELF_KEYED
-    ce.STORAGE_AUDIT: frozenset({"operator"}),
+    ce.STORAGE_AUDIT: frozenset({"operator", *ce.PARTY_ROLES}),  # storage v2: the rules recompute each verdict
+    ce.STORAGE_RETRIEVAL: frozenset({"key", "operator", *ce.PARTY_ROLES}),  # the requester (maybe an owner key)
+    ce.STORAGE_SETTLE: frozenset({"operator", *ce.PARTY_ROLES}),
+    ce.CHECKPOINT_FINAL: frozenset({"operator"}),  # the bridge records final checkpoints it published
     ce.PROTOCOL_CUTOVER: frozenset({"operator"}),
     ce.ACCESS_REQUEST: frozenset(ce.PARTY_ROLES),  # the rule also wants a registered re-encryption key
     ce.ACCESS_GRANT: frozenset({"patient"}),
     ce.ACCESS_REVOKE: frozenset({"patient"}),
     ce.ACCESS_FAULT: frozenset(ce.PARTY_ROLES),
+    ce.BOND_POST: frozenset(ce.BOND_ROLES),
+    ce.BOND_UNBOND: frozenset(ce.BOND_ROLES),
+    ce.BOND_WITHDRAW: frozenset(ce.BOND_ROLES),
+    ce.MINER_FORK: frozenset({"operator", *ce.PARTY_ROLES}),
+    ce.FORMULARY_SET: frozenset({"authority"}),
+    ce.CLOCK_ATTEST: frozenset({"operator"}),  # the bridge attests the time rules judge on
     ENTRY_EVENT: frozenset({"device"}),
 }
 # Entry types any Ed25519 key may sign: the payload carries `pk`, whose id must be the signer's kid; an
 # unregistered signer then acts with the role "key" (a patient committing its dataset's share roots).
-SELF_KEYED = frozenset({ce.STORAGE_COMMIT})
+SELF_KEYED = frozenset({ce.STORAGE_COMMIT, ce.STORAGE_RETRIEVAL})
 # The rule modules shipped in this package, by module name: old versions stay, since deployed logs pin them.
-BUILTIN = ("tokens", "prescriptions", "insurance", "insurance_v2", "storage", "access")
+BUILTIN = ("tokens", "prescriptions", "insurance", "insurance_v2", "storage", "access", "bonds", "insurance_v3",
+           "access_v2", "prescriptions_v2", "formulary", "storage_v2")
+
+
+# Contract entries carry evidence (signed audit answers, capsule fragments, checkpoint notes), so they may be
+# larger than a device's event, whose limit the bridge enforces at ingest.
+MAX_ENTRY_BYTES = 1024 * 1024
 
 
 class MissingContractCode(RuntimeError):
@@ -129,10 +153,11 @@ class Accept:
 
 @dataclass(frozen=True)
 class Reject:
-    """A refusal; `effects` may only record the refusal itself (e.g. a count against a pharmacy)."""
+    """A refusal. Its `effects` record the refusal itself: a count against a pharmacy, or a slash of the
+    offender's bond (Transfers included, applied all-or-none like an Accept's; see `Runtime.apply`)."""
 
     reason: str
-    effects: tuple[Put | Add, ...] = ()
+    effects: tuple[Effect, ...] = ()
 
 
 Outcome = Accept | Reject
@@ -224,6 +249,11 @@ class Genesis:
 
 # -- state -------------------------------------------------------------------------------------------
 
+# Undo journal records: (kind, ...) with what the change replaced; `_ABSENT` marks a key that did not exist.
+_J_BALANCE, _J_KEY, _J_TABLE, _J_VERSION, _J_RESULT = "balance", "key", "table", "version", "result"
+_ABSENT = object()
+
+
 @dataclass
 class State:
     """Everything the contracts know. Tables are dicts with string keys and CBOR-able, float-free values."""
@@ -236,6 +266,9 @@ class State:
     tables: dict[str, dict[str, Any]] = field(default_factory=dict)
     results: list[list[Any]] = field(default_factory=list)  # [index, "ok" | reason] per entry
     size: int = 0
+    # The undo journal, when a list: every change `Runtime.apply` makes is recorded in it (the value it
+    # replaced) so `rollback()` can return to where the journal started. Not part of the state or its root.
+    journal: list[tuple[Any, ...]] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_genesis(cls, genesis: Genesis) -> State:
@@ -264,6 +297,42 @@ class State:
             raise MissingContractCode(f"no version of contract {name!r} is in force at index {index}")
         return chosen
 
+    def rollback(self) -> None:
+        """Undo every change recorded in the journal, newest first; the journal is then empty.
+
+        A miner judges a range of leaves this way without copying its state: the cost is that of the
+        changes the range made, not of the state (`ContractWitness`).
+        """
+        journal = self.journal
+        if journal is None:
+            raise RuntimeError("State.rollback() without a journal: set state.journal = [] before applying")
+        while journal:
+            change = journal.pop()
+            kind = change[0]
+            if kind == _J_BALANCE:
+                _, account, before = change
+                if before is None:
+                    self.balances.pop(account, None)
+                else:
+                    self.balances[account] = before
+            elif kind == _J_KEY:
+                _, table, key, before = change
+                if before is _ABSENT:
+                    del self.tables[table][key]
+                else:
+                    self.tables[table][key] = before
+            elif kind == _J_TABLE:
+                del self.tables[change[1]]
+            elif kind == _J_VERSION:
+                _, name, length = change
+                if length:
+                    del self.versions[name][length:]
+                else:
+                    del self.versions[name]
+            elif kind == _J_RESULT:
+                self.results.pop()
+                self.size = change[1]
+
     def snapshot(self) -> dict[str, Any]:
         return {"operators": self.operators, "balances": self.balances, "supply": self.supply,
                 "versions": self.versions, "tables": self.tables, "results": self.results, "size": self.size}
@@ -288,7 +357,13 @@ class Runtime:
             history[0][1] = module.version
 
     def apply(self, entry: Entry) -> str:
-        """Apply the next entry; returns "ok" or the rejection reason. Raises MissingContractCode only."""
+        """Apply the next entry; returns "ok" or the rejection reason. Raises MissingContractCode only.
+
+        An entry whose result is not "ok" is *void*: it changes nothing but what its Reject carries (a
+        count, a slash of the offender's bond) and the record `void[index]` = {reason, type, signer}. An
+        honest bridge never appends one (it appends only what `check` accepts), so a void leaf is evidence
+        against the operator — and the log, and its miners, carry on past it.
+        """
         state = self.state
         index = state.size
         outcome = self._outcome(index, entry)
@@ -296,9 +371,16 @@ class Runtime:
             result = OK
             if not _apply_effects(state, outcome.effects):
                 result = "insufficient_funds"
+                outcome = Reject(result)  # the sale's effects do not apply, not even in part
         else:
             result = outcome.reason
-            _apply_effects(state, outcome.effects)
+        if result != OK:
+            assert isinstance(outcome, Reject)
+            if not _apply_effects(state, outcome.effects):  # a slash the bond cannot cover: still count it
+                _apply_effects(state, [e for e in outcome.effects if not isinstance(e, Transfer)])
+            _apply_effects(state, (Put("void", str(index), _void_record(entry, result)),))
+        if state.journal is not None:
+            state.journal.append((_J_RESULT, index))
         state.results.append([index, result])
         state.size = index + 1
         return result
@@ -316,7 +398,7 @@ class Runtime:
 
     def _outcome(self, index: int, entry: Entry) -> Outcome:
         try:
-            msg = envelope.parse(entry.cose)
+            msg = envelope.parse(entry.cose, max_bytes=MAX_ENTRY_BYTES)
         except envelope.EnvelopeError as exc:
             return Reject(f"bad_envelope:{exc.reason}")
         signer = self._signer(entry.type, msg.kid)
@@ -493,6 +575,16 @@ class Runtime:
             return Reject("cutover_is_retroactive")
         return Accept((Put("protocol", "cutover", {"retire_v1_after": c.retire_v1_after, "at": index}),))
 
+    def _clock_attest(self, index: int, payload: dict[str, Any]) -> Outcome:
+        """The bridge's attested time (`contract_rules.clock`): time-based rules judge on it from here on."""
+        a = ce.parse(ce.ClockAttest, payload)
+        if a is None:
+            return Reject("bad_payload")
+        now = attested_ms(self.state)
+        if now is not None and a.ms <= now:
+            return Reject("clock_not_later")  # attested time only moves forward
+        return Accept((Put(CLOCK_TABLE, NOW, {"ms": a.ms, "at": index}),))
+
     def _epoch_key(self, index: int, payload: dict[str, Any]) -> Outcome:
         """Anchor the capsule of one (device, epoch) data key, encapsulated to the device's registered owner."""
         key = f"{payload['dev']}:{payload['seq']}"
@@ -518,9 +610,10 @@ _CORE = {
     ce.CONTRACT_UPGRADE: Runtime._contract_upgrade,
     ce.SALE_REFUSED: Runtime._sale_refused,
     ce.PROTOCOL_CUTOVER: Runtime._protocol_cutover,
+    ce.CLOCK_ATTEST: Runtime._clock_attest,
 }
 # Contracts a `contract.upgrade` may add to a ledger whose genesis predates them.
-ADDABLE = frozenset({"access"})
+ADDABLE = frozenset({"access", "bonds", "formulary"})
 
 
 def _self_key(msg: envelope.Sign1) -> tuple[str, bytes] | None:
@@ -529,6 +622,15 @@ def _self_key(msg: envelope.Sign1) -> tuple[str, bytes] | None:
     if not isinstance(pk, bytes) or len(pk) != 32 or device_id_for(pk) != msg.kid:
         return None
     return "key", pk
+
+
+def _void_record(entry: Entry, reason: str) -> dict[str, str]:
+    """What `void[index]` says about a leaf the rules did not accept (the signer's kid if it has one)."""
+    try:
+        signer = envelope.parse(entry.cose, max_bytes=MAX_ENTRY_BYTES).kid
+    except envelope.EnvelopeError:
+        signer = ""
+    return {"reason": reason, "type": entry.type, "signer": signer}
 
 
 def _balances_after(state: State, effects: Iterable[Effect]) -> dict[str, int] | None:
@@ -547,24 +649,37 @@ def _balances_after(state: State, effects: Iterable[Effect]) -> dict[str, int] |
 
 
 def _apply_effects(state: State, effects: Iterable[Effect]) -> bool:
-    """Apply all effects or none. Transfers must be positive and covered; False (nothing applied) if not."""
+    """Apply all effects or none. Transfers must be positive and covered; False (nothing applied) if not.
+
+    With `state.journal` a list, every value replaced is recorded there first (see `State.rollback`).
+    """
     effects = list(effects)
     pending = _balances_after(state, effects)
     if pending is None:
         return False
+    journal = state.journal
     for account, amount in pending.items():
+        if journal is not None:
+            journal.append((_J_BALANCE, account, state.balances.get(account)))
         if amount:
             state.balances[account] = amount
         else:
             state.balances.pop(account, None)
     for e in effects:
-        if isinstance(e, Put):
-            if e.table == "versions":
-                state.versions.setdefault(e.key, []).append(e.value)
-            else:
-                state.tables.setdefault(e.table, {})[e.key] = e.value
-        elif isinstance(e, Add):
-            table = state.tables.setdefault(e.table, {})
-            table[e.key] = table.get(e.key, 0) + e.amount
+        if isinstance(e, Transfer):
+            continue
+        if isinstance(e, Put) and e.table == "versions":
+            history = state.versions.setdefault(e.key, [])
+            if journal is not None:
+                journal.append((_J_VERSION, e.key, len(history)))
+            history.append(e.value)
+            continue
+        table = state.tables.get(e.table)
+        if table is None:
+            table = state.tables[e.table] = {}
+            if journal is not None:
+                journal.append((_J_TABLE, e.table))
+        if journal is not None:
+            journal.append((_J_KEY, e.table, e.key, table.get(e.key, _ABSENT)))
+        table[e.key] = e.value if isinstance(e, Put) else table.get(e.key, 0) + e.amount
     return True
-

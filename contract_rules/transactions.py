@@ -44,7 +44,7 @@ STORAGE_RETRIEVAL = entries.STORAGE_RETRIEVAL
 STORAGE_SETTLE = entries.STORAGE_SETTLE
 CHECKPOINT_FINAL = entries.CHECKPOINT_FINAL
 
-PARTY_ROLES = ("prescriber", "pharmacy", "insurer", "miner", "patient", "doctor", "researcher")
+PARTY_ROLES = ("prescriber", "pharmacy", "insurer", "miner", "patient", "doctor", "researcher", "authority")
 PreKeyBytes = Annotated[bytes, Field(min_length=33, max_length=33)]  # a compressed secp256k1 point (umbral)
 # Domain tags of the Rx hashes and signature: one per purpose, so no hash or signature of one can pass as another.
 RX_DOMAIN = b"carechain/rx/v1\x00"  # the body: the prescriber's signature and rx_ref
@@ -71,7 +71,7 @@ class PartyRegistration(_Payload):
     """Operator-signed: binds a key to a role. Its account is "<role>:<party id>"."""
 
     v: int = 1
-    role: Literal["prescriber", "pharmacy", "insurer", "miner", "patient", "doctor", "researcher"]
+    role: Literal["prescriber", "pharmacy", "insurer", "miner", "patient", "doctor", "researcher", "authority"]
     pk: bytes = Field(min_length=32, max_length=32)
     name: str = Field(min_length=1, max_length=128)
     ts: int = Field(ge=0)
@@ -420,8 +420,240 @@ def check_rx_against_anchor(rx: Prescription, signature: bytes, prescriber_pk: b
 
 # -- formulary and attested time ---------------------------------------------------------------------
 
+MAX_SCHEDULE = 5  # US controlled-substance schedules I-V; 0 = not controlled
+
+
+class FormularyItem(_Payload):
+    """One drug's terms on the formulary: whether a sale needs an Rx, its schedule, how much one fill may hold."""
+
+    item: ItemKey  # "system:code", as a sale names it ("ndc:70882-114-20")
+    rx_only: bool
+    schedule: int = Field(ge=0, le=MAX_SCHEDULE)
+    max_quantity: int = Field(ge=1, le=10_000)  # packages per sale (the unit of Purchase.quantity)
+
+
+class FormularySet(_Payload):
+    """Authority-signed: set (add or replace) formulary items; the rules decide Rx-only from these, never a
+    terminal. An item not on the formulary is Rx-only."""
+
+    v: int = 1
+    items: list[FormularyItem] = Field(min_length=1, max_length=1024)
+    ts: TimeMs
+
+
+class ClockAttest(_Payload):
+    """Operator-signed (the bridge): the time, in ms since the epoch, that time-based rules judge on from
+    this leaf on. Each attestation must be later than the one before."""
+
+    v: int = 1
+    ms: TimeMs
+
+
+def formulary_set_entry(authority: Identity, formulary: FormularySet) -> Entry:
+    return signed(authority, FORMULARY_SET, formulary)
+
+
+def clock_attest_entry(operator: Identity, ms: int) -> Entry:
+    return signed(operator, CLOCK_ATTEST, ClockAttest(ms=ms))
+
+
 
 # -- bonds, slashing, patient payments and policies --------------------------------------------------
 
+POLICY_CONSENT_DOMAIN = b"carechain/policy/consent/v1\x00"  # what a patient signs to accept a policy
+BOND_ROLES = ("pharmacy", "insurer", "miner")
+MAX_FORK_NOTE = 16 * 1024  # a checkpoint note with the bridge's and up to ~100 cosignature lines
+
+
+class BondPost(_Payload):
+    """Signed by a pharmacy, insurer or miner: lock `amount` from its own account in "bond:<party id>"."""
+
+    v: int = 1
+    amount: int = Field(ge=1, le=2**62)
+    nonce: int = Field(ge=0, le=2**63 - 1)  # makes two equal posts distinct entries; reuse is rejected
+    ts: TimeMs
+
+
+class BondUnbond(_Payload):
+    """Ask for `amount` of the bond back: it stays slashable until released (`bonds.UNBONDING_MS` later)."""
+
+    v: int = 1
+    amount: int = Field(ge=1, le=2**62)
+    nonce: int = Field(ge=0, le=2**63 - 1)
+    ts: TimeMs
+
+
+class BondWithdraw(_Payload):
+    """Move the released unbonding amount back to the party's own account."""
+
+    v: int = 1
+    nonce: int = Field(ge=0, le=2**63 - 1)
+    ts: TimeMs
+
+
+class MinerFork(_Payload):
+    """Proof that `miner` cosigned two log-signed checkpoints of one size with different roots.
+
+    Any registered party (or the operator) may file it; the rule verifies both notes and slashes the miner's
+    whole bond ("fork_cosignature"). The notes are the evidence: the log's signature and the miner's
+    cosignature on each, nothing the filer could make up.
+    """
+
+    v: int = 1
+    miner: PartyId
+    note_a: str = Field(min_length=1, max_length=MAX_FORK_NOTE)
+    note_b: str = Field(min_length=1, max_length=MAX_FORK_NOTE)
+    ts: TimeMs
+
+
+class CappedCoverage(_Payload):
+    """A coverage rule with a price cap per item: the insurer's share is `bp` of at most `cap` per package."""
+
+    category: str = Field(min_length=1, max_length=32)
+    bp: int = Field(ge=0, le=10_000)
+    caps: dict[ItemKey, Minor] = Field(min_length=1, max_length=1024)  # "system:code" → cap per package
+
+
+class PolicyOffer(_Payload):
+    """A policy's terms as the insurer offers them to one patient (her party id), before she consents."""
+
+    v: Literal[2] = 2
+    policy_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    patient: PartyId
+    coverage: list[CappedCoverage] = Field(max_length=32)
+    wellness: Wellness | None = None
+    ts: TimeMs
+
+    def consent_bytes(self, insurer: str) -> bytes:
+        """What the patient signs: the domain tag, then the insurer's party id and the terms, as CBOR."""
+        terms = self.model_dump(exclude={"consent"})
+        return POLICY_CONSENT_DOMAIN + cbor.encode({"insurer": insurer, "terms": terms})
+
+
+class ConsentedPolicy(PolicyOffer):
+    """Insurer-signed `policy.register` (insurance v3): the offer plus the patient's consent signature."""
+
+    consent: bytes = Field(min_length=64, max_length=64)
+
+
+def sign_policy_consent(patient: Identity, insurer: str, offer: PolicyOffer) -> bytes:
+    """The patient's signature accepting `offer` from the insurer with party id `insurer`."""
+    return patient.sign(offer.consent_bytes(insurer))
+
+
+def consented_policy(offer: PolicyOffer, consent: bytes) -> ConsentedPolicy:
+    return ConsentedPolicy(**offer.model_dump(), consent=consent)
+
+
+def policy_consent_holds(patient_pk: bytes, insurer: str, policy: ConsentedPolicy) -> bool:
+    """Whether `policy.consent` is the patient's signature over these terms offered by `insurer`."""
+    return verify_signature(patient_pk, policy.consent_bytes(insurer), policy.consent)
+
+
 
 # -- storage audits, retrievals and epochs -----------------------------------------------------------
+
+MAX_AUDIT_ANSWER = 14 * 1024  # one miner's signed AuditAnswer (`carechain.storage.attestations`)
+MAX_RETRIEVAL_MESSAGE = 1024  # a signed RetrievalRequest or RetrievalAnswer
+
+
+class StorageShareV2(_Payload):
+    index: int = Field(ge=0, le=255)
+    miner: MinerId
+    root: Hex32
+    # The miner's store receipt (`attestations.store_receipt`): required for a share this commit places
+    # (a new version, or a repair); None for a share kept as the ledger already has it.
+    receipt: bytes | None = Field(default=None, min_length=64, max_length=64)
+
+
+class StorageSegmentV2(_Payload):
+    index: int = Field(ge=0, le=2**32)
+    version: int = Field(ge=1)
+    share_length: int = Field(ge=1, le=2**40)  # bytes per share: with the chunk size, what audits draw from
+    shares: list[StorageShareV2] = Field(min_length=1, max_length=256)
+
+
+class StorageCommitV2(_Payload):
+    """Signed by the dataset's owner key (storage v2): share roots, placed by the seed of a final checkpoint.
+
+    The segments written by this revision (version == revision) must sit exactly on
+    `carechain.storage.placement.place_shares(seed, dataset, segment, version, active miners, n)`; older
+    segments must match the ledger, except repaired shares (same root, new miner), which must sit on the
+    miners `place_shares` picks with the segment's old holders excluded. Every share this commit places carries
+    its miner's store receipt. `seed_checkpoint` is that final note.
+    """
+
+    v: Literal[2] = 2
+    pk: bytes = Field(min_length=32, max_length=32)
+    dataset_id: str = Field(min_length=1, max_length=256)
+    revision: int = Field(ge=1)
+    k: int = Field(ge=1, le=256)
+    n: int = Field(ge=1, le=256)
+    length: int = Field(ge=0)
+    chunk_size: int = Field(ge=1, le=1 << 20)
+    segments: list[StorageSegmentV2] = Field(max_length=1_000_000)
+    seed_checkpoint: str = Field(min_length=1, max_length=MAX_SEED_CHECKPOINT)
+    ts: TimeMs
+
+
+class StorageAuditV2(_Payload):
+    """One audit round of the current storage epoch: each audited miner's signed answers (or null).
+
+    Signed by the operator or any registered party. The rules derive every miner's challenges from the ledger
+    and the seed of `seed_checkpoint` (`attestations.challenges_for`) and recompute each verdict; null (the
+    miner did not answer) counts as a failed audit only when the operator files it.
+    """
+
+    v: Literal[2] = 2
+    epoch: int = Field(ge=0)
+    seed_checkpoint: str = Field(min_length=1, max_length=MAX_SEED_CHECKPOINT)
+    answers: dict[MinerId, Annotated[bytes, Field(min_length=1, max_length=MAX_AUDIT_ANSWER)] | None] = Field(
+        min_length=1, max_length=64)
+
+
+class StorageRetrieval(_Payload):
+    """A signed retrieval request, with the miner's signed answer or null.
+
+    Filed by the requester (null: not answered yet; the miner may still file its answer until the epoch is
+    settled) or by the miner itself with its answer. `pk` is present only when the requester is a dataset
+    owner's key rather than a registered party (as in `storage.commit`).
+    """
+
+    v: int = 1
+    request: bytes = Field(min_length=1, max_length=MAX_RETRIEVAL_MESSAGE)
+    answer: bytes | None = Field(default=None, min_length=1, max_length=MAX_RETRIEVAL_MESSAGE)
+    pk: bytes | None = Field(default=None, min_length=32, max_length=32)
+
+    def wire(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"pk"} if self.pk is None else set())
+
+
+class StorageSettle(_Payload):
+    """Close storage epoch `epoch`: pay `pool` from "pool:miners" by the evidence of the epoch on the ledger."""
+
+    v: int = 1
+    epoch: int = Field(ge=0)
+    pool: Minor
+
+
+class CheckpointFinal(_Payload):
+    """Operator-signed: a final checkpoint note with its cosignatures (the bridge records them for rewards)."""
+
+    v: int = 1
+    note: str = Field(min_length=1, max_length=MAX_SEED_CHECKPOINT)
+
+
+def storage_audit_entry(signer: Identity, audit: StorageAuditV2) -> Entry:
+    return signed(signer, STORAGE_AUDIT, audit)
+
+
+def storage_retrieval_entry(signer: Identity, retrieval: StorageRetrieval) -> Entry:
+    return signed(signer, STORAGE_RETRIEVAL, retrieval)
+
+
+def storage_settle_entry(signer: Identity, settle: StorageSettle) -> Entry:
+    return signed(signer, STORAGE_SETTLE, settle)
+
+
+def checkpoint_final_entry(operator: Identity, note: str) -> Entry:
+    return signed(operator, CHECKPOINT_FINAL, CheckpointFinal(note=note))

@@ -5,8 +5,13 @@ minor units, a patient token, the payment method, and for Rx-only items the pres
 through the same agent code as a health device: signed, stored in the terminal's outbox, sent over MQTT,
 deleted on the bridge's receipt. The terminal is done when every sale is receipted.
 
+With patient wallets (`--wallet KEY`, a registered patient's key file: the key file is the wallet), each sale is
+rung up for one of those patients and carries her signed payment authorization: card sales become "token"
+sales she pays in full from her account, insurance sales carry her signed claim (the share her policy's price
+cap allows, from the ledger's policy record) so the insurer pays only with her consent.
+
     python -m simulators.pharmacy_terminal --key terminal.key --bridge-key HEX [--broker HOST:PORT] \\
-        [--sales 20] [--data-dir DIR] [--seed 1]
+        [--sales 20] [--data-dir DIR] [--seed 1] [--wallet alice.key ...]
 
 (`carechain agent` with a `pharmacy_terminal` device in its config does the same as a long-running service.)
 """
@@ -16,11 +21,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import secrets
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from carechain.config import AgentConfig, BrokerConfig, Config, parse_address
+from carechain.events import Purchase, authorize_payment
 from carechain.identity import Identity, PublicKeyError, parse_public_key_hex
 from carechain.profiles import load_profiles
 from edge_agent.agent import AgentDevice
@@ -28,9 +37,37 @@ from edge_agent.assembly import assemble_agent
 from edge_agent.sources.simulated import SimulatedDevice
 
 
+def pay_with_wallet(sale: Purchase, terminal: str, wallet: Identity, policy: Mapping[str, Any] | None = None,
+                    nonce: int | None = None) -> Purchase:
+    """`sale` rung up for the wallet's owner, with her signed payment authorization.
+
+    An insurance sale claims what her policy (its ledger record, `policies[<her party id>]`) covers for the
+    item, capped as insurance v3 caps it, and the rest is her copay at the counter; any other sale is paid in
+    full in tokens from her account.
+    """
+    from contract_rules.insurance_v3 import covered_share
+
+    item = f"{sale.code_system}:{sale.item_code}"
+    claim = 0
+    if sale.payment_method == "insurance" and policy is not None:
+        claim = covered_share(dict(policy), item, sale.quantity, sale.price_minor) or 0
+    insured = sale.payment_method == "insurance"
+    payment = authorize_payment(wallet, terminal, item, sale.quantity, sale.price_minor,
+                                pay_minor=0 if insured else sale.price_minor, claim_minor=claim,
+                                policy_id=str(policy["policy_id"]) if claim and policy else "",
+                                nonce=secrets.randbits(63) if nonce is None else nonce)
+    return sale.model_copy(update={"patient_token": wallet.device_id, "payment": payment,
+                                   "payment_method": "insurance" if insured else "token"})
+
+
 async def ring_up(terminal: Identity, broker: BrokerConfig, bridge_public_key: bytes, data_dir: Path,
-                  sales: int, seed: int | str = 1, timeout_s: float = 60.0) -> dict[str, object]:
-    """Sign `sales` purchase events, send them, wait for every receipt; returns a summary."""
+                  sales: int, seed: int | str = 1, timeout_s: float = 60.0, *, wallets: Sequence[Identity] = (),
+                  policies: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, object]:
+    """Sign `sales` purchase events, send them, wait for every receipt; returns a summary.
+
+    With `wallets`, the sales go round the wallets' owners, each paid with her signature (`pay_with_wallet`);
+    `policies` (patient party id → ledger policy record) lets insurance sales claim their covered share.
+    """
     profile = load_profiles()["pharmacy_terminal"]
     register = SimulatedDevice(profile, seed)
     cfg = Config(broker=broker, agent=AgentConfig(data_dir=data_dir, bridge_public_key=bridge_public_key.hex(),
@@ -42,8 +79,15 @@ async def ring_up(terminal: Identity, broker: BrokerConfig, bridge_public_key: b
     # ending now (the bridge refuses device times in the future beyond its skew limit).
     now = int(time.time() * 1000) - int(sales * profile.interval_s("purchase") * 1000)
     while len(lines) < sales:
-        for kind, body in register.next_readings(now)[: sales - len(lines)]:
-            lines.append(body.model_dump(exclude_none=True))
+        for kind, reading in register.next_readings(now)[: sales - len(lines)]:
+            body = reading
+            if wallets and isinstance(reading, Purchase):
+                wallet = wallets[len(lines) % len(wallets)]
+                body = pay_with_wallet(reading, terminal.device_id, wallet, (policies or {}).get(wallet.device_id))
+            line = body.model_dump(exclude_none=True)
+            if "payment" in line:
+                line["payment"]["sig"] = line["payment"]["sig"].hex()  # the summary is printed as JSON
+            lines.append(line)
             agent.record(terminal.device_id, [(kind, body)], now)
         now = register.next_due_ms() or now + 1000
     stop = asyncio.Event()
@@ -68,6 +112,8 @@ def main() -> None:
     ap.add_argument("--sales", type=int, default=20)
     ap.add_argument("--data-dir", type=Path, default=Path("carechain-data/pharmacy-terminal"))
     ap.add_argument("--seed", default="1")
+    ap.add_argument("--wallet", type=Path, action="append", default=[],
+                    help="a registered patient's key file: sales are paid with her signature (repeatable)")
     args = ap.parse_args()
     try:
         bridge_key = parse_public_key_hex(args.bridge_key, "--bridge-key")
@@ -75,7 +121,8 @@ def main() -> None:
         ap.error(str(exc))
     host, port = parse_address(args.broker)
     summary = asyncio.run(ring_up(Identity.load_or_create(args.key), BrokerConfig(host=host, port=port),
-                                  bridge_key, args.data_dir, args.sales, args.seed))
+                                  bridge_key, args.data_dir, args.sales, args.seed,
+                                  wallets=[Identity.load(path) for path in args.wallet]))
     print(json.dumps(summary, indent=2))
     sys.exit(0 if summary["pending"] == 0 and summary["quarantined"] == 0 else 1)
 

@@ -8,17 +8,19 @@ from pathlib import Path
 
 from carechain import envelope, topics
 from carechain.config import BridgeConfig, BrokerConfig, load_config
-from carechain.entries import Registration, registration_entry
-from carechain.events import Purchase, make_payload
+from carechain.entries import CLOCK_ATTEST, Entry, Registration, registration_entry
+from carechain.events import Purchase, authorize_payment, make_payload
 from chain_bridge.assembly import contract_gate
 from chain_bridge.bridge import Bridge
 from chain_bridge.ledger.store import Ledger
 from chain_bridge.registry import ledger_path, log_key, operator_key
+from contract_rules.bonds import MIN_BOND
 from tests.test_cli import run, text
 from tests.test_contracts_world import AMOXICILLIN, FLU_SHOT, ident
 
-PRESCRIBER, PHARMACY, INSURER, TERMINAL = ident(2), ident(4), ident(6), ident(7)
+PRESCRIBER, PHARMACY, INSURER, TERMINAL, ALICE, AUTHORITY = ident(2), ident(4), ident(6), ident(7), ident(20), ident(11)
 INSURER_ACCOUNT = f"insurer:{INSURER.device_id}"
+INSURER_BOND, PHARMACY_BOND = MIN_BOND["insurer"], MIN_BOND["pharmacy"]
 
 
 def out_json(result) -> dict:  # noqa: ANN001
@@ -27,10 +29,12 @@ def out_json(result) -> dict:  # noqa: ANN001
 
 
 def setup(tmp_path: Path) -> tuple[Path, list[str]]:
-    for name, who in (("prescriber", PRESCRIBER), ("insurer", INSURER)):
+    for name, who in (("prescriber", PRESCRIBER), ("insurer", INSURER), ("alice", ALICE), ("pharmacy", PHARMACY),
+                      ("authority", AUTHORITY)):
         who.save(tmp_path / f"{name}.key")
     config = tmp_path / "carechain.yaml"
-    config.write_text(f"bridge:\n  genesis_allocations:\n    '{INSURER_ACCOUNT}': 1000000\n")
+    config.write_text(f"bridge:\n  genesis_allocations:\n    '{INSURER_ACCOUNT}': 1000000\n"
+                      f"    'pharmacy:{PHARMACY.device_id}': {PHARMACY_BOND}\n")
     return tmp_path / "bridge", ["--config", str(config), "--data-dir", str(tmp_path / "bridge")]
 
 
@@ -47,7 +51,7 @@ def test_party_rx_policy_and_balance_round_trip(tmp_path: Path) -> None:
     data, opts = setup(tmp_path)
     party = out_json(run("party", "register", "prescriber", tmp_path / "prescriber.key", "--name", "Dr A", *opts,
                          "--json"))
-    assert party["party_id"] == PRESCRIBER.device_id and party["leaf"] == 0
+    assert party["party_id"] == PRESCRIBER.device_id and party["leaf"] == 1  # after the first clock.attest
     assert out_json(run("party", "register", "pharmacy", PHARMACY.public_key.hex(), "--name", "Main St", *opts,
                         "--json"))["account"] == f"pharmacy:{PHARMACY.device_id}"
     out_json(run("party", "register", "insurer", tmp_path / "insurer.key", "--name", "Ins", *opts, "--json"))
@@ -71,14 +75,27 @@ def test_party_rx_policy_and_balance_round_trip(tmp_path: Path) -> None:
     bad = run("rx", "verify", forged, *opts, "--json")
     assert bad.exit_code == 1 and "rx_unknown" in json.loads(bad.stdout)["problem"]
 
+    # The sale below needs a bonded pharmacy and a formulary that lists the flu shot as over the counter.
+    out_json(run("bond", "post", str(PHARMACY_BOND), "--key", tmp_path / "pharmacy.key", *opts, "--json"))
+    out_json(run("party", "register", "authority", tmp_path / "authority.key", "--name", "Board", *opts, "--json"))
+    formulary = tmp_path / "formulary.json"
+    formulary.write_text(json.dumps({"items": [{"item": f"ndc:{FLU_SHOT}", "rx_only": False, "schedule": 0,
+                                                "max_quantity": 20}]}))
+    out_json(run("formulary", "set", formulary, "--key", tmp_path / "authority.key", *opts, "--json"))
+    # Insurance v3: a bonded insurer, a registered patient who consents, a price cap per item.
+    out_json(run("party", "register", "patient", tmp_path / "alice.key", "--name", "Alice", *opts, "--json"))
+    out_json(run("bond", "post", str(INSURER_BOND), "--key", tmp_path / "insurer.key", *opts, "--json"))
     policy = tmp_path / "policy.json"
-    policy.write_text(json.dumps({"policy_id": "p1", "patient_token": "pt-a",
-                                  "coverage": [{"category": "immunization", "bp": 10000, "items": [f"ndc:{FLU_SHOT}"]}],
+    policy.write_text(json.dumps({"policy_id": "p1", "patient": ALICE.device_id,
+                                  "coverage": [{"category": "immunization", "bp": 10000,
+                                                "caps": {f"ndc:{FLU_SHOT}": 3_000}}],
                                   "wellness": {"min_active_minutes": 150, "rebate_minor": 2500}}))
-    assert out_json(run("policy", "register", policy, "--key", tmp_path / "insurer.key", *opts, "--json"))["leaf"]
-    settled = out_json(run("policy", "settle", "pt-a", "2026-W01", "--key", tmp_path / "insurer.key", *opts, "--json"))
+    assert out_json(run("policy", "register", policy, "--key", tmp_path / "insurer.key", "--patient-key",
+                        tmp_path / "alice.key", *opts, "--json"))["leaf"]
+    settled = out_json(run("policy", "settle", ALICE.device_id, "2026-W01", "--key", tmp_path / "alice.key", *opts,
+                           "--json"))
     assert (settled["minutes"], settled["amount"]) == (0, 0)
-    assert run("policy", "settle", "pt-a", "week 1", "--key", tmp_path / "insurer.key", *opts).exit_code == 2
+    assert run("policy", "settle", ALICE.device_id, "week 1", "--key", tmp_path / "alice.key", *opts).exit_code == 2
 
     # A sale through the bridge, then `carechain balance` agrees with the bridge's own runtime.
     ledger = Ledger(ledger_path(data))
@@ -88,15 +105,20 @@ def test_party_rx_policy_and_balance_round_trip(tmp_path: Path) -> None:
     ledger.append_registrations([(registration_entry(operator_key(data), reg), reg)])
     bridge = Bridge(BridgeConfig(data_dir=data), BrokerConfig(), log_key(data), ledger,
                     contracts=contract_gate(load_config(Path(opts[1])), data))
+    claim = authorize_payment(ALICE, TERMINAL.device_id, f"ndc:{FLU_SHOT}", 1, 3_000, pay_minor=0, claim_minor=3_000,
+                              policy_id="p1", nonce=1)
     sale = Purchase(item_code=FLU_SHOT, code_system="ndc", rx_only=False, quantity=1, price_minor=3_000,
-                    currency="USD", patient_token="pt-a", payment_method="insurance")
+                    currency="USD", patient_token=ALICE.device_id, payment_method="insurance", payment=claim)
     bridge.process([(topics.events(TERMINAL.device_id),
                      envelope.sign(TERMINAL, make_payload(TERMINAL.device_id, 0, now, "purchase", sale)))])
     balances = out_json(run("balance", *opts, "--json"))
-    assert balances["balances"] == {INSURER_ACCOUNT: 997_000, f"pharmacy:{PHARMACY.device_id}": 3_000}
-    assert balances["state_root"] == bridge.contracts.state.root().hex() and balances["supply"] == 1_000_000
+    assert balances["balances"] == {INSURER_ACCOUNT: 997_000 - INSURER_BOND, f"bond:{INSURER.device_id}": INSURER_BOND,
+                                    f"pharmacy:{PHARMACY.device_id}": 3_000,
+                                    f"bond:{PHARMACY.device_id}": PHARMACY_BOND}
+    assert balances["state_root"] == bridge.contracts.state.root().hex()
+    assert balances["supply"] == 1_000_000 + PHARMACY_BOND
     one = run("balance", INSURER_ACCOUNT, *opts)
-    assert one.exit_code == 0 and "997000" in text(one)
+    assert one.exit_code == 0 and str(997_000 - INSURER_BOND) in text(one)
 
     revoked = out_json(run("rx", "revoke", rx_file, "--key", tmp_path / "prescriber.key", "--reason", "allergy", *opts,
                            "--json"))
@@ -105,7 +127,10 @@ def test_party_rx_policy_and_balance_round_trip(tmp_path: Path) -> None:
     assert after.exit_code == 1 and "rx_revoked" in json.loads(after.stdout)["problem"]
     full = run("verify", "--full", "--data-dir", data, "--json")
     assert full.exit_code == 0, text(full)
-    assert json.loads(full.stdout)["full"]["contract_entries"] == 7  # 3 parties, anchor, policy, settle, revoke
+    # 5 parties, anchor, 2 bonds, formulary, policy, settle, revoke, and the clock attestations (each command and
+    # the bridge attest the time first when the last attestation is stale).
+    clocks = sum(Entry.decode(leaf).type == CLOCK_ATTEST for leaf in ledger.leaves(0, ledger.size))
+    assert clocks >= 1 and json.loads(full.stdout)["full"]["contract_entries"] == 12 + clocks
 
 
 def test_contract_commands_explain_their_inputs(tmp_path: Path) -> None:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import pytest
+from test_contracts_wellness_v2 import INSURANCE_V2
 from test_contracts_world import AMOXICILLIN, DAY, FLU_SHOT, INSURER_FUNDS, T0, WEEK, World, ident
 
+from contract_rules import builtin_hashes
 from contract_rules import transactions as ce
 from contract_rules.insurance import week_days
 
 
 @pytest.fixture
 def w() -> World:
-    world = World()
+    world = World(contracts={**builtin_hashes(), "insurance": INSURANCE_V2})  # v2, as deployed logs pin it
     world.standard_parties()
     assert world.policy("pt-alice") == "ok"
     assert world.register_device(world.wearable, "heart_rate_band", "pt-alice") == "ok"

@@ -20,7 +20,7 @@ import pytest
 from carechain import envelope, topics
 from carechain.config import BridgeConfig, BrokerConfig
 from carechain.entries import ENTRY_EVENT, SALE_REFUSED, Entry, Registration, registration_entry
-from carechain.events import Activity, Purchase, make_payload
+from carechain.events import Activity, Purchase, authorize_payment, make_payload
 from carechain.identity import Identity
 from carechain.receipts import open_receipt
 from carechain.reencryption import PreKey
@@ -31,12 +31,17 @@ from chain_bridge.ledger.integrity import audit_ledger
 from chain_bridge.ledger.store import Ledger, LedgerError
 from chain_bridge.registry import GENESIS_FILE, contract_genesis, ledger_path, log_key, operator_key
 from contract_rules import transactions as ce
+from contract_rules.bonds import MIN_BOND
 from edge_agent.sealing import RecordOwner, new_epoch_key, sign_epoch_key
-from tests.test_contracts_world import AMOXICILLIN, DAY, FLU_SHOT, ident
+from tests.test_contracts_world import AMOXICILLIN, ANALGESIC, DAY, FLU_SHOT, FORMULARY, PHARMACY_BOND, ident
 
 PRESCRIBER, PHARMACY, INSURER, TERMINAL, WEARABLE = ident(2), ident(4), ident(6), ident(7), ident(9)
+PATIENT = ident(20)
+INSURER_BOND = MIN_BOND["insurer"]
+AUTHORITY = ident(11)
 INSURER_ACCOUNT = f"insurer:{INSURER.device_id}"
 PHARMACY_ACCOUNT = f"pharmacy:{PHARMACY.device_id}"
+ALLOCATIONS = {INSURER_ACCOUNT: 1_000_000, PHARMACY_ACCOUNT: PHARMACY_BOND}
 
 
 class Published:
@@ -54,15 +59,20 @@ class Pharmacy:
 
     def __init__(self, data_dir: Path) -> None:
         self.dir = data_dir
-        self.genesis = contract_genesis(data_dir, {INSURER_ACCOUNT: 1_000_000})
+        self.genesis = contract_genesis(data_dir, ALLOCATIONS)
         self.ledger = Ledger(ledger_path(data_dir))
         self.operator = operator_key(data_dir)
         self.now = int(time.time() * 1000)
         self.seq: dict[str, int] = {}
+        self.payments = 0
         submit(self.ledger, self.genesis, [
             ce.signed(self.operator, ce.PARTY_REGISTER, ce.PartyRegistration(role=role, pk=who.public_key, name=role,
                                                                              ts=self.now))
-            for role, who in (("prescriber", PRESCRIBER), ("pharmacy", PHARMACY), ("insurer", INSURER))])
+            for role, who in (("prescriber", PRESCRIBER), ("pharmacy", PHARMACY), ("insurer", INSURER),
+                              ("authority", AUTHORITY))])
+        submit(self.ledger, self.genesis, [  # the world's formulary; the pharmacy bonds all it was allotted
+            ce.formulary_set_entry(AUTHORITY, ce.FormularySet(items=list(FORMULARY), ts=self.now)),
+            ce.signed(PHARMACY, ce.BOND_POST, ce.BondPost(amount=PHARMACY_BOND, nonce=1, ts=self.now))])
         regs = [Registration(dev=d.device_id, pk=d.public_key, profile=p, owner=o, site="s", ts=self.now)
                 for d, p, o in ((TERMINAL, "pharmacy_terminal", PHARMACY.device_id), (WEARABLE, "wearable", "pt-a"))]
         self.ledger.append_registrations([(registration_entry(self.operator, r), r) for r in regs])
@@ -70,7 +80,7 @@ class Pharmacy:
 
     def start_bridge(self) -> Bridge:
         bridge = Bridge(BridgeConfig(data_dir=self.dir), BrokerConfig(), log_key(self.dir), self.ledger,
-                        contracts=ContractGate(self.genesis, self.operator))
+                        contracts=ContractGate(self.genesis, self.operator, clock=lambda: self.now))
         bridge._client = Published()  # type: ignore[assignment]
         return bridge
 
@@ -82,9 +92,15 @@ class Pharmacy:
         return rx
 
     def policy(self) -> None:
-        coverage = [ce.CoverageRule(category="immunization", bp=10_000, items=[f"ndc:{FLU_SHOT}"])]
-        reg = ce.PolicyRegistration(policy_id="p1", patient_token="pt-a", coverage=coverage, ts=self.now)
-        submit(self.ledger, self.genesis, [ce.signed(INSURER, ce.POLICY_REGISTER, reg)])
+        """Insurance v3: the insurer bonds, the patient registers and consents to flu shots covered up to 100.00."""
+        coverage = [ce.CappedCoverage(category="immunization", bp=10_000, caps={f"ndc:{FLU_SHOT}": 10_000})]
+        offer = ce.PolicyOffer(policy_id="p1", patient=PATIENT.device_id, coverage=coverage, ts=self.now)
+        consent = ce.sign_policy_consent(PATIENT, INSURER.device_id, offer)
+        submit(self.ledger, self.genesis, [
+            ce.signed(self.operator, ce.PARTY_REGISTER, ce.PartyRegistration(role="patient", pk=PATIENT.public_key,
+                                                                             name="patient", ts=self.now)),
+            ce.signed(INSURER, ce.BOND_POST, ce.BondPost(amount=INSURER_BOND, nonce=1, ts=self.now)),
+            ce.signed(INSURER, ce.POLICY_REGISTER, ce.consented_policy(offer, consent))])
 
     def signed_event(self, dev: Identity, kind: str, body: object) -> bytes:
         seq = self.seq.get(dev.device_id, 0)
@@ -93,9 +109,17 @@ class Pharmacy:
 
     def sale(self, item: str = AMOXICILLIN, *, rx_ref: str | None = None, rx_only: bool = True,
              pay: str = "card", price: int = 1250) -> bytes:
+        """A terminal's sale; an insurance sale is the registered patient's, claiming the whole price with her
+        signature (insurance v3)."""
+        patient, payment = "pt-a", None
+        if pay == "insurance":
+            self.payments += 1
+            patient = PATIENT.device_id
+            payment = authorize_payment(PATIENT, TERMINAL.device_id, f"ndc:{item}", 1, price, pay_minor=0,
+                                        claim_minor=price, policy_id="p1", nonce=self.payments)
         return self.signed_event(TERMINAL, "purchase", Purchase(
             item_code=item, code_system="ndc", rx_only=rx_only, quantity=1, price_minor=price, currency="USD",
-            patient_token="pt-a", payment_method=pay, rx_ref=rx_ref))
+            patient_token=patient, payment_method=pay, rx_ref=rx_ref, payment=payment))
 
     def send(self, *events: bytes, dev: Identity = TERMINAL) -> list:  # noqa: ANN201 - receipts
         client = self.bridge._client
@@ -159,7 +183,8 @@ def test_an_rx_only_sale_without_a_valid_rx_is_refused_recorded_and_counted(phar
     pharmacy.bridge.maybe_checkpoint()
     report = audit_ledger(ledger_path(pharmacy.dir), log_key(pharmacy.dir).public_key,
                           operator_keys={pharmacy.operator.device_id: pharmacy.operator.public_key})
-    assert report.refused_sales == 3 and report.contract_entries == 3 + 1 + 1 + 3  # parties, anchor, revoke, refusals
+    # parties, formulary, bond, anchor, revoke, refusals, and the one clock.attest before the first sale
+    assert report.refused_sales == 3 and report.contract_entries == 4 + 1 + 1 + 1 + 1 + 3 + 1
 
 
 def test_the_last_fill_goes_to_one_sale_in_a_batch(pharmacy: Pharmacy) -> None:
@@ -173,9 +198,10 @@ def test_an_immunization_is_billed_to_the_insurer(pharmacy: Pharmacy) -> None:
     [receipt] = pharmacy.send(pharmacy.sale(FLU_SHOT, rx_only=False, pay="insurance", price=3_000))
     assert len(receipt.ok) == 1
     state = pharmacy.bridge.contracts.state
-    assert state.balance(INSURER_ACCOUNT) == 1_000_000 - 3_000 and state.balance(PHARMACY_ACCOUNT) == 3_000
+    assert state.balance(INSURER_ACCOUNT) == 1_000_000 - INSURER_BOND - 3_000
+    assert state.balance(PHARMACY_ACCOUNT) == 3_000
     # An uncovered item on insurance is refused as the contracts say.
-    [refused] = pharmacy.send(pharmacy.sale(AMOXICILLIN, rx_only=False, pay="insurance"))
+    [refused] = pharmacy.send(pharmacy.sale(ANALGESIC, rx_only=False, pay="insurance"))
     assert refused.rejected[0].reason == "contract:not_covered"
 
 
@@ -216,7 +242,7 @@ def test_entries_the_contracts_refuse_are_not_appended(pharmacy: Pharmacy) -> No
     with pytest.raises(LedgerError, match="only contract entries"):
         pharmacy.ledger.append_entries([Entry(ENTRY_EVENT, b"x")])
     assert pharmacy.ledger.size == size
-    assert json.loads((pharmacy.dir / GENESIS_FILE).read_text())["allocations"] == {INSURER_ACCOUNT: 1_000_000}
+    assert json.loads((pharmacy.dir / GENESIS_FILE).read_text())["allocations"] == ALLOCATIONS
 
 
 def test_a_second_epoch_key_for_one_epoch_is_refused_without_a_leaf(pharmacy: Pharmacy) -> None:

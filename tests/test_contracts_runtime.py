@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_contracts_world import AMOXICILLIN, DAY, FLU_SHOT, T0, World, ident
+from bonded_world import BondedWorld
+from test_contracts_world import AMOXICILLIN, DAY, FLU_SHOT, T0, WEEK, World, ident
 
 from carechain import cbor
 from carechain.entries import Entry
@@ -16,10 +17,11 @@ from contract_rules import CodeBook, MissingContractCode, Runtime, builtin_hashe
 from contract_rules import transactions as ce
 
 REPO = Path(__file__).resolve().parent.parent
-PRESCRIPTIONS_SRC = (REPO / "contract_rules/prescriptions.py").read_bytes()
-# A second version of the prescription rules: no refills at all for controlled substances.
-PRESCRIPTIONS_V2_SRC = PRESCRIPTIONS_SRC.replace(b"VERSION = 1", b"VERSION = 2").replace(
-    b"MAX_CONTROLLED_REFILLS = 5", b"MAX_CONTROLLED_REFILLS = 0")
+PRESCRIPTIONS_SRC = (REPO / "contract_rules/prescriptions_v2.py").read_bytes()  # the newest shipped version
+# A next version of the prescription rules (3, after the shipped 2), made from v1's source for a visible
+# difference at anchoring: no refills at all for controlled substances.
+PRESCRIPTIONS_V2_SRC = (REPO / "contract_rules/prescriptions.py").read_bytes().replace(
+    b"VERSION = 1", b"VERSION = 3").replace(b"MAX_CONTROLLED_REFILLS = 5", b"MAX_CONTROLLED_REFILLS = 0")
 
 _CHILD = """
 import sys
@@ -33,22 +35,25 @@ print(state.root().hex(), state.size)
 
 
 def pharmacy_day() -> World:
-    """Every kind of entry, accepted and rejected: parties, devices, Rx, sales, billing, telemetry, payout."""
-    w = World()
+    """Every kind of entry, accepted and rejected: parties, bonds, devices, Rx, sales, patient-signed payments and
+    claims, telemetry, a payout the patient settles herself."""
+    w = BondedWorld()
     w.standard_parties()
-    w.policy("pt-alice")
-    w.register_device(w.wearable, "heart_rate_band", "pt-alice")
-    rx, _ = w.prescribe(quantity=1, refills=1)
-    w.sale(rx_ref=rx.rx_ref(), pay="insurance")
-    w.sale(rx_ref=rx.rx_ref(), terminal=w.terminal2, ts=T0 + 2 * DAY)
-    w.sale(rx_ref=rx.rx_ref(), ts=T0 + 2 * DAY)  # loses the race
-    w.sale(rx_ref=None)  # no Rx
-    w.sale(FLU_SHOT, rx_only=False, price=4500, pay="insurance")
+    alice = w.alice.device_id
+    w.add(w.consented(w.offer()))
+    w.register_device(w.wearable, "heart_rate_band", alice)
+    rx, _ = w.prescribe(patient=alice, quantity=1, refills=1)
+    w.sale(rx_ref=rx.rx_ref(), patient=alice)
+    w.sale(rx_ref=rx.rx_ref(), patient=alice, terminal=w.terminal2, ts=T0 + 2 * DAY)
+    w.sale(rx_ref=rx.rx_ref(), patient=alice, ts=T0 + 2 * DAY)  # loses the race
+    w.sale(rx_ref=None, ts=T0 + 2 * DAY)  # no Rx
+    w.paid_sale(FLU_SHOT, price=4500, claim=2500, pay=2000, method="insurance", ts=T0 + 2 * DAY)
     for day in range(7):
         w.activity(25 + day, T0 + day * DAY + 60_000)
-    w.settle()
+    w.attest(T0 + 8 * DAY)
+    w.add(ce.signed(w.alice, ce.WELLNESS_SETTLE, ce.WellnessSettle(patient_token=alice, week=WEEK, ts=T0 + 8 * DAY)))
     w.transfer(w.insurer, w.pharmacy_account(), 100)
-    w.transfer(w.pharmacy, "patient:pt-alice", 10**9)  # overdraft: rejected
+    w.transfer(w.pharmacy, f"patient:{alice}", 10**9)  # overdraft: rejected
     return w
 
 
@@ -67,7 +72,7 @@ def test_two_independent_processes_reach_the_same_state_root(tmp_path: Path) -> 
     # The day really exercised the rules: accepted and rejected outcomes, money moved, a payout.
     results = {r for _, r in w.state.results}
     assert {"ok", "rx_no_fills_left", "rx_missing", "insufficient_funds"} <= results
-    assert w.state.table("wellness")
+    assert w.state.table("wellness") and w.state.table("claims") and w.state.table("payment_nonces")
 
 
 def test_the_root_commits_to_every_outcome() -> None:
@@ -88,7 +93,7 @@ def upgrade_log(from_offset: int = 3) -> tuple[World, int]:
     assert result == "ok"
     assert w.sale(rx_ref=rx_before.rx_ref(), quantity=2) == "ok"
     upgrade_at = len(w.entries)
-    up = ce.ContractUpgrade(name="prescriptions", version=2, code_hash=v2.code_hash,
+    up = ce.ContractUpgrade(name="prescriptions", version=3, code_hash=v2.code_hash,
                             from_size=upgrade_at + from_offset, ts=T0)
     assert w.add(ce.signed(w.operator, ce.CONTRACT_UPGRADE, up)) == "ok"
     return w, upgrade_at
@@ -126,7 +131,7 @@ def test_code_hash_is_the_sha256_of_the_module_source() -> None:
 
     assert builtin_hashes()["prescriptions"] == hashlib.sha256(PRESCRIPTIONS_SRC).hexdigest()
     v2 = load_rule_source(PRESCRIPTIONS_V2_SRC)
-    assert (v2.name, v2.version, v2.code_hash) == ("prescriptions", 2, hashlib.sha256(PRESCRIPTIONS_V2_SRC).hexdigest())
+    assert (v2.name, v2.version, v2.code_hash) == ("prescriptions", 3, hashlib.sha256(PRESCRIPTIONS_V2_SRC).hexdigest())
 
 
 @pytest.mark.parametrize(("fields", "reason"), [
@@ -137,7 +142,7 @@ def test_code_hash_is_the_sha256_of_the_module_source() -> None:
 def test_invalid_upgrades_are_rejected(fields: dict, reason: str) -> None:
     w = World()
     w.standard_parties()
-    up = {"name": "prescriptions", "version": 2, "code_hash": "00" * 32, "from_size": 100, "ts": T0, **fields}
+    up = {"name": "prescriptions", "version": 3, "code_hash": "00" * 32, "from_size": 100, "ts": T0, **fields}
     assert w.add(ce.signed(w.operator, ce.CONTRACT_UPGRADE, ce.ContractUpgrade(**up))) == reason
     assert len(w.state.versions["prescriptions"]) == 1
 
@@ -152,7 +157,7 @@ def test_only_operators_upgrade() -> None:
 def test_forged_and_malformed_entries_are_rejected_without_effects() -> None:
     w = World()
     w.standard_parties()
-    root = w.state.root()
+    root, balances = w.state.root(), dict(w.state.balances)
     good = ce.signed(w.insurer, ce.TOKEN_TRANSFER, ce.TokenTransfer(to="patient:pt-x", amount=5, nonce=1))
     forged = bytearray(good.cose)
     forged[-1] ^= 1
@@ -161,6 +166,6 @@ def test_forged_and_malformed_entries_are_rejected_without_effects() -> None:
     assert w.add(Entry("mystery.type", good.cose)) == "unknown_entry_type"
     assert w.add(ce.signed(ident(0x60), ce.TOKEN_TRANSFER, ce.TokenTransfer(to="patient:x", amount=5, nonce=1))) \
         == "unknown_signer"
-    assert w.state.balances == {w.insurer_account: 1_000_000, "pool:miners": 500_000}
+    assert w.state.balances == balances
     assert w.state.root() != root  # outcomes are recorded, but nothing else moved
     assert all(r != "ok" for _, r in w.state.results[-4:])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_contracts_world import FLU_SHOT, INSURER_FUNDS, World
+from test_contracts_world import FLU_SHOT, INSURER_FUNDS, PHARMACY_BOND, World
 
 from contract_rules import replay
 
@@ -64,10 +64,11 @@ def test_transfer_rules() -> None:
     assert w.transfer(w.insurer, w.insurer_account, 5) == "transfer_to_self"
     assert w.transfer(w.pharmacy, "patient:pt-alice", 701) == "insufficient_funds"
     assert w.transfer(w.pharmacy, "patient:pt-alice", 700) == "ok"
+    bonded = {f"bond:{p.device_id}": PHARMACY_BOND for p in (w.pharmacy, w.pharmacy2)}
     assert w.state.balances == {w.insurer_account: INSURER_FUNDS - 700, "patient:pt-alice": 700,
-                                "pool:miners": 500_000}
+                                "pool:miners": 500_000, **bonded}
 
 
 def test_genesis_supply_is_the_only_supply() -> None:
     w = World()
-    assert w.state.supply == INSURER_FUNDS + 500_000 == sum(w.state.balances.values())
+    assert w.state.supply == INSURER_FUNDS + 500_000 + 2 * PHARMACY_BOND == sum(w.state.balances.values())

@@ -15,6 +15,9 @@ from contract_rules import transactions as ce
 
 # The shipped v1 module, still in the CodeBook for ledgers that pin it.
 INSURANCE_V1 = hashlib.sha256((Path(__file__).parent.parent / "contract_rules/insurance.py").read_bytes()).hexdigest()
+# Insurance v2, which deployed logs pin (a new genesis runs v3: tests/test_contracts_insurance_v3.py).
+INSURANCE_V2 = hashlib.sha256((Path(__file__).parent.parent / "contract_rules/insurance_v2.py").read_bytes()
+                              ).hexdigest()
 
 
 def summary(w: World, minutes: int, *, policy: str = "pol-pt-alice", week: str = WEEK, dev=None) -> str:  # noqa: ANN001
@@ -27,17 +30,17 @@ def summary(w: World, minutes: int, *, policy: str = "pol-pt-alice", week: str =
 
 
 def enrolled() -> World:
-    w = World()
+    w = World(contracts={**builtin_hashes(), "insurance": INSURANCE_V2})
     w.standard_parties()
     assert w.policy("pt-alice") == "ok"
     assert w.register_device(w.wearable, "heart_rate_band", "pt-alice") == "ok"
     return w
 
 
-def test_a_new_genesis_runs_insurance_v2() -> None:
+def test_a_ledger_pinning_insurance_v2_runs_v2() -> None:
     w = enrolled()
     assert w.state.versions["insurance"][0][1] == 2
-    assert builtin_hashes()["insurance"] != INSURANCE_V1
+    assert builtin_hashes()["insurance"] not in (INSURANCE_V1, INSURANCE_V2)  # a new genesis runs v3
 
 
 def test_the_weekly_summary_pays_the_rebate_without_raw_readings() -> None:

@@ -1,17 +1,48 @@
-"""Refused sales on an honest log, the bridge's dry-run check, and miners' re-execution of new leaves."""
+"""Refused sales on an honest log, the bridge's dry-run check, and miners' re-execution of new leaves
+(void leaves from a dishonest bridge included)."""
 
 from __future__ import annotations
 
-import pytest
-from test_contracts_world import FLU_SHOT, INSURER_FUNDS, World
+from pathlib import Path
 
+import pytest
+from test_contracts_world import FLU_SHOT, INSURER_FUNDS, T0, World
+
+import contract_rules
 from contract_rules import transactions as ce
 from contract_rules.replay import ContractWitness, Violation, decode_leaf
+from contract_rules.runtime import MissingContractCode, code_hash_of
+
+# The first versions of the rules, which logs from before bonds and the formulary still run: what a miner
+# re-executes does not depend on the rule versions, and these tests must not follow every new rule.
+V1_CONTRACTS = {name: code_hash_of((Path(contract_rules.__file__).parent / f"{module}.py").read_bytes())
+                for name, module in (("tokens", "tokens"), ("prescriptions", "prescriptions"),
+                                     ("insurance", "insurance_v2"), ("storage", "storage"), ("access", "access"))}
+
+
+class V1World(World):
+    """The test world on `V1_CONTRACTS`: the parties those rules know (no formulary, bonds or clock)."""
+
+    def __init__(self, code=None, **contracts: str) -> None:  # noqa: ANN001
+        super().__init__({**V1_CONTRACTS, **contracts}, code)
+
+    def standard_parties(self) -> None:
+        results = [
+            self.register_party("prescriber", self.prescriber),
+            self.register_party("prescriber", self.prescriber2),
+            self.register_party("pharmacy", self.pharmacy),
+            self.register_party("pharmacy", self.pharmacy2),
+            self.register_party("insurer", self.insurer),
+            self.register_party("miner", self.miner),
+            self.register_device(self.terminal, "pharmacy_terminal", self.pharmacy.device_id),
+            self.register_device(self.terminal2, "pharmacy_terminal", self.pharmacy2.device_id),
+        ]
+        assert results == ["ok"] * len(results)
 
 
 @pytest.fixture
 def w() -> World:
-    world = World()
+    world = V1World()
     world.standard_parties()
     world.policy("pt-alice")
     return world
@@ -53,7 +84,7 @@ def test_a_refusal_must_be_true(w: World) -> None:
 
 def honest_day() -> World:
     """What an honest bridge appends: only entries `check` accepts, refused sales as `sale.refused`."""
-    w = World()
+    w = V1World()
     w.standard_parties()
     w.policy("pt-alice")
     rx, _ = w.prescribe(quantity=1, refills=0)
@@ -76,26 +107,61 @@ def test_a_miner_accepts_an_honest_log_checkpoint_by_checkpoint() -> None:
     assert [decode_leaf(leaf) for leaf in leaves] == w.entries
 
 
-def test_a_miner_refuses_a_checkpoint_with_a_violating_sale_and_keeps_its_state() -> None:
+def test_a_violating_sale_is_void_and_the_miner_keeps_cosigning() -> None:
+    w = honest_day()
+    witness = ContractWitness(w.genesis)
+    leaves = [e.encode() for e in w.entries]
+    assert witness(0, len(leaves), leaves) is None and witness.voids == []
+    size = witness.state.size
+    balances, violations = dict(witness.state.balances), dict(witness.state.table("violations"))
+    # A dishonest bridge appends an Rx-only sale with no prescription as if it were valid: the miner still
+    # cosigns (a bridge must not be able to stall finality), and the sale changes nothing but `void`.
+    flu = w.sale_entry(FLU_SHOT, rx_only=False, pay="insurance", price=4500)
+    bad = w.sale_entry(rx_ref=None, pay="insurance", price=4500)
+    assert witness(size, size + 2, [flu.encode(), bad.encode()]) is None
+    assert witness.voids == [Violation(size + 1, "rx_missing", "event: rx_missing")]
+    assert witness.state.size == size + 2
+    assert witness.state.table("void") == {str(size + 1): {"reason": "rx_missing", "type": "event",
+                                                           "signer": w.terminal.device_id}}
+    assert witness.state.results[-2:] == [[size, "ok"], [size + 1, "rx_missing"]]
+    # What the rule's Reject carries still applies: the refusal counts against the pharmacy.
+    counted = w.pharmacy_account(w.pharmacy)
+    assert witness.state.table("violations") == {**violations, counted: violations.get(counted, 0) + 1}
+    paid = {a: n - balances.get(a, 0) for a, n in witness.state.balances.items() if n != balances.get(a, 0)}
+    assert paid == {w.insurer_account: -4500, w.pharmacy_account(): 4500}  # the flu shot only
+    # Every replica agrees on the void: a full replay reaches the same root.
+    again = ContractWitness(w.genesis)
+    assert again(0, size + 2, [*leaves, flu.encode(), bad.encode()]) is None
+    assert again.state.root() == witness.state.root() and again.voids == witness.voids
+    # The voids are those of the last range only.
+    assert witness(size + 2, size + 3, [w.sale_entry(FLU_SHOT, rx_only=False, price=100).encode()]) is None
+    assert witness.voids == []
+
+
+def test_a_miner_flags_leaves_it_cannot_read_and_takes_the_range_back() -> None:
+    w = honest_day()
+    witness = ContractWitness(w.genesis)
+    leaves = [e.encode() for e in w.entries]
+    assert witness(0, 5, leaves[:5]) is None
+    root = witness.state.root()
+    violation = witness(5, 8, [*leaves[5:7], b"\xa1\x61t\x61x"])
+    assert violation is not None and (violation.leaf_index, violation.rule) == (7, "bad_leaf")
+    assert (witness.state.size, witness.state.root()) == (5, root)  # the two good leaves are undone too
+    assert witness.state.journal is None
+    assert witness(5, len(leaves), leaves[5:]) is None and witness.state.root() == w.state.root()
+    with pytest.raises(ValueError, match="replay the log"):
+        witness(3, 4, [w.entries[3].encode()])
+
+
+def test_contract_code_the_miner_lacks_takes_the_range_back() -> None:
     w = honest_day()
     witness = ContractWitness(w.genesis)
     leaves = [e.encode() for e in w.entries]
     assert witness(0, len(leaves), leaves) is None
-    root, size = witness.state.root(), witness.state.size
-    # A dishonest bridge appends an Rx-only sale with no prescription as if it were valid.
-    bad = [w.sale_entry(FLU_SHOT, rx_only=False).encode(), w.sale_entry(rx_ref=None).encode()]
-    violation = witness(size, size + 2, bad)
-    assert violation == Violation(size + 1, "rx_missing", "event: rx_missing")
-    assert (witness.state.root(), witness.state.size) == (root, size)
-    # The same range without the violating leaf is cosignable.
-    assert witness(size, size + 1, bad[:1]) is None
-
-
-def test_a_miner_flags_leaves_it_cannot_read() -> None:
-    w = honest_day()
-    witness = ContractWitness(w.genesis)
-    violation = witness(0, 1, [b"\xa1\x61t\x61x"])
-    assert violation is not None and (violation.leaf_index, violation.rule) == (0, "bad_leaf")
-    assert witness.state.size == 0
-    with pytest.raises(ValueError, match="replay the log"):
-        witness(3, 4, [w.entries[3].encode()])
+    size, root = witness.state.size, witness.state.root()
+    upgrade = ce.signed(w.operator, ce.CONTRACT_UPGRADE, ce.ContractUpgrade(
+        name="tokens", version=2, code_hash="ab" * 32, from_size=size + 1, ts=T0))
+    pay = ce.signed(w.insurer, ce.TOKEN_TRANSFER, ce.TokenTransfer(to="pool:miners", amount=1, nonce=99))
+    with pytest.raises(MissingContractCode):
+        witness(size, size + 2, [upgrade.encode(), pay.encode()])
+    assert (witness.state.size, witness.state.root(), witness.state.journal) == (size, root, None)

@@ -12,8 +12,9 @@ from carechain import envelope
 from carechain.entries import ENTRY_REGISTER, ENTRY_REVOKE, Entry, Registration, Revocation, event_entry
 from carechain.events import Activity, Purchase, make_payload
 from carechain.identity import Identity
-from contract_rules import Genesis, Runtime, builtin_hashes
+from contract_rules import Genesis, Runtime, bonds, builtin_hashes
 from contract_rules import transactions as ce
+from contract_rules.clock import attested_ms
 
 # Monday 2026-11-16 00:00 UTC: the start of ISO week 2026-W47.
 T0 = int(datetime.datetime(2026, 11, 16, tzinfo=datetime.UTC).timestamp() * 1000)
@@ -22,7 +23,16 @@ DAY = 86_400_000
 AMOXICILLIN = "70882-114-20"
 METFORMIN = "65841-809-01"
 FLU_SHOT = "49281-0621-15"
+ANALGESIC = "70000-0036-1"  # over the counter
 INSURER_FUNDS = 1_000_000
+# Each pharmacy's genesis allocation, all of it posted as its bond: ten times the minimum, so that the slashes of
+# a test's refused sales do not suspend it (tests of suspension post less).
+PHARMACY_BOND = 10 * bonds.MIN_BOND["pharmacy"]
+# The world's formulary: the Rx-only drugs allow up to 10 packages a sale, the OTC ones 20.
+FORMULARY = (ce.FormularyItem(item=f"ndc:{AMOXICILLIN}", rx_only=True, schedule=0, max_quantity=10),
+             ce.FormularyItem(item=f"ndc:{METFORMIN}", rx_only=True, schedule=0, max_quantity=10),
+             ce.FormularyItem(item=f"ndc:{FLU_SHOT}", rx_only=False, schedule=0, max_quantity=20),
+             ce.FormularyItem(item=f"ndc:{ANALGESIC}", rx_only=False, schedule=0, max_quantity=20))
 
 
 def ident(n: int) -> Identity:
@@ -38,9 +48,11 @@ class World:
         self.terminal, self.terminal2 = ident(7), ident(8)
         self.wearable = ident(9)
         self.miner = ident(10)
+        self.authority = ident(11)
         self.genesis = Genesis(
             operators={self.operator.device_id: self.operator.public_key},
-            allocations={self.insurer_account: INSURER_FUNDS, "pool:miners": 500_000},
+            allocations={self.insurer_account: INSURER_FUNDS, "pool:miners": 500_000,
+                         self.pharmacy_account(): PHARMACY_BOND, self.pharmacy_account(self.pharmacy2): PHARMACY_BOND},
             contracts=contracts or builtin_hashes(),
         )
         self.runtime = Runtime(self.genesis, code)
@@ -82,7 +94,8 @@ class World:
         return self.add(Entry(ENTRY_REVOKE, envelope.sign(self.operator, rev.model_dump())))
 
     def standard_parties(self) -> None:
-        """Prescriber, two pharmacies with a terminal each, an insurer, a miner: all must be accepted."""
+        """Prescriber, two bonded pharmacies with a terminal each, an insurer, a miner, and an authority that
+        sets the world's formulary: all must be accepted."""
         results = [
             self.register_party("prescriber", self.prescriber),
             self.register_party("prescriber", self.prescriber2),
@@ -90,10 +103,25 @@ class World:
             self.register_party("pharmacy", self.pharmacy2),
             self.register_party("insurer", self.insurer),
             self.register_party("miner", self.miner),
+            self.register_party("authority", self.authority),
             self.register_device(self.terminal, "pharmacy_terminal", self.pharmacy.device_id),
             self.register_device(self.terminal2, "pharmacy_terminal", self.pharmacy2.device_id),
+            self.set_formulary(*FORMULARY),
+            self.post_bond(self.pharmacy, PHARMACY_BOND),
+            self.post_bond(self.pharmacy2, PHARMACY_BOND),
         ]
         assert results == ["ok"] * len(results)
+
+    def set_formulary(self, *items: ce.FormularyItem, authority: Identity | None = None) -> str:
+        return self.add(ce.formulary_set_entry(authority or self.authority, ce.FormularySet(items=list(items), ts=T0)))
+
+    def post_bond(self, who: Identity, amount: int) -> str:
+        self._nonce += 1
+        return self.add(ce.signed(who, ce.BOND_POST, ce.BondPost(amount=amount, nonce=self._nonce, ts=T0)))
+
+    def attest(self, ms: int) -> str:
+        """The bridge's `clock.attest`: the time time-based rules judge on from the next entry."""
+        return self.add(ce.clock_attest_entry(self.operator, ms))
 
     def event(self, dev: Identity, kind: str, body, ts: int) -> Entry:  # noqa: ANN001
         seq = self._seq[dev.device_id]
@@ -108,8 +136,15 @@ class World:
                         currency="USD", patient_token=patient, payment_method=pay, rx_ref=rx_ref)
         return self.event(terminal or self.terminal, "purchase", body, ts)
 
-    def sale(self, item: str = AMOXICILLIN, **kwargs) -> str:  # noqa: ANN003
-        return self.add(self.sale_entry(item, **kwargs))
+    def sale(self, item: str = AMOXICILLIN, *, attest: bool = True, **kwargs) -> str:  # noqa: ANN003
+        """Append a sale; with `attest`, first attest its `ts` as the time if the clock is behind it, as the
+        bridge's gate would (a sale's own time then agrees with the attested time)."""
+        entry = self.sale_entry(item, **kwargs)
+        ts = envelope.parse(entry.cose).payload["ts"]
+        now = attested_ms(self.state)
+        if attest and (now is None or now < ts):
+            assert self.attest(ts) == "ok"
+        return self.add(entry)
 
     def refusal(self, sale: Entry, reason: str) -> Entry:
         """What an honest bridge appends instead of a sale the contracts refuse."""

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from test_contracts_access import HOUR, AccessWorld
-from test_contracts_world import T0
+from test_contracts_world import FLU_SHOT, T0
 
-from carechain.events import Purchase, make_sealed_payload
+from carechain.events import make_sealed_payload
 from contract_rules import replay
 from contract_rules import transactions as ce
 
@@ -35,9 +35,7 @@ def test_clear_v1_kinds_that_are_not_readings_survive_the_cutover() -> None:
     w = AccessWorld()
     w.standard_parties()
     assert cutover(w, len(w.entries) + 1) == "ok"
-    sale = Purchase(item_code="49281-0621-15", code_system="ndc", rx_only=False, quantity=1, price_minor=100,
-                    currency="USD", patient_token="pt-x", payment_method="card")
-    assert w.add(w.event(w.terminal, "purchase", sale, T0)) == "ok"
+    assert w.sale(FLU_SHOT, rx_only=False, price=100, patient="pt-x", ts=T0) == "ok"  # after the bridge's clock
 
 
 def test_a_cutover_is_set_once_and_never_reaches_back_into_history() -> None:

@@ -16,7 +16,21 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from carechain.cli import access, agent, bridge, contracts, cutover, demo, keys, miner, proofs, register, store
+from carechain.cli import (
+    access,
+    agent,
+    bridge,
+    contracts,
+    cutover,
+    demo,
+    formulary,
+    keys,
+    miner,
+    proofs,
+    register,
+    store,
+    tokens,
+)
 from carechain.cli._options import example, out
 
 SET_UP, RUN, CONTRACTS, RECORDS, STORAGE, AUDIT, TRY = ("Set up", "Run a party", "Contracts", "Records",
@@ -24,8 +38,8 @@ SET_UP, RUN, CONTRACTS, RECORDS, STORAGE, AUDIT, TRY = ("Set up", "Run a party",
 
 # In the order a deployment meets them: keys, register, run the bridge, agents and miners, then the
 # contracts, storage and the proofs anyone can check; the demo last.
-ORDER = ("keys", "register", "cutover", "bridge", "agent", "miner", "party", "rx", "policy", "balance", "access", "store",
-         "proof", "verify", "demo")
+ORDER = ("keys", "register", "cutover", "bridge", "agent", "miner", "party", "formulary", "rx", "policy", "token",
+         "bond", "balance", "access", "store", "proof", "verify", "demo")
 
 
 class _InOrder(TyperGroup):
@@ -69,7 +83,10 @@ app.command("miner", epilog=miner.EPILOG, rich_help_panel=RUN)(miner.miner)
 app.add_typer(contracts.party_app, name="party", rich_help_panel=CONTRACTS)
 app.add_typer(contracts.rx_app, name="rx", rich_help_panel=CONTRACTS)
 app.add_typer(contracts.policy_app, name="policy", rich_help_panel=CONTRACTS)
-app.command("balance", epilog=contracts.BALANCE_EPILOG, rich_help_panel=CONTRACTS)(contracts.balance)
+app.add_typer(formulary.formulary_app, name="formulary", rich_help_panel=CONTRACTS)
+app.add_typer(tokens.token_app, name="token", rich_help_panel=CONTRACTS)
+app.add_typer(tokens.bond_app, name="bond", rich_help_panel=CONTRACTS)
+app.command("balance", epilog=tokens.BALANCE_EPILOG, rich_help_panel=CONTRACTS)(tokens.balance)
 app.add_typer(access.access_app, name="access", rich_help_panel=RECORDS)
 app.add_typer(store.store_app, name="store", rich_help_panel=STORAGE)
 app.command("proof", epilog=proofs.PROOF_EPILOG, rich_help_panel=AUDIT)(proofs.proof)

@@ -40,14 +40,14 @@ def submit_all(config: Path | None, data_dir: Path | None, entries: list[Any]) -
     is refused); their leaf indexes."""
     from chain_bridge.contract_admin import ContractRefused, submit
     from chain_bridge.ledger.store import Ledger
-    from chain_bridge.registry import ledger_path
+    from chain_bridge.registry import ledger_path, operator_key
 
     cfg = load(config)
     bdir = bridge_dir(cfg, data_dir)
     genesis = deployment_genesis(cfg, bdir)
     ledger = open_store(Ledger, ledger_path(bdir))
     try:
-        return submit(ledger, genesis, entries)
+        return submit(ledger, genesis, entries, clock=operator_key(bdir))
     except ContractRefused as exc:
         raise fail(f"{exc} (nothing appended)", 1) from None
     finally:

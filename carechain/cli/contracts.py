@@ -1,4 +1,4 @@
-"""`carechain party|rx|policy|balance`: contract entries appended to the ledger in the bridge data dir.
+"""`carechain party|rx|policy`: contract entries appended to the ledger in the bridge data dir.
 
 They run on the bridge host for now (like `carechain register`): each replays the ledger from the
 deployment's genesis (DATA_DIR/contracts/genesis.json), dry-runs the new entry against the contracts so a
@@ -16,15 +16,16 @@ from typing import Annotated, Any
 import typer
 
 from carechain.cli._ledger import load_key, now_ms, print_result, read_json, replay, submit
-from carechain.cli._options import ConfigOpt, DataDirOpt, JsonOpt, bridge_dir, example, fail, load, out
+from carechain.cli._options import ConfigOpt, DataDirOpt, JsonOpt, bridge_dir, example, fail, load
 
 party_app = typer.Typer(help="Register parties (prescribers, pharmacies, insurers, miners, patients, doctors, "
-                             "researchers) on the ledger.",
+                             "researchers, formulary authorities) on the ledger.",
                         no_args_is_help=True, epilog=example("carechain party register insurer keys/insurer.key "
                                                              "--name 'Demo Health'"))
 rx_app = typer.Typer(help="Prescriptions: issue (sign + anchor), show, verify against the ledger, revoke.",
                      no_args_is_help=True, epilog=example("carechain rx issue rx-draft.json --key keys/prescriber.key"))
-policy_app = typer.Typer(help="Insurance policies: register a patient's coverage, settle a wellness week.",
+policy_app = typer.Typer(help="Insurance policies: a patient's consent, register her coverage, settle a wellness "
+                              "week.",
                          no_args_is_help=True, epilog=example("carechain policy register policy.json "
                                                               "--key keys/insurer.key"))
 KeyOpt = Annotated[Path, typer.Option("--key", help="The acting party's key file (it signs the entry).")]
@@ -36,7 +37,8 @@ KeyOpt = Annotated[Path, typer.Option("--key", help="The acting party's key file
     "carechain party register pharmacy keys/pharmacy.key --name 'Main St Pharmacy'",
     "carechain party register patient keys/alice.key --name Alice --pre-key keys/alice.pre"))
 def party_register(
-    role: Annotated[str, typer.Argument(help="prescriber, pharmacy, insurer, miner, patient, doctor or researcher.")],
+    role: Annotated[str, typer.Argument(help="prescriber, pharmacy, insurer, miner, patient, doctor, researcher or "
+                                             "authority (signs the formulary).")],
     public_key: Annotated[str, typer.Argument(help="The party's public key: 64 hex digits, or its key file.")],
     name: Annotated[str, typer.Option(help="A display name (e.g. the pharmacy's name).")],
     pre_key: Annotated[str | None, typer.Option("--pre-key", help="The party's re-encryption key file (`carechain "
@@ -170,14 +172,42 @@ def rx_verify(rx_file: Annotated[Path, typer.Argument(help="A signed Rx file (fr
               config: ConfigOpt = None, data_dir: DataDirOpt = None, as_json: JsonOpt = False) -> None:
     """Check an Rx file against the ledger: prescriber signature, anchored terms, revocation, fills left.
 
-    Exit 1 if the Rx would not allow a sale (unknown, altered, revoked, or signed by another key)."""
+    `final` says whether every leaf the answer rests on (the anchor, the sales, a revocation) is covered by
+    a final checkpoint recorded on the ledger (cosigned by a majority of the active miners); until then a
+    dishonest bridge could still show another history. Exit 1 if the Rx would not allow a sale (unknown,
+    altered, revoked, or signed by another key)."""
     from chain_bridge.contract_admin import rx_status
 
     signed = _rx_file(rx_file)
-    status = rx_status(replay(config, data_dir), signed, now_ms())
+    runtime, final_size = _replay_with_final(config, data_dir)
+    status = rx_status(runtime, signed, now_ms())
+    leaves = [status.get("anchor_leaf"), status.get("revoked_at"), *status.get("sale_leaves", [])]
+    status.update(final_tree_size=final_size,
+                  final=status["anchored"] and all(leaf < final_size for leaf in leaves if leaf is not None))
     print_result(status, as_json)
     if not status["ok"]:
         raise typer.Exit(1)
+
+
+def _replay_with_final(config: Path | None, data_dir: Path | None) -> tuple[Any, int]:
+    """A replay of the ledger and the tree size of its latest recorded final checkpoint (0: none)."""
+    from carechain.cli._ledger import deployment_genesis
+    from carechain.cli._options import open_store
+    from chain_bridge.contract_admin import replay_ledger
+    from chain_bridge.finality import final_tree_size
+    from chain_bridge.ledger.store import Ledger
+    from chain_bridge.registry import ledger_path
+
+    cfg = load(config)
+    bdir = bridge_dir(cfg, data_dir)
+    if not ledger_path(bdir).exists():
+        raise fail(f"no ledger at {ledger_path(bdir)} (use --data-dir: the bridge's data directory)")
+    ledger = open_store(Ledger, ledger_path(bdir))
+    try:
+        runtime = replay_ledger(ledger, deployment_genesis(cfg, bdir))
+        return runtime, final_tree_size(ledger, runtime.state)
+    finally:
+        ledger.close()
 
 
 @rx_app.command("revoke", epilog=example(
@@ -198,38 +228,114 @@ def rx_revoke(rx: Annotated[str, typer.Argument(help="A signed Rx file, or its r
 
 # -- policy -------------------------------------------------------------------------------------------
 
-@policy_app.command("register", epilog=example(
-    "carechain policy register policy.json --key keys/insurer.key"))
-def policy_register(
-    policy: Annotated[Path, typer.Argument(help="Policy JSON: policy_id, patient_token, coverage [{category, bp, "
-                                                "items: [\"ndc:CODE\", …]}], optional wellness {min_active_minutes,"
-                                                " rebate_minor}. bp: basis points billed to the insurer.")],
-    key: KeyOpt, config: ConfigOpt = None, data_dir: DataDirOpt = None, as_json: JsonOpt = False,
-) -> None:
-    """Register a coverage policy for a patient, signed by the insurer: covered sales are billed to it."""
+def _policy_offer(path: Path, raw: dict[str, Any]) -> Any:
+    """The insurer's offer in a policy JSON file (`patient_token` is accepted for `patient`, her party id)."""
     from pydantic import ValidationError
 
     from contract_rules import transactions as ce
 
-    insurer = load_key(key)
-    raw = read_json(policy, "the policy")
+    terms = {k: v for k, v in raw.items() if k not in ("consent", "insurer", "patient_token")}
+    terms.setdefault("patient", raw.get("patient_token"))
+    terms.setdefault("ts", now_ms())
     try:
-        reg = ce.PolicyRegistration.model_validate({**raw, "ts": now_ms()}, strict=False)
+        return ce.PolicyOffer.model_validate(terms, strict=False)
     except ValidationError as exc:
         err = exc.errors()[0]
-        raise fail(f"{policy}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
-    index = submit(config, data_dir, ce.signed(insurer, ce.POLICY_REGISTER, reg))
-    print_result({"policy_id": reg.policy_id, "insurer": f"insurer:{insurer.device_id}", "leaf": index}, as_json)
+        raise fail(f"{path}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+
+
+def _insurer_id(text: str) -> str:
+    import re
+
+    if Path(text).is_file():
+        return str(load_key(Path(text)).device_id)
+    if not re.fullmatch(r"[a-z2-7]{16}", text):
+        raise fail(f"--insurer {text!r:.80} is neither a key file nor a party id (16 characters a-z, 2-7)")
+    return text
+
+
+@policy_app.command("consent", epilog=example(
+    "carechain policy consent policy.json --key keys/alice.key --insurer 7xq3kd2m4n5p6r7s"))
+def policy_consent(
+    policy: Annotated[Path, typer.Argument(help="The insurer's policy JSON (see `carechain policy register`).")],
+    key: Annotated[Path, typer.Option("--key", help="The patient's key file (her wallet): it signs her consent.")],
+    insurer: Annotated[str, typer.Option(help="The insurer's party id (or its key file): the consent is to it only.")],
+    out_file: Annotated[Path | None, typer.Option("--out", help="Where to write the consented policy (default: "
+                                                  "POLICY with the suffix .consented.json).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Sign a patient's consent to a policy offer, offline; the insurer then registers the file it writes.
+
+    The consent covers every term (coverage, caps, wellness, the time stamp) and the insurer's id: changed
+    terms or another insurer make the ledger refuse it.
+    """
+    import json
+
+    from contract_rules import transactions as ce
+
+    patient = load_key(key)
+    offer = _policy_offer(policy, read_json(policy, "the policy"))
+    if offer.patient != patient.device_id:
+        raise fail(f"{policy}: the policy is for patient {offer.patient}, but {key} is {patient.device_id}")
+    insurer_id = _insurer_id(insurer)
+    consent = ce.sign_policy_consent(patient, insurer_id, offer)
+    target = out_file or policy.with_name(policy.name.removesuffix(".json") + ".consented.json")
+    doc = {**offer.model_dump(mode="json"), "insurer": insurer_id, "consent": consent.hex()}
+    target.write_text(json.dumps(doc, indent=2) + "\n")
+    print_result({"policy_id": offer.policy_id, "patient": offer.patient, "insurer": insurer_id,
+                  "consented_policy": str(target)}, as_json)
+
+
+@policy_app.command("register", epilog=example(
+    "carechain policy register policy.consented.json --key keys/insurer.key",
+    "carechain policy register policy.json --key keys/insurer.key --patient-key keys/alice.key"))
+def policy_register(
+    policy: Annotated[Path, typer.Argument(help="Policy JSON: policy_id, patient (her party id), coverage "
+                                                "[{category, bp, caps: {\"ndc:CODE\": cap per package}}], optional "
+                                                "wellness {min_active_minutes, rebate_minor}; bp: basis points of "
+                                                "min(price, cap x quantity) billed to the insurer. With her consent "
+                                                "from `carechain policy consent`, or give --patient-key.")],
+    key: KeyOpt,
+    patient_key: Annotated[Path | None, typer.Option("--patient-key", help="The patient's key file, to sign her "
+                                                     "consent here (when she is present).")] = None,
+    config: ConfigOpt = None, data_dir: DataDirOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Register a coverage policy for a patient, signed by the insurer and consented to by the patient."""
+    from contract_rules import transactions as ce
+
+    insurer = load_key(key)
+    raw = read_json(policy, "the policy")
+    offer = _policy_offer(policy, raw)
+    if "consent" in raw:
+        if raw.get("insurer") != insurer.device_id:
+            raise fail(f"{policy}: the patient consented to insurer {raw.get('insurer')}, not {insurer.device_id}")
+        try:
+            consent = bytes.fromhex(str(raw["consent"]))
+        except ValueError:
+            raise fail(f"{policy}: consent must be hex (from `carechain policy consent`)") from None
+    elif patient_key is not None:
+        consent = ce.sign_policy_consent(load_key(patient_key), insurer.device_id, offer)
+    else:
+        raise fail(f"{policy}: a policy binds a patient only with her consent: run `carechain policy consent` "
+                   "with her key, or give --patient-key")
+    if len(consent) != 64:
+        raise fail(f"{policy}: consent must be a 64-byte signature")
+    index = submit(config, data_dir, ce.signed(insurer, ce.POLICY_REGISTER, ce.consented_policy(offer, consent)))
+    print_result({"policy_id": offer.policy_id, "patient": offer.patient, "insurer": f"insurer:{insurer.device_id}",
+                  "leaf": index}, as_json)
 
 
 @policy_app.command("settle", epilog=example(
-    "carechain policy settle pt-alice 2026-W47 --key keys/insurer.key"))
+    "carechain policy settle 7xq3kd2m4n5p6r7s 2026-W47 --key keys/alice.key"))
 def policy_settle(
-    patient_token: Annotated[str, typer.Argument(help="The patient's token.")],
+    patient_token: Annotated[str, typer.Argument(help="The patient's party id.")],
     week: Annotated[str, typer.Argument(help="The ISO week to settle, e.g. 2026-W47 (must be over).")],
     key: KeyOpt, config: ConfigOpt = None, data_dir: DataDirOpt = None, as_json: JsonOpt = False,
 ) -> None:
-    """Evaluate a patient's wellness week from anchored telemetry; pays the rebate if it was earned."""
+    """Evaluate a patient's wellness week from anchored telemetry; pays the rebate if it was earned.
+
+    The patient herself (--key: her wallet key) or her policy's insurer may settle; the week must be over by
+    the ledger's attested time."""
     from contract_rules import transactions as ce
 
     try:
@@ -239,25 +345,3 @@ def policy_settle(
     index = submit(config, data_dir, ce.signed(load_key(key), ce.WELLNESS_SETTLE, settle))
     result = replay(config, data_dir).state.table("wellness").get(f"{patient_token}:{week}", {})
     print_result({"leaf": index, **result}, as_json)
-
-
-# -- balance ------------------------------------------------------------------------------------------
-
-BALANCE_EPILOG = example("carechain balance --data-dir carechain-data/bridge",
-                         "carechain balance insurer:7xq3kd2m4n5p6r7s --json")
-
-
-def balance(account: Annotated[str | None, typer.Argument(help="One account, e.g. insurer:<party id>.")] = None,
-            config: ConfigOpt = None, data_dir: DataDirOpt = None, as_json: JsonOpt = False) -> None:
-    """Replay the ledger through the contracts and print token balances (minor units) and the state root."""
-    state = replay(config, data_dir).state
-    balances = {account: state.balance(account)} if account else dict(sorted(state.balances.items()))
-    data = {"balances": balances, "supply": state.supply, "size": state.size, "state_root": state.root().hex(),
-            "violations": dict(sorted(state.table("violations").items()))}
-    if as_json:
-        out.print_json(data=data)
-        return
-    lines = [f"{a:<40} {n:>14}" for a, n in balances.items()] or ["(no balances)"]
-    lines.append(f"supply {state.supply}, ledger size {state.size}, state root {data['state_root']}")
-    lines += [f"violations {a}: {n}" for a, n in data["violations"].items()]
-    out.print("\n".join(lines), soft_wrap=True, markup=False, highlight=False)

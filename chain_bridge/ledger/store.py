@@ -128,19 +128,30 @@ class SaleRefused:
     reason: str
 
 
+@dataclass(frozen=True)
+class Admission:
+    """A gate's answer for one event: contract entries to append first (`before`: the bridge's `clock.attest`),
+    then the event itself, or `instead` of it another entry (a `sale.refused`)."""
+
+    before: tuple[Entry, ...] = ()
+    instead: Entry | None = None
+    refused: str | None = None  # refuse the event for this reason without a leaf (`before` still goes in)
+
+
 class EventGate(Protocol):
     """Decides under the ledger's write lock, in log order, whether each new event goes in as it is.
 
     `append_events` calls `catch_up(ledger)` once the lock is held (the gate reads the committed leaves it
-    has not seen yet, `ledger.leaves(start)`), then `admit(index, candidate)` for each new event in order:
-    None appends the event, an `Entry` of another type is appended in its place (a `sale.refused`), and
-    either way the gate now counts that leaf as seen; a string refuses the event (that reason) without a
-    leaf. `abort()` says the transaction rolled back.
+    has not seen yet, `ledger.leaves(start)`), then `admit(index, candidate)` for each new event in order,
+    `index` being the next leaf: None appends the event, an `Entry` of another type is appended in its place
+    (a `sale.refused`), an `Admission` may also put entries before it; the gate now counts all those leaves
+    as seen. A string refuses the event (that reason) without a leaf. `abort()` says the transaction rolled
+    back.
     """
 
     def catch_up(self, ledger: Ledger) -> None: ...
 
-    def admit(self, index: int, candidate: EventCandidate) -> Entry | str | None: ...
+    def admit(self, index: int, candidate: EventCandidate) -> Admission | Entry | str | None: ...
 
     def abort(self) -> None: ...
 
@@ -264,8 +275,9 @@ class Ledger:
         Revocation is re-checked under the write lock: another process (`carechain` revoking a device)
         may have committed one after the caller last loaded the registry. With a `gate` (the contracts),
         an event it refuses is appended as the entry it returns, and its (device, seq) row points there,
-        so a resend gets `Refused` again. A sealed reading's ciphertext goes into `ciphertexts` in the same
-        transaction as its leaf: no receipt ever names a leaf whose ciphertext is lost. A new v1 reading
+        so a resend gets `Refused` again; entries the gate puts before an event (the bridge's `clock.attest`)
+        go in just before it, in the same transaction. A sealed reading's ciphertext goes into `ciphertexts`
+        in the same transaction as its leaf: no receipt ever names a leaf whose ciphertext is lost. A new v1 reading
         of a sealed kind whose index would reach the cutover (`protocol.cutover`) is `VersionRetired`
         (a resend of one anchored earlier is still re-acknowledged).
         """
@@ -307,9 +319,18 @@ class Ledger:
                 if retire is not None and idx >= retire and c.version == 1 and c.kind in SEALED_KINDS:
                     results.append(VersionRetired(retire))
                     continue
-                instead = gate.admit(idx, c) if gate is not None else None
-                if isinstance(instead, str):
-                    results.append(SaleRefused(None, instead))
+                admitted = gate.admit(idx, c) if gate is not None else None
+                if isinstance(admitted, str):
+                    results.append(SaleRefused(None, admitted))
+                    continue
+                before, instead, refused = _admission(admitted)
+                for extra in before:  # in the gate's order, just before the event (a clock.attest)
+                    extra_data = extra.encode()
+                    new_hashes.append(leaf_hash(extra_data))
+                    rows_entries.append((idx, extra.type, new_hashes[-1], extra_data, now))
+                    idx += 1
+                if refused is not None:
+                    results.append(SaleRefused(None, refused))
                     continue
                 entry_type, data = (ENTRY_EVENT, c.leaf) if instead is None else (instead.type, instead.encode())
                 h = leaf_hash(data) if instead is not None else h
@@ -762,6 +783,13 @@ def _entry_payload(leaf: bytes) -> dict | None:
     except (ValueError, envelope.EnvelopeError):
         return None
     return payload if isinstance(payload, dict) else None
+
+
+def _admission(admitted: Admission | Entry | None) -> tuple[tuple[Entry, ...], Entry | None, str | None]:
+    """(entries before the event, entry in its place, refusal) of a gate's answer other than a bare refusal."""
+    if isinstance(admitted, Admission):
+        return admitted.before, admitted.instead, admitted.refused
+    return (), admitted, None
 
 
 def _refusal_reason(leaf: bytes) -> str | None:
