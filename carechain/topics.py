@@ -11,9 +11,10 @@ FINAL_CHECKPOINT = f"{PREFIX}/log/final"  # retained: the latest checkpoint with
 MINER_REQUEST_WILDCARD = f"{PREFIX}/miner/+/req"
 MINER_COSIG_WILDCARD = f"{PREFIX}/miner/+/cosig"
 MINER_EVIDENCE_WILDCARD = f"{PREFIX}/miner/+/evidence"
+MINER_HELLO_WILDCARD = f"{PREFIX}/miner/+/hello"
 _DEVICE_ID = re.compile(r"[a-z2-7]{1,64}")  # always fullmatch: `$` would accept a trailing newline
 _EVENT_TOPIC = re.compile(rf"{PREFIX}/dev/([^/]+)/ev")
-_MINER_TOPIC = re.compile(rf"{PREFIX}/miner/([^/]+)/(req|resp|cosig|evidence)")
+_MINER_TOPIC = re.compile(rf"{PREFIX}/miner/([^/]+)/(req|resp|cosig|evidence|hello)")
 
 
 def events(device_id: str) -> str:
@@ -50,8 +51,14 @@ def miner_evidence(miner_id: str) -> str:
     return f"{PREFIX}/miner/{_checked(miner_id)}/evidence"
 
 
+def miner_hello(miner_id: str) -> str:
+    """Miner → all (retained): its signed announcement, for discovery; its last will empties it, so a miner
+    that dies disappears without saying goodbye."""
+    return f"{PREFIX}/miner/{_checked(miner_id)}/hello"
+
+
 def miner_of_topic(topic: str) -> tuple[str, str] | None:
-    """(miner id, kind) of a miner topic, kind one of req/resp/cosig/evidence; None when it is not one."""
+    """(miner id, kind) of a miner topic, kind one of req/resp/cosig/evidence/hello; None when it is not one."""
     return _id_and_kind(_MINER_TOPIC, topic)
 
 
@@ -67,6 +74,7 @@ def _checked(device_id: str) -> str:
 
 
 # -- storage miners (issue 7; chain_miner/storage_server.py) ---------------------------------------------
+STORE_REQUEST_WILDCARD = f"{PREFIX}/store/+/req"
 STORE_RESPONSE_WILDCARD = f"{PREFIX}/store/+/resp"
 STORE_HELLO_WILDCARD = f"{PREFIX}/store/+/hello"
 _STORE_TOPIC = re.compile(rf"{PREFIX}/store/([^/]+)/(req|resp|hello)")

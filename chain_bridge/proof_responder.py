@@ -6,6 +6,10 @@ its `max_packet_size` — after which paho resends the same QoS 1 message at eve
 is *paged*: it carries the longest prefix of the asked entries that fits `max_packet_bytes` (the broker's
 limit, from config), and the miner asks again from where the page ended. Requests are rate-limited per
 requester, and the lock is held only to read the tree and the raw entries, never to encode them.
+
+Every answer — proofs, pages and refusals alike — is signed by the log key (`ProofResponseMessage.signed`):
+miners act only on answers the log signed, so a client that manages to publish on a response topic cannot
+steer them, and a failing proof the log signed is fork evidence nobody else could make (carechain.evidence).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pydantic import ValidationError
 
 from carechain import miner_messages as messages
 from carechain.config import BridgeConfig, BrokerConfig
+from carechain.identity import Identity
 from carechain.merkle import HASH_SIZE
 from carechain.token_bucket import TokenBucket
 from carechain.transport import connect_client
@@ -62,13 +67,15 @@ class ProofResponder:
     Pass the lock the appender holds while it extends the ledger, if another thread appends: the
     in-memory tree must not be read mid-append. `max_packet_bytes` is the broker's packet limit
     (`broker.max_packet_bytes`); `requests_per_s`/`burst` the per-requester rate limit
-    (`bridge.proof_requests_per_s`, `bridge.proof_request_burst`).
+    (`bridge.proof_requests_per_s`, `bridge.proof_request_burst`). `log_key` signs every answer; without it
+    answers go out unsigned and miners drop them (only for tests of the responder itself).
     """
 
     def __init__(self, ledger: Ledger, client: mqtt.Client | None = None, lock: threading.Lock | None = None, *,
                  max_packet_bytes: int = DEFAULT_MAX_PACKET_BYTES, requests_per_s: float = DEFAULT_REQUESTS_PER_S,
-                 burst: int = DEFAULT_REQUEST_BURST) -> None:
+                 burst: int = DEFAULT_REQUEST_BURST, log_key: Identity | None = None) -> None:
         self.ledger = ledger
+        self.log_key = log_key
         self.client = client
         self._lock = lock or threading.Lock()
         self.max_packet_bytes = max_packet_bytes
@@ -84,10 +91,10 @@ class ProofResponder:
     @classmethod
     def connect(cls, ledger: Ledger, broker: BrokerConfig, client_id: str, lock: threading.Lock | None = None,
                 connected: threading.Event | None = None, *, requests_per_s: float = DEFAULT_REQUESTS_PER_S,
-                burst: int = DEFAULT_REQUEST_BURST) -> ProofResponder:
+                burst: int = DEFAULT_REQUEST_BURST, log_key: Identity | None = None) -> ProofResponder:
         """A responder with its own MQTT client; `connected` is set once it is subscribed."""
         responder = cls(ledger, None, lock, max_packet_bytes=broker.max_packet_bytes, requests_per_s=requests_per_s,
-                        burst=burst)
+                        burst=burst, log_key=log_key)
         responder.client = connect_client(broker, client_id, on_message=responder._on_message,
                                           subscriptions=[(messages.MINER_REQUEST_WILDCARD, 1)], connected=connected)
         return responder
@@ -100,15 +107,18 @@ class ProofResponder:
     def answer(self, req: messages.ProofRequestMessage, budget: int | None = None) -> messages.ProofResponseMessage:
         """The response to one request (pure given the ledger): the proof and the longest prefix of the
         asked entries whose JSON fits `budget` bytes (default: a response on the requester's topic under
-        `max_packet_bytes`). Fewer entries than asked means: ask again from where this page ends."""
+        `max_packet_bytes`), signed by the log key. Fewer entries than asked means: ask again from where this
+        page ends."""
         lo, hi = sorted((req.old_size, req.new_size))
         if budget is None:
             budget = messages.payload_budget(self.max_packet_bytes, messages.response("x" * 64))
 
         def refuse(error: str) -> messages.ProofResponseMessage:
-            return messages.ProofResponseMessage(id=req.id, old_size=req.old_size, new_size=req.new_size, error=error)
+            return self._signed(messages.ProofResponseMessage(id=req.id, old_size=req.old_size,
+                                                              new_size=req.new_size, error=error))
 
-        shape = messages.ProofResponseMessage(id=req.id, old_size=req.old_size, new_size=req.new_size)
+        shape = messages.ProofResponseMessage(id=req.id, old_size=req.old_size, new_size=req.new_size,
+                                              sig="0" * 128 if self.log_key is not None else None)
         left = budget - len(shape.model_dump_json())  # then each hash or entry adds its hex, quotes and a comma
         raw: list[bytes] = []
         with self._lock:
@@ -127,9 +137,12 @@ class ProofResponder:
         if req.old_size < req.new_size and not raw:
             return refuse(f"leaf {req.old_size} does not fit in one packet of {self.max_packet_bytes} bytes; "
                           "raise broker.max_packet_bytes (and the broker's max_packet_size)")
-        return messages.ProofResponseMessage(id=req.id, old_size=req.old_size, new_size=req.new_size,
-                                             consistency_path=[h.hex() for h in path],
-                                             entries=[e.hex() for e in raw])
+        return self._signed(messages.ProofResponseMessage(id=req.id, old_size=req.old_size, new_size=req.new_size,
+                                                          consistency_path=[h.hex() for h in path],
+                                                          entries=[e.hex() for e in raw]))
+
+    def _signed(self, resp: messages.ProofResponseMessage) -> messages.ProofResponseMessage:
+        return resp.signed(self.log_key.sign) if self.log_key is not None else resp
 
     def _on_message(self, client: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
         self.serve(client, msg)
@@ -151,8 +164,9 @@ class ProofResponder:
                     req = messages.ProofRequestMessage.model_validate_json(msg.payload)
                 except ValidationError:
                     return
-                refusal = messages.ProofResponseMessage(id=req.id, old_size=req.old_size, new_size=req.new_size,
-                                                        error=f"{messages.RATE_LIMITED}: retry in {wait:.3f} s")
+                refusal = self._signed(messages.ProofResponseMessage(
+                    id=req.id, old_size=req.old_size, new_size=req.new_size,
+                    error=f"{messages.RATE_LIMITED}: retry in {wait:.3f} s"))
                 client.publish(messages.response(requester), refusal.model_dump_json().encode(), qos=0)
             return
         try:

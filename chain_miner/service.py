@@ -6,6 +6,11 @@ Order matters for safety: the new witness state is written (atomically, fsynced)
 cosignature is published, so a miner restarted at any point never cosigns a view inconsistent with one
 it already vouched for.
 
+Trust (docs/miners.md "Signed messages"): the miner acts only on proof answers the log key signed — an
+answer from anyone else on its response topic is dropped, never judged — and signs everything it
+publishes (hello, cosignatures, evidence) with its own key. Its hello is retained, and its last will
+empties it, so a miner that dies disappears from discovery.
+
 Run one with `carechain miner` (assembled from config by `chain_miner.assembly`).
 """
 
@@ -48,13 +53,20 @@ from chain_miner.witness import (
 )
 
 if TYPE_CHECKING:
+    from carechain.evidence import Violation
+
+if TYPE_CHECKING:
     from chain_miner.reencryptor import AccessReleaser, Reencryptor
+    from chain_miner.snapshots import MinerSnapshots
     from contract_rules import ContractWitness, Genesis, Replica
 
 log = logging.getLogger("carechain.miner")
 STATE_FILE = "witness.json"
 STATE_VERSION = 1
 MAX_RATE_RETRIES = 20  # asked to come back later this many times in a row: give up until the next checkpoint
+
+
+MAX_VOID_EVIDENCE = 16  # void leaves reported per cosigned range; the ledger's `void` table lists them all
 
 
 class StateError(Exception):
@@ -94,10 +106,13 @@ class WitnessMiner:
         tree it already cosigned (fetched from the log and checked against that tree's root).
 
         `replica`: that verifier's contract state. With it the miner also serves the access grants that
-        name it (`chain_miner.reencryptor`), through `reencryptor` (default: one for this miner's key)."""
+        name it (`chain_miner.reencryptor`), through `reencryptor` (default: one for this miner's key); and
+        when it is the entry verifier (a `ContractWitness`), the miner keeps contract snapshots in its data
+        dir (`chain_miner.snapshots`), so a restart replays only the leaves after the newest one."""
         self.data_dir = Path(data_dir)
         self.broker = broker_cfg
         self.id = miner_key.device_id
+        self._key = miner_key
         self.cosigner = Cosigner(name or f"carechain.miner/{self.id}", miner_key.public_key)
         self.state_path = self.data_dir / STATE_FILE
         self.witness = Witness(self.cosigner, miner_key.sign, log_public_key, load_state(self.state_path),
@@ -114,21 +129,44 @@ class WitnessMiner:
         self._client: mqtt.Client | None = None
         self._worker: threading.Thread | None = None
         self.access: AccessReleaser | None = None
+        self.snapshots: MinerSnapshots | None = None
+        self._hello_due = threading.Event()  # set at every (re)connect; the worker publishes the hello
         if replica is not None:
             from chain_miner.reencryptor import DONE_FILE, AccessReleaser, Reencryptor, load_done
+            from chain_miner.snapshots import MinerSnapshots
+            from contract_rules import ContractWitness
+
+            if isinstance(replica, ContractWitness) and replica is entry_verifier:
+                self.snapshots = MinerSnapshots(self.data_dir, replica)
 
             core = reencryptor or Reencryptor(
                 miner_key, log_public_key, load_done(self.data_dir / DONE_FILE), stats=self.stats,
                 max_message_bytes=messages.payload_budget(broker_cfg.max_packet_bytes, topics.party_inbox("a" * 16)))
             self.access = AccessReleaser(core, self.data_dir, lambda: replica.state, self._leaves, self._publish_once)
 
+    def hello(self) -> messages.MinerHello:
+        """This miner's signed announcement."""
+        return messages.MinerHello(miner=self.id, name=self.cosigner.name, public_key=self.cosigner.public_key.hex(),
+                                   ts=int(time.time() * 1000)).signed(self._key)
+
     def start(self) -> None:
         subscriptions = [(topics.CHECKPOINT, 1), (messages.response(self.id), 1)]
         if self.access is not None:  # finality, counted by this miner itself (chain_miner.reencryptor)
             subscriptions += [(topics.FINAL_CHECKPOINT, 1), (topics.MINER_COSIG_WILDCARD, 1)]
+        if self.snapshots is not None:
+            restored = self.snapshots.restore(self.witness.state)
+            if restored:
+                log.info("miner %s: contract state restored at leaf %d from %s", self.id, restored,
+                         self.snapshots.path)
+
+        def on_state(up: bool) -> None:
+            if up:  # (again) after every reconnect: the will may have emptied the topic meanwhile
+                self.ever_connected.set()
+                self._hello_due.set()
+
         self._client = connect_client(
             self.broker, f"carechain-miner-{self.id}", on_message=self._on_message, connected=self.connected,
-            subscriptions=subscriptions, on_state=lambda up: self.ever_connected.set() if up else None)
+            subscriptions=subscriptions, on_state=on_state, will=(messages.hello(self.id), b""))
         self._worker = threading.Thread(target=self._run, name=f"miner-{self.id}", daemon=True)
         self._worker.start()
 
@@ -136,7 +174,11 @@ class WitnessMiner:
         self._stop.set()
         if self._worker:
             self._worker.join(timeout=10)
+        if self.snapshots is not None and not (self._worker and self._worker.is_alive()):
+            self.snapshots.save(self.witness.state)  # the next start replays nothing it already judged
         if self._client:
+            if self._client.is_connected():  # a clean stop says goodbye itself (the will fires only on a loss)
+                self._client.publish(messages.hello(self.id), b"", qos=1, retain=True).wait_for_publish(5)
             self._client.disconnect()
             self._client.loop_stop()
 
@@ -152,7 +194,12 @@ class WitnessMiner:
                     cosig = messages.CosignatureMessage.model_validate_json(msg.payload)
                 except ValidationError:
                     return
+                if not messages.from_miner(cosig, miner[0]):
+                    self.stats["unsigned_cosignature"] += 1
+                    return
                 self._notes.put((topics.FINAL_CHECKPOINT, cosig.checkpoint + cosig.cosignature))
+            return
+        if miner != (self.id, "resp"):
             return
         try:
             self._responses.put(messages.ProofResponseMessage.model_validate_json(msg.payload))
@@ -160,7 +207,11 @@ class WitnessMiner:
             log.warning("miner %s: malformed proof response: %s", self.id, exc.errors()[:1])
 
     def _run(self) -> None:
+        hello = self.hello().model_dump_json().encode()
         while not self._stop.is_set():
+            if self._hello_due.is_set():
+                self._hello_due.clear()
+                self._publish(messages.hello(self.id), hello)
             try:
                 topic, note = self._notes.get(timeout=0.2)
             except queue.Empty:
@@ -180,12 +231,13 @@ class WitnessMiner:
         plan = self.witness.plan(note)
         if isinstance(plan, CosignRefused):
             return self._refused(plan)
-        resp = self._fetch(plan)
-        if resp is None:
+        fetched = self._fetch(plan)
+        if fetched is None:
             self.stats["no_response"] += 1
             log.warning("miner %s: no proof for %d → %d; will judge the next checkpoint", self.id,
                         plan.old_size, plan.new_size)
             return None
+        resp, proof = fetched
         try:
             path = [bytes.fromhex(h) for h in resp.consistency_path]
             entries = [bytes.fromhex(e) for e in resp.entries]
@@ -193,21 +245,39 @@ class WitnessMiner:
             self.stats["bad_response"] += 1
             return None
         before = self.witness.state
-        decision = self.witness.observe(note, path, entries, int(time.time()))
+        now = int(time.time())
+        decision = self.witness.observe(note, path, entries, now, proof)
         if isinstance(decision, CosignRefused):
             return self._refused(decision)
         save_state(self.state_path, decision.state)  # before the cosignature leaves this process
+        if self.snapshots is not None:
+            self.snapshots.after_cosign(decision.state)
         self.stats["cosigned"] += 1
         msg = messages.CosignatureMessage(miner=self.cosigner.name, public_key=self.cosigner.public_key.hex(),
                                           tree_size=decision.checkpoint.tree_size, checkpoint=note,
-                                          cosignature=decision.cosignature.line())
+                                          cosignature=decision.cosignature.line()).signed(self._key)
         self._publish(messages.cosignature(self.id), msg.model_dump_json().encode())
+        if decision.state.tree_size > before.tree_size:
+            self._report_voids(before, note, entries, now)
         if self.access is not None and decision.state.tree_size > before.tree_size:
             self.access.after_cosign(before.tree_size, before.frontier, entries)
         return decision
 
+    def _report_voids(self, before: WitnessState, note: str, entries: list[bytes], now: int) -> None:
+        """Publish evidence of the void leaves the contracts found in a range just cosigned: a void leaf changes
+        no contract state, so the log goes on finalizing, but an honest operator never appends one."""
+        voids: list[Violation] = list(getattr(self.entry_verifier, "voids", None) or ())
+        for void in voids[:MAX_VOID_EVIDENCE]:
+            self.stats["void_evidence"] += 1
+            log.warning("miner %s: leaf %d is void (%s): publishing evidence", self.id, void.leaf_index, void.rule)
+            payload = self._evidence_payload(self.witness.void_evidence(before, note, entries, void, now), before)
+            if payload is not None:
+                self._publish(messages.evidence(self.id), payload)
+
     def _replay_cosigned(self) -> bool:
         """Bring a stateful entry verifier up to the cosigned tree; False when the log did not serve it."""
+        if self.snapshots is not None:
+            return self._catch_up(self.snapshots)
         if self.verifier_size is None:
             return True
         done, cosigned = self.verifier_size(), self.witness.state.tree_size
@@ -215,7 +285,8 @@ class WitnessMiner:
             return True
         if done != 0:
             raise StateError(f"the entry verifier is at leaf {done}, the cosigned tree at {cosigned}")
-        resp = self._fetch(ProofRequest(0, cosigned))
+        fetched = self._fetch(ProofRequest(0, cosigned))
+        resp = fetched[0] if fetched is not None else None
         if resp is None or len(resp.entries) != cosigned:
             self.stats["no_replay"] += 1
             log.warning("miner %s: could not fetch leaves 0..%d to replay the contracts; retrying with the next "
@@ -235,33 +306,58 @@ class WitnessMiner:
             self.access.after_cosign(0, (), entries)
         return True
 
+    def _catch_up(self, snapshots: MinerSnapshots) -> bool:
+        """`_replay_cosigned` from the contract snapshot: only the cosigned leaves after it are fetched."""
+        from chain_miner.snapshots import ContractReplayError
+
+        cosigned = self.witness.state
+        if snapshots.witness.size == cosigned.tree_size:
+            return True
+        try:
+            tail = snapshots.catch_up(cosigned, self._leaves)
+        except ContractReplayError as exc:
+            raise StateError(str(exc)) from None
+        if tail is None:
+            self.stats["no_replay"] += 1
+            log.warning("miner %s: could not replay the cosigned leaves into the contracts; retrying with the next "
+                        "checkpoint", self.id)
+            return False
+        log.info("miner %s: replayed %d cosigned leaves into the contracts (re-executed from leaf %d)", self.id,
+                 len(tail.entries), tail.old_size)
+        if self.access is not None and tail.entries:
+            self.access.after_cosign(tail.old_size, tail.old_frontier, tail.entries)
+        return True
+
     def _refused(self, r: CosignRefused) -> CosignRefused:
         self.stats[f"refused_{r.reason}"] += 1
         log.log(logging.WARNING if r.evidence else logging.INFO, "miner %s refused: %s: %s", self.id, r.reason,
                 r.detail)
         if r.evidence is not None:
-            payload = self._evidence_payload(r.evidence)
+            payload = self._evidence_payload(r.evidence, self.witness.state)  # a refusal leaves the state as it was
             if payload is not None:
                 self._publish(messages.evidence(self.id), payload)
         return r
 
-    def _evidence_payload(self, ev: Evidence) -> bytes | None:
-        """`ev` as one packet under the broker's limit: a violation over many entries is cut after the
-        violating leaf (with the log's proof that the prefix is its tree's); what still does not fit is kept
-        in DATA_DIR/evidence/ and logged, never queued for a broker that would refuse it."""
+    def _evidence_payload(self, ev: Evidence, before: WitnessState) -> bytes | None:
+        """`ev`, signed by this miner, as one packet under the broker's limit: a violation over many entries
+        (its range starting at `before`) is cut after the violating leaf (with the log's proof that the prefix
+        is its tree's); what still does not fit is kept in DATA_DIR/evidence/ and logged, never queued for a
+        broker that would refuse it."""
         budget = messages.payload_budget(self.broker.max_packet_bytes, messages.evidence(self.id))
+        ev = ev.model_copy(update={"miner_key": self.cosigner.public_key.hex()}).signed(self._key)
         payload = ev.model_dump_json().encode()
         if len(payload) <= budget:
             return payload
-        old_size = self.witness.state.tree_size  # a refusal leaves the state as it was
+        old_size = before.tree_size
         new_size = old_size + len(ev.entries)
-        if ev.kind is EvidenceKind.VIOLATION and ev.violation_leaf is not None and ev.violation_leaf + 1 < new_size:
+        if (ev.kind in (EvidenceKind.VIOLATION, EvidenceKind.VOID) and ev.violation_leaf is not None
+                and ev.violation_leaf + 1 < new_size):
             proof = self._ask(new_size, ev.violation_leaf + 1)  # the proof (leaf + 1) → new; no entries
             try:
                 if proof is not None:
                     shrunk = shrink_violation(ev, old_size, [bytes.fromhex(h) for h in proof.consistency_path])
                     verify_evidence(shrunk, self.witness.log_public_key)
-                    payload = shrunk.model_dump_json().encode()
+                    payload = shrunk.signed(self._key).model_dump_json().encode()
                     if len(payload) <= budget:
                         self.stats["evidence_shrunk"] += 1
                         return payload
@@ -276,12 +372,14 @@ class WitnessMiner:
                   "it)", self.id, ev.kind, new_size, len(payload), self.broker.max_packet_bytes, kept)
         return None
 
-    def _fetch(self, plan: ProofRequest) -> messages.ProofResponseMessage | None:
+    def _fetch(self, plan: ProofRequest) -> tuple[messages.ProofResponseMessage, messages.ProofAttestation] | None:
         """The proof and every entry `plan` needs, asked page by page: the log answers with as many entries
-        as fit one packet under the broker's limit, and this miner asks again from where a page ended."""
+        as fit one packet under the broker's limit, and this miner asks again from where a page ended. With
+        the pages joined comes the log's signed attestation of the first page (the one with the path)."""
         first = self._ask(plan.old_size, plan.new_size)
         if first is None:
             return None
+        proof = first.attestation()
         entries = list(first.entries)
         while plan.old_size + len(entries) < plan.new_size:
             page = self._ask(plan.old_size + len(entries), plan.new_size)
@@ -294,10 +392,11 @@ class WitnessMiner:
                 return None
             entries.extend(page.entries)
             self.stats["pages"] += 1
-        return first.model_copy(update={"entries": entries})
+        return first.model_copy(update={"entries": entries, "sig": None}), proof
 
     def _ask(self, old_size: int, new_size: int, attempts: int = 0) -> messages.ProofResponseMessage | None:
-        """One request, one answer (or None: timeout, or the log's error)."""
+        """One request, one answer signed by the log key (or None: timeout, or the log's error). Answers
+        nobody signed, or someone else did, are dropped: the genuine one may still come."""
         if self._client is None:
             return None
         while True:  # drop late answers to earlier requests
@@ -314,6 +413,12 @@ class WitnessMiner:
             except queue.Empty:
                 continue
             if resp.id == req.id:
+                if not resp.signed_by(self.witness.log_public_key):
+                    self.stats["unsigned_response"] += 1
+                    if self.stats["unsigned_response"] & (self.stats["unsigned_response"] - 1) == 0:
+                        log.warning("miner %s: dropped a proof answer the log key did not sign (%d so far)",
+                                    self.id, self.stats["unsigned_response"])
+                    continue
                 if resp.error and resp.error.startswith(messages.RATE_LIMITED) and attempts < MAX_RATE_RETRIES:
                     self.stats["rate_limited"] += 1
                     match = re.search(r"retry in ([0-9.]+) s", resp.error)
@@ -337,11 +442,11 @@ class WitnessMiner:
 
     def _leaves(self, old_size: int, new_size: int) -> list[bytes] | None:
         """Leaves `old_size`..`new_size - 1` from the log (unverified: the caller proves them against a root)."""
-        resp = self._fetch(ProofRequest(old_size, new_size))
-        if resp is None or len(resp.entries) != new_size - old_size:
+        fetched = self._fetch(ProofRequest(old_size, new_size))
+        if fetched is None or len(fetched[0].entries) != new_size - old_size:
             return None
         try:
-            return [bytes.fromhex(e) for e in resp.entries]
+            return [bytes.fromhex(e) for e in fetched[0].entries]
         except ValueError:
             return None
 

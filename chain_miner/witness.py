@@ -9,7 +9,8 @@ verifiable by anyone (see `evidence`).
 
 Never cosigned: a tree smaller than the last cosigned one, a different root for the same size, a tree the
 proof does not link to the last one, entries that are not the new leaves, or entries the contract hook
-(`verify_entries`) rejects.
+(`verify_entries`) rejects. Fork evidence needs the log's *signed* proof response (`observe(..., proof=)`):
+without it the miner still refuses, but has nothing an auditor could check.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from carechain.checkpoint import Checkpoint, NoteSignature
 from carechain.cosignature import Cosigner, cosign
 from carechain.evidence import Evidence, EvidenceKind, Violation
+from carechain.miner_messages import ProofAttestation
 from carechain.merkle import (
     EMPTY_ROOT,
     HASH_SIZE,
@@ -112,8 +114,9 @@ class Witness:
         return ProofRequest(self.state.tree_size, checked.tree_size)
 
     def observe(self, note: str, consistency_path: Sequence[bytes], entries: Sequence[bytes],
-                now: int) -> Cosigned | CosignRefused:
+                now: int, proof: ProofAttestation | None = None) -> Cosigned | CosignRefused:
         """Judge `note`. The path proves min(old, new) → max(old, new); `entries` are the new leaves.
+        `proof`: the log's signed answer that served the path; fork evidence carries it.
 
         On `Cosigned`, `self.state` is already the new state: persist it before publishing.
         """
@@ -130,15 +133,15 @@ class Witness:
                 return self._cosign(cp, note, again, now)
             if st.note is None:
                 return CosignRefused(RefusalReason.SPLIT_VIEW, "a size-0 checkpoint with a non-empty root")
-            return self._evidence(RefusalReason.SPLIT_VIEW, EvidenceKind.SPLIT_VIEW, st.note, note, (), now,
+            return self._evidence(RefusalReason.SPLIT_VIEW, EvidenceKind.SPLIT_VIEW, st.note, note, None, now,
                                   f"two roots signed for tree size {cp.tree_size}")
         if cp.tree_size < st.tree_size:
             try:
                 verify_consistency(cp.tree_size, st.tree_size, cp.root_hash, st.root_hash, consistency_path)
             except ProofError as exc:
                 assert st.note is not None  # size > 0 means something was cosigned
-                return self._evidence(RefusalReason.FORK, EvidenceKind.FORK, note, st.note, consistency_path,
-                                      now, f"rollback to {cp.tree_size} is not a prefix of {st.tree_size}: {exc}")
+                return self._fork(note, st.note, consistency_path, proof, now,
+                                  f"rollback to {cp.tree_size} is not a prefix of {st.tree_size}: {exc}")
             return CosignRefused(RefusalReason.STALE,
                            f"checkpoint {cp.tree_size} is older than the cosigned {st.tree_size}; nothing to do")
         try:
@@ -148,8 +151,7 @@ class Witness:
                 # Nothing to be inconsistent with, or the entries prove the log consistent: a bad proof
                 # is then the responder's error, not evidence against the log.
                 return CosignRefused(RefusalReason.BAD_RESPONSE, f"consistency proof does not verify: {exc}")
-            return self._evidence(RefusalReason.FORK, EvidenceKind.FORK, st.note, note, consistency_path, now,
-                                  f"{st.tree_size} → {cp.tree_size}: {exc}")
+            return self._fork(st.note, note, consistency_path, proof, now, f"{st.tree_size} → {cp.tree_size}: {exc}")
         want = cp.tree_size - st.tree_size
         if len(entries) != want:
             return CosignRefused(RefusalReason.BAD_ENTRIES, f"needed {want} entries, got {len(entries)}")
@@ -193,9 +195,25 @@ class Witness:
         self.state = state
         return Cosigned(cp, note, line, state)
 
+    def _fork(self, old_note: str, new_note: str, path: Sequence[bytes], proof: ProofAttestation | None,
+              now: int, detail: str) -> CosignRefused:
+        """Refuse a fork; with evidence only when the failing path is the one the log signed."""
+        if (proof is None or proof.error is not None or proof.consistency_path != [h.hex() for h in path]
+                or not proof.signed_by(self.log_public_key)):
+            return CosignRefused(RefusalReason.FORK, f"{detail} (no log-signed proof: no evidence)")
+        return self._evidence(RefusalReason.FORK, EvidenceKind.FORK, old_note, new_note, proof, now, detail)
+
     def _evidence(self, reason: RefusalReason, kind: EvidenceKind, old_note: str, new_note: str,
-                  path: Sequence[bytes], now: int, detail: str) -> CosignRefused:
+                  proof: ProofAttestation | None, now: int, detail: str) -> CosignRefused:
         ev = Evidence(kind=kind, miner=self.cosigner.name, observed=now, log_public_key=self.log_public_key.hex(),
-                      old_checkpoint=old_note, new_checkpoint=new_note,
-                      consistency_path=[h.hex() for h in path], detail=detail)
+                      old_checkpoint=old_note, new_checkpoint=new_note, proof=proof, detail=detail)
         return CosignRefused(reason, detail, ev)
+
+    def void_evidence(self, before: WitnessState, note: str, entries: Sequence[bytes], void: Violation,
+                      now: int) -> Evidence:
+        """Evidence of a void leaf in a range this miner cosigned (from `before` to `note`, `entries` its
+        leaves): the operator appended an entry the contracts record as void."""
+        return Evidence(kind=EvidenceKind.VOID, miner=self.cosigner.name, observed=now,
+                        log_public_key=self.log_public_key.hex(), old_checkpoint=before.note, new_checkpoint=note,
+                        old_frontier=[h.hex() for h in before.frontier], entries=[e.hex() for e in entries],
+                        violation_leaf=void.leaf_index, violation_rule=void.rule, detail=void.detail)

@@ -6,7 +6,8 @@ they start), runs `carechain miner` per miner, and reads the ready line each pri
 makes the miner sign and send random bytes as its capsule fragments (`garbage_reencrypt`): the misbehaving
 miner the access tests must detect and attribute.
 `CosignatureWatch` follows the cosignature topics and the final-checkpoint topic on the broker, recording
-when each was seen (monotonic clock) for the benchmark.
+when each was seen (monotonic clock) for the benchmark; it counts only cosignature messages signed by the
+miner whose topic they are on.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from carechain import topics
 from carechain.checkpoint import NoteError, parse_note
 from carechain.config import BrokerConfig, MinerKey
 from carechain.identity import Identity
-from carechain.miner_messages import CosignatureMessage
+from carechain.miner_messages import CosignatureMessage, from_miner
 from carechain.transport import connect_client
 
 REPO = Path(__file__).resolve().parent.parent
@@ -139,6 +140,9 @@ class CosignatureWatch:
             try:
                 m = CosignatureMessage.model_validate_json(msg.payload)
             except ValueError:
+                return
+            parsed = topics.miner_of_topic(msg.topic)
+            if parsed is None or not from_miner(m, parsed[0]):
                 return
             self.cosigned.setdefault(m.tree_size, {}).setdefault(m.miner, now)
 

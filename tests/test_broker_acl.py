@@ -29,7 +29,9 @@ from chain_bridge.broker.acl import (
     BrokerAccessError,
     acl_text,
     hash_password,
+    miner_user,
     plan_logins,
+    store_user,
     verify_password,
 )
 from chain_bridge.ledger.store import Ledger
@@ -103,7 +105,7 @@ def test_the_acl_gives_each_device_exactly_its_own_topics() -> None:
         f"user {BRIDGE}", "topic read cc/v1/dev/+/ev", "topic write cc/v1/dev/+/rcpt",
         "topic write cc/v1/log/checkpoint", "topic write cc/v1/log/final",
         "topic read cc/v1/miner/+/req", "topic read cc/v1/miner/+/cosig", "topic read cc/v1/miner/+/evidence",
-        "topic write cc/v1/miner/+/resp",
+        "topic read cc/v1/miner/+/hello", "topic write cc/v1/miner/+/resp",
         "topic read cc/v1/access/records", "topic read cc/v1/access/evidence", "topic write cc/v1/party/+/inbox",
         f"user {BRIDGE}-archive", "topic write cc/v1/store/+/req", "topic read cc/v1/store/+/resp",
         "topic read cc/v1/store/+/hello", "topic read cc/v1/log/final",
@@ -111,6 +113,22 @@ def test_the_acl_gives_each_device_exactly_its_own_topics() -> None:
         "topic read cc/v1/dev/aaaaaaaaaaaaaaaa/rcpt", "topic read cc/v1/log/checkpoint",
     ]  # a newline smuggled into a registry label cannot add a line
     assert text.splitlines()[0].startswith("#")
+
+
+def test_each_miner_and_its_storage_server_write_only_their_own_topics() -> None:
+    m = "mmmmmmmmmmmmmmmm"
+    text = acl_text(BRIDGE, [], registry_version=0, revoked=0, miner_ids=[m])
+    blocks = {b.splitlines()[0]: [ln for ln in b.splitlines()[1:] if not ln.startswith("#")]
+              for b in ("\n" + text).split("\nuser ")[1:]}
+    writes = {u: sorted(ln.removeprefix("topic write ") for ln in rules if ln.startswith("topic write"))
+              for u, rules in blocks.items()}
+    assert writes[miner_user(m)] == sorted([f"cc/v1/miner/{m}/req", f"cc/v1/miner/{m}/cosig",
+                                            f"cc/v1/miner/{m}/evidence", f"cc/v1/miner/{m}/hello",
+                                            "cc/v1/party/+/inbox"])
+    assert writes[store_user(m)] == sorted([f"cc/v1/store/{m}/resp", f"cc/v1/store/{m}/hello"])
+    assert [u for u, w in writes.items() if "cc/v1/miner/+/resp" in w] == [BRIDGE]  # only the bridge answers
+    assert f"topic read cc/v1/store/{m}/req" in blocks[store_user(m)]
+    assert f"topic read cc/v1/miner/{m}/resp" in blocks[miner_user(m)]
 
 
 def test_login_plans_keep_passwords_rotate_on_request_and_refuse_bad_names() -> None:

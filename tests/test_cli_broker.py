@@ -146,7 +146,7 @@ def test_bridge_acl_gives_each_worker_and_miner_its_own_login(registry, tmp_path
     assert summary["workers"] == 2 and summary["miners"] == [miner]
     users = dict(line.split(":", 1) for line in (out / "passwd").read_text().splitlines())
     assert set(users) == {"carechain-bridge", "carechain-bridge-w0", "carechain-bridge-w1",
-                          "carechain-bridge-archive", f"carechain-miner-{miner}", *ids}
+                          "carechain-bridge-archive", f"carechain-miner-{miner}", f"carechain-store-{miner}", *ids}
     bridge_pw = load_mqtt_credentials(out / "bridge.json").password
     assert verify_password(users["carechain-bridge-w1"], bridge_pw)  # workers run from bridge.json
     login = load_mqtt_credentials(out / "miners" / f"{miner}.json")

@@ -20,7 +20,7 @@ from carechain.cosignature import (
     cosignature_timestamp,
     signed_message,
 )
-from carechain.evidence import EvidenceError, EvidenceKind, verify_evidence
+from carechain.evidence import Evidence, EvidenceError, EvidenceKind, verify_evidence
 from carechain.identity import Identity
 from carechain.merkle import extend_frontier, frontier_root, leaf_hash
 from carechain.merkle_tree import MerkleTree
@@ -64,6 +64,14 @@ class Log:
         lo, hi = sorted((old, new))
         return self.tree.consistency_proof(lo, hi)
 
+    def attest(self, old: int, new: int, path: list[bytes] | None = None,
+               key: Identity | None = None) -> messages.ProofAttestation:
+        """What this log's responder signs for a request old → new (by default its own proof, no entries)."""
+        path = self.proof(old, new) if path is None else path
+        resp = messages.ProofResponseMessage(id="r", old_size=old, new_size=new,
+                                             consistency_path=[h.hex() for h in path])
+        return resp.signed((key or self.key).sign).attestation()
+
     def fork(self, keep: int) -> Log:
         return Log(self.key, self.leaves[:keep])
 
@@ -91,7 +99,8 @@ def step(w: Witness, log: Log, now: int = NOW) -> Cosigned | CosignRefused:
         return plan
     assert isinstance(plan, ProofRequest)
     new_entries = log.leaves[plan.old_size:plan.new_size] if plan.new_size > plan.old_size else []
-    return w.observe(note, log.proof(plan.old_size, plan.new_size), new_entries, now)
+    return w.observe(note, log.proof(plan.old_size, plan.new_size), new_entries, now,
+                     log.attest(plan.old_size, plan.new_size))
 
 
 # -- cosignature format (c2sp.org/tlog-cosignature) ------------------------------------------------------
@@ -169,7 +178,7 @@ def test_rollback_to_a_rewritten_smaller_tree_is_refused_with_evidence(log_key: 
     rolled = honest.fork(2)
     rolled.append(b"rewritten")
     note = rolled.note()  # size 3, not a prefix of the cosigned 6
-    d = w.observe(note, honest.proof(3, 6), [], NOW)
+    d = w.observe(note, honest.proof(3, 6), [], NOW, honest.attest(6, 3))
     assert isinstance(d, CosignRefused) and d.reason is RefusalReason.FORK and d.evidence is not None
     assert d.evidence.old_checkpoint == note  # smaller first
     verify_evidence(d.evidence, log_key.public_key)
@@ -195,13 +204,73 @@ def test_evidence_that_proves_nothing_is_rejected(log_key: Identity) -> None:
     with pytest.raises(EvidenceError, match="another log key"):
         verify_evidence(d.evidence, Identity.generate().public_key)
     honest.append(*entries("b", 2))  # a genuine, consistent pair framed as a fork
-    framed = d.evidence.model_copy(update={"new_checkpoint": honest.note(),
-                                           "consistency_path": [h.hex() for h in honest.proof(6, 8)]})
+    framed = d.evidence.model_copy(update={"new_checkpoint": honest.note(), "proof": honest.attest(6, 8)})
     with pytest.raises(EvidenceError, match="consistent"):
         verify_evidence(framed, log_key.public_key)
     forged = d.evidence.model_copy(update={"new_checkpoint": d.evidence.new_checkpoint.replace("8\n", "9\n", 1)})
     with pytest.raises(EvidenceError, match="new_checkpoint"):
         verify_evidence(forged, log_key.public_key)
+
+
+def test_two_genuine_checkpoints_and_random_bytes_are_not_fork_evidence(log_key: Identity) -> None:
+    """Regression: fork evidence used to be two signed checkpoints plus any consistency path that failed —
+    random bytes "proved" an honest log forked. Now only a path the log itself signed counts."""
+    honest = Log(log_key, entries("a", 6))
+    old_note = honest.note()
+    honest.append(*entries("b", 3))
+    new_note = honest.note()
+    junk = [bytes(range(i, i + 32)) for i in range(len(honest.proof(6, 9)))]
+    bare = Evidence(kind=EvidenceKind.FORK, miner="miner.test/x", observed=NOW, log_public_key=log_key.public_key.hex(),
+                    old_checkpoint=old_note, new_checkpoint=new_note, consistency_path=[h.hex() for h in junk])
+    with pytest.raises(EvidenceError, match="signed proof"):
+        verify_evidence(bare, log_key.public_key)
+    forged = honest.attest(6, 9, junk, key=Identity.generate())  # the junk path, signed by someone else
+    with pytest.raises(EvidenceError, match="not signed by the log key"):
+        verify_evidence(bare.model_copy(update={"proof": forged}), log_key.public_key)
+    tampered = honest.attest(6, 9).model_copy(update={"consistency_path": [h.hex() for h in junk]})
+    with pytest.raises(EvidenceError, match="not signed by the log key"):
+        verify_evidence(bare.model_copy(update={"proof": tampered}), log_key.public_key)
+    with pytest.raises(EvidenceError, match="consistent"):  # the log's own answer proves the opposite
+        verify_evidence(bare.model_copy(update={"proof": honest.attest(6, 9)}), log_key.public_key)
+    with pytest.raises(EvidenceError, match="sizes"):  # a signed answer about other trees
+        verify_evidence(bare.model_copy(update={"proof": honest.attest(5, 9, junk)}), log_key.public_key)
+    # A witness handed the junk path without the log's signature refuses, but has no evidence to publish.
+    w = make_witness(log_key)
+    w.state = WitnessState(ORIGIN, 6, Log(log_key, entries("a", 6)).tree.root(), old_note,
+                           tuple(extend_frontier(0, (), [leaf_hash(e) for e in entries("a", 6)])))
+    d = w.observe(new_note, junk, [], NOW, forged)
+    assert isinstance(d, CosignRefused) and d.reason is RefusalReason.FORK and d.evidence is None
+
+
+def test_a_proof_response_is_valid_only_as_the_log_signed_it(log_key: Identity) -> None:
+    resp = messages.ProofResponseMessage(id="x", old_size=1, new_size=3, consistency_path=["ab" * 32],
+                                         entries=[b"e1".hex(), b"e2".hex()])
+    signed = resp.signed(log_key.sign)
+    assert signed.signed_by(log_key.public_key) and not resp.signed_by(log_key.public_key)
+    assert not signed.signed_by(Identity.generate().public_key)
+    for change in ({"entries": [b"e1".hex(), b"eX".hex()]}, {"id": "y"}, {"new_size": 4}, {"consistency_path": []},
+                   {"error": "rate_limited: retry in 1 s"}):
+        assert not signed.model_copy(update=change).signed_by(log_key.public_key), change
+    assert signed.attestation().signed_by(log_key.public_key)  # what fork evidence carries: no entries
+
+
+def test_miner_messages_are_signed_by_the_miner_whose_topic_they_are_on() -> None:
+    key, other = Identity.from_seed(b"A" * 32), Identity.from_seed(b"B" * 32)
+    hello = messages.MinerHello(miner=key.device_id, name="carechain.miner/a", public_key=key.public_key.hex(),
+                                ts=1).signed(key)
+    assert messages.from_miner(hello, key.device_id)
+    assert not messages.from_miner(hello, other.device_id)  # republished on another miner's topic
+    assert not messages.from_miner(hello.model_copy(update={"name": "x"}), key.device_id)
+    assert not messages.from_miner(hello.model_copy(update={"sig": None}), key.device_id)
+    stolen = hello.model_copy(update={"public_key": other.public_key.hex(), "miner": other.device_id})
+    assert not messages.from_miner(stolen, other.device_id)  # another's key, not its signature
+    cosig = messages.CosignatureMessage(miner="carechain.miner/a", public_key=key.public_key.hex(), tree_size=3,
+                                        checkpoint="c\n", cosignature="— a x\n").signed(key)
+    assert messages.from_miner(cosig, key.device_id)
+    assert not messages.from_miner(cosig.model_copy(update={"tree_size": 4}), key.device_id)
+    # a signature of one kind never passes as another: the domain is signed
+    as_hello = messages.MinerHello(miner=key.device_id, name="n", public_key=key.public_key.hex(), ts=1)
+    assert not as_hello.model_copy(update={"sig": cosig.sig}).signed_by(key.public_key)
 
 
 def test_checkpoint_not_signed_by_the_log_key_is_refused(log_key: Identity) -> None:
@@ -359,13 +428,15 @@ def test_responder_answers_from_the_ledger(tmp_path: Path, log_key: Identity) ->
     ledger = Ledger(tmp_path / "ledger.db")
     try:
         ledger.append_events([EventCandidate("dev", i, b"leaf %d" % i) for i in range(7)])
-        r = ProofResponder(ledger)
+        r = ProofResponder(ledger, log_key=log_key)
         resp = r.answer(messages.ProofRequestMessage(id="1", old_size=3, new_size=7))
-        assert resp.error is None and [bytes.fromhex(e) for e in resp.entries] == [b"leaf %d" % i for i in range(3, 7)]
+        assert resp.error is None and resp.signed_by(log_key.public_key)
+        assert [bytes.fromhex(e) for e in resp.entries] == [b"leaf %d" % i for i in range(3, 7)]
         assert [bytes.fromhex(h) for h in resp.consistency_path] == ledger.tree.consistency_proof(3, 7)
         back = r.answer(messages.ProofRequestMessage(id="2", old_size=7, new_size=3))
         assert back.entries == [] and back.consistency_path == resp.consistency_path
-        assert r.answer(messages.ProofRequestMessage(id="3", old_size=0, new_size=9)).error
+        refused = r.answer(messages.ProofRequestMessage(id="3", old_size=0, new_size=9))
+        assert refused.error and refused.signed_by(log_key.public_key)  # refusals are signed too
     finally:
         ledger.close()
 
@@ -374,6 +445,7 @@ def test_miner_topics() -> None:
     mid = Identity.from_seed(b"M" * 32).device_id
     assert messages.cosignature(mid) == f"cc/v1/miner/{mid}/cosig"
     assert messages.miner_of_topic(messages.request(mid)) == (mid, "req")
+    assert messages.miner_of_topic(messages.hello(mid)) == (mid, "hello") and messages.hello(mid).endswith("/hello")
     assert messages.miner_of_topic("cc/v1/miner/UPPER/req") is None
     with pytest.raises(ValueError):
         messages.evidence("a/b")

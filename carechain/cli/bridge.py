@@ -148,6 +148,7 @@ def bridge_acl(
             "bridge_credentials": str(access.bridge_credentials), "devices_dir": str(devices_dir),
             "workers": access.workers, "miners": sorted(access.miner_credentials),
             "miners_dir": str(access.passwd.parent / "miners"),
+            "stores_dir": str(access.passwd.parent / "stores"),
             "passwords": str(store_path(bdir)), "added": list(plan.added), "rotated": list(plan.rotated),
             "removed": list(plan.removed), "template": str(SECURE_CONF_TEMPLATE)}), flush=True)
         return
@@ -165,6 +166,8 @@ def bridge_acl(
     if access.miner_credentials:
         lines.insert(5, f"miners      {access.passwd.parent / 'miners'}/<miner_id>.json   (copy each to its miner: "
                         f"broker.credentials_file; {len(access.miner_credentials)} miner(s))")
+        lines.insert(6, f"stores      {access.passwd.parent / 'stores'}/<miner_id>.json   (each miner's storage "
+                        "server: --credentials)")
     for label, users in (("new", plan.added), ("rotated", plan.rotated), ("removed", plan.removed)):
         if users:
             lines.append(f"{label:<11} {', '.join(users)}")

@@ -3,8 +3,12 @@
 Least privilege (docs/broker-security.md): every registered, non-revoked device is its own MQTT user
 (username = device_id) that may only publish its own events and read its own receipts and the checkpoint;
 the bridge has its own user, each of its ingest workers one more (`<bridge user>-w<i>`, read-only), each
-witness miner one (`carechain-miner-<miner id>`), and each registered patient, doctor and researcher one
-(`carechain-party-<party id>`) that reads only its own inbox. A revoked device has no login at all. One login per
+witness miner one (`carechain-miner-<miner id>`) and, for the same miner id, one for its storage server
+(`carechain-store-<miner id>`: the two run as separate processes, and one login holds one session), and each
+registered patient, doctor and researcher one (`carechain-party-<party id>`) that reads only its own inbox.
+A miner writes only its own requests, cosignatures, evidence, hello and storage answers; only the bridge
+answers on the miners' response topics. Miners are those registered on the ledger (role `miner`) plus any
+added by hand. A revoked device has no login at all. One login per
 client matters because the broker ties client ids to logins (`use_username_as_clientid`): a login can
 then hold one session only and never take over another client's id. Passwords are random, kept in
 `<bridge data dir>/broker/credentials.json` (mode 0600) so that re-running keeps every existing login
@@ -34,6 +38,7 @@ from chain_bridge.ledger.store import DeviceRecord, Ledger
 
 DEFAULT_BRIDGE_USER = "carechain-bridge"
 MINER_USER_PREFIX = "carechain-miner-"  # + miner id: the witness miner's client id, so nothing there changes
+STORE_USER_PREFIX = "carechain-store-"  # + miner id: the same miner's storage server
 PARTY_USER_PREFIX = "carechain-party-"  # + party id: a record owner's or requester's login
 # The parties that read records (owners) or ask for them (requesters) over MQTT (`carechain access`).
 PARTY_ROLES = frozenset({"patient", "doctor", "researcher"})
@@ -51,7 +56,7 @@ _DEVICE_ID = re.compile(r"[a-z2-7]{16}")
 _USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _LABEL = re.compile(r"[\w.:/ -]{1,64}")
 
-Role = Literal["bridge", "worker", "archive", "miner", "device", "party"]
+Role = Literal["bridge", "worker", "archive", "miner", "store", "device", "party"]
 
 
 class BrokerAccessError(ValueError):
@@ -60,6 +65,10 @@ class BrokerAccessError(ValueError):
 
 def miner_user(miner_id: str) -> str:
     return f"{MINER_USER_PREFIX}{miner_id}"
+
+
+def store_user(miner_id: str) -> str:
+    return f"{STORE_USER_PREFIX}{miner_id}"
 
 
 def party_user(party_id: str) -> str:
@@ -116,10 +125,10 @@ def check_bridge_user(name: str) -> str:
     if _DEVICE_ID.fullmatch(name):
         raise BrokerAccessError(f"bridge user {name!r} looks like a device id; pick a name no device can have, "
                                 f"e.g. {DEFAULT_BRIDGE_USER}")
-    if name.startswith((MINER_USER_PREFIX, PARTY_USER_PREFIX)) or len(name) > 60:
-        raise BrokerAccessError(f"bridge user {name!r}: must not start with {MINER_USER_PREFIX!r} or "
-                                f"{PARTY_USER_PREFIX!r} (miners' and parties' logins) and must leave room for the "
-                                "workers' '-w<i>' (at most 60 characters)")
+    if name.startswith((MINER_USER_PREFIX, STORE_USER_PREFIX, PARTY_USER_PREFIX)) or len(name) > 60:
+        raise BrokerAccessError(f"bridge user {name!r}: must not start with {MINER_USER_PREFIX!r}, "
+                                f"{STORE_USER_PREFIX!r} or {PARTY_USER_PREFIX!r} (miners' and parties' logins) and "
+                                "must leave room for the workers' '-w<i>' (at most 60 characters)")
     return name
 
 
@@ -148,6 +157,7 @@ def plan_logins(previous: Mapping[str, Login], bridge_user: str, device_ids: Ite
     wanted[archive_user(bridge_user)] = "archive"
     for miner in sorted(set(miner_ids)):
         wanted[miner_user(check_miner_id(miner))] = "miner"
+        wanted[store_user(miner)] = "store"
     for party in sorted(set(party_ids)):
         if not _DEVICE_ID.fullmatch(party):
             raise BrokerAccessError(f"ledger holds party {party!r}, which is not a party id; refusing to write an ACL")
@@ -211,6 +221,8 @@ def acl_text(bridge_user: str, devices: Iterable[DeviceRecord], *, registry_vers
         f"topic read {topics.MINER_REQUEST_WILDCARD}",
         f"topic read {topics.MINER_COSIG_WILDCARD}",
         f"topic read {topics.MINER_EVIDENCE_WILDCARD}",
+        f"topic read {topics.MINER_HELLO_WILDCARD}",
+        "# only the bridge answers proof requests (and miners act only on answers the log key signed)",
         f"topic write {topics.PREFIX}/miner/+/resp",
         "# Private records: requesters' signed page requests and fault evidence in, record pages out to",
         "# each requester's inbox.",
@@ -222,7 +234,7 @@ def acl_text(bridge_user: str, devices: Iterable[DeviceRecord], *, registry_vers
         lines += ["", f"# bridge ingest worker {i}: reads events through the workers' shared subscription",
                   f"user {worker_user(bridge_user, i)}", f"topic read {topics.EVENTS_WILDCARD}"]
     lines += ["", "# the bridge's archiver (bridge.archive): ciphertexts per owner and epoch to the storage miners",
-              f"user {archive_user(bridge_user)}", f"topic write {topics.PREFIX}/store/+/req",
+              f"user {archive_user(bridge_user)}", f"topic write {topics.STORE_REQUEST_WILDCARD}",
               f"topic read {topics.STORE_RESPONSE_WILDCARD}", f"topic read {topics.STORE_HELLO_WILDCARD}",
               f"topic read {topics.FINAL_CHECKPOINT}"]
     for miner in sorted(set(miner_ids)):
@@ -234,12 +246,23 @@ def acl_text(bridge_user: str, devices: Iterable[DeviceRecord], *, registry_vers
             f"topic read {topics.FINAL_CHECKPOINT}",
             "# every miner's cosignatures: a miner counts finality itself, never on the bridge's word",
             f"topic read {topics.MINER_COSIG_WILDCARD}",
+            f"topic read {topics.MINER_HELLO_WILDCARD}",
             f"topic write {topics.miner_request(miner)}",
             f"topic write {topics.miner_cosignature(miner)}",
             f"topic write {topics.miner_evidence(miner)}",
+            "# its own retained hello (its last will empties it)",
+            f"topic write {topics.miner_hello(miner)}",
             f"topic read {topics.miner_response(miner)}",
             "# capsule fragments go to the requester named in an access record",
             f"topic write {_PARTY_INBOXES}",
+            "",
+            f"# storage server of miner {miner}: its own requests in, its own signed answers and hello out",
+            f"user {store_user(miner)}",
+            f"topic read {topics.store_request(miner)}",
+            f"topic write {topics.store_response(miner)}",
+            f"topic write {topics.store_hello(miner)}",
+            f"topic read {topics.CHECKPOINT}",
+            f"topic read {topics.FINAL_CHECKPOINT}",
         ]
     for party in sorted(set(party_ids)):
         lines += [
@@ -314,17 +337,19 @@ class BrokerAccess:
     miner_credentials: dict[str, Path] = field(default_factory=dict)
     workers: int = 0
     party_credentials: dict[str, Path] = field(default_factory=dict)
+    store_credentials: dict[str, Path] = field(default_factory=dict)  # miner id -> its storage server's login
 
 
 def generate_broker_access(ledger: Ledger, data_dir: Path, out_dir: Path, *,
                            bridge_user: str = DEFAULT_BRIDGE_USER, rotate: Collection[str] = (), workers: int = 0,
                            add_miners: Collection[str] = (), remove_miners: Collection[str] = ()) -> BrokerAccess:
-    """Write passwd, acl, bridge.json, devices/<id>.json and miners/<id>.json (all mode 0600) into `out_dir`.
+    """Write passwd, acl, bridge.json, devices/<id>.json, miners/<id>.json and stores/<id>.json (all mode 0600)
+    into `out_dir`.
 
-    Logins for `workers` ingest workers share bridge.json's password. Miners' logins are kept in the store
-    across runs (the ledger has no miner registry yet): `add_miners` adds, `remove_miners` drops. Every
-    patient, doctor and researcher registered on the ledger (`party.register`) gets a login and
-    parties/<id>.json.
+    Logins for `workers` ingest workers share bridge.json's password. Every miner registered on the ledger
+    (`party.register` role miner) gets a witness login (miners/) and a storage login (stores/); miners added
+    by hand are kept in the store across runs: `add_miners` adds, `remove_miners` drops (a registered miner
+    too). Every patient, doctor and researcher registered on the ledger gets a login and parties/<id>.json.
     The credential store is saved first, so no file ever carries a password that is not persisted.
     """
     registry = ledger.devices()
@@ -332,8 +357,10 @@ def generate_broker_access(ledger: Ledger, data_dir: Path, out_dir: Path, *,
     store = store_path(data_dir)
     previous = load_store(store)
     kept_miners = {u.removeprefix(MINER_USER_PREFIX) for u, x in previous.items() if x.role == "miner"}
-    miners = sorted((kept_miners | {check_miner_id(m) for m in add_miners}) - set(remove_miners))
-    parties = sorted(pid for pid, role in ledger.registered_parties().items() if role in PARTY_ROLES)
+    registered = ledger.registered_parties()
+    on_ledger = {pid for pid, role in registered.items() if role == "miner"}
+    miners = sorted((kept_miners | on_ledger | {check_miner_id(m) for m in add_miners}) - set(remove_miners))
+    parties = sorted(pid for pid, role in registered.items() if role in PARTY_ROLES)
     plan = plan_logins(previous, bridge_user, [d.device_id for d in active], rotate, workers=workers,
                        miner_ids=miners, party_ids=parties)
     save_store(store, plan.logins)
@@ -357,12 +384,13 @@ def generate_broker_access(ledger: Ledger, data_dir: Path, out_dir: Path, *,
     stale = [p for p in sorted(dev_dir.glob("*.json"))
              if _DEVICE_ID.fullmatch(p.stem) and p.stem not in device_files]
     miner_files, stale_miners = _login_files(out_dir / "miners", miners, miner_user, plan)
+    store_files, stale_stores = _login_files(out_dir / "stores", miners, store_user, plan)
     party_files, stale_parties = _login_files(out_dir / "parties", parties, party_user, plan)
-    stale += stale_miners + stale_parties
+    stale += stale_miners + stale_stores + stale_parties
     for p in stale:  # revoked devices and removed miners: their login is gone, so is their provisioning file
         p.unlink()
     return BrokerAccess(passwd, acl, bridge_file, device_files, len(registry) - len(active), plan, stale,
-                        miner_files, workers, party_files)
+                        miner_files, workers, party_files, store_files)
 
 
 def _login_files(folder: Path, ids: Sequence[str], user_of: Callable[[str], str], plan: LoginPlan
