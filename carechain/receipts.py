@@ -1,7 +1,7 @@
 """Receipts: the bridge's signed statement that events are durably anchored (or why they were refused).
 
 A receipt is a COSE_Sign1 by the bridge's log key over
-`{v, hi?, ok: [[seq, leaf_index], ...], ts, dev, okd?: [digest, ...], rej: [[seq | null, reason, detail,
+`{v, hi?, ok: [[seq, leaf_index], ...], ts, dev, fin?, okd?: [digest, ...], rej: [[seq | null, reason, detail,
 retryable, digest], ...]}`.
 Agents delete an event from their outbox only on a verified `ok` entry; an unsigned or wrongly signed
 receipt is ignored, so a party able to publish on the receipt topic still cannot make an agent drop data.
@@ -17,6 +17,10 @@ do not know, and nothing they read changed shape):
 - `hi`: the highest seq anchored for the device, on a receipt that refuses an event as `seq_reused`, so an
   agent whose outbox (and seq counter) was lost or restored from a backup can move its counter past it and
   re-sign the refused readings instead of losing them.
+- `fin`: the tree size of the latest checkpoint the bridge knows to be final (cosigned by a majority of the
+  ledger's active miners) when it sent the receipt: an `ok` leaf index below it is final, one at or above it
+  is anchored but not final yet. The agent learns later finality from the final checkpoints the bridge
+  publishes (`Outbox.mark_final`).
 """
 
 from __future__ import annotations
@@ -49,6 +53,11 @@ class Receipt:
     # SHA-256 of the anchored bytes, one per `ok` entry; None: an unbound receipt (from an older bridge)
     ok_digests: list[bytes] | None = None
     highest_seq: int | None = None  # the device's highest anchored seq (sent with `seq_reused` refusals)
+    final_size: int | None = None  # leaves below this tree size were final when the receipt was sent
+
+    def is_final(self, index: int) -> bool:
+        """Whether leaf `index` was final (covered by a final checkpoint) when the receipt was sent."""
+        return self.final_size is not None and index < self.final_size
 
     @property
     def bound(self) -> bool:
@@ -75,21 +84,24 @@ class Receipt:
             return [self]
         digests = self.ok_digests
         parts = [Receipt(self.device_id, self.ts, ok=self.ok[i:i + max_items],
-                         ok_digests=None if digests is None else digests[i:i + max_items])
+                         ok_digests=None if digests is None else digests[i:i + max_items],
+                         final_size=self.final_size)
                  for i in range(0, len(self.ok), max_items)]
         parts += [Receipt(self.device_id, self.ts, rejected=self.rejected[i:i + max_items],
-                          highest_seq=self.highest_seq)
+                          highest_seq=self.highest_seq, final_size=self.final_size)
                   for i in range(0, len(self.rejected), max_items)]
         return parts
 
     def seal(self, bridge_key: Identity) -> bytes:
-        # Keys in deterministic order (shorter first, then bytewise): v, hi, ok, ts, dev, okd, rej.
+        # Keys in deterministic order (shorter first, then bytewise): v, hi, ok, ts, dev, fin, okd, rej.
         payload: dict[str, object] = {"v": 1}
         if self.highest_seq is not None:
             payload["hi"] = self.highest_seq
         payload["ok"] = [list(p) for p in self.ok]
         payload["ts"] = self.ts
         payload["dev"] = self.device_id
+        if self.final_size is not None:
+            payload["fin"] = self.final_size
         if self.ok_digests is not None:
             if len(self.ok_digests) != len(self.ok):
                 raise ValueError("a bound receipt needs one digest per ok entry")
@@ -128,6 +140,9 @@ def open_receipt(data: bytes, bridge_public_key: bytes, expected_device: str) ->
         hi = p.get("hi")
         if hi is not None and (not isinstance(hi, int) or isinstance(hi, bool) or hi < 0):
             raise ReceiptError("receipt `hi` is not a seq")
-        return Receipt(p["dev"], int(p["ts"]), ok, rej, digests, hi)
+        fin = p.get("fin")
+        if fin is not None and (not isinstance(fin, int) or isinstance(fin, bool) or fin < 0):
+            raise ReceiptError("receipt `fin` is not a tree size")
+        return Receipt(p["dev"], int(p["ts"]), ok, rej, digests, hi, fin)
     except (KeyError, TypeError, ValueError) as exc:
         raise ReceiptError(f"receipt payload has the wrong shape: {exc}") from None

@@ -30,11 +30,12 @@ from carechain.cosignature import Cosigner
 from carechain.crash_points import crash_point
 from carechain.errors import Reason
 from carechain.identity import Identity, parse_public_key_hex
-from carechain.miner_messages import CosignatureMessage
+from carechain.miner_messages import CosignatureMessage, from_miner
+from carechain.receipts import Receipt
 from carechain.retry import Backoff, ReconnectPolicy
 from carechain.transport import connect_client
 from chain_bridge.broker import archive_broker
-from chain_bridge.finality import FinalityPolicy, FinalityTracker
+from chain_bridge.finality import FinalityPolicy, FinalityTracker, ledger_policy
 from chain_bridge.ingest import Ingest, RateGuard, Receiver, Rejection, SeqGuard, Sequencer, Verdict, VerdictSource
 from chain_bridge.ingest.receive import wall_clock_ms
 from chain_bridge.ledger.store import Ledger
@@ -50,6 +51,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("carechain.bridge")
 # Checkpoints whose cosignatures are still collected; miners cosign within a few intervals.
 MAX_PENDING_CHECKPOINTS = 256
+# The active miner set is re-read from the ledger at checkpoints; the gate replays what other processes appended
+# (party and bond entries) at most this often, since replaying costs per leaf.
+MINER_SET_REFRESH_S = 5.0
+# A final checkpoint is recorded on the ledger (`checkpoint.final`, for rewards and for readers of the log who
+# ask what is final) at most this often: each record is a leaf, which the next checkpoint covers.
+FINAL_RECORD_EVERY_S = 10.0
 # A store that cannot be written (disk full, I/O error) is retried with this backoff, the same batch again.
 STORAGE_RETRY = ReconnectPolicy(initial_s=0.5, max_s=5.0, stable_s=0.0)
 # The exit status when the sequencer thread dies: nothing would be anchored any more, so the process ends
@@ -74,6 +81,7 @@ class BridgeStats:
     tree_size: int = 0
     batches: int = 0
     final_checkpoints: int = 0
+    final_recorded: int = 0  # checkpoint.final entries this bridge appended
     storage_errors: int = 0  # batches and checkpoints that failed to write (disk full, I/O error), then retried
     unreceipted: int = 0  # refusals of unregistered ids not receipted (over the unregistered-receipt budget)
     records: Counter[str] = field(default_factory=Counter)  # record server: answered, pages, refusals by reason
@@ -85,7 +93,8 @@ class BridgeStats:
             "received": self.received, "anchored": self.anchored, "duplicates": self.duplicates,
             "rejected": sum(self.rejected.values()), "rejected_by_reason": dict(self.rejected),
             "checkpoints": self.checkpoints, "tree_size": self.tree_size, "batches": self.batches,
-            "final_checkpoints": self.final_checkpoints, "storage_errors": self.storage_errors,
+            "final_checkpoints": self.final_checkpoints, "final_recorded": self.final_recorded,
+            "storage_errors": self.storage_errors,
             "unreceipted": self.unreceipted, "records": dict(self.records), "archive": dict(self.archive),
             "evidence": dict(self.evidence),
         }
@@ -125,13 +134,32 @@ class Bridge:
         self._client: mqtt.Client | None = None
         self._worker: threading.Thread | None = None
         self.connected = threading.Event()
+        # Every answer signed by the log key: miners act only on signed answers (carechain.miner_messages).
         self.proofs = ProofResponder(ledger, None, self.ledger_lock, max_packet_bytes=self.broker.max_packet_bytes,
-                                     requests_per_s=cfg.proof_requests_per_s, burst=cfg.proof_request_burst)
+                                     requests_per_s=cfg.proof_requests_per_s, burst=cfg.proof_request_burst,
+                                     log_key=log_key)
+        # Who makes a checkpoint final: with contracts, a majority of the ledger's active miners (registered,
+        # bonded, not suspended, no failed audit this epoch), re-read as the ledger changes; `bridge.miners` and
+        # `bridge.finality_threshold` then decide nothing. Without contracts there is no miner set on the
+        # ledger, and the configured cosigners still count (a lab setting: docs/miners.md).
         self.finality: FinalityTracker | None = None
-        if cfg.finality_threshold:
+        if contracts is not None:
+            if cfg.miners or cfg.finality_threshold:
+                log.warning("bridge.miners and bridge.finality_threshold are ignored: with contracts, a majority of "
+                            "the ledger's active miners makes a checkpoint final (register and bond miners with "
+                            "`carechain party register miner` and `carechain bond post`; docs/miners.md)")
+            self.finality = FinalityTracker(ledger_policy(contracts.state))
+        elif cfg.finality_threshold:
             self.finality = FinalityTracker(FinalityPolicy(
                 tuple(Cosigner(m.name, parse_public_key_hex(m.public_key, f"miner {m.name}")) for m in cfg.miners),
                 cfg.finality_threshold))
+        self.miner_refresh_s = MINER_SET_REFRESH_S
+        self.final_record_every_s = FINAL_RECORD_EVERY_S
+        self._miners_read_at = time.monotonic()  # the gate caught up just above
+        self._final_recorded_at: float | None = None
+        self._awaiting_final: dict[str, int] = {}  # device -> its highest receipted leaf not known final yet
+        self._final_note: tuple[int, str] | None = None  # the latest final checkpoint (size, note with cosigs)
+        self._recorded_covers = 0  # leaves covered by the latest checkpoint.final this bridge appended, + 1
         self._finality_lock = threading.Lock()
         self.ever_connected = threading.Event()  # `connected` is cleared at every disconnect, this is not
         self._issued: dict[str, tuple[int, str]] = {}  # recent checkpoint body -> (tree size, note)
@@ -154,7 +182,7 @@ class Bridge:
                                      archive_broker(broker), cfg.data_dir, client_id=f"{client_id}-archive")
             self.stats.archive = self.archiver.stats
             if self.finality is None:
-                log.warning("bridge.finality_threshold is 0: ciphertexts are archived but never pruned (only an "
+                log.warning("no checkpoint can become final: ciphertexts are archived but never pruned (only an "
                             "archive committed under a final checkpoint is)")
         # Requesters' evidence against miners (access.fault), decided by the contracts on the sequencer's thread.
         self.evidence: EvidenceIntake | None = None
@@ -171,9 +199,9 @@ class Bridge:
                                         requests_per_s=cfg.records_requests_per_s, burst=cfg.records_request_burst,
                                         archive=self.archiver.fetcher if self.archiver else None)
             self.stats.records = self.records.stats  # one counter: `carechain bridge` prints it with the rest
-            if self.finality is None:
-                log.warning("bridge.finality_threshold is 0: no checkpoint becomes final, so no sealed "
-                            "record will be served to anyone")
+            if self.finality is None or self.finality.policy is None:
+                log.warning("no miner is active on the ledger yet: no checkpoint becomes final, so no sealed "
+                            "record is served until miners are registered and bonded")
 
     # The stages, by name (tests and tools reach them here).
     @property
@@ -262,7 +290,7 @@ class Bridge:
         elif miner[1] == "req":
             self.proofs.serve(client, msg)
         elif miner[1] == "cosig" and msg.payload:
-            self._on_cosignature(bytes(msg.payload))
+            self._on_cosignature(bytes(msg.payload), miner[0])
 
     # -- finality ------------------------------------------------------------------------------------
 
@@ -271,29 +299,113 @@ class Bridge:
         with self._finality_lock:
             return self._last_final_size
 
-    def _on_cosignature(self, payload: bytes) -> None:
+    def _on_cosignature(self, payload: bytes, miner_id: str) -> None:
         """Count one miner's cosignature; publish the checkpoint, retained, once t-of-n cosigned it."""
         if self.finality is None:
             return
         try:
             m = CosignatureMessage.model_validate_json(payload)
+            if not from_miner(m, miner_id):  # the line is checked against the ledger's keys too: defence in depth
+                log.info("ignored a cosignature message on miner %s's topic not signed by that miner", miner_id)
+                return
             body, _ = parse_note(m.checkpoint)
             _, lines = parse_note(m.checkpoint + m.cosignature)
         except (ValidationError, NoteError) as exc:
             log.info("ignored a malformed cosignature: %s", exc)
             return
         with self._finality_lock:
-            issued = self._issued.get(body)
-            if issued is None or not self.finality.add(body, lines[-1]):
-                return  # not a recent checkpoint of ours, not a valid registered cosigner, or already final
-            size, note = issued
-            final = self.finality.final_note(note)
-            if final is None or size <= self._last_final_size:
-                return
-            self._last_final_size = size
-            self.stats.final_checkpoints += 1
-        if self._client is not None:
-            self._client.publish(topics.FINAL_CHECKPOINT, final.encode(), qos=1, retain=True)
+            if body not in self._issued or not self.finality.add(body, lines[-1]):
+                return  # not a recent checkpoint of ours, not a valid active cosigner, or already final
+            final = self._became_final(body)
+        if final is not None:
+            self._publish_final(final)
+
+    def _became_final(self, body: str) -> str | None:
+        """With the finality lock held: `body` just became final; its note if it is the newest final one."""
+        assert self.finality is not None
+        size, note = self._issued[body]
+        final = self.finality.final_note(note)
+        if final is None or size <= self._last_final_size:
+            return None
+        self._last_final_size = size
+        self._final_note = (size, final)
+        self.stats.final_checkpoints += 1
+        return final
+
+    def _publish_final(self, final: str) -> None:
+        """Publish the final checkpoint, and tell each device whose receipted leaves it now covers.
+
+        Devices cannot read the final-checkpoint topic under a locked-down broker, so they hear of finality
+        on their own receipt topic: a receipt with no entries whose `fin` covers their last receipted leaf.
+        """
+        client = self._client
+        if client is None:
+            return
+        client.publish(topics.FINAL_CHECKPOINT, final.encode(), qos=1, retain=True)
+        size = self.final_size()
+        with self._finality_lock:
+            covered = sorted(d for d, highest in self._awaiting_final.items() if highest < size)
+            for device in covered:
+                del self._awaiting_final[device]
+        now = wall_clock_ms()
+        for device in covered:
+            client.publish(topics.receipts(device), Receipt(device, now, final_size=size).seal(self.log_key), qos=1)
+
+    def refresh_miners(self) -> None:
+        """Judge cosignatures by the ledger's active miner set as it is now (on the sequencer's thread).
+
+        The gate replays what it has not applied (entries other processes appended: party registrations,
+        bonds) at most every `miner_refresh_s`; between those, its state moves with the sales it decides.
+        """
+        if self.contracts is None or self.finality is None:
+            return
+        now = time.monotonic()
+        with self.ledger_lock:
+            if now >= self._miners_read_at + self.miner_refresh_s:
+                self.ledger.refresh()
+                self.contracts.catch_up(self.ledger)
+                self._miners_read_at = now
+            policy = ledger_policy(self.contracts.state)
+        with self._finality_lock:
+            finals = [self._became_final(body) for body in self.finality.set_policy(policy) if body in self._issued]
+        for final in finals:
+            if final is not None:
+                self._publish_final(final)
+
+    def record_final(self) -> int | None:
+        """Append an operator-signed `checkpoint.final` for the newest final checkpoint; its leaf index.
+
+        At most once every `final_record_every_s`, and only for a checkpoint that covers more than the
+        previous record: the record is itself a leaf, and the checkpoint that covers just it must not be
+        recorded again, or an idle log would never stop growing. The contracts check the entry first (the
+        same gate as any entry); one they refuse is logged and not appended.
+        """
+        if self.contracts is None or self.finality is None:
+            return None
+        from contract_rules import transactions as ce
+        from contract_rules.runtime import OK
+
+        with self._finality_lock:
+            latest = self._final_note
+        now = time.monotonic()
+        if latest is None or latest[0] <= self._recorded_covers:
+            return None
+        if self._final_recorded_at is not None and now < self._final_recorded_at + self.final_record_every_s:
+            return None
+        self._final_recorded_at = now
+        entry = ce.signed(self.contracts.operator, ce.CHECKPOINT_FINAL, ce.CheckpointFinal(v=1, note=latest[1]))
+        with self.ledger_lock:
+            self.ledger.refresh()
+            self.contracts.catch_up(self.ledger)
+            reason = self.contracts.runtime.check(entry)
+            if reason != OK:
+                log.warning("final checkpoint at tree size %d not recorded: the contracts refuse it (%s)",
+                            latest[0], reason)
+                return None
+            [index] = self.ledger.append_entries([entry])
+        self._recorded_covers = index + 1
+        self.stats.final_recorded += 1
+        return index
 
     def _remember_checkpoint(self, note: str, size: int) -> None:
         if self.finality is None:
@@ -335,6 +447,8 @@ class Bridge:
                     if self.evidence is not None and self.contracts is not None:
                         self.evidence.drain(self.ledger, self.contracts, self.ledger_lock)
                     self.maybe_checkpoint()
+                    self.refresh_miners()
+                    self.record_final()
                     next_checkpoint = time.monotonic() + self.cfg.checkpoint_interval_s
                 self._storage_ok()
             except (sqlite3.OperationalError, OSError) as exc:
@@ -381,9 +495,17 @@ class Bridge:
         self.stats.tree_size = self.ledger.size
         self.stats.batches += 1
         if self._client is not None:
+            final = None if self.finality is None else max(self.final_size(), 0)
             for device, rcpt in batch.receipts.items():
                 for part in rcpt.split():
+                    part.final_size = final  # leaves below it are final: the agent marks them so
                     self._client.publish(topics.receipts(device), part.seal(self.log_key), qos=1)
+            if final is not None:
+                with self._finality_lock:
+                    for device, rcpt in batch.receipts.items():
+                        if rcpt.ok:
+                            highest = max(index for _, index in rcpt.ok)
+                            self._awaiting_final[device] = max(highest, self._awaiting_final.get(device, -1))
 
     def _count(self, r: Rejection) -> None:
         self.stats.rejected[str(r.reason)] += 1  # plain text: the counts are printed and serialised

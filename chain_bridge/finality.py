@@ -1,16 +1,33 @@
-"""Finality: a checkpoint is final when t of the n registered miners have validly cosigned its body.
+"""Finality: a checkpoint is final when t of the n active miners have validly cosigned its body.
 
 Pure functions. Distinct *keys* count, so a key registered twice under two names counts once; signature
 lines by unknown keys, invalid lines and repeated lines add nothing.
+
+Who counts comes from the ledger, never from configuration: `ledger_policy(state)` takes the active miner
+set the contracts compute (`contract_rules.miners`: registered miners with an admitted bond, not suspended,
+no failed audit this storage epoch) and asks a majority of them. A miner cosigns under the name
+`carechain.miner/<party id>`, the name `carechain miner` uses by default (docs/miners.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from carechain.checkpoint import NoteError, NoteSignature, parse_note
 from carechain.cosignature import Cosigner, cosignature_timestamp
+
+if TYPE_CHECKING:
+    from chain_bridge.ledger.store import Ledger
+    from contract_rules import State
+
+MINER_NAME_PREFIX = "carechain.miner/"
+
+
+def miner_cosigner(party_id: str, public_key: bytes) -> Cosigner:
+    """The cosigner a registered miner signs as: `carechain.miner/<party id>` with its party key."""
+    return Cosigner(MINER_NAME_PREFIX + party_id, public_key)
 
 
 @dataclass(frozen=True)
@@ -24,6 +41,26 @@ class FinalityPolicy:
         n = len({c.public_key for c in self.cosigners})
         if not 1 <= self.threshold <= n:
             raise ValueError(f"threshold {self.threshold} must be between 1 and the {n} distinct miner keys")
+
+    @classmethod
+    def of_miners(cls, keys: Mapping[str, bytes]) -> FinalityPolicy | None:
+        """A strict majority of the miners `keys` (party id -> Ed25519 key); None when there are none."""
+        from contract_rules.miners import finality_threshold
+
+        if not keys:
+            return None
+        cosigners = tuple(miner_cosigner(party, pk) for party, pk in sorted(keys.items()))
+        return cls(cosigners, min(finality_threshold(len(keys)), len({c.public_key for c in cosigners})))
+
+
+def ledger_policy(state: State) -> FinalityPolicy | None:
+    """The finality policy of the ledger `state`: a majority of its active miners (None: no active miner).
+
+    The same majority `contract_rules.miners.final_note` asks of a note the rules judge final.
+    """
+    from contract_rules.miners import miner_keys
+
+    return FinalityPolicy.of_miners(miner_keys(state))
 
 
 def cosigning_keys(body: str, signatures: Iterable[NoteSignature], policy: FinalityPolicy) -> set[bytes]:
@@ -57,15 +94,38 @@ def is_final_note(note: str, policy: FinalityPolicy) -> bool:
 
 
 class FinalityTracker:
-    """Collects cosignatures as they arrive (one per message) and says when each body becomes final."""
+    """Collects cosignatures as they arrive (one per message) and says when each body becomes final.
 
-    def __init__(self, policy: FinalityPolicy) -> None:
+    `policy` None means no miner is active: nothing becomes final. The bridge replaces the policy when the
+    ledger's active miner set changes (`set_policy`); bodies already final stay final (their lines were
+    valid cosignatures of miners active when they arrived), the others are judged by the new set.
+    """
+
+    def __init__(self, policy: FinalityPolicy | None) -> None:
         self.policy = policy
         self._lines: dict[str, list[NoteSignature]] = {}
         self.final: dict[str, list[NoteSignature]] = {}  # body -> the lines that made it final
 
+    def set_policy(self, policy: FinalityPolicy | None) -> list[str]:
+        """Judge what is collected by `policy` from now on; the bodies this made final (oldest first)."""
+        if policy == self.policy:
+            return []
+        self.policy = policy
+        made_final: list[str] = []
+        for body, lines in self._lines.items():
+            if policy is None:
+                lines.clear()
+                continue
+            lines[:] = [line for line in lines if cosigning_keys(body, [line], policy)]
+            if body not in self.final and is_final(body, lines, policy):
+                self.final[body] = list(lines)
+                made_final.append(body)
+        return made_final
+
     def add(self, body: str, line: NoteSignature) -> bool:
         """Record one cosignature line on `body`; True when this one made `body` final."""
+        if self.policy is None:
+            return False
         new_keys = cosigning_keys(body, [line], self.policy)
         lines = self._lines.setdefault(body, [])
         if not new_keys or new_keys <= cosigning_keys(body, lines, self.policy):
@@ -82,7 +142,9 @@ class FinalityTracker:
         self.final.pop(body, None)
 
     def cosigners(self, body: str) -> set[bytes]:
-        """Keys of the registered miners that have cosigned `body` so far (also after it became final)."""
+        """Keys of the active miners that have cosigned `body` so far (also after it became final)."""
+        if self.policy is None:
+            return set()
         return cosigning_keys(body, self._lines.get(body, ()), self.policy)
 
     def final_note(self, note: str) -> str | None:
@@ -90,3 +152,48 @@ class FinalityTracker:
         body, _ = parse_note(note)
         lines: Sequence[NoteSignature] | None = self.final.get(body)
         return None if lines is None else note + "".join(s.line() for s in lines)
+
+
+# How many leaves `recorded_final` reads at a time, walking back from the head to the latest checkpoint.final,
+# and how far back it looks at most (a log without finality must not cost a walk over all of it).
+_SCAN_CHUNK = 1024
+MAX_SCAN = 1_000_000
+
+
+def recorded_final(ledger: Ledger, state: State, max_scan: int = MAX_SCAN) -> tuple[int, str] | None:
+    """(tree size, note) of the latest `checkpoint.final` the ledger records, or None.
+
+    The bridge appends one for a final checkpoint at a bounded cadence, so the walk back from the head is
+    short. The note is checked, not trusted: `contract_rules.miners.final_note` must find it signed by the
+    log and cosigned by a majority of `state`'s active miners (`state`: a replay of `ledger`); a recorded
+    note that fails is skipped for the one before it. Leaves below the returned size are final. Only the
+    last `max_scan` leaves are searched: a record older than that is not found, and less is said to be final
+    than is (never more).
+    """
+    from carechain import envelope
+    from carechain.entries import CHECKPOINT_FINAL, Entry
+    from contract_rules.miners import final_note
+
+    stop = min(ledger.size, state.size)
+    floor = max(0, stop - max_scan)
+    while stop > floor:
+        start = max(floor, stop - _SCAN_CHUNK)
+        for leaf in reversed(list(ledger.leaves(start, stop))):
+            entry = Entry.decode(leaf)
+            if entry.type != CHECKPOINT_FINAL:
+                continue
+            try:
+                note = envelope.parse(entry.cose).payload["note"]
+            except (envelope.EnvelopeError, KeyError, TypeError):
+                continue
+            final = final_note(state, note) if isinstance(note, str) else "bad_seed_checkpoint"
+            if not isinstance(final, str):
+                return final.size, note
+        stop = start
+    return None
+
+
+def final_tree_size(ledger: Ledger, state: State) -> int:
+    """The tree size of the latest final checkpoint the ledger records (0: none; leaves below it are final)."""
+    found = recorded_final(ledger, state)
+    return 0 if found is None else found[0]

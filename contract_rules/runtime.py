@@ -495,6 +495,8 @@ class Runtime:
         record: dict[str, Any] = {"role": p.role, "pk": p.pk, "name": p.name, "at": index}
         if p.pre_pk is not None:  # only then: parties registered before re-encryption keys keep their state
             record |= {"pre_pk": p.pre_pk, "pre_vk": p.pre_vk}
+        if p.role == "miner":  # an index, so the miner set is found without scanning every patient's record
+            return Accept((Put("parties", party_id, record), Put("miner_ids", party_id, index)))
         return Accept((Put("parties", party_id, record),))
 
     def _device_register(self, index: int, payload: dict[str, Any]) -> Outcome:

@@ -90,6 +90,7 @@ class AgentStats:
     sealed_late: int = 0  # protocol 2: late readings of a spent epoch, sealed under the current epoch's key
     rekeyed: int = 0  # protocol 2: an epoch_key refused because its epoch's key is anchored (lost outbox)
     weekly_summaries: int = 0  # protocol 2: weekly_activity summaries signed
+    final: int = 0  # receipted events a final checkpoint has covered since the agent started
     reasons: dict[str, int] = field(default_factory=dict)
 
 
@@ -345,9 +346,11 @@ class Agent:
         self._wake.set()
 
     def _apply_receipt(self, device_id: str, receipt: Receipt) -> None:
+        anchored = dict(receipt.ok)  # seq -> leaf index of what this receipt acknowledges as ours
         if receipt.ok and receipt.bound:
             deleted, mismatched = self.outbox.ack_bound(
                 device_id, [(seq, digest) for seq, _, digest in receipt.acknowledged() if digest is not None])
+            anchored = {seq: anchored[seq] for seq in deleted}
             self.stats.acked += len(deleted)
             if mismatched:
                 self.stats.receipt_mismatches += len(mismatched)
@@ -361,6 +364,10 @@ class Agent:
             self.stats.acked += self.outbox.ack(device_id, [seq for seq, _ in receipt.ok])
         for seq, _ in receipt.ok:
             self.window.settled((device_id, seq))
+        if receipt.final_size is not None:  # a bridge that tracks finality: keep the leaves until final
+            before = self.outbox.awaiting_finality()
+            self.outbox.record_anchored(device_id, anchored.items(), receipt.final_size)
+            self.stats.final += max(0, before + len(anchored) - self.outbox.awaiting_finality())
         if receipt.ok:
             self.forget_spent_keys()
         if receipt.highest_seq is not None and any(r.reason == Reason.SEQ_REUSED for r in receipt.rejected):

@@ -25,6 +25,10 @@ Invariants:
   key is deleted (`forget_spent_keys`, with secure_delete and a truncated WAL): forward secrecy at the device.
 - `weekly_activity` tallies the active minutes of a wellness device's activity readings per ISO week, and
   records which weeks' summaries were signed, in the same transaction as the readings and summaries.
+- `anchored` keeps each receipted event's leaf index after its row is deleted, until a final checkpoint
+  (cosigned by a majority of the ledger's active miners; the bridge says so on receipts, `fin`) covers it:
+  `anchored()` and `awaiting_finality()` let a pharmacy terminal wait for finality before handing over an Rx
+  drug. Only the newest final rows are kept.
 """
 
 from __future__ import annotations
@@ -74,6 +78,13 @@ CREATE TABLE IF NOT EXISTS spent_epochs (
 CREATE TABLE IF NOT EXISTS weekly_activity (
     device_id TEXT NOT NULL, week TEXT NOT NULL, active_minutes INTEGER NOT NULL,
     disclosed INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (device_id, week));
+-- Receipted events, kept after their outbox row is deleted until a final checkpoint covers their leaf (and a
+-- few after that), so a terminal can wait for finality before handing over an Rx drug.
+CREATE TABLE IF NOT EXISTS anchored (
+    device_id TEXT NOT NULL, seq INTEGER NOT NULL, leaf_index INTEGER NOT NULL,
+    final INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (device_id, seq)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS anchored_final ON anchored (final, leaf_index);
+CREATE TABLE IF NOT EXISTS finality (one INTEGER PRIMARY KEY CHECK (one = 1), tree_size INTEGER NOT NULL);
 """
 # Added with protocol 2: an outbox written by an older agent gains the column (its rows are all clear, NULL).
 _SEALED_MAP = b"\xa2"  # the first byte of `carechain.sealed.encode_sealed`'s map of two keys
@@ -84,6 +95,11 @@ _EPOCH_INDEX = "CREATE INDEX IF NOT EXISTS outbox_epoch ON outbox (device_id, ep
 DISK_FULL = "disk_full"  # the `losses` policy of readings not stored because the disk had no room
 RECEIPT_MISMATCH = "receipt_mismatch"  # the quarantine reason of an event whose `ok` receipt named other bytes
 MIN_FREE_BYTES = 8 << 20
+# Final rows kept in `anchored` (newest leaves first) for `anchored()` look-ups; rows not final yet are kept
+# up to MAX_ANCHORED in all (then the oldest go: a bridge whose miners never cosign must not fill the disk).
+KEEP_FINAL = 1000
+MAX_ANCHORED = 100_000
+PRUNE_EVERY = 1000  # receipted rows between two prunings when finality does not advance
 
 
 class QuotaPolicy(StrEnum):
@@ -163,6 +179,16 @@ class Pending:
     envelope: bytes
 
 
+@dataclass(frozen=True)
+class AnchoredEvent:
+    """A receipted event: its leaf index and whether a final checkpoint covers it yet."""
+
+    device_id: str
+    seq: int
+    leaf_index: int
+    final: bool
+
+
 class Outbox:
     def __init__(self, path: Path, quota: Quota | None = None) -> None:
         self.path = Path(path)
@@ -182,6 +208,7 @@ class Outbox:
         self._page_size = self._db.execute("PRAGMA page_size").fetchone()[0]
         self._loss_logged_at: dict[tuple[str, str], float] = {}
         self._unrecorded: dict[str, int] = {}  # device -> disk_full losses not yet written (no room for the row)
+        self._anchored_since_prune = 0
         # Deleting receipted events need not survive a power cut: a delete rolled back by one is resent
         # and deduplicated by the bridge. So acks commit on their own connection without an fsync
         # (WAL + synchronous=NORMAL stays consistent), while signing keeps FULL: a seq must never repeat.
@@ -334,6 +361,67 @@ class Outbox:
                             "the bridge acknowledged other bytes under this seq: another holder of this "
                             "device's key or image published first", ours)
         return deleted, [seq for seq, _ in mismatched]
+
+    # -- finality --------------------------------------------------------------------------------------
+
+    def record_anchored(self, device_id: str, acks: Iterable[tuple[int, int]], final_size: int | None) -> None:
+        """Remember receipted (seq, leaf index) pairs until they are final; `final_size` from the receipt.
+
+        Without fsync, like acks: a row lost to a power cut only means that event's finality is not shown.
+        """
+        rows = list(acks)
+        if rows:
+            db = self._acks
+            with _transaction(db):
+                final = self._final_size(db)
+                db.executemany("INSERT OR REPLACE INTO anchored VALUES (?, ?, ?, ?)",
+                               [(device_id, seq, index, int(index < final)) for seq, index in rows])
+                self._anchored_since_prune += len(rows)
+                if self._anchored_since_prune >= PRUNE_EVERY:
+                    self._prune_anchored(db)
+        if final_size is not None:
+            self.mark_final(final_size)
+
+    def mark_final(self, tree_size: int) -> int:
+        """A checkpoint of `tree_size` leaves is final: mark the events below it; how many became final."""
+        db = self._acks
+        with _transaction(db):
+            if tree_size <= self._final_size(db):
+                return 0
+            db.execute("INSERT OR REPLACE INTO finality VALUES (1, ?)", (tree_size,))
+            cur = db.execute("UPDATE anchored SET final = 1 WHERE final = 0 AND leaf_index < ?", (tree_size,))
+            self._prune_anchored(db)
+        return cur.rowcount
+
+    def final_size(self) -> int:
+        """The tree size of the latest final checkpoint this outbox heard of (0: none)."""
+        return self._final_size(self._db)
+
+    def anchored(self, device_id: str, seq: int) -> AnchoredEvent | None:
+        """The receipted event (`device_id`, `seq`): its leaf and finality; None if unknown or pruned."""
+        row = self._db.execute("SELECT leaf_index, final FROM anchored WHERE device_id=? AND seq=?",
+                               (device_id, seq)).fetchone()
+        return None if row is None else AnchoredEvent(device_id, seq, row[0], bool(row[1]))
+
+    def awaiting_finality(self, device_id: str | None = None) -> int:
+        """Receipted events (of `device_id`, or all) that no final checkpoint covers yet."""
+        if device_id is None:
+            return self._db.execute("SELECT COUNT(*) FROM anchored WHERE final = 0").fetchone()[0]
+        return self._db.execute("SELECT COUNT(*) FROM anchored WHERE final = 0 AND device_id = ?",
+                                (device_id,)).fetchone()[0]
+
+    @staticmethod
+    def _final_size(db: sqlite3.Connection) -> int:
+        row = db.execute("SELECT tree_size FROM finality WHERE one = 1").fetchone()
+        return row[0] if row else 0
+
+    def _prune_anchored(self, db: sqlite3.Connection) -> None:
+        """Keep the newest KEEP_FINAL final rows, and at most MAX_ANCHORED rows in all (index walks only)."""
+        self._anchored_since_prune = 0
+        db.execute("DELETE FROM anchored WHERE final = 1 AND leaf_index < (SELECT leaf_index FROM anchored "
+                   "WHERE final = 1 ORDER BY leaf_index DESC LIMIT 1 OFFSET ?)", (KEEP_FINAL - 1,))
+        db.execute("DELETE FROM anchored WHERE final = 0 AND leaf_index < (SELECT leaf_index FROM anchored "
+                   "WHERE final = 0 ORDER BY leaf_index DESC LIMIT 1 OFFSET ?)", (MAX_ANCHORED - KEEP_FINAL - 1,))
 
     def advance(self, device_id: str, highest_anchored: int) -> int:
         """Move the seq counter past `highest_anchored` (never back); returns the next seq."""

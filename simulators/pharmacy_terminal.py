@@ -62,8 +62,12 @@ def pay_with_wallet(sale: Purchase, terminal: str, wallet: Identity, policy: Map
 
 async def ring_up(terminal: Identity, broker: BrokerConfig, bridge_public_key: bytes, data_dir: Path,
                   sales: int, seed: int | str = 1, timeout_s: float = 60.0, *, wallets: Sequence[Identity] = (),
-                  policies: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, object]:
+                  policies: Mapping[str, Mapping[str, Any]] | None = None,
+                  wait_final: bool = False) -> dict[str, object]:
     """Sign `sales` purchase events, send them, wait for every receipt; returns a summary.
+
+    With `wait_final` the terminal also waits (within `timeout_s`) until a final checkpoint covers every sale,
+    as a pharmacy that hands an Rx drug over only once the sale cannot be undone would; `final` counts them.
 
     With `wallets`, the sales go round the wallets' owners, each paid with her signature (`pay_with_wallet`);
     `policies` (patient party id → ledger policy record) lets insurance sales claim their covered share.
@@ -95,12 +99,15 @@ async def ring_up(terminal: Identity, broker: BrokerConfig, bridge_public_key: b
     deadline = time.monotonic() + timeout_s
     while outbox.depth() and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
+    while wait_final and outbox.awaiting_finality(terminal.device_id) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
     stop.set()
     await task
     left = outbox.depth()
+    not_final = outbox.awaiting_finality(terminal.device_id)
     assembled.close()
     return {"terminal": terminal.device_id, "sales": lines, "receipted": sales - left, "pending": left,
-            "quarantined": agent.stats.quarantined}
+            "final": sales - left - not_final, "quarantined": agent.stats.quarantined}
 
 
 def main() -> None:
@@ -114,6 +121,8 @@ def main() -> None:
     ap.add_argument("--seed", default="1")
     ap.add_argument("--wallet", type=Path, action="append", default=[],
                     help="a registered patient's key file: sales are paid with her signature (repeatable)")
+    ap.add_argument("--wait-final", action="store_true",
+                    help="hand over only once a final checkpoint covers every sale (exit 1 if one is not final)")
     args = ap.parse_args()
     try:
         bridge_key = parse_public_key_hex(args.bridge_key, "--bridge-key")
@@ -122,9 +131,11 @@ def main() -> None:
     host, port = parse_address(args.broker)
     summary = asyncio.run(ring_up(Identity.load_or_create(args.key), BrokerConfig(host=host, port=port),
                                   bridge_key, args.data_dir, args.sales, args.seed,
-                                  wallets=[Identity.load(path) for path in args.wallet]))
+                                  wallets=[Identity.load(path) for path in args.wallet],
+                                  wait_final=args.wait_final))
     print(json.dumps(summary, indent=2))
-    sys.exit(0 if summary["pending"] == 0 and summary["quarantined"] == 0 else 1)
+    final_ok = not args.wait_final or summary["final"] == args.sales
+    sys.exit(0 if summary["pending"] == 0 and summary["quarantined"] == 0 and final_ok else 1)
 
 
 if __name__ == "__main__":

@@ -39,8 +39,9 @@ from carechain.sealed import DEFAULT_EPOCH_MS, epoch_of, split_wire
 from carechain.transport import connect_client
 from chain_bridge.contract_admin import replay_ledger, submit
 from chain_bridge.ledger.store import Ledger
-from chain_bridge.registry import contract_genesis, ledger_path, log_key, operator_key
+from chain_bridge.registry import DEFAULT_ALLOCATIONS, contract_genesis, ledger_path, log_key, operator_key
 from contract_rules import transactions as ce
+from contract_rules.bonds import MIN_BOND
 from edge_agent.outbox import DataKey
 from edge_agent.sealing import RecordOwner, new_epoch_key, reading_body, seal_reading, sign_epoch_key
 from simulators.miners import CARECHAIN, GARBAGE_FLAG
@@ -272,7 +273,7 @@ class AccessWorld:
     broker: BrokerConfig
     checkpoint_interval_s: float = 1.0
     n_miners: int = 5
-    threshold: int = 3  # the bridge's finality threshold (the access rule counts a majority itself)
+    threshold: int = 3  # a majority of the 5 bonded miners: the bridge takes finality from the ledger
     max_packet_bytes: int | None = None  # every party's broker.max_packet_bytes (records pages fit below it)
     miners: list[Miner] = field(default_factory=list)
     sent: list[Sent] = field(default_factory=list)
@@ -297,13 +298,13 @@ class AccessWorld:
                        **({"max_packet_bytes": self.max_packet_bytes} if self.max_packet_bytes else {})},
             "bridge": {
                 "data_dir": str(self.bridge_dir), "checkpoint_interval_s": self.checkpoint_interval_s,
-                "miners": [{"name": m.name, "public_key": m.key.public_key.hex()} for m in self.miners],
-                "finality_threshold": self.threshold,
             },
         }))
         # The deployment's genesis as the bridge writes it: its operators include the log key, so the access
         # rule takes the bridge's signature on a grant's seed checkpoint (and requesters its records pages).
-        self.genesis = contract_genesis(self.bridge_dir)
+        # The miners' bonds are funded by the genesis: finality counts bonded (active) miners only.
+        self.genesis = contract_genesis(self.bridge_dir, {
+            **DEFAULT_ALLOCATIONS, **{f"miner:{m.key.device_id}": MIN_BOND["miner"] for m in self.miners}})
         assert self.log_public_key in self.genesis.operators.values(), "the log key is not a genesis operator"
         self.genesis_file = self.bridge_dir / "contracts" / "genesis.json"
         self.bridge = Process("bridge", [*CARECHAIN, "bridge", "--config", str(self.config), "--verbose"], self.root,
@@ -327,7 +328,10 @@ class AccessWorld:
                                              pre_pk=party.pre.public_key, pre_vk=party.pre.verifying_key))
         ledger = Ledger(ledger_path(self.bridge_dir))
         try:
-            submit(ledger, self.genesis, [ce.party_registration_entry(self.operator, r) for r in regs])
+            submit(ledger, self.genesis, [
+                *(ce.party_registration_entry(self.operator, r) for r in regs),
+                *(ce.signed(m.key, ce.BOND_POST, ce.BondPost(amount=MIN_BOND["miner"], nonce=1, ts=ts))
+                  for m in self.miners)])
             reg = Registration(dev=self.device.device_id, pk=self.device.public_key, profile="heart_rate_band",
                                owner=self.patient.id, site="home", ts=ts)
             ledger.append_registrations([(registration_entry(self.operator, reg), reg)])

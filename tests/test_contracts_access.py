@@ -20,7 +20,9 @@ from carechain.events import PROTOCOL_V2, EpochKey, make_payload, make_sealed_pa
 from carechain.identity import Identity
 from carechain.reencryption import PreKey, encapsulate, make_kfrags, open_data_key, reencrypt, verify_cfrag, verify_kfrag
 from carechain.seed import checkpoint_seed
+from contract_rules import Genesis, Runtime
 from contract_rules import access as rules
+from contract_rules.bonds import MIN_BOND
 from contract_rules import transactions as ce
 
 HOUR = 3_600_000
@@ -32,16 +34,22 @@ class AccessWorld(World):
 
     def __init__(self) -> None:
         super().__init__()
+        self.miners = [ident(30 + i) for i in range(N_MINERS)]
+        # The miners' bonds (the active miner set, and so finality, counts bonded miners only).
+        self.genesis = Genesis(operators=self.genesis.operators, contracts=self.genesis.contracts,
+                               allocations={**self.genesis.allocations,
+                                            **{f"miner:{m.device_id}": MIN_BOND["miner"] for m in self.miners}})
+        self.runtime = Runtime(self.genesis)
         self.patient, self.patient_pre = ident(20), PreKey.from_seed(b"\x20" * 32)
         self.doctor, self.doctor_pre = ident(21), PreKey.from_seed(b"\x21" * 32)
         self.other_patient, self.other_pre = ident(22), PreKey.from_seed(b"\x22" * 32)
         self.band = ident(23)
-        self.miners = [ident(30 + i) for i in range(N_MINERS)]
         self.data_keys: dict[tuple[str, int], bytes] = {}
         results = [self.register_party("patient", self.patient, pre=self.patient_pre),
                    self.register_party("doctor", self.doctor, pre=self.doctor_pre),
                    self.register_party("patient", self.other_patient, pre=self.other_pre),
                    *(self.register_party("miner", m) for m in self.miners),
+                   *(self.post_bond(m, MIN_BOND["miner"]) for m in self.miners),
                    self.register_device(self.band, "heart_rate_band", self.patient.device_id)]
         assert results == ["ok"] * len(results)
 

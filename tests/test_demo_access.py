@@ -27,6 +27,8 @@ def test_demo_opens_a_granted_hour_logs_it_refuses_an_outsider_and_keeps_no_read
     assert summary["access_opened"] is True
     assert summary["access_logged"] == 1
     assert summary["access_refused_without_grant"] is True
+    # Five registered, bonded miners make checkpoints final; the formulary refused a mislabelled Rx-only sale.
+    assert summary["miners"] == 5 and summary["final_checkpoints"] >= 1 and summary["formulary_refusals"] >= 1
     files = [p for p in data.rglob("*") if p.is_file()]
     assert any(p.name == "ledger.db" for p in files) and any(p.name == "outbox.db" for p in files)
     assert len({p.parent.name for p in files if p.name == "witness.json"}) == 5  # the five miners' replicas

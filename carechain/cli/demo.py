@@ -16,7 +16,7 @@ from carechain.cli._options import example, fail, out
 EPILOG = example("carechain demo", "carechain demo --json", "carechain demo --data-dir demo-data --ble",
                  "carechain demo --data-dir demo-data && carechain access log --data-dir demo-data/bridge")
 JSON_KEYS = ("sent", "anchored", "rejected", "duplicates", "checkpoints", "proof_verified", "access_opened",
-             "access_logged", "access_refused_without_grant")
+             "access_logged", "access_refused_without_grant", "miners", "final_checkpoints", "formulary_refusals")
 
 
 def demo(
@@ -37,7 +37,9 @@ def demo(
     readings). Then a doctor in another city asks for Alice's last hour of heart rate, Alice grants it
     3-of-5, and once the grant is final the miners release capsule fragments and the doctor opens and
     verifies every reading; the access log follows, and an outsider asking without a grant is refused.
-    --json adds access_opened, access_logged (access records on the ledger) and access_refused_without_grant.
+    --json adds access_opened, access_logged (access records on the ledger) and access_refused_without_grant,
+    miners (active: registered and bonded), final_checkpoints (cosigned by a majority of them) and
+    formulary_refusals (sales rung up as not Rx-only that the authority's formulary lists as Rx-only).
     """
     from carechain.demo.pipeline import DemoUnavailable, check_available, run_demo
 
@@ -85,11 +87,12 @@ def _print_summary(s: dict[str, Any]) -> None:
     t.add_row("  by kind", _counts(s["anchored_by_kind"]))
     if s["ble"]:
         t.add_row("  read over BLE (bleak → bumble)", ", ".join(s["ble"]))
-    t.add_row("rejected (expected: hostile traffic, a sale without Rx)", str(s["rejected"]))
+    t.add_row("rejected (expected: hostile traffic, sales without Rx)", str(s["rejected"]))
     for reason, n in sorted(s["rejected_by_reason"].items()):
         t.add_row(f"  refused: {reason}", str(n))
     t.add_row("duplicates re-acknowledged", str(s["duplicates"]))
     t.add_row("checkpoints signed", str(s["checkpoints"]))
+    t.add_row(f"  final (cosigned by a majority of the {s['miners']} active miners)", str(s["final_checkpoints"]))
     t.add_row("outbox left / quarantined", f"{s['outbox_left']} / {s['quarantined']}")
     t.add_row("inclusion proof verified", "[green]yes[/]" if s["proof_verified"]
               else f"[red]no[/] {escape(str((s['proof'] or {}).get('error', '')))}")
@@ -120,6 +123,10 @@ def _print_pharmacy_day(day: dict[str, Any], reasons: dict[str, int]) -> None:
     for reason, n in sorted(refused.items()):
         t.add_row(f"  refused: {reason}", str(n))
     t.add_row("violations counted against the pharmacy", str(day["pharmacy_violations"]))
+    t.add_row("  sold as not Rx-only, Rx-only on the formulary", str(day["formulary_refusals"]))
+    for party, minor in day["bonds"].items():
+        t.add_row(f"  bond {party}", f"{minor / 100:,.2f}")
+    t.add_row("terminal's sales final before hand-over", "[green]yes[/]" if day["terminal_sales_final"] else "[red]no[/]")
     for c in day["claims"]:
         t.add_row(f"  claim: {c['category']} for {c['patient']}",
                   f"insurer pays {c['insurer_share']} of {c['price']} (copay {c['copay']})")

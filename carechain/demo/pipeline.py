@@ -4,8 +4,9 @@ Registers one device per shipped profile (six BLE health devices and a pharmacy 
 agent and the bridge for a few seconds, injects hostile traffic (a forged signature, a replay, a reused
 seq, garbage and an oversized payload), drains the outbox, and verifies an inclusion proof end to end.
 The agent speaks protocol 2: the health devices belong to Alice, a registered patient, and their readings
-are sealed to her at the edge, so the ledger anchors hashes, never readings. Five witness miners cosign
-the log (finality: 3 of 5); then a doctor in another city opens Alice's last hour of heart rate through
+are sealed to her at the edge, so the ledger anchors hashes, never readings. Five witness miners,
+registered and bonded on the ledger, cosign the log (finality: a majority of the ledger's active miners,
+3 of 5; the pharmacy terminal waits until its sales are final); then a doctor in another city opens Alice's last hour of heart rate through
 3-of-5 miners with her grant, the access log is read back, and an outsider is refused
 (carechain.demo.records). The bridge, the agent and the miners are assembled as `carechain bridge`,
 `carechain agent` and `carechain miner` assemble them (chain_bridge.assembly, edge_agent.assembly,
@@ -92,7 +93,7 @@ def _run(root: Path, *, broker: str | None, seconds: float, speedup: float,
     from carechain import envelope, sealed, topics
     from carechain.config import AgentConfig, BridgeConfig, BrokerConfig, Config, parse_address
     from carechain.demo.pharmacy_day import WELLNESS_POLICY, PharmacyDay
-    from carechain.demo.records import THRESHOLD, RecordsDemo, load_alice
+    from carechain.demo.records import RecordsDemo, load_alice, load_miner_keys
     from carechain.entries import ENTRY_EVENT, Entry
     from carechain.events import make_sealed_payload
     from carechain.identity import Identity
@@ -123,7 +124,9 @@ def _run(root: Path, *, broker: str | None, seconds: float, speedup: float,
         lk, operator = log_key(bridge_dir), operator_key(bridge_dir)
         identities = {name: Identity.load_or_create(agent_dir / "keys" / f"{name}.key") for name in DEMO_PROFILES}
         alice = load_alice(root)
-        day = PharmacyDay(bridge_dir, agent_dir / "keys", ledger_path(bridge_dir), alice.id)  # writes the genesis
+        # Writes the genesis: the insurer's funds and the bonds of the pharmacy, the insurer and the miners.
+        day = PharmacyDay(bridge_dir, agent_dir / "keys", ledger_path(bridge_dir), alice.identity, load_miner_keys(root))
+        day.terminal = identities["pharmacy_terminal"].device_id
         records = RecordsDemo(root, alice, day.genesis, operator, ledger_path(bridge_dir))
         # Parties first: a health device's owner must be a registered patient (carechain.inventory).
         ledger.close()
@@ -138,9 +141,9 @@ def _run(root: Path, *, broker: str | None, seconds: float, speedup: float,
             register_devices(ledger, operator, new)
         ledger.close()  # the bridge opens its own
 
+        # No `bridge.miners`: the bridge reads the active miner set (registered, bonded) from the ledger.
         cfg = Config(broker=broker_cfg, bridge=BridgeConfig(data_dir=bridge_dir, checkpoint_interval_s=1.0,
-                                                            contracts=True, miners=records.miner_keys_for_bridge(),
-                                                            finality_threshold=THRESHOLD),
+                                                            contracts=True),
                      agent=AgentConfig(data_dir=agent_dir, bridge_public_key=lk.public_key.hex(), speedup=speedup,
                                        resend_after_s=3.0))
         assembled_bridge = assemble_bridge(cfg, client_id=f"carechain-bridge-demo-{port}")
@@ -271,6 +274,12 @@ def _run(root: Path, *, broker: str | None, seconds: float, speedup: float,
             deadline = time.monotonic() + 10
             while outbox.depth() and time.monotonic() < deadline:  # that last reading receipted too
                 await asyncio.sleep(0.1)
+            # The terminal waits for finality before it would hand over an Rx drug: every sale it rang up is
+            # under a checkpoint a majority of the active miners cosigned (the bridge tells it on its receipts).
+            deadline = time.monotonic() + 15
+            while outbox.awaiting_finality(terminal) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            terminal_final["sales_final"] = outbox.awaiting_finality(terminal) == 0
             stop.set()
             await task
             day.settle_wellness(int(time.time() * 1000))  # last week is over: the insurer settles it
@@ -278,6 +287,8 @@ def _run(root: Path, *, broker: str | None, seconds: float, speedup: float,
         ledger_reader = Ledger(ledger_path(bridge_dir))  # a second connection: the bridge thread owns its own
         cleanup.callback(ledger_reader.close)
         access: dict[str, Any] = {}
+        terminal = identities["pharmacy_terminal"].device_id
+        terminal_final: dict[str, bool] = {}
         asyncio.run(main())
         access["miner_stats"] = records.miner_stats()
         records.stop_miners()
@@ -304,6 +315,8 @@ def _run(root: Path, *, broker: str | None, seconds: float, speedup: float,
             if entry.type == ENTRY_EVENT:
                 kind = envelope.parse(entry.cose).payload["kind"]
                 kinds[kind] = kinds.get(kind, 0) + 1
+        pharmacy = {**day.summary(), "terminal_sales_final": terminal_final.get("sales_final", False)}
+        miners = len(pharmacy["active_miners"])
         return {
             "sent": agent.stats.signed,
             "anchored": stats["anchored"],
@@ -322,10 +335,14 @@ def _run(root: Path, *, broker: str | None, seconds: float, speedup: float,
             "broker": "embedded (amqtt)" if embedded else f"{host}:{port}",
             "ble": sorted(over_ble),
             "anchored_by_kind": kinds,
-            "pharmacy": day.summary(),
+            "pharmacy": pharmacy,
             "access": access,
             "access_opened": access["opened"],
             "access_logged": access["logged"],
             "access_refused_without_grant": access["refused_without_grant"],
-            "finality": f"{THRESHOLD} of {len(records.miner_keys)} miners",
+            "finality": f"{miners // 2 + 1} of {miners} active miners",
+            "miners": miners,
+            "final_checkpoints": stats["final_checkpoints"],
+            "final_recorded": stats["final_recorded"],
+            "formulary_refusals": pharmacy["formulary_refusals"],
         }

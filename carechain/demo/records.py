@@ -2,8 +2,9 @@
 
 Everything goes through the real pieces (docs/access.md): Alice (a registered patient with a re-encryption
 key) owns the health devices, whose readings the agent seals to her at the edge; five witness miners,
-assembled as `carechain miner` assembles them (chain_miner.assembly) and registered as miner parties,
-cosign the log, and the bridge's finality policy is 3 of them. The doctor signs a request and sends it to
+assembled as `carechain miner` assembles them (chain_miner.assembly), registered as miner parties and
+bonded (carechain.demo.pharmacy_day), cosign the log; a checkpoint is final once a majority of the ledger's
+active miners, 3 of the 5, cosigned it. The doctor signs a request and sends it to
 Alice's inbox; Alice grants 3-of-5 with key fragments sealed to miners drawn from a final checkpoint; the
 bridge appends request and grant after the contracts checked them; once the grant is under a final
 checkpoint the chosen miners release capsule fragments to the doctor and the bridge serves the sealed
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from carechain.config import BrokerConfig, Config, MinerKey
+from carechain.config import BrokerConfig, Config
 from carechain.entries import ENTRY_EVENT, Entry
 from carechain.identity import Identity
 from carechain.reencryption import PreKey
@@ -37,7 +38,7 @@ from contract_rules import Genesis
 from contract_rules import transactions as ce
 
 MINERS = 5
-THRESHOLD = 3  # the bridge's finality policy, and the grant's m (of MINERS key fragments)
+THRESHOLD = 3  # the grant's m (of MINERS key fragments), and the majority of the 5 active miners finality needs
 HOUR_MS = 3_600_000
 STEP_TIMEOUT_S = 30.0  # a bound on each wait: a broken run fails instead of hanging
 REFUSAL_QUIET_S = 1.0  # after the bridge counted the outsider's refusal: nothing may reach its inbox meanwhile
@@ -81,6 +82,16 @@ def keys_dir(root: Path) -> Path:
     return root / "parties"
 
 
+def miner_dirs(root: Path) -> list[Path]:
+    """The five miners' data directories under the demo's `root`."""
+    return [root / "miners" / f"miner{i}" for i in range(MINERS)]
+
+
+def load_miner_keys(root: Path) -> list[Identity]:
+    """The five miners' keys (made on a first run): their party keys, with which they also post their bonds."""
+    return [Identity.load_or_create(d / "miner.key") for d in miner_dirs(root)]
+
+
 def load_alice(root: Path) -> Party:
     """Alice, the record owner: her keys (made on a first run) under the demo's `root`."""
     return Party.in_dir(keys_dir(root), "alice", "Alice", "patient")
@@ -104,18 +115,14 @@ class RecordsDemo:
     def __init__(self, root: Path, alice: Party, genesis: Genesis, operator: Identity, ledger_file: Path) -> None:
         self.alice = alice
         self.doctor = Party.in_dir(keys_dir(root), "doctor", DOCTOR_NAME, "doctor")
-        self.miner_dirs = [root / "miners" / f"miner{i}" for i in range(MINERS)]
-        self.miner_keys = [Identity.load_or_create(d / "miner.key") for d in self.miner_dirs]
+        self.miner_dirs = miner_dirs(root)
+        self.miner_keys = load_miner_keys(root)
         self.genesis, self.operator, self.ledger_file = genesis, operator, ledger_file
         self.miners: list[Any] = []  # chain_miner.assembly.AssembledMiner, once started
 
     @staticmethod
     def miner_name(key: Identity) -> str:
         return f"carechain.miner/{key.device_id}"
-
-    def miner_keys_for_bridge(self) -> list[MinerKey]:
-        """`bridge.miners`: the cosigner keys the bridge counts toward finality."""
-        return [MinerKey(name=self.miner_name(k), public_key=k.public_key.hex()) for k in self.miner_keys]
 
     def register(self, ts: int) -> None:
         """Alice (patient), the doctor and the miners as parties, before any device of Alice's is registered
