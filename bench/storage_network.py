@@ -4,7 +4,9 @@ raw AES-256-GCM + zfec measured in the same run (bench/storage.py's `run`), and 
 Everything runs on this machine: one mosquitto on loopback, 8 `python -m chain_miner.storage_server` processes
 (shares on disk in temporary data dirs), one StorageClient (default window of requests in flight). Rates are
 MB (10^6 bytes) of dataset plaintext per second, wall clock, including encryption, coding, hashing, CBOR,
-MQTT (QoS 1) and the miners' disk writes; put waits for every share's acknowledgement. Audit figures: one
+MQTT (QoS 1) and the miners' disk writes; put waits for every share's acknowledgement, a store receipt each
+miner signs over the share's Merkle root (computed from the bytes it received) and the client verifies. Every
+get is a signed retrieval request answered with a signed answer, recorded by the client. Audit figures: one
 audit round over the stored dataset at the default schedule's challenges per miner (timed, and its answer
 bytes computed), and bytes per stored TB per month from `audit.AuditSchedule`.
 
@@ -30,7 +32,7 @@ from carechain.config import BrokerConfig  # noqa: E402
 from carechain.storage import audit  # noqa: E402
 from carechain.storage.codec import StorageParams  # noqa: E402
 from carechain.storage.keyfile import load_dataset_key  # noqa: E402
-from chain_bridge.storage_client import StorageClient, key_path  # noqa: E402
+from chain_bridge.storage_client import StorageClient, key_path, load_receipts, receipts_path  # noqa: E402
 from simulators.mosquitto import Mosquitto  # noqa: E402
 
 MINERS = 8
@@ -81,6 +83,7 @@ def run(mib: int) -> dict[str, object]:
                     t = time.perf_counter()
                     manifest = client.put(data, ids, bytes(32), path, params=params)
                     t_put = time.perf_counter() - t
+                    receipts = len(load_receipts(receipts_path(path)))
                     key = load_dataset_key(key_path(path), manifest.dataset_id)
                     t = time.perf_counter()
                     back = client.get(manifest, key)
@@ -104,7 +107,7 @@ def run(mib: int) -> dict[str, object]:
     assert isinstance(a, dict)
     return {
         "data_mib": mib, "k": params.k, "n": params.n, "miners": MINERS, "segments": len(manifest.segments),
-        "share_bytes_uploaded": sent,
+        "share_bytes_uploaded": sent, "store_receipts": receipts, "signed_retrievals": len(client.retrieval_log),
         "raw_aes_gcm_MBps": raw["raw_aes_gcm_MBps"], "raw_put_MBps": raw["raw_put_MBps"],
         "raw_get_MBps": raw["raw_get_MBps"],
         "local_put_MBps": raw["put_MBps"], "local_get_MBps": raw["get_MBps"],
@@ -127,7 +130,8 @@ def main() -> None:
         print(json.dumps(r, indent=2))
         return
     print(f"{r['data_mib']} MiB, {r['segments']} segments, k={r['k']} n={r['n']}, {r['miners']} miner processes, "
-          f"{r['share_bytes_uploaded']} share bytes uploaded")
+          f"{r['share_bytes_uploaded']} share bytes uploaded, {r['store_receipts']} store receipts verified, "
+          f"{r['signed_retrievals']} signed retrievals recorded")
     print(f"raw AES-GCM + zfec (put / get path)  {r['raw_put_MBps']} / {r['raw_get_MBps']} MB/s")
     print(f"in-process put / get (no network)    {r['local_put_MBps']} / {r['local_get_MBps']} MB/s")
     print(f"network put                          {r['net_put_MBps']} MB/s ({r['net_put_vs_raw']:.3f} × raw)")

@@ -134,10 +134,9 @@ class ArchiveConfig(_Section):
     retention_s: float = Field(default=7 * 86400.0, ge=0, description="How long the bridge keeps its own copy of "
                                "archived ciphertexts; it prunes them only once their archive is committed under a "
                                "final checkpoint and fetched back intact.")
-    miners: list[Annotated[str, Field(pattern=PARTY_ID)]] = Field(default_factory=list, description="Ids of the "
-                                                                  "storage miners to place shares on (`python -m "
-                                                                  "chain_miner.storage_server` prints them); empty: "
-                                                                  "every miner that announced itself.")
+    miners: list[Annotated[str, Field(pattern=PARTY_ID)]] = Field(default_factory=list, description="Ignored (kept "
+                                                                  "so older files load): archives are placed on the "
+                                                                  "ledger's active miners, registered and bonded.")
     k: int = Field(default=4, ge=1, le=255, description="Shares needed to rebuild a segment (docs/storage.md).")
     n: int = Field(default=8, ge=2, le=256, description="Shares stored per segment, each on another miner.")
     segment_size: int = Field(default=(1 << 20) - 16, ge=64, le=64 << 20, description="Plaintext bytes per "

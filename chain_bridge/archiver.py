@@ -1,20 +1,27 @@
 """The bridge's archive of sealed readings: ciphertexts per (owner, epoch) on the storage miners, then pruned.
 
 Once an epoch has ended (plus `bridge.archive.grace_s`, for readings an agent buffered offline), the stored
-ciphertexts of all of an owner's devices in that epoch become one bundle — deterministic CBOR `[[idx, ct], ...]`
-in leaf order — stored as an encrypted, erasure-coded dataset on the storage miners (`StorageClient.put`),
-whose manifest the bridge commits on the ledger (`storage.commit`, signed by its operator key). After
-`retention_s` the bridge prunes its own copy, but only of an archive that is committed under a final
-checkpoint and that it has just fetched back byte for byte. The leaves, and so each ciphertext's hash, stay on
-the ledger for ever; `archived` keeps naming each pruned ciphertext's archive, so the record server can fetch
-it back (`ArchiveFetcher`) and checks every ciphertext against the hash in its signed envelope before serving it.
+ciphertexts of all of an owner's devices in that epoch become one bundle — deterministic CBOR `[[idx, ct], ...]` in
+leaf order — stored as an encrypted, erasure-coded dataset on the storage miners (`StorageClient.put`), whose
+manifest the bridge commits on the ledger (`storage.commit` v2, signed by its operator key). Where the shares go is
+the ledger's decision, never the config's: the active miners of the bridge's contract replica
+(`contract_rules.miners.active_miners`), ranked by the seed of the final checkpoint on the broker, which the
+archiver first checks against that replica (`storage_v2.epoch_final`, i.e. `miners.verify_final_note` — the log's
+signature and a majority of the active miners' cosignatures — in the current storage epoch). The note and the
+miners' store receipts are kept with the manifest and go into the commit (`storage_v2.commit_for`), which the
+contracts check before it is appended; one they refuse (the active set or the storage epoch changed since the
+upload) is dropped and planned again. After `retention_s` the bridge prunes its own copy, but only of an archive
+that is committed under a final checkpoint and that it has just fetched back byte for byte. The leaves, and so each
+ciphertext's hash, stay on the ledger for ever; `archived` keeps naming each pruned ciphertext's archive, so the
+record server can fetch it back (`ArchiveFetcher`) and checks every ciphertext against the hash in its signed
+envelope before serving it.
 
-Every step is durable before the next starts, so a crash anywhere loses nothing and repeats at most an upload:
-plan (the `archives` row and its members, one transaction) → upload (dataset key and manifest files first,
-0600, then the shares) → manifest stored → commit (the `storage.commit` leaf and the archive row in one
-transaction) → verify and prune (one transaction). A reading arriving after its epoch was archived goes into
-another archive of the same (owner, epoch). Each pass does bounded work (`max_archives_per_pass` of each
-step, `SCAN_BATCH` leaves scanned for epoch keys); a failed pass is retried with backoff.
+Every step is durable before the next starts, so a crash anywhere loses nothing and repeats at most an upload: plan
+(the `archives` row and its members, one transaction) → upload (the seed note, dataset key and manifest files first,
+0600, then the shares, then their receipts) → manifest stored → commit (the `storage.commit` leaf and the archive
+row in one transaction) → verify and prune (one transaction). A reading arriving after its epoch was archived goes
+into another archive of the same (owner, epoch). Each pass does bounded work (`max_archives_per_pass` of each step,
+`SCAN_BATCH` leaves scanned for epoch keys); a failed pass is retried with backoff.
 
 The planning core (bundle codec, checks, which epochs are due, which archives may be pruned) is pure; the
 `Archiver` and `ArchiveFetcher` shells do the SQLite and MQTT around it. Writes go through the bridge's `Ledger`
@@ -43,14 +50,18 @@ from carechain.files import private_dir
 from carechain.identity import Identity
 from carechain.retry import Backoff, ReconnectPolicy
 from carechain.sealed import MAX_CIPHERTEXT_BYTES, ciphertext_hash
+from carechain.files import PRIVATE, write_atomic
 from carechain.storage.codec import StorageError, StorageParams
 from carechain.storage.keyfile import load_dataset_key
 from carechain.storage.manifest import Manifest
+from chain_bridge.contract_gate import ContractGate
 from chain_bridge.ledger.reader import LedgerReader
 from chain_bridge.ledger.store import ArchiveConflict, Ledger, LedgerError
-from chain_bridge.storage_client import StorageClient, TransferError, key_path, seed_from_final_checkpoint
+from chain_bridge.storage_client import StorageClient, TransferError, key_path, load_receipts, receipts_path
 from contract_rules import transactions as ce
-from contract_rules.storage import commit_for
+from contract_rules.miners import active_miners
+from contract_rules.runtime import OK
+from contract_rules.storage_v2 import commit_for, epoch_final
 
 log = logging.getLogger("carechain.bridge.archive")
 
@@ -355,12 +366,14 @@ class PassReport:
 class Archiver:
     """Runs archive passes on a thread of its own (`start`/`stop`), or one at a time (`run_pass`).
 
-    `lock` is the bridge's ledger lock, held for each write to `ledger` (the sequencer's connection).
-    `signer` signs the `storage.commit`s (the bridge's operator key); `final_size()` is the tree size of the
-    latest final checkpoint. Dataset keys and manifests live in `DATA_DIR/archive/` (0700, files 0600).
+    `lock` is the bridge's ledger lock, held for each write to `ledger` (the sequencer's connection) and
+    each read of `contracts`, the bridge's contract gate: its replica decides placement, its operator key
+    signs the `storage.commit`s, and its rules check each commit before it is appended. `final_size()` is the
+    tree size of the latest final checkpoint. Dataset keys, manifests, seed notes and store receipts live in
+    `DATA_DIR/archive/` (0700, files 0600). `bridge.archive.miners` is ignored: the ledger places the shares.
     """
 
-    def __init__(self, ledger: Ledger, lock: contextlib.AbstractContextManager[Any], signer: Identity,
+    def __init__(self, ledger: Ledger, lock: contextlib.AbstractContextManager[Any], contracts: ContractGate,
                  final_size: Callable[[], int], cfg: ArchiveConfig, broker: BrokerConfig, data_dir: Path, *,
                  clock_ms: Callable[[], int] | None = None, client_id: str | None = None) -> None:
         self.ledger = ledger
@@ -370,7 +383,11 @@ class Archiver:
         self.broker = broker
         self.dir = private_dir(Path(data_dir) / "archive")  # the dataset keys: 0700, each file 0600
         self._lock = lock
-        self._signer = signer
+        self._contracts = contracts
+        self._signer: Identity = contracts.operator
+        if cfg.miners:
+            log.warning("bridge.archive.miners is ignored: archives are placed on the ledger's active miners (those "
+                        "registered and bonded), ranked by the seed of a final checkpoint")
         self._final_size = final_size
         self._clock_ms = clock_ms or (lambda: int(time.time() * 1000))
         self._client_id = client_id or f"carechain-archive-{os.urandom(4).hex()}"
@@ -497,10 +514,11 @@ class Archiver:
         if len(items) != row.readings:  # cannot happen: only a committed archive is ever pruned
             raise LedgerError(f"archive {row.dataset_id}: {row.readings - len(items)} of its ciphertexts are gone")
         client = self.storage()
-        miners = self._miners(client)
-        seed = self._seed(client)
-        manifest = client.put(encode_bundle(items), miners, seed, self.dir / f"{row.dataset_id}.manifest.json",
-                              owner=self._signer.device_id, dataset_id=row.dataset_id, params=self.params)
+        note, miners, seed = self._placement(client)
+        path = self.dir / f"{row.dataset_id}.manifest.json"
+        write_atomic(note_path(path), note.encode(), PRIVATE)  # before any share: the commit names this note
+        manifest = client.put(encode_bundle(items), miners, seed, path, owner=self._signer.device_id,
+                              dataset_id=row.dataset_id, params=self.params)
         text = manifest.model_dump_json()
         now = self._clock_ms()
         with self._lock:
@@ -508,20 +526,28 @@ class Archiver:
         return ArchiveRow(row.id, row.owner, row.epoch, row.dataset_id, row.readings, row.bytes, text, now, None, None)
 
     def _commit(self, row: ArchiveRow) -> bool:
+        """Append the archive's `storage.commit` v2 if the contracts accept it; else drop it (planned again)."""
         assert row.manifest is not None
         manifest = Manifest.model_validate_json(row.manifest)
-        entry = ce.signed(self._signer, ce.STORAGE_COMMIT, commit_for(manifest, self._signer.public_key,
-                                                                      self._clock_ms()))
+        path = self.dir / f"{row.dataset_id}.manifest.json"
+        try:
+            note = note_path(path).read_text()
+            receipts = load_receipts(receipts_path(path))
+        except (OSError, UnicodeDecodeError, StorageError) as exc:
+            return self._replan(row, "no_seed_or_receipts", f"its seed note or store receipts are unreadable ({exc})")
+        entry = ce.signed(self._signer, ce.STORAGE_COMMIT, commit_for(manifest, self._signer.public_key, note,
+                                                                      receipts, self._clock_ms()))
         try:
             with self._lock:
-                self.ledger.commit_archive(row.id, entry)
+                self.ledger.refresh()
+                self._contracts.catch_up(self.ledger)
+                reason = self._contracts.runtime.check(entry)
+                if reason == OK:  # an honest bridge never appends what its rules refuse
+                    self.ledger.commit_archive(row.id, entry)
         except ArchiveConflict as exc:
-            self.stats["conflicts"] += 1
-            log.error("archive %s of %s epoch %d: %s; it is planned again under a new id", row.dataset_id,
-                      row.owner, row.epoch, exc)
-            with self._lock:
-                self.ledger.drop_archive(row.id)
-            return False
+            return self._replan(row, "conflicts", str(exc))
+        if reason != OK:  # the active set or the storage epoch changed since the upload, say
+            return self._replan(row, "refused", f"the contracts refuse its commit ({reason})")
         return True
 
     def _prune(self, row: ArchiveRow) -> int | None:
@@ -539,21 +565,40 @@ class Archiver:
         with self._lock:
             return self.ledger.prune_archive(row.id, self._clock_ms())
 
-    def _miners(self, client: StorageClient) -> list[str]:
-        if self.cfg.miners:
-            return list(self.cfg.miners)
-        known = sorted(client.hellos)
-        if len(known) < self.params.n:
-            known = client.discover(settle_s=1.0)
-        if len(known) < self.params.n:
-            raise TransferError(f"{len(known)} storage miner(s) announced themselves, an archive needs n="
-                                f"{self.params.n}; start more or lower bridge.archive.n")
-        return known
+    def _replan(self, row: ArchiveRow, counter: str, why: str) -> bool:
+        self.stats[counter] += 1
+        log.error("archive %s of %s epoch %d: %s; it is planned again under a new id", row.dataset_id, row.owner,
+                  row.epoch, why)
+        with self._lock:
+            self.ledger.drop_archive(row.id)
+        return False
 
-    def _seed(self, client: StorageClient) -> bytes:
+    def _placement(self, client: StorageClient) -> tuple[str, list[str], bytes]:
+        """(the final checkpoint note on the broker, the ledger's active miners, the note's seed), the note
+        checked against the bridge's replica; TransferError when there is none usable yet."""
         deadline = time.monotonic() + 2.0
         while client.final_note is None and time.monotonic() < deadline:
             time.sleep(0.05)
         if client.final_note is None:
             raise TransferError("no final checkpoint on the broker yet: share placement waits for its seed")
-        return seed_from_final_checkpoint(client.final_note)
+        note = client.final_note.decode("utf-8", errors="replace")
+        with self._lock:
+            self.ledger.refresh()
+            self._contracts.catch_up(self.ledger)
+            state = self._contracts.state
+            miners = active_miners(state)
+            final = epoch_final(state, note)
+        if isinstance(final, str):
+            raise TransferError(f"the checkpoint on the broker is no seed for placement ({final}): it needs the log's "
+                                "signature and cosignatures of a majority of the ledger's active miners, in the "
+                                "current storage epoch")
+        if len(miners) < self.params.n:
+            raise TransferError(f"{len(miners)} miner(s) are active on the ledger, an archive needs n={self.params.n}; "
+                                "register and bond more (`carechain party register miner`, `carechain bond post`) "
+                                "or lower bridge.archive.n")
+        return note, miners, final.seed
+
+
+def note_path(manifest_path: Path) -> Path:
+    """Where the final checkpoint note whose seed placed an archive lives: next to its manifest, `NAME.note`."""
+    return Path(manifest_path).with_suffix(".note")

@@ -178,7 +178,7 @@ class Bridge:
             from chain_bridge.archiver import Archiver
 
             # Its own MQTT session: under a locked broker (client id = login) it must never take the bridge's.
-            self.archiver = Archiver(ledger, self.ledger_lock, contracts.operator, self.final_size, cfg.archive,
+            self.archiver = Archiver(ledger, self.ledger_lock, contracts, self.final_size, cfg.archive,
                                      archive_broker(broker), cfg.data_dir, client_id=f"{client_id}-archive")
             self.stats.archive = self.archiver.stats
             if self.finality is None:

@@ -4,18 +4,20 @@ v1 trusted the operator twice: the owner's client named the miners of each share
 each epoch's audit counts. Here every fact is evidence the rules re-check (docs/economics.md, docs/miners.md):
 
 `storage.commit` (v2, the dataset owner's key) carries `seed_checkpoint`, a final checkpoint note
-(`miners.final_note`: log-signed, cosigned by a majority of the active miners, not older than the current
-epoch). Segments written by this revision must sit exactly where `placement.place_shares(seed, …, active
-miners, n)` puts them, so a made-up miner id, a miner that is not active, or a friendly choice is refused;
-kept segments must match the ledger, except repaired shares (same root) on the miners `place_shares` picks
-with the segment's old holders excluded. Every share the commit places carries its miner's store receipt
-(`attestations.store_receipt`), so no key can commit roots a miner never received and make it fail audits. Table `datasets` keeps the v1 record shape plus "pk",
-"chunk_size" and each segment's share length; `storage_shares` keeps one row per segment version (see
+(`miners.final_note`: log-signed, cosigned by a majority of the active miners, not older than the current epoch).
+Segments written by this revision must sit exactly where `placement.place_shares(seed, …, active miners, n)` puts
+them, so a made-up miner id, a miner that is not active, or a friendly choice is refused; kept segments must match
+the ledger, except repaired shares (same root) on the miners `place_shares` picks with the segment's old holders
+excluded. Every share the commit places carries its miner's store receipt (`attestations.store_receipt`), so no key
+can commit roots a miner never received and make it fail audits. Table `datasets` keeps the v1 record shape plus
+"pk", "chunk_size" and each segment's share length; `storage_shares` keeps one row per segment version (see
 `carechain.storage.attestations`), which is what audits challenge.
 
 `storage.audit` (v2, operator or any registered party) carries miners' signed `AuditAnswer`s for the
 current epoch and the final checkpoint whose seed drew the challenges. The rules derive each miner's
-challenges (`attestations.challenges_for`, as of that checkpoint's tree size) and recompute the verdicts.
+challenges (`attestations.challenges_for`, as of that checkpoint's tree size) and recompute the verdicts;
+an answer must bind the digest of exactly those challenges (else the entry is refused: a client that asked
+other challenges cannot frame an honest miner).
 An answer not signed by the miner rejects the entry; null (no answer) counts as a failed audit only when
 the operator files it. A failed audit slashes the bond ("failed_audit") and takes the miner out of
 `miners.active_miners` until the epoch is settled. One audit per miner per epoch.
@@ -43,6 +45,7 @@ from carechain.identity import device_id_for
 from carechain.storage.attestations import (
     SHARES_TABLE,
     AttestationError,
+    answers_challenges,
     audit_verdict,
     challenges_for,
     ledger_holdings,
@@ -210,12 +213,14 @@ def _row_key(dataset: str, segment: int, version: int) -> str:
 
 
 def _epoch_seed(state: State, note: str, index: int) -> bytes | str:
-    final = _epoch_final(state, note, index)
+    final = epoch_final(state, note, index)
     return final if isinstance(final, str) else final.seed
 
 
-def _epoch_final(state: State, note: str, index: int) -> miners.FinalNote | str:
-    """The final checkpoint of `note`, which must lie in the current epoch (no seed shopping in old ones)."""
+def epoch_final(state: State, note: str, index: int | None = None) -> miners.FinalNote | str:
+    """The final checkpoint of `note`, which must lie in the current epoch (no seed shopping in old ones), or
+    why not: what a `storage.commit` or `storage.audit` seeded by `note` needs (`miners.final_note` reasons,
+    or "seed_checkpoint_before_epoch")."""
     final = miners.final_note(state, note, index)
     if isinstance(final, str):
         return final
@@ -235,7 +240,7 @@ def _audit(state: State, tx: Tx) -> Outcome:
     epoch = miners.current_epoch(state)
     if a.epoch != epoch:
         return Reject("wrong_epoch")
-    final = _epoch_final(state, a.seed_checkpoint, tx.index)
+    final = epoch_final(state, a.seed_checkpoint, tx.index)
     if isinstance(final, str):
         return Reject(final)
     holdings = ledger_holdings(state, final.size)
@@ -264,7 +269,10 @@ def _audit(state: State, tx: Tx) -> Outcome:
                 return Reject("bad_audit_answer" if signed else "answer_not_signed_by_the_miner")
             if answer.epoch != epoch or answer.seed != final.seed:
                 return Reject("answer_for_another_audit")
-            verdict = audit_verdict(challenges_for(held, final.seed, miner), answer)
+            challenges = challenges_for(held, final.seed, miner)
+            if not answers_challenges(challenges, answer):  # asked other challenges: evidence of nothing
+                return Reject("answer_to_other_challenges")
+            verdict = audit_verdict(challenges, answer)
             passed, reason = verdict.passed, verdict.reason
         p, f = reputation.get(miner, [0, 0])
         effects += [Add(miners.COUNTS, miners.count_key(epoch, "audit_passed" if passed else "audit_failed", miner), 1),
@@ -406,7 +414,8 @@ def _settle(state: State, tx: Tx) -> Outcome:
     reputation = state.table(REPUTATION)
     for miner, (count, evidence) in sorted(result["unanswered"].items()):
         p, f = reputation.get(miner, [0, 0])
-        effects += [Put(REPUTATION, miner, [p, f + count]), *bonds.slash(state, miner, "unanswered_retrieval", evidence)]
+        effects += [Put(REPUTATION, miner, [p, f + count]),
+                    *bonds.slash(state, miner, "unanswered_retrieval", evidence)]
     effects += [Put("storage_epochs", str(epoch), {"at": tx.index, "pool": s.pool, "payouts": result["payouts"],
                                                    "points": result["points"]}),
                 Put("storage", "epoch", epoch + 1), Put("storage", "epoch_start", tx.index + 1),

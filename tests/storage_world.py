@@ -14,7 +14,7 @@ from carechain.checkpoint import Checkpoint, parse_note, sign_note
 from carechain.cosignature import Cosigner, add_cosignature, cosign
 from carechain.entries import Entry
 from carechain.identity import Identity
-from carechain.storage.attestations import audit_answer, challenges_for, store_receipt
+from carechain.storage.attestations import audit_answer, challenges_for, store_receipt, wire_challenges
 from carechain.storage.audit import Answer, answer_challenge
 from carechain.storage.codec import DatasetKey, StorageParams
 from carechain.storage.manifest import Manifest, plan_put
@@ -132,11 +132,13 @@ class StorageWorld:
         seed = self.seed(note)
         size = Checkpoint.parse(parse_note(note)[0]).tree_size
         out: list[Answer | None] = []
-        for c in challenges_for(self.state, seed, miner.device_id, as_of=size):
+        challenges = challenges_for(self.state, seed, miner.device_id, as_of=size)
+        for c in challenges:
             ref = c.challenge.ref
             share = self.shares[(ref.dataset_id, ref.segment, ref.version, ref.share)]
             out.append(None if lose else answer_challenge(share, c.challenge.chunk, c.chunk_size))
-        return audit_answer(miner, miners.current_epoch(self.state) if epoch is None else epoch, seed, out)
+        epoch = miners.current_epoch(self.state) if epoch is None else epoch
+        return audit_answer(miner, epoch, seed, wire_challenges(challenges), out)
 
     def audit_entry(self, note: str, answers: dict[str, bytes | None], signer: Identity | None = None,
                     epoch: int | None = None) -> Entry:

@@ -2,8 +2,9 @@
 
 The planning core is tested with plain values. The rest runs on a real ledger built from the access
 contract's test world (real sealed readings, epoch keys, a final grant), real storage server processes on a
-private mosquitto (five honest, three that store every share with its bytes flipped), and the real record
-server answering the grant's requester after the bridge pruned its own copy.
+private mosquitto (five honest, three that store every share with its bytes flipped), registered and bonded
+on that ledger as miners so that the storage v2 rules place the shares on them, a final checkpoint cosigned
+by them, and the real record server answering the grant's requester after the bridge pruned its own copy.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pytest
 from carechain import envelope, topics
 from carechain.access import sign_records_request
 from carechain.config import ArchiveConfig, Config, ConfigError
+from carechain.entries import Entry
 from carechain.identity import Identity
 from carechain.sealed import ciphertext_hash
 from carechain.storage.codec import StorageParams
@@ -37,12 +39,17 @@ from chain_bridge.archiver import (
     prunable,
     split_members,
 )
+from chain_bridge.contract_gate import ContractGate
 from chain_bridge.ledger.store import Appended, ArchiveConflict, EventCandidate, Ledger, LedgerError
 from chain_bridge.record_server import RecordServer, Refusal
 from chain_bridge.storage_client import StorageClient, key_path
 from contract_rules import replay_leaves
 from contract_rules import transactions as ce
+from contract_rules import bonds
+from contract_rules.bonds import MIN_BOND
+from contract_rules.miners import active_miners
 from simulators.miners import clear_retained
+from test_contracts_access import AccessWorld
 from tests.test_record_server import E0, HOUR, NOW, T0, Deployment, build, check_pages, fetch_all, seal, server
 from tests.test_storage_network import StorageMiner
 
@@ -171,7 +178,11 @@ def storage_fleet(tmp_path_factory: pytest.TempPathFactory, broker: TestBroker) 
     if broker.kind != "mosquitto":
         pytest.skip("needs mosquitto")
     root = tmp_path_factory.mktemp("archive-fleet")
-    miners = [StorageMiner(root / f"miner{i}", broker.config, "corrupt" if i >= 5 else None) for i in range(8)]
+    # The access world's five miners run the honest servers (the world registers and bonds them); three more
+    # keys run servers that corrupt what they store.
+    keys = [*AccessWorld().miners, *(Identity.generate() for _ in range(3))]
+    miners = [StorageMiner(root / f"miner{i}", broker.config, "corrupt" if i >= 5 else None, key=keys[i])
+              for i in range(8)]
     try:
         for m in miners:
             m.start()
@@ -184,18 +195,49 @@ def storage_fleet(tmp_path_factory: pytest.TempPathFactory, broker: TestBroker) 
         clear_retained(broker.config, "clear-archive-fleet", [topics.store_hello(m.id) for m in miners])
 
 
-@pytest.fixture
-def final_note(deployment: Deployment, broker: TestBroker) -> Iterator[None]:
-    """A final checkpoint on the broker: its seed places the shares."""
+def add(d: Deployment, entry: Entry) -> None:
+    """Append a contract entry to the deployment's ledger and its world, which must both accept it."""
+    assert d.world.add(entry) == "ok"
+    assert d.ledger.append_entries([entry]) == [len(d.world.entries) - 1]
+
+
+def bond_miners(d: Deployment, keys: list[Identity]) -> None:
+    """Register `keys` as miners and bond each (the tokens come from the world's insurer): active miners.
+    Keys the world registered and bonded already are left as they are."""
+    w = d.world
+    if w.insurer.device_id not in w.state.table("parties"):
+        add(d, ce.party_registration_entry(w.operator, ce.PartyRegistration(role="insurer", pk=w.insurer.public_key,
+                                                                            name="insurer", ts=0)))
+    for key in keys:
+        if bonds.is_admitted(w.state, key.device_id):
+            continue
+        w._nonce += 1
+        if key.device_id not in w.state.table("parties"):
+            add(d, ce.party_registration_entry(w.operator, ce.PartyRegistration(role="miner", pk=key.public_key,
+                                                                                name="storage", ts=0)))
+        add(d, ce.signed(w.insurer, ce.TOKEN_TRANSFER, ce.TokenTransfer(to=f"miner:{key.device_id}",
+                                                                       amount=MIN_BOND["miner"], nonce=w._nonce)))
+        add(d, ce.signed(key, ce.BOND_POST, ce.BondPost(amount=MIN_BOND["miner"], nonce=w._nonce, ts=0)))
+
+
+def publish_final(broker: TestBroker, note: str) -> None:
     from carechain.transport import connect_client
 
     ready = threading.Event()
     client = connect_client(broker.config, "archive-test-final", connected=ready)
     assert ready.wait(10)
-    note = deployment.world.final_checkpoint().encode()
-    client.publish(topics.FINAL_CHECKPOINT, note, qos=1, retain=True).wait_for_publish(10)
+    client.publish(topics.FINAL_CHECKPOINT, note.encode(), qos=1, retain=True).wait_for_publish(10)
     client.disconnect()
     client.loop_stop()
+
+
+@pytest.fixture
+def final_note(deployment: Deployment, storage_fleet: list[StorageMiner], broker: TestBroker) -> Iterator[None]:
+    """The fleet registered and bonded on the ledger, and a checkpoint they cosigned, final, on the broker:
+    its seed places the shares on them."""
+    bond_miners(deployment, [m.key for m in storage_fleet])
+    assert active_miners(deployment.world.state) == sorted(m.id for m in storage_fleet)
+    publish_final(broker, deployment.world.final_checkpoint(cosigners=[m.key for m in storage_fleet]))
     yield
     clear_retained(broker.config, "archive-test-final-clear", [topics.FINAL_CHECKPOINT])
 
@@ -216,10 +258,10 @@ class Clock:
 
 def make_archiver(d: Deployment, broker: TestBroker, fleet: list[StorageMiner], data_dir: Path, clock: Clock,
                   final: list[int]) -> Archiver:
-    cfg = ArchiveConfig(enabled=True, grace_s=1800, retention_s=0, miners=[m.id for m in fleet], k=PARAMS.k,
-                        n=PARAMS.n, segment_size=PARAMS.segment_size, chunk_size=PARAMS.chunk_size, timeout_s=3.0)
-    return Archiver(d.ledger, threading.Lock(), d.world.operator, lambda: final[0], cfg, broker.config, data_dir,
-                    clock_ms=clock)
+    cfg = ArchiveConfig(enabled=True, grace_s=1800, retention_s=0, k=PARAMS.k, n=PARAMS.n,
+                        segment_size=PARAMS.segment_size, chunk_size=PARAMS.chunk_size, timeout_s=3.0)
+    return Archiver(d.ledger, threading.Lock(), ContractGate(d.world.genesis, d.world.operator), lambda: final[0],
+                    cfg, broker.config, data_dir, clock_ms=clock)
 
 
 @pytest.mark.integration
@@ -372,7 +414,7 @@ def test_a_bridge_with_archiving_on_archives_then_prunes_once_its_commits_are_fi
 
     d, w = deployment, deployment.world
     cfg = BridgeConfig(data_dir=tmp_path / "bridge", archive=ArchiveConfig(
-        enabled=True, grace_s=0, retention_s=0, miners=[m.id for m in storage_fleet], k=PARAMS.k, n=PARAMS.n,
+        enabled=True, grace_s=0, retention_s=0, k=PARAMS.k, n=PARAMS.n,
         segment_size=PARAMS.segment_size, chunk_size=PARAMS.chunk_size, timeout_s=3.0, interval_s=0.2))
     bridge = Bridge(cfg, broker.config, Identity.generate(), d.ledger, client_id="archive-test-bridge",
                     contracts=ContractGate(w.genesis, w.operator))
@@ -410,14 +452,17 @@ def test_a_failed_upload_keeps_everything_and_the_next_pass_resumes_the_same_arc
 
     from chain_bridge.storage_client import TransferError
 
-    d = deployment
-    ghosts = [Identity.generate().device_id for _ in range(PARAMS.n)]  # no such storage miners: nobody answers
+    d, w = deployment, deployment.world
+    # Eight more bonded miners that run no storage server: placement puts shares on them, nobody answers.
+    ghosts = [Identity.generate() for _ in range(PARAMS.n)]
+    bond_miners(d, ghosts)
+    publish_final(broker, w.final_checkpoint(cosigners=[m.key for m in storage_fleet] + ghosts))
     clock, final = Clock(T0 + 10 * HOUR), [10**9]
-    cfg = ArchiveConfig(enabled=True, grace_s=0, retention_s=0, miners=ghosts, k=PARAMS.k, n=PARAMS.n,
+    cfg = ArchiveConfig(enabled=True, grace_s=0, retention_s=0, k=PARAMS.k, n=PARAMS.n,
                         segment_size=PARAMS.segment_size, chunk_size=PARAMS.chunk_size, timeout_s=0.3,
                         max_archives_per_pass=2)
-    failing = Archiver(d.ledger, threading.Lock(), d.world.operator, lambda: final[0], cfg, broker.config,
-                       tmp_path / "bridge", clock_ms=clock)
+    failing = Archiver(d.ledger, threading.Lock(), ContractGate(w.genesis, w.operator), lambda: final[0], cfg,
+                       broker.config, tmp_path / "bridge", clock_ms=clock)
     try:
         with pytest.raises(TransferError, match="not stored"):
             failing.run_pass()
@@ -431,10 +476,54 @@ def test_a_failed_upload_keeps_everything_and_the_next_pass_resumes_the_same_arc
         failing.stop()
     assert failing.stats["planned"] == 2 and failing._backoff.failures >= 2
     assert stored_count(d.ledger) == len(d.cts)  # nothing archived: nothing pruned
+    # The ghosts start unbonding: no longer active, so the same planned archives now go to the fleet alone.
+    add(d, ce.clock_attest_entry(w.operator, clock.now))  # unbonding runs on attested time
+    for ghost in ghosts:
+        w._nonce += 1
+        add(d, ce.signed(ghost, ce.BOND_UNBOND, ce.BondUnbond(amount=MIN_BOND["miner"], nonce=w._nonce, ts=0)))
+    assert active_miners(w.state) == sorted(m.id for m in storage_fleet)
     archiver = make_archiver(d, broker, storage_fleet, tmp_path / "bridge", clock, final)
     try:
         report = archiver.run_pass()  # the two planned archives first (fresh keys), then the rest
         assert (report.planned, report.uploaded, report.committed) == (3, 5, 5)
         assert report.pruned == len(d.cts) and stored_count(d.ledger) == 0
+    finally:
+        archiver.stop()
+
+
+@pytest.mark.integration
+def test_an_upload_whose_commit_the_rules_now_refuse_is_never_appended_and_is_planned_again(
+        deployment: Deployment, storage_fleet: list[StorageMiner], final_note: None, broker: TestBroker,
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    d, w = deployment, deployment.world
+    clock, final = Clock(T0 + 10 * HOUR), [-1]
+    archiver = make_archiver(d, broker, storage_fleet, tmp_path / "bridge", clock, final)
+    try:
+        # The bridge stops between an upload and its commit ...
+        monkeypatch.setattr(d.ledger, "commit_archive", lambda *_: (_ for _ in ()).throw(OSError("power cut")))
+        with pytest.raises(OSError):
+            archiver.run_pass()
+        monkeypatch.undo()
+        assert archiver.stats["uploaded"] == 1 and archiver.stats["committed"] == 0
+        db = sqlite3.connect(d.ledger.path)
+        (stale,) = db.execute("SELECT dataset_id FROM archives WHERE manifest IS NOT NULL").fetchone()
+        db.close()
+        # ... and meanwhile the storage epoch is settled: the seed checkpoint of that upload is from an old epoch.
+        add(d, ce.storage_settle_entry(w.operator, ce.StorageSettle(epoch=0, pool=0)))
+        publish_final(broker, w.final_checkpoint(cosigners=[m.key for m in storage_fleet]))
+        size = d.ledger.size
+        report = archiver.run_pass()
+        assert archiver.stats["refused"] == 1 and report.committed == 4  # the four others, on the new seed
+        replayed = replay_leaves(w.genesis, d.ledger.leaves()).state
+        assert stale not in replayed.table("datasets")
+        assert [r for i, r in replayed.results if i >= size] == ["ok"] * 4  # only commits the rules accept
+        report = archiver.run_pass()  # the refused one's ciphertexts, planned again under a new id
+        assert (report.planned, report.committed, archiver.stats["committed"]) == (1, 1, 5)
+        final[0] = d.ledger.size
+        archiver.run_pass()
+        assert stored_count(d.ledger) == 0 and archiver.stats["committed"] == 5
+        rs = records_server(d, archiver.fetcher)
+        check_pages(d, fetch_all(rs, w.doctor, d.grant))
+        rs.stop()
     finally:
         archiver.stop()

@@ -17,6 +17,7 @@ from carechain.storage.attestations import (
     request_id,
     retrieval_answer,
     retrieval_request,
+    wire_challenges,
 )
 from carechain.storage.audit import answer_challenge
 from carechain.storage.codec import DatasetKey
@@ -146,17 +147,19 @@ def test_an_audit_answer_not_signed_by_the_miner_does_not_count(w: StorageWorld)
     seed = w.seed(note)
     size = int(note.split("\n")[1])  # the checkpoint's tree size: its second line
     good = []
-    for c in challenges_for(w.state, seed, m.device_id, as_of=size):
+    drawn = challenges_for(w.state, seed, m.device_id, as_of=size)
+    for c in drawn:
         ref = c.challenge.ref
         good.append(answer_challenge(w.shares[(ref.dataset_id, ref.segment, ref.version, ref.share)],
                                      c.challenge.chunk, c.chunk_size))
     forger = w.stranger  # has every chunk (e.g. the owner), but is not the miner
-    forged = audit_answer(forger, 0, seed, good)
+    forged = audit_answer(forger, 0, seed, wire_challenges(drawn), good)
     assert w.add(w.audit_entry(note, {m.device_id: forged})) == "answer_not_signed_by_the_miner"
     assert miners.count(w.state, 0, "audit_passed", m.device_id) == 0
     # Another registered miner's signature does not count either.
     other = next(x for x in w.miners if x.device_id != m.device_id)
-    assert w.runtime.check(w.audit_entry(note, {m.device_id: audit_answer(other, 0, seed, good)})) == \
+    by_other = audit_answer(other, 0, seed, wire_challenges(drawn), good)
+    assert w.runtime.check(w.audit_entry(note, {m.device_id: by_other})) == \
         "answer_not_signed_by_the_miner"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from carechain.entries import Entry
 from carechain.identity import Identity
@@ -12,7 +13,7 @@ from contract_rules import Genesis, Runtime, builtin_hashes, replay
 from contract_rules import storage as sc
 from contract_rules import transactions as ce
 from contract_rules.rewards import EpochEvents, RewardPolicy, settle_epoch
-from contract_rules.runtime import OK
+from contract_rules.runtime import OK, code_hash_of
 
 PARAMS = StorageParams(segment_size=1000, k=4, n=8, chunk_size=100)
 MINERS = [f"miner-{i}" for i in range(10)]
@@ -27,9 +28,14 @@ def ident(n: int) -> Identity:
 OPERATOR, OWNER, STRANGER = ident(1), ident(20), ident(21)
 
 
+def v1_contracts() -> dict[str, str]:
+    """The newest contracts, but storage pinned at v1: deployed logs keep running the code they pinned."""
+    return {**builtin_hashes(), "storage": code_hash_of(Path(sc.__file__).read_bytes())}
+
+
 def genesis(contracts: dict[str, str] | None = None) -> Genesis:
     return Genesis(operators={OPERATOR.device_id: OPERATOR.public_key}, allocations={"pool:miners": POOL},
-                   contracts=builtin_hashes() if contracts is None else contracts)
+                   contracts=v1_contracts() if contracts is None else contracts)
 
 
 def commit_entry(who: Identity, manifest, pk: bytes | None = None) -> Entry:  # noqa: ANN001
@@ -164,19 +170,15 @@ def test_store_commit_and_settle_from_the_command_line(tmp_path) -> None:  # noq
     manifest = tmp_path / "data.manifest.json"
     manifest.write_text(m.model_dump_json())
     OWNER.save(tmp_path / "owner.key")
+    note = tmp_path / "final.note"
+    note.write_text("not a checkpoint note\n")
     opts = ["--data-dir", str(tmp_path / "bridge")]
-    result = run("store", "commit", manifest, "--key", tmp_path / "owner.key", *opts, "--json")
-    assert result.exit_code == 0, text(result)
-    assert json.loads(result.stdout)["leaf"] == 0
-    again = run("store", "commit", manifest, "--key", tmp_path / "owner.key", *opts)
-    assert again.exit_code == 1 and "revision_not_newer" in text(again)
-    epoch = tmp_path / "epoch.json"
-    epoch.write_text(json.dumps({"epoch": 1, "pool": 1000, "miners": COUNTS}))
-    result = run("store", "settle", epoch, *opts, "--json")
+    # Storage v2: a commit must name the final checkpoint whose seed placed it, on the active miners.
+    refused = run("store", "commit", manifest, "--key", tmp_path / "owner.key", "--seed-checkpoint", note, *opts)
+    assert refused.exit_code == 1 and "bad_seed_checkpoint" in text(refused)
+    result = run("store", "settle", "--epoch", "0", "--pool", "1000", *opts, "--json")
     assert result.exit_code == 0, text(result)
     out = json.loads(result.stdout)
-    assert out["leaf"] == 1 and out["paid"] == 1000 and out["payouts"]["miner-1"] > 0
-    assert run("store", "settle", epoch, *opts).exit_code == 1  # epoch_not_newer
-    epoch.write_text(json.dumps({"epoch": 2, "pool": -5, "miners": COUNTS}))
-    bad = run("store", "settle", epoch, *opts)
-    assert bad.exit_code == 2 and "not epoch results" in text(bad)
+    assert out["paid"] == 0 and out["payouts"] == {}  # no evidence on the ledger: nobody is paid
+    again = run("store", "settle", "--epoch", "0", "--pool", "1000", *opts)
+    assert again.exit_code == 1 and "wrong_epoch" in text(again)

@@ -11,7 +11,8 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -38,9 +39,10 @@ class StorageMiner:
     """One `python -m chain_miner.storage_server` process (`simulators.storage_servers` for a misbehaving
     one); its key is made first so its id is known."""
 
-    def __init__(self, data_dir: Path, broker: BrokerConfig, misbehave: str | None = None) -> None:
+    def __init__(self, data_dir: Path, broker: BrokerConfig, misbehave: str | None = None, *,
+                 key: Identity | None = None) -> None:
         self.data_dir = data_dir
-        self.key = Identity.generate()
+        self.key = key or Identity.generate()
         self.key.save(data_dir / "miner.key")
         self.id = self.key.device_id
         module = "simulators.storage_servers" if misbehave else "chain_miner.storage_server"
@@ -84,19 +86,28 @@ class StorageMiner:
 def fleet(tmp_path_factory: pytest.TempPathFactory, broker) -> Iterator[dict[str, list[StorageMiner]]]:  # type: ignore[no-untyped-def]
     if broker.kind != "mosquitto":
         pytest.skip("needs mosquitto")
-    root = tmp_path_factory.mktemp("storage-fleet")
     kinds = [None] * 8 + ["delete", "corrupt", "ignore-retrievals"]
-    miners = [StorageMiner(root / f"miner{i}", broker.config, kind) for i, kind in enumerate(kinds)]
+    with running_fleet(tmp_path_factory.mktemp("storage-fleet"), broker.config, kinds) as miners:
+        yield {"honest": miners[:8], "delete": [miners[8]], "corrupt": [miners[9]], "ignore": [miners[10]]}
+
+
+@contextmanager
+def running_fleet(root: Path, broker: BrokerConfig, kinds: Sequence[str | None],
+                  keys: Sequence[Identity] | None = None) -> Iterator[list[StorageMiner]]:
+    """One started miner process per entry of `kinds` (None: honest), ready, with `keys` (default: fresh ones);
+    stopped and their hellos cleared on exit."""
+    miners = [StorageMiner(root / f"miner{i}", broker, kind, key=keys[i] if keys else None)
+              for i, kind in enumerate(kinds)]
     try:
         for m in miners:
             m.start()
         for m in miners:
             assert m.wait_ready()["miner"] == m.id
-        yield {"honest": miners[:8], "delete": [miners[8]], "corrupt": [miners[9]], "ignore": [miners[10]]}
+        yield miners
     finally:
         for m in miners:
             m.stop()
-        clear_retained(broker.config, "clear-storage-fleet", [topics.store_hello(m.id) for m in miners])
+        clear_retained(broker, f"clear-{root.name}", [topics.store_hello(m.id) for m in miners])
 
 
 @pytest.fixture

@@ -67,3 +67,47 @@ def test_unreadable_segments_are_not_planned():
     _, m, seg = setup()
     away = {s.miner: GRACE + 1 for s in seg.shares[:5]}  # 3 left < k
     assert plan_repairs(m, seen(away), NOW, SEED) == []
+
+
+def test_repair_targets_drawn_from_the_active_miners_are_where_the_ledger_accepts_them():
+    from carechain.storage.placement import place_shares
+    from contract_rules import miners, storage_v2
+    from contract_rules import transactions as ce
+    from tests.storage_world import T0, StorageWorld
+
+    w = StorageWorld(n_miners=6)
+    w.bonded_miners()
+    manifest, commit = w.put()
+    assert w.add(commit) == "ok"
+    note = w.note()
+    seed = w.seed(note)
+    active = miners.active_miners(w.state)
+    seg = manifest.segments[0]
+    holders = [s.miner for s in seg.shares]
+    rules_target = place_shares(seed, manifest.dataset_id, 0, seg.version, active, 1, exclude=holders)[0]
+    # The first holder is gone past the grace; the miner the rules pick has not been seen lately.
+    last_seen = {m: NOW for m in active if m != rules_target} | {holders[0]: NOW - GRACE - 1}
+    off_ledger = plan_repairs(manifest, last_seen, NOW, seed)
+    on_ledger = plan_repairs(manifest, last_seen, NOW, seed, active=active)
+    assert [(t.segment, t.share) for t in on_ledger] == [(t.segment, t.share) for t in off_ledger]
+    for segment in {t.segment for t in on_ledger}:  # per segment, as the rules place a repair
+        moved = [t for t in on_ledger if t.segment == segment]
+        old = [s.miner for s in manifest.segments[segment].shares]
+        assert tuple(t.target for t in moved) == place_shares(seed, manifest.dataset_id, segment, moved[0].version,
+                                                              active, len(moved), exclude=old)
+    assert on_ledger[0].segment == 0 and on_ledger[0].target == rules_target != off_ledger[0].target
+
+    def repair_commit(tasks):
+        repaired = apply_repairs(manifest, tasks)
+        receipts = {}
+        for t in tasks:
+            share = manifest.segments[t.segment].shares[t.share]
+            receipts[(t.segment, t.version, t.share)] = w.receipt(t.target, manifest.dataset_id, t.segment, t.version,
+                                                                  t.share, share.root, share.length)
+        payload = storage_v2.commit_for(repaired.model_copy(update={"revision": manifest.revision + 1}),
+                                        w.owner.public_key, note, receipts, ts=T0)
+        return ce.signed(w.owner, ce.STORAGE_COMMIT, payload)
+
+    assert w.runtime.check(repair_commit(off_ledger)) == "repair_not_at_placement"
+    assert w.add(repair_commit(on_ledger)) == "ok"
+    assert w.state.table("storage_shares")[f"{manifest.dataset_id}|0|{seg.version}"]["miners"][0] == rules_target

@@ -17,14 +17,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from carechain import topics
 from carechain.cli import app
 from carechain.storage.codec import StorageParams
 from carechain.storage.keyfile import load_dataset_key
 from carechain.storage.repair import GRACE, RepairPolicy
 from chain_bridge.storage_client import StorageClient, key_path, load_manifest
-from simulators.miners import clear_retained
-from tests.test_storage_network import StorageMiner
+from tests.test_storage_network import StorageMiner, running_fleet
 
 pytestmark = pytest.mark.integration
 PARAMS = StorageParams(segment_size=16 * 1024 - 16, k=4, n=8, chunk_size=256)
@@ -36,18 +34,8 @@ TIMEOUT_S = 2.0
 def fleet(tmp_path_factory: pytest.TempPathFactory, broker) -> Iterator[list[StorageMiner]]:  # type: ignore[no-untyped-def]
     if broker.kind != "mosquitto":
         pytest.skip("needs mosquitto")
-    root = tmp_path_factory.mktemp("storage-repair-fleet")
-    miners = [StorageMiner(root / f"miner{i}", broker.config) for i in range(11)]
-    try:
-        for m in miners:
-            m.start()
-        for m in miners:
-            assert m.wait_ready()["miner"] == m.id
+    with running_fleet(tmp_path_factory.mktemp("storage-repair-fleet"), broker.config, [None] * 11) as miners:
         yield miners
-    finally:
-        for m in miners:
-            m.stop()
-        clear_retained(broker.config, "clear-storage-repair-fleet", [topics.store_hello(m.id) for m in miners])
 
 
 def test_repair_restores_n_live_shares_and_grace_prevents_storms(fleet, broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -20,7 +20,7 @@ from typing import Annotated, Any
 
 import typer
 
-from carechain.cli._ledger import load_key, now_ms, print_result, read_json, replay, submit
+from carechain.cli._ledger import load_key, now_ms, print_result, replay, submit
 from carechain.cli._options import (
     BrokerOpt,
     ConfigOpt,
@@ -243,47 +243,56 @@ def repair(manifest: ManifestArg, miners: MinersOpt = None, seed: SeedOpt = None
 # -- on the ledger (run on the bridge host, like `carechain party|rx`: see carechain/cli/contracts.py) ---------
 
 
-@store_app.command("commit", epilog=example("carechain store commit scan.pdf.manifest.json --key keys/owner.key"))
+@store_app.command("commit", epilog=example(
+    "carechain store commit scan.pdf.manifest.json --key keys/owner.key --seed-checkpoint final.note"))
 def commit(manifest: ManifestArg,
            key: Annotated[Path, typer.Option("--key", help="The dataset owner's key file (it signs the entry; "
                                                            "any key, bound to the dataset by its first commit).")],
+           seed_checkpoint: Annotated[Path, typer.Option(
+               "--seed-checkpoint", help="The final checkpoint note (text) whose seed placed the manifest's new "
+                                         "shares; the rules check the placement against it and the active miners.")],
+           receipts: Annotated[Path | None, typer.Option(
+               "--receipts", help="The miners' store receipts, JSON [[segment, version, share, hex], ...] "
+                                  "(default: MANIFEST.receipts.json if it exists).")] = None,
            config: ConfigOpt = None, data_dir: DataDirOpt = None, as_json: JsonOpt = False) -> None:
-    """Record MANIFEST's share Merkle roots on the ledger (a `storage.commit` entry)."""
+    """Record MANIFEST's share Merkle roots on the ledger (a `storage.commit` v2 entry)."""
     from carechain.storage.codec import StorageError
-    from chain_bridge.storage_client import load_manifest
+    from chain_bridge.storage_client import load_manifest, load_receipts, receipts_path
     from contract_rules import transactions as ce
-    from contract_rules.storage import commit_for
+    from contract_rules.storage_v2 import commit_for
 
     try:
         m = load_manifest(manifest)
-    except (OSError, StorageError) as exc:
+        note = seed_checkpoint.read_text()
+        if receipts is not None:
+            receipts.stat()  # named on the command line: it must exist
+        signed = load_receipts(receipts or receipts_path(manifest))
+    except (OSError, UnicodeDecodeError, StorageError) as exc:
         raise fail(str(exc)) from None
     owner = load_key(key)
-    entry = ce.signed(owner, ce.STORAGE_COMMIT, commit_for(m, owner.public_key, now_ms()))
+    entry = ce.signed(owner, ce.STORAGE_COMMIT, commit_for(m, owner.public_key, note, signed, now_ms()))
     leaf = submit(config, data_dir, entry)
     print_result({"dataset": m.dataset_id, "revision": m.revision, "segments": len(m.segments),
                   "owner": owner.device_id, "leaf": leaf}, as_json)
 
 
-@store_app.command("settle", epilog=example("carechain store settle epoch-12.json --data-dir carechain-data/bridge"))
-def settle(results: Annotated[Path, typer.Argument(help='Epoch results JSON: {"epoch": N, "pool": MINOR, "miners": '
-                                                        '[{"miner", "passed", "failed", "answered", "unanswered"}]}.')],
+@store_app.command("settle", epilog=example(
+    "carechain store settle --epoch 12 --pool 100000 --data-dir carechain-data/bridge"))
+def settle(epoch: Annotated[int, typer.Option("--epoch", min=0, help="The storage epoch to close (the current one).")],
+           pool: Annotated[int, typer.Option("--pool", min=0, help="Minor units to pay from pool:miners.")],
            config: ConfigOpt = None, data_dir: DataDirOpt = None, as_json: JsonOpt = False) -> None:
-    """Record an epoch's audit results on the ledger and pay its rewards from pool:miners (`storage.audit`).
+    """Close a storage epoch and pay its rewards from pool:miners (`storage.settle`, signed with the operator key).
 
-    Signed with the bridge's operator key; the payouts are what settle_epoch computes against the ledger.
+    The rules split POOL by the epoch's evidence on the ledger: cosignatures, audits passed, retrievals answered.
     """
     from chain_bridge.registry import operator_key
     from contract_rules import transactions as ce
-    from contract_rules.storage import settle as settle_payload
+    from contract_rules.storage_v2 import epoch_result
 
-    raw = read_json(results, "epoch results")
     runtime = replay(config, data_dir)
-    try:
-        payload = settle_payload(runtime.state, raw["epoch"], raw["pool"], list(raw["miners"]), now_ms())
-    except (KeyError, TypeError, ValueError) as exc:  # ValidationError is a ValueError
-        raise fail(f"{results}: not epoch results ({exc!s:.300})") from None
+    result = epoch_result(runtime.state, pool)
     bdir = bridge_dir(load(config), data_dir)
-    leaf = submit(config, data_dir, ce.signed(operator_key(bdir), ce.STORAGE_AUDIT, payload))
-    print_result({"epoch": payload.epoch, "leaf": leaf, "paid": sum(payload.payouts.values()), "carry": payload.carry,
-               "payouts": payload.payouts}, as_json)
+    entry = ce.storage_settle_entry(operator_key(bdir), ce.StorageSettle(epoch=epoch, pool=pool))
+    leaf = submit(config, data_dir, entry)
+    print_result({"epoch": epoch, "leaf": leaf, "paid": sum(result["payouts"].values()),
+                  "payouts": result["payouts"]}, as_json)

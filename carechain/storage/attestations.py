@@ -5,9 +5,12 @@ bytes and the public key the caller trusts (the ledger's registered key) and rai
 Nothing here trusts the party that relays the bytes: a storage client or the bridge files what miners signed,
 and the rules recompute every verdict from it.
 
-- `AuditAnswer` {"v": 1, "epoch", "miner", "seed" (hex), "answers": [[chunk | None, [proof hash, …]], …]},
-  signed by the miner, answers in the order of `challenges_for` (the challenges the rules derive from the
-  ledger's `storage_shares` table and the seed of a final checkpoint).
+- `AuditAnswer` {"v": 1, "epoch", "miner", "seed" (hex), "challenges" (hex digest of the challenges it
+  answers, `challenges_digest`), "answers": [[chunk | None, [proof hash, …]], …]}, signed by the miner,
+  answers in the order of the challenges asked. The rules derive the challenges themselves
+  (`challenges_for`: from the ledger's `storage_shares` table and the seed of a final checkpoint) and take an
+  answer as evidence only if its digest is theirs: a client that asked other challenges (chunks of shares the
+  miner never held, say) gets answers that prove nothing, and cannot make an honest miner fail.
 - `RetrievalRequest` {"v": 1, "dataset", "segment", "version", "share", "miner", "nonce", "ts"}, signed by
   the requester (a registered party, or the dataset owner's key).
 - `RetrievalAnswer` {"v": 1, "request": hex SHA-256 of the request's COSE bytes, "root": hex root of the
@@ -39,10 +42,10 @@ from carechain.storage.audit import Answer, Challenge, ShareRef, Verdict, draw_c
 
 __all__ = [
     "AUDIT_CHALLENGES", "MAX_ATTESTATION_BYTES", "SHARES_TABLE", "AttestationError", "AuditAnswer",
-    "AuditChallenge", "HeldShare", "RetrievalAnswer", "RetrievalRequest", "audit_answer", "audit_verdict",
-    "challenges_for", "ledger_holdings", "parse_audit_answer", "parse_retrieval_answer",
-    "parse_retrieval_request", "request_id", "retrieval_answer", "retrieval_request", "signer_of",
-    "store_receipt", "verify_store_receipt",
+    "AuditChallenge", "HeldShare", "RetrievalAnswer", "RetrievalRequest", "answers_challenges", "audit_answer",
+    "audit_verdict", "challenges_digest", "challenges_for", "ledger_holdings", "parse_audit_answer",
+    "parse_retrieval_answer", "parse_retrieval_request", "request_id", "retrieval_answer", "retrieval_request",
+    "signer_of", "store_receipt", "verify_store_receipt", "wire_challenges",
 ]
 
 AUDIT_CHALLENGES = 8  # chunks per miner per ledger audit: keeps one miner's answer well under an entry's 16 KiB
@@ -77,6 +80,7 @@ class AuditAnswer:
     epoch: int
     miner: str
     seed: bytes
+    challenges: str  # hex digest of the challenges answered (`challenges_digest`)
     answers: tuple[Answer | None, ...]
 
 
@@ -144,8 +148,30 @@ def challenges_for(source: _Tables | Mapping[str, Any] | Sequence[HeldShare], se
     return [AuditChallenge(Challenge(by_chunks[c.ref].ref, c.chunk), by_chunks[c.ref].chunk_size) for c in drawn]
 
 
+WireChallenge = tuple[str, int, int, int, int, int]  # dataset, segment, version, share, chunk, chunk size
+CHALLENGES_DOMAIN = b"carechain/storage/challenges/v1\x00"
+
+
+def wire_challenges(challenges: Sequence[AuditChallenge]) -> list[WireChallenge]:
+    """The challenges as a storage miner is asked them (the `audit` request's `challenges` field)."""
+    return [(c.challenge.ref.dataset_id, c.challenge.ref.segment, c.challenge.ref.version, c.challenge.ref.share,
+             c.challenge.chunk, c.chunk_size) for c in challenges]
+
+
+def challenges_digest(challenges: Sequence[WireChallenge]) -> str:
+    """Hex SHA-256 of a domain tag and the CBOR of the challenges, in order: what an AuditAnswer binds."""
+    return hashlib.sha256(CHALLENGES_DOMAIN + cbor.encode([list(c) for c in challenges])).hexdigest()
+
+
+def answers_challenges(challenges: Sequence[AuditChallenge], answer: AuditAnswer) -> bool:
+    """Whether `answer` answers exactly `challenges` (its signed digest is theirs)."""
+    return answer.challenges == challenges_digest(wire_challenges(challenges))
+
+
 def audit_verdict(challenges: Sequence[AuditChallenge], answer: AuditAnswer) -> Verdict:
-    """Passed only if there is one valid answer per challenge, in order (`audit.verify_answer` for each)."""
+    """Passed only if there is one valid answer per challenge, in order (`audit.verify_answer` for each).
+
+    Judge only an answer to these challenges (`answers_challenges`): one to others is evidence of nothing."""
     if len(answer.answers) != len(challenges):
         return Verdict(False, f"{len(answer.answers)} answers for {len(challenges)} challenges")
     for c, a in zip(challenges, answer.answers, strict=True):
@@ -157,10 +183,14 @@ def audit_verdict(challenges: Sequence[AuditChallenge], answer: AuditAnswer) -> 
 
 # -- audit answers ----------------------------------------------------------------------------------
 
-def audit_answer(miner: Identity, epoch: int, seed: bytes, answers: Sequence[Answer | None]) -> bytes:
-    """The miner's signed answers to its challenges for `epoch` and `seed` (None: a chunk it cannot serve)."""
+def audit_answer(miner: Identity, epoch: int, seed: bytes, challenges: Sequence[WireChallenge],
+                 answers: Sequence[Answer | None]) -> bytes:
+    """The miner's signed answers to `challenges` for `epoch` and `seed` (None: a chunk it cannot serve)."""
+    if len(answers) != len(challenges):
+        raise ValueError(f"{len(answers)} answers for {len(challenges)} challenges")
     wire: list[list[Any]] = [[None, []] if a is None else [a.chunk, list(a.proof)] for a in answers]
-    payload = {"v": 1, "epoch": epoch, "miner": miner.device_id, "seed": seed.hex(), "answers": wire}
+    payload = {"v": 1, "epoch": epoch, "miner": miner.device_id, "seed": seed.hex(),
+               "challenges": challenges_digest(challenges), "answers": wire}
     return envelope.sign(miner, payload)
 
 
@@ -168,11 +198,12 @@ def parse_audit_answer(data: bytes, public_key: bytes) -> AuditAnswer:
     """An `AuditAnswer` whose signature verifies with `public_key` (the miner's registered key)."""
     msg = _verified(data, public_key, "audit answer")
     p = msg.payload
-    _fields(p, {"v", "epoch", "miner", "seed", "answers"}, "audit answer")
+    _fields(p, {"v", "epoch", "miner", "seed", "challenges", "answers"}, "audit answer")
     if p["miner"] != msg.kid:
         raise AttestationError("not_signed_by_the_miner", f"an audit answer for {p['miner']!r} signed by {msg.kid!r}")
-    if not _uint(p["epoch"]) or not _hex32(p["seed"]) or not isinstance(p["answers"], list):
-        raise AttestationError("bad_audit_answer", "epoch, seed (64 hex digits) or answers of the wrong type")
+    if not (_uint(p["epoch"]) and _hex32(p["seed"]) and _hex32(p["challenges"]) and isinstance(p["answers"], list)):
+        raise AttestationError("bad_audit_answer", "epoch, seed, challenges (64 hex digits) or answers of the wrong "
+                               "type")
     answers: list[Answer | None] = []
     for item in p["answers"]:
         if not (isinstance(item, list) and len(item) == 2 and isinstance(item[1], list)
@@ -184,7 +215,7 @@ def parse_audit_answer(data: bytes, public_key: bytes) -> AuditAnswer:
             answers.append(Answer(item[0], tuple(item[1])))
         else:
             raise AttestationError("bad_audit_answer", "a chunk must be bytes or null")
-    return AuditAnswer(p["epoch"], p["miner"], bytes.fromhex(p["seed"]), tuple(answers))
+    return AuditAnswer(p["epoch"], p["miner"], bytes.fromhex(p["seed"]), p["challenges"], tuple(answers))
 
 
 # -- store receipts ---------------------------------------------------------------------------------

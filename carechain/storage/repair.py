@@ -68,12 +68,21 @@ def share_health(
 def plan_repairs(
     manifest: Manifest, last_seen: Mapping[str, int], now: int, seed: bytes,
     policy: RepairPolicy | None = None, failed: Collection[tuple[int, int]] = (),
+    active: Collection[str] | None = None,
 ) -> list[RepairTask]:
-    """Repair tasks for every segment below threshold. Miners eligible as targets are those seen within
-    `offline_after`; `seed` (a final checkpoint's) fixes the targets, so every node computes the same plan."""
+    """Repair tasks for every segment below threshold; `seed` (a final checkpoint's) fixes the targets, so
+    every node computes the same plan.
+
+    Targets are drawn from `active`, the ledger's active miners, when it is given: exactly where the storage
+    v2 rules accept a repaired share (`place_shares` over the active miners, the segment's old holders
+    excluded), whether or not a target was seen lately. Without it (off the ledger), from the miners seen
+    within `offline_after`."""
     policy = policy or RepairPolicy()
     k = manifest.k
-    candidates = sorted(m for m, t in last_seen.items() if now - t <= policy.offline_after)
+    if active is not None:
+        candidates = sorted(active)
+    else:
+        candidates = sorted(m for m, t in last_seen.items() if now - t <= policy.offline_after)
     tasks: list[RepairTask] = []
     for seg in manifest.segments:
         h = share_health(seg, last_seen, now, policy, failed)
