@@ -437,10 +437,15 @@ def test_demo_json_summarizes_the_whole_flow(tmp_path: Path) -> None:
     assert result.exit_code == 0, text(result)
     summary = json.loads(result.stdout)
     assert set(summary) == {"sent", "anchored", "rejected", "duplicates", "checkpoints", "proof_verified",
-                            "access_opened", "access_logged", "access_refused_without_grant"}
-    # Everything anchored but the pharmacy day's Rx-only sale without a prescription (refused by contract).
-    assert summary["sent"] - 1 == summary["anchored"] > 0
-    assert summary["rejected"] >= 5  # that sale, forged signature, reused seq, garbage, oversized
+                            "access_opened", "access_logged", "access_refused_without_grant", "miners",
+                            "final_checkpoints", "formulary_refusals"}
+    # Everything anchored but the pharmacy day's two refused sales: an Rx-only sale without a prescription, and
+    # amoxicillin rung up as over the counter although the authority's formulary lists it as Rx-only.
+    assert summary["sent"] - 2 == summary["anchored"] > 0
+    assert summary["formulary_refusals"] == 1
+    assert summary["rejected"] >= 6  # those sales, forged signature, reused seq, garbage, oversized
+    assert summary["miners"] == 5  # registered and bonded on the ledger: the active miner set
+    assert 1 <= summary["final_checkpoints"] <= summary["checkpoints"]
     assert summary["duplicates"] >= 1  # the replay
     assert summary["checkpoints"] >= 1
     assert summary["proof_verified"] is True

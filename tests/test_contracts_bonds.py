@@ -194,9 +194,9 @@ def test_a_proven_bad_capsule_fragment_slashes_the_miners_bond() -> None:
 
     world = AccessWorld()
     assert world.register_party("insurer", world.insurer) == "ok"
-    for miner in world.miners:  # the insurer funds the miners, who bond it all
-        assert world.transfer(world.insurer, f"miner:{miner.device_id}", 2 * MIN_BOND["miner"]) == "ok"
-        assert world.post_bond(miner, 2 * MIN_BOND["miner"]) == "ok"
+    for miner in world.miners:  # bonded at the minimum by the world; the insurer funds a second minimum
+        assert world.transfer(world.insurer, f"miner:{miner.device_id}", MIN_BOND["miner"]) == "ok"
+        assert world.post_bond(miner, MIN_BOND["miner"]) == "ok"
     world.epoch_key(T0 // HOUR)
     _, at = world.grant(world.request()[1])
     record = access_rules.access_record(world.state, at)

@@ -22,7 +22,7 @@ from test_contracts_world import DAY, T0
 
 from carechain import envelope, topics
 from carechain.access import parse_signed_records_page, sign_records_request
-from carechain.config import BridgeConfig, MinerKey
+from carechain.config import BridgeConfig
 from carechain.credentials import load_mqtt_credentials
 from carechain.cosignature import Cosigner, cosign
 from carechain.entries import ENTRY_EVENT, ENTRY_REGISTER, Entry, Registration, event_entry
@@ -237,9 +237,8 @@ def test_a_requester_gets_its_pages_on_its_inbox_once_the_bridge_saw_the_grant_b
     d = build(tmp_path / "bridge" / "ledger.db")
     w = d.world
     cosigners = w.miners[:3]
-    cfg = BridgeConfig(data_dir=tmp_path / "bridge", checkpoint_interval_s=0.2, finality_threshold=3,
-                       miners=[MinerKey(name=f"carechain.miner/{m.device_id}", public_key=m.public_key.hex())
-                               for m in w.miners])
+    # Finality: a majority (3) of the world's five bonded miners on the ledger, not the bridge's config.
+    cfg = BridgeConfig(data_dir=tmp_path / "bridge", checkpoint_interval_s=0.2)
     gate = ContractGate(w.genesis, w.operator)
     log = Identity.generate()
     bridge = Bridge(cfg, broker.config, log, d.ledger, client_id=f"bridge-{tmp_path.name}", contracts=gate)
@@ -258,7 +257,7 @@ def test_a_requester_gets_its_pages_on_its_inbox_once_the_bridge_saw_the_grant_b
                 line = cosign(body, Cosigner(name, m.public_key), m.sign, int(time.time()))
                 c.publish(topics.miner_cosignature(m.device_id), CosignatureMessage(
                     miner=name, public_key=m.public_key.hex(), tree_size=int(body.split("\n")[1]),
-                    checkpoint=note, cosignature=line.line()).model_dump_json().encode(), qos=1)
+                    checkpoint=note, cosignature=line.line()).signed(m).model_dump_json().encode(), qos=1)
         elif msg.topic == topics.party_inbox(w.doctor.device_id):
             pages.append(bytes(msg.payload))
             got_page.set()
