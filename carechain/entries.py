@@ -46,11 +46,19 @@ MINER_FORK = "miner.fork"  # proof that a miner cosigned two contradicting check
 STORAGE_RETRIEVAL = "storage.retrieval"  # a signed retrieval request and the miner's signed answer (or none)
 STORAGE_SETTLE = "storage.settle"  # closes a storage epoch: rewards and cosigning weight from ledger evidence
 CHECKPOINT_FINAL = "checkpoint.final"  # a final checkpoint note with its cosignatures, recorded for rewards
+CONSENT_GIVE = "consent.give"  # an owner's signed consent: which data, which questions, cohort size, price
+CONSENT_REVOKE = "consent.revoke"
+STUDY_POST = "study.post"  # a researcher's study: query, period, filter, price, deposit; aggregators fixed
+STUDY_CONTRIBUTE = "study.contribute"  # an owner's commitment and shares sealed to the study's aggregators
+STUDY_RESULT = "study.result"  # one aggregator's signed result of the study's MPC
+STUDY_AUDIT = "study.audit"  # an auditing miner's recomputation of a sampled contribution
+STUDY_CLOSE = "study.close"  # closes a study: pays contributors and aggregators, or refunds the deposit
 CONTRACT_ENTRY_TYPES = frozenset({PARTY_REGISTER, CONTRACT_UPGRADE, TOKEN_TRANSFER, RX_ANCHOR, RX_REVOKE,
                                   POLICY_REGISTER, WELLNESS_SETTLE, SALE_REFUSED, STORAGE_COMMIT, STORAGE_AUDIT,
                                   ACCESS_REQUEST, ACCESS_GRANT, ACCESS_REVOKE, ACCESS_FAULT, PROTOCOL_CUTOVER,
                                   FORMULARY_SET, CLOCK_ATTEST, BOND_POST, BOND_UNBOND, BOND_WITHDRAW, MINER_FORK,
-                                  STORAGE_RETRIEVAL, STORAGE_SETTLE, CHECKPOINT_FINAL})
+                                  STORAGE_RETRIEVAL, STORAGE_SETTLE, CHECKPOINT_FINAL, CONSENT_GIVE, CONSENT_REVOKE,
+                                  STUDY_POST, STUDY_CONTRIBUTE, STUDY_RESULT, STUDY_AUDIT, STUDY_CLOSE})
 LEDGER_ENTRY_TYPES = ENTRY_TYPES | CONTRACT_ENTRY_TYPES
 
 

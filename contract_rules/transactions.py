@@ -43,6 +43,13 @@ MINER_FORK = entries.MINER_FORK
 STORAGE_RETRIEVAL = entries.STORAGE_RETRIEVAL
 STORAGE_SETTLE = entries.STORAGE_SETTLE
 CHECKPOINT_FINAL = entries.CHECKPOINT_FINAL
+CONSENT_GIVE = entries.CONSENT_GIVE
+CONSENT_REVOKE = entries.CONSENT_REVOKE
+STUDY_POST = entries.STUDY_POST
+STUDY_CONTRIBUTE = entries.STUDY_CONTRIBUTE
+STUDY_RESULT = entries.STUDY_RESULT
+STUDY_AUDIT = entries.STUDY_AUDIT
+STUDY_CLOSE = entries.STUDY_CLOSE
 
 PARTY_ROLES = ("prescriber", "pharmacy", "insurer", "miner", "patient", "doctor", "researcher", "authority")
 PreKeyBytes = Annotated[bytes, Field(min_length=33, max_length=33)]  # a compressed secp256k1 point (umbral)
@@ -657,3 +664,6 @@ def storage_settle_entry(signer: Identity, settle: StorageSettle) -> Entry:
 
 def checkpoint_final_entry(operator: Identity, note: str) -> Entry:
     return signed(operator, CHECKPOINT_FINAL, CheckpointFinal(note=note))
+
+
+# -- the data market: consents, studies, contributions, results --------------------------------------
