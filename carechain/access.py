@@ -70,11 +70,24 @@ def seal_to_miner(miner_ed25519_pk: bytes, kfrag: bytes) -> bytes:
     if not kfrag or len(kfrag) > MAX_SEALED_KFRAG_BYTES - _SEALED_BOX_OVERHEAD:
         raise ValueError(f"a key fragment has 1 to {MAX_SEALED_KFRAG_BYTES - _SEALED_BOX_OVERHEAD} bytes, "
                          f"got {len(kfrag)}")
+    return _seal_to_ed25519(miner_ed25519_pk, kfrag)
+
+
+def _seal_to_ed25519(ed25519_pk: bytes, data: bytes) -> bytes:
+    """`data` in a libsodium sealed box to the X25519 form of an Ed25519 key (shared with carechain.market)."""
     try:
-        x25519 = nacl.bindings.crypto_sign_ed25519_pk_to_curve25519(bytes(miner_ed25519_pk))
+        x25519 = nacl.bindings.crypto_sign_ed25519_pk_to_curve25519(bytes(ed25519_pk))
     except (nacl.exceptions.RuntimeError, nacl.exceptions.ValueError) as exc:  # not a point on the curve
         raise ValueError(f"the miner's key is not a valid Ed25519 public key: {exc}") from None
-    return bytes(nacl.public.SealedBox(nacl.public.PublicKey(x25519)).encrypt(bytes(kfrag)))
+    return bytes(nacl.public.SealedBox(nacl.public.PublicKey(x25519)).encrypt(bytes(data)))
+
+
+def _open_sealed_box(identity: Identity, sealed: bytes) -> bytes | None:
+    """What `_seal_to_ed25519` sealed to `identity`'s key; None when sealed to another key or altered."""
+    try:
+        return bytes(nacl.public.SealedBox(identity.sealed_box_private_key()).decrypt(bytes(sealed)))
+    except nacl.exceptions.CryptoError:
+        return None
 
 
 def open_sealed_kfrag(miner: Identity, sealed: bytes) -> bytes:
@@ -82,11 +95,11 @@ def open_sealed_kfrag(miner: Identity, sealed: bytes) -> bytes:
     if not _SEALED_BOX_OVERHEAD < len(sealed) <= MAX_SEALED_KFRAG_BYTES:
         raise AccessMessageError(f"a sealed key fragment has {_SEALED_BOX_OVERHEAD + 1} to {MAX_SEALED_KFRAG_BYTES} "
                                  f"bytes, got {len(sealed)}")
-    try:
-        return bytes(nacl.public.SealedBox(miner.sealed_box_private_key()).decrypt(bytes(sealed)))
-    except nacl.exceptions.CryptoError:
+    opened = _open_sealed_box(miner, sealed)
+    if opened is None:
         raise AccessMessageError(f"the sealed key fragment does not open with miner {miner.device_id}'s key "
-                                 "(sealed to another miner, or altered)") from None
+                                 "(sealed to another miner, or altered)")
+    return opened
 
 
 # -- choosing miners ------------------------------------------------------------------------------------

@@ -55,6 +55,12 @@ ROUTES: dict[str, tuple[str, ...]] = {
     ce.BOND_WITHDRAW: ("bonds",),
     ce.MINER_FORK: ("bonds",),
     ce.FORMULARY_SET: ("formulary",),
+    ce.CONSENT_GIVE: ("market",),
+    ce.CONSENT_REVOKE: ("market",),
+    ce.STUDY_POST: ("market",),
+    ce.STUDY_CONTRIBUTE: ("market",),
+    ce.STUDY_RESULT: ("market",),
+    ce.STUDY_CLOSE: ("market",),
 }
 # Who may sign each entry type (a party role, "operator" from the genesis, or a registered "device").
 SIGNERS: dict[str, frozenset[str]] = {
@@ -83,6 +89,12 @@ SIGNERS: dict[str, frozenset[str]] = {
     ce.BOND_WITHDRAW: frozenset(ce.BOND_ROLES),
     ce.MINER_FORK: frozenset({"operator", *ce.PARTY_ROLES}),
     ce.FORMULARY_SET: frozenset({"authority"}),
+    ce.CONSENT_GIVE: frozenset({"patient"}),
+    ce.CONSENT_REVOKE: frozenset({"patient"}),
+    ce.STUDY_POST: frozenset({"researcher"}),
+    ce.STUDY_CONTRIBUTE: frozenset({"patient"}),
+    ce.STUDY_RESULT: frozenset({"miner"}),  # the rule also wants one of the study's aggregators
+    ce.STUDY_CLOSE: frozenset({"operator", *ce.PARTY_ROLES}),
     ce.CLOCK_ATTEST: frozenset({"operator"}),  # the bridge attests the time rules judge on
     ENTRY_EVENT: frozenset({"device"}),
 }
@@ -91,7 +103,7 @@ SIGNERS: dict[str, frozenset[str]] = {
 SELF_KEYED = frozenset({ce.STORAGE_COMMIT, ce.STORAGE_RETRIEVAL})
 # The rule modules shipped in this package, by module name: old versions stay, since deployed logs pin them.
 BUILTIN = ("tokens", "prescriptions", "insurance", "insurance_v2", "storage", "access", "bonds", "insurance_v3",
-           "access_v2", "prescriptions_v2", "formulary", "storage_v2")
+           "access_v2", "prescriptions_v2", "formulary", "storage_v2", "market")
 
 
 # Contract entries carry evidence (signed audit answers, capsule fragments, checkpoint notes), so they may be
@@ -615,7 +627,7 @@ _CORE = {
     ce.CLOCK_ATTEST: Runtime._clock_attest,
 }
 # Contracts a `contract.upgrade` may add to a ledger whose genesis predates them.
-ADDABLE = frozenset({"access", "bonds", "formulary"})
+ADDABLE = frozenset({"access", "bonds", "formulary", "market"})
 
 
 def _self_key(msg: envelope.Sign1) -> tuple[str, bytes] | None:

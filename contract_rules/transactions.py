@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from carechain import cbor, entries, envelope
+from carechain import market as market_core
 from carechain.entries import Entry
 from carechain.identity import Identity, verify_signature
 
@@ -667,3 +668,170 @@ def checkpoint_final_entry(operator: Identity, note: str) -> Entry:
 
 
 # -- the data market: consents, studies, contributions, results --------------------------------------
+# A patient's consent says which of her sealed kinds may be used, by which query types, for whom, at what price
+# and above which cohort size; a researcher's study says what it asks and what it pays; its aggregators (miners
+# drawn from a final checkpoint's seed) answer it by MPC over the contributors' Shamir shares (docs/market.md).
+
+QUERY_TYPES = ("count", "sum", "mean", "histogram", "resting_heart_rate", "time_in_range")
+QueryType = Literal["count", "sum", "mean", "histogram", "resting_heart_rate", "time_in_range"]
+AgeBand = Literal["18-29", "30-44", "45-64", "65+"]
+LeafIndex = Annotated[int, Field(ge=0, le=2**63 - 1)]
+StudyId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]  # also the tail of "study:<id>"
+# One contributor's value bound, in the measure's unit: what the aggregators' 32-bit secints compare exactly.
+MeasureValue = Annotated[int, Field(ge=-market_core.VALUE_BOUND, le=market_core.VALUE_BOUND)]
+MIN_COHORT_LIMIT = 100_000
+MAX_CONTRIBUTORS = 100_000
+MIN_AGGREGATORS, MAX_AGGREGATORS = 3, 7
+MAX_HISTOGRAM_EDGES = 33  # 32 bins
+MAX_CONTRIBUTION_LEAVES = 4096
+MAX_SEALED_SHARE = 4096  # a sealed box around one aggregator's CBOR row (≤ 32 field elements)
+
+
+class CohortAttributes(_Payload):
+    """Coarse attributes: what a consent discloses about its owner, and what a study's filter asks for.
+
+    In a consent an unset attribute is undisclosed; in a filter it is not asked for. A consent matches a
+    filter when every attribute the filter sets is disclosed with that value.
+    """
+
+    age_band: AgeBand | None = None
+    sex: Literal["f", "m", "x"] | None = None
+    region: str | None = Field(default=None, min_length=1, max_length=16)
+
+
+class ConsentGive(_Payload):
+    """Patient-signed: the terms under which her sealed readings may feed studies (table `consents`).
+
+    Empty `buyers` means any registered researcher. Kept under the leaf index of this entry, which names it.
+    """
+
+    v: int = 1
+    kinds: list[str] = Field(min_length=1, max_length=16)
+    queries: list[QueryType] = Field(min_length=1, max_length=len(QUERY_TYPES))
+    min_cohort: int = Field(ge=2, le=MIN_COHORT_LIMIT)
+    price_minor: Minor
+    buyers: list[PartyId] = Field(default_factory=list, max_length=64)
+    expires_ms: TimeMs
+    attributes: CohortAttributes = Field(default_factory=CohortAttributes)
+    nonce: int = Field(ge=0, le=2**63 - 1)  # makes two otherwise equal consents distinct entries
+    ts: TimeMs
+
+
+class ConsentRevoke(_Payload):
+    """Owner-signed: ends the consent given at leaf `consent`; no later contribution may use it."""
+
+    v: int = 1
+    consent: LeafIndex
+    ts: TimeMs
+
+
+class StudyQuery(_Payload):
+    """What a study computes over one sealed `kind`: each contributor's value lies in [lo, hi]; a histogram
+    counts values into the bins between its ascending `bins` edges (2..33 edges → 1..32 bins)."""
+
+    type: QueryType
+    kind: str = Field(min_length=1, max_length=32)
+    lo: MeasureValue
+    hi: MeasureValue
+    bins: list[MeasureValue] | None = Field(default=None, min_length=2, max_length=MAX_HISTOGRAM_EDGES)
+
+
+class StudyPost(_Payload):
+    """Researcher-signed: opens study `study_id` and locks its deposit in "study:<study_id>".
+
+    deposit = price_minor × max_contributors + aggregator_fee_minor × aggregators. The aggregators are
+    `contract_rules.market.choose_aggregators` of the seed of `seed_checkpoint` (a final checkpoint note).
+    """
+
+    v: int = 1
+    study_id: StudyId
+    query: StudyQuery
+    from_ms: TimeMs
+    to_ms: TimeMs
+    filter: CohortAttributes = Field(default_factory=CohortAttributes)
+    price_minor: Minor
+    max_contributors: int = Field(ge=1, le=MAX_CONTRIBUTORS)
+    aggregator_fee_minor: Minor
+    epsilon_milli: int = Field(ge=0, le=2**31)  # 0: no DP noise
+    aggregators: int = Field(ge=MIN_AGGREGATORS, le=MAX_AGGREGATORS)
+    seed_checkpoint: str = Field(min_length=1, max_length=MAX_SEED_CHECKPOINT)
+    closes_ms: TimeMs
+    ts: TimeMs
+
+
+class StudyContribute(_Payload):
+    """Patient-signed: one contribution, under her consent at leaf `consent`.
+
+    `shares[i]` is her Shamir share row sealed to the study's i-th aggregator; `commitment` binds the
+    contribution vector (an audit opens it); `leaves` are the anchored readings it was computed from.
+    """
+
+    v: int = 1
+    study_id: StudyId
+    consent: LeafIndex
+    commitment: Hex32
+    shares: list[Annotated[bytes, Field(min_length=1, max_length=MAX_SEALED_SHARE)]] = Field(
+        min_length=MIN_AGGREGATORS, max_length=MAX_AGGREGATORS)
+    leaves: list[LeafIndex] = Field(default_factory=list, max_length=MAX_CONTRIBUTION_LEAVES)
+    ts: TimeMs
+
+
+class StudyNoise(_Payload):
+    """The DP noise an answer carries: the study's epsilon (milli-units; 0 = none) and the MPC's public seed."""
+
+    epsilon_milli: int = Field(ge=0, le=2**31)
+    seed: bytes | None = Field(default=None, max_length=64)
+
+
+class StudyResult(_Payload):
+    """Aggregator-signed: its result for a study. A majority of the study's aggregators posting equal
+    results (`result_body`) decides the study.
+
+    `answer` is None (unanswered) or, by query type: count {"count"}, sum {"sum"}, mean and the derived
+    measures {"sum", "n"}, histogram {"histogram": one count per bin}.
+    """
+
+    v: int = 1
+    study_id: StudyId
+    valid: list[LeafIndex] = Field(max_length=MAX_CONTRIBUTORS)
+    invalid: int = Field(ge=0, le=MAX_CONTRIBUTORS)
+    included: list[LeafIndex] = Field(max_length=MAX_CONTRIBUTORS)
+    answer: dict[str, int | list[int]] | None
+    noise: StudyNoise
+    ts: TimeMs
+
+    def result_body(self) -> bytes:
+        """The canonical CBOR aggregators must agree on: every field but `v` and their own `ts`."""
+        return cbor.encode(self.model_dump(exclude={"v", "ts"}))
+
+
+class StudyClose(_Payload):
+    """Signed by anyone: pays out a decided study, or refunds one undecided past its close plus the grace."""
+
+    v: int = 1
+    study_id: StudyId
+    ts: TimeMs
+
+
+def consent_give_entry(owner: Identity, consent: ConsentGive) -> Entry:
+    return signed(owner, CONSENT_GIVE, consent)
+
+
+def consent_revoke_entry(owner: Identity, revoke: ConsentRevoke) -> Entry:
+    return signed(owner, CONSENT_REVOKE, revoke)
+
+
+def study_post_entry(researcher: Identity, post: StudyPost) -> Entry:
+    return signed(researcher, STUDY_POST, post)
+
+
+def study_contribute_entry(owner: Identity, contribution: StudyContribute) -> Entry:
+    return signed(owner, STUDY_CONTRIBUTE, contribution)
+
+
+def study_result_entry(aggregator: Identity, result: StudyResult) -> Entry:
+    return signed(aggregator, STUDY_RESULT, result)
+
+
+def study_close_entry(signer: Identity, close: StudyClose) -> Entry:
+    return signed(signer, STUDY_CLOSE, close)

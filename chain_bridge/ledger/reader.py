@@ -30,6 +30,11 @@ class LedgerReader:
             raise KeyError(index)
         return bytes(row[0])
 
+    def ciphertext(self, index: int) -> bytes | None:
+        """The ciphertext stored with sealed reading `index` (None: not a sealed reading, or pruned)."""
+        row = self._db.execute("SELECT ct FROM ciphertexts WHERE idx=?", (index,)).fetchone()
+        return bytes(row[0]) if row else None
+
     def leaves(self, start: int, stop: int) -> Iterator[bytes]:
         while start < stop:
             rows = self._db.execute("SELECT idx, data FROM entries WHERE idx >= ? AND idx < ? ORDER BY idx",

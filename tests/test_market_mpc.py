@@ -1,0 +1,287 @@
+"""The data market's computation: contributors' shares, and three real `chain_miner.aggregator` processes
+(MPyC parties over loopback TCP) checking validity, applying the cohort rule and opening only the aggregate.
+
+`build_inputs` and `run_aggregators` are also what bench/market.py drives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from carechain import envelope, market
+from carechain.entries import STUDY_RESULT, Entry
+from carechain.identity import Identity
+from simulators.mosquitto import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+SALT = bytes(range(16))
+
+
+@dataclass
+class Contribution:
+    """One contributor's input as the test or bench makes it: a vector (valid or not), its min_cohort, and
+    optionally a way to spoil what one aggregator receives."""
+
+    vector: list[int]
+    min_cohort: int = 2
+    spoil: str | None = None  # "garbage" | "wrong_key" | "inconsistent" | "short" (at aggregator 1)
+
+
+def aggregator_keys(tmp_path: Path, m: int = 3) -> list[Identity]:
+    keys = [Identity.from_seed(bytes([0xA0 + i]) * 32) for i in range(m)]
+    for i, key in enumerate(keys):
+        key.save(tmp_path / f"aggregator{i}.key", overwrite=True)
+    return keys
+
+
+def build_inputs(keys: Sequence[Identity], query: dict[str, Any], contributions: Sequence[Contribution], *,
+                 epsilon_milli: int = 0, study_id: str = "study-1") -> dict[str, Any]:
+    """The --inputs document: each contribution split, encoded and sealed as a contributor's agent does."""
+    out = []
+    for leaf, c in enumerate(contributions, start=100):
+        rows = market.split_contribution(c.vector, len(keys))
+        encoded = [market.encode_shares(row) for row in rows]
+        if c.spoil == "inconsistent":
+            encoded[1] = market.encode_shares([(s + 1) % market.FIELD_MODULUS for s in rows[1]])
+        elif c.spoil == "short":
+            encoded[1] = market.encode_shares(rows[1] + [0])
+        sealed = [market.seal_share(k.public_key, data) for k, data in zip(keys, encoded, strict=True)]
+        if c.spoil == "garbage":
+            sealed[1] = os.urandom(80)
+        elif c.spoil == "wrong_key":
+            sealed[1] = market.seal_share(keys[0].public_key, encoded[1])
+        out.append({"leaf": leaf, "min_cohort": c.min_cohort, "shares": [s.hex() for s in sealed]})
+    study = {"study_id": study_id, "query": query, "epsilon_milli": epsilon_milli,
+             "aggregators": [k.device_id for k in keys]}
+    return {"study": study, "contributions": out}
+
+
+def run_aggregators(tmp_path: Path, inputs: dict[str, Any], *, timeout: float = 120.0) -> list[dict[str, Any]]:
+    """Run one `python -m chain_miner.aggregator` per aggregator on free loopback ports; their outputs."""
+    m = len(inputs["study"]["aggregators"])
+    (tmp_path / "inputs.json").write_text(json.dumps(inputs))
+    peers = ",".join(f"127.0.0.1:{free_port()}" for _ in range(m))
+    procs = []
+    for i in range(m):
+        out = tmp_path / f"result{i}.json"
+        out.unlink(missing_ok=True)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "chain_miner.aggregator", "--study", inputs["study"]["study_id"], "--index",
+             str(i), "--peers", peers, "--key", str(tmp_path / f"aggregator{i}.key"), "--inputs",
+             str(tmp_path / "inputs.json"), "--out", str(out), "--ts", "1700000000000"],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    try:
+        for p in procs:
+            output, _ = p.communicate(timeout=timeout)
+            assert p.returncode == 0, output.decode(errors="replace")[-3000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return [json.loads((tmp_path / f"result{i}.json").read_text()) for i in range(m)]
+
+
+def agreed_payload(results: list[dict[str, Any]], keys: Sequence[Identity]) -> dict[str, Any]:
+    """Every aggregator signed the same payload with its own key; that payload."""
+    for result, key in zip(results, keys, strict=True):
+        entry = Entry.decode(bytes.fromhex(result["entry"]))
+        assert entry.type == STUDY_RESULT
+        sign1 = envelope.parse(entry.cose)
+        assert sign1.verify(key.public_key) and sign1.payload == result["payload"]
+    payloads = [r["payload"] for r in results]
+    assert payloads[0] == payloads[1] == payloads[2]
+    return payloads[0]
+
+
+HR = {"kind": "heart_rate", "lo": 40, "hi": 200}
+BINS = [40, 60, 80, 100, 120, 200]
+VALUES = [41, 55, 62, 80, 99, 100, 119, 150, 200, 73, 66, 88]
+
+
+# -- three aggregator processes ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("qtype", ["count", "sum", "mean", "histogram"])
+def test_aggregators_open_the_plain_answer(tmp_path: Path, qtype: str) -> None:
+    query = market.Query.model_validate({"type": qtype, **HR, **({"bins": BINS} if qtype == "histogram" else {})})
+    vectors = [market.contribution(query, v) for v in VALUES]
+    keys = aggregator_keys(tmp_path)
+    inputs = build_inputs(keys, query.model_dump(exclude_none=True), [Contribution(v) for v in vectors])
+    payload = agreed_payload(run_aggregators(tmp_path, inputs), keys)
+    leaves = list(range(100, 100 + len(VALUES)))
+    assert payload["valid"] == payload["included"] == leaves and payload["invalid"] == 0
+    assert payload["answer"] == market.plain_answer(query, vectors)
+    if qtype == "histogram":
+        assert payload["answer"] == {"histogram": [2, 3, 3, 2, 2]}
+
+
+def test_invalid_and_malformed_inputs_are_dropped_and_counted(tmp_path: Path) -> None:
+    query = market.Query.model_validate({"type": "mean", **HR})
+    good = [Contribution([v]) for v in (50, 60, 70, 200, 40)]
+    bad = [Contribution([201]), Contribution([39]), Contribution([-5]), Contribution([2**31 - 1]),
+           Contribution([90], spoil="garbage"), Contribution([90], spoil="wrong_key"),
+           Contribution([90], spoil="inconsistent"), Contribution([90], spoil="short")]
+    keys = aggregator_keys(tmp_path)
+    inputs = build_inputs(keys, query.model_dump(exclude_none=True), good + bad)
+    payload = agreed_payload(run_aggregators(tmp_path, inputs), keys)
+    assert payload["valid"] == payload["included"] == [100, 101, 102, 103, 104]
+    assert payload["invalid"] == len(bad)
+    assert payload["answer"] == {"sum": 420, "n": 5}
+
+
+def test_histogram_rejects_inputs_that_are_not_one_hot(tmp_path: Path) -> None:
+    query = market.Query.model_validate({"type": "histogram", **HR, "bins": BINS})
+    good = [Contribution(market.contribution(query, v)) for v in (45, 65, 65, 130)]
+    bad = [Contribution([1, 1, 0, 0, 0]), Contribution([0, 0, 0, 0, 0]), Contribution([2, -1, 0, 0, 0]),
+           Contribution([0, 0, 5, 0, 0])]
+    keys = aggregator_keys(tmp_path)
+    payload = agreed_payload(run_aggregators(tmp_path, build_inputs(keys, query.model_dump(exclude_none=True),
+                                                                    good + bad)), keys)
+    assert payload["valid"] == [100, 101, 102, 103] and payload["invalid"] == 4
+    assert payload["answer"] == {"histogram": [1, 2, 0, 0, 1]}
+
+
+def test_below_minimum_cohort_there_is_no_answer(tmp_path: Path) -> None:
+    query = market.Query.model_validate({"type": "sum", **HR})
+    keys = aggregator_keys(tmp_path)
+    contributions = [Contribution([70], min_cohort=5) for _ in range(3)] + [Contribution([500])]
+    payload = agreed_payload(run_aggregators(tmp_path, build_inputs(keys, query.model_dump(exclude_none=True),
+                                                                    contributions)), keys)
+    assert payload["valid"] == [100, 101, 102] and payload["invalid"] == 1
+    assert payload["included"] == [] and payload["answer"] is None
+
+
+def test_the_aggregate_covers_only_the_included_cohort(tmp_path: Path) -> None:
+    query = market.Query.model_validate({"type": "mean", **HR})
+    keys = aggregator_keys(tmp_path)
+    contributions = [Contribution([60], 2), Contribution([70], 3), Contribution([80], 3), Contribution([190], 9)]
+    payload = agreed_payload(run_aggregators(tmp_path, build_inputs(keys, query.model_dump(exclude_none=True),
+                                                                    contributions)), keys)
+    assert payload["valid"] == [100, 101, 102, 103]
+    assert payload["included"] == [100, 101, 102] and payload["answer"] == {"sum": 210, "n": 3}
+
+
+def test_dp_noise_is_drawn_inside_the_mpc_and_agreed(tmp_path: Path) -> None:
+    query = market.Query.model_validate({"type": "histogram", **HR, "bins": BINS})
+    vectors = [market.contribution(query, v) for v in VALUES]
+    keys = aggregator_keys(tmp_path)
+    inputs = build_inputs(keys, query.model_dump(exclude_none=True), [Contribution(v) for v in vectors],
+                          epsilon_milli=200)
+    payload = agreed_payload(run_aggregators(tmp_path, inputs), keys)
+    plain = market.plain_answer(query, vectors)["histogram"]
+    noisy = payload["answer"]["histogram"]
+    assert payload["noise"] == {"epsilon_milli": 200}
+    # Discrete Laplace with ε = 0.2: P(|noise| > 200) < 1e-16 per bin; five bins all exactly 0 has
+    # probability 0.0997**5 ≈ 1e-5.
+    assert all(abs(a - b) <= 200 for a, b in zip(noisy, plain, strict=True)) and noisy != plain
+
+
+# -- sans-IO ------------------------------------------------------------------------------------------
+
+
+def test_field_is_mpycs_secint32_field() -> None:
+    out = subprocess.run([sys.executable, "-c", "from mpyc.runtime import mpc; print(mpc.SecInt(32).field.modulus)"],
+                         capture_output=True, text=True, check=True, cwd=REPO)
+    assert int(out.stdout.split()[-1]) == market.FIELD_MODULUS
+
+
+def test_one_aggregators_share_is_uniform_whatever_the_secret() -> None:
+    # Chi-square over 16 equal slices of the field for aggregator 0's share of 0 and of 1,000,000 (15 degrees
+    # of freedom: 37.7 is the 0.999 quantile), and a two-sample check that the two are alike.
+    n, buckets = 8000, 16
+    counts = {}
+    for secret in (0, 1_000_000):
+        c = [0] * buckets
+        for _ in range(n):
+            c[market.split_contribution([secret], 3)[0][0] * buckets // market.FIELD_MODULUS] += 1
+        counts[secret] = c
+        expected = n / buckets
+        assert sum((x - expected) ** 2 / expected for x in c) < 37.7
+    a, b = counts[0], counts[1_000_000]
+    assert sum((x - y) ** 2 / (x + y) for x, y in zip(a, b, strict=True)) < 37.7
+
+
+def test_shares_reconstruct_and_any_t_of_them_is_checked_consistent() -> None:
+    rows = market.split_contribution([7, -3, 0], 5)
+    assert len(rows) == 5 and all(len(r) == 3 for r in rows)
+    for k, secret in enumerate([7, -3, 0]):
+        points = [rows[i][k] for i in range(5)]
+        assert market.shares_consistent(points, 2)
+        # Lagrange at 0 from points 1..3 (degree 2)
+        p = market.FIELD_MODULUS
+        value = sum(points[i] * (-(j1)) * (-(j2)) * pow((i + 1 - j1) * (i + 1 - j2), -1, p)
+                    for i, (j1, j2) in enumerate([(2, 3), (1, 3), (1, 2)])) % p
+        assert market.signed(value) == secret
+        assert not market.shares_consistent(points[:4] + [(points[4] + 1) % p], 2)
+
+
+def test_share_rows_round_trip_sealed_to_one_aggregator() -> None:
+    alice, bob = Identity.from_seed(b"\x01" * 32), Identity.from_seed(b"\x02" * 32)
+    row = market.split_contribution([1, 0, 0], 3)[2]
+    sealed = market.seal_share(alice.public_key, market.encode_shares(row))
+    assert market.decode_shares(market.open_share(alice, sealed), 3) == row
+    with pytest.raises(market.MarketShareError):
+        market.open_share(bob, sealed)
+    with pytest.raises(market.MarketShareError):
+        market.decode_shares(market.encode_shares(row), 2)
+    with pytest.raises(market.MarketShareError):
+        market.decode_shares(bytes.fromhex("811bffffffffffffffff"), 1)  # 2**64 - 1 ≥ the modulus
+    with pytest.raises(market.MarketShareError):
+        market.decode_shares(bytes.fromhex("81190001"), 1)  # 1 in a non-shortest form
+
+
+def test_contribution_vectors_and_their_validity() -> None:
+    hist = market.Query.model_validate({"type": "histogram", **HR, "bins": BINS})
+    assert market.contribution(hist, 40) == [1, 0, 0, 0, 0]
+    assert market.contribution(hist, 119) == [0, 0, 0, 1, 0]
+    assert market.contribution(hist, 200) == [0, 0, 0, 0, 1]
+    assert market.contribution(market.Query.model_validate({"type": "count", **HR})) == [1]
+    assert market.contribution(market.Query.model_validate({"type": "resting_heart_rate", **HR}), 58) == [58]
+    with pytest.raises(ValueError):
+        market.contribution(hist, 201)
+    assert not market.is_valid(hist, [1, 1, 0, 0, 0]) and market.is_valid(hist, [0, 1, 0, 0, 0])
+
+
+@pytest.mark.parametrize("bad", [{"lo": 5, "hi": 4}, {"lo": -2**31, "hi": 0}, {"bins": [40, 40, 50]},
+                                 {"bins": [40]}, {"bins": list(range(40, 75))},
+                                 {"type": "mean", "bins": [40, 50]}])
+def test_query_bounds_are_validated(bad: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        market.Query.model_validate({"type": "histogram", **HR, "bins": BINS, **bad})
+
+
+def test_commitment_binds_vector_and_salt() -> None:
+    c = market.commitment([0, 1, 0], SALT)
+    assert c == market.commitment([0, 1, 0], SALT) and len(c) == 64
+    assert c != market.commitment([1, 0, 0], SALT) and c != market.commitment([0, 1, 0], bytes(16))
+    with pytest.raises(ValueError):
+        market.commitment([1], b"short")
+
+
+def test_cohort_takes_the_longest_prefix_by_min_cohort() -> None:
+    assert market.cohort([(5, 2), (6, 3), (7, 3), (8, 9)]) == [5, 6, 7]
+    assert market.cohort([(1, 5), (2, 5)]) == []
+    assert market.cohort([(9, 4), (3, 2), (4, 4), (7, 3)]) == [3, 4, 7, 9]
+    assert market.cohort([]) == []
+
+
+def test_geometric_noise_bits_follow_the_discrete_laplace_law() -> None:
+    # Bits drawn as the MPC draws them, in the clear: P(G = 0) = 1 - α for ε = 1, Δ = 1.
+    import math
+    import random
+    thresholds = market.geometric_bit_thresholds(1000, 1)
+    rng = random.Random(7)
+    draws = [sum((rng.getrandbits(30) < c) << j for j, c in enumerate(thresholds)) for _ in range(20000)]
+    alpha = math.exp(-1)
+    assert abs(draws.count(0) / len(draws) - (1 - alpha)) < 0.015
+    assert abs(sum(draws) / len(draws) - alpha / (1 - alpha)) < 0.03
