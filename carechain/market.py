@@ -1,7 +1,8 @@
 """The data market's computation, sans-IO: what one contributor inputs, how it is shared among a study's
 aggregators, and the result they sign (docs/market.md, "The computation").
 
-A contributor turns its value into a short vector of integers (`contribution`), splits every element into
+A contributor turns its value into a short vector of integers (`contribution`: for a value, the bits of
+value − lo, so the aggregators can check exactly that it lies in lo..hi), splits every element into
 Shamir shares in MPyC's `SecInt(32)` field (`split_contribution`: row i is exactly the share MPyC party i holds
 for a secint, so an aggregator uses it as is), encodes each row (`encode_shares`) and seals it to one
 aggregator's Ed25519 key (`seal_share`). It anchors `commitment(vector, salt)` so an audit can later open it.
@@ -31,13 +32,13 @@ from carechain.identity import PUBLIC_KEY_SIZE, Identity
 __all__ = ["FIELD_MODULUS", "MAX_BINS", "QUERY_TYPES", "SCALAR_QUERIES", "VALUE_BOUND", "MarketShareError", "Query",
            "cohort", "commitment", "contribution", "decode_shares", "encode_shares", "is_valid", "open_share",
            "geometric_bit_thresholds", "plain_answer", "result_entry", "result_payload", "seal_share", "sensitivity",
-           "shares_consistent", "signed", "split_contribution", "threshold_for"]
+           "shares_consistent", "signed", "split_contribution", "threshold_for", "value_bits", "value_of"]
 
 # The prime field of MPyC's `mpc.SecInt(32)` (bit length 32 + security parameter 30 + 2: a 64-bit prime);
 # tests/test_market_mpc.py checks it equals `mpc.SecInt(32).field.modulus`.
 FIELD_MODULUS = 18446744073709551427
-# Bounds of one contributor's value: comparisons on 32-bit secints decide |x| < 2**31 correctly, and the
-# range check compares value - lo and hi - value, so both ends stay within ±2**30.
+# Bounds of one contributor's value: hi - lo ≤ 2**31, so value - lo has at most 32 bits (MAX_BINS elements)
+# and the range check's comparison of those bits' sum with hi - lo stays within MPyC's exact 32-bit range.
 VALUE_BOUND = 2**30
 MAX_BINS = 32
 MAX_AGGREGATORS = 7
@@ -86,7 +87,14 @@ class Query(BaseModel):
     @property
     def width(self) -> int:
         """The number of integers one contributor inputs."""
-        return len(self.bins) - 1 if self.bins is not None else 1
+        if self.type == "count":
+            return 1
+        return len(self.bins) - 1 if self.bins is not None else value_bits(self)
+
+
+def value_bits(query: Query) -> int:
+    """k, the number of bits a value query's input has: the bit length of hi − lo (at least 1)."""
+    return max(1, (query.hi - query.lo).bit_length())
 
 
 def threshold_for(m: int) -> int:
@@ -95,8 +103,13 @@ def threshold_for(m: int) -> int:
 
 
 def contribution(query: Query, value: int | None = None) -> list[int]:
-    """The vector one contributor inputs: count → [1]; sum, mean, derived measures → [value]; histogram →
-    one-hot over the bins. ValueError when the value lies outside the query's bounds or bins."""
+    """The vector one contributor inputs: count → [1]; sum, mean, derived measures → the k = `value_bits`
+    bits of value − lo, least significant first; histogram → one-hot over the bins. ValueError when the value
+    lies outside the query's bounds or bins.
+
+    A value is input as bits because the field holds far more than ±2**31: a single shared element could be
+    one the aggregators' 32-bit comparison misjudges. Bits are checked to be 0/1 exactly, so their weighted
+    sum is an honest integer in 0..2**k − 1 and the comparison with hi − lo is exact."""
     if query.type == "count":
         return [1]
     if value is None:
@@ -104,7 +117,7 @@ def contribution(query: Query, value: int | None = None) -> list[int]:
     if not query.lo <= value <= query.hi:
         raise ValueError(f"value {value} outside the query's bounds {query.lo}..{query.hi}")
     if query.bins is None:
-        return [value]
+        return [(value - query.lo) >> i & 1 for i in range(value_bits(query))]
     edges = query.bins
     if not edges[0] <= value <= edges[-1]:
         raise ValueError(f"value {value} outside the histogram's bins {edges[0]}..{edges[-1]}")
@@ -113,15 +126,20 @@ def contribution(query: Query, value: int | None = None) -> list[int]:
 
 
 def is_valid(query: Query, vector: Sequence[int]) -> bool:
-    """The check the aggregators run inside the MPC, in the clear: right length; count: [1]; a value within
-    lo..hi; a histogram: entries 0/1 summing to 1."""
+    """The check the aggregators run inside the MPC, in the clear: right length; count: [1]; a value: every
+    element 0/1 and lo + Σ 2**i·bᵢ ≤ hi; a histogram: entries 0/1 summing to 1."""
     if len(vector) != query.width:
         return False
     if query.type == "count":
         return list(vector) == [1]
     if query.type == "histogram":
         return all(x in (0, 1) for x in vector) and sum(vector) == 1
-    return query.lo <= vector[0] <= query.hi
+    return all(x in (0, 1) for x in vector) and value_of(query, vector) <= query.hi
+
+
+def value_of(query: Query, vector: Sequence[int]) -> int:
+    """The value a value query's bit vector encodes: lo + Σ 2**i·vector[i]."""
+    return query.lo + sum(b << i for i, b in enumerate(vector))
 
 
 def plain_answer(query: Query, vectors: Sequence[Sequence[int]]) -> dict[str, Any]:
@@ -130,7 +148,7 @@ def plain_answer(query: Query, vectors: Sequence[Sequence[int]]) -> dict[str, An
         return {"count": len(vectors)}
     if query.type == "histogram":
         return {"histogram": [sum(col) for col in zip(*vectors, strict=True)] if vectors else [0] * query.width}
-    total = sum(v[0] for v in vectors)
+    total = sum(value_of(query, v) for v in vectors)
     return {"sum": total} if query.type == "sum" else {"sum": total, "n": len(vectors)}
 
 

@@ -12,9 +12,10 @@ MINER_REQUEST_WILDCARD = f"{PREFIX}/miner/+/req"
 MINER_COSIG_WILDCARD = f"{PREFIX}/miner/+/cosig"
 MINER_EVIDENCE_WILDCARD = f"{PREFIX}/miner/+/evidence"
 MINER_HELLO_WILDCARD = f"{PREFIX}/miner/+/hello"
+MINER_STUDY_WILDCARD = f"{PREFIX}/miner/+/study"
 _DEVICE_ID = re.compile(r"[a-z2-7]{1,64}")  # always fullmatch: `$` would accept a trailing newline
 _EVENT_TOPIC = re.compile(rf"{PREFIX}/dev/([^/]+)/ev")
-_MINER_TOPIC = re.compile(rf"{PREFIX}/miner/([^/]+)/(req|resp|cosig|evidence|hello)")
+_MINER_TOPIC = re.compile(rf"{PREFIX}/miner/([^/]+)/(req|resp|cosig|evidence|hello|study)")
 
 
 def events(device_id: str) -> str:
@@ -57,8 +58,14 @@ def miner_hello(miner_id: str) -> str:
     return f"{PREFIX}/miner/{_checked(miner_id)}/hello"
 
 
+def miner_study(miner_id: str) -> str:
+    """Aggregator miner → bridge: its signed `study.result` entries (docs/market.md)."""
+    return f"{PREFIX}/miner/{_checked(miner_id)}/study"
+
+
 def miner_of_topic(topic: str) -> tuple[str, str] | None:
-    """(miner id, kind) of a miner topic, kind one of req/resp/cosig/evidence/hello; None when it is not one."""
+    """(miner id, kind) of a miner topic, kind one of req/resp/cosig/evidence/hello/study; None when it is not
+    one."""
     return _id_and_kind(_MINER_TOPIC, topic)
 
 

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from chain_bridge.contract_gate import ContractGate
     from chain_bridge.evidence_intake import EvidenceIntake
     from chain_bridge.record_server import RecordServer
+    from chain_bridge.study_intake import StudyIntake
     from chain_bridge.workers import WorkerPool
 
 log = logging.getLogger("carechain.bridge")
@@ -87,6 +88,7 @@ class BridgeStats:
     records: Counter[str] = field(default_factory=Counter)  # record server: answered, pages, refusals by reason
     archive: Counter[str] = field(default_factory=Counter)  # archiver: planned, uploaded, committed, pruned, ...
     evidence: Counter[str] = field(default_factory=Counter)  # access.fault from requesters: appended, refusals
+    studies: Counter[str] = field(default_factory=Counter)  # study.result from aggregators: appended, refusals
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -96,7 +98,7 @@ class BridgeStats:
             "final_checkpoints": self.final_checkpoints, "final_recorded": self.final_recorded,
             "storage_errors": self.storage_errors,
             "unreceipted": self.unreceipted, "records": dict(self.records), "archive": dict(self.archive),
-            "evidence": dict(self.evidence),
+            "evidence": dict(self.evidence), "studies": dict(self.studies),
         }
 
 
@@ -191,6 +193,13 @@ class Bridge:
 
             self.evidence = EvidenceIntake()
             self.stats.evidence = self.evidence.stats
+        # Aggregators' study results (study.result), decided by the contracts on the sequencer's thread.
+        self.studies: StudyIntake | None = None
+        if contracts is not None:
+            from chain_bridge.study_intake import StudyIntake
+
+            self.studies = StudyIntake()
+            self.stats.studies = self.studies.stats
         if contracts is not None:
             from chain_bridge.record_server import RecordServer
 
@@ -237,6 +246,8 @@ class Bridge:
             subscriptions.append((topics.ACCESS_RECORDS, 1))
         if self.evidence is not None:
             subscriptions.append((topics.ACCESS_EVIDENCE, 1))
+        if self.studies is not None:
+            subscriptions.append((topics.MINER_STUDY_WILDCARD, 1))
         self._client = connect_client(
             self.broker, self.client_id, clean_session=False, on_message=self._on_message,
             subscriptions=subscriptions, connected=self.connected, on_state=self._on_link,
@@ -291,6 +302,8 @@ class Bridge:
             self.proofs.serve(client, msg)
         elif miner[1] == "cosig" and msg.payload:
             self._on_cosignature(bytes(msg.payload), miner[0])
+        elif miner[1] == "study" and self.studies is not None:
+            self.studies.submit(miner[0], bytes(msg.payload))  # decided on the sequencer's thread
 
     # -- finality ------------------------------------------------------------------------------------
 
@@ -446,6 +459,8 @@ class Bridge:
                 if time.monotonic() >= next_checkpoint:
                     if self.evidence is not None and self.contracts is not None:
                         self.evidence.drain(self.ledger, self.contracts, self.ledger_lock)
+                    if self.studies is not None and self.contracts is not None:
+                        self.studies.drain(self.ledger, self.contracts, self.ledger_lock)
                     self.maybe_checkpoint()
                     self.refresh_miners()
                     self.record_final()

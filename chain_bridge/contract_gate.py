@@ -20,6 +20,7 @@ checkpoints) and starts from the newest one, replaying only the leaves after it.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -166,3 +167,17 @@ class ContractGate:
 
     def abort(self) -> None:
         self._stale = True  # leaves applied in the rolled-back transaction: rebuild from the ledger
+
+
+def append_if_accepted(ledger: Ledger, gate: ContractGate, lock: threading.Lock, entry: Entry) -> int | str:
+    """Decide one contract entry that arrived over the broker (evidence, a study result) and append it if the
+    rules accept it: its leaf index, or the rules' reason (nothing appended). Under the sequencer's lock, so
+    no event is appended between the decision and the append."""
+    with lock:
+        ledger.refresh()
+        gate.catch_up(ledger)
+        reason = gate.runtime.check(entry)
+        if reason != OK:
+            return reason
+        [index] = ledger.append_entries([entry])
+        return index

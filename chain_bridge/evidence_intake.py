@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from carechain.access import MAX_CAPSULE_FRAGMENTS_BYTES
 from carechain.entries import ACCESS_FAULT, Entry, EntryError
 from chain_bridge.ledger.store import Ledger
-from contract_rules.runtime import OK
+from chain_bridge.contract_gate import append_if_accepted
 
 if TYPE_CHECKING:
     from chain_bridge.contract_gate import ContractGate
@@ -63,15 +63,11 @@ class EvidenceIntake:
                 self.stats["bad_entry"] += 1
                 log.warning("access evidence refused: %s", exc)
                 continue
-            with lock:  # the sequencer's: no event is appended between the decision and the append
-                ledger.refresh()
-                gate.catch_up(ledger)
-                reason = gate.runtime.check(entry)
-                if reason != OK:
-                    self.stats[reason] += 1
-                    log.warning("access evidence refused by the contracts: %s", reason)
-                    continue
-                [index] = ledger.append_entries([entry])
+            index = append_if_accepted(ledger, gate, lock, entry)
+            if isinstance(index, str):
+                self.stats[index] += 1
+                log.warning("access evidence refused by the contracts: %s", index)
+                continue
             self.stats["appended"] += 1
             appended.append(index)
             log.warning("access.fault appended at leaf %d: a miner's capsule fragments did not verify", index)

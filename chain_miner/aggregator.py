@@ -1,11 +1,14 @@
 """One aggregator of a data-market study: one MPyC party (docs/market.md, "The computation").
 
     python -m chain_miner.aggregator --study ID --index I --peers host:port,host:port,host:port \\
-        --key miner.key --inputs inputs.json [--out result.json] [--ts MS]
+        --key miner.key --inputs inputs.json [--out result.json] [--ts MS] [--publish --config carechain.toml]
 
 The study's m aggregators each run this, party I at the I-th address of --peers (all on the same list, in
-the study's aggregator order); MPyC connects them over TCP. Wave 1 reads the study and the contributions from
---inputs, a JSON file the caller writes:
+the study's aggregator order); MPyC connects them over TCP. The study and its contributions come from the
+ledger: `inputs_from_leaves` replays its leaves through the contract rules, so only what they accepted counts
+(the study record, its aggregators, each contribution's consent minimum and sealed shares); a caller with the
+leaves (a `chain_bridge.ledger.reader.LedgerReader`'s, or leaves fetched from the log — this package may not
+import the bridge's) passes that document to `run`, and the command line takes it as --inputs, a JSON file:
 
     {"study": {"study_id", "query": {type, kind, lo, hi, bins?}, "epsilon_milli", "aggregators": [ids]},
      "contributions": [{"leaf": int, "min_cohort": int, "shares": [hex sealed row per aggregator]}]}
@@ -15,14 +18,18 @@ What the parties learn, in order, and nothing else:
    dropped as invalid;
 2. which of the rest were shared inconsistently (not on one polynomial of degree (m-1)//2), from the shares
    of input + a jointly random mask: dropped as invalid;
-3. one validity bit per remaining contribution, computed inside the MPC (count: the input is 1; value: lo ≤ v
-   ≤ hi by two secure comparisons; histogram: every entry 0/1 and their sum 1, as one random linear
-   combination that is zero exactly when valid, with coefficients drawn jointly after the inputs are fixed);
+3. one validity bit per remaining contribution, computed inside the MPC and zero-tested as one random linear
+   combination that is zero exactly when valid, with coefficients drawn jointly after the inputs are fixed
+   (count: the input is 1; value: every input bit bᵢ is 0/1 — bᵢ(bᵢ − 1) = 0 — and Σ 2**i·bᵢ ≤ hi − lo by
+   one secure (k+1)-bit comparison, exact because that sum is now an honest integer below 2**k; histogram: every
+   entry 0/1 and their sum 1);
 4. the aggregate over the cohort-rule's included set (`carechain.market.cohort`), with discrete-Laplace noise
    drawn inside the MPC when the study sets epsilon_milli (see `_noise`), or nothing when the set is empty.
 
 It writes {"entry": hex of the signed `study.result` ledger entry, "payload": …, "stats": …} to --out or
-stdout. Importing MPyC's runtime parses sys.argv, so `main` sets MPyC's options (-I, -P, --no-log) there
+stdout, and with --publish sends the entry to the bridge on its own miner topic `cc/v1/miner/<id>/study`
+(`publish_result`, the broker of --config's `broker` section); the bridge's `chain_bridge.study_intake`
+decides it with the contract rules and appends it. Importing MPyC's runtime parses sys.argv, so `main` sets MPyC's options (-I, -P, --no-log) there
 before the import.
 """
 
@@ -32,14 +39,49 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from carechain import market
+from carechain.config import BrokerConfig
 from carechain.identity import Identity
+from contract_rules.runtime import Genesis, State
 
-HISTOGRAM_COEFF_DOMAIN = b"carechain/market/histogram-check/v1\x00"
+__all__ = ["inputs_from_leaves", "inputs_from_state", "main", "publish_result", "run"]
+
+VALIDITY_COEFF_DOMAIN = b"carechain/market/validity-check/v1\x00"
+
+
+def inputs_from_state(state: State, study_id: str) -> dict[str, Any]:
+    """The aggregators' input document for `study_id` from a replayed contract state: the study record and,
+    for every contribution the rules accepted, its leaf, its consent's `min_cohort` and its sealed shares.
+    KeyError when the ledger holds no such study."""
+    from contract_rules import market as market_rules  # noqa: PLC0415 - only the ledger path needs the rules
+
+    study = market_rules.study_record(state, study_id)
+    if study is None:
+        raise KeyError(f"the ledger holds no study {study_id!r}")
+    table = state.table(market_rules.CONTRIBUTIONS)
+    contributions = []
+    for leaf in study["contributions"]:
+        c = table[str(leaf)]
+        contributions.append({"leaf": int(leaf), "min_cohort": int(c["min_cohort"]),
+                              "shares": [bytes(s).hex() for s in c["shares"]]})
+    query = {k: v for k, v in study["query"].items() if v is not None}  # the record keeps bins: None
+    return {"study": {"study_id": study_id, "query": query, "epsilon_milli": study["epsilon_milli"],
+                      "aggregators": list(study["aggregators"]), "state": study["state"]},
+            "contributions": contributions}
+
+
+def inputs_from_leaves(genesis: Genesis, leaves: Iterable[bytes], study_id: str) -> dict[str, Any]:
+    """`inputs_from_state` after replaying `leaves` (a whole log's, in order: a `LedgerReader`'s, or leaves
+    fetched from the log) with `contract_rules.Replica` under `genesis`."""
+    from contract_rules.replay import Replica  # noqa: PLC0415
+
+    replica = Replica(genesis)
+    replica.apply_leaves(leaves)
+    return inputs_from_state(replica.state, study_id)
 
 
 def _own_rows(identity: Identity, index: int, query: market.Query,
@@ -85,20 +127,28 @@ async def _compute(mpc: Any, query: market.Query, rows: dict[int, list[int] | No
     # 3. validity bits inside the MPC, opened
     inputs = {leaf: [secint(field(s)) for s in rows[leaf] or []] for leaf in consistent}
     coeffs: list[int] = []
-    if query.type == "histogram" and consistent:
+    if query.type != "count" and consistent:
         coeffs = _coefficients(int(await mpc.output(mpc._random(secint))) % market.FIELD_MODULUS, w + 1)
+    span = query.hi - query.lo
+    offsets: dict[int, Any] = {}  # leaf → value − lo = Σ 2**i·bᵢ, for value queries
     checks = []
     for leaf in consistent:
         x = inputs[leaf]
         if query.type == "count":
             checks.append(mpc.is_zero_public(x[0] - 1))
-        elif query.type == "histogram":
-            defect = coeffs[0] * (mpc.sum(x) - 1)
-            for k, b in enumerate(x):
-                defect += coeffs[k + 1] * (b * (b - 1))
-            checks.append(mpc.is_zero_public(defect))
+            continue
+        defect = secint(0)
+        for k, b in enumerate(x):
+            defect += coeffs[k + 1] * (b * (b - 1))
+        if query.type == "histogram":
+            defect += coeffs[0] * (mpc.sum(x) - 1)
         else:
-            checks.append(mpc.output((x[0] >= query.lo) * (x[0] <= query.hi)))
+            offsets[leaf] = mpc.sum([b * (1 << i) for i, b in enumerate(x)])
+            if span < (1 << w) - 1:  # otherwise every k-bit offset is ≤ span: no comparison needed
+                # [span − offset < 0] on (k+1)-bit numbers: exact, as |span − offset| < 2**k, and cheaper
+                # than a full 32-bit comparison for the usual small k
+                defect += coeffs[0] * mpc.sgn(span - offsets[leaf], l=w + 1, LT=True)
+        checks.append(mpc.is_zero_public(defect))
     bits = [bool(b) for b in await mpc.gather(checks)] if checks else []
     valid = [leaf for leaf, ok in zip(consistent, bits, strict=True) if ok]
 
@@ -109,7 +159,10 @@ async def _compute(mpc: Any, query: market.Query, rows: dict[int, list[int] | No
         if query.type == "count":
             answer = {"count": len(included)}
         else:
-            totals = [mpc.sum([inputs[leaf][k] for leaf in included]) for k in range(w)]
+            if query.type == "histogram":
+                totals = [mpc.sum([inputs[leaf][k] for leaf in included]) for k in range(w)]
+            else:
+                totals = [mpc.sum([offsets[leaf] for leaf in included]) + query.lo * len(included)]
             if epsilon_milli > 0:
                 thresholds = market.geometric_bit_thresholds(epsilon_milli, market.sensitivity(query))
                 totals = [total + _noise(mpc, secint, thresholds) for total in totals]
@@ -131,7 +184,7 @@ def _coefficients(coin: int, n: int) -> list[int]:
     import hashlib  # noqa: PLC0415
 
     seed = coin.to_bytes(8, "big")
-    return [int.from_bytes(hashlib.sha256(HISTOGRAM_COEFF_DOMAIN + seed + k.to_bytes(2, "big")).digest(), "big")
+    return [int.from_bytes(hashlib.sha256(VALIDITY_COEFF_DOMAIN + seed + k.to_bytes(2, "big")).digest(), "big")
             % market.FIELD_MODULUS for k in range(n)]
 
 
@@ -151,9 +204,11 @@ def _noise(mpc: Any, secint: Any, thresholds: list[int]) -> Any:
     return geometric() - geometric()
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, inputs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run this aggregator's MPC party for `args.study` on `inputs` (the `inputs_from_leaves` document; read
+    from --inputs when None); the signed result entry, its payload and stats."""
     started = time.perf_counter()
-    spec = json.loads(Path(args.inputs).read_text())
+    spec: dict[str, Any] = json.loads(Path(args.inputs).read_text()) if inputs is None else inputs
     study = spec["study"]
     if study["study_id"] != args.study:
         raise SystemExit(f"--inputs holds study {study['study_id']!r}, not {args.study!r}")
@@ -184,15 +239,40 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       "contributions": len(contributions)}}
 
 
+def publish_result(broker: BrokerConfig, miner_id: str, entry: bytes, timeout: float = 30.0) -> None:
+    """Send a signed `study.result` entry to the bridge on `miner_id`'s study topic (QoS 1, acknowledged by the
+    broker); TimeoutError when the broker does not take it within `timeout` seconds."""
+    import threading  # noqa: PLC0415
+
+    from carechain import topics  # noqa: PLC0415
+    from carechain.transport import connect_client  # noqa: PLC0415
+
+    connected = threading.Event()
+    client = connect_client(broker, f"{miner_id}-study", connected=connected)
+    try:
+        if not connected.wait(timeout):
+            raise TimeoutError(f"broker {broker.host}:{broker.port} unreachable or refusing miner {miner_id}")
+        info = client.publish(topics.miner_study(miner_id), entry, qos=1)
+        info.wait_for_publish(timeout)
+        if not info.is_published():
+            raise TimeoutError(f"broker {broker.host}:{broker.port} did not take the study result")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m chain_miner.aggregator", description=__doc__.split("\n")[0])
     parser.add_argument("--study", required=True, help="the study id")
     parser.add_argument("--index", type=int, required=True, help="this aggregator's 0-based place in the study")
     parser.add_argument("--peers", required=True, help="host:port of every aggregator, in the study's order")
     parser.add_argument("--key", required=True, help="this miner's key file (signs the result)")
-    parser.add_argument("--inputs", required=True, help="JSON file with the study and its contributions")
+    parser.add_argument("--inputs", required=True,
+                        help="JSON file with the study and its contributions (`inputs_from_leaves`'s document)")
     parser.add_argument("--out", help="write the result here instead of stdout")
     parser.add_argument("--ts", type=int, help="the result's ts in ms (default: now)")
+    parser.add_argument("--publish", action="store_true", help="send the entry to the bridge over the broker")
+    parser.add_argument("--config", help="carechain config file whose `broker` section --publish uses")
     args = parser.parse_args(argv)
     result = run(args)
     text = json.dumps(result, sort_keys=True)
@@ -200,6 +280,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         Path(args.out).write_text(text + "\n")
     else:
         print(text)
+    if args.publish:
+        from carechain.config import load_config  # noqa: PLC0415
+
+        broker = load_config(Path(args.config) if args.config else None).broker
+        publish_result(broker, Identity.load(Path(args.key)).device_id, bytes.fromhex(result["entry"]))
     return 0
 
 

@@ -105,7 +105,7 @@ def test_the_acl_gives_each_device_exactly_its_own_topics() -> None:
         f"user {BRIDGE}", "topic read cc/v1/dev/+/ev", "topic write cc/v1/dev/+/rcpt",
         "topic write cc/v1/log/checkpoint", "topic write cc/v1/log/final",
         "topic read cc/v1/miner/+/req", "topic read cc/v1/miner/+/cosig", "topic read cc/v1/miner/+/evidence",
-        "topic read cc/v1/miner/+/hello", "topic write cc/v1/miner/+/resp",
+        "topic read cc/v1/miner/+/hello", "topic read cc/v1/miner/+/study", "topic write cc/v1/miner/+/resp",
         "topic read cc/v1/access/records", "topic read cc/v1/access/evidence", "topic write cc/v1/party/+/inbox",
         f"user {BRIDGE}-archive", "topic write cc/v1/store/+/req", "topic read cc/v1/store/+/resp",
         "topic read cc/v1/store/+/hello", "topic read cc/v1/log/final",
@@ -124,7 +124,7 @@ def test_each_miner_and_its_storage_server_write_only_their_own_topics() -> None
               for u, rules in blocks.items()}
     assert writes[miner_user(m)] == sorted([f"cc/v1/miner/{m}/req", f"cc/v1/miner/{m}/cosig",
                                             f"cc/v1/miner/{m}/evidence", f"cc/v1/miner/{m}/hello",
-                                            "cc/v1/party/+/inbox"])
+                                            f"cc/v1/miner/{m}/study", "cc/v1/party/+/inbox"])
     assert writes[store_user(m)] == sorted([f"cc/v1/store/{m}/resp", f"cc/v1/store/{m}/hello"])
     assert [u for u, w in writes.items() if "cc/v1/miner/+/resp" in w] == [BRIDGE]  # only the bridge answers
     assert f"topic read cc/v1/store/{m}/req" in blocks[store_user(m)]

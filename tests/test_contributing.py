@@ -248,7 +248,8 @@ def test_the_measures_on_this_world(world: World):
 def test_values_outside_the_bounds_are_clipped_so_an_honest_input_is_valid():
     q = {"type": "histogram", "kind": "heart_rate", "lo": 30, "hi": 220, "bins": [60, 70, 80]}
     assert contribution_vector(q, 45) == [1, 0] and contribution_vector(q, 250) == [0, 1]
-    assert contribution_vector({"type": "mean", "kind": "heart_rate", "lo": 30, "hi": 120}, 150) == [120]
+    # a value is input as the bits of value - lo, least significant first: 120 - 30 = 90 in k = 7 bits
+    assert contribution_vector({"type": "mean", "kind": "heart_rate", "lo": 30, "hi": 120}, 150) == [0, 1, 0, 1, 1, 0, 1]
 
 
 def test_no_contribution_to_a_decided_study(world: World):

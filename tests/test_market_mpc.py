@@ -125,18 +125,42 @@ def test_aggregators_open_the_plain_answer(tmp_path: Path, qtype: str) -> None:
         assert payload["answer"] == {"histogram": [2, 3, 3, 2, 2]}
 
 
+def bits(offset: int, k: int = 8) -> list[int]:
+    """The k low bits of `offset`, least significant first: what a contributor inputs for lo + offset."""
+    return [offset >> i & 1 for i in range(k)]
+
+
 def test_invalid_and_malformed_inputs_are_dropped_and_counted(tmp_path: Path) -> None:
-    query = market.Query.model_validate({"type": "mean", **HR})
-    good = [Contribution([v]) for v in (50, 60, 70, 200, 40)]
-    bad = [Contribution([201]), Contribution([39]), Contribution([-5]), Contribution([2**31 - 1]),
-           Contribution([90], spoil="garbage"), Contribution([90], spoil="wrong_key"),
-           Contribution([90], spoil="inconsistent"), Contribution([90], spoil="short")]
+    query = market.Query.model_validate({"type": "mean", **HR})  # 40..200: k = 8 bits of value − 40
+    good = [Contribution(market.contribution(query, v)) for v in (50, 60, 70, 200, 40)]
+    ninety = market.contribution(query, 90)
+    bad = [Contribution(bits(201 - 40)), Contribution(bits(255)), Contribution([2, 0, 0, 0, 0, 0, 0, 0]),
+           Contribution([1, 0, 0, 0, 0, 0, 0, -1]), Contribution([90]),
+           Contribution(ninety, spoil="garbage"), Contribution(ninety, spoil="wrong_key"),
+           Contribution(ninety, spoil="inconsistent"), Contribution(ninety, spoil="short")]
     keys = aggregator_keys(tmp_path)
     inputs = build_inputs(keys, query.model_dump(exclude_none=True), good + bad)
     payload = agreed_payload(run_aggregators(tmp_path, inputs), keys)
     assert payload["valid"] == payload["included"] == [100, 101, 102, 103, 104]
     assert payload["invalid"] == len(bad)
     assert payload["answer"] == {"sum": 420, "n": 5}
+
+
+def test_a_huge_field_element_shared_consistently_is_rejected(tmp_path: Path) -> None:
+    # Before inputs were bits, a value far outside ±2**31 passed MPyC's 32-bit range comparison and skewed
+    # the sum. Now every input element must be a bit: each of these is shared consistently (so it passes the
+    # consistency check) and must still be caught, counted invalid, and left out of the answer.
+    query = market.Query.model_validate({"type": "sum", **HR})
+    p = market.FIELD_MODULUS
+    good = [Contribution(market.contribution(query, v)) for v in (60, 70, 80)]
+    huge = [Contribution([2**62] + [0] * 7), Contribution([0] * 7 + [p - 2**40]),
+            Contribution([p // 2 + 1] + [0] * 7), Contribution([p - 1] * 8),
+            Contribution([(1 - 2**33) % p, 2**32, 0, 0, 0, 0, 0, 0])]  # offset 1 − 2**33 + 2**33 = 1, not bits
+    keys = aggregator_keys(tmp_path)
+    payload = agreed_payload(run_aggregators(tmp_path, build_inputs(keys, query.model_dump(exclude_none=True),
+                                                                    good + huge)), keys)
+    assert payload["valid"] == payload["included"] == [100, 101, 102]
+    assert payload["invalid"] == len(huge) and payload["answer"] == {"sum": 210}
 
 
 def test_histogram_rejects_inputs_that_are_not_one_hot(tmp_path: Path) -> None:
@@ -154,7 +178,8 @@ def test_histogram_rejects_inputs_that_are_not_one_hot(tmp_path: Path) -> None:
 def test_below_minimum_cohort_there_is_no_answer(tmp_path: Path) -> None:
     query = market.Query.model_validate({"type": "sum", **HR})
     keys = aggregator_keys(tmp_path)
-    contributions = [Contribution([70], min_cohort=5) for _ in range(3)] + [Contribution([500])]
+    contributions = [Contribution(market.contribution(query, 70), min_cohort=5) for _ in range(3)]
+    contributions.append(Contribution(bits(500 - 40)))
     payload = agreed_payload(run_aggregators(tmp_path, build_inputs(keys, query.model_dump(exclude_none=True),
                                                                     contributions)), keys)
     assert payload["valid"] == [100, 101, 102] and payload["invalid"] == 1
@@ -164,7 +189,7 @@ def test_below_minimum_cohort_there_is_no_answer(tmp_path: Path) -> None:
 def test_the_aggregate_covers_only_the_included_cohort(tmp_path: Path) -> None:
     query = market.Query.model_validate({"type": "mean", **HR})
     keys = aggregator_keys(tmp_path)
-    contributions = [Contribution([60], 2), Contribution([70], 3), Contribution([80], 3), Contribution([190], 9)]
+    contributions = [Contribution(market.contribution(query, v), c) for v, c in ((60, 2), (70, 3), (80, 3), (190, 9))]
     payload = agreed_payload(run_aggregators(tmp_path, build_inputs(keys, query.model_dump(exclude_none=True),
                                                                     contributions)), keys)
     assert payload["valid"] == [100, 101, 102, 103]
@@ -246,7 +271,17 @@ def test_contribution_vectors_and_their_validity() -> None:
     assert market.contribution(hist, 119) == [0, 0, 0, 1, 0]
     assert market.contribution(hist, 200) == [0, 0, 0, 0, 1]
     assert market.contribution(market.Query.model_validate({"type": "count", **HR})) == [1]
-    assert market.contribution(market.Query.model_validate({"type": "resting_heart_rate", **HR}), 58) == [58]
+    rhr = market.Query.model_validate({"type": "resting_heart_rate", **HR})
+    assert market.contribution(rhr, 58) == [0, 1, 0, 0, 1, 0, 0, 0]  # 58 − 40 = 18, least significant first
+    assert market.value_of(rhr, market.contribution(rhr, 58)) == 58 and market.is_valid(rhr, [0] * 8)
+    assert market.contribution(rhr, 200) == bits(160) and market.is_valid(rhr, bits(160))
+    assert not market.is_valid(rhr, bits(161)) and not market.is_valid(rhr, [2] + [0] * 7)
+    assert not market.is_valid(rhr, [1] * 9)
+    assert market.value_bits(rhr) == rhr.width == 8
+    exact = market.Query.model_validate({"type": "sum", "kind": "steps", "lo": 0, "hi": 0})
+    assert exact.width == 1 and market.contribution(exact, 0) == [0]
+    widest = market.Query.model_validate({"type": "sum", "kind": "x", "lo": -2**30, "hi": 2**30})
+    assert widest.width == market.MAX_BINS and market.value_of(widest, market.contribution(widest, 2**30)) == 2**30
     with pytest.raises(ValueError):
         market.contribution(hist, 201)
     assert not market.is_valid(hist, [1, 1, 0, 0, 0]) and market.is_valid(hist, [0, 1, 0, 0, 0])

@@ -6,7 +6,7 @@ the bridge has its own user, each of its ingest workers one more (`<bridge user>
 witness miner one (`carechain-miner-<miner id>`) and, for the same miner id, one for its storage server
 (`carechain-store-<miner id>`: the two run as separate processes, and one login holds one session), and each
 registered patient, doctor and researcher one (`carechain-party-<party id>`) that reads only its own inbox.
-A miner writes only its own requests, cosignatures, evidence, hello and storage answers; only the bridge
+A miner writes only its own requests, cosignatures, evidence, study results, hello and storage answers; only the bridge
 answers on the miners' response topics. Miners are those registered on the ledger (role `miner`) plus any
 added by hand. A revoked device has no login at all. One login per
 client matters because the broker ties client ids to logins (`use_username_as_clientid`): a login can
@@ -222,6 +222,8 @@ def acl_text(bridge_user: str, devices: Iterable[DeviceRecord], *, registry_vers
         f"topic read {topics.MINER_COSIG_WILDCARD}",
         f"topic read {topics.MINER_EVIDENCE_WILDCARD}",
         f"topic read {topics.MINER_HELLO_WILDCARD}",
+        "# aggregators' study results (study.result), decided by the contracts and appended",
+        f"topic read {topics.MINER_STUDY_WILDCARD}",
         "# only the bridge answers proof requests (and miners act only on answers the log key signed)",
         f"topic write {topics.PREFIX}/miner/+/resp",
         "# Private records: requesters' signed page requests and fault evidence in, record pages out to",
@@ -250,6 +252,8 @@ def acl_text(bridge_user: str, devices: Iterable[DeviceRecord], *, registry_vers
             f"topic write {topics.miner_request(miner)}",
             f"topic write {topics.miner_cosignature(miner)}",
             f"topic write {topics.miner_evidence(miner)}",
+            "# its own study results, as a study's aggregator",
+            f"topic write {topics.miner_study(miner)}",
             "# its own retained hello (its last will empties it)",
             f"topic write {topics.miner_hello(miner)}",
             f"topic read {topics.miner_response(miner)}",

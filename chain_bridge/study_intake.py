@@ -1,0 +1,86 @@
+"""Study results from aggregators: `study.result` entries published on `cc/v1/miner/<id>/study`, decided and
+appended (docs/market.md, "The computation").
+
+Each of a study's aggregators signs its `study.result` with its miner key and publishes it on its own miner
+topic (the broker lets only that miner write there). The bridge decides it with the contract rules — which
+check that the signer is one of the study's aggregators, has not posted yet, and that the result fits the
+study's contributions, cohort rule and query — and appends it; a majority of equal results decides the study
+on every replica. Nothing is trusted from the broker: a message that is not a well-formed `study.result`
+entry, is signed by another key than the topic's miner, or that the rules refuse, is counted and logged and
+never reaches the ledger. The queue is bounded; a flood is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import Counter
+from typing import TYPE_CHECKING
+
+from carechain import envelope
+from carechain.entries import STUDY_RESULT, Entry, EntryError
+from chain_bridge.ledger.store import Ledger
+from chain_bridge.contract_gate import append_if_accepted
+
+if TYPE_CHECKING:
+    from chain_bridge.contract_gate import ContractGate
+
+__all__ = ["MAX_PENDING", "MAX_RESULT_BYTES", "StudyIntake"]
+
+MAX_PENDING = 64  # results waiting to be decided
+# valid/included list at most 100,000 leaf indexes of ≤ 9 CBOR bytes each, plus the answer and the envelope
+MAX_RESULT_BYTES = 2 * 100_000 * 9 + 16_384
+RESULT_TYPES = frozenset({STUDY_RESULT})
+log = logging.getLogger("carechain.bridge")
+
+
+class StudyIntake:
+    """Takes result entries from the broker's thread, decides and appends them on the sequencer's."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[tuple[str, bytes]] = queue.Queue(MAX_PENDING)
+        self.stats: Counter[str] = Counter()  # "appended", "dropped", "too_large", "bad_entry",
+        # "not_the_topics_miner", and rule reasons
+
+    def submit(self, miner_id: str, payload: bytes) -> None:
+        """From the MQTT thread: queue one message that arrived on `miner_id`'s study topic, or count why not."""
+        if len(payload) > MAX_RESULT_BYTES:
+            self.stats["too_large"] += 1
+            log.warning("study result of %d bytes from miner %s refused: the limit is %d", len(payload), miner_id,
+                        MAX_RESULT_BYTES)
+            return
+        try:
+            self._queue.put_nowait((miner_id, bytes(payload)))
+        except queue.Full:
+            self.stats["dropped"] += 1
+            log.warning("study result from miner %s dropped: %d results already wait to be decided", miner_id,
+                        MAX_PENDING)
+
+    def drain(self, ledger: Ledger, gate: ContractGate, lock: threading.Lock) -> list[int]:
+        """Decide every queued result against the contracts and append the accepted ones; their leaf indexes."""
+        appended: list[int] = []
+        while True:
+            try:
+                miner_id, raw = self._queue.get_nowait()
+            except queue.Empty:
+                return appended
+            try:
+                entry = Entry.decode(raw, RESULT_TYPES)
+                signer = envelope.parse(entry.cose).kid
+            except (EntryError, envelope.EnvelopeError) as exc:
+                self.stats["bad_entry"] += 1
+                log.warning("study result from miner %s refused: %s", miner_id, exc)
+                continue
+            if signer != miner_id:  # the ACL lets only that miner publish here; a relayed entry is not its own
+                self.stats["not_the_topics_miner"] += 1
+                log.warning("study result on miner %s's topic refused: it is signed by %s", miner_id, signer)
+                continue
+            index = append_if_accepted(ledger, gate, lock, entry)
+            if isinstance(index, str):
+                self.stats[index] += 1
+                log.warning("study result from miner %s refused by the contracts: %s", miner_id, index)
+                continue
+            self.stats["appended"] += 1
+            appended.append(index)
+            log.info("study.result from miner %s appended at leaf %d", miner_id, index)
