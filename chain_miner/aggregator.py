@@ -1,7 +1,8 @@
 """One aggregator of a data-market study: one MPyC party (docs/market.md, "The computation").
 
     python -m chain_miner.aggregator --study ID --index I --peers host:port,host:port,host:port \\
-        --key miner.key --inputs inputs.json [--out result.json] [--ts MS] [--publish --config carechain.toml]
+        --key miner.key --inputs inputs.json [--out result.json] [--ts MS] \\
+        [--publish --config carechain.toml [--credentials aggregators/<id>.json] [--tls-ca ca.crt]]
 
 The study's m aggregators each run this, party I at the I-th address of --peers (all on the same list, in
 the study's aggregator order); MPyC connects them over TCP. The study and its contributions come from the
@@ -28,9 +29,12 @@ What the parties learn, in order, and nothing else:
 
 It writes {"entry": hex of the signed `study.result` ledger entry, "payload": …, "stats": …} to --out or
 stdout, and with --publish sends the entry to the bridge on its own miner topic `cc/v1/miner/<id>/study`
-(`publish_result`, the broker of --config's `broker` section); the bridge's `chain_bridge.study_intake`
-decides it with the contract rules and appends it. Importing MPyC's runtime parses sys.argv, so `main` sets MPyC's options (-I, -P, --no-log) there
-before the import.
+(`publish_result`, the broker of --config's `broker` section). On a locked-down broker it logs in with
+--credentials, the aggregator login `carechain bridge acl` wrote for this miner (`aggregators/<id>.json`,
+user `carechain-aggregator-<id>`, the only login that may write that topic): the broker ties client ids to
+logins, so the miner's own login would knock its running miner service off. The bridge's
+`chain_bridge.study_intake` decides the result with the contract rules and appends it. Importing MPyC's
+runtime parses sys.argv, so `main` sets MPyC's options (-I, -P, --no-log) there before the import.
 """
 
 from __future__ import annotations
@@ -45,12 +49,16 @@ from typing import Any
 
 from carechain import market
 from carechain.config import BrokerConfig
+from carechain.credentials import CredentialsError
 from carechain.identity import Identity
 from contract_rules.runtime import Genesis, State
 
 __all__ = ["inputs_from_leaves", "inputs_from_state", "main", "publish_result", "run"]
 
 VALIDITY_COEFF_DOMAIN = b"carechain/market/validity-check/v1\x00"
+# `carechain bridge acl`'s aggregator login per miner (chain_bridge.broker.acl.aggregator_user; parties do
+# not import the bridge). Also the client id on a broker without logins.
+AGGREGATOR_USER_PREFIX = "carechain-aggregator-"
 
 
 def inputs_from_state(state: State, study_id: str) -> dict[str, Any]:
@@ -241,17 +249,25 @@ def run(args: argparse.Namespace, inputs: dict[str, Any] | None = None) -> dict[
 
 def publish_result(broker: BrokerConfig, miner_id: str, entry: bytes, timeout: float = 30.0) -> None:
     """Send a signed `study.result` entry to the bridge on `miner_id`'s study topic (QoS 1, acknowledged by the
-    broker); TimeoutError when the broker does not take it within `timeout` seconds."""
+    broker); TimeoutError when the broker does not take it within `timeout` seconds.
+
+    `broker` may name a `credentials_file` (the miner's aggregator login); the client id is the login's user
+    name, which a broker with `use_username_as_clientid` imposes anyway, so this session never collides with
+    the miner service's (`carechain-miner-<id>`). A CredentialsError when that file is missing or unsafe."""
     import threading  # noqa: PLC0415
 
     from carechain import topics  # noqa: PLC0415
+    from carechain.credentials import resolve_broker_login  # noqa: PLC0415
     from carechain.transport import connect_client  # noqa: PLC0415
 
+    broker = resolve_broker_login(broker)
+    client_id = broker.username or f"{AGGREGATOR_USER_PREFIX}{miner_id}"
     connected = threading.Event()
-    client = connect_client(broker, f"{miner_id}-study", connected=connected)
+    client = connect_client(broker, client_id, connected=connected)
     try:
         if not connected.wait(timeout):
-            raise TimeoutError(f"broker {broker.host}:{broker.port} unreachable or refusing miner {miner_id}")
+            raise TimeoutError(f"broker {broker.host}:{broker.port} unreachable or refusing {client_id} "
+                               f"(aggregator of miner {miner_id})")
         info = client.publish(topics.miner_study(miner_id), entry, qos=1)
         info.wait_for_publish(timeout)
         if not info.is_published():
@@ -273,6 +289,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ts", type=int, help="the result's ts in ms (default: now)")
     parser.add_argument("--publish", action="store_true", help="send the entry to the bridge over the broker")
     parser.add_argument("--config", help="carechain config file whose `broker` section --publish uses")
+    parser.add_argument("--credentials", type=Path,
+                        help="--publish logs in with this MQTT login file (0600): the aggregator login "
+                             "`carechain bridge acl` wrote for this miner, aggregators/<miner_id>.json")
+    parser.add_argument("--tls-ca", type=Path, help="--publish connects over TLS, trusting only this CA")
     args = parser.parse_args(argv)
     result = run(args)
     text = json.dumps(result, sort_keys=True)
@@ -284,7 +304,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         from carechain.config import load_config  # noqa: PLC0415
 
         broker = load_config(Path(args.config) if args.config else None).broker
-        publish_result(broker, Identity.load(Path(args.key)).device_id, bytes.fromhex(result["entry"]))
+        if args.credentials is not None:  # replaces the config's login: the miner's own would evict its service
+            broker = broker.model_copy(update={"credentials_file": args.credentials, "username": None,
+                                               "password": None})
+        if args.tls_ca is not None:
+            broker = broker.model_copy(update={"tls_ca": args.tls_ca})
+        try:
+            publish_result(broker, Identity.load(Path(args.key)).device_id, bytes.fromhex(result["entry"]))
+        except CredentialsError as exc:
+            print(f"aggregator: {exc}", file=sys.stderr)
+            return 2
     return 0
 
 

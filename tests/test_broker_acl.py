@@ -29,6 +29,7 @@ from chain_bridge.broker.acl import (
     BrokerAccessError,
     acl_text,
     hash_password,
+    aggregator_user,
     miner_user,
     plan_logins,
     store_user,
@@ -115,7 +116,7 @@ def test_the_acl_gives_each_device_exactly_its_own_topics() -> None:
     assert text.splitlines()[0].startswith("#")
 
 
-def test_each_miner_and_its_storage_server_write_only_their_own_topics() -> None:
+def test_each_miner_its_storage_server_and_its_aggregator_write_only_their_own_topics() -> None:
     m = "mmmmmmmmmmmmmmmm"
     text = acl_text(BRIDGE, [], registry_version=0, revoked=0, miner_ids=[m])
     blocks = {b.splitlines()[0]: [ln for ln in b.splitlines()[1:] if not ln.startswith("#")]
@@ -124,8 +125,12 @@ def test_each_miner_and_its_storage_server_write_only_their_own_topics() -> None
               for u, rules in blocks.items()}
     assert writes[miner_user(m)] == sorted([f"cc/v1/miner/{m}/req", f"cc/v1/miner/{m}/cosig",
                                             f"cc/v1/miner/{m}/evidence", f"cc/v1/miner/{m}/hello",
-                                            f"cc/v1/miner/{m}/study", "cc/v1/party/+/inbox"])
+                                            "cc/v1/party/+/inbox"])
     assert writes[store_user(m)] == sorted([f"cc/v1/store/{m}/resp", f"cc/v1/store/{m}/hello"])
+    # study results moved to the aggregator's own login: it writes that one topic and reads nothing
+    assert blocks[aggregator_user(m)] == [f"topic write cc/v1/miner/{m}/study"]
+    assert [u for u, w in writes.items() if any(t.endswith("/study") for t in w)] == [aggregator_user(m)]
+    assert "topic read cc/v1/miner/+/study" in blocks[BRIDGE]
     assert [u for u, w in writes.items() if "cc/v1/miner/+/resp" in w] == [BRIDGE]  # only the bridge answers
     assert f"topic read cc/v1/store/{m}/req" in blocks[store_user(m)]
     assert f"topic read cc/v1/miner/{m}/resp" in blocks[miner_user(m)]

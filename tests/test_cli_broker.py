@@ -146,12 +146,19 @@ def test_bridge_acl_gives_each_worker_and_miner_its_own_login(registry, tmp_path
     assert summary["workers"] == 2 and summary["miners"] == [miner]
     users = dict(line.split(":", 1) for line in (out / "passwd").read_text().splitlines())
     assert set(users) == {"carechain-bridge", "carechain-bridge-w0", "carechain-bridge-w1",
-                          "carechain-bridge-archive", f"carechain-miner-{miner}", f"carechain-store-{miner}", *ids}
+                          "carechain-bridge-archive", f"carechain-miner-{miner}", f"carechain-store-{miner}",
+                          f"carechain-aggregator-{miner}", *ids}
     bridge_pw = load_mqtt_credentials(out / "bridge.json").password
     assert verify_password(users["carechain-bridge-w1"], bridge_pw)  # workers run from bridge.json
     login = load_mqtt_credentials(out / "miners" / f"{miner}.json")
     assert login.username == f"carechain-miner-{miner}" and mode(out / "miners" / f"{miner}.json") == 0o600
     assert verify_password(users[login.username], login.password) and login.password != bridge_pw
+    aggregator = load_mqtt_credentials(out / "aggregators" / f"{miner}.json")  # its own password, its own file
+    assert aggregator.username == f"carechain-aggregator-{miner}"
+    assert mode(out / "aggregators" / f"{miner}.json") == 0o600
+    assert verify_password(users[aggregator.username], aggregator.password)
+    assert aggregator.password not in (login.password, bridge_pw)
+    assert summary["aggregators_dir"] == str(out / "aggregators")
     acl = (out / "acl").read_text()
     assert "user carechain-bridge-w0\ntopic read cc/v1/dev/+/ev\n" in acl
     assert f"topic write cc/v1/miner/{miner}/cosig" in acl and f"topic read cc/v1/miner/{miner}/resp" in acl
@@ -159,9 +166,12 @@ def test_bridge_acl_gives_each_worker_and_miner_its_own_login(registry, tmp_path
     assert again.exit_code == 0, again.output
     assert load_mqtt_credentials(out / "miners" / f"{miner}.json").password == login.password
     assert "carechain-bridge-w0" not in (out / "passwd").read_text()  # config: 0 workers
+    assert load_mqtt_credentials(out / "aggregators" / f"{miner}.json").password == aggregator.password
+    assert f"aggregators {out / 'aggregators'}/<miner_id>.json" in again.output
     gone = run("bridge", "acl", "--data-dir", data, "--out", out, "--remove-miner", miner)
     assert gone.exit_code == 0, gone.output
     assert miner not in (out / "passwd").read_text() and not (out / "miners" / f"{miner}.json").exists()
+    assert not (out / "aggregators" / f"{miner}.json").exists()
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -21,7 +21,7 @@ from carechain.config import BridgeConfig
 from carechain.entries import ENTRY_REGISTER, STUDY_RESULT, Entry, Registration
 from carechain.identity import Identity
 from chain_bridge.bridge import Bridge
-from chain_bridge.broker.acl import acl_text, miner_user
+from chain_bridge.broker.acl import acl_text, aggregator_user, miner_user
 from chain_bridge.contract_gate import ContractGate
 from chain_bridge.ledger.reader import LedgerReader
 from chain_bridge.ledger.store import Ledger
@@ -172,11 +172,13 @@ def test_the_intake_refuses_oversized_messages_and_a_full_queue_without_touching
     ledger.close()
 
 
-def test_each_miner_may_publish_results_only_on_its_own_study_topic() -> None:
+def test_each_miners_aggregator_may_publish_results_only_on_its_own_study_topic() -> None:
     a, b = Identity.from_seed(b"\x0a" * 32).device_id, Identity.from_seed(b"\x0b" * 32).device_id
     text = acl_text("carechain-bridge", [], registry_version=1, revoked=0, miner_ids=[a, b])
-    sections = {s.split("\n", 2)[1]: s for s in text.split("\n\n") if s.startswith("# witness miner")}
-    assert f"topic write {topics.miner_study(a)}" in sections[f"user {miner_user(a)}"]
-    assert topics.miner_study(b) not in sections[f"user {miner_user(a)}"]
+    sections = {s.split("\n", 2)[1]: s for s in text.split("\n\n")
+                if s.startswith(("# witness miner", "# data-market aggregator"))}
+    assert f"topic write {topics.miner_study(a)}" in sections[f"user {aggregator_user(a)}"]
+    assert topics.miner_study(b) not in sections[f"user {aggregator_user(a)}"]
+    assert topics.miner_study(a) not in sections[f"user {miner_user(a)}"]  # the miner service's login: not its
     assert f"topic read {topics.MINER_STUDY_WILDCARD}" in text.split("\n\n# bridge ingest")[0]
     assert topics.miner_of_topic(topics.miner_study(a)) == (a, "study")

@@ -149,6 +149,7 @@ def bridge_acl(
             "workers": access.workers, "miners": sorted(access.miner_credentials),
             "miners_dir": str(access.passwd.parent / "miners"),
             "stores_dir": str(access.passwd.parent / "stores"),
+            "aggregators_dir": str(access.passwd.parent / "aggregators"),
             "passwords": str(store_path(bdir)), "added": list(plan.added), "rotated": list(plan.rotated),
             "removed": list(plan.removed), "template": str(SECURE_CONF_TEMPLATE)}), flush=True)
         return
@@ -168,6 +169,8 @@ def bridge_acl(
                         f"broker.credentials_file; {len(access.miner_credentials)} miner(s))")
         lines.insert(6, f"stores      {access.passwd.parent / 'stores'}/<miner_id>.json   (each miner's storage "
                         "server: --credentials)")
+        lines.insert(7, f"aggregators {access.passwd.parent / 'aggregators'}/<miner_id>.json   (each miner's "
+                        "study aggregator: --publish --credentials)")
     for label, users in (("new", plan.added), ("rotated", plan.rotated), ("removed", plan.removed)):
         if users:
             lines.append(f"{label:<11} {', '.join(users)}")

@@ -4,11 +4,12 @@ Least privilege (docs/broker-security.md): every registered, non-revoked device 
 (username = device_id) that may only publish its own events and read its own receipts and the checkpoint;
 the bridge has its own user, each of its ingest workers one more (`<bridge user>-w<i>`, read-only), each
 witness miner one (`carechain-miner-<miner id>`) and, for the same miner id, one for its storage server
-(`carechain-store-<miner id>`: the two run as separate processes, and one login holds one session), and each
-registered patient, doctor and researcher one (`carechain-party-<party id>`) that reads only its own inbox.
-A miner writes only its own requests, cosignatures, evidence, study results, hello and storage answers; only the bridge
-answers on the miners' response topics. Miners are those registered on the ledger (role `miner`) plus any
-added by hand. A revoked device has no login at all. One login per
+(`carechain-store-<miner id>`: the two run as separate processes, and one login holds one session) and one
+for its data-market aggregator (`carechain-aggregator-<miner id>`, which writes only that miner's study
+results), and each registered patient, doctor and researcher one (`carechain-party-<party id>`) that reads
+only its own inbox. A miner's logins write only its own requests, cosignatures, evidence, hello, storage
+answers and study results; only the bridge answers on the miners' response topics. Miners are those
+registered on the ledger (role `miner`) plus any added by hand. A revoked device has no login at all. One login per
 client matters because the broker ties client ids to logins (`use_username_as_clientid`): a login can
 then hold one session only and never take over another client's id. Passwords are random, kept in
 `<bridge data dir>/broker/credentials.json` (mode 0600) so that re-running keeps every existing login
@@ -39,6 +40,7 @@ from chain_bridge.ledger.store import DeviceRecord, Ledger
 DEFAULT_BRIDGE_USER = "carechain-bridge"
 MINER_USER_PREFIX = "carechain-miner-"  # + miner id: the witness miner's client id, so nothing there changes
 STORE_USER_PREFIX = "carechain-store-"  # + miner id: the same miner's storage server
+AGGREGATOR_USER_PREFIX = "carechain-aggregator-"  # + miner id: the same miner's study aggregator
 PARTY_USER_PREFIX = "carechain-party-"  # + party id: a record owner's or requester's login
 # The parties that read records (owners) or ask for them (requesters) over MQTT (`carechain access`).
 PARTY_ROLES = frozenset({"patient", "doctor", "researcher"})
@@ -56,7 +58,7 @@ _DEVICE_ID = re.compile(r"[a-z2-7]{16}")
 _USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _LABEL = re.compile(r"[\w.:/ -]{1,64}")
 
-Role = Literal["bridge", "worker", "archive", "miner", "store", "device", "party"]
+Role = Literal["bridge", "worker", "archive", "miner", "store", "aggregator", "device", "party"]
 
 
 class BrokerAccessError(ValueError):
@@ -69,6 +71,10 @@ def miner_user(miner_id: str) -> str:
 
 def store_user(miner_id: str) -> str:
     return f"{STORE_USER_PREFIX}{miner_id}"
+
+
+def aggregator_user(miner_id: str) -> str:
+    return f"{AGGREGATOR_USER_PREFIX}{miner_id}"
 
 
 def party_user(party_id: str) -> str:
@@ -125,9 +131,10 @@ def check_bridge_user(name: str) -> str:
     if _DEVICE_ID.fullmatch(name):
         raise BrokerAccessError(f"bridge user {name!r} looks like a device id; pick a name no device can have, "
                                 f"e.g. {DEFAULT_BRIDGE_USER}")
-    if name.startswith((MINER_USER_PREFIX, STORE_USER_PREFIX, PARTY_USER_PREFIX)) or len(name) > 60:
-        raise BrokerAccessError(f"bridge user {name!r}: must not start with {MINER_USER_PREFIX!r}, "
-                                f"{STORE_USER_PREFIX!r} or {PARTY_USER_PREFIX!r} (miners' and parties' logins) and "
+    reserved = (MINER_USER_PREFIX, STORE_USER_PREFIX, AGGREGATOR_USER_PREFIX, PARTY_USER_PREFIX)
+    if name.startswith(reserved) or len(name) > 60:
+        raise BrokerAccessError(f"bridge user {name!r}: must not start with {', '.join(map(repr, reserved))} "
+                                "(miners' and parties' logins) and "
                                 "must leave room for the workers' '-w<i>' (at most 60 characters)")
     return name
 
@@ -158,6 +165,7 @@ def plan_logins(previous: Mapping[str, Login], bridge_user: str, device_ids: Ite
     for miner in sorted(set(miner_ids)):
         wanted[miner_user(check_miner_id(miner))] = "miner"
         wanted[store_user(miner)] = "store"
+        wanted[aggregator_user(miner)] = "aggregator"
     for party in sorted(set(party_ids)):
         if not _DEVICE_ID.fullmatch(party):
             raise BrokerAccessError(f"ledger holds party {party!r}, which is not a party id; refusing to write an ACL")
@@ -252,8 +260,6 @@ def acl_text(bridge_user: str, devices: Iterable[DeviceRecord], *, registry_vers
             f"topic write {topics.miner_request(miner)}",
             f"topic write {topics.miner_cosignature(miner)}",
             f"topic write {topics.miner_evidence(miner)}",
-            "# its own study results, as a study's aggregator",
-            f"topic write {topics.miner_study(miner)}",
             "# its own retained hello (its last will empties it)",
             f"topic write {topics.miner_hello(miner)}",
             f"topic read {topics.miner_response(miner)}",
@@ -267,6 +273,10 @@ def acl_text(bridge_user: str, devices: Iterable[DeviceRecord], *, registry_vers
             f"topic write {topics.store_hello(miner)}",
             f"topic read {topics.CHECKPOINT}",
             f"topic read {topics.FINAL_CHECKPOINT}",
+            "",
+            f"# data-market aggregator of miner {miner}: its signed study results (study.result), nothing else",
+            f"user {aggregator_user(miner)}",
+            f"topic write {topics.miner_study(miner)}",
         ]
     for party in sorted(set(party_ids)):
         lines += [
@@ -342,18 +352,19 @@ class BrokerAccess:
     workers: int = 0
     party_credentials: dict[str, Path] = field(default_factory=dict)
     store_credentials: dict[str, Path] = field(default_factory=dict)  # miner id -> its storage server's login
+    aggregator_credentials: dict[str, Path] = field(default_factory=dict)  # miner id -> its aggregator's login
 
 
 def generate_broker_access(ledger: Ledger, data_dir: Path, out_dir: Path, *,
                            bridge_user: str = DEFAULT_BRIDGE_USER, rotate: Collection[str] = (), workers: int = 0,
                            add_miners: Collection[str] = (), remove_miners: Collection[str] = ()) -> BrokerAccess:
-    """Write passwd, acl, bridge.json, devices/<id>.json, miners/<id>.json and stores/<id>.json (all mode 0600)
-    into `out_dir`.
+    """Write passwd, acl, bridge.json, devices/<id>.json, miners/<id>.json, stores/<id>.json and
+    aggregators/<id>.json (all mode 0600) into `out_dir`.
 
     Logins for `workers` ingest workers share bridge.json's password. Every miner registered on the ledger
-    (`party.register` role miner) gets a witness login (miners/) and a storage login (stores/); miners added
-    by hand are kept in the store across runs: `add_miners` adds, `remove_miners` drops (a registered miner
-    too). Every patient, doctor and researcher registered on the ledger gets a login and parties/<id>.json.
+    (`party.register` role miner) gets a witness login (miners/), a storage login (stores/) and an aggregator
+    login (aggregators/); miners added by hand are kept in the store across runs: `add_miners` adds,
+    `remove_miners` drops (a registered miner too). Every patient, doctor and researcher registered on the ledger gets a login and parties/<id>.json.
     The credential store is saved first, so no file ever carries a password that is not persisted.
     """
     registry = ledger.devices()
@@ -389,12 +400,13 @@ def generate_broker_access(ledger: Ledger, data_dir: Path, out_dir: Path, *,
              if _DEVICE_ID.fullmatch(p.stem) and p.stem not in device_files]
     miner_files, stale_miners = _login_files(out_dir / "miners", miners, miner_user, plan)
     store_files, stale_stores = _login_files(out_dir / "stores", miners, store_user, plan)
+    aggregator_files, stale_aggregators = _login_files(out_dir / "aggregators", miners, aggregator_user, plan)
     party_files, stale_parties = _login_files(out_dir / "parties", parties, party_user, plan)
-    stale += stale_miners + stale_stores + stale_parties
+    stale += stale_miners + stale_stores + stale_aggregators + stale_parties
     for p in stale:  # revoked devices and removed miners: their login is gone, so is their provisioning file
         p.unlink()
     return BrokerAccess(passwd, acl, bridge_file, device_files, len(registry) - len(active), plan, stale,
-                        miner_files, workers, party_files, store_files)
+                        miner_files, workers, party_files, store_files, aggregator_files)
 
 
 def _login_files(folder: Path, ids: Sequence[str], user_of: Callable[[str], str], plan: LoginPlan
