@@ -438,7 +438,8 @@ def test_demo_json_summarizes_the_whole_flow(tmp_path: Path) -> None:
     summary = json.loads(result.stdout)
     assert set(summary) == {"sent", "anchored", "rejected", "duplicates", "checkpoints", "proof_verified",
                             "access_opened", "access_logged", "access_refused_without_grant", "miners",
-                            "final_checkpoints", "formulary_refusals"}
+                            "final_checkpoints", "formulary_refusals", "study_result", "study_contributors",
+                            "study_verified"}
     # Everything anchored but the pharmacy day's two refused sales: an Rx-only sale without a prescription, and
     # amoxicillin rung up as over the counter although the authority's formulary lists it as Rx-only.
     assert summary["sent"] - 2 == summary["anchored"] > 0
@@ -451,6 +452,9 @@ def test_demo_json_summarizes_the_whole_flow(tmp_path: Path) -> None:
     assert summary["proof_verified"] is True
     assert summary["access_opened"] is True and summary["access_refused_without_grant"] is True
     assert summary["access_logged"] == 1  # the doctor's one access record of this run
+    # The data market: 21 of 22 patients included (one asks for a larger cohort), checked from the log alone.
+    assert summary["study_verified"] is True and summary["study_contributors"] == 21
+    assert 30 <= summary["study_result"] <= 200  # a mean resting heart rate, bpm
 
 
 def test_agent_refuses_ble_for_a_profile_without_gatt(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ def test_demo_opens_a_granted_hour_logs_it_refuses_an_outsider_and_keeps_no_read
     assert summary["access_refused_without_grant"] is True
     # Five registered, bonded miners make checkpoints final; the formulary refused a mislabelled Rx-only sale.
     assert summary["miners"] == 5 and summary["final_checkpoints"] >= 1 and summary["formulary_refusals"] >= 1
+    assert summary["study_verified"] is True and summary["study_contributors"] == 21  # the data market's study
     files = [p for p in data.rglob("*") if p.is_file()]
     assert any(p.name == "ledger.db" for p in files) and any(p.name == "outbox.db" for p in files)
     assert len({p.parent.name for p in files if p.name == "witness.json"}) == 5  # the five miners' replicas
@@ -45,3 +46,4 @@ def test_a_second_run_on_the_same_data_dir_logs_both_accesses(tmp_path: Path) ->
     assert first["access_opened"] and second["access_opened"], (first["access"], second["access"])
     assert (first["access_logged"], second["access_logged"]) == (1, 2)
     assert [e["requester_role"] for e in second["access"]["log"]] == ["doctor", "doctor"]
+    assert first["study_verified"] and second["study_verified"], (first["study"], second["study"])

@@ -16,7 +16,8 @@ from carechain.cli._options import example, fail, out
 EPILOG = example("carechain demo", "carechain demo --json", "carechain demo --data-dir demo-data --ble",
                  "carechain demo --data-dir demo-data && carechain access log --data-dir demo-data/bridge")
 JSON_KEYS = ("sent", "anchored", "rejected", "duplicates", "checkpoints", "proof_verified", "access_opened",
-             "access_logged", "access_refused_without_grant", "miners", "final_checkpoints", "formulary_refusals")
+             "access_logged", "access_refused_without_grant", "miners", "final_checkpoints", "formulary_refusals",
+             "study_result", "study_contributors", "study_verified")
 
 
 def demo(
@@ -40,6 +41,9 @@ def demo(
     --json adds access_opened, access_logged (access records on the ledger) and access_refused_without_grant,
     miners (active: registered and bonded), final_checkpoints (cosigned by a majority of them) and
     formulary_refusals (sales rung up as not Rx-only that the authority's formulary lists as Rx-only).
+    Last, a researcher's studies over 22 patients' sealed readings, answered by 3 aggregators in MPC: --json adds
+    study_result (the mean resting heart rate), study_contributors (included) and study_verified (every study
+    re-checked from the log by `contract_rules.study_check.verify_study`).
     """
     from carechain.demo.pipeline import DemoUnavailable, check_available, run_demo
 
@@ -71,7 +75,8 @@ def demo(
 
 
 def _succeeded(s: dict[str, Any]) -> bool:
-    return bool(s["proof_verified"] and s["access_opened"] and s["access_refused_without_grant"])
+    return bool(s["proof_verified"] and s["access_opened"] and s["access_refused_without_grant"]
+                and s["study_verified"])
 
 
 def _counts(counts: dict[str, int]) -> str:
@@ -101,6 +106,8 @@ def _print_summary(s: dict[str, Any]) -> None:
         _print_pharmacy_day(s["pharmacy"], s["rejected_by_reason"])
     if s.get("access"):
         _print_access(s["access"], s["finality"])
+    if s.get("study"):
+        _print_study(s["study"])
     p = s["proof"] or {}
     if "leaf_index" in p:
         out.print(f"proof: event {p['device_id']}#0 is leaf {p['leaf_index']} of tree {p['tree_size']} "
@@ -168,3 +175,27 @@ def _print_access(a: dict[str, Any], finality: str) -> None:
         log.add_row(str(e["index"]), f"{escape(e['requester_name'])} ({e['requester_role']})", e["owner_name"] or
                     e["owner"], scope, escape(e["purpose"]), f"{e['threshold']}-of-{len(e['miners'])}", e["status"])
     out.print(log)
+
+
+def _print_study(m: dict[str, Any]) -> None:
+    """The researcher's studies: what each asked, who was included, what was opened, and the verification."""
+    t = Table(title=f"data market ({m['patients']} patients consent; 3 aggregators compute in MPC)", show_header=False)
+    for study in m["studies"]:
+        q, answer = study["query"] or {}, study["answer"]
+        where = ", ".join(f"{k} {v}" for k, v in study["filter"].items()) or "all consenting"
+        if answer is None:
+            shown = "[yellow]unanswered[/] (cohort too small; deposit returned)"
+        elif "histogram" in answer:
+            shown = " ".join(f"{lo}–{hi}: {n}" for lo, hi, n in zip(q["bins"], q["bins"][1:], answer["histogram"],
+                                                                   strict=False))
+        else:
+            shown = f"{answer['sum'] / answer['n']:.1f} (sum {answer['sum']} over {answer['n']})"
+        t.add_row(f"{study['study_id']}: {q.get('type')} of {q.get('kind')} ({where})",
+                  f"{study['included']} of {study['contributions']} included; {shown}; "
+                  + ("[green]verified[/]" if study["verified"] else "[red]not verified[/]"))
+    if "paid" in m:
+        t.add_row("paid to patients", f"{m['paid']['patients'] / 100:,.2f}")
+    t.add_row("study part took", f"{m['seconds']} s")
+    if m.get("error"):
+        t.add_row("[red]error[/]", escape(m["error"]))
+    out.print(t)

@@ -74,7 +74,8 @@ def run_demo(*, broker: str | None, seconds: float, data_dir: Path | None, speed
     agent's unchanged bleak code scans, connects to and subscribes to; the pharmacy terminal still
     signs its purchases itself. The terminal rings up a scripted pharmacy day (carechain.demo.pharmacy_day)
     that the bridge's contract gate decides sale by sale; then the access scenario runs
-    (carechain.demo.records), summarized under `access` and the three `access_*` keys.
+    (carechain.demo.records), summarized under `access` and the three `access_*` keys; last the data market
+    (carechain.demo.market), under `study` and the three `study_*` keys.
     """
     check_available(ble=ble)
     # 0700 either way (mkdtemp makes its folder 0700)
@@ -93,6 +94,7 @@ def _run(root: Path, *, broker: str | None, seconds: float, speedup: float,
     from carechain import envelope, sealed, topics
     from carechain.config import AgentConfig, BridgeConfig, BrokerConfig, Config, parse_address
     from carechain.demo.pharmacy_day import WELLNESS_POLICY, PharmacyDay
+    from carechain.demo.market import MarketDemo
     from carechain.demo.records import RecordsDemo, load_alice, load_miner_keys
     from carechain.entries import ENTRY_EVENT, Entry
     from carechain.events import make_sealed_payload
@@ -317,6 +319,8 @@ def _run(root: Path, *, broker: str | None, seconds: float, speedup: float,
                 kinds[kind] = kinds.get(kind, 0) + 1
         pharmacy = {**day.summary(), "terminal_sales_final": terminal_final.get("sales_final", False)}
         miners = len(pharmacy["active_miners"])
+        # The data market last, on the quiet ledger (bridge and miners stopped): carechain.demo.market.
+        study = MarketDemo(root, day.genesis, operator, lk, ledger_path(bridge_dir), day.insurer).run()
         return {
             "sent": agent.stats.signed,
             "anchored": stats["anchored"],
@@ -345,4 +349,8 @@ def _run(root: Path, *, broker: str | None, seconds: float, speedup: float,
             "final_checkpoints": stats["final_checkpoints"],
             "final_recorded": stats["final_recorded"],
             "formulary_refusals": pharmacy["formulary_refusals"],
+            "study": study,
+            "study_result": study.get("mean_resting_heart_rate"),
+            "study_contributors": study.get("contributors", 0),
+            "study_verified": study["verified"],
         }
