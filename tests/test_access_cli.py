@@ -40,6 +40,22 @@ def out_json(result) -> dict:  # noqa: ANN001
     return json.loads(result.stdout)
 
 
+
+def write_final_note(bdir: Path, path: Path, miners: list[Identity]) -> Path:
+    """`path`: a checkpoint of the bridge's ledger signed by its operator key (a genesis operator) and cosigned by
+    `miners` (named miner-<i>), as a final checkpoint the rules take a seed from."""
+    ledger = Ledger(ledger_path(bdir))
+    try:
+        body = Checkpoint("carechain.test/log", ledger.size, ledger.tree.root()).body()
+    finally:
+        ledger.close()
+    op = operator_key(bdir)
+    note = sign_note(body, "carechain.test/log", op.public_key, op.sign)
+    for i, m in enumerate(miners):
+        note = add_cosignature(note, cosign(body, Cosigner(f"miner-{i}", m.public_key), m.sign, 1))
+    path.write_text(note)
+    return path
+
 class Deployment:
     """A bridge data dir with a patient, a doctor, six miners and a heart-rate band sealing two epochs."""
 
@@ -100,18 +116,7 @@ class Deployment:
 
     def final_checkpoint(self) -> Path:
         """The bridge's checkpoint of the ledger, signed by a genesis operator key and cosigned by 4 of 6 miners."""
-        ledger = Ledger(ledger_path(self.bdir))
-        try:
-            body = Checkpoint("carechain.test/log", ledger.size, ledger.tree.root()).body()
-        finally:
-            ledger.close()
-        op = operator_key(self.bdir)
-        note = sign_note(body, "carechain.test/log", op.public_key, op.sign)
-        for i, m in enumerate(MINERS[:4]):
-            note = add_cosignature(note, cosign(body, Cosigner(f"miner-{i}", m.public_key), m.sign, 1))
-        path = self.tmp / "final.note"
-        path.write_text(note)
-        return path
+        return write_final_note(self.bdir, self.tmp / "final.note", MINERS[:4])
 
     def request(self, who: str = "doctor", *extra: str) -> Path:
         req = self.tmp / f"{who}-req.json"

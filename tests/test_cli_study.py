@@ -16,8 +16,6 @@ from pathlib import Path
 import pytest
 
 from carechain import envelope, events, market, reencryption, sealed
-from carechain.checkpoint import Checkpoint, sign_note
-from carechain.cosignature import Cosigner, add_cosignature, cosign
 from carechain.entries import Entry, Registration, registration_entry
 from carechain.identity import Identity
 from chain_bridge.contract_admin import replay_ledger, submit
@@ -25,6 +23,7 @@ from chain_bridge.ledger.store import EventCandidate, Ledger
 from chain_bridge.registry import contract_genesis, ledger_path, log_key, operator_key
 from contract_rules import transactions as ce
 from contract_rules.bonds import MIN_BOND
+from tests.test_access_cli import write_final_note
 from tests.test_cli import run, text
 
 MINERS = [Identity.from_seed(bytes([0x60 + i]) * 32) for i in range(5)]
@@ -100,18 +99,7 @@ class Deployment:
 
     def final_note(self) -> Path:
         """The ledger's checkpoint signed by the bridge's operator key and cosigned by 4 of the 5 miners."""
-        ledger = Ledger(ledger_path(self.bdir))
-        try:
-            body = Checkpoint("carechain.test/log", ledger.size, ledger.tree.root()).body()
-        finally:
-            ledger.close()
-        op = operator_key(self.bdir)
-        note = sign_note(body, "carechain.test/log", op.public_key, op.sign)
-        for i, m in enumerate(MINERS[:4]):
-            note = add_cosignature(note, cosign(body, Cosigner(f"miner-{i}", m.public_key), m.sign, 1))
-        path = self.tmp / "final.note"
-        path.write_text(note)
-        return path
+        return write_final_note(self.bdir, self.tmp / "final.note", MINERS[:4])
 
     def log_checkpoint(self, name: str = "log.note") -> Path:
         """What the bridge publishes: a checkpoint of the whole ledger signed by its log key."""
