@@ -76,6 +76,16 @@ def miner_keys(state: State) -> dict[str, bytes]:
     return {m: bytes(parties[m]["pk"]) for m in active_miners(state)}
 
 
+def final_size(state: State) -> int:
+    """The tree size of the latest final checkpoint recorded on the ledger (0: none); leaves below it are final.
+
+    Recorded by `checkpoint.final` entries, whose note the rules (storage v2) checked when it was appended:
+    signed by the log and cosigned by a majority of the miners active then.
+    """
+    last = state.table("final").get("last")
+    return 0 if last is None else int(last["size"])
+
+
 def finality_threshold(n: int) -> int:
     """Cosignatures a checkpoint needs from `n` active miners to be final: a strict majority."""
     return n // 2 + 1

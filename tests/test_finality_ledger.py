@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from carechain import topics
+from carechain import envelope, topics
 from carechain.checkpoint import parse_note
 from carechain.cli import app
 from carechain.config import BridgeConfig, BrokerConfig, MinerKey
@@ -26,7 +26,8 @@ from carechain.receipts import open_receipt
 from chain_bridge.bridge import Bridge
 from chain_bridge.contract_admin import RxFile, replay_ledger, submit
 from chain_bridge.contract_gate import ContractGate
-from chain_bridge.finality import miner_cosigner, recorded_final
+from chain_bridge.finality import miner_cosigner
+from contract_rules.miners import final_size
 from chain_bridge.ledger.store import Ledger
 from chain_bridge.registry import contract_genesis, ledger_path, log_key, operator_key
 from contract_rules import transactions as ce
@@ -133,9 +134,9 @@ def test_a_final_checkpoint_is_recorded_once_checked_by_the_rules_and_an_idle_lo
     assert entry.type == CHECKPOINT_FINAL
     state = w.state()
     assert [result for i, result in state.results if i == index] == ["ok"]
-    found = recorded_final(w.ledger, state)
-    assert found is not None and found[0] == _size(note)
-    assert parse_note(found[1])[0] == parse_note(note)[0]  # the log's note, with the cosignatures that made it final
+    assert final_size(state) == _size(note)
+    recorded = envelope.parse(entry.cose).payload["note"]
+    assert parse_note(recorded)[0] == parse_note(note)[0]  # the log's note, with the cosignatures that made it final
     assert bridge.record_final() is None  # at most one per `final_record_every_s`
     # The checkpoint that covers only the record becomes final too, and is not recorded again.
     bridge.final_record_every_s = 0.0
@@ -164,8 +165,7 @@ def test_a_recorded_note_without_a_majority_is_not_taken_as_final(w: World) -> N
     w.ledger.append_entries([ce.signed(w.operator, ce.CHECKPOINT_FINAL, ce.CheckpointFinal(note=later + one))])
     state = w.state()
     assert [result for i, result in state.results if i == w.ledger.size - 1] != ["ok"]  # void on every replica
-    found = recorded_final(w.ledger, state)
-    assert found is not None and found[0] == _size(note)  # the earlier, genuinely final one
+    assert final_size(state) == _size(note)  # the earlier, genuinely final one
 
 
 class _Published:

@@ -177,9 +177,11 @@ def rx_verify(rx_file: Annotated[Path, typer.Argument(help="A signed Rx file (fr
     dishonest bridge could still show another history. Exit 1 if the Rx would not allow a sale (unknown,
     altered, revoked, or signed by another key)."""
     from chain_bridge.contract_admin import rx_status
+    from contract_rules.miners import final_size as final_size_of
 
     signed = _rx_file(rx_file)
-    runtime, final_size = _replay_with_final(config, data_dir)
+    runtime = replay(config, data_dir)
+    final_size = final_size_of(runtime.state)
     status = rx_status(runtime, signed, now_ms())
     leaves = [status.get("anchor_leaf"), status.get("revoked_at"), *status.get("sale_leaves", [])]
     status.update(final_tree_size=final_size,
@@ -187,27 +189,6 @@ def rx_verify(rx_file: Annotated[Path, typer.Argument(help="A signed Rx file (fr
     print_result(status, as_json)
     if not status["ok"]:
         raise typer.Exit(1)
-
-
-def _replay_with_final(config: Path | None, data_dir: Path | None) -> tuple[Any, int]:
-    """A replay of the ledger and the tree size of its latest recorded final checkpoint (0: none)."""
-    from carechain.cli._ledger import deployment_genesis
-    from carechain.cli._options import open_store
-    from chain_bridge.contract_admin import replay_ledger
-    from chain_bridge.finality import final_tree_size
-    from chain_bridge.ledger.store import Ledger
-    from chain_bridge.registry import ledger_path
-
-    cfg = load(config)
-    bdir = bridge_dir(cfg, data_dir)
-    if not ledger_path(bdir).exists():
-        raise fail(f"no ledger at {ledger_path(bdir)} (use --data-dir: the bridge's data directory)")
-    ledger = open_store(Ledger, ledger_path(bdir))
-    try:
-        runtime = replay_ledger(ledger, deployment_genesis(cfg, bdir))
-        return runtime, final_tree_size(ledger, runtime.state)
-    finally:
-        ledger.close()
 
 
 @rx_app.command("revoke", epilog=example(

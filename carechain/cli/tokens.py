@@ -121,12 +121,6 @@ BALANCE_EPILOG = example("carechain balance --data-dir carechain-data/bridge",
                          "carechain balance insurer:7xq3kd2m4n5p6r7s --json")
 
 
-def final_size(state: Any) -> int:
-    """The tree size of the latest final checkpoint the ledger records (0: none); leaves below it are final."""
-    last = state.table("final").get("last")
-    return 0 if last is None else int(last["size"])
-
-
 def _state_at(config: Path | None, data_dir: Path | None, size: int) -> Any:
     """The contract state of the ledger's first `size` leaves (a replay from the genesis)."""
     from carechain.cli._ledger import deployment_genesis
@@ -152,6 +146,8 @@ def balance(account: Annotated[str | None, typer.Argument(help="One account, e.g
     `final` says whether every balance printed is also the balance at the latest final checkpoint (signed by
     the log and cosigned by a majority of the active miners): a final balance cannot be undone by a fork.
     """
+    from contract_rules.miners import final_size
+
     state = replay(config, data_dir).state
     balances = {account: state.balance(account)} if account else dict(sorted(state.balances.items()))
     size = final_size(state)
