@@ -371,7 +371,7 @@ class Ledger:
         row = self._db.execute("SELECT type, data FROM entries WHERE idx=?", (index,)).fetchone()
         if row is None or row[0] != SALE_REFUSED:
             return None
-        payload = _sale_refusal(bytes(row[1]))
+        payload = _entry_payload(bytes(row[1]))
         if payload is None or payload.get("event") != Entry.decode(event_leaf).cose:
             return None
         return payload.get("reason")
@@ -768,14 +768,6 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _sale_refusal(leaf: bytes) -> dict | None:
-    try:
-        payload = envelope.parse(Entry.decode(leaf).cose).payload
-    except (ValueError, envelope.EnvelopeError):
-        return None
-    return payload if isinstance(payload, dict) else None
-
-
 def _entry_payload(leaf: bytes) -> dict | None:
     """The payload of a signed contract entry (its signature checked by whoever appended it), or None."""
     try:
@@ -793,5 +785,5 @@ def _admission(admitted: Admission | Entry | None) -> tuple[tuple[Entry, ...], E
 
 
 def _refusal_reason(leaf: bytes) -> str | None:
-    reason = (_sale_refusal(leaf) or {}).get("reason")
+    reason = (_entry_payload(leaf) or {}).get("reason")
     return reason if isinstance(reason, str) else None
