@@ -51,14 +51,17 @@ CONSENT_REVOKE = "consent.revoke"
 STUDY_POST = "study.post"  # a researcher's study: query, period, filter, price, deposit; aggregators fixed
 STUDY_CONTRIBUTE = "study.contribute"  # an owner's commitment and shares sealed to the study's aggregators
 STUDY_RESULT = "study.result"  # one aggregator's signed result of the study's MPC
-STUDY_AUDIT = "study.audit"  # an auditing miner's recomputation of a sampled contribution
+STUDY_SAMPLE = "study.sample"  # fixes a decided study's audit sample from the latest final checkpoint's seed
+STUDY_DISCLOSE = "study.disclose"  # a sampled contributor's opening, sealed to the aggregators (a logged access)
+STUDY_AUDIT = "study.audit"  # one aggregator's verdict on a sampled contribution it recomputed
 STUDY_CLOSE = "study.close"  # closes a study: pays contributors and aggregators, or refunds the deposit
 CONTRACT_ENTRY_TYPES = frozenset({PARTY_REGISTER, CONTRACT_UPGRADE, TOKEN_TRANSFER, RX_ANCHOR, RX_REVOKE,
                                   POLICY_REGISTER, WELLNESS_SETTLE, SALE_REFUSED, STORAGE_COMMIT, STORAGE_AUDIT,
                                   ACCESS_REQUEST, ACCESS_GRANT, ACCESS_REVOKE, ACCESS_FAULT, PROTOCOL_CUTOVER,
                                   FORMULARY_SET, CLOCK_ATTEST, BOND_POST, BOND_UNBOND, BOND_WITHDRAW, MINER_FORK,
                                   STORAGE_RETRIEVAL, STORAGE_SETTLE, CHECKPOINT_FINAL, CONSENT_GIVE, CONSENT_REVOKE,
-                                  STUDY_POST, STUDY_CONTRIBUTE, STUDY_RESULT, STUDY_AUDIT, STUDY_CLOSE})
+                                  STUDY_POST, STUDY_CONTRIBUTE, STUDY_RESULT, STUDY_SAMPLE, STUDY_DISCLOSE,
+                                  STUDY_AUDIT, STUDY_CLOSE})
 LEDGER_ENTRY_TYPES = ENTRY_TYPES | CONTRACT_ENTRY_TYPES
 
 

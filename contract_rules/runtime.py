@@ -60,6 +60,9 @@ ROUTES: dict[str, tuple[str, ...]] = {
     ce.STUDY_POST: ("market",),
     ce.STUDY_CONTRIBUTE: ("market",),
     ce.STUDY_RESULT: ("market",),
+    ce.STUDY_SAMPLE: ("market",),
+    ce.STUDY_DISCLOSE: ("market",),
+    ce.STUDY_AUDIT: ("market",),
     ce.STUDY_CLOSE: ("market",),
 }
 # Who may sign each entry type (a party role, "operator" from the genesis, or a registered "device").
@@ -94,6 +97,9 @@ SIGNERS: dict[str, frozenset[str]] = {
     ce.STUDY_POST: frozenset({"researcher"}),
     ce.STUDY_CONTRIBUTE: frozenset({"patient"}),
     ce.STUDY_RESULT: frozenset({"miner"}),  # the rule also wants one of the study's aggregators
+    ce.STUDY_SAMPLE: frozenset({"operator", *ce.PARTY_ROLES}),  # anyone: the rules fix which checkpoint
+    ce.STUDY_DISCLOSE: frozenset({"patient"}),  # the rule also wants the sampled contribution's owner
+    ce.STUDY_AUDIT: frozenset({"miner"}),  # the rule also wants one of the study's aggregators
     ce.STUDY_CLOSE: frozenset({"operator", *ce.PARTY_ROLES}),
     ce.CLOCK_ATTEST: frozenset({"operator"}),  # the bridge attests the time rules judge on
     ENTRY_EVENT: frozenset({"device"}),
