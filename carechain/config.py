@@ -119,6 +119,17 @@ class MinerConfig(_Section):
                                        "`genesis`: a MODULE:FUNCTION that checks each entry.")
     request_timeout_s: float = Field(default=10.0, gt=0, description="How long to wait for the bridge's answer "
                                      "to a proof request.")
+    mpc_listen: str | None = Field(default=None, pattern=r"^[^\s:/]+:[0-9]{1,5}$", description="host:port "
+                                   "where this miner's data-market aggregator listens for the other aggregators "
+                                   "of a study (MPyC over TCP; announced, signed, in its hello). Unset: the miner "
+                                   "aggregates nothing and leaves its studies to the others (docs/market.md).")
+    aggregator_credentials_file: Path | None = Field(default=None, description="The aggregator login `carechain "
+                                                     "bridge acl` wrote for this miner (aggregators/<id>.json); "
+                                                     "its study results, samples and audit verdicts go out on it. "
+                                                     "Default: aggregators/<id>.json beside the directory of "
+                                                     "`broker.credentials_file` when that file exists.")
+    mpc_timeout_s: float = Field(default=300.0, gt=0, description="How long one study computation (result or "
+                                 "audit) may run before the miner stops it and logs the failure.")
 
 
 class ArchiveConfig(_Section):

@@ -55,13 +55,27 @@ STUDY_SAMPLE = "study.sample"  # fixes a decided study's audit sample from the l
 STUDY_DISCLOSE = "study.disclose"  # a sampled contributor's opening, sealed to the aggregators (a logged access)
 STUDY_AUDIT = "study.audit"  # one aggregator's verdict on a sampled contribution it recomputed
 STUDY_CLOSE = "study.close"  # closes a study: pays contributors and aggregators, or refunds the deposit
+TRIAL_REGISTER = "trial.register"  # a sponsor anchors a trial protocol (its hash and design) before any enrolment
+TRIAL_COMMIT = "trial.commit"  # the sponsor's or a labelling miner's seed commitment, with its escrow shares
+TRIAL_ENROLL = "trial.enroll"  # an investigator enrols a consenting participant into a stratum's next slot
+TRIAL_DISPENSE = "trial.dispense"  # a pharmacy's sale of a participant's labelled kit, signed by its terminal
+TRIAL_WITHDRAW = "trial.withdraw"  # a participant leaves the trial (by herself or her investigator)
+TRIAL_UNBLIND = "trial.unblind"  # an investigator's logged emergency unblinding of one participant
+TRIAL_UNBLIND_KEY = "trial.unblind_key"  # a committer's answer to an emergency unblinding, sealed to the investigator
+TRIAL_LOCK = "trial.lock"  # the sponsor's database lock: outcomes anchored after it do not count
+TRIAL_REVEAL = "trial.reveal"  # a committer reveals its seed after the lock
+TRIAL_RECOVER = "trial.recover"  # an escrow share of a seed its committer did not reveal, opened by its holder
+TRIAL_OUTCOME = "trial.outcome"  # a participant discloses her device-signed primary-outcome measure after the lock
+TRIAL_CERTIFY = "trial.certify"  # the certificate of the pre-registered result, recomputed by the rules
 CONTRACT_ENTRY_TYPES = frozenset({PARTY_REGISTER, CONTRACT_UPGRADE, TOKEN_TRANSFER, RX_ANCHOR, RX_REVOKE,
                                   POLICY_REGISTER, WELLNESS_SETTLE, SALE_REFUSED, STORAGE_COMMIT, STORAGE_AUDIT,
                                   ACCESS_REQUEST, ACCESS_GRANT, ACCESS_REVOKE, ACCESS_FAULT, PROTOCOL_CUTOVER,
                                   FORMULARY_SET, CLOCK_ATTEST, BOND_POST, BOND_UNBOND, BOND_WITHDRAW, MINER_FORK,
                                   STORAGE_RETRIEVAL, STORAGE_SETTLE, CHECKPOINT_FINAL, CONSENT_GIVE, CONSENT_REVOKE,
                                   STUDY_POST, STUDY_CONTRIBUTE, STUDY_RESULT, STUDY_SAMPLE, STUDY_DISCLOSE,
-                                  STUDY_AUDIT, STUDY_CLOSE})
+                                  STUDY_AUDIT, STUDY_CLOSE, TRIAL_REGISTER, TRIAL_COMMIT, TRIAL_ENROLL,
+                                  TRIAL_DISPENSE, TRIAL_WITHDRAW, TRIAL_UNBLIND, TRIAL_UNBLIND_KEY, TRIAL_LOCK,
+                                  TRIAL_REVEAL, TRIAL_RECOVER, TRIAL_OUTCOME, TRIAL_CERTIFY})
 LEDGER_ENTRY_TYPES = ENTRY_TYPES | CONTRACT_ENTRY_TYPES
 
 

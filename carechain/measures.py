@@ -1,6 +1,6 @@
 """Derived measures on decrypted readings: the one integer a contributor puts into a study.
 
-Sans-IO and deterministic: readings in (the dicts `record_access.opening.open_record` returns: `ts`, `kind`
+Sans-IO and deterministic: readings in (the dicts `carechain.record_check.open_record` returns: `ts`, `kind`
 and the body's fields), an integer out, in the unit of the measure. Exact arithmetic (`Fraction`) and one
 rounding rule (half up) so that an audit recomputing a measure from the same readings gets the same integer.
 

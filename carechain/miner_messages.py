@@ -174,6 +174,14 @@ class MinerHello(SignedMessage):
     name: str  # its cosigner name
     public_key: str = Field(pattern=r"^[0-9a-f]{64}$")
     ts: int = Field(ge=0)  # POSIX milliseconds when it came up
+    # host:port of its data-market aggregator (MPyC), for the other aggregators of its studies; None: it does
+    # not aggregate. Optional and left out of what is signed when None, so hellos of miners that predate it
+    # still verify.
+    mpc: str | None = Field(default=None, max_length=262, pattern=r"^[^\s:/]+:[0-9]{1,5}$")
+
+    def signing_bytes(self) -> bytes:
+        exclude = {"sig"} if self.mpc is not None else {"sig", "mpc"}
+        return signing_bytes(self.DOMAIN, self.model_dump(mode="json", exclude=exclude))
 
 
 def from_miner(msg: CosignatureMessage | MinerHello, miner_id: str) -> bool:

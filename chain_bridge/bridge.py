@@ -83,6 +83,7 @@ class BridgeStats:
     batches: int = 0
     final_checkpoints: int = 0
     final_recorded: int = 0  # checkpoint.final entries this bridge appended
+    deadline_attests: int = 0  # clock.attest entries appended because a contract deadline passed while idle
     storage_errors: int = 0  # batches and checkpoints that failed to write (disk full, I/O error), then retried
     unreceipted: int = 0  # refusals of unregistered ids not receipted (over the unregistered-receipt budget)
     records: Counter[str] = field(default_factory=Counter)  # record server: answered, pages, refusals by reason
@@ -96,6 +97,7 @@ class BridgeStats:
             "rejected": sum(self.rejected.values()), "rejected_by_reason": dict(self.rejected),
             "checkpoints": self.checkpoints, "tree_size": self.tree_size, "batches": self.batches,
             "final_checkpoints": self.final_checkpoints, "final_recorded": self.final_recorded,
+            "deadline_attests": self.deadline_attests,
             "storage_errors": self.storage_errors,
             "unreceipted": self.unreceipted, "records": dict(self.records), "archive": dict(self.archive),
             "evidence": dict(self.evidence), "studies": dict(self.studies),
@@ -420,6 +422,35 @@ class Bridge:
         self.stats.final_recorded += 1
         return index
 
+    def attest_deadlines(self) -> int | None:
+        """Append a `clock.attest` when the wall clock has passed a contract deadline that attested time has not
+        (`contract_rules.market.deadlines`: a study's close, its grace, an audit window); its leaf index.
+
+        Attested time otherwise moves only with gated events and submitted entries, so on a quiet ledger a
+        closed study would wait for its aggregators forever. One leaf per passed deadline, never a heartbeat.
+        """
+        if self.contracts is None:
+            return None
+        from chain_bridge.contract_gate import clock_attestation
+        from contract_rules.clock import attested_ms
+        from contract_rules.market import deadlines
+        from contract_rules.runtime import OK
+
+        now = wall_clock_ms()
+        with self.ledger_lock:
+            self.ledger.refresh()
+            self.contracts.catch_up(self.ledger)
+            state = self.contracts.runtime.state
+            last = attested_ms(state) or 0
+            if not any(last < deadline <= now for deadline in deadlines(state)):
+                return None
+            entry = clock_attestation(self.contracts.operator, state, now)
+            if entry is None or self.contracts.runtime.check(entry) != OK:
+                return None
+            [index] = self.ledger.append_entries([entry])
+        self.stats.deadline_attests += 1
+        return index
+
     def _remember_checkpoint(self, note: str, size: int) -> None:
         if self.finality is None:
             return
@@ -461,6 +492,7 @@ class Bridge:
                         self.evidence.drain(self.ledger, self.contracts, self.ledger_lock)
                     if self.studies is not None and self.contracts is not None:
                         self.studies.drain(self.ledger, self.contracts, self.ledger_lock)
+                    self.attest_deadlines()
                     self.maybe_checkpoint()
                     self.refresh_miners()
                     self.record_final()

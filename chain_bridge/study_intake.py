@@ -1,12 +1,14 @@
-"""Study results from aggregators: `study.result` entries published on `cc/v1/miner/<id>/study`, decided and
-appended (docs/market.md, "The computation").
+"""Study entries from aggregators: `study.result`, `study.sample` and `study.audit` entries published on
+`cc/v1/miner/<id>/study`, decided and appended (docs/market.md, "The computation" and "Audits").
 
 Each of a study's aggregators signs its `study.result` with its miner key and publishes it on its own miner
 topic (the broker lets only that miner write there). The bridge decides it with the contract rules — which
 check that the signer is one of the study's aggregators, has not posted yet, and that the result fits the
 study's contributions, cohort rule and query — and appends it; a majority of equal results decides the study
-on every replica. Nothing is trusted from the broker: a message that is not a well-formed `study.result`
-entry, is signed by another key than the topic's miner, or that the rules refuse, is counted and logged and
+on every replica. The same miner topic carries the `study.sample` an aggregator sends once its study is answered
+and the `study.audit` verdicts of its audit MPC; the rules decide those too (which checkpoint seeds the
+sample, whether the signer aggregates the study). Nothing is trusted from the broker: a message that is not a well-formed `study.result`
+entry (of those three types), is signed by another key than the topic's miner, or that the rules refuse, is counted and logged and
 never reaches the ledger. The queue is bounded; a flood is dropped and counted.
 """
 
@@ -19,7 +21,7 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 from carechain import envelope
-from carechain.entries import STUDY_RESULT, Entry, EntryError
+from carechain.entries import STUDY_AUDIT, STUDY_RESULT, STUDY_SAMPLE, Entry, EntryError
 from chain_bridge.ledger.store import Ledger
 from chain_bridge.contract_gate import append_if_accepted
 
@@ -31,7 +33,7 @@ __all__ = ["MAX_PENDING", "MAX_RESULT_BYTES", "StudyIntake"]
 MAX_PENDING = 64  # results waiting to be decided
 # valid/included list at most 100,000 leaf indexes of ≤ 9 CBOR bytes each, plus the answer and the envelope
 MAX_RESULT_BYTES = 2 * 100_000 * 9 + 16_384
-RESULT_TYPES = frozenset({STUDY_RESULT})
+RESULT_TYPES = frozenset({STUDY_RESULT, STUDY_SAMPLE, STUDY_AUDIT})  # what a miner's study topic carries
 log = logging.getLogger("carechain.bridge")
 
 
@@ -79,8 +81,8 @@ class StudyIntake:
             index = append_if_accepted(ledger, gate, lock, entry)
             if isinstance(index, str):
                 self.stats[index] += 1
-                log.warning("study result from miner %s refused by the contracts: %s", miner_id, index)
+                log.warning("%s from miner %s refused by the contracts: %s", entry.type, miner_id, index)
                 continue
             self.stats["appended"] += 1
             appended.append(index)
-            log.info("study.result from miner %s appended at leaf %d", miner_id, index)
+            log.info("%s from miner %s appended at leaf %d", entry.type, miner_id, index)

@@ -1,7 +1,7 @@
 """One aggregator of a data-market study: one MPyC party (docs/market.md, "The computation").
 
     python -m chain_miner.aggregator --study ID --index I --peers host:port,host:port,host:port \\
-        --key miner.key --inputs inputs.json [--out result.json] [--ts MS] \\
+        --key miner.key --inputs inputs.json [--audit] [--out result.json] [--ts MS] \\
         [--publish --config carechain.toml [--credentials aggregators/<id>.json] [--tls-ca ca.crt]]
 
 The study's m aggregators each run this, party I at the I-th address of --peers (all on the same list, in
@@ -29,12 +29,23 @@ What the parties learn, in order, and nothing else:
 
 It writes {"entry": hex of the signed `study.result` ledger entry, "payload": …, "stats": …} to --out or
 stdout, and with --publish sends the entry to the bridge on its own miner topic `cc/v1/miner/<id>/study`
-(`publish_result`, the broker of --config's `broker` section). On a locked-down broker it logs in with
+(`publish_entries`, the broker of --config's `broker` section). On a locked-down broker it logs in with
 --credentials, the aggregator login `carechain bridge acl` wrote for this miner (`aggregators/<id>.json`,
 user `carechain-aggregator-<id>`, the only login that may write that topic): the broker ties client ids to
 logins, so the miner's own login would knock its running miner service off. The bridge's
-`chain_bridge.study_intake` decides the result with the contract rules and appends it. Importing MPyC's
-runtime parses sys.argv, so `main` sets MPyC's options (-I, -P, --no-log) there before the import.
+`chain_bridge.study_intake` decides the result with the contract rules and appends it.
+
+With --audit it audits instead (docs/market.md, "Audits"): --inputs is `audit_inputs_from_leaves`'s document
+(the study's sampled contributions its owners disclosed, with their `study.disclose` keys and blobs and the
+cited leaves as the ledger holds them). The parties input their share rows of those contributions and open
+the vectors to each other only (`mpc.output` to all parties: the aggregators, whom the owners disclosed them
+to; nobody else learns them); each then opens its own sealed disclosure key and judges every contribution on
+its own (`carechain.contribution_audit.judge`), and writes {"entries": [hex of a signed `study.audit` per
+judged contribution], "verdicts": [...], "skipped": [...], "stats": ...}; --publish sends every entry
+(`publish_entries`), which the bridge's study intake checks with the rules like results.
+
+Importing MPyC's runtime parses sys.argv, so `main` sets MPyC's options (-I, -P, --no-log) there before the
+import.
 """
 
 from __future__ import annotations
@@ -47,13 +58,14 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from carechain import market
+from carechain import contribution_audit, market
 from carechain.config import BrokerConfig
 from carechain.credentials import CredentialsError
 from carechain.identity import Identity
 from contract_rules.runtime import Genesis, State
 
-__all__ = ["inputs_from_leaves", "inputs_from_state", "main", "publish_result", "run"]
+__all__ = ["audit_inputs_from_leaves", "inputs_from_leaves", "inputs_from_state", "main", "publish_entries",
+           "run", "run_audit"]
 
 VALIDITY_COEFF_DOMAIN = b"carechain/market/validity-check/v1\x00"
 # `carechain bridge acl`'s aggregator login per miner (chain_bridge.broker.acl.aggregator_user; parties do
@@ -90,6 +102,56 @@ def inputs_from_leaves(genesis: Genesis, leaves: Iterable[bytes], study_id: str)
     replica = Replica(genesis)
     replica.apply_leaves(leaves)
     return inputs_from_state(replica.state, study_id)
+
+
+def audit_inputs_from_leaves(genesis: Genesis, leaves: Iterable[bytes], study_id: str) -> dict[str, Any]:
+    """The aggregators' audit input document for `study_id`, from a whole log's `leaves` in order (replayed
+    with `contract_rules.Replica` under `genesis`, so only what the rules accepted counts):
+
+        {"study": {"study_id", "query", "from_ms", "to_ms", "aggregators": [ids]},
+         "contributions": [{"leaf", "owner", "commitment", "leaves": [cited], "shares": [hex sealed row],
+                            "epochs": [[dev, epoch]], "keys": [hex sealed disclosure key], "blob": hex}],
+         "cited": {str(leaf): `CitedLeaf.to_json()`}}
+
+    one contribution per sampled, disclosed one (the `study.disclose` entry's keys and blob), and every leaf
+    they cite with the device registration in force there (`contribution_audit.cited_leaves`, the same walk
+    the owner's agent makes). KeyError when the ledger holds no such study; ValueError when it is not sampled.
+    """
+    from carechain import envelope  # noqa: PLC0415
+    from carechain.entries import Entry  # noqa: PLC0415
+    from contract_rules import market as market_rules  # noqa: PLC0415
+    from contract_rules import transactions as ce  # noqa: PLC0415
+    from contract_rules.replay import Replica  # noqa: PLC0415
+
+    leaves = list(leaves)
+    replica = Replica(genesis)
+    replica.apply_leaves(leaves)
+    state = replica.state
+    study = market_rules.study_record(state, study_id)
+    if study is None:
+        raise KeyError(f"the ledger holds no study {study_id!r}")
+    audit = study.get("audit")
+    if audit is None:
+        raise ValueError(f"study {study_id} has no audit sample yet (no study.sample accepted)")
+    table = state.table(market_rules.CONTRIBUTIONS)
+    contributions = []
+    for index in audit["sample"]:
+        at = audit["disclosed"].get(str(index))
+        if at is None:
+            continue  # not disclosed (yet): nothing to audit
+        c = table[str(index)]
+        disclose = ce.StudyDisclose.model_validate(envelope.parse(Entry.decode(leaves[at]).cose).payload)
+        contributions.append({"leaf": int(index), "owner": c["owner"], "commitment": c["commitment"],
+                              "leaves": [int(leaf) for leaf in c["leaves"]],
+                              "shares": [bytes(s).hex() for s in c["shares"]],
+                              "epochs": [[e.dev, e.epoch] for e in disclose.epochs],
+                              "keys": [k.hex() for k in disclose.keys], "blob": disclose.blob.hex()})
+    wanted = {leaf for c in contributions for leaf in c["leaves"]}
+    cited = contribution_audit.cited_leaves(enumerate(leaves), genesis.operators, wanted)
+    query = {k: v for k, v in study["query"].items() if v is not None}
+    return {"study": {"study_id": study_id, "query": query, "from_ms": study["from_ms"], "to_ms": study["to_ms"],
+                      "aggregators": list(study["aggregators"])},
+            "contributions": contributions, "cited": {str(leaf): c.to_json() for leaf, c in sorted(cited.items())}}
 
 
 def _own_rows(identity: Identity, index: int, query: market.Query,
@@ -218,15 +280,8 @@ def run(args: argparse.Namespace, inputs: dict[str, Any] | None = None) -> dict[
     started = time.perf_counter()
     spec: dict[str, Any] = json.loads(Path(args.inputs).read_text()) if inputs is None else inputs
     study = spec["study"]
-    if study["study_id"] != args.study:
-        raise SystemExit(f"--inputs holds study {study['study_id']!r}, not {args.study!r}")
+    identity, peers = _this_party(args, study)
     query = market.Query.model_validate(study["query"])
-    peers = args.peers.split(",")
-    identity = Identity.load(Path(args.key))
-    aggregators = study["aggregators"]
-    if len(aggregators) != len(peers) or aggregators[args.index] != identity.device_id:
-        raise SystemExit(f"this key ({identity.device_id}) is not aggregator {args.index} of the study's "
-                         f"{len(aggregators)}, or --peers does not list one address per aggregator")
     contributions = spec["contributions"]
     rows = _own_rows(identity, args.index, query, contributions)
     mins = {int(c["leaf"]): int(c["min_cohort"]) for c in contributions}
@@ -247,9 +302,94 @@ def run(args: argparse.Namespace, inputs: dict[str, Any] | None = None) -> dict[
                       "contributions": len(contributions)}}
 
 
-def publish_result(broker: BrokerConfig, miner_id: str, entry: bytes, timeout: float = 30.0) -> None:
-    """Send a signed `study.result` entry to the bridge on `miner_id`'s study topic (QoS 1, acknowledged by the
-    broker); TimeoutError when the broker does not take it within `timeout` seconds.
+async def _open_vectors(mpc: Any, rows: dict[int, list[int] | None]
+                        ) -> tuple[dict[int, list[int]], list[int], int]:
+    """Open the shared vectors of `rows` (leaf → this party's row) to the aggregators, and only to them; the
+    leaves some aggregator could not use, which are not opened; the bytes this party sent."""
+    await mpc.start()
+    secint = mpc.SecInt(32)
+    field = secint.field
+    if field.modulus != market.FIELD_MODULUS:
+        raise RuntimeError("MPyC's SecInt(32) field is not the one contributors share in")
+    local_bad = sorted(leaf for leaf, row in rows.items() if row is None)
+    unusable = set().union(*(set(b) for b in await mpc.transfer(local_bad)))
+    kept = sorted(leaf for leaf in rows if leaf not in unusable)
+    shared = [secint(field(s)) for leaf in kept for s in rows[leaf] or []]
+    opened = [int(v) for v in await mpc.output(shared)] if shared else []  # to every party: the aggregators
+    vectors: dict[int, list[int]] = {}
+    for leaf in kept:
+        width = len(rows[leaf] or [])
+        vectors[leaf], opened = [market.signed(v) for v in opened[:width]], opened[width:]
+    sent = sum(p.protocol.nbytes_sent for p in mpc.parties if p.pid != mpc.pid)
+    await mpc.shutdown()
+    return vectors, sorted(unusable), sent
+
+
+def run_audit(args: argparse.Namespace, inputs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run this aggregator's party of the audit MPC for `args.study` on `inputs` (the
+    `audit_inputs_from_leaves` document; read from --inputs when None): open the sampled vectors among the
+    aggregators, judge each contribution on its own (`contribution_audit.judge`), and sign one `study.audit`
+    entry per judged contribution. A contribution whose shares some aggregator could not use is not opened
+    and gets no verdict ("skipped"; the rules accepted it, so it is not the contributor's fault)."""
+    from contract_rules import transactions as ce  # noqa: PLC0415
+
+    started = time.perf_counter()
+    spec: dict[str, Any] = json.loads(Path(args.inputs).read_text()) if inputs is None else inputs
+    study = spec["study"]
+    identity, peers = _this_party(args, study)
+    query = market.Query.model_validate(study["query"])
+    contributions = sorted(spec["contributions"], key=lambda c: int(c["leaf"]))
+    if len({int(c["leaf"]) for c in contributions}) != len(contributions):
+        raise SystemExit("--inputs lists a contribution leaf twice")
+    rows = _own_rows(identity, args.index, query, contributions)
+    cited = {int(leaf): contribution_audit.CitedLeaf.from_json(doc) for leaf, doc in spec["cited"].items()}
+
+    sys.argv = [sys.argv[0], "-I", str(args.index), "--no-log"] + [a for p in peers for a in ("-P", p)]
+    from mpyc.runtime import mpc  # noqa: PLC0415 - reads sys.argv at import
+
+    vectors, skipped, sent = mpc.run(_open_vectors(mpc, rows))
+    ts = args.ts if args.ts is not None else int(time.time() * 1000)
+    entries, verdicts = [], []
+    for c in contributions:
+        leaf = int(c["leaf"])
+        if leaf not in vectors:
+            continue
+        try:
+            disclosure: contribution_audit.Disclosure | None = contribution_audit.open_disclosure(
+                identity, bytes.fromhex(c["keys"][args.index]), bytes.fromhex(c["blob"]), study["study_id"], leaf)
+        except (contribution_audit.DisclosureError, IndexError, ValueError):
+            disclosure = None
+        verdict = contribution_audit.judge(
+            vectors[leaf], disclosure, owner=c["owner"], contribution=leaf, commitment=c["commitment"],
+            leaves=c["leaves"], query=study["query"], from_ms=int(study["from_ms"]), to_ms=int(study["to_ms"]),
+            cited=cited, epochs=[(dev, int(epoch)) for dev, epoch in c["epochs"]])
+        entry = ce.study_audit_entry(identity, ce.StudyAudit(study_id=study["study_id"], contribution=leaf,
+                                                             verdict=verdict.verdict, reason=verdict.reason, ts=ts))
+        entries.append(entry.encode().hex())
+        verdicts.append({"contribution": leaf, "verdict": verdict.verdict, "reason": verdict.reason})
+    return {"entries": entries, "verdicts": verdicts, "skipped": skipped,
+            "stats": {"bytes_sent": sent, "seconds": time.perf_counter() - started,
+                      "contributions": len(contributions)}}
+
+
+def _this_party(args: argparse.Namespace, study: dict[str, Any]) -> tuple[Identity, list[str]]:
+    """This aggregator's key and the peers' addresses, checked against the study: SystemExit when they do not
+    fit (another study's inputs, a key that is not aggregator --index, one address per aggregator)."""
+    if study["study_id"] != args.study:
+        raise SystemExit(f"--inputs holds study {study['study_id']!r}, not {args.study!r}")
+    peers = args.peers.split(",")
+    identity = Identity.load(Path(args.key))
+    aggregators = study["aggregators"]
+    if len(aggregators) != len(peers) or aggregators[args.index] != identity.device_id:
+        raise SystemExit(f"this key ({identity.device_id}) is not aggregator {args.index} of the study's "
+                         f"{len(aggregators)}, or --peers does not list one address per aggregator")
+    return identity, peers
+
+
+def publish_entries(broker: BrokerConfig, miner_id: str, *entries: bytes, timeout: float = 30.0) -> None:
+    """Send signed entries (a `study.result`, `study.audit`s) to the bridge on `miner_id`'s study topic, in order
+    (QoS 1, each acknowledged by the broker); TimeoutError when the broker does not take one within `timeout`
+    seconds.
 
     `broker` may name a `credentials_file` (the miner's aggregator login); the client id is the login's user
     name, which a broker with `use_username_as_clientid` imposes anyway, so this session never collides with
@@ -258,6 +398,7 @@ def publish_result(broker: BrokerConfig, miner_id: str, entry: bytes, timeout: f
 
     from carechain import topics  # noqa: PLC0415
     from carechain.credentials import resolve_broker_login  # noqa: PLC0415
+    from carechain.entries import Entry  # noqa: PLC0415
     from carechain.transport import connect_client  # noqa: PLC0415
 
     broker = resolve_broker_login(broker)
@@ -268,13 +409,17 @@ def publish_result(broker: BrokerConfig, miner_id: str, entry: bytes, timeout: f
         if not connected.wait(timeout):
             raise TimeoutError(f"broker {broker.host}:{broker.port} unreachable or refusing {client_id} "
                                f"(aggregator of miner {miner_id})")
-        info = client.publish(topics.miner_study(miner_id), entry, qos=1)
-        info.wait_for_publish(timeout)
-        if not info.is_published():
-            raise TimeoutError(f"broker {broker.host}:{broker.port} did not take the study result")
+        for entry in entries:
+            info = client.publish(topics.miner_study(miner_id), entry, qos=1)
+            info.wait_for_publish(timeout)
+            if not info.is_published():
+                raise TimeoutError(f"broker {broker.host}:{broker.port} did not take the {Entry.decode(entry).type} "
+                                   f"entry of aggregator {miner_id}")
     finally:
         client.disconnect()
         client.loop_stop()
+
+
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -282,9 +427,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--study", required=True, help="the study id")
     parser.add_argument("--index", type=int, required=True, help="this aggregator's 0-based place in the study")
     parser.add_argument("--peers", required=True, help="host:port of every aggregator, in the study's order")
-    parser.add_argument("--key", required=True, help="this miner's key file (signs the result)")
+    parser.add_argument("--key", required=True, help="this miner's key file (signs the result or the verdicts)")
     parser.add_argument("--inputs", required=True,
-                        help="JSON file with the study and its contributions (`inputs_from_leaves`'s document)")
+                        help="JSON file with the study and its contributions (`inputs_from_leaves`'s document; "
+                             "with --audit, `audit_inputs_from_leaves`'s)")
+    parser.add_argument("--audit", action="store_true",
+                        help="audit the study's sampled, disclosed contributions instead of computing its result")
     parser.add_argument("--out", help="write the result here instead of stdout")
     parser.add_argument("--ts", type=int, help="the result's ts in ms (default: now)")
     parser.add_argument("--publish", action="store_true", help="send the entry to the bridge over the broker")
@@ -294,7 +442,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "`carechain bridge acl` wrote for this miner, aggregators/<miner_id>.json")
     parser.add_argument("--tls-ca", type=Path, help="--publish connects over TLS, trusting only this CA")
     args = parser.parse_args(argv)
-    result = run(args)
+    result = run_audit(args) if args.audit else run(args)
+    entries = result["entries"] if args.audit else [result["entry"]]
     text = json.dumps(result, sort_keys=True)
     if args.out:
         Path(args.out).write_text(text + "\n")
@@ -310,7 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.tls_ca is not None:
             broker = broker.model_copy(update={"tls_ca": args.tls_ca})
         try:
-            publish_result(broker, Identity.load(Path(args.key)).device_id, bytes.fromhex(result["entry"]))
+            publish_entries(broker, Identity.load(Path(args.key)).device_id, *map(bytes.fromhex, entries))
         except CredentialsError as exc:
             print(f"aggregator: {exc}", file=sys.stderr)
             return 2

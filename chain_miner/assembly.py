@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from carechain.config import Config, ConfigError
+from carechain.config import BrokerConfig, Config, ConfigError
 from carechain.credentials import CredentialsError, resolve_broker_login
 from carechain.datadir import DataDirLock, lock_data_dir
 from carechain.identity import Identity, KeyFileError, PublicKeyError, parse_public_key_hex
@@ -41,7 +41,9 @@ def assemble_miner(cfg: Config, *, data_dir: Path | None = None, key: Path | Non
 
     Without a genesis (argument, `miner.genesis`, or BRIDGE_DATA_DIR/contracts/genesis.json when it exists)
     nor an entry verifier, `checks` is empty: only log consistency is checked (the caller warns).
-    `broker.credentials_file`, if set, is resolved (`resolve_broker_login`).
+    `broker.credentials_file`, if set, is resolved (`resolve_broker_login`). With `miner.mpc_listen` and the
+    contracts the miner also runs the studies it aggregates (`chain_miner.study_runner`), publishing over its
+    aggregator login (`aggregator_broker`).
     """
     mc = cfg.miner
     mdir = Path(data_dir or mc.data_dir)
@@ -61,7 +63,8 @@ def assemble_miner(cfg: Config, *, data_dir: Path | None = None, key: Path | Non
     spec = entry_verifier or mc.entry_verifier
     lock = lock_data_dir(mdir, "miner")
     try:
-        identity = Identity.load_or_create(key or mc.key_file or mdir / "miner.key")
+        key_file = key or mc.key_file or mdir / "miner.key"
+        identity = Identity.load_or_create(key_file)
         size_of = None
         replica = None  # with the contracts, the miner also serves the access grants naming it
         verifier: EntryVerifier
@@ -74,6 +77,17 @@ def assemble_miner(cfg: Config, *, data_dir: Path | None = None, key: Path | Non
             verifier, checks = verify_entries, ""
         miner = WitnessMiner(mdir, broker, log_key, identity, name=name or mc.name, entry_verifier=verifier,
                              request_timeout_s=mc.request_timeout_s, verifier_size=size_of, replica=replica)
+        if mc.mpc_listen is not None:
+            if replica is None:
+                raise ConfigError("miner.mpc_listen is set but the contracts are not re-executed (no genesis): a "
+                                  "miner learns its studies from the contract state; give --genesis or "
+                                  "miner.genesis, or unset miner.mpc_listen")
+            from chain_miner.study_runner import StudyRunner
+
+            miner.studies = StudyRunner(mdir, identity, key_file, mc.mpc_listen,
+                                        aggregator_broker(cfg, identity.device_id), lambda: replica.state,
+                                        replica.genesis, miner.cosigned_leaves, timeout_s=mc.mpc_timeout_s)
+            checks += f"; aggregates its studies (MPC on {mc.mpc_listen})"
     except (ValueError, KeyFileError, StateError, ImportError, OSError) as exc:
         lock.release()
         raise ConfigError(str(exc)) from None
@@ -81,3 +95,21 @@ def assemble_miner(cfg: Config, *, data_dir: Path | None = None, key: Path | Non
         lock.release()
         raise
     return AssembledMiner(miner, mdir, lock, checks)
+
+
+def aggregator_broker(cfg: Config, miner_id: str) -> BrokerConfig:
+    """The broker settings the miner's aggregator publishes with: the miner's broker, logged in with the
+    aggregator login (`miner.aggregator_credentials_file`, or aggregators/<id>.json beside the directory of
+    `broker.credentials_file`), never with the miner's own login, which would knock the miner service off
+    (the broker ties client ids to logins). ConfigError when the broker wants a login and none is found."""
+    login = cfg.miner.aggregator_credentials_file
+    if login is None and cfg.broker.credentials_file is not None:
+        beside = Path(cfg.broker.credentials_file).parent.parent / "aggregators" / f"{miner_id}.json"
+        login = beside if beside.exists() else None
+    if login is None:
+        if cfg.broker.credentials_file is not None or cfg.broker.username is not None:
+            raise ConfigError("miner.mpc_listen is set but there is no aggregator login: set "
+                              "miner.aggregator_credentials_file to the aggregators/<miner id>.json that `carechain "
+                              "bridge acl` wrote (the miner's own login would knock this miner off the broker)")
+        return cfg.broker
+    return cfg.broker.model_copy(update={"credentials_file": Path(login), "username": None, "password": None})

@@ -58,6 +58,7 @@ if TYPE_CHECKING:
 if TYPE_CHECKING:
     from chain_miner.reencryptor import AccessReleaser, Reencryptor
     from chain_miner.snapshots import MinerSnapshots
+    from chain_miner.study_runner import StudyRunner
     from contract_rules import ContractWitness, Genesis, Replica
 
 log = logging.getLogger("carechain.miner")
@@ -131,6 +132,9 @@ class WitnessMiner:
         self.access: AccessReleaser | None = None
         self.snapshots: MinerSnapshots | None = None
         self._hello_due = threading.Event()  # set at every (re)connect; the worker publishes the hello
+        # The data-market work of the studies this miner aggregates (`chain_miner.study_runner`); set by
+        # `chain_miner.assembly` before `start` when `miner.mpc_listen` is.
+        self.studies: StudyRunner | None = None
         if replica is not None:
             from chain_miner.reencryptor import DONE_FILE, AccessReleaser, Reencryptor, load_done
             from chain_miner.snapshots import MinerSnapshots
@@ -147,12 +151,16 @@ class WitnessMiner:
     def hello(self) -> messages.MinerHello:
         """This miner's signed announcement."""
         return messages.MinerHello(miner=self.id, name=self.cosigner.name, public_key=self.cosigner.public_key.hex(),
-                                   ts=int(time.time() * 1000)).signed(self._key)
+                                   ts=int(time.time() * 1000),
+                                   mpc=self.studies.mpc_listen if self.studies is not None else None).signed(self._key)
 
     def start(self) -> None:
         subscriptions = [(topics.CHECKPOINT, 1), (messages.response(self.id), 1)]
         if self.access is not None:  # finality, counted by this miner itself (chain_miner.reencryptor)
             subscriptions += [(topics.FINAL_CHECKPOINT, 1), (topics.MINER_COSIG_WILDCARD, 1)]
+        if self.studies is not None:  # the other aggregators' MPC addresses, from their signed hellos
+            subscriptions += [(messages.MINER_HELLO_WILDCARD, 1)]
+            self.studies.start()
         if self.snapshots is not None:
             restored = self.snapshots.restore(self.witness.state)
             if restored:
@@ -174,6 +182,8 @@ class WitnessMiner:
         self._stop.set()
         if self._worker:
             self._worker.join(timeout=10)
+        if self.studies is not None:
+            self.studies.stop()
         if self.snapshots is not None and not (self._worker and self._worker.is_alive()):
             self.snapshots.save(self.witness.state)  # the next start replays nothing it already judged
         if self._client:
@@ -188,6 +198,9 @@ class WitnessMiner:
                 self._notes.put((msg.topic, msg.payload.decode("utf-8", errors="replace")))
             return
         miner = topics.miner_of_topic(msg.topic)
+        if miner is not None and miner[1] == "hello" and self.studies is not None:
+            self._on_hello(miner[0], bytes(msg.payload))
+            return
         if miner is not None and miner[1] == "cosig":  # another miner's line: finality counted here too
             if msg.payload:
                 try:
@@ -205,6 +218,22 @@ class WitnessMiner:
             self._responses.put(messages.ProofResponseMessage.model_validate_json(msg.payload))
         except ValidationError as exc:
             log.warning("miner %s: malformed proof response: %s", self.id, exc.errors()[:1])
+
+    def _on_hello(self, miner: str, payload: bytes) -> None:
+        """Another miner's hello (empty: it left): its MPC address, only from a hello its own key signed."""
+        assert self.studies is not None
+        if not payload:
+            self.studies.on_hello(miner, None)
+            return
+        try:
+            hello = messages.MinerHello.model_validate_json(payload)
+        except ValidationError:
+            self.stats["bad_hello"] += 1
+            return
+        if not messages.from_miner(hello, miner):
+            self.stats["unsigned_hello"] += 1
+            return
+        self.studies.on_hello(miner, hello.mpc)
 
     def _run(self) -> None:
         hello = self.hello().model_dump_json().encode()
@@ -261,7 +290,31 @@ class WitnessMiner:
             self._report_voids(before, note, entries, now)
         if self.access is not None and decision.state.tree_size > before.tree_size:
             self.access.after_cosign(before.tree_size, before.frontier, entries)
+        self._study_jobs(entries if decision.state.tree_size > before.tree_size else [])
         return decision
+
+    def _study_jobs(self, entries: list[bytes]) -> None:
+        """Hand the cosigned entries to the study runner: what its studies need now (never fails the cosign)."""
+        if self.studies is None:
+            return
+        try:
+            self.studies.after_cosign(entries)
+        except Exception:
+            log.exception("miner %s: planning the study jobs failed; trying again at the next checkpoint", self.id)
+
+    def cosigned_leaves(self) -> list[bytes] | None:
+        """Every leaf of the tree this miner cosigned, from the log, proven against that tree's root; None when
+        the log did not serve them or served others (what the audits read the anchored data from)."""
+        cosigned = self.witness.state
+        leaves = self._leaves(0, cosigned.tree_size)
+        if leaves is None:
+            return None
+        if MerkleTree(leaf_hash(e) for e in leaves).root() != cosigned.root_hash:
+            self.stats["bad_leaves"] += 1
+            log.warning("miner %s: the served leaves 0..%d are not the tree it cosigned", self.id,
+                        cosigned.tree_size - 1)
+            return None
+        return leaves
 
     def _report_voids(self, before: WitnessState, note: str, entries: list[bytes], now: int) -> None:
         """Publish evidence of the void leaves the contracts found in a range just cosigned: a void leaf changes
@@ -304,6 +357,7 @@ class WitnessMiner:
         log.info("miner %s: replayed %d cosigned leaves into the contracts", self.id, cosigned)
         if self.access is not None:
             self.access.after_cosign(0, (), entries)
+        self._study_jobs(entries)
         return True
 
     def _catch_up(self, snapshots: MinerSnapshots) -> bool:
@@ -326,6 +380,8 @@ class WitnessMiner:
                  len(tail.entries), tail.old_size)
         if self.access is not None and tail.entries:
             self.access.after_cosign(tail.old_size, tail.old_frontier, tail.entries)
+        if tail.entries:
+            self._study_jobs(tail.entries)
         return True
 
     def _refused(self, r: CosignRefused) -> CosignRefused:

@@ -64,6 +64,18 @@ ROUTES: dict[str, tuple[str, ...]] = {
     ce.STUDY_DISCLOSE: ("market",),
     ce.STUDY_AUDIT: ("market",),
     ce.STUDY_CLOSE: ("market",),
+    ce.TRIAL_REGISTER: ("trials",),
+    ce.TRIAL_COMMIT: ("trials",),
+    ce.TRIAL_ENROLL: ("trials",),
+    ce.TRIAL_DISPENSE: ("trials",),
+    ce.TRIAL_WITHDRAW: ("trials",),
+    ce.TRIAL_UNBLIND: ("trials",),
+    ce.TRIAL_UNBLIND_KEY: ("trials",),
+    ce.TRIAL_LOCK: ("trials",),
+    ce.TRIAL_REVEAL: ("trials",),
+    ce.TRIAL_RECOVER: ("trials",),
+    ce.TRIAL_OUTCOME: ("trials",),
+    ce.TRIAL_CERTIFY: ("trials",),
 }
 # Who may sign each entry type (a party role, "operator" from the genesis, or a registered "device").
 SIGNERS: dict[str, frozenset[str]] = {
@@ -101,6 +113,18 @@ SIGNERS: dict[str, frozenset[str]] = {
     ce.STUDY_DISCLOSE: frozenset({"patient"}),  # the rule also wants the sampled contribution's owner
     ce.STUDY_AUDIT: frozenset({"miner"}),  # the rule also wants one of the study's aggregators
     ce.STUDY_CLOSE: frozenset({"operator", *ce.PARTY_ROLES}),
+    ce.TRIAL_REGISTER: frozenset({"sponsor"}),
+    ce.TRIAL_COMMIT: frozenset({"sponsor", "miner"}),  # the rule also wants the trial's sponsor or a labeller
+    ce.TRIAL_ENROLL: frozenset({"investigator"}),  # the rule also wants one the trial names
+    ce.TRIAL_DISPENSE: frozenset({"pharmacy"}),
+    ce.TRIAL_WITHDRAW: frozenset({"investigator", "patient"}),
+    ce.TRIAL_UNBLIND: frozenset({"investigator"}),
+    ce.TRIAL_UNBLIND_KEY: frozenset({"sponsor", "miner"}),
+    ce.TRIAL_LOCK: frozenset({"sponsor"}),
+    ce.TRIAL_REVEAL: frozenset({"sponsor", "miner"}),
+    ce.TRIAL_RECOVER: frozenset({"sponsor", "miner"}),
+    ce.TRIAL_OUTCOME: frozenset({"patient"}),
+    ce.TRIAL_CERTIFY: frozenset({"operator", *ce.PARTY_ROLES}),  # anyone: the rules recompute the result
     ce.CLOCK_ATTEST: frozenset({"operator"}),  # the bridge attests the time rules judge on
     ENTRY_EVENT: frozenset({"device"}),
 }
@@ -109,7 +133,7 @@ SIGNERS: dict[str, frozenset[str]] = {
 SELF_KEYED = frozenset({ce.STORAGE_COMMIT, ce.STORAGE_RETRIEVAL})
 # The rule modules shipped in this package, by module name: old versions stay, since deployed logs pin them.
 BUILTIN = ("tokens", "prescriptions", "insurance", "insurance_v2", "storage", "access", "bonds", "insurance_v3",
-           "access_v2", "prescriptions_v2", "formulary", "storage_v2", "market")
+           "access_v2", "prescriptions_v2", "formulary", "storage_v2", "market", "storage_v3")
 
 
 # Contract entries carry evidence (signed audit answers, capsule fragments, checkpoint notes), so they may be

@@ -15,11 +15,18 @@ re-derives what the rules decided from public data rather than reading it back:
   equal to the study's, and without noise the answer's counts equal to the included set;
 - every contribution anchored: the checkpoint's root is the Merkle root of the first tree_size leaves, and
   every contribution and result lies within it;
-- the payments of `study.close`: what each account received equals what the rules owe, and the supply is
-  conserved.
+- the audit: the `study.sample` note was final, newer than the decision, and the very note the latest
+  `checkpoint.final` recorded then, and `audit_sample` of its seed is the recorded sample; each accepted
+  disclosure was by the contribution's owner, of a sampled contribution, within the window; each counted verdict
+  by one of the study's aggregators, on a disclosed contribution, within the window, and the outcomes are the
+  majority verdicts (at close: "undecided" when disclosed, "unopened" when not) — all re-derived from the
+  entries, not read back; a study closed unaudited is reported as such;
+- the payments of `study.close`: what each account received equals what the rules owe (every included
+  contribution but the forfeited ones), and the supply is conserved.
 
 What it cannot check is whether the aggregators computed the answer from the shares (they hold them; nobody
-else can open them): that rests on an honest majority of aggregators, as the MPC's privacy does.
+else can open them), nor whether an auditor's verdict is right (the disclosure is sealed to the aggregators):
+both rest on an honest majority of aggregators, as the MPC's privacy does.
 """
 
 from __future__ import annotations
@@ -32,14 +39,33 @@ from typing import Any
 
 from carechain import envelope, merkle
 from carechain.checkpoint import Checkpoint
-from carechain.entries import STUDY_CLOSE, STUDY_CONTRIBUTE, STUDY_POST, STUDY_RESULT, Entry, EntryError
+from carechain.entries import (
+    CHECKPOINT_FINAL,
+    STUDY_AUDIT,
+    STUDY_CLOSE,
+    STUDY_CONTRIBUTE,
+    STUDY_DISCLOSE,
+    STUDY_POST,
+    STUDY_RESULT,
+    STUDY_SAMPLE,
+    Entry,
+    EntryError,
+)
 from carechain.market import cohort
 from contract_rules import market as rules
 from contract_rules import miners as miner_rules
 from contract_rules.clock import attested_ms
 from contract_rules.replay import decode_leaf
 from contract_rules.runtime import OK, CodeBook, Genesis, Runtime, State
-from contract_rules.transactions import StudyPost, StudyResult, parse
+from contract_rules.transactions import (
+    CheckpointFinal,
+    StudyAudit,
+    StudyDisclose,
+    StudyPost,
+    StudyResult,
+    StudySample,
+    parse,
+)
 
 __all__ = ["Finding", "StudyReport", "verify_study"]
 
@@ -92,6 +118,25 @@ class _Seen:
     close_deltas: dict[str, int] = field(default_factory=dict)
     close_supply: tuple[int, int] = (0, 0)
     close_escrow: int = 0  # what "study:<id>" held just before study.close
+    close_ms: int | None = None  # the attested time study.close was judged on
+    # The seed of the note the latest accepted checkpoint.final recorded (None: none yet), as of the current leaf.
+    final_seed: bytes | None = None
+    final_candidate: tuple[int, bytes] | None = None  # a checkpoint.final leaf and its note's seed, until judged
+    sample: _Sampled | None = None  # the first accepted study.sample, as the verifier re-derives it
+    # Each disclose and audit leaf of the study, with the attested time it was judged on; judged after the replay.
+    discloses: list[tuple[int, str, StudyDisclose, int | None]] = field(default_factory=list)
+    audits: list[tuple[int, str, StudyAudit, int | None]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Sampled:
+    """A study.sample leaf and what the verifier makes of it from the state just before it."""
+
+    index: int
+    problem: str | None  # why its note does not fix the sample, or None
+    sample: list[int]
+    seed: str
+    window_ends_ms: int
 
 
 def _study_of(entry: Entry) -> tuple[envelope.Sign1, str] | None:
@@ -118,6 +163,9 @@ def _chosen(state: State, post: StudyPost, index: int) -> list[str] | str:
 
 def _before(seen: _Seen, state: State, index: int, entry: Entry, study_id: str) -> None:
     """Capture what a study leaf is judged on, from the state just before it."""
+    if entry.type == CHECKPOINT_FINAL:
+        _final_candidate(seen, state, index, entry)
+        return
     found = _study_of(entry)
     if found is None or found[1] != study_id:
         return
@@ -156,11 +204,55 @@ def _before(seen: _Seen, state: State, index: int, entry: Entry, study_id: str) 
             seen.bad_signatures.append(index)
             return
         seen.results.setdefault(msg.kid, (index, result))
+    elif entry.type == STUDY_SAMPLE:
+        _sample_candidate(seen, state, index, msg.payload, study_id)
+    elif entry.type == STUDY_DISCLOSE:
+        disclose = parse(StudyDisclose, msg.payload)
+        if disclose is not None:
+            seen.discloses.append((index, msg.kid, disclose, attested_ms(state)))
+    elif entry.type == STUDY_AUDIT:
+        audit = parse(StudyAudit, msg.payload)
+        if audit is not None:
+            seen.audits.append((index, msg.kid, audit, attested_ms(state)))
     elif entry.type == STUDY_CLOSE and seen.close_index is None:
         seen.close_index = index
+        seen.close_ms = attested_ms(state)
         seen.close_deltas = dict(state.balances)
         seen.close_supply = (sum(state.balances.values()), 0)
         seen.close_escrow = state.balance(rules.study_account(study_id))
+
+
+def _final_candidate(seen: _Seen, state: State, index: int, entry: Entry) -> None:
+    """Remember a checkpoint.final leaf's note seed; it becomes the recorded one if the rules accept the leaf."""
+    try:
+        record = parse(CheckpointFinal, envelope.parse(entry.cose).payload)
+    except envelope.EnvelopeError:
+        return
+    final = None if record is None else miner_rules.final_note(state, record.note, index)
+    if final is not None and not isinstance(final, str):
+        seen.final_candidate = (index, final.seed)
+
+
+def _sample_candidate(seen: _Seen, state: State, index: int, payload: Any, study_id: str) -> None:  # noqa: ANN401
+    """Re-derive the sample a study.sample leaf fixes; kept if the rules accept the leaf and none came before."""
+    sample = parse(StudySample, payload)
+    study = rules.study_record(state, study_id)
+    now = attested_ms(state)
+    if seen.sample is not None or sample is None or study is None or study["decided"] is None or now is None:
+        return
+    final = miner_rules.final_note(state, sample.seed_checkpoint, index)
+    if isinstance(final, str):
+        seen.sample = _Sampled(index, f"its note is not final at leaf {index}: {final}", [], "", 0)
+        return
+    seed = rules.audit_seed(final.seed, study_id)
+    problem = None
+    if final.size <= study["decided"]["at"]:
+        problem = f"its note (size {final.size}) is not newer than the decision at leaf {study['decided']['at']}"
+    elif final.size != miner_rules.final_size(state) or final.seed != seen.final_seed:
+        problem = (f"its note (size {final.size}) is not the one the latest checkpoint.final recorded "
+                   f"(size {miner_rules.final_size(state)}) at leaf {index}")
+    seen.sample = _Sampled(index, problem, rules.audit_sample(seed, study["decided"]["included"]), seed.hex(),
+                           now + rules.AUDIT_WINDOW_MS)
 
 
 def verify_study(leaves: Sequence[bytes], genesis: Genesis, study_id: str, checkpoint: Checkpoint | None = None,
@@ -183,6 +275,12 @@ def verify_study(leaves: Sequence[bytes], genesis: Genesis, study_id: str, check
             return report
         _before(seen, runtime.state, index, entry, study_id)
         results[index] = runtime.apply(entry)
+        if seen.final_candidate is not None:
+            if seen.final_candidate[0] == index and results[index] == OK:
+                seen.final_seed = seen.final_candidate[1]
+            seen.final_candidate = None
+        if seen.sample is not None and seen.sample.index == index and results[index] != OK:
+            seen.sample = None  # refused by the rules: a later sample leaf may be the one
         if index == seen.close_index:
             after = runtime.state.balances
             before = seen.close_deltas
@@ -201,7 +299,8 @@ def verify_study(leaves: Sequence[bytes], genesis: Genesis, study_id: str, check
     counted = _consent_findings(report, seen, study)
     _result_findings(report, seen, study, counted, results)
     _anchor_findings(report, leaves, checkpoint, study, seen)
-    _payment_findings(report, seen, study, state)
+    forfeited = _audit_findings(report, seen, study)
+    _payment_findings(report, seen, study, state, forfeited)
     return report
 
 
@@ -322,17 +421,20 @@ def _anchor_findings(report: StudyReport, leaves: Sequence[bytes], checkpoint: C
         report.add("anchored", False, f"the leaves do not hash to the checkpoint's root at size "
                                       f"{checkpoint.tree_size}: the log was altered or is another log")
         return
-    needed = [study["at"], *study["contributions"], *(i for i, _ in seen.results.values())]
+    needed = [study["at"], *study["contributions"], *(i for i, _ in seen.results.values()),
+              *([] if seen.sample is None else [seen.sample.index]), *(i for i, *_ in seen.discloses),
+              *(i for i, *_ in seen.audits), *([] if seen.close_index is None else [seen.close_index])]
     outside = sorted(i for i in needed if i >= checkpoint.tree_size)
     if outside:
         report.add("anchored", False, f"leaves {outside} lie beyond the checkpoint (size {checkpoint.tree_size}): "
                                       "not yet anchored; verify against a newer checkpoint")
         return
-    report.add("anchored", True, f"the post, {len(study['contributions'])} commitments and the results are "
-                                 f"included in the checkpoint of size {checkpoint.tree_size}")
+    report.add("anchored", True, f"the post, {len(study['contributions'])} commitments, the results, the audit "
+                                 f"and the close are included in the checkpoint of size {checkpoint.tree_size}")
 
 
-def _payment_findings(report: StudyReport, seen: _Seen, study: dict[str, Any], state: State) -> None:
+def _payment_findings(report: StudyReport, seen: _Seen, study: dict[str, Any], state: State,
+                      forfeited: list[int]) -> None:
     if study["closed_at"] is None:
         report.add("payments", True, f"not closed yet: the deposit {study['deposit']} stays in escrow "
                                      f"({state.balance(rules.study_account(report.study_id))} held)")
@@ -341,7 +443,8 @@ def _payment_findings(report: StudyReport, seen: _Seen, study: dict[str, Any], s
     expected: dict[str, int] = Counter()
     if study["state"] == "answered":
         for index in study["decided"]["included"]:
-            expected[f"patient:{seen.owner[index]}"] += seen.price[index]
+            if index not in forfeited:
+                expected[f"patient:{seen.owner[index]}"] += seen.price[index]
         for miner in study["decided"]["aggregators"]:
             expected[f"miner:{miner}"] += study["aggregator_fee_minor"]
     paid = sum(expected.values())
@@ -355,6 +458,87 @@ def _payment_findings(report: StudyReport, seen: _Seen, study: dict[str, Any], s
     elif supply_before != supply_after:
         report.add("payments", False, f"the supply changed at study.close: {supply_before} → {supply_after}")
     else:
-        report.add("payments", True, f"deposit {study['deposit']}: {paid} paid to contributors and aggregators, "
-                                     f"{seen.close_escrow - paid} refunded; supply conserved")
+        kept = f" ({len(forfeited)} forfeited contributions unpaid: {forfeited})" if forfeited else ""
+        report.add("payments", True, f"deposit {study['deposit']}: {paid} paid to contributors and aggregators"
+                                     f"{kept}, {seen.close_escrow - paid} refunded; supply conserved")
 
+
+def _audit_findings(report: StudyReport, seen: _Seen, study: dict[str, Any]) -> list[int]:
+    """Checks "audit_sample" and "audit_outcomes" of an answered study; the contributions that forfeit, as the
+    verifier derives them (what the payments check holds study.close to)."""
+    if study["state"] != "answered" or study["decided"] is None:
+        return []
+    recorded = study.get("audit")
+    sampled = seen.sample
+    if sampled is None:
+        if recorded is not None:
+            report.add("audit_sample", False, "the study records an audit sample, but no study.sample leaf fixes one")
+        elif study["closed_at"] is None:
+            report.add("audit_sample", True, "not sampled yet: the study cannot close before it is (or the grace)")
+        elif seen.close_ms is None or seen.close_ms < study["closes_ms"] + rules.CLOSE_GRACE_MS:
+            report.add("audit_sample", False, f"closed at leaf {study['closed_at']} without an audit before the grace "
+                                              "ended")
+        else:
+            report.add("audit_sample", True, "closed without an audit: nobody sampled the study before closes_ms "
+                                             "plus the grace, so every included contribution was paid")
+        return []
+    if sampled.problem is not None:
+        report.add("audit_sample", False, f"study.sample at leaf {sampled.index}: {sampled.problem}")
+        return []
+    if recorded is None or recorded["sample"] != sampled.sample or recorded["seed"] != sampled.seed:
+        got = None if recorded is None else recorded["sample"]
+        report.add("audit_sample", False, f"the note sampled at leaf {sampled.index} gives {sampled.sample}, the "
+                                          f"study records {got}")
+        return []
+    report.add("audit_sample", True, f"{len(sampled.sample)} of {len(study['decided']['included'])} included "
+                                     f"contributions sampled at leaf {sampled.index} from the latest final "
+                                     f"checkpoint's seed: {sampled.sample}")
+    return _outcome_findings(report, seen, study, sampled)
+
+
+def _outcome_findings(report: StudyReport, seen: _Seen, study: dict[str, Any], sampled: _Sampled) -> list[int]:
+    problems: list[str] = []
+    disclosed: dict[int, int] = {}
+    closed_at = study["closed_at"] if study["closed_at"] is not None else 2**63  # leaves after it never count
+    for index, signer, d, now in seen.discloses:
+        accepted = (sampled.index < index < closed_at and d.contribution in sampled.sample
+                    and d.contribution not in disclosed and signer == seen.owner.get(d.contribution)
+                    and now is not None and now < sampled.window_ends_ms
+                    and len(d.keys) == len(study["aggregators"])
+                    and len({(e.dev, e.epoch) for e in d.epochs}) == len(d.epochs))
+        if accepted:  # what the rules must accept: the owner's first, of a sampled contribution, in the window
+            disclosed[d.contribution] = index
+    majority = len(study["aggregators"]) // 2 + 1
+    verdicts: dict[int, dict[str, str]] = {}
+    for index, signer, a, now in seen.audits:
+        on = disclosed.get(a.contribution)
+        counts = (on is not None and on < index < closed_at and signer in study["aggregators"]
+                  and signer not in verdicts.get(a.contribution, {}) and (a.verdict == "match") == (a.reason == "")
+                  and now is not None and now < sampled.window_ends_ms)
+        if not counts:
+            continue  # not an aggregator's first verdict on a disclosed contribution within the window
+        verdicts.setdefault(a.contribution, {})[signer] = a.verdict
+    expected: dict[str, str] = {}
+    for i in sampled.sample:
+        tally = Counter(verdicts.get(i, {}).values())
+        winner = next((v for v, n in tally.items() if n >= majority), None)
+        if winner is not None:
+            expected[str(i)] = winner
+        elif study["closed_at"] is not None:
+            expected[str(i)] = "undecided" if i in disclosed else "unopened"
+    forfeited = sorted(i for i in sampled.sample if expected.get(str(i)) in rules.FORFEITING_OUTCOMES)
+    audit = study["audit"]
+    if audit["outcome"] != expected:
+        problems.append(f"the outcomes by majority of the aggregators' verdicts are {expected}, the study records "
+                        f"{audit['outcome']}")
+    if study["closed_at"] is not None and audit.get("forfeited") != forfeited:
+        problems.append(f"forfeited should be {forfeited}, the study records {audit.get('forfeited')}")
+    if {str(i): at for i, at in disclosed.items()} != audit["disclosed"]:
+        problems.append(f"accepted disclosures are {disclosed}, the study records {audit['disclosed']}")
+    if problems:
+        report.add("audit_outcomes", False, "; ".join(problems))
+    else:
+        report.add("audit_outcomes", True, f"{len(disclosed)} of {len(sampled.sample)} sampled contributions "
+                                           f"disclosed by their owners in the window; outcomes {expected} by a "
+                                           f"majority of {majority} aggregators' verdicts; forfeited {forfeited}")
+    return forfeited

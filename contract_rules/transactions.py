@@ -53,8 +53,21 @@ STUDY_SAMPLE = entries.STUDY_SAMPLE
 STUDY_DISCLOSE = entries.STUDY_DISCLOSE
 STUDY_AUDIT = entries.STUDY_AUDIT
 STUDY_CLOSE = entries.STUDY_CLOSE
+TRIAL_REGISTER = entries.TRIAL_REGISTER
+TRIAL_COMMIT = entries.TRIAL_COMMIT
+TRIAL_ENROLL = entries.TRIAL_ENROLL
+TRIAL_DISPENSE = entries.TRIAL_DISPENSE
+TRIAL_WITHDRAW = entries.TRIAL_WITHDRAW
+TRIAL_UNBLIND = entries.TRIAL_UNBLIND
+TRIAL_UNBLIND_KEY = entries.TRIAL_UNBLIND_KEY
+TRIAL_LOCK = entries.TRIAL_LOCK
+TRIAL_REVEAL = entries.TRIAL_REVEAL
+TRIAL_RECOVER = entries.TRIAL_RECOVER
+TRIAL_OUTCOME = entries.TRIAL_OUTCOME
+TRIAL_CERTIFY = entries.TRIAL_CERTIFY
 
-PARTY_ROLES = ("prescriber", "pharmacy", "insurer", "miner", "patient", "doctor", "researcher", "authority")
+PARTY_ROLES = ("prescriber", "pharmacy", "insurer", "miner", "patient", "doctor", "researcher", "authority",
+               "sponsor", "investigator")
 PreKeyBytes = Annotated[bytes, Field(min_length=33, max_length=33)]  # a compressed secp256k1 point (umbral)
 # Domain tags of the Rx hashes and signature: one per purpose, so no hash or signature of one can pass as another.
 RX_DOMAIN = b"carechain/rx/v1\x00"  # the body: the prescriber's signature and rx_ref
@@ -687,6 +700,10 @@ MIN_AGGREGATORS, MAX_AGGREGATORS = 3, 7
 MAX_HISTOGRAM_EDGES = 33  # 32 bins
 MAX_CONTRIBUTION_LEAVES = 4096
 MAX_SEALED_SHARE = 4096  # a sealed box around one aggregator's CBOR row (≤ 32 field elements)
+MAX_DISCLOSED_EPOCHS = 4096  # at most one epoch per cited reading (MAX_CONTRIBUTION_LEAVES)
+MAX_SEALED_DISCLOSURE_KEY = 256  # a sealed box around one 32-byte disclosure key (48 bytes of overhead)
+MAX_DISCLOSURE_BLOB = 524_288  # the AEAD-sealed opening: salt, data keys and up to 4096 cited ciphertexts
+AuditReason = Annotated[str, Field(max_length=64, pattern=r"^[a-z_]*$")]
 
 
 class CohortAttributes(_Payload):
@@ -808,10 +825,61 @@ class StudyResult(_Payload):
 
 
 class StudyClose(_Payload):
-    """Signed by anyone: pays out a decided study, or refunds one undecided past its close plus the grace."""
+    """Signed by anyone: pays out a decided study — an answered one once its audit is over, withholding the
+    forfeited contributions' prices — or refunds one undecided past its close plus the grace."""
 
     v: int = 1
     study_id: StudyId
+    ts: TimeMs
+
+
+class StudySample(_Payload):
+    """Signed by anyone: fixes an answered study's audit sample from `seed_checkpoint`, which must be the latest
+    final checkpoint recorded on the ledger and newer than the decision (`contract_rules.market.audit_sample`)."""
+
+    v: int = 1
+    study_id: StudyId
+    seed_checkpoint: str = Field(min_length=1, max_length=MAX_SEED_CHECKPOINT)
+    ts: TimeMs
+
+
+class DisclosedEpoch(_Payload):
+    """One (device, epoch) data key a disclosure gives the study's aggregators."""
+
+    dev: str = Field(pattern=r"^[a-z2-7]{16}$")
+    epoch: int = Field(ge=0, le=2**63 - 1)
+
+
+class StudyDisclose(_Payload):
+    """Signed by a sampled contribution's owner: her opening, for the study's aggregators only.
+
+    This entry is the logged access record of the audit: who (the study's aggregators: `keys[i]` is the
+    disclosure key sealed to the i-th), what (`epochs`, the data keys inside `blob`), why (the audit of
+    `study_id`). `blob` is the AEAD-sealed opening (`carechain.contribution_audit`): salt, data keys, and the
+    cited ciphertexts.
+    """
+
+    v: int = 1
+    study_id: StudyId
+    contribution: LeafIndex
+    epochs: list[DisclosedEpoch] = Field(min_length=1, max_length=MAX_DISCLOSED_EPOCHS)
+    keys: list[Annotated[bytes, Field(min_length=1, max_length=MAX_SEALED_DISCLOSURE_KEY)]] = Field(
+        min_length=MIN_AGGREGATORS, max_length=MAX_AGGREGATORS)
+    blob: bytes = Field(min_length=1, max_length=MAX_DISCLOSURE_BLOB)
+    ts: TimeMs
+
+
+class StudyAudit(_Payload):
+    """Signed by one of the study's aggregators: its verdict on a sampled, disclosed contribution it recomputed.
+
+    `reason` names what did not hold for a "mismatch" (e.g. "commitment_mismatch"); it is "" for a "match".
+    """
+
+    v: int = 1
+    study_id: StudyId
+    contribution: LeafIndex
+    verdict: Literal["match", "mismatch"]
+    reason: AuditReason = ""
     ts: TimeMs
 
 
@@ -833,6 +901,18 @@ def study_contribute_entry(owner: Identity, contribution: StudyContribute) -> En
 
 def study_result_entry(aggregator: Identity, result: StudyResult) -> Entry:
     return signed(aggregator, STUDY_RESULT, result)
+
+
+def study_sample_entry(signer: Identity, sample: StudySample) -> Entry:
+    return signed(signer, STUDY_SAMPLE, sample)
+
+
+def study_disclose_entry(owner: Identity, disclose: StudyDisclose) -> Entry:
+    return signed(owner, STUDY_DISCLOSE, disclose)
+
+
+def study_audit_entry(aggregator: Identity, audit: StudyAudit) -> Entry:
+    return signed(aggregator, STUDY_AUDIT, audit)
 
 
 def study_close_entry(signer: Identity, close: StudyClose) -> Entry:

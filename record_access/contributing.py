@@ -9,13 +9,15 @@ and the study. Nothing is trusted because of where it came from, as in `record_a
 - an epoch's data key only from an `epoch_key` event signed by that device, naming her, opened with her own
   re-encryption key (`reencryption.owner_decrypt`: she reads her own data on her own machine, so no access
   record and no miners are involved — nothing leaves her agent but the sealed shares);
-- a reading only through `opening.open_record`: its ciphertext hashes to the signed envelope's `ct`, the
-  device signature holds, the AEAD opens, the body validates.
+- a reading only through `carechain.record_check.open_record`: its ciphertext hashes to the signed envelope's
+  `ct`, the device signature holds, the AEAD opens, the body validates.
 
 Then the measure (`carechain.measures`), the contribution vector, a fresh salt and its commitment, the
 vector's Shamir shares each sealed to one of the study's aggregators (`carechain.market`), and the entry,
 citing the leaves of the readings used. The vector and salt are what a later audit asks her to open:
-`save_opening` keeps them in a 0600 file.
+`save_opening` keeps them in a 0600 file. If the study's audit samples her contribution, `find_cited_data`
+and `build_disclosure` make the `study.disclose` entry that opens it to the study's aggregators only
+(`carechain.contribution_audit`).
 """
 
 from __future__ import annotations
@@ -27,17 +29,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from carechain import envelope, events, market, measures, reencryption
-from carechain.entries import ENTRY_EVENT, ENTRY_REGISTER, ENTRY_REVOKE, Entry, EntryError, open_operator_entry
+from carechain import contribution_audit, market, measures, reencryption
+from carechain.contribution_audit import contribution_vector
+from carechain.entries import Entry
 from carechain.files import write_atomic
-from carechain.identity import Identity, device_id_for
+from carechain.identity import Identity
+from carechain.record_check import Epoch, OwnLeaves, Problem, open_records, own_leaves
 from contract_rules import transactions as ce
 from contract_rules.runtime import State
 from record_access.ledger_view import party
-from record_access.opening import Epoch, Problem, open_records
 
-__all__ = ["Contribution", "ContributionError", "OwnReadings", "aggregator_keys",
-           "build_contribution", "contribution_vector", "find_own_readings", "save_opening"]
+__all__ = ["Contribution", "ContributionError", "OwnReadings", "aggregator_keys", "build_contribution",
+           "build_disclosure", "contribution_vector", "find_cited_data", "find_own_readings", "save_opening"]
 
 
 class ContributionError(ValueError):
@@ -61,83 +64,36 @@ def find_own_readings(leaves: Iterable[tuple[int, bytes]], ciphertext: Callable[
                       kind: str, from_ms: int, to_ms: int) -> OwnReadings:
     """Her anchored sealed readings of `kind` with from_ms ≤ ts < to_ms, decrypted and checked.
 
-    `leaves` in ascending index order (a device's ownership is the registration in force at each leaf);
-    `ciphertext(index)` is None when the ciphertext is not available (reported as a problem, not used).
+    `leaves` in ascending index order (a device's ownership is the registration in force at each leaf:
+    `carechain.record_check.own_leaves`, the walk an auditor repeats); `ciphertext(index)` is None when the
+    ciphertext is not available (reported as a problem, not used).
     """
-    operators = dict(operator_keys)
-    mine: dict[str, bytes] = {}  # dev → pk of the devices registered to her, as of the current leaf
-    device_keys: dict[str, bytes] = {}  # every key a device of hers ever had (a reading is checked at its leaf)
-    capsules: dict[Epoch, tuple[bytes, bytes]] = {}
+    found = own_leaves(leaves, owner_id, operator_keys, kind, from_ms, to_ms)
+    data_keys = _own_data_keys(owner_pre, found, set(found.epochs.values()))
     candidates: list[tuple[int, bytes, bytes]] = []
     missing: list[Problem] = []
-    for index, leaf in leaves:
-        try:
-            entry = Entry.decode(leaf)
-        except EntryError:
-            continue  # not hers to judge: the ledger's own verifier reports malformed leaves
-        if entry.type in (ENTRY_REGISTER, ENTRY_REVOKE):
-            _on_operator_entry(entry, operators, owner_id, mine, device_keys)
-        elif entry.type == ENTRY_EVENT:
-            try:
-                msg = envelope.parse(entry.cose)
-            except envelope.EnvelopeError:
-                continue
-            pk = mine.get(msg.kid)
-            if pk is None:
-                continue  # not a device of hers at this leaf: never used
-            ev_kind, ts, body = msg.payload.get("kind"), msg.payload.get("ts"), msg.payload.get("body")
-            if ev_kind == "epoch_key":
-                _on_epoch_key(msg, pk, owner_id, capsules)
-            elif ev_kind == kind and isinstance(ts, int) and from_ms <= ts < to_ms and isinstance(body, dict):
-                ct = ciphertext(index)
-                if ct is None:
-                    missing.append(Problem(index, "no_ciphertext: the ciphertext is not available"))
-                else:
-                    candidates.append((index, entry.cose, ct))
-    data_keys: dict[Epoch, bytes] = {}
-    for epoch, (capsule, key_ct) in capsules.items():
-        try:
-            data_keys[epoch] = reencryption.owner_decrypt(owner_pre, capsule, key_ct)
-        except reencryption.ReencryptionError:
-            continue  # sealed to another key: its readings are reported as no_data_key
-    readings, problems = open_records(candidates, device_keys, data_keys)
+    for index, cose in found.readings:
+        ct = ciphertext(index)
+        if ct is None:
+            missing.append(Problem(index, "no_ciphertext: the ciphertext is not available"))
+        else:
+            candidates.append((index, cose, ct))
+    readings, problems = open_records(candidates, found.device_keys, data_keys)
     return OwnReadings(readings, sorted(missing + problems, key=lambda p: p.index))
 
 
-def _on_operator_entry(entry: Entry, operators: dict[str, bytes], owner_id: str, mine: dict[str, bytes],
-                       device_keys: dict[str, bytes]) -> None:
-    try:
-        op = open_operator_entry(entry, operators)
-    except (EntryError, envelope.EnvelopeError):
-        return  # not operator-signed: it registers nothing
-    if entry.type == ENTRY_REVOKE:
-        mine.pop(op.dev, None)
-    elif op.owner == owner_id and device_id_for(op.pk) == op.dev:
-        mine[op.dev] = op.pk
-        device_keys[op.dev] = op.pk
-    else:
-        mine.pop(op.dev, None)  # re-registered to someone else: its later readings are not hers
-
-
-def _on_epoch_key(msg: envelope.Sign1, pk: bytes, owner_id: str, capsules: dict[Epoch, tuple[bytes, bytes]]) -> None:
-    if not msg.verify(pk):
-        return
-    try:
-        payload = events.validate_payload(msg.payload)
-    except events.PayloadError:
-        return
-    body = msg.payload["body"]
-    if payload.dev == msg.kid and body["owner"] == owner_id:
-        capsules.setdefault((msg.kid, int(body["epoch"])), (bytes(body["capsule"]), bytes(body["key_ct"])))
-
-
-def contribution_vector(query: Mapping[str, Any], value: int) -> list[int]:
-    """The ints one contributor inputs (`carechain.market.contribution`), from her value clipped to the query's
-    bounds (and a histogram's outer edges, so its edge bins are open-ended): an honest input is always valid,
-    and no one contributor's reading moves the answer by more than the bounds allow."""
-    q = market.Query.model_validate(dict(query))
-    lo, hi = (q.lo, q.hi) if q.bins is None else (max(q.lo, q.bins[0]), min(q.hi, q.bins[-1]))
-    return market.contribution(q, min(max(value, lo), hi))
+def _own_data_keys(owner_pre: reencryption.PreKey, found: OwnLeaves, epochs: set[Epoch]) -> dict[Epoch, bytes]:
+    """The data keys of `epochs` she can open with her own re-encryption key (no miners, no access record)."""
+    keys: dict[Epoch, bytes] = {}
+    for epoch in epochs:
+        sealed_key = found.capsules.get(epoch)
+        if sealed_key is None:
+            continue
+        try:
+            keys[epoch] = reencryption.owner_decrypt(owner_pre, *sealed_key)
+        except reencryption.ReencryptionError:
+            continue  # sealed to another key: its readings are reported as no_data_key
+    return keys
 
 
 @dataclass(frozen=True)
@@ -191,9 +147,86 @@ def build_contribution(owner: Identity, study_id: str, study: Mapping[str, Any],
     return Contribution(study_id, consent, value, vector, salt, digest, leaves, entry)
 
 
-def save_opening(path: Path, contribution: Contribution) -> None:
-    """Keep what opens the commitment (vector, salt) with what it is about, in a 0600 file (atomically)."""
+def save_opening(path: Path, contribution: Contribution, index: int | None = None) -> None:
+    """Keep what opens the commitment (vector, salt) with what it is about, in a 0600 file (atomically);
+    `index` is the contribution's leaf once it is anchored (what `build_disclosure` checks it against)."""
     doc = {"study_id": contribution.study_id, "consent": contribution.consent, "value": contribution.value,
            "vector": contribution.vector, "salt": contribution.salt.hex(), "commitment": contribution.commitment,
-           "leaves": contribution.leaves}
+           "leaves": contribution.leaves, "contribution": index}
     write_atomic(Path(path), json.dumps(doc, indent=1).encode() + b"\n")
+
+
+# -- disclosing a sampled contribution to the study's aggregators ----------------------------------------------
+
+
+def find_cited_data(leaves: Iterable[tuple[int, bytes]], ciphertext: Callable[[int], bytes | None], owner_id: str,
+                    owner_pre: reencryption.PreKey, operator_keys: Mapping[str, bytes], study: Mapping[str, Any],
+                    cited: Sequence[int]) -> tuple[dict[Epoch, bytes], dict[int, bytes]]:
+    """The data keys of the epochs her `cited` readings are in (opened with her own key, as `find_own_readings`
+    does) and those readings' ciphertexts: what `build_disclosure` seals. ContributionError when a cited leaf
+    is not a reading of hers in the study, its epoch's key does not open, or its ciphertext is unavailable."""
+    found = own_leaves(leaves, owner_id, operator_keys, study["query"]["kind"], int(study["from_ms"]),
+                       int(study["to_ms"]))
+    not_hers = sorted(set(cited) - set(found.epochs))
+    if not_hers:
+        raise ContributionError(f"leaves {not_hers[:8]} are not {study['query']['kind']} readings of a device of "
+                                f"hers in the study's period: this ledger cannot back the contribution")
+    epochs = {found.epochs[leaf] for leaf in cited}
+    keys = _own_data_keys(owner_pre, found, epochs)
+    unopened = sorted(epochs - set(keys))
+    if unopened:
+        raise ContributionError(f"the data keys of epochs {unopened[:8]} do not open with this re-encryption key")
+    cts: dict[int, bytes] = {}
+    for leaf in cited:
+        ct = ciphertext(leaf)
+        if ct is None:
+            raise ContributionError(f"the ciphertext of leaf {leaf} is not available")
+        cts[leaf] = ct
+    return keys, cts
+
+
+def build_disclosure(owner: Identity, study_id: str, study: Mapping[str, Any], contribution_index: int,
+                     opening: Mapping[str, Any], aggregators: Sequence[bytes], data_keys: Mapping[Epoch, bytes],
+                     ciphertexts: Mapping[int, bytes], ts: int, *, key: bytes | None = None,
+                     nonce: bytes | None = None) -> Entry:
+    """The signed `study.disclose` entry opening contribution `contribution_index` to the study's aggregators.
+
+    `opening` is what `save_opening` kept; `aggregators` the keys of `aggregator_keys`; `data_keys` and
+    `ciphertexts` what `find_cited_data` found for the opening's leaves. The entry lists the disclosed
+    (device, epoch) pairs in the clear: it is the logged access record of the audit. A fresh disclosure key
+    and nonce are drawn here unless given. ContributionError when the study has not sampled this
+    contribution, or the opening does not belong to it.
+    """
+    audit = study.get("audit")
+    if audit is None:
+        raise ContributionError(f"study {study_id} has no audit sample yet: nothing to disclose")
+    if contribution_index not in audit["sample"]:
+        raise ContributionError(f"contribution {contribution_index} is not in study {study_id}'s audit sample "
+                                f"{audit['sample']}: it need not be disclosed")
+    if str(contribution_index) in audit["disclosed"]:
+        raise ContributionError(f"contribution {contribution_index} is already disclosed")
+    if opening.get("study_id") != study_id or opening.get("contribution") not in (None, contribution_index):
+        raise ContributionError(f"the opening is of study {opening.get('study_id')} contribution "
+                                f"{opening.get('contribution')}, not of {study_id} contribution {contribution_index}")
+    try:
+        salt = bytes.fromhex(opening["salt"])
+        committed = market.commitment(opening["vector"], salt) == opening["commitment"]
+        leaves = [int(leaf) for leaf in opening["leaves"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ContributionError(f"the opening is not one `save_opening` wrote: {exc}") from None
+    if not committed:
+        raise ContributionError("the opening's vector and salt do not open its commitment")
+    missing = sorted(set(leaves) - set(ciphertexts))
+    if missing:
+        raise ContributionError(f"no ciphertext for the cited leaves {missing[:8]}")
+    try:
+        sealed_keys, blob = contribution_audit.seal_disclosure(
+            aggregators, study_id, contribution_index, salt, data_keys, {leaf: ciphertexts[leaf] for leaf in leaves},
+            os.urandom(contribution_audit.DISCLOSURE_KEY_BYTES) if key is None else key,
+            os.urandom(contribution_audit.DISCLOSURE_NONCE_BYTES) if nonce is None else nonce)
+    except contribution_audit.DisclosureError as exc:
+        raise ContributionError(str(exc)) from None
+    return ce.study_disclose_entry(owner, ce.StudyDisclose(
+        study_id=study_id, contribution=contribution_index,
+        epochs=[ce.DisclosedEpoch(dev=dev, epoch=epoch) for dev, epoch in sorted(data_keys)],
+        keys=sealed_keys, blob=blob, ts=ts))

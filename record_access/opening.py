@@ -9,22 +9,24 @@ miners' capsule-fragments messages and the bridge's record pages — plus a pure
 - a capsule fragment only if it is in a message signed by one of the grant's miners and verifies against
   the capsule, the owner's keys and ours (one that does not is kept as evidence against its miner);
 - a reading only if its ciphertext hashes to the `ct` in the device-signed envelope (compared in
-  constant time), the device signature holds, the AEAD opens, and the body validates.
+  constant time), the device signature holds, the AEAD opens, and the body validates
+  (`carechain.record_check.open_record`, the one check every party runs; re-exported here).
 """
 
 from __future__ import annotations
 
-import hmac
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from carechain import access, envelope, events, reencryption, sealed
+from carechain import access, envelope, events, reencryption
 from carechain.entries import Entry, open_operator_entry
 from carechain.identity import device_id_for
+from carechain.record_check import Epoch, Problem, RecordRejected, open_record, open_records
 from record_access.ledger_view import AccessContext
 
-Epoch = tuple[str, int]  # (device id, epoch number)
+__all__ = ["Epoch", "EpochKey", "Fault", "Opening", "OpeningError", "Problem", "RecordRejected", "chunks",
+           "open_record", "open_records"]
 
 
 class OpeningError(Exception):
@@ -47,17 +49,6 @@ class EpochKey:
     epoch_ms: int
     capsule: bytes
     key_ct: bytes
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One record that could not be opened, and why (the open reports it and goes on)."""
-
-    index: int
-    reason: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {"index": self.index, "reason": self.reason}
 
 
 @dataclass
@@ -213,61 +204,7 @@ class Opening:
         return keys
 
 
-# -- one record --------------------------------------------------------------------------------------
-
-class RecordRejected(Exception):
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-def open_record(cose: bytes, ct: bytes, device_keys: Mapping[str, bytes],
-                data_keys: Mapping[Epoch, bytes]) -> dict[str, Any]:
-    """Check and decrypt one sealed reading; raises RecordRejected naming the first check that failed."""
-    try:
-        msg = envelope.parse(cose)
-    except envelope.EnvelopeError as exc:
-        raise RecordRejected(f"bad_envelope: {exc}") from None
-    pk = device_keys.get(msg.kid)
-    if pk is None:
-        raise RecordRejected(f"unknown_device: no operator-signed registration for {msg.kid}")
-    if not msg.verify(pk):
-        raise RecordRejected(f"bad_signature: not signed by device {msg.kid}'s registered key")
-    try:
-        payload = events.validate_payload(msg.payload)
-    except events.PayloadError as exc:
-        raise RecordRejected(f"bad_payload: {exc}") from None
-    raw = msg.payload
-    if payload.dev != msg.kid or raw.get("v") != events.PROTOCOL_V2 or payload.kind not in events.SEALED_KINDS:
-        raise RecordRejected(f"not_sealed: a {payload.kind!r} v{raw.get('v')} event is not a sealed reading")
-    body = raw["body"]
-    if not hmac.compare_digest(sealed.ciphertext_hash(ct), body["ct"]):
-        raise RecordRejected("ciphertext_mismatch: the ciphertext does not hash to the signed envelope's ct")
-    key = data_keys.get((payload.dev, body["epoch"]))
-    if key is None:
-        raise RecordRejected(f"no_data_key: epoch {body['epoch']} of {payload.dev} was not opened")
-    try:
-        plain = sealed.open_body(key, payload.dev, payload.seq, payload.ts, payload.kind, body["epoch"], ct)
-        reading = events.BODY_MODELS[payload.kind].model_validate(plain)
-    except sealed.SealedError as exc:
-        raise RecordRejected(f"bad_ciphertext: {exc}") from None
-    except ValueError as exc:
-        raise RecordRejected(f"bad_body: {exc}") from None
-    return {"dev": payload.dev, "seq": payload.seq, "ts": payload.ts, "kind": payload.kind,
-            **reading.model_dump(mode="json", exclude_none=True, exclude_defaults=True)}
-
-
-def open_records(records: Sequence[tuple[int, bytes, bytes]], device_keys: Mapping[str, bytes],
-                 data_keys: Mapping[Epoch, bytes]) -> tuple[list[dict[str, Any]], list[Problem]]:
-    """`open_record` for each (leaf index, cose, ct); readings carry their leaf index. (A worker's unit.)"""
-    readings: list[dict[str, Any]] = []
-    problems: list[Problem] = []
-    for index, cose, ct in records:
-        try:
-            readings.append({"index": index, **open_record(cose, ct, device_keys, data_keys)})
-        except RecordRejected as exc:
-            problems.append(Problem(index, exc.reason))
-    return readings, problems
+# -- one record: `open_record` in `carechain.record_check` (shared with the owner's agent and the auditors) --
 
 
 def chunks(records: Sequence[tuple[int, bytes, bytes]], size: int) -> Iterable[Sequence[tuple[int, bytes, bytes]]]:

@@ -28,7 +28,7 @@ from chain_bridge.bridge import Bridge
 from chain_bridge.broker.acl import aggregator_user, miner_user
 from chain_bridge.contract_gate import ContractGate
 from chain_bridge.ledger.store import Ledger
-from chain_miner.aggregator import publish_result
+from chain_miner.aggregator import publish_entries
 from contract_rules import market as rules
 from contract_rules.replay import replay_leaves
 from simulators.mosquitto import REPO, free_port, mosquitto_binary
@@ -156,7 +156,7 @@ def test_the_miners_own_login_would_knock_its_service_off_and_may_not_write_stud
     service = market.miner_service(a)
     try:
         # b's entry on a's topic: were it delivered, the bridge would count it first as not_the_topics_miner
-        publish_result(market.locked.config(miner_user(a)), a, entries[1], timeout=DEADLINE_S)
+        publish_entries(market.locked.config(miner_user(a)), a, entries[1], timeout=DEADLINE_S)
         assert wait_until(service.dropped.is_set, DEADLINE_S), "a second session on the miner's login did not evict"
     finally:
         service.close()
@@ -164,7 +164,7 @@ def test_the_miners_own_login_would_knock_its_service_off_and_may_not_write_stud
     try:
         broker = BrokerConfig(host=market.locked.mosquitto.host, port=market.locked.port,
                               credentials_file=market.aggregator_file(a))
-        publish_result(broker, a, entries[0], timeout=DEADLINE_S)  # a's entry, over the aggregator login
+        publish_entries(broker, a, entries[0], timeout=DEADLINE_S)  # a's entry, over the aggregator login
         assert market.results(1) == {"appended": 1}  # the first to arrive: the miner login's was refused
         assert not service.dropped.is_set()
         service.subscribe(topics.CHECKPOINT)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from carechain import envelope, events, market, reencryption, sealed
+from carechain import access, envelope, events, market, reencryption, sealed
 from carechain.entries import Entry, Registration, registration_entry
 from carechain.identity import Identity
 from chain_bridge.contract_admin import replay_ledger, submit
@@ -41,6 +41,7 @@ def out_json(result) -> dict:  # noqa: ANN001
 class Deployment:
     def __init__(self, tmp: Path) -> None:
         self.tmp, self.bdir = tmp, tmp / "bridge"
+        self.epochs: dict[str, int] = {}
         for who in ("alice", "bob", "lab"):
             Identity.generate().save(tmp / f"{who}.key")
         for who in ("alice", "bob"):
@@ -78,6 +79,7 @@ class Deployment:
         ledger.append_registrations([(registration_entry(op, reg), reg)])
         pre = reencryption.PreKey.load(self.tmp / f"{who}.pre")
         epoch = int(time.time() * 1000) // EPOCH_MS - 1
+        self.epochs[who] = epoch
         key = os.urandom(32)
         capsule, key_ct = reencryption.encapsulate(pre.public_key, key)
         body = events.EpochKey(epoch=epoch, epoch_ms=EPOCH_MS, owner=self.ids[who], capsule=capsule, key_ct=key_ct)
@@ -111,6 +113,48 @@ class Deployment:
         path = self.tmp / name
         path.write_text(note)
         return path
+
+    def record_final(self) -> str:
+        """The bridge's `checkpoint.final` for a final note of the whole ledger (4 of 5 miners cosigned); the
+        note."""
+        note = self.final_note().read_text()
+        ledger = Ledger(ledger_path(self.bdir))
+        try:
+            submit(ledger, self.genesis, [ce.checkpoint_final_entry(operator_key(self.bdir), note)])
+        finally:
+            ledger.close()
+        return note
+
+    def audit_on_ledger(self, study_id: str) -> list[int]:
+        """The audit's ledger side for a decided study: a newer final checkpoint, the sample it fixes, each
+        sampled owner's disclosure (a fresh key sealed to each aggregator) and a majority's "match" verdicts; the
+        sample. (The aggregators' recomputation itself is `chain_miner.aggregator --audit`'s, tested there.)"""
+        note = self.record_final()
+        ledger = Ledger(ledger_path(self.bdir))
+        try:
+            lab = Identity.load(self.tmp / "lab.key")
+            now = int(time.time() * 1000)
+            submit(ledger, self.genesis, [ce.study_sample_entry(lab, ce.StudySample(
+                study_id=study_id, seed_checkpoint=note, ts=now))])
+            state = replay_ledger(ledger, self.genesis).state
+            study = state.table("studies")[study_id]
+            by_id = {m.device_id: m for m in MINERS}
+            who_is = {self.ids[who]: who for who in ("alice", "bob")}
+            entries = []
+            for index in study["audit"]["sample"]:
+                who = who_is[state.table("study_contributions")[str(index)]["owner"]]
+                key = os.urandom(32)
+                sealed_keys = [access.seal_to_miner(by_id[a].public_key, key) for a in study["aggregators"]]
+                disclose = ce.StudyDisclose(study_id=study_id, contribution=index, keys=sealed_keys, epochs=[
+                    ce.DisclosedEpoch(dev=BANDS[who].device_id, epoch=self.epochs[who])], blob=os.urandom(64), ts=now)
+                entries.append(ce.study_disclose_entry(Identity.load(self.tmp / f"{who}.key"), disclose))
+                entries += [ce.study_audit_entry(by_id[a], ce.StudyAudit(study_id=study_id, contribution=index,
+                                                                         verdict="match", ts=now))
+                            for a in study["aggregators"][:2]]
+            submit(ledger, self.genesis, entries)
+            return list(study["audit"]["sample"])
+        finally:
+            ledger.close()
 
     def aggregators_answer(self, study_id: str) -> tuple[list[int], int]:
         """Each aggregator opens its sealed shares; two of them sign the same result (a majority of three).
@@ -182,12 +226,17 @@ def test_a_study_from_post_to_payment_verifies_offline_and_a_tampered_result_doe
     undecided = run("study", "result", "hr-1", *d.opts)
     assert undecided.exit_code == 1 and "not decided" in text(undecided)
 
+    d.record_final()  # results wait until the contributions are final
     leaves, total = d.aggregators_answer("hr-1")
     assert total == d.bpm["alice"] + d.bpm["bob"]
     result = d.cli("study", "result", "hr-1")
     assert result["state"] == "answered" and result["answer"] == {"sum": total, "n": 2}
     assert result["mean"] == total / 2 and result["included"] == 2
 
+    unaudited = run("study", "close", "hr-1", "--key", d.tmp / "lab.key", *d.opts)
+    assert unaudited.exit_code == 1 and "audit_not_sampled" in text(unaudited)
+    sample = d.audit_on_ledger("hr-1")
+    assert len(sample) == 1 and set(sample) <= set(leaves)
     closed = d.cli("study", "close", "hr-1", "--key", d.tmp / "lab.key")
     assert closed["escrow"] == 0
     note = d.log_checkpoint()
@@ -195,7 +244,8 @@ def test_a_study_from_post_to_payment_verifies_offline_and_a_tampered_result_doe
                             "--checkpoint", note, "--json"))
     assert verified["ok"] and verified["included"] == leaves
     assert {c["check"] for c in verified["checks"] if c["ok"]} >= {"aggregators", "consents", "majority", "cohort",
-                                                                   "anchored", "payments", "dp parameters"}
+                                                                   "anchored", "payments", "dp parameters",
+                                                                   "audit_sample", "audit_outcomes"}
     human = run("verify", "study", "hr-1", "--data-dir", d.bdir, "--config", d.opts[1], "--checkpoint", note)
     assert human.exit_code == 0 and "VERIFIED" in text(human)
 
@@ -226,7 +276,99 @@ def test_verify_keeps_its_bundle_usage_and_asks_for_a_study_id(tmp_path: Path) -
     assert bundle.exit_code == 2 and "cannot read" in text(bundle)
 
 
-@pytest.mark.parametrize("command", ["post", "status", "contribute", "close", "result"])
+@pytest.mark.parametrize("command", ["post", "status", "contribute", "close", "result", "disclose"])
 def test_every_study_command_has_help_with_an_example(command: str) -> None:
     shown = run("study", command, "--help", columns=200)
     assert shown.exit_code == 0 and f"carechain study {command}" in text(shown)
+
+
+# -- the audit: sample, `study disclose`, three aggregator processes judge, `study status` shows it ----------------
+
+
+def _record_final_checkpoint(d: Deployment, name: str) -> str:
+    """A final checkpoint of the whole ledger (log-signed, cosigned by 4 of the 5 miners), recorded on it by a
+    `checkpoint.final` entry; the note."""
+    note = write_final_note(d.bdir, d.tmp / name, MINERS[:4]).read_text()
+    ledger = Ledger(ledger_path(d.bdir))
+    try:
+        submit(ledger, d.genesis, [ce.checkpoint_final_entry(operator_key(d.bdir), note)], clock=operator_key(d.bdir))
+    finally:
+        ledger.close()
+    return note
+
+
+def test_a_sampled_contributor_discloses_and_the_aggregators_audit_it(deployment: Deployment, tmp_path: Path
+                                                                      ) -> None:
+    from chain_bridge.ledger.reader import LedgerReader
+    from chain_miner.aggregator import audit_inputs_from_leaves
+    from contract_rules.miners import final_size
+    from tests.test_market_mpc import run_aggregators
+
+    d = deployment
+    now = int(time.time() * 1000)
+    d.cli("study", "post", "hr-a", "--key", d.tmp / "lab.key", "--type", "mean", "--kind", "heart_rate", "--lo", "30",
+          "--hi", "220", "--from", str(now - 3_600_000), "--to", str(now + 3_600_000), "--price", str(PRICE),
+          "--max-contributors", "5", "--fee", str(FEE), "--closes", "7d", "--checkpoint", d.final_note())
+    for who in ("alice", "bob"):
+        consent = d.cli("consent", "give", "--key", d.tmp / f"{who}.key", "--kinds", "heart_rate", "--queries",
+                        "mean", "--min-cohort", "2", "--price", str(PRICE), "--expires", "30d")["consent"]
+        got = d.cli("study", "contribute", "hr-a", "--consent", str(consent), "--key", d.tmp / f"{who}.key",
+                    "--pre-key", d.tmp / f"{who}.pre")
+        kept = d.tmp / f"{who}.hr-a.opening.json"  # kept by default, beside her key, 0600
+        assert got["opening"] == str(kept) and stat.S_IMODE(kept.stat().st_mode) == 0o600
+        assert json.loads(kept.read_text())["contribution"] == got["contribution"]
+    early = run("study", "disclose", "hr-a", "--key", d.tmp / "alice.key", "--pre-key", d.tmp / "alice.pre", *d.opts)
+    assert early.exit_code == 1 and "no audit sample yet" in text(early)
+    ledger = Ledger(ledger_path(d.bdir))
+    try:
+        state = replay_ledger(ledger, d.genesis).state
+    finally:
+        ledger.close()
+    if final_size(state) <= max(state.table("studies")["hr-a"]["contributions"]):
+        _record_final_checkpoint(d, "final-contributions.note")  # results need final contributions
+    d.aggregators_answer("hr-a")
+    note = _record_final_checkpoint(d, "final-sample.note")
+    ledger = Ledger(ledger_path(d.bdir))
+    try:
+        submit(ledger, d.genesis, [ce.study_sample_entry(Identity.load(d.tmp / "lab.key"), ce.StudySample(
+            study_id="hr-a", seed_checkpoint=note, ts=int(time.time() * 1000)))], clock=operator_key(d.bdir))
+        state = replay_ledger(ledger, d.genesis).state
+    finally:
+        ledger.close()
+    status = d.cli("study", "status", "hr-a")
+    sample = status["audit"]["sample"]
+    assert len(sample) == 1 and status["audit"]["disclosed"] == [] and status["audit"]["outcome"] == {}
+    owners = {state.table("study_contributions")[str(i)]["owner"]: i for i in state.table("studies")["hr-a"]
+              ["contributions"]}
+    sampled = next(who for who in ("alice", "bob") if owners[d.ids[who]] == sample[0])
+    unsampled = "bob" if sampled == "alice" else "alice"
+    refused = run("study", "disclose", "hr-a", "--key", d.tmp / f"{unsampled}.key", "--pre-key",
+                  d.tmp / f"{unsampled}.pre", *d.opts)
+    assert refused.exit_code == 1 and "not in study hr-a's audit sample" in text(refused)
+    disclosed = d.cli("study", "disclose", "hr-a", "--key", d.tmp / f"{sampled}.key", "--pre-key",
+                      d.tmp / f"{sampled}.pre")
+    assert disclosed["contribution"] == sample[0] and disclosed["readings"] == 10 and disclosed["epochs"] == 1
+    assert d.cli("study", "status", "hr-a")["audit"]["disclosed"] == sample
+
+    # The aggregators' audit, from the ledger alone: three real MPC parties, in the study's order.
+    reader = LedgerReader(ledger_path(d.bdir))
+    try:
+        inputs = audit_inputs_from_leaves(d.genesis, reader.leaves(0, reader.size()), "hr-a")
+    finally:
+        reader.close()
+    assert [c["leaf"] for c in inputs["contributions"]] == sample
+    by_id = {m.device_id: m for m in MINERS}
+    for i, agg in enumerate(inputs["study"]["aggregators"]):
+        by_id[agg].save(tmp_path / f"aggregator{i}.key", overwrite=True)
+    outputs = run_aggregators(tmp_path, inputs, audit=True)
+    assert all(o["verdicts"] == [{"contribution": sample[0], "verdict": "match", "reason": ""}] for o in outputs)
+    ledger = Ledger(ledger_path(d.bdir))
+    try:
+        submit(ledger, d.genesis, [Entry.decode(bytes.fromhex(o["entries"][0])) for o in outputs[:2]],
+               clock=operator_key(d.bdir))
+    finally:
+        ledger.close()
+    audit = d.cli("study", "status", "hr-a")["audit"]
+    assert audit["outcome"] == {str(sample[0]): "match"} and len(audit["verdicts"][str(sample[0])]) == 2
+    human = run("study", "status", "hr-a", *d.opts)
+    assert human.exit_code == 0 and f"{sample[0]}:match" in text(human)

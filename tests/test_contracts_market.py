@@ -1,5 +1,6 @@
 """The market contract: consents, studies with escrowed deposits and seeded aggregators, contributions checked
-on attested time, majority results under the cohort rule, and payments that conserve the supply.
+on attested time, majority results under the cohort rule once the contributions are final, audits of a sample
+drawn from the latest final checkpoint's seed, and payments that conserve the supply.
 
 Real crypto throughout: signed entries, a C2SP checkpoint note signed by the bridge's key and cosigned by bonded
 miners, shares sealed to the aggregators' keys.
@@ -7,12 +8,15 @@ miners, shares sealed to the aggregators' keys.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from test_contracts_access import AccessWorld
 from test_contracts_world import DAY, T0, World, ident
 
+from carechain import envelope
 from carechain.access import seal_to_miner
 from carechain.identity import Identity
 from contract_rules import Genesis, Runtime
@@ -107,8 +111,64 @@ class MarketWorld(World):
     def aggregators(self, study_id: str = "hr-1") -> list[Identity]:
         return [self.miner_by_id(a) for a in self.study(study_id)["aggregators"]]
 
+    def finalize(self, cosigners: list[Identity] | None = None) -> str:
+        """The bridge's `checkpoint.final`: records a final checkpoint covering every entry so far."""
+        return self.add(ce.checkpoint_final_entry(self.operator, self.final_checkpoint(cosigners)))
+
+    def latest_final_note(self) -> str:
+        """The note the last accepted `checkpoint.final` recorded: the one a sample must use."""
+        for entry in reversed(self.entries):
+            if entry.type == ce.CHECKPOINT_FINAL:
+                return str(envelope.parse(entry.cose).payload["note"])
+        raise AssertionError("no checkpoint.final recorded")
+
+    def sample(self, study_id: str = "hr-1", *, note: str | None = None, who: Identity | None = None) -> str:
+        s = ce.StudySample(study_id=study_id, seed_checkpoint=note or self.latest_final_note(), ts=T0)
+        return self.add(ce.study_sample_entry(who or self.researcher2, s))
+
+    def owner_of(self, contribution: int) -> Identity:
+        owner = self.state.table(rules.CONTRIBUTIONS)[str(contribution)]["owner"]
+        return next(p for p in self.patients if p.device_id == owner)
+
+    def disclose(self, contribution: int, study_id: str = "hr-1", *, who: Identity | None = None,
+                 keys: int | None = None, epochs: list[tuple[str, int]] | None = None) -> str:
+        """The owner's opening: a fresh key sealed to each aggregator, the opening sealed under it."""
+        owner = who or self.owner_of(contribution)
+        key = os.urandom(32)
+        aggregators = [a.public_key for a in self.aggregators(study_id)]
+        sealed = [seal_to_miner(pk, key) for pk in (aggregators * 2)[:keys or len(aggregators)]]
+        nonce = os.urandom(12)
+        blob = nonce + ChaCha20Poly1305(key).encrypt(nonce, b"the opening", study_id.encode())
+        listed = epochs or [(owner.device_id, 7)]
+        d = ce.StudyDisclose(study_id=study_id, contribution=contribution,
+                             epochs=[ce.DisclosedEpoch(dev=dev, epoch=e) for dev, e in listed], keys=sealed,
+                             blob=blob, ts=T0)
+        return self.add(ce.study_disclose_entry(owner, d))
+
+    def verdict(self, aggregator: Identity, contribution: int, verdict: str = "match", reason: str = "",
+                study_id: str = "hr-1") -> str:
+        a = ce.StudyAudit(study_id=study_id, contribution=contribution, verdict=verdict,
+                          reason=reason, ts=T0)
+        return self.add(ce.study_audit_entry(aggregator, a))
+
+    def audit(self, study_id: str = "hr-1", verdicts: dict[int, str] | None = None) -> list[int]:
+        """Record a final checkpoint, sample, have every sampled owner disclose and a majority of the
+        aggregators post the same verdict (`verdicts`, default "match") on each; the sample."""
+        assert self.finalize() == "ok"
+        assert self.sample(study_id) == "ok"
+        sample: list[int] = self.study(study_id)["audit"]["sample"]
+        majority = self.aggregators(study_id)[:len(self.study(study_id)["aggregators"]) // 2 + 1]
+        for index in sample:
+            assert self.disclose(index, study_id) == "ok"
+            verdict = (verdicts or {}).get(index, "match")
+            for agg in majority:
+                reason = "" if verdict == "match" else "value_mismatch"
+                assert self.verdict(agg, index, verdict, reason, study_id) == "ok"
+        return sample
+
     def open_study_with(self, n: int, **consent: Any) -> list[int]:  # noqa: ANN401
-        """Post "hr-1" and have the first `n` patients contribute under fresh consents; their leaf indexes."""
+        """Post "hr-1" and have the first `n` patients contribute under fresh consents, then record a final
+        checkpoint covering them (results need final contributions); their leaf indexes."""
         assert self.post() == "ok"
         leaves = []
         for p in self.patients[:n]:
@@ -116,6 +176,15 @@ class MarketWorld(World):
             assert result == "ok"
             assert self.contribute(p, index) == "ok"
             leaves.append(self.last_index)
+        assert self.finalize() == "ok"
+        return leaves
+
+    def answered(self, n: int = 3, **consent: Any) -> list[int]:  # noqa: ANN401
+        """`open_study_with(n)` decided by a majority of equal results (a mean of 70 each); the leaves."""
+        leaves = self.open_study_with(n, **consent)
+        for agg in self.aggregators()[:2]:
+            assert self.result(agg, leaves, leaves, {"sum": 70 * n, "n": n}) == "ok"
+        assert self.study()["state"] == "answered"
         return leaves
 
 
@@ -305,6 +374,7 @@ def test_closing_an_answered_study_pays_contributors_and_majority_aggregators_an
     cheap = world.give(cheap_owner, price=10)[1]
     assert world.contribute(cheap_owner, cheap) == "ok"
     leaves.append(world.last_index)
+    assert world.finalize() == "ok"
     first, second, third = world.aggregators()
     assert world.close() == "study_not_decided"
     answer = {"sum": 200, "n": 3}
@@ -313,7 +383,8 @@ def test_closing_an_answered_study_pays_contributors_and_majority_aggregators_an
     before = {p.device_id: world.state.balance(f"patient:{p.device_id}") for p in world.patients}
     researcher = world.state.balance(f"researcher:{world.researcher.device_id}")
     miners = {m.device_id: world.state.balance(f"miner:{m.device_id}") for m in world.miners}
-    assert world.close() == "ok"
+    assert world.close() == "audit_not_sampled"
+    assert world.audit() and world.close() == "ok"  # every sampled contribution matched
     assert world.supply() == supply
     assert world.state.balance("study:hr-1") == 0
     paid = {p.device_id: world.state.balance(f"patient:{p.device_id}") - before[p.device_id] for p in world.patients}
@@ -367,6 +438,7 @@ def test_count_and_histogram_answers_must_have_the_query_shape_and_without_noise
         for study_id in leaves:
             assert world.contribute(p, consent, study_id) == "ok"
             leaves[study_id].append(world.last_index)
+    assert world.finalize() == "ok"
     agg = world.aggregators("hist")[0]
     hist = leaves["hist"]
     assert world.result(agg, hist, hist, {"histogram": [1, 1]}, study_id="hist") == "bad_answer_shape"
@@ -384,3 +456,204 @@ def test_count_and_histogram_answers_must_have_the_query_shape_and_without_noise
                         epsilon_milli=0, aggregators=3, seed_checkpoint=world.final_checkpoint(),
                         closes_ms=T0 + DAY, ts=T0)
     assert world.add(ce.study_post_entry(world.patients[0], post)) == "signer_not_allowed"
+
+
+def test_results_wait_until_every_contribution_is_under_a_recorded_final_checkpoint(world: MarketWorld) -> None:
+    assert world.post() == "ok"
+    leaves = []
+    for p in world.patients[:2]:
+        assert world.contribute(p, world.give(p)[1]) == "ok"
+        leaves.append(world.last_index)
+    agg = world.aggregators()[0]
+    answer = {"sum": 140, "n": 2}
+    assert world.result(agg, leaves, leaves, answer) == "contributions_not_final"
+    short = world.final_checkpoint(size=leaves[-1])  # covers the first contribution, not the last
+    assert world.add(ce.checkpoint_final_entry(world.operator, short)) == "ok"
+    assert miner_rules.final_size(world.state) == leaves[-1]
+    assert world.result(agg, leaves, leaves, answer) == "contributions_not_final"
+    assert world.finalize() == "ok"
+    assert world.result(agg, leaves, leaves, answer) == "ok"
+    # A study nobody contributed to has nothing to wait for.
+    assert world.post("empty") == "ok"
+    assert world.result(world.aggregators("empty")[0], [], [], None, study_id="empty") == "ok"
+
+
+# -- audits ---------------------------------------------------------------------------------------------
+
+def test_the_audit_sample_size_and_draw_are_a_pure_function_of_seed_and_included() -> None:
+    assert [rules.audit_size(n) for n in (0, 1, 3, 20, 21, 40, 41, 320, 321, 100_000)] == \
+        [0, 1, 1, 1, 2, 2, 3, 16, 16, 16]
+    seed = rules.audit_seed(b"\x01" * 32, "hr-1")
+    assert seed == rules.audit_seed(b"\x01" * 32, "hr-1") != rules.audit_seed(b"\x01" * 32, "hr-2")
+    assert seed != rules.audit_seed(b"\x02" * 32, "hr-1")
+    included = list(range(100, 500, 3))  # 134 included: 7 audited
+    sample = rules.audit_sample(seed, included)
+    assert sample == rules.audit_sample(seed, list(reversed(included))) == sorted(sample)
+    assert len(sample) == 7 and set(sample) <= set(included)
+    import hashlib
+    ranked = sorted(included, key=lambda i: hashlib.sha256(seed + i.to_bytes(8, "big")).digest())
+    assert sample == sorted(ranked[:7])  # the smallest hashes, returned ascending
+    assert rules.audit_sample(rules.audit_seed(b"\x02" * 32, "hr-1"), included) != sample
+    assert rules.audit_sample(seed, []) == []
+
+
+def test_a_sample_is_drawn_from_the_latest_final_checkpoint_recorded_after_the_decision(world: MarketWorld) -> None:
+    leaves = world.open_study_with(3)
+    assert world.sample() == "study_not_answered"  # nothing decided: nothing to audit
+    before = world.final_checkpoint()
+    for agg in world.aggregators()[:2]:
+        assert world.result(agg, leaves, leaves, {"sum": 210, "n": 3}) == "ok"
+    decided_at = world.study()["decided"]["at"]
+    # The latest recorded final checkpoint predates the decision: its seed was known to the aggregators.
+    assert world.sample() == "checkpoint_before_decision"
+    assert world.sample(note=before) == "checkpoint_before_decision"
+    assert world.finalize() == "ok"
+    older = world.latest_final_note()
+    assert world.finalize() == "ok"
+    assert world.sample(note=older) == "not_the_latest_final_checkpoint"  # no choosing among final notes
+    assert world.sample(note=world.final_checkpoint(cosigners=world.miners[:2])) == "seed_checkpoint_not_final"
+    assert world.sample(note=world.final_checkpoint(size=len(world.entries) + 5)) == \
+        "seed_checkpoint_from_the_future"
+    assert world.sample("nope") == "unknown_study"
+    note = world.latest_final_note()
+    assert world.sample(note=note, who=world.patients[5]) == "ok"  # anyone may post it: the rules fix the draw
+    final = miner_rules.final_note(world.state, note)
+    assert not isinstance(final, str) and final.size > decided_at
+    audit = world.study()["audit"]
+    seed = rules.audit_seed(final.seed, "hr-1")
+    assert audit == {"seed": seed.hex(), "size": final.size, "sample": rules.audit_sample(seed, leaves),
+                     "at": world.last_index, "window_ends_ms": T0 + rules.AUDIT_WINDOW_MS, "disclosed": {},
+                     "verdicts": {}, "outcome": {}}
+    assert len(audit["sample"]) == 1 and audit["sample"][0] in leaves
+    assert world.sample(note=note) == "already_sampled"
+    replica = Runtime(world.genesis)  # anyone replaying the log gets the same draw
+    assert [replica.apply(e) for e in world.entries][-2] == "ok"
+    assert rules.study_record(replica.state, "hr-1")["audit"] == audit  # type: ignore[index]
+
+
+def test_only_a_sampled_contributor_discloses_her_own_contribution_once_within_the_window(world: MarketWorld) -> None:
+    leaves = world.answered(3)
+    assert world.disclose(leaves[0]) == "not_sampled"
+    assert world.finalize() == "ok" and world.sample() == "ok"
+    [sampled] = world.study()["audit"]["sample"]
+    unsampled = next(i for i in leaves if i != sampled)
+    other = world.owner_of(unsampled)
+    assert world.disclose(unsampled) == "not_in_sample"
+    assert world.disclose(sampled, who=other) == "not_the_contributor"
+    assert world.disclose(sampled, keys=4) == "keys_do_not_match_aggregators"
+    owner = world.owner_of(sampled).device_id
+    assert world.disclose(sampled, epochs=[(owner, 7), (owner, 7)]) == "duplicate_epochs"
+    assert world.disclose(sampled, epochs=[(owner, 7), (owner, 8)]) == "ok"
+    assert world.study()["audit"]["disclosed"] == {str(sampled): world.last_index}
+    assert world.disclose(sampled) == "already_disclosed"
+    # A second study, sampled, whose owner waits past the window.
+    assert world.post("late") == "ok"
+    for p in world.patients[3:5]:
+        assert world.contribute(p, world.give(p)[1], "late") == "ok"
+    late = world.study("late")["contributions"]
+    assert world.finalize() == "ok"
+    for agg in world.aggregators("late")[:2]:
+        assert world.result(agg, late, late, {"sum": 140, "n": 2}, study_id="late") == "ok"
+    assert world.finalize() == "ok" and world.sample("late") == "ok"
+    [late_sampled] = world.study("late")["audit"]["sample"]
+    assert world.attest(world.study("late")["audit"]["window_ends_ms"]) == "ok"
+    assert world.disclose(late_sampled, "late") == "audit_window_over"
+
+
+def test_a_majority_of_the_aggregators_verdicts_is_the_outcome(world: MarketWorld) -> None:
+    world.answered(3)
+    assert world.finalize() == "ok" and world.sample() == "ok"
+    [sampled] = world.study()["audit"]["sample"]
+    first, second, third = world.aggregators()
+    assert world.verdict(first, sampled) == "not_disclosed"
+    assert world.disclose(sampled) == "ok"
+    outsider = next(m for m in world.miners if m.device_id not in world.study()["aggregators"])
+    assert world.verdict(outsider, sampled) == "not_an_aggregator"
+    assert world.verdict(first, sampled + 1) == "not_in_sample"
+    assert world.verdict(first, sampled, "match", "value_mismatch") == "bad_reason"
+    assert world.verdict(first, sampled, "mismatch") == "bad_reason"
+    assert world.verdict(first, sampled, "match") == "ok"
+    assert world.verdict(first, sampled, "mismatch", "value_mismatch") == "verdict_already_posted"
+    assert world.verdict(second, sampled, "mismatch", "commitment_mismatch") == "ok"
+    assert world.study()["audit"]["outcome"] == {}  # one each of three: no majority yet
+    assert world.close() == "audit_pending"
+    assert world.verdict(third, sampled, "mismatch", "value_mismatch") == "ok"
+    audit = world.study()["audit"]
+    assert audit["outcome"] == {str(sampled): "mismatch"}
+    assert audit["verdicts"] == {str(sampled): {first.device_id: "match", second.device_id: "mismatch",
+                                                third.device_id: "mismatch"}}
+
+
+def test_a_mismatch_forfeits_the_contributors_price_to_the_researcher_and_conserves_the_supply(
+        world: MarketWorld) -> None:
+    w = world
+    supply = w.supply()
+    leaves = w.answered(3)
+    assert w.finalize() == "ok" and w.sample() == "ok"
+    [sampled] = w.study()["audit"]["sample"]
+    assert w.disclose(sampled) == "ok"
+    for agg in w.aggregators()[:2]:
+        assert w.verdict(agg, sampled, "mismatch", "value_mismatch") == "ok"
+    before = {p.device_id: w.state.balance(f"patient:{p.device_id}") for p in w.patients}
+    researcher = w.state.balance(f"researcher:{w.researcher.device_id}")
+    assert w.close() == "ok"
+    assert w.supply() == supply and w.state.balance("study:hr-1") == 0
+    paid = {p.device_id: w.state.balance(f"patient:{p.device_id}") - before[p.device_id] for p in w.patients}
+    cheat = w.owner_of(sampled).device_id
+    assert paid[cheat] == 0
+    assert all(paid[w.owner_of(i).device_id] == PRICE for i in leaves if i != sampled)
+    deposit = PRICE * MAX + FEE * 3
+    assert w.state.balance(f"researcher:{w.researcher.device_id}") - researcher == deposit - 2 * PRICE - 2 * FEE
+    audit = w.study()["audit"]
+    assert audit["forfeited"] == [sampled] and audit["outcome"] == {str(sampled): "mismatch"}
+
+
+def test_an_unopened_sample_forfeits_once_the_window_is_over_and_close_waits_for_it(world: MarketWorld) -> None:
+    supply = world.supply()
+    leaves = world.answered(3)
+    assert world.finalize() == "ok" and world.sample() == "ok"
+    [sampled] = world.study()["audit"]["sample"]
+    ends = world.study()["audit"]["window_ends_ms"]
+    assert world.close() == "audit_pending"
+    assert world.attest(ends - 1) == "ok"
+    assert world.close() == "audit_pending"
+    assert world.attest(ends) == "ok"
+    researcher = world.state.balance(f"researcher:{world.researcher.device_id}")
+    assert world.close() == "ok"
+    assert world.supply() == supply
+    audit = world.study()["audit"]
+    assert audit["outcome"] == {str(sampled): "unopened"} and audit["forfeited"] == [sampled]
+    assert world.state.balance(f"patient:{world.owner_of(sampled).device_id}") == 0
+    assert all(world.state.balance(f"patient:{world.owner_of(i).device_id}") == PRICE for i in leaves if i != sampled)
+    assert world.state.balance(f"researcher:{world.researcher.device_id}") - researcher == \
+        PRICE * MAX + FEE * 3 - 2 * PRICE - 2 * FEE
+
+
+def test_a_disclosed_contribution_without_a_majority_verdict_is_undecided_and_paid(world: MarketWorld) -> None:
+    leaves = world.answered(3)
+    assert world.finalize() == "ok" and world.sample() == "ok"
+    [sampled] = world.study()["audit"]["sample"]
+    assert world.disclose(sampled) == "ok"
+    first = world.aggregators()[0]
+    assert world.verdict(first, sampled, "mismatch", "value_mismatch") == "ok"  # one of three: no majority
+    ends = world.study()["audit"]["window_ends_ms"]
+    assert world.close() == "audit_pending"
+    assert world.attest(ends) == "ok"
+    assert world.verdict(world.aggregators()[1], sampled, "mismatch", "value_mismatch") == "audit_window_over"
+    assert world.close() == "ok"
+    audit = world.study()["audit"]
+    assert audit["outcome"] == {str(sampled): "undecided"} and audit["forfeited"] == []
+    assert all(world.state.balance(f"patient:{world.owner_of(i).device_id}") == PRICE for i in leaves)
+
+
+def test_an_answered_study_nobody_sampled_pays_everyone_after_the_grace(world: MarketWorld) -> None:
+    leaves = world.answered(3)
+    closes = world.study()["closes_ms"]
+    assert world.close() == "audit_not_sampled"
+    assert world.attest(closes + rules.CLOSE_GRACE_MS - 1) == "ok"
+    assert world.close() == "audit_not_sampled"
+    assert world.attest(closes + rules.CLOSE_GRACE_MS) == "ok"
+    assert world.close() == "ok"
+    assert world.study()["audit"] is None and world.study()["state"] == "answered"
+    assert all(world.state.balance(f"patient:{world.owner_of(i).device_id}") == PRICE for i in leaves)
+    assert world.finalize() == "ok" and world.sample() == "study_already_closed"

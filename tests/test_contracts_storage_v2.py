@@ -23,7 +23,7 @@ from carechain.storage.audit import answer_challenge
 from carechain.storage.codec import DatasetKey
 from carechain.storage.manifest import plan_put
 from carechain.storage.placement import place_shares, rank_miners
-from contract_rules import miners, replay, storage_v2
+from contract_rules import miners, replay, storage_v2, storage_v3
 from contract_rules import storage as storage_v1
 from contract_rules import transactions as ce
 from contract_rules.bonds import MIN_BOND, SLASH
@@ -46,8 +46,8 @@ def holders(w: StorageWorld, dataset: str = "ds-1") -> list[str]:
                    for m in row["miners"]})
 
 
-def test_the_newest_storage_rules_are_v2_and_replay_to_the_same_root(w: StorageWorld) -> None:
-    assert w.state.versions["storage"][0][1] == storage_v2.VERSION == 2
+def test_the_newest_storage_rules_are_v3_and_replay_to_the_same_root(w: StorageWorld) -> None:
+    assert w.state.versions["storage"][0][1] == storage_v3.VERSION == 3
     note = w.note()
     m = w.by_id(holders(w)[0])
     assert w.add(w.audit_entry(note, {m.device_id: w.answers(m, note)})) == "ok"
@@ -310,6 +310,18 @@ def test_checkpoint_final_counts_cosignatures_of_active_miners_once(w: StorageWo
     assert w.runtime.check(ce.checkpoint_final_entry(w.operator, stale)) == "checkpoint_not_newer"
     assert w.runtime.check(ce.checkpoint_final_entry(w.operator, w.note(w.miners[:2]))) == "seed_checkpoint_not_final"
     assert w.state.table("final")["last"]["at"] == w.state.size - 1
+
+
+def test_v3_records_the_seed_of_exactly_the_recorded_note(w: StorageWorld) -> None:
+    """The same checkpoint with fewer cosignature lines has another seed: v3 keeps the recorded note's."""
+    note = w.note(w.miners[:5])
+    assert w.add(ce.checkpoint_final_entry(w.operator, note)) == "ok"
+    last = w.state.table("final")["last"]
+    recorded = miners.final_note(w.state, note)
+    assert not isinstance(recorded, str) and last["seed"] == recorded.seed.hex()
+    fewer = miners.final_note(w.state, w.note(w.miners[:4], size=last["size"]))
+    assert not isinstance(fewer, str) and fewer.seed.hex() != last["seed"]
+    assert set(last) == {"size", "root", "seed", "at"}
 
 
 def test_anyone_may_settle_a_day_old_epoch_with_the_standard_pool(w: StorageWorld) -> None:

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from carechain import envelope, market
-from carechain.entries import STUDY_RESULT, Entry
+from carechain import contribution_audit, envelope, market
+from carechain.entries import STUDY_AUDIT, STUDY_RESULT, Entry
 from carechain.identity import Identity
 from simulators.mosquitto import free_port
 
@@ -65,8 +65,10 @@ def build_inputs(keys: Sequence[Identity], query: dict[str, Any], contributions:
     return {"study": study, "contributions": out}
 
 
-def run_aggregators(tmp_path: Path, inputs: dict[str, Any], *, timeout: float = 120.0) -> list[dict[str, Any]]:
-    """Run one `python -m chain_miner.aggregator` per aggregator on free loopback ports; their outputs."""
+def run_aggregators(tmp_path: Path, inputs: dict[str, Any], *, timeout: float = 120.0,
+                    audit: bool = False) -> list[dict[str, Any]]:
+    """Run one `python -m chain_miner.aggregator` (with --audit: its audit) per aggregator on free loopback
+    ports; their outputs."""
     m = len(inputs["study"]["aggregators"])
     (tmp_path / "inputs.json").write_text(json.dumps(inputs))
     peers = ",".join(f"127.0.0.1:{free_port()}" for _ in range(m))
@@ -77,7 +79,8 @@ def run_aggregators(tmp_path: Path, inputs: dict[str, Any], *, timeout: float = 
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "chain_miner.aggregator", "--study", inputs["study"]["study_id"], "--index",
              str(i), "--peers", peers, "--key", str(tmp_path / f"aggregator{i}.key"), "--inputs",
-             str(tmp_path / "inputs.json"), "--out", str(out), "--ts", "1700000000000"],
+             str(tmp_path / "inputs.json"), "--out", str(out), "--ts", "1700000000000",
+             *(["--audit"] if audit else [])],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     try:
         for p in procs:
@@ -209,6 +212,64 @@ def test_dp_noise_is_drawn_inside_the_mpc_and_agreed(tmp_path: Path) -> None:
     # Discrete Laplace with ε = 0.2: P(|noise| > 200) < 1e-16 per bin; five bins all exactly 0 has
     # probability 0.0997**5 ≈ 1e-5.
     assert all(abs(a - b) <= 200 for a, b in zip(noisy, plain, strict=True)) and noisy != plain
+
+
+# -- audits: three aggregator processes open the sampled vectors to each other and judge them -------------------
+
+
+def audit_inputs(tmp_path: Path) -> tuple[dict[str, Any], int, int]:
+    """An audit's --inputs document (`audit_inputs_from_leaves`'s shape) over the sealed world of
+    tests/test_contributing.py: her honest contribution, and a cheat that committed to her true vector but
+    shared another one; both disclosed. The aggregators' keys are saved for the processes. (honest, cheat) leaves."""
+    from record_access.contributing import aggregator_keys as study_keys
+    from record_access.contributing import build_contribution, find_cited_data
+    from tests.test_contributing import AGGREGATORS, FROM_MS, OPERATORS, OWNER, OWNER_PRE, sealed_world, study
+
+    for i, key in enumerate(AGGREGATORS):
+        key.save(tmp_path / f"aggregator{i}.key", overwrite=True)
+    world = sealed_world()
+    query = {"type": "mean", "kind": "heart_rate", "lo": 30, "hi": 220}
+    record = study(query)
+    pks = study_keys(world.runtime.state, record)
+    built = build_contribution(OWNER, "hr-audit", record, consent=3, own=world.find("heart_rate"), ts=FROM_MS,
+                               aggregators=pks)
+    keys, cts = find_cited_data(world.indexed(), world.cts.get, OWNER.device_id, OWNER_PRE, OPERATORS, record,
+                                built.leaves)
+    honest, cheat = len(world.leaves), len(world.leaves) + 1
+    shared = {honest: built.vector, cheat: [1 - built.vector[0], *built.vector[1:]]}  # the cheat's other value
+    contributions = []
+    for leaf, vector in shared.items():
+        rows = market.split_contribution(vector, 3)
+        sealed_keys, blob = contribution_audit.seal_disclosure(pks, "hr-audit", leaf, built.salt, keys, cts,
+                                                               os.urandom(32), os.urandom(12))
+        contributions.append({"leaf": leaf, "owner": OWNER.device_id, "commitment": built.commitment,
+                              "leaves": built.leaves,
+                              "shares": [market.seal_share(pk, market.encode_shares(row)).hex()
+                                         for pk, row in zip(pks, rows, strict=True)],
+                              "epochs": [[dev, epoch] for dev, epoch in sorted(keys)],
+                              "keys": [k.hex() for k in sealed_keys], "blob": blob.hex()})
+    cited = contribution_audit.cited_leaves(world.indexed(), OPERATORS, built.leaves)
+    inputs = {"study": {"study_id": "hr-audit", "query": query, "from_ms": record["from_ms"],
+                        "to_ms": record["to_ms"], "aggregators": record["aggregators"]},
+              "contributions": contributions, "cited": {str(k): v.to_json() for k, v in cited.items()}}
+    return inputs, honest, cheat
+
+
+def test_an_audit_judges_the_honest_contribution_a_match_and_the_cheat_a_mismatch(tmp_path: Path) -> None:
+    inputs, honest, cheat = audit_inputs(tmp_path)
+    outputs = run_aggregators(tmp_path, inputs, audit=True)
+    from tests.test_contributing import AGGREGATORS
+
+    for out, key in zip(outputs, AGGREGATORS, strict=True):
+        assert out["verdicts"] == [{"contribution": honest, "verdict": "match", "reason": ""},
+                                   {"contribution": cheat, "verdict": "mismatch", "reason": "commitment_mismatch"}]
+        assert out["skipped"] == [] and len(out["entries"]) == 2
+        for raw, verdict in zip(out["entries"], out["verdicts"], strict=True):
+            entry = Entry.decode(bytes.fromhex(raw))
+            sign1 = envelope.parse(entry.cose)
+            assert entry.type == STUDY_AUDIT and sign1.verify(key.public_key)
+            assert {k: sign1.payload[k] for k in ("study_id", "contribution", "verdict", "reason")} == {
+                "study_id": "hr-audit", **verdict}
 
 
 # -- sans-IO ------------------------------------------------------------------------------------------

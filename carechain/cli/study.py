@@ -1,4 +1,4 @@
-"""`carechain study post|status|contribute|close|result`: studies of the data market (docs/market.md).
+"""`carechain study post|status|contribute|disclose|close|result`: studies of the data market (docs/market.md).
 
 A researcher posts a study (its deposit is locked, its aggregators drawn from a final checkpoint's seed); a
 patient's agent contributes from her own sealed readings under her consent (shares sealed to the aggregators,
@@ -13,11 +13,12 @@ from typing import Annotated, Any
 
 import typer
 
-from carechain.cli._ledger import deployment_genesis, load_key, now_ms, print_result, replay, submit
+from carechain.cli._ledger import deployment_genesis, load_key, now_ms, print_result, read_json, replay, submit
 from carechain.cli._options import BrokerOpt, ConfigOpt, DataDirOpt, JsonOpt, bridge_dir, example, fail, load, out
 
 study_app = typer.Typer(
-    help="Studies of the data market: post one, contribute to one, read its result, close it.",
+    help="Studies of the data market: post one, contribute to one, read its result, disclose a sampled "
+         "contribution to its audit, close it.",
     no_args_is_help=True,
     epilog=example("carechain study post hr-2026-q4 --key keys/lab.key --type mean --kind heart_rate --lo 30 "
                    "--hi 220 --from 2026-10-01 --to 2027-01-01 --price 150 --max-contributors 500 --fee 1000",
@@ -112,11 +113,27 @@ def status(study_id: StudyArg, config: ConfigOpt = None, data_dir: DataDirOpt = 
                "aggregators": s["aggregators"], "contributions": len(s["contributions"]),
                "results_posted": sorted(s["results"]), "deposit": s["deposit"],
                "escrow": state.balance(study_account(study_id)), "closes_ms": s["closes_ms"],
-               "epsilon_milli": s["epsilon_milli"], "closed_at": s["closed_at"]}
+               "epsilon_milli": s["epsilon_milli"], "closed_at": s["closed_at"], "audit": _audit_summary(s)}
     if as_json:
         out.print_json(data=summary)
     else:
-        print_result({k: ",".join(v) if isinstance(v, list) else v for k, v in summary.items()}, False)
+        audit = summary.pop("audit")
+        rows = {k: ",".join(v) if isinstance(v, list) else v for k, v in summary.items()}
+        rows["audit"] = "not sampled" if audit is None else " ".join(
+            f"{i}:{audit['outcome'].get(str(i)) or ('disclosed' if i in audit['disclosed'] else 'awaiting')}"
+            for i in audit["sample"])
+        print_result(rows, False)
+
+
+def _audit_summary(study: dict[str, Any]) -> dict[str, Any] | None:
+    """The study's audit as `status` shows it: the sample, who disclosed, each aggregator's verdict, the
+    outcomes, the window, and (once closed) the forfeited contributions; None until it is sampled."""
+    audit = study.get("audit")
+    if audit is None:
+        return None
+    return {"sample": audit["sample"], "seed_checkpoint_size": audit["size"],
+            "window_ends_ms": audit["window_ends_ms"], "disclosed": sorted(int(i) for i in audit["disclosed"]),
+            "verdicts": audit["verdicts"], "outcome": audit["outcome"], "forfeited": audit.get("forfeited")}
 
 
 @study_app.command("result", epilog=example("carechain study result hr-2026-q4 --json"))
@@ -168,7 +185,8 @@ def contribute(
     pre_key: Annotated[Path, typer.Option("--pre-key", help="Your re-encryption key file: opens your own "
                                                             "readings on this machine.")],
     opening: Annotated[Path | None, typer.Option(help="Keep the vector and salt that open your commitment here "
-                                                      "(0600; an audit asks for them).")] = None,
+                                                      "(0600; an audit asks for them). Default: beside --key, "
+                                                      "<key name>.<study>.opening.json.")] = None,
     config: ConfigOpt = None, data_dir: DataDirOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Contribute to a study from your own sealed readings: computed on this machine, Shamir-shared among the
@@ -203,9 +221,67 @@ def contribute(
         built = build_contribution(owner, study_id, s, consent, aggregator_keys(state, s), own, now_ms())
     except (ContributionError, LedgerViewError) as exc:
         raise fail(str(exc), 1) from None
+    opening = opening or default_opening(key, study_id)
+    save_opening(opening, built)  # before the entry is anchored: a commitment whose salt is lost cannot be opened
     index = submit(config, data_dir, built.entry)
-    if opening is not None:
-        save_opening(opening, built)
+    save_opening(opening, built, index)
     print_result({"study": study_id, "contribution": index, "consent": consent, "readings": len(built.leaves),
                   "commitment": built.commitment, "aggregators": ",".join(s["aggregators"]),
-                  "problems": len(own.problems), "opening": str(opening) if opening else None}, as_json)
+                  "problems": len(own.problems), "opening": str(opening)}, as_json)
+
+
+def default_opening(key: Path, study_id: str) -> Path:
+    """Where `contribute` keeps an opening and `disclose` looks for it: beside the key that signed it."""
+    return key.with_name(f"{key.stem}.{study_id}.opening.json")
+
+
+@study_app.command("disclose", epilog=example(
+    "carechain study disclose hr-2026-q4 --key keys/alice.key --pre-key keys/alice.pre",
+    "carechain study disclose hr-2026-q4 --key keys/alice.key --pre-key keys/alice.pre "
+    "--opening alice-hr-2026-q4.json"))
+def disclose(
+    study_id: StudyArg, key: KeyOpt,
+    pre_key: Annotated[Path, typer.Option("--pre-key", help="Your re-encryption key file: opens the data keys of "
+                                                            "the readings you cited.")],
+    opening: Annotated[Path | None, typer.Option(help="The opening `study contribute` kept (default: beside "
+                                                      "--key, <key name>.<study>.opening.json).")] = None,
+    config: ConfigOpt = None, data_dir: DataDirOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Open your sampled contribution to the study's aggregators, and to them only: the salt of your
+    commitment, the data keys of the epochs your cited readings are in and their ciphertexts, sealed to each
+    aggregator. The entry is the logged access record (who, which epochs, why). A sampled contribution that is
+    not disclosed before the audit window ends is not paid."""
+    from carechain.cli.access import _pre_key
+    from chain_bridge.ledger.reader import LedgerReader
+    from chain_bridge.registry import ledger_path
+    from contract_rules.market import CONTRIBUTIONS
+    from record_access.contributing import ContributionError, aggregator_keys, build_disclosure, find_cited_data
+    from record_access.ledger_view import LedgerViewError
+
+    owner, owner_pre = load_key(key), _pre_key(pre_key)
+    opening = opening or default_opening(key, study_id)
+    kept = read_json(opening, "the contribution's opening")
+    cfg = load(config)
+    bdir = bridge_dir(cfg, data_dir)
+    genesis = deployment_genesis(cfg, bdir)
+    state = replay(config, data_dir).state
+    s = _study(state, study_id)
+    table = state.table(CONTRIBUTIONS)
+    mine = [i for i in s["contributions"] if table[str(i)]["owner"] == owner.device_id]
+    if not mine:
+        raise fail(f"{owner.device_id} has no contribution to study {study_id}", 1)
+    index = mine[0]
+    reader = LedgerReader(ledger_path(bdir))
+    try:
+        leaves = ((i, leaf) for i, leaf in enumerate(reader.leaves(0, reader.size())))
+        data_keys, cts = find_cited_data(leaves, reader.ciphertext, owner.device_id, owner_pre, genesis.operators,
+                                         s, table[str(index)]["leaves"])
+        entry = build_disclosure(owner, study_id, s, index, kept, aggregator_keys(state, s), data_keys, cts,
+                                 now_ms())
+    except (ContributionError, LedgerViewError) as exc:
+        raise fail(str(exc), 1) from None
+    finally:
+        reader.close()
+    leaf = submit(config, data_dir, entry)
+    print_result({"study": study_id, "contribution": index, "disclosed_at": leaf, "readings": len(cts),
+                  "epochs": len(data_keys), "to": ",".join(s["aggregators"])}, as_json)

@@ -230,7 +230,7 @@ def acl_text(bridge_user: str, devices: Iterable[DeviceRecord], *, registry_vers
         f"topic read {topics.MINER_COSIG_WILDCARD}",
         f"topic read {topics.MINER_EVIDENCE_WILDCARD}",
         f"topic read {topics.MINER_HELLO_WILDCARD}",
-        "# aggregators' study results (study.result), decided by the contracts and appended",
+        "# aggregators' study entries (study.result, study.sample, study.audit), decided by the contracts and appended",
         f"topic read {topics.MINER_STUDY_WILDCARD}",
         "# only the bridge answers proof requests (and miners act only on answers the log key signed)",
         f"topic write {topics.PREFIX}/miner/+/resp",
@@ -274,7 +274,7 @@ def acl_text(bridge_user: str, devices: Iterable[DeviceRecord], *, registry_vers
             f"topic read {topics.CHECKPOINT}",
             f"topic read {topics.FINAL_CHECKPOINT}",
             "",
-            f"# data-market aggregator of miner {miner}: its signed study results (study.result), nothing else",
+            f"# data-market aggregator of miner {miner}: signed study.result, study.sample, study.audit; nothing else",
             f"user {aggregator_user(miner)}",
             f"topic write {topics.miner_study(miner)}",
         ]

@@ -1,0 +1,437 @@
+"""A miner runs the data-market work of the studies it aggregates by itself (docs/market.md).
+
+Nobody starts an aggregator by hand: a miner with `miner.mpc_listen` set reads from its own replayed contract
+state (the `ContractWitness` it cosigns with) what its studies need next, and does it:
+
+- **result**: a study it aggregates is open, its contributions are closed (attested time ≥ closes_ms) and all
+  final (`miners.final_size(state) > max(contributions)`: the rules refuse a result before) and it has not
+  posted its result: it runs its MPyC party (`python -m chain_miner.aggregator`) with the others;
+- **sample**: a study is answered and not yet sampled, and the latest `checkpoint.final` the ledger recorded
+  is after the decision: it signs and sends the `study.sample` that fixes the audit sample. Every aggregator
+  of the study sends one (the rules take the first and refuse the others as already sampled), so one
+  aggregator that is down does not hold the audit up; which note qualifies is fixed by the rules, so the
+  senders all name the same one, or a later one;
+- **audit**: a sampled study's sampled contributions are all disclosed (or the audit window is about to end
+  with some disclosed) and it has not posted its verdicts on them: it runs the audit MPC
+  (`python -m chain_miner.aggregator --audit`) over leaves fetched from the log and proven against the tree
+  it cosigned.
+
+`due` is the decision, a pure function of the contract state (sans-IO, like `Witness`); `StudyRunner` is the
+shell: fed by the miner service after each cosignature (`after_cosign`, on the service's thread, which also
+fetches the audit's leaves: the proof channel is the service's), it runs each job on a thread of its own, one
+at a time, in `due`'s order (the same on every aggregator: one MPyC party per miner listens on
+`mpc_listen`). The inputs document goes to a 0600 file in DATA_DIR/studies/, the parties' addresses come from
+the aggregators' signed hellos (their `mpc` field), results and verdicts go to the bridge over the miner's
+aggregator login (`--publish --credentials`), every computation is bounded by `miner.mpc_timeout_s`, and
+every job runs at most once: DATA_DIR/studies/jobs.json remembers the jobs done and how often each failed
+(a failed job is tried again at the next cosignature, up to MAX_ATTEMPTS times, each failure logged loudly).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from carechain.checkpoint import CheckpointError, NoteError, parse_note
+from carechain.checkpoint import Checkpoint as CheckpointBody
+from carechain.config import BrokerConfig
+from carechain.entries import CHECKPOINT_FINAL, Entry, EntryError
+from carechain.files import PRIVATE_DIR, write_atomic
+from carechain.identity import Identity
+from contract_rules import miners as miner_rules
+from contract_rules.market import STUDIES
+from contract_rules.runtime import State
+
+__all__ = ["AUDIT_LATE_MS", "JOBS_FILE", "MAX_ATTEMPTS", "Job", "StudyRunner", "due", "note_size"]
+
+log = logging.getLogger("carechain.miner")
+
+JobKind = Literal["result", "sample", "audit"]
+JOBS_FILE = "jobs.json"
+JOBS_VERSION = 1
+MAX_ATTEMPTS = 3
+# With some sampled contributions still undisclosed, the aggregators audit the disclosed ones this long before
+# the audit window ends (attested time): a verdict after the window is refused.
+AUDIT_LATE_MS = 3_600_000
+
+
+@dataclass(frozen=True)
+class Job:
+    """One piece of a study's work for one aggregator. `contributions`: for an audit, the disclosed sampled
+    contributions it judges (part of its `key`: a later disclosure is another audit)."""
+
+    kind: JobKind
+    study_id: str
+    index: int  # this miner's place among the study's aggregators
+    aggregators: tuple[str, ...]
+    contributions: tuple[int, ...] = ()
+
+    @property
+    def key(self) -> str:
+        """What the jobs file remembers it by."""
+        base = f"{self.kind}:{self.study_id}"
+        return base + ":" + ",".join(map(str, self.contributions)) if self.kind == "audit" else base
+
+
+def note_size(note: str) -> int | None:
+    """The tree size of a checkpoint note, or None when it is not one."""
+    try:
+        return CheckpointBody.parse(parse_note(note)[0]).tree_size
+    except (NoteError, CheckpointError):
+        return None
+
+
+def due(state: State, me: str, now_ms: int | None, latest_final_note: str | None) -> list[Job]:
+    """The jobs miner `me` has now in `state`, in the order every aggregator runs them (study id, then result,
+    sample, audit).
+
+    `now_ms`: the attested time of `state` (`contract_rules.clock.attested_ms`: what the rules judge on; None
+    before any attestation, when nothing time-bound is due). `latest_final_note`: the note of the last
+    `checkpoint.final` in `state` (None: no sample is due). Only what the rules would accept is due; the
+    jobs this miner already did are the caller's to skip (`Job.key`)."""
+    final = miner_rules.final_size(state)
+    jobs: list[Job] = []
+    for study_id in sorted(state.table(STUDIES)):
+        study = state.table(STUDIES)[study_id]
+        aggregators = tuple(study["aggregators"])
+        if me not in aggregators:
+            continue
+        place = aggregators.index(me)
+        contributions = study["contributions"]
+        if (study["state"] == "open" and now_ms is not None and now_ms >= study["closes_ms"]
+                and me not in study["results"] and (not contributions or final > max(contributions))):
+            jobs.append(Job("result", study_id, place, aggregators))
+        if study["state"] != "answered" or study["closed_at"] is not None or "audit" not in study:
+            continue  # (a ledger whose rules predate the audit keeps no "audit" in its studies)
+        audit = study["audit"]
+        if audit is None:
+            if (latest_final_note is not None and final > study["decided"]["at"]
+                    and note_size(latest_final_note) == final):
+                jobs.append(Job("sample", study_id, place, aggregators))
+            continue
+        audit_job = _audit_due(audit, me, now_ms)
+        if audit_job:
+            jobs.append(Job("audit", study_id, place, aggregators, audit_job))
+    return jobs
+
+
+def _audit_due(audit: dict[str, Any], me: str, now_ms: int | None) -> tuple[int, ...]:
+    """The disclosed sampled contributions `me` should judge now, or () when no audit is due."""
+    if now_ms is None or now_ms >= audit["window_ends_ms"]:
+        return ()
+    disclosed = tuple(sorted(int(i) for i in audit["disclosed"]))
+    if not disclosed:
+        return ()
+    everything = len(disclosed) == len(audit["sample"])
+    if not everything and now_ms < audit["window_ends_ms"] - AUDIT_LATE_MS:
+        return ()  # wait for the others: one audit MPC for the whole sample
+    verdicts = audit["verdicts"]
+    if all(me in verdicts.get(str(i), {}) for i in disclosed):
+        return ()
+    return disclosed
+
+
+# -- the shell ------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Ready:
+    """A job with what it needs, handed from the service's thread to the runner's."""
+
+    job: Job
+    inputs: dict[str, Any] | None = None  # the aggregator's --inputs document (result, audit)
+    note: str | None = None  # the seed checkpoint (sample)
+
+
+@dataclass
+class _Jobs:
+    done: set[str] = field(default_factory=set)
+    failed: dict[str, int] = field(default_factory=dict)
+    note: str | None = None  # the latest checkpoint.final note seen
+
+
+class StudyRunner:
+    """Runs the studies' jobs of one miner (see the module docstring). Built by `chain_miner.assembly` when
+    `miner.mpc_listen` is set; the service calls `after_cosign`, `on_hello`, `start` and `stop`."""
+
+    def __init__(self, data_dir: Path, identity: Identity, key_file: Path, mpc_listen: str,
+                 broker: BrokerConfig, state: Callable[[], State], genesis: Any,
+                 leaves: Callable[[], list[bytes] | None], *, timeout_s: float = 300.0,
+                 publish: Callable[[BrokerConfig, str, bytes], None] | None = None) -> None:
+        """`broker`: the miner's broker settings with the aggregator login as its credentials (see
+        `chain_miner.assembly`); `state`: the cosigned contract state; `leaves`: the whole cosigned tree's
+        leaves, proven against its root (None when the log did not serve them)."""
+        self.dir = Path(data_dir) / "studies"
+        self.identity = identity
+        self.me = identity.device_id
+        self.key_file = Path(key_file)
+        self.mpc_listen = mpc_listen
+        self.broker = broker
+        self._state = state
+        self.genesis = genesis
+        self._leaves = leaves
+        self.timeout_s = timeout_s
+        self._publish_entry = publish
+        self.peers: dict[str, str] = {self.me: mpc_listen}  # miner id → its signed hello's mpc address
+        self.stats: dict[str, int] = {}
+        self._jobs = self._load()
+        self.latest_final_note: str | None = self._jobs.note
+        self._queued: set[str] = set()
+        self._lock = threading.Lock()
+        self._work: queue.SimpleQueue[_Ready | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._current: subprocess.Popen[bytes] | None = None
+        self._stopping = threading.Event()
+
+    # -- fed by the service ---------------------------------------------------------------------------------
+
+    def on_hello(self, miner: str, mpc: str | None) -> None:
+        """A verified hello of `miner` (None: it left, or does not aggregate)."""
+        with self._lock:
+            if mpc is None:
+                self.peers.pop(miner, None)
+            else:
+                self.peers[miner] = mpc
+            if miner == self.me:
+                self.peers[self.me] = self.mpc_listen
+
+    def after_cosign(self, entries: Sequence[bytes]) -> list[Job]:
+        """After the contract state took `entries` (cosigned or replayed): note the latest recorded final
+        checkpoint, and queue what is due and not done. The jobs queued now."""
+        from contract_rules.clock import attested_ms  # noqa: PLC0415
+
+        state = self._state()
+        self._note_final(entries, state)
+        queued = []
+        for job in due(state, self.me, attested_ms(state), self.latest_final_note):
+            with self._lock:
+                skip = (job.key in self._jobs.done or job.key in self._queued
+                        or self._jobs.failed.get(job.key, 0) >= MAX_ATTEMPTS)
+            if skip:
+                continue
+            ready = self._prepare(job, state)
+            if ready is None:
+                continue
+            with self._lock:
+                self._queued.add(job.key)
+            self._work.put(ready)
+            queued.append(job)
+        return queued
+
+    def _note_final(self, entries: Sequence[bytes], state: State) -> None:
+        """Keep the note of the last `checkpoint.final` among `entries` that the rules took (its size is the
+        state's final size: a record the rules voided never replaces the one before)."""
+        from carechain import envelope  # noqa: PLC0415
+
+        final = miner_rules.final_size(state)
+        for raw in reversed(entries):
+            try:
+                entry = Entry.decode(raw)
+                note = envelope.parse(entry.cose).payload["note"] if entry.type == CHECKPOINT_FINAL else None
+            except (EntryError, envelope.EnvelopeError, KeyError, TypeError):
+                continue
+            if not isinstance(note, str) or note_size(note) != final:
+                continue
+            if note != self.latest_final_note:
+                self.latest_final_note = note
+                with self._lock:
+                    self._jobs.note = note  # kept: a restart from a contract snapshot replays no older leaf
+                    self._save()
+            return
+
+    def _prepare(self, job: Job, state: State) -> _Ready | None:
+        """What `job` needs from the ledger, read now on the service's thread; None: not now (logged)."""
+        if job.kind == "sample":
+            return _Ready(job, note=self.latest_final_note)
+        if job.kind == "result":
+            from chain_miner.aggregator import inputs_from_state  # noqa: PLC0415
+
+            return _Ready(job, inputs=inputs_from_state(state, job.study_id))
+        leaves = self._leaves()
+        if leaves is None:
+            self._count("audit_leaves_unavailable")
+            log.warning("miner %s: could not fetch the log's leaves proven against the cosigned tree for the "
+                        "audit of study %s; trying again at the next checkpoint", self.me, job.study_id)
+            return None
+        from chain_miner.aggregator import audit_inputs_from_leaves  # noqa: PLC0415
+
+        inputs: dict[str, Any] = audit_inputs_from_leaves(self.genesis, leaves, job.study_id)
+        return _Ready(job, inputs=inputs)
+
+    # -- the runner thread ----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.dir.mkdir(mode=PRIVATE_DIR, exist_ok=True)
+        self._thread = threading.Thread(target=self._run, name=f"studies-{self.me}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._work.put(None)
+        current = self._current
+        if current is not None and current.poll() is None:
+            current.terminate()
+        if self._thread is not None:
+            self._thread.join(timeout=15)
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            ready = self._work.get()
+            if ready is None:
+                return
+            key = ready.job.key
+            try:
+                ok = self._execute(ready)
+            except Exception:  # a job must never take the runner down; the next one still runs
+                log.exception("miner %s: study job %s crashed", self.me, key)
+                ok = False
+            with self._lock:
+                self._queued.discard(key)
+                if ok:
+                    self._jobs.done.add(key)
+                    self._jobs.failed.pop(key, None)
+                elif not self._stopping.is_set():
+                    self._jobs.failed[key] = self._jobs.failed.get(key, 0) + 1
+                    if self._jobs.failed[key] >= MAX_ATTEMPTS:
+                        log.error("miner %s: study job %s failed %d times; giving up on it (remove it from %s "
+                                  "to try again)", self.me, key, MAX_ATTEMPTS, self.dir / JOBS_FILE)
+                self._save()
+            self._count("jobs_done" if ok else "jobs_failed")
+
+    def _execute(self, ready: _Ready) -> bool:
+        job = ready.job
+        if job.kind == "sample":
+            return self._sample(job, ready.note)
+        peers = self._peers(job)
+        if peers is None:
+            return False
+        assert ready.inputs is not None
+        inputs_file = self.dir / f"{job.kind}-{job.study_id}.inputs.json"
+        write_atomic(inputs_file, json.dumps(ready.inputs).encode())  # 0600: sealed shares, study data
+        broker_file = self._broker_file()
+        out = self.dir / f"{job.kind}-{job.study_id}.out.json"
+        command = [sys.executable, "-m", "chain_miner.aggregator", "--study", job.study_id, "--index",
+                   str(job.index), "--peers", ",".join(peers), "--key", str(self.key_file), "--inputs",
+                   str(inputs_file), "--out", str(out), "--publish", "--config", str(broker_file)]
+        if job.kind == "audit":
+            command.append("--audit")
+        log.info("miner %s: running the %s MPC of study %s as party %d of %d", self.me, job.kind, job.study_id,
+                 job.index, len(peers))
+        started = time.monotonic()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            p for p in (str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")) if p)}
+        process = subprocess.Popen(command, cwd=self.dir, env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT)
+        self._current = process
+        try:
+            output, _ = process.communicate(timeout=self.timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output, _ = process.communicate()
+            log.error("miner %s: the %s MPC of study %s did not finish within miner.mpc_timeout_s=%.0f s (are the "
+                      "other aggregators %s up?); stopped:\n%s", self.me, job.kind, job.study_id, self.timeout_s,
+                      ", ".join(a for a in job.aggregators if a != self.me), _tail(output))
+            return False
+        finally:
+            self._current = None
+        if process.returncode != 0:
+            log.error("miner %s: the %s MPC of study %s failed (exit %d):\n%s", self.me, job.kind, job.study_id,
+                      process.returncode, _tail(output))
+            return False
+        log.info("miner %s: %s of study %s computed and sent in %.1f s", self.me, job.kind, job.study_id,
+                 time.monotonic() - started)
+        return True
+
+    def _sample(self, job: Job, note: str | None) -> bool:
+        from contract_rules import transactions as ce  # noqa: PLC0415
+
+        assert note is not None
+        payload = ce.StudySample(v=1, study_id=job.study_id, seed_checkpoint=note,
+                                 ts=int(time.time() * 1000))
+        entry = ce.signed(self.identity, ce.STUDY_SAMPLE, payload)
+        try:
+            self._publish(entry.encode())
+        except (TimeoutError, OSError, ValueError) as exc:
+            log.error("miner %s: could not send the audit sample of study %s: %s", self.me, job.study_id, exc)
+            return False
+        log.info("miner %s: sent the audit sample of study %s (seed checkpoint of %s leaves)", self.me,
+                 job.study_id, note_size(note))
+        return True
+
+    def _publish(self, entry: bytes) -> None:
+        if self._publish_entry is not None:
+            self._publish_entry(self.broker, self.me, entry)
+            return
+        from chain_miner.aggregator import publish_entries  # noqa: PLC0415
+
+        publish_entries(self.broker, self.me, entry)
+
+    def _peers(self, job: Job) -> list[str] | None:
+        """Every aggregator's MPC address from its signed hello, in the study's order; None when one is missing."""
+        with self._lock:
+            peers = [self.peers.get(a) for a in job.aggregators]
+        missing = [a for a, p in zip(job.aggregators, peers, strict=True) if p is None]
+        if missing:
+            log.error("miner %s: cannot run the %s MPC of study %s: no MPC address in the hello of aggregator(s) "
+                      "%s (down, or without miner.mpc_listen)", self.me, job.kind, job.study_id, ", ".join(missing))
+            return None
+        return [p for p in peers if p is not None]
+
+    def _broker_file(self) -> Path:
+        """The broker section the aggregator publishes with: the miner's broker, logged in as its aggregator.
+        Only a credentials file is written, never a password."""
+        b = self.broker
+        section: dict[str, Any] = {"host": b.host, "port": b.port, "keepalive_s": b.keepalive_s,
+                                   "max_packet_bytes": b.max_packet_bytes}
+        for name in ("tls_ca", "tls_cert", "tls_key", "credentials_file"):
+            value = getattr(b, name)
+            if value is not None:
+                section[name] = str(value)
+        path = self.dir / "aggregator-broker.json"
+        write_atomic(path, json.dumps({"broker": section}).encode())
+        return path
+
+    # -- the jobs file ----------------------------------------------------------------------------------------
+
+    def _load(self) -> _Jobs:
+        path = self.dir / JOBS_FILE
+        if not path.exists():
+            return _Jobs()
+        try:
+            raw = json.loads(path.read_text())
+            if raw.get("v") != JOBS_VERSION:
+                raise ValueError(f"version {raw.get('v')!r}, this miner reads {JOBS_VERSION}")
+            note = raw.get("note")
+            return _Jobs(set(raw["done"]), {str(k): int(v) for k, v in raw["failed"].items()},
+                         note if isinstance(note, str) else None)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            # Forgetting done jobs is safe (the rules refuse a second result, sample or verdict), only wasteful.
+            log.warning("%s is unreadable (%s): starting with no study jobs done", path, exc)
+            return _Jobs()
+
+    def _save(self) -> None:
+        self.dir.mkdir(mode=PRIVATE_DIR, exist_ok=True)
+        data = {"v": JOBS_VERSION, "done": sorted(self._jobs.done), "failed": dict(sorted(self._jobs.failed.items())),
+                "note": self._jobs.note}
+        write_atomic(self.dir / JOBS_FILE, json.dumps(data, indent=1).encode())
+
+    def done(self) -> set[str]:
+        """The keys of the jobs this miner did."""
+        with self._lock:
+            return set(self._jobs.done)
+
+    def _count(self, what: str) -> None:
+        self.stats[what] = self.stats.get(what, 0) + 1
+
+
+def _tail(output: bytes, chars: int = 3000) -> str:
+    return output.decode(errors="replace")[-chars:]
