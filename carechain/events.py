@@ -26,7 +26,10 @@ PROTOCOL_V2 = 2
 SUPPORTED_VERSIONS = frozenset({1, 2})
 # Health readings: sealed under protocol v2. Purchases stay clear (the contracts read them; they carry
 # pseudonymous patient tokens, not vitals).
-SEALED_KINDS = frozenset({"heart_rate", "temperature", "blood_pressure", "spo2", "glucose", "weight", "activity"})
+SEALED_KINDS = frozenset({"heart_rate", "temperature", "blood_pressure", "spo2", "glucose", "weight", "activity",
+                          "trial_measure"})
+# Sealed kinds only protocol v2 carries: a v1 (plain-text) event of one is refused.
+V2_ONLY_SEALED_KINDS = frozenset({"trial_measure"})
 MAX_CAPSULE_BYTES = 256
 MAX_KEY_CT_BYTES = 256
 MIN_EPOCH_MS = 60_000  # one minute
@@ -105,6 +108,21 @@ class Activity(EventBody):
     active_minutes: int = Field(ge=0, le=1440)
 
 
+class TrialMeasure(EventBody):
+    """A trial participant's primary-outcome measure, derived on her device from its readings (docs/trials.md).
+
+    Sealed like any reading, so nobody learns it before the trial's database lock (values could leak arms);
+    she discloses the ciphertext and its epoch key in `trial.outcome` after the lock. Integers in the unit
+    1/`unit_scale` of the measure's natural unit (e.g. unit_scale 1000 and resting heart rate: milli-bpm).
+    """
+
+    trial_id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    measure: str = Field(pattern=r"^[a-z0-9_]{1,64}$")
+    baseline: int = Field(ge=-(2**53), le=2**53)
+    followup: int = Field(ge=-(2**53), le=2**53)
+    unit_scale: int = Field(ge=1, le=10**9)
+
+
 class PaymentAuthorization(EventBody):
     """The patient's consent to one sale line: `pay_minor` tokens from her account and `claim_minor` from her
     insurer's, both to the pharmacy. `sig` is her wallet key's signature over `payment_message(...)`, which
@@ -119,7 +137,8 @@ class PaymentAuthorization(EventBody):
 
 class Purchase(EventBody):
     item_code: str = Field(min_length=1, max_length=32)
-    code_system: Literal["ndc", "rxnorm", "gtin"]
+    # "trialkit": a clinical trial's kit, item_code its public label (contract_rules.trials, trial.dispense).
+    code_system: Literal["ndc", "rxnorm", "gtin", "trialkit"]
     rx_only: bool
     quantity: int = Field(ge=1, le=10_000)
     price_minor: int = Field(ge=0, le=10**12)  # integer minor units: no float money
@@ -162,6 +181,7 @@ BODY_MODELS: dict[str, type[EventBody]] = {
     "weight": Weight,
     "activity": Activity,
     "purchase": Purchase,
+    "trial_measure": TrialMeasure,
 }
 
 
@@ -197,7 +217,7 @@ class WeeklyActivity(EventBody):
 V2_CLEAR_MODELS: dict[str, type[EventBody]] = {"epoch_key": EpochKey, "weekly_activity": WeeklyActivity}
 EventKind = Literal[
     "heart_rate", "temperature", "blood_pressure", "spo2", "glucose", "weight", "activity", "purchase",
-    "epoch_key", "weekly_activity",
+    "epoch_key", "weekly_activity", "trial_measure",
 ]
 
 
@@ -208,7 +228,7 @@ def signed_body_model(v: int, kind: str) -> type[EventBody] | None:
             return SealedBody
         return V2_CLEAR_MODELS.get(kind) or BODY_MODELS.get(kind)
     if v == PROTOCOL_VERSION:
-        return BODY_MODELS.get(kind)
+        return None if kind in V2_ONLY_SEALED_KINDS else BODY_MODELS.get(kind)
     return None
 
 
@@ -283,7 +303,7 @@ def validate_payload(raw: Any) -> EventPayload:
         event = EventPayload.model_validate(raw)
     except ValidationError as exc:
         raise PayloadError(Reason.BAD_PAYLOAD, _first_error(exc)) from None
-    if v == PROTOCOL_VERSION and event.kind in V2_CLEAR_MODELS:
+    if v == PROTOCOL_VERSION and (event.kind in V2_CLEAR_MODELS or event.kind in V2_ONLY_SEALED_KINDS):
         # Refused as v1 always refused a kind it does not know (the payload's `kind` is out of range).
         raise PayloadError(Reason.BAD_PAYLOAD, f"kind: {event.kind!r} needs protocol version {PROTOCOL_V2}")
     try:

@@ -10,7 +10,11 @@ outside reviewer all recompute the same allocation from the ledger alone.
   for another trial or claimed by another party.
 - `allocation_key` combines every revealed seed with a final checkpoint's cosignature seed: one honest seed,
   or the cosigned checkpoint, is enough to make the key unpredictable, so no party, the sponsor included,
-  can predict or steer the sequence.
+  can predict or steer the sequence. The key is not one secret but one per (stratum, block) and one per
+  stratum for the block sizes, each combining a per-party key derived from that party's seed
+  (`party_block_key`, `party_sizes_key`): so for an emergency unblinding of one participant every party can
+  release the keys of her block alone (`released_key`), which open that block and its stratum's block
+  boundaries and nothing else, without releasing its seed.
 - `arm_of`/`allocation` draw stratified permuted blocks from the key: within each stratum, blocks of a size
   drawn from `Design.block_sizes`, each a uniformly random permutation of the ratio-exact multiset of arms.
 - `escrow_shares`/`recover_seed`: Shamir shares of a seed, so a party that does not reveal cannot block
@@ -22,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from pydantic import BaseModel, ConfigDict, model_validator
@@ -29,13 +34,18 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from carechain import cbor
 from carechain.seed import uniform_below
 
-__all__ = ["COMMIT_DOMAIN", "FIELD_PRIME", "KEY_DOMAIN", "SEED_BYTES", "Block", "Design", "allocation",
-           "allocation_key", "arm_of", "block_of", "check_reveal", "escrow_shares", "kit_label", "recover_seed",
-           "seed_commitment", "strata", "stratum_index", "stratum_key"]
+__all__ = ["COMMIT_DOMAIN", "FIELD_PRIME", "KEY_DOMAIN", "PARTY_BLOCK_DOMAIN", "PARTY_SIZES_DOMAIN", "SEED_BYTES",
+           "SIZES_DOMAIN", "AllocationKey", "Block", "Design", "allocation", "allocation_key", "arm_of", "block_of",
+           "check_reveal", "escrow_shares", "kit_label", "party_block_key", "party_sizes_key", "recover_seed",
+           "released_key", "seed_commitment", "strata", "stratum_index", "stratum_key"]
 
 SEED_BYTES = 32
 COMMIT_DOMAIN = b"carechain/trial/seed-commitment/v1"
-KEY_DOMAIN = b"carechain/trial/allocation-key/v1"
+# v2: one key per (stratum, block) and per stratum's sizes, so one block can be unblinded alone.
+KEY_DOMAIN = b"carechain/trial/block-key/v2"
+SIZES_DOMAIN = b"carechain/trial/sizes-key/v2"
+PARTY_BLOCK_DOMAIN = b"carechain/trial/party-block-key/v2"
+PARTY_SIZES_DOMAIN = b"carechain/trial/party-sizes-key/v2"
 # The Mersenne prime 2**521 - 1: a field larger than any 32-byte seed, so a seed is one field element.
 FIELD_PRIME = 2**521 - 1
 # The block PRF is carechain.seed's SHA-256 counter-mode derivation under this purpose (with rejection
@@ -86,12 +96,71 @@ def check_reveal(trial_id: str, party: str, seed: bytes, commitment: str) -> boo
     return hmac.compare_digest(expected.encode(), commitment.encode())
 
 
-def allocation_key(seeds: Mapping[str, bytes], checkpoint_seed: bytes, trial_id: str) -> bytes:
-    """The 32-byte key of the allocation: SHA-256(KEY_DOMAIN ‖ CBOR([trial_id, checkpoint_seed, pairs])).
+def party_block_key(seed: bytes, trial_id: str, stratum: str, block: int) -> bytes:
+    """One party's share of the key of block `block` of `stratum`: SHA-256(PARTY_BLOCK_DOMAIN ‖ CBOR([trial_id,
+    stratum, block, seed])). Releasing it reveals nothing about the seed or any other block's key."""
+    _check_name(trial_id, "the trial id")
+    _check_seed(seed, "the seed")
+    _check_position(block, "the block number")
+    return hashlib.sha256(PARTY_BLOCK_DOMAIN + cbor.encode([trial_id, stratum, block, seed])).digest()
 
-    `pairs` are the (party, seed) reveals sorted by party, so the key does not depend on the order the
-    reveals arrived in. `checkpoint_seed` is a final checkpoint's cosignature seed (`carechain.seed`).
+
+def party_sizes_key(seed: bytes, trial_id: str, stratum: str) -> bytes:
+    """One party's share of the key of `stratum`'s block sizes (its block boundaries, not its arms)."""
+    _check_name(trial_id, "the trial id")
+    _check_seed(seed, "the seed")
+    return hashlib.sha256(PARTY_SIZES_DOMAIN + cbor.encode([trial_id, stratum, seed])).digest()
+
+
+def _pairs(keys: Mapping[str, bytes]) -> list[list[object]]:
+    return [[party, keys[party]] for party in sorted(keys)]
+
+
+@dataclass(frozen=True)
+class AllocationKey:
+    """What the allocation is drawn from: every revealed seed (`allocation_key`), or the per-party keys of one
+    block and its stratum's sizes released for an emergency unblinding (`released_key`).
+
+    Block j of stratum s is keyed by SHA-256(KEY_DOMAIN ‖ CBOR([trial, checkpoint_seed, s, j, sorted (party,
+    party_block_key)])), and the sizes of the blocks of s by SHA-256(SIZES_DOMAIN ‖ CBOR([trial,
+    checkpoint_seed, s, sorted (party, party_sizes_key)])). A released key answers for its one block only and
+    raises ValueError for anything else.
     """
+
+    trial_id: str
+    checkpoint_seed: bytes
+    seeds: Mapping[str, bytes] | None = None
+    released_stratum: str | None = None
+    released_block: int | None = None
+    released_sizes: Mapping[str, bytes] = field(default_factory=dict)
+    released_blocks: Mapping[str, bytes] = field(default_factory=dict)
+
+    def sizes_key(self, stratum: str) -> bytes:
+        if self.seeds is not None:
+            parts = {p: party_sizes_key(s, self.trial_id, stratum) for p, s in self.seeds.items()}
+        elif stratum == self.released_stratum:
+            parts = dict(self.released_sizes)
+        else:
+            raise ValueError(f"the block sizes of stratum {stratum!r} were not released (only of "
+                             f"{self.released_stratum!r})")
+        return hashlib.sha256(SIZES_DOMAIN + cbor.encode([self.trial_id, self.checkpoint_seed, stratum,
+                                                          _pairs(parts)])).digest()
+
+    def block_key(self, stratum: str, block: int) -> bytes:
+        if self.seeds is not None:
+            parts = {p: party_block_key(s, self.trial_id, stratum, block) for p, s in self.seeds.items()}
+        elif stratum == self.released_stratum and block == self.released_block:
+            parts = dict(self.released_blocks)
+        else:
+            raise ValueError(f"the key of block {block} of stratum {stratum!r} was not released (only block "
+                             f"{self.released_block} of {self.released_stratum!r})")
+        return hashlib.sha256(KEY_DOMAIN + cbor.encode([self.trial_id, self.checkpoint_seed, stratum, block,
+                                                        _pairs(parts)])).digest()
+
+
+def allocation_key(seeds: Mapping[str, bytes], checkpoint_seed: bytes, trial_id: str) -> AllocationKey:
+    """The key of the whole allocation from every revealed (party → seed) and a final checkpoint's cosignature
+    seed (`carechain.seed`). The order the reveals arrived in does not matter (parties are sorted)."""
     _check_name(trial_id, "the trial id")
     if not seeds:
         raise ValueError("an allocation key needs at least one revealed seed (the sponsor's), got none")
@@ -99,8 +168,24 @@ def allocation_key(seeds: Mapping[str, bytes], checkpoint_seed: bytes, trial_id:
     for party, value in seeds.items():
         _check_name(party, "a party")
         _check_seed(value, f"{party}'s seed")
-    pairs = [[party, seeds[party]] for party in sorted(seeds)]
-    return hashlib.sha256(KEY_DOMAIN + cbor.encode([trial_id, checkpoint_seed, pairs])).digest()
+    return AllocationKey(trial_id, checkpoint_seed, seeds=dict(seeds))
+
+
+def released_key(trial_id: str, checkpoint_seed: bytes, stratum: str, block: int, sizes_keys: Mapping[str, bytes],
+                 block_keys: Mapping[str, bytes]) -> AllocationKey:
+    """The key of one block, from every party's released `party_sizes_key` of `stratum` and `party_block_key` of
+    `block` (party → 32 bytes; both mappings name the same parties): what an investigator holds after an
+    emergency unblinding. It opens that block and the stratum's block boundaries only."""
+    _check_name(trial_id, "the trial id")
+    _check_seed(checkpoint_seed, "the checkpoint seed")
+    if not sizes_keys or set(sizes_keys) != set(block_keys):
+        raise ValueError(f"released keys must come from the same parties for the sizes and the block, got "
+                         f"{sorted(sizes_keys)} and {sorted(block_keys)}")
+    for party in sizes_keys:
+        _check_seed(sizes_keys[party], f"{party}'s sizes key")
+        _check_seed(block_keys[party], f"{party}'s block key")
+    return AllocationKey(trial_id, checkpoint_seed, released_stratum=stratum, released_block=block,
+                         released_sizes=dict(sizes_keys), released_blocks=dict(block_keys))
 
 
 # -- the design ---------------------------------------------------------------------------------------
@@ -233,49 +318,58 @@ def _check_position(position: int, what: str = "position") -> None:
         raise ValueError(f"{what} must be a non-negative integer, got {position!r}")
 
 
-def _block_size(key: bytes, design: Design, stratum: str, j: int) -> int:
+def _block_size(sizes_key: bytes, design: Design, j: int) -> int:
     sizes = design.block_sizes
-    return sizes[uniform_below(key, _PRF_PURPOSE, len(sizes), stratum, j, "size")]
+    return sizes[uniform_below(sizes_key, _PRF_PURPOSE, len(sizes), j, "size")]
 
 
-def _block_arms(key: bytes, design: Design, stratum: str, j: int, size: int) -> list[str]:
-    """Block j's arms: a Fisher–Yates shuffle of the ratio-exact multiset, each swap index unbiased."""
+def _block_arms(block_key: bytes, design: Design, size: int) -> list[str]:
+    """A block's arms: a Fisher–Yates shuffle of the ratio-exact multiset, each swap index unbiased."""
     per_unit = size // sum(design.ratio)
     arms = [arm for arm, r in zip(design.arms, design.ratio, strict=True) for _ in range(r * per_unit)]
     for i in range(size - 1, 0, -1):
-        k = uniform_below(key, _PRF_PURPOSE, i + 1, stratum, j, "shuffle", i)
+        k = uniform_below(block_key, _PRF_PURPOSE, i + 1, "shuffle", i)
         arms[i], arms[k] = arms[k], arms[i]
     return arms
 
 
-def block_of(key: bytes, design: Design, stratum: str, position: int) -> Block:
-    """The block that holds the `position`-th (0-based) participant enrolled in `stratum`."""
-    _check_seed(key, "the allocation key")
+def _check_key(key: AllocationKey) -> None:
+    if not isinstance(key, AllocationKey):
+        raise ValueError(f"the allocation key must be an AllocationKey (allocation_key or released_key), got "
+                         f"{type(key).__name__}")
+
+
+def block_of(key: AllocationKey, design: Design, stratum: str, position: int) -> Block:
+    """The block that holds the `position`-th (0-based) participant enrolled in `stratum` (needs the stratum's
+    sizes key only)."""
+    _check_key(key)
     stratum_index(design, stratum)
     _check_position(position)
+    sizes_key = key.sizes_key(stratum)
     j = first = 0
     while True:
-        size = _block_size(key, design, stratum, j)
+        size = _block_size(sizes_key, design, j)
         if position < first + size:
             return Block(j, first, size)
         j, first = j + 1, first + size
 
 
-def arm_of(key: bytes, design: Design, stratum: str, position: int) -> str:
+def arm_of(key: AllocationKey, design: Design, stratum: str, position: int) -> str:
     """The arm of the `position`-th (0-based) participant enrolled in `stratum`: the label → arm secret."""
     block = block_of(key, design, stratum, position)
-    return _block_arms(key, design, stratum, block.number, block.size)[position - block.first]
+    return _block_arms(key.block_key(stratum, block.number), design, block.size)[position - block.first]
 
 
-def allocation(key: bytes, design: Design, stratum: str, n: int) -> list[str]:
+def allocation(key: AllocationKey, design: Design, stratum: str, n: int) -> list[str]:
     """The arms of the first `n` participants enrolled in `stratum` (O(n) draws)."""
-    _check_seed(key, "the allocation key")
+    _check_key(key)
     stratum_index(design, stratum)
     _check_position(n, "the number of participants")
+    sizes_key = key.sizes_key(stratum)
     arms: list[str] = []
     j = 0
     while len(arms) < n:
-        arms += _block_arms(key, design, stratum, j, _block_size(key, design, stratum, j))
+        arms += _block_arms(key.block_key(stratum, j), design, _block_size(sizes_key, design, j))
         j += 1
     return arms[:n]
 

@@ -133,7 +133,7 @@ SIGNERS: dict[str, frozenset[str]] = {
 SELF_KEYED = frozenset({ce.STORAGE_COMMIT, ce.STORAGE_RETRIEVAL})
 # The rule modules shipped in this package, by module name: old versions stay, since deployed logs pin them.
 BUILTIN = ("tokens", "prescriptions", "insurance", "insurance_v2", "storage", "access", "bonds", "insurance_v3",
-           "access_v2", "prescriptions_v2", "formulary", "storage_v2", "market", "storage_v3")
+           "access_v2", "prescriptions_v2", "formulary", "storage_v2", "market", "storage_v3", "trials")
 
 
 # Contract entries carry evidence (signed audit answers, capsule fragments, checkpoint notes), so they may be
@@ -473,6 +473,8 @@ class Runtime:
                     cutover = self.state.table("protocol").get("cutover")
                     if cutover is not None and index >= cutover["retire_v1_after"]:
                         return Reject("version_retired")
+                elif event.kind == "trial_measure":  # a trial outcome names its leaf: keep where it was anchored
+                    return Accept((Put("sealed_at", f"{event.dev}:{event.seq}", index),))
                 else:
                     return Accept()  # anchored as a ciphertext hash, which no contract can read
             if event.kind == "epoch_key":
@@ -657,7 +659,7 @@ _CORE = {
     ce.CLOCK_ATTEST: Runtime._clock_attest,
 }
 # Contracts a `contract.upgrade` may add to a ledger whose genesis predates them.
-ADDABLE = frozenset({"access", "bonds", "formulary", "market"})
+ADDABLE = frozenset({"access", "bonds", "formulary", "market", "trials"})
 
 
 def _self_key(msg: envelope.Sign1) -> tuple[str, bytes] | None:

@@ -94,7 +94,8 @@ class PartyRegistration(_Payload):
     """Operator-signed: binds a key to a role. Its account is "<role>:<party id>"."""
 
     v: int = 1
-    role: Literal["prescriber", "pharmacy", "insurer", "miner", "patient", "doctor", "researcher", "authority"]
+    role: Literal["prescriber", "pharmacy", "insurer", "miner", "patient", "doctor", "researcher", "authority",
+                  "sponsor", "investigator"]
     pk: bytes = Field(min_length=32, max_length=32)
     name: str = Field(min_length=1, max_length=128)
     ts: int = Field(ge=0)
