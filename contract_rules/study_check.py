@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -408,26 +408,33 @@ def _answer_problem(result: StudyResult, study: dict[str, Any]) -> str | None:
     return None
 
 
-def _anchor_findings(report: StudyReport, leaves: Sequence[bytes], checkpoint: Checkpoint | None,
-                     study: dict[str, Any], seen: _Seen) -> None:
+def anchoring_problem(leaves: Sequence[bytes], checkpoint: Checkpoint | None, needed: Iterable[int],
+                      what: str) -> str | None:
+    """Why the `needed` leaf indexes are not shown anchored by `checkpoint` over `leaves`, or None: the leaves
+    must hash to its root at its size, and every needed index lie below it. `what` names them in the message."""
     if checkpoint is None:
-        report.add("anchored", False, "no checkpoint given: nothing to check the contributions' inclusion against")
-        return
+        return f"no checkpoint given: nothing to check {what}'s inclusion against"
     if checkpoint.tree_size > len(leaves):
-        report.add("anchored", False, f"the checkpoint covers {checkpoint.tree_size} leaves, only {len(leaves)} given")
-        return
+        return f"the checkpoint covers {checkpoint.tree_size} leaves, only {len(leaves)} given"
     frontier = merkle.extend_frontier(0, (), [merkle.leaf_hash(leaf) for leaf in leaves[:checkpoint.tree_size]])
     if merkle.frontier_root(frontier) != checkpoint.root_hash:
-        report.add("anchored", False, f"the leaves do not hash to the checkpoint's root at size "
-                                      f"{checkpoint.tree_size}: the log was altered or is another log")
-        return
+        return (f"the leaves do not hash to the checkpoint's root at size {checkpoint.tree_size}: the log was "
+                "altered or is another log")
+    outside = sorted(i for i in needed if i >= checkpoint.tree_size)
+    if outside:
+        return (f"leaves {outside} lie beyond the checkpoint (size {checkpoint.tree_size}): not yet anchored; "
+                "verify against a newer checkpoint")
+    return None
+
+
+def _anchor_findings(report: StudyReport, leaves: Sequence[bytes], checkpoint: Checkpoint | None,
+                     study: dict[str, Any], seen: _Seen) -> None:
     needed = [study["at"], *study["contributions"], *(i for i, _ in seen.results.values()),
               *([] if seen.sample is None else [seen.sample.index]), *(i for i, *_ in seen.discloses),
               *(i for i, *_ in seen.audits), *([] if seen.close_index is None else [seen.close_index])]
-    outside = sorted(i for i in needed if i >= checkpoint.tree_size)
-    if outside:
-        report.add("anchored", False, f"leaves {outside} lie beyond the checkpoint (size {checkpoint.tree_size}): "
-                                      "not yet anchored; verify against a newer checkpoint")
+    problem = anchoring_problem(leaves, checkpoint, needed, "the contributions")
+    if problem is not None or checkpoint is None:
+        report.add("anchored", False, problem or "no checkpoint given")
         return
     report.add("anchored", True, f"the post, {len(study['contributions'])} commitments, the results, the audit "
                                  f"and the close are included in the checkpoint of size {checkpoint.tree_size}")
