@@ -59,7 +59,8 @@ def miner_hello(miner_id: str) -> str:
 
 
 def miner_study(miner_id: str) -> str:
-    """Aggregator miner → bridge: its signed `study.result` entries (docs/market.md)."""
+    """Miner → bridge: its signed study and trial entries (study.result/sample/audit from its aggregator login;
+    trial.commit/reveal/recover/unblind_key from its own session) — docs/market.md, docs/trials.md."""
     return f"{PREFIX}/miner/{_checked(miner_id)}/study"
 
 

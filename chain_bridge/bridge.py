@@ -424,16 +424,18 @@ class Bridge:
 
     def attest_deadlines(self) -> int | None:
         """Append a `clock.attest` when the wall clock has passed a contract deadline that attested time has not
-        (`contract_rules.market.deadlines`: a study's close, its grace, an audit window); its leaf index.
+        (`contract_rules.market.deadlines`: a study's close, its grace, an audit window;
+        `contract_rules.trials.deadlines`: a trial's enrolment close, its reveal window's end); its leaf index.
 
         Attested time otherwise moves only with gated events and submitted entries, so on a quiet ledger a
-        closed study would wait for its aggregators forever. One leaf per passed deadline, never a heartbeat.
+        closed study would wait for its aggregators forever, and a trial's missing seed would never be recovered.
+        One leaf per passed deadline, never a heartbeat.
         """
         if self.contracts is None:
             return None
         from chain_bridge.contract_gate import clock_attestation
+        from contract_rules import market, trials
         from contract_rules.clock import attested_ms
-        from contract_rules.market import deadlines
         from contract_rules.runtime import OK
 
         now = wall_clock_ms()
@@ -442,7 +444,8 @@ class Bridge:
             self.contracts.catch_up(self.ledger)
             state = self.contracts.runtime.state
             last = attested_ms(state) or 0
-            if not any(last < deadline <= now for deadline in deadlines(state)):
+            passed = [*market.deadlines(state), *trials.deadlines(state)]
+            if not any(last < deadline <= now for deadline in passed):
                 return None
             entry = clock_attestation(self.contracts.operator, state, now)
             if entry is None or self.contracts.runtime.check(entry) != OK:

@@ -7,9 +7,12 @@ check that the signer is one of the study's aggregators, has not posted yet, and
 study's contributions, cohort rule and query — and appends it; a majority of equal results decides the study
 on every replica. The same miner topic carries the `study.sample` an aggregator sends once its study is answered
 and the `study.audit` verdicts of its audit MPC; the rules decide those too (which checkpoint seeds the
-sample, whether the signer aggregates the study). Nothing is trusted from the broker: a message that is not a well-formed `study.result`
-entry (of those three types), is signed by another key than the topic's miner, or that the rules refuse, is counted and logged and
-never reaches the ledger. The queue is bounded; a flood is dropped and counted.
+sample, whether the signer aggregates the study). A labelling miner of a clinical trial sends its
+`trial.commit`, `trial.reveal`, `trial.recover` and `trial.unblind_key` entries on the same topic (docs/trials.md);
+the trial rules decide whether the signer is one of the trial's committers and the entry is due. Nothing is
+trusted from the broker: a message that is not a well-formed entry of those seven types, is signed by another key
+than the topic's miner, or that the rules refuse, is counted and logged and never reaches the ledger. The queue
+is bounded; a flood is dropped and counted.
 """
 
 from __future__ import annotations
@@ -21,7 +24,17 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 from carechain import envelope
-from carechain.entries import STUDY_AUDIT, STUDY_RESULT, STUDY_SAMPLE, Entry, EntryError
+from carechain.entries import (
+    STUDY_AUDIT,
+    STUDY_RESULT,
+    STUDY_SAMPLE,
+    TRIAL_COMMIT,
+    TRIAL_RECOVER,
+    TRIAL_REVEAL,
+    TRIAL_UNBLIND_KEY,
+    Entry,
+    EntryError,
+)
 from chain_bridge.ledger.store import Ledger
 from chain_bridge.contract_gate import append_if_accepted
 
@@ -33,7 +46,10 @@ __all__ = ["MAX_PENDING", "MAX_RESULT_BYTES", "StudyIntake"]
 MAX_PENDING = 64  # results waiting to be decided
 # valid/included list at most 100,000 leaf indexes of ≤ 9 CBOR bytes each, plus the answer and the envelope
 MAX_RESULT_BYTES = 2 * 100_000 * 9 + 16_384
-RESULT_TYPES = frozenset({STUDY_RESULT, STUDY_SAMPLE, STUDY_AUDIT})  # what a miner's study topic carries
+# What a miner's study topic carries: its aggregator's study entries, and a labelling miner's trial entries
+# (`chain_miner.trial_runner`: its seed commitment, reveal, escrow share of a missing seed, unblinding keys).
+RESULT_TYPES = frozenset({STUDY_RESULT, STUDY_SAMPLE, STUDY_AUDIT, TRIAL_COMMIT, TRIAL_REVEAL, TRIAL_RECOVER,
+                          TRIAL_UNBLIND_KEY})
 log = logging.getLogger("carechain.bridge")
 
 

@@ -43,7 +43,8 @@ def assemble_miner(cfg: Config, *, data_dir: Path | None = None, key: Path | Non
     nor an entry verifier, `checks` is empty: only log consistency is checked (the caller warns).
     `broker.credentials_file`, if set, is resolved (`resolve_broker_login`). With `miner.mpc_listen` and the
     contracts the miner also runs the studies it aggregates (`chain_miner.study_runner`), publishing over its
-    aggregator login (`aggregator_broker`).
+    aggregator login (`aggregator_broker`); with the contracts alone it runs its part of the trials it labels
+    (`chain_miner.trial_runner`), publishing over its own session.
     """
     mc = cfg.miner
     mdir = Path(data_dir or mc.data_dir)
@@ -77,6 +78,12 @@ def assemble_miner(cfg: Config, *, data_dir: Path | None = None, key: Path | Non
             verifier, checks = verify_entries, ""
         miner = WitnessMiner(mdir, broker, log_key, identity, name=name or mc.name, entry_verifier=verifier,
                              request_timeout_s=mc.request_timeout_s, verifier_size=size_of, replica=replica)
+        if replica is not None:  # a labeller learns its trials from the contract state
+            from chain_miner.trial_runner import TrialRunner
+
+            miner.trials = TrialRunner(mdir, identity, lambda: replica.state, miner.cosigned_leaves,
+                                       miner.publish_entry)
+            checks += "; labels the trials it is drawn for"
         if mc.mpc_listen is not None:
             if replica is None:
                 raise ConfigError("miner.mpc_listen is set but the contracts are not re-executed (no genesis): a "

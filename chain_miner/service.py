@@ -59,6 +59,7 @@ if TYPE_CHECKING:
     from chain_miner.reencryptor import AccessReleaser, Reencryptor
     from chain_miner.snapshots import MinerSnapshots
     from chain_miner.study_runner import StudyRunner
+    from chain_miner.trial_runner import TrialRunner
     from contract_rules import ContractWitness, Genesis, Replica
 
 log = logging.getLogger("carechain.miner")
@@ -135,6 +136,9 @@ class WitnessMiner:
         # The data-market work of the studies this miner aggregates (`chain_miner.study_runner`); set by
         # `chain_miner.assembly` before `start` when `miner.mpc_listen` is.
         self.studies: StudyRunner | None = None
+        # A labelling miner's part of the clinical trials it is drawn for (`chain_miner.trial_runner`); set by
+        # `chain_miner.assembly` whenever the miner re-executes the contracts (no MPC port needed).
+        self.trials: TrialRunner | None = None
         if replica is not None:
             from chain_miner.reencryptor import DONE_FILE, AccessReleaser, Reencryptor, load_done
             from chain_miner.snapshots import MinerSnapshots
@@ -290,7 +294,9 @@ class WitnessMiner:
             self._report_voids(before, note, entries, now)
         if self.access is not None and decision.state.tree_size > before.tree_size:
             self.access.after_cosign(before.tree_size, before.frontier, entries)
-        self._study_jobs(entries if decision.state.tree_size > before.tree_size else [])
+        grown = decision.state.tree_size > before.tree_size
+        self._study_jobs(entries if grown else [])
+        self._trial_jobs(before.tree_size, entries if grown else [])
         return decision
 
     def _study_jobs(self, entries: list[bytes]) -> None:
@@ -301,6 +307,30 @@ class WitnessMiner:
             self.studies.after_cosign(entries)
         except Exception:
             log.exception("miner %s: planning the study jobs failed; trying again at the next checkpoint", self.id)
+
+    def _trial_jobs(self, first: int, entries: list[bytes]) -> None:
+        """Hand the cosigned entries (leaves `first`…) to the trial runner, which does what its trials need now
+        (never fails the cosign)."""
+        if self.trials is None:
+            return
+        try:
+            self.trials.after_cosign(first, entries)
+        except Exception:
+            log.exception("miner %s: the trial jobs failed; trying again at the next checkpoint", self.id)
+
+    def publish_entry(self, entry: bytes, timeout: float = 10.0) -> bool:
+        """Send one signed entry to the bridge on this miner's study topic over the miner's own session (QoS 1,
+        not retained): what a labelling miner's trial entries travel on. True once the broker took it."""
+        client = self._client
+        if client is None or not client.is_connected():
+            return False
+        info = client.publish(topics.miner_study(self.id), entry, qos=1)
+        try:
+            info.wait_for_publish(timeout)
+        except (RuntimeError, ValueError) as exc:
+            log.warning("miner %s: publishing an entry on its study topic failed: %s", self.id, exc)
+            return False
+        return info.is_published()
 
     def cosigned_leaves(self) -> list[bytes] | None:
         """Every leaf of the tree this miner cosigned, from the log, proven against that tree's root; None when
@@ -358,6 +388,7 @@ class WitnessMiner:
         if self.access is not None:
             self.access.after_cosign(0, (), entries)
         self._study_jobs(entries)
+        self._trial_jobs(0, entries)
         return True
 
     def _catch_up(self, snapshots: MinerSnapshots) -> bool:
@@ -382,6 +413,7 @@ class WitnessMiner:
             self.access.after_cosign(tail.old_size, tail.old_frontier, tail.entries)
         if tail.entries:
             self._study_jobs(tail.entries)
+            self._trial_jobs(tail.old_size, tail.entries)
         return True
 
     def _refused(self, r: CosignRefused) -> CosignRefused:

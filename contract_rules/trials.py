@@ -72,7 +72,7 @@ from contract_rules.trial_entries import (
 )
 
 __all__ = ["PARTICIPANTS", "REVEAL_MISSING", "TRIALS", "TRIAL_DOMAIN", "apply", "certificate", "choose_labellers",
-           "committers", "participant_record", "threshold", "trial_hash", "trial_record"]
+           "committers", "deadlines", "participant_record", "threshold", "trial_hash", "trial_record"]
 
 NAME = "trials"
 VERSION = 1
@@ -117,6 +117,22 @@ def threshold(trial: dict[str, Any]) -> int:
 def escrow_holders(trial: dict[str, Any], party: str) -> list[str]:
     """Who holds shares of `party`'s seed, holder i at x = i + 1: every other committer, in committer order."""
     return [c for c in committers(trial) if c != party]
+
+
+def deadlines(state: State) -> list[int]:
+    """The attested times at which some trial can move on without a new entry from its parties: an unlocked
+    trial's enrolment close (the sponsor may lock) and a locked trial's reveal-window end while a seed is missing
+    (its holders recover it from escrow). The bridge attests the time once the wall clock passes one, so an idle
+    ledger does not stall a trial."""
+    times: list[int] = []
+    for trial in state.table(TRIALS).values():
+        if trial["state"] in ("void", "certified"):
+            continue
+        if trial["lock"] is None:
+            times.append(trial["enrol_closes_ms"])
+        elif set(trial["seeds"]) != set(committers(trial)):
+            times.append(trial["lock"]["reveal_ends_ms"])
+    return sorted(times)
 
 
 def trial_record(state: State, trial_id: str) -> dict[str, Any] | None:

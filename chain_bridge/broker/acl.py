@@ -260,6 +260,8 @@ def acl_text(bridge_user: str, devices: Iterable[DeviceRecord], *, registry_vers
             f"topic write {topics.miner_request(miner)}",
             f"topic write {topics.miner_cosignature(miner)}",
             f"topic write {topics.miner_evidence(miner)}",
+            "# its trial entries as a labeller (commit, reveal, recover, unblind keys); the rules decide them",
+            f"topic write {topics.miner_study(miner)}",
             "# its own retained hello (its last will empties it)",
             f"topic write {topics.miner_hello(miner)}",
             f"topic read {topics.miner_response(miner)}",
