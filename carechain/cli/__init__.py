@@ -32,6 +32,7 @@ from carechain.cli import (
     store,
     study,
     tokens,
+    trial,
 )
 from carechain.cli._options import example, out
 
@@ -41,7 +42,7 @@ SET_UP, RUN, CONTRACTS, RECORDS, STORAGE, AUDIT, TRY = ("Set up", "Run a party",
 # In the order a deployment meets them: keys, register, run the bridge, agents and miners, then the
 # contracts, storage and the proofs anyone can check; the demo last.
 ORDER = ("keys", "register", "cutover", "bridge", "agent", "miner", "party", "formulary", "rx", "policy", "token",
-         "bond", "balance", "access", "consent", "study", "store", "proof", "verify", "demo")
+         "bond", "balance", "access", "consent", "study", "trial", "store", "proof", "verify", "demo")
 
 
 class _InOrder(TyperGroup):
@@ -92,6 +93,7 @@ app.command("balance", epilog=tokens.BALANCE_EPILOG, rich_help_panel=CONTRACTS)(
 app.add_typer(access.access_app, name="access", rich_help_panel=RECORDS)
 app.add_typer(consent.consent_app, name="consent", rich_help_panel=RECORDS)
 app.add_typer(study.study_app, name="study", rich_help_panel=RECORDS)
+app.add_typer(trial.trial_app, name="trial", rich_help_panel=RECORDS)
 app.add_typer(store.store_app, name="store", rich_help_panel=STORAGE)
 app.command("proof", epilog=proofs.PROOF_EPILOG, rich_help_panel=AUDIT)(proofs.proof)
 app.command("verify", epilog=proofs.VERIFY_EPILOG, rich_help_panel=AUDIT)(proofs.verify)

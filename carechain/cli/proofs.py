@@ -23,7 +23,8 @@ PROOF_EPILOG = example("carechain proof 7xq3kd2m4n5p6r7s 0 --data-dir carechain-
 VERIFY_EPILOG = example("carechain verify p.json --log-key 3b6a…e1",
                         "carechain verify --checkpoint note.txt --log-key 3b6a…e1",
                         "carechain verify --full --data-dir carechain-data/bridge",
-                       "carechain verify study hr-2026-q4 --data-dir carechain-data/bridge --checkpoint note.txt")
+                       "carechain verify study hr-2026-q4 --data-dir carechain-data/bridge --checkpoint note.txt",
+                        "carechain verify trial hrt-1 --data-dir carechain-data/bridge --json")
 NO_LOG_KEY_WARNING = ("WARNING: no --log-key: checked only that the bundle is self-consistent, not that the log "
                       "signed it. Pass --log-key HEX, the log's public key from its operator.")
 
@@ -92,8 +93,9 @@ def _trusted_key(log_key_hex: str | None) -> bytes | None:
 
 def verify(
     bundle_file: Annotated[Path | None, typer.Argument(help="A proof bundle JSON file, or - for stdin; or the "
-                                                       "word `study` followed by a study id.")] = None,
-    study_id: Annotated[str | None, typer.Argument(help="With `verify study`: the study to check.")] = None,
+                                                       "word `study` or `trial` followed by its id.")] = None,
+    study_id: Annotated[str | None, typer.Argument(help="With `verify study` or `verify trial`: the study or "
+                                                   "trial to check.")] = None,
     checkpoint: Annotated[Path | None, typer.Option(help="Instead: check a signed checkpoint note file.")] = None,
     log_key_hex: Annotated[str | None, typer.Option("--log-key", help="Trusted log public key (hex). "
                                                     "Without it, the key in the bundle is used.")] = None,
@@ -108,13 +110,17 @@ def verify(
     """Check a proof offline, from public data alone: an inclusion proof (event → signed checkpoint),
     a consistency proof between two checkpoints, or a checkpoint signature. Exit 0 if it holds, 1 if it
     does not, 2 on a usage error. With --full, audit a whole ledger store instead (docs/proofs.md). With
-    `study ID`, check a data-market study from the ledger (--data-dir) against a checkpoint (docs/market.md)."""
+    `study ID`, check a data-market study from the ledger (--data-dir) against a checkpoint (docs/market.md);
+    with `trial ID`, a clinical trial (docs/trials.md)."""
     from pydantic import ValidationError
 
-    if study_id is not None or (str(bundle_file) == "study" and not Path("study").exists()):
-        if str(bundle_file) != "study" or study_id is None:
-            raise fail("to check a study: carechain verify study ID --data-dir DIR [--checkpoint NOTE]")
-        _verify_study(study_id, config, data_dir, checkpoint, log_key_hex, as_json)
+    word = str(bundle_file)
+    if study_id is not None or (word in ("study", "trial") and not Path(word).exists()):
+        if word not in ("study", "trial") or study_id is None:
+            what = word if word in ("study", "trial") else "study|trial"
+            raise fail(f"to check a {what.replace('|', ' or a ')}: carechain verify {what} ID --data-dir DIR "
+                       "[--checkpoint NOTE]")
+        verify_ledger_item(word, study_id, config, data_dir, checkpoint, log_key_hex, as_json)
         return
     if full:
         _verify_full(data_dir, log_key_hex, operator_keys, as_json)
@@ -254,19 +260,21 @@ def _verify_full(data_dir: Path | None, log_key_hex: str | None, operator_hex: l
               soft_wrap=True, highlight=False)
 
 
-def _verify_study(study_id: str, config: Path | None, data_dir: Path | None, checkpoint: Path | None,
-                  log_key_hex: str | None, as_json: bool) -> None:
-    """`verify study ID`: replay the ledger and re-check the study (contract_rules.study_check) against a
-    checkpoint verified with the log key: --checkpoint NOTE, or the ledger's latest one."""
+def verify_ledger_item(kind: str, item_id: str, config: Path | None, data_dir: Path | None,
+                       checkpoint: Path | None, log_key_hex: str | None, as_json: bool) -> None:
+    """`verify study ID` or `verify trial ID` (`kind`): replay the ledger and re-check the study
+    (contract_rules.study_check) or the trial (contract_rules.trial_check) against a checkpoint verified with
+    the log key: --checkpoint NOTE, or the ledger's latest one. Exit 1 when a check fails."""
     from carechain.cli._ledger import deployment_genesis
     from carechain.identity import Identity, KeyFileError
     from carechain.proofs import VerificationError, verify_checkpoint
     from chain_bridge.ledger.store import Ledger
     from chain_bridge.registry import LOG_KEY_FILE, ledger_path
     from contract_rules.study_check import verify_study
+    from contract_rules.trial_check import verify_trial
 
     if data_dir is None:
-        raise fail("verify study needs --data-dir: the bridge data directory that holds ledger.db")
+        raise fail(f"verify {kind} needs --data-dir: the bridge data directory that holds ledger.db")
     if not ledger_path(data_dir).exists():
         raise fail(f"no ledger at {ledger_path(data_dir)} (use --data-dir)")
     trusted = _trusted_key(log_key_hex)
@@ -294,7 +302,7 @@ def _verify_study(study_id: str, config: Path | None, data_dir: Path | None, che
         cp = verify_checkpoint(note, trusted) if note is not None else None
     except (VerificationError, ValueError) as exc:
         cp, problem = None, str(exc)
-    report = verify_study(leaves, genesis, study_id, cp)
+    report = (verify_trial if kind == "trial" else verify_study)(leaves, genesis, item_id, cp)
     result = report.as_dict()
     if problem is not None:
         result["ok"] = False
@@ -306,6 +314,6 @@ def _verify_study(study_id: str, config: Path | None, data_dir: Path | None, che
             mark = "[green]ok[/]  " if c["ok"] else "[bold red]FAIL[/]"
             out.print(f"{mark} {escape(c['check'])}: {escape(c['detail'])}", soft_wrap=True, highlight=False)
         verdict = "[bold green]VERIFIED[/]" if result["ok"] else "[bold red]NOT VERIFIED:[/]"
-        out.print(f"{verdict} study {escape(study_id)} ({escape(str(report.state))})", soft_wrap=True)
+        out.print(f"{verdict} {kind} {escape(item_id)} ({escape(str(report.state))})", soft_wrap=True)
     if not result["ok"]:
         raise typer.Exit(1)
