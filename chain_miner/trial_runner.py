@@ -12,7 +12,8 @@ them) reads from its own replayed contract state what the trial needs from it ne
 - **recover**: the reveal window is over and another committer has not revealed: it opens the escrow share
   sealed to it in that committer's accepted `trial.commit` and sends `trial.recover`;
 - **unblind_key**: an investigator's `trial.unblind` names a participant and this miner has not answered: it
-  sends its `party_sizes_key` of her stratum and `party_block_key` of her block, sealed to that investigator.
+  sends its `party_sizes_key` of her stratum and `party_block_key` of every block that may hold her slot
+  (`trial_entries.candidate_blocks`: one with one block size), sealed to that investigator.
 
 `due` is the decision, a pure function of the contract state (sans-IO, like `study_runner.due`). `TrialRunner`
 is the shell, fed by the miner service after every cosignature (`after_cosign`, on the service's thread: the
@@ -316,19 +317,10 @@ class TrialRunner:
         seed = self._seed(trial_id)
         if seed is None:
             return None
-        design = alloc.Design.model_validate(trial["design"])
-        if len(set(design.block_sizes)) != 1:
-            # With several block sizes the block of a position follows from every committer's sizes key: no
-            # committer can name it alone, and each answers for one block only (docs/trials.md).
-            self._count("unblind_block_unknown")
-            log.error("miner %s: cannot answer the unblinding at leaf %d of trial %s: with block sizes %s the "
-                      "participant's block is not known from this miner's keys alone", self.me, leaf, trial_id,
-                      design.block_sizes)
-            return None
-        stratum, block = unblinding["stratum"], unblinding["position"] // design.block_sizes[0]
-        keys = te.UnblindKeys(stratum=stratum, block=block,
-                              sizes_key=alloc.party_sizes_key(seed, trial_id, stratum),
-                              block_key=alloc.party_block_key(seed, trial_id, stratum, block))
+        # Its keys of every candidate block: the real one follows from every committer's sizes key together,
+        # which only the investigator holds (docs/trials.md, "Emergency unblinding").
+        keys = te.release_unblind_keys(seed, trial_id, alloc.Design.model_validate(trial["design"]),
+                                       unblinding["stratum"], int(unblinding["position"]))
         investigator = state.table("parties").get(unblinding["investigator"])
         if investigator is None:
             log.error("miner %s: the investigator %s of the unblinding at leaf %d of trial %s is not a registered "

@@ -16,7 +16,8 @@ the trial's entries themselves, not from the rules' records:
 - outcomes: every counted reading is the event anchored at the leaf it names, before the lock; outcomes refused
   because their reading came after the lock are listed as excluded;
 - concealment: no seed (revealed, or an escrow share) appeared on the log before the lock, refused entries
-  included; unblinding keys answered only logged `trial.unblind` entries, whose participants and blocks are listed;
+  included; unblinding keys answered only logged `trial.unblind` entries, whose participants are listed with every
+  slot of every candidate block (`candidate_blocks`) as possibly revealed to the investigator who asked;
 - analysis: `trial_analysis.difference_in_means` over the opened outcomes of the non-withdrawn participants by
   arm, equal to the certificate;
 - anchored: the leaves hash to the checkpoint's root and every trial leaf lies within it.
@@ -73,6 +74,7 @@ from contract_rules.trial_entries import (
     TrialUnblind,
     TrialUnblindKey,
     TrialWithdraw,
+    candidate_blocks,
     share_value,
 )
 
@@ -95,7 +97,9 @@ class TrialReport:
     state: str | None = None
     certificate: dict[str, Any] | None = None
     recomputed: dict[str, Any] | None = None  # the analysis as this verifier computed it
-    unblinded: list[dict[str, Any]] = field(default_factory=list)  # participant, stratum, block, first, size
+    # participant, investigator, stratum, position, candidate blocks, her block (once the seeds are known), and the
+    # positions [first, last] and participants whose arms the investigator may have learnt
+    unblinded: list[dict[str, Any]] = field(default_factory=list)
     excluded: list[dict[str, Any]] = field(default_factory=list)  # outcomes refused as read after the lock
 
     @property
@@ -416,19 +420,33 @@ def _concealment_findings(report: TrialReport, seen: _Seen, trial: dict[str, Any
     complete = set(seeds) == set(rules.committers(trial)) and seen.checkpoint_seed is not None
     key = alloc.allocation_key(seeds, seen.checkpoint_seed, report.trial_id) if complete and seen.checkpoint_seed \
         else None
+    design = register.design
     for index, x in sorted(unblindings.items()):
         u = parse(TrialUnblind, x.payload)
         assert u is not None
         slot = slots[u.participant]
+        blocks = candidate_blocks(design, slot.position)
         item: dict[str, Any] = {"participant": u.participant, "investigator": x.signer, "reason": u.reason,
-                                "at": index, "stratum": slot.stratum, "position": slot.position}
+                                "at": index, "stratum": slot.stratum, "position": slot.position,
+                                "blocks": [blocks.start, blocks[-1]]}
         if key is not None:
-            block = alloc.block_of(key, register.design, slot.stratum, slot.position)
-            item |= {"block": block.number, "first": block.first, "size": block.size}
+            block = alloc.block_of(key, design, slot.stratum, slot.position)
+            revealed = rules.revealed_positions(key, design, slot.stratum, item["blocks"])
+            item |= {"block": block.number, "first": block.first, "size": block.size, "revealed": revealed,
+                     "revealed_exact": True}
+        else:  # before the reveals the boundaries are unknown: every slot the candidate blocks can cover
+            revealed = [blocks.start * min(design.block_sizes), (blocks[-1] + 1) * max(design.block_sizes) - 1]
+            item |= {"revealed": revealed, "revealed_exact": False}
+        item["revealed_participants"] = sorted(s.participant for s in slots.values() if s.stratum == slot.stratum
+                                               and revealed[0] <= s.position <= revealed[1])
         report.unblinded.append(item)
-    listed = ", ".join(f"{u['participant']} (leaf {u['at']}" + (f", block {u['block']}: positions {u['first']}–"
-                                                                f"{u['first'] + u['size'] - 1}" if "block" in u else "")
-                       + ")" for u in report.unblinded)
+    listed = ", ".join(
+        f"{u['participant']} (leaf {u['at']}"
+        + (f", block {u['block']}: positions {u['first']}–{u['first'] + u['size'] - 1}" if "block" in u else "")
+        + f"; {u['investigator']} may learn the arms of {u['stratum'] or 'the'} stratum's positions "
+          f"{u['revealed'][0]}–{u['revealed'][1]}{'' if u['revealed_exact'] else ' at most'} (candidate blocks "
+          f"{u['blocks'][0]}–{u['blocks'][1]}): {', '.join(u['revealed_participants'])})"
+        for u in report.unblinded)
     report.add("concealment", not problems, "; ".join(problems) if problems else
                "no seed or escrow share on the log before the lock" +
                (f"; logged emergency unblindings: {listed}" if listed else "; no emergency unblinding"))

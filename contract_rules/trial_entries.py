@@ -6,7 +6,8 @@ there. The rules are in `contract_rules.trials`, the design in docs/trials.md.
 
 Besides the payloads this module holds the three things a client and the rules must compute identically:
 the participant's consent message (`consent_message`), an escrow share as bytes (`share_bytes`), and what a
-committer seals to an investigator after an emergency unblinding (`UnblindKeys`).
+committer seals to an investigator after an emergency unblinding (`UnblindKeys`, `candidate_blocks`,
+`release_unblind_keys`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from carechain import cbor
 from carechain.access import _open_sealed_box, _seal_to_ed25519
 from carechain.entries import Entry
 from carechain.identity import Identity, verify_signature
-from carechain.trial_allocation import FIELD_PRIME, SEED_BYTES, Design
+from carechain.trial_allocation import FIELD_PRIME, SEED_BYTES, Design, party_block_key, party_sizes_key
 from contract_rules.transactions import (
     MAX_SEED_CHECKPOINT,
     TRIAL_CERTIFY,
@@ -42,11 +43,12 @@ from contract_rules.transactions import (
     signed,
 )
 
-__all__ = ["CONSENT_DOMAIN", "KIT_SYSTEM", "SHARE_BYTES", "TrialAnalysis", "TrialCertify", "TrialCommit",
-           "TrialDispense", "TrialEnroll", "TrialLock", "TrialOutcome", "TrialOutcomeSpec", "TrialRecover",
-           "TrialRegister", "TrialResult", "TrialReveal", "TrialUnblind", "TrialUnblindKey", "TrialWithdraw",
-           "UnblindKeys", "consent_holds", "consent_message", "open_share", "open_unblind_keys", "seal_share",
-           "seal_unblind_keys", "share_bytes", "share_value", "sign_consent", "trial_entry"]
+__all__ = ["CONSENT_DOMAIN", "KIT_SYSTEM", "MAX_UNBLIND_BLOCKS", "SHARE_BYTES", "TrialAnalysis", "TrialCertify",
+           "TrialCommit", "TrialDispense", "TrialEnroll", "TrialLock", "TrialOutcome", "TrialOutcomeSpec",
+           "TrialRecover", "TrialRegister", "TrialResult", "TrialReveal", "TrialUnblind", "TrialUnblindKey",
+           "TrialWithdraw", "UnblindKeys", "candidate_blocks", "consent_holds", "consent_message", "open_share",
+           "open_unblind_keys", "release_unblind_keys", "seal_share", "seal_unblind_keys", "share_bytes",
+           "share_value", "sign_consent", "trial_entry"]
 
 CONSENT_DOMAIN = b"carechain/trial/consent/v1\x00"
 # A kit is sold as item "trialkit:<label>": code_system "trialkit", item_code the public kit label.
@@ -57,7 +59,12 @@ MAX_PARTICIPANTS = 100_000
 MAX_INVESTIGATORS = 64
 MAX_REVEAL_WINDOW_MS = 90 * 86_400_000
 MAX_SEALED_SHARE = 256  # a sealed box (48 bytes of overhead) around 66 bytes
-MAX_SEALED_UNBLIND = 256  # a sealed box around CBOR of two 32-byte keys
+# An emergency unblinding releases one key per candidate block (`candidate_blocks`); a registration whose design
+# could need more for its last slot is refused, so every answer fits an entry.
+MAX_UNBLIND_BLOCKS = 256
+# A sealed box (48 bytes of overhead) around CBOR of a stratum key (≤ 263 characters), a block number, the sizes
+# key and up to MAX_UNBLIND_BLOCKS block keys (34 bytes each in CBOR).
+MAX_SEALED_UNBLIND = 512 + 34 * MAX_UNBLIND_BLOCKS
 # ≤ 20 characters: a kit label "<trial>-<stratum index>-<position>" then fits a purchase's 32-character item code.
 TrialId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,20}$")]
 Measure = Annotated[str, Field(pattern=r"^[a-z0-9_]{1,64}$")]
@@ -290,14 +297,48 @@ def open_share(holder: Identity, sealed: bytes) -> int:
     return share_value(opened)
 
 
+def candidate_blocks(design: Design, position: int) -> range:
+    """The blocks that may hold a stratum's `position`-th slot, as any one committer can name them alone.
+
+    Block j starts at or after j · min(block_sizes) and ends before (j + 1) · max(block_sizes), so the slot lies
+    in a block from position // max to position // min. Which one follows from every committer's sizes key
+    together, which no committer holds alone. With one block size the range is exactly one block.
+    """
+    if isinstance(position, bool) or not isinstance(position, int) or position < 0:
+        raise ValueError(f"a stratum position is a non-negative integer, got {position!r}")
+    return range(position // max(design.block_sizes), position // min(design.block_sizes) + 1)
+
+
 class UnblindKeys(_Payload):
     """What a committer releases for one emergency unblinding: its `party_sizes_key` of the participant's stratum
-    and its `party_block_key` of her block (`carechain.trial_allocation`)."""
+    and its `party_block_key` of every candidate block (`candidate_blocks`), `first_block` onwards. The
+    investigator combines every committer's sizes keys to find her real block, then that block's keys."""
 
     stratum: str
-    block: int = Field(ge=0)
+    first_block: int = Field(ge=0)
     sizes_key: bytes = Field(min_length=32, max_length=32)
-    block_key: bytes = Field(min_length=32, max_length=32)
+    block_keys: list[Annotated[bytes, Field(min_length=32, max_length=32)]] = Field(
+        min_length=1, max_length=MAX_UNBLIND_BLOCKS)
+
+    def blocks(self) -> range:
+        return range(self.first_block, self.first_block + len(self.block_keys))
+
+    def block_key(self, block: int) -> bytes:
+        """This committer's key of `block`; ValueError when the block is not among those it released."""
+        if block not in self.blocks():
+            raise ValueError(f"block {block} is not among the released blocks {self.first_block}–"
+                             f"{self.blocks()[-1]}")
+        return self.block_keys[block - self.first_block]
+
+
+def release_unblind_keys(seed: bytes, trial_id: str, design: Design, stratum: str, position: int) -> UnblindKeys:
+    """A committer's keys for the emergency unblinding of `stratum`'s `position`-th slot: from its seed, its
+    sizes key of the stratum and its block key of every candidate block; nothing else of its seed."""
+    blocks = candidate_blocks(design, position)
+    if len(blocks) > MAX_UNBLIND_BLOCKS:
+        raise ValueError(f"position {position} has {len(blocks)} candidate blocks, more than {MAX_UNBLIND_BLOCKS}")
+    return UnblindKeys(stratum=stratum, first_block=blocks.start, sizes_key=party_sizes_key(seed, trial_id, stratum),
+                       block_keys=[party_block_key(seed, trial_id, stratum, j) for j in blocks])
 
 
 def seal_unblind_keys(investigator_pk: bytes, keys: UnblindKeys) -> bytes:

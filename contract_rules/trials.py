@@ -12,10 +12,12 @@ commits before seeing the allocation and cannot change its seed afterwards (`che
 `trial.enroll` gives a consenting participant the next slot of her stratum and its public kit label;
 `trial.dispense` is a bonded pharmacy's terminal-signed sale of that kit; `trial.withdraw` takes her out of the
 analysis (complete case) before the lock. An emergency `trial.unblind` by an investigator is public, and each
-committer answers with its keys of her block only (`trial.unblind_key`). After the sponsor's `trial.lock` (on
-attested time after enrolment closed) every committer reveals within `reveal_window_ms`; a committer that does not
-is recovered from `threshold` escrow shares (`trial.recover`) and its fault recorded in the trial's "faults"
-("trial_reveal_missing"); a recovered seed that fails its commitment voids the trial. Each participant discloses her
+committer answers with its keys of her candidate blocks only (`trial.unblind_key`: one block when the design has
+one block size, else every block from position // max to position // min of the sizes; the record names them).
+After the sponsor's `trial.lock` (on attested time after enrolment closed) every committer reveals within
+`reveal_window_ms`; a committer that does not is recovered from `threshold` escrow shares (`trial.recover`) and its
+fault recorded in the trial's "faults" ("trial_reveal_missing"); a recovered seed that fails its commitment voids
+the trial. Each participant discloses her
 sealed `trial_measure` reading anchored before the lock (`trial.outcome`); `trial.certify` is accepted only with the
 result and allocation summary the rules recompute (`trial_allocation`, `trial_analysis`).
 """
@@ -55,6 +57,7 @@ from contract_rules.transactions import (
 from contract_rules.trial_analysis import difference_in_means
 from contract_rules.trial_entries import (
     KIT_SYSTEM,
+    MAX_UNBLIND_BLOCKS,
     TrialCertify,
     TrialCommit,
     TrialDispense,
@@ -67,12 +70,14 @@ from contract_rules.trial_entries import (
     TrialUnblind,
     TrialUnblindKey,
     TrialWithdraw,
+    candidate_blocks,
     consent_holds,
     share_value,
 )
 
 __all__ = ["PARTICIPANTS", "REVEAL_MISSING", "TRIALS", "TRIAL_DOMAIN", "apply", "certificate", "choose_labellers",
-           "committers", "deadlines", "participant_record", "threshold", "trial_hash", "trial_record"]
+           "committers", "deadlines", "participant_record", "revealed_positions", "threshold", "trial_hash",
+           "trial_record"]
 
 NAME = "trials"
 VERSION = 1
@@ -178,8 +183,25 @@ def recompute(state: State, trial: dict[str, Any]) -> tuple[dict[str, Any], dict
     for u in trial["unblindings"].values():
         block = alloc.block_of(key, design, u["stratum"], u["position"])
         unblinded.append({"participant": u["participant"], "stratum": u["stratum"], "block": block.number,
-                          "first": block.first, "size": block.size})
+                          "first": block.first, "size": block.size, "blocks": u["blocks"],
+                          "revealed": revealed_positions(key, design, u["stratum"], u["blocks"])})
     return result.as_dict(), summary, unblinded
+
+
+def revealed_positions(key: alloc.AllocationKey, design: alloc.Design, stratum: str, blocks: list[int]) -> list[int]:
+    """[first, last]: the stratum positions of every slot of the candidate blocks `blocks` ([first, last] block
+    numbers) of an unblinding, all of which the investigator may learn (consecutive blocks: one range)."""
+    position = 0
+    first = last = None
+    while last is None:
+        block = alloc.block_of(key, design, stratum, position)
+        if block.number == blocks[0]:
+            first = block.first
+        if block.number == blocks[1]:
+            last = block.first + block.size - 1
+        position = block.first + block.size
+    assert first is not None
+    return [first, last]
 
 
 def _entry(state: State, tx: Tx, model: type[P]) -> tuple[P, dict[str, Any]] | Reject:
@@ -203,6 +225,9 @@ def _register(state: State, tx: Tx) -> Outcome:
         return Reject("duplicate_trial")
     if len(r.design.arms) != 2:
         return Reject("analysis_needs_two_arms")  # arms[0] treatment, arms[1] control
+    if len(candidate_blocks(r.design, r.max_participants - 1)) > MAX_UNBLIND_BLOCKS:
+        # An emergency unblinding of the last slot would need more block keys than an answer carries.
+        return Reject("unblinding_too_wide")
     o = r.outcome
     if o.kind not in SEALED_KINDS or o.kind == "trial_measure":
         return Reject("bad_outcome_kind")
@@ -368,8 +393,11 @@ def _unblind(state: State, tx: Tx) -> Outcome:
         return Reject("trial_locked")
     if any(x["participant"] == u.participant for x in trial["unblindings"].values()):
         return Reject("already_unblinded")
+    design = alloc.Design.model_validate(trial["design"])
+    blocks = candidate_blocks(design, p["position"])  # whose keys every committer releases to the investigator
     unblinding = {"participant": u.participant, "stratum": p["stratum"], "position": p["position"],
-                  "investigator": tx.signer, "reason": u.reason, "at": tx.index, "keys": {}}
+                  "blocks": [blocks.start, blocks[-1]], "investigator": tx.signer, "reason": u.reason,
+                  "at": tx.index, "keys": {}}
     updated = {**trial, "unblindings": {**trial["unblindings"], str(tx.index): unblinding}}
     return Accept((Put(TRIALS, u.trial_id, updated),))
 

@@ -9,12 +9,13 @@ other function takes the ledger's records or leaves and returns a signed `Entry`
 
 - sponsor: `load_protocol` (a TOML or JSON protocol file: design, outcome, analysis, investigators, labellers...),
   `build_register` (protocol document → `protocol_hash`), `build_commit` (escrow shares of its seed sealed to
-  the other committers), `build_lock`, `build_reveal`; as a committer also `answer_unblinding`;
+  the other committers), `build_lock`, `build_reveal`; as a committer also `answer_unblinding` and, for a
+  committer that did not reveal, `build_recover` (its escrow share sealed to the sponsor, from `commit_payload`);
 - participant: `sign_consent_file` (her consent signature, in a file an investigator passes on), `find_reading`
   (her sealed `trial_measure` reading anchored before the lock, opened with her own re-encryption key, as
   `record_access.contributing` opens her readings), `build_outcome`;
 - investigator: `build_enroll` (with her consent file), `build_withdraw`, `build_unblind`, `open_unblinding`
-  (the committers' sealed keys of her block → her arm);
+  (the committers' sealed keys of her candidate blocks → her real block → her arm);
 - pharmacy: `build_dispense` (its terminal signs the kit's purchase event, the pharmacy wraps it);
 - anyone: `build_certificate` (`trials.recompute` on a replay).
 """
@@ -43,11 +44,11 @@ from contract_rules import trial_entries as te
 from contract_rules import trials as rules
 from contract_rules.runtime import State
 
-__all__ = ["ConsentFile", "Reading", "TrialClientError", "answer_unblinding", "block_number", "build_certificate",
-           "build_commit", "build_dispense", "build_enroll", "build_lock", "build_outcome", "build_register",
-           "build_reveal", "build_unblind", "build_withdraw", "committer_keys", "draw_seed", "find_reading",
-           "load_protocol", "load_seed", "open_unblinding", "protocol_hash", "read_consent_file", "save_seed",
-           "sign_consent_file", "trial_of", "unblind_answers"]
+__all__ = ["ConsentFile", "Reading", "TrialClientError", "answer_unblinding", "build_certificate", "build_commit",
+           "build_dispense", "build_enroll", "build_lock", "build_outcome", "build_recover", "build_register",
+           "build_reveal", "build_unblind", "build_withdraw", "commit_payload", "committer_keys", "draw_seed",
+           "find_reading", "load_protocol", "load_seed", "open_unblinding", "protocol_hash", "read_consent_file",
+           "save_seed", "sign_consent_file", "trial_of", "unblind_answers"]
 
 
 class TrialClientError(ValueError):
@@ -189,30 +190,63 @@ def build_reveal(committer: Identity, trial_id: str, seed: bytes, ts: int) -> En
 
 def answer_unblinding(committer: Identity, trial: Mapping[str, Any], unblinding: int, seed: bytes,
                       investigator_pk: bytes, ts: int) -> Entry:
-    """A committer's `trial.unblind_key` for the logged unblinding at leaf `unblinding`: its keys of her block
-    and of her stratum's block sizes, sealed to the investigator who asked; nothing else of its seed."""
+    """A committer's `trial.unblind_key` for the logged unblinding at leaf `unblinding`: its key of her stratum's
+    block sizes and its keys of every block that may hold her slot (the record's `blocks`), sealed to the
+    investigator who asked; nothing else of its seed."""
     u = trial["unblindings"].get(str(unblinding))
     if u is None:
         raise TrialClientError(f"no emergency unblinding at leaf {unblinding} in trial {trial['trial_id']}")
-    trial_id, stratum = trial["trial_id"], u["stratum"]
-    block = block_number(trial, int(u["position"]))
-    keys = te.UnblindKeys(stratum=stratum, block=block, sizes_key=alloc.party_sizes_key(seed, trial_id, stratum),
-                          block_key=alloc.party_block_key(seed, trial_id, stratum, block))
-    payload = te.TrialUnblindKey(trial_id=trial_id, unblinding=unblinding,
+    keys = te.release_unblind_keys(seed, trial["trial_id"], alloc.Design.model_validate(trial["design"]),
+                                   u["stratum"], int(u["position"]))
+    payload = te.TrialUnblindKey(trial_id=trial["trial_id"], unblinding=unblinding,
                                  sealed=te.seal_unblind_keys(investigator_pk, keys), ts=ts)
     return te.trial_entry(committer, payload)
 
 
-def block_number(trial: Mapping[str, Any], position: int) -> int:
-    """The block that holds a stratum's `position`-th slot, as one committer can know it alone: with a single
-    registered block size it is position // size. With several sizes the boundaries follow from every
-    committer's sizes key together, which no committer holds alone: TrialClientError."""
-    sizes = alloc.Design.model_validate(trial["design"]).block_sizes
-    if len(set(sizes)) != 1:
-        raise TrialClientError(f"trial {trial['trial_id']} draws its blocks from sizes {sizes}: which block holds a "
-                               "slot needs every committer's sizes key, so one committer cannot answer an "
-                               "emergency unblinding alone (register one block size to allow it)")
-    return position // sizes[0]
+def commit_payload(leaves: Iterable[tuple[int, bytes]], trial: Mapping[str, Any], party: str) -> te.TrialCommit:
+    """`party`'s accepted `trial.commit` of the trial: the entry at the leaf its commitment record names."""
+    record = trial["commitments"].get(party)
+    if record is None:
+        raise TrialClientError(f"{party} never committed to trial {trial['trial_id']}: it has no escrow to open")
+    for index, leaf in leaves:
+        if index != record["at"]:
+            continue
+        entry = Entry.decode(leaf)
+        msg = envelope.parse(entry.cose)
+        if entry.type != "trial.commit" or msg.kid != party:
+            break
+        return te.TrialCommit.model_validate(msg.payload)
+    raise TrialClientError(f"leaf {record['at']} of this ledger is not {party}'s trial.commit of trial "
+                           f"{trial['trial_id']}: is the ledger complete?")
+
+
+def build_recover(holder: Identity, trial: Mapping[str, Any], party: str, commit: te.TrialCommit, ts: int) -> Entry:
+    """A committer's `trial.recover` of `party`'s seed (a committer that did not reveal within the window): the
+    escrow share sealed to `holder` in `party`'s accepted commit (`commit_payload`), opened with its key. Once a
+    majority of the committers gave theirs, the rules recover the seed and check it against the commitment."""
+    record = dict(trial)
+    trial_id = trial["trial_id"]
+    if party not in rules.committers(record):
+        raise TrialClientError(f"{party} is not a committer of trial {trial_id} (the sponsor and the labellers "
+                               f"{trial['labellers']})")
+    if party in trial["seeds"]:
+        raise TrialClientError(f"the seed of {party} is already {trial['seeds'][party]['how']} in trial {trial_id}: "
+                               "nothing to recover")
+    holders = rules.escrow_holders(record, party)
+    if holder.device_id not in holders:
+        raise TrialClientError(f"{holder.device_id} holds no escrow share of {party}'s seed (holders: "
+                               f"{', '.join(holders)})")
+    sealed = commit.escrow.get(holder.device_id)
+    if commit.trial_id != trial_id or sealed is None:
+        raise TrialClientError(f"the commit given is not {party}'s commitment to trial {trial_id} with a share "
+                               f"for {holder.device_id}")
+    try:
+        y = te.open_share(holder, sealed)
+    except ValueError as exc:
+        raise TrialClientError(str(exc)) from None
+    payload = te.TrialRecover(trial_id=trial_id, party=party, x=holders.index(holder.device_id) + 1,
+                              y=te.share_bytes(y), ts=ts)
+    return te.trial_entry(holder, payload)
 
 
 # -- the participant and the investigator -------------------------------------------------------------
@@ -309,20 +343,29 @@ def open_unblinding(investigator: Identity, trial: Mapping[str, Any], unblinding
         opened = {p: te.open_unblind_keys(investigator, s) for p, s in answers.items()}
     except ValueError as exc:
         raise TrialClientError(str(exc)) from None
-    blocks = {k.block for k in opened.values()}
-    if len(blocks) != 1 or any(k.stratum != u["stratum"] for k in opened.values()):
-        raise TrialClientError(f"the committers released keys of different blocks {sorted(blocks)}")
-    block = blocks.pop()
-    key = alloc.released_key(trial["trial_id"], bytes.fromhex(trial["checkpoint_seed"]), u["stratum"], block,
-                             {p: k.sizes_key for p, k in opened.items()}, {p: k.block_key for p, k in opened.items()})
     design = alloc.Design.model_validate(trial["design"])
+    stratum, position = u["stratum"], int(u["position"])
+    candidates = te.candidate_blocks(design, position)
+    wrong = sorted(p for p, k in opened.items() if k.stratum != stratum or k.blocks() != candidates)
+    if wrong:
+        raise TrialClientError(f"committers {wrong} released keys of other blocks than the candidates "
+                               f"{candidates.start}–{candidates[-1]} of stratum {stratum!r}")
+    trial_id, checkpoint_seed = trial["trial_id"], bytes.fromhex(trial["checkpoint_seed"])
+    sizes = {p: k.sizes_key for p, k in opened.items()}
+
+    def key_of(block: int) -> alloc.AllocationKey:
+        return alloc.released_key(trial_id, checkpoint_seed, stratum, block, sizes,
+                                  {p: k.block_key(block) for p, k in opened.items()})
+
     try:
-        arm = alloc.arm_of(key, design, u["stratum"], int(u["position"]))
-        found = alloc.block_of(key, design, u["stratum"], int(u["position"]))
+        # Every committer's sizes key together gives the block boundaries, hence her real block ...
+        found = alloc.block_of(key_of(candidates.start), design, stratum, position)
+        # ... and that block's keys her arm.
+        arm = alloc.arm_of(key_of(found.number), design, stratum, position)
     except ValueError as exc:
         raise TrialClientError(f"the released keys do not open her slot: {exc}") from None
-    return {"participant": u["participant"], "arm": arm, "stratum": u["stratum"], "block": found.number,
-            "first": found.first, "size": found.size}
+    return {"participant": u["participant"], "arm": arm, "stratum": stratum, "block": found.number,
+            "first": found.first, "size": found.size, "candidate_blocks": [candidates.start, candidates[-1]]}
 
 
 # -- the pharmacy -------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ investigators = ["{investigator}"]
 [design]
 arms = ["treatment", "placebo"]
 ratio = [1, 1]
-block_sizes = [4]
+block_sizes = [2, 4]
 strata = {{ sex = ["f", "m"] }}
 
 [outcome]
@@ -245,17 +245,22 @@ def test_a_trial_from_registration_to_certificate_through_the_cli_verifies(deplo
 
     # An emergency unblinding: logged; every committer answers with its keys of her block; the investigator
     # opens her arm, and only hers.
-    unblinded = d.cli("trial", "unblind", TRIAL, d.ids["p3"], "--key", d.key("investigator"), "--reason",
+    # An emergency unblinding: logged; every committer answers with its keys of every block that may hold her
+    # slot (blocks of 2 or 4: her position 3 lies in block 0 or 1); the investigator finds her block and her arm.
+    unblinded = d.cli("trial", "unblind", TRIAL, d.ids["p6"], "--key", d.key("investigator"), "--reason",
                       "adverse_event")
-    waiting = run("trial", "unblind", TRIAL, d.ids["p3"], "--key", d.key("investigator"), "--open", *d.opts)
+    assert d.trial()["unblindings"][str(unblinded["unblinding"])]["blocks"] == [0, 1]
+    waiting = run("trial", "unblind", TRIAL, d.ids["p6"], "--key", d.key("investigator"), "--open", *d.opts)
     assert waiting.exit_code == 1 and "have not answered" in text(waiting)
     d.cli("trial", "answer", TRIAL, str(unblinded["unblinding"]), "--key", d.key("sponsor"))
     trial = d.trial()
     investigator_pk = Identity.load(d.key("investigator")).public_key
     d.submit([client.answer_unblinding(m, trial, unblinded["unblinding"], seeds[m.device_id], investigator_pk,
                                        int(time.time() * 1000)) for m in d.labellers()])
-    opened = d.cli("trial", "unblind", TRIAL, d.ids["p3"], "--key", d.key("investigator"), "--open")
-    assert opened["arm"] == arms["p3"] and opened["size"] == 4
+    opened = d.cli("trial", "unblind", TRIAL, d.ids["p6"], "--key", d.key("investigator"), "--open")
+    real = alloc.block_of(key, design, "sex=f", 3)
+    assert opened["arm"] == arms["p6"] and opened["candidate_blocks"] == [0, 1]
+    assert (opened["block"], opened["first"], opened["size"]) == (real.number, real.first, real.size)
 
     withdrawn = d.cli("trial", "withdraw", TRIAL, d.ids["p7"], "--key", d.key("p7"), "--reason", "moved_away")
     assert withdrawn["reason"] == "moved_away"
@@ -266,6 +271,12 @@ def test_a_trial_from_registration_to_certificate_through_the_cli_verifies(deplo
     d.cli("trial", "lock", TRIAL, "--key", d.key("sponsor"))
     revealed = d.cli("trial", "reveal", TRIAL, "--key", d.key("sponsor"))
     assert revealed["seeds"] == "1 of 4"
+    # A labeller's seed is recovered from escrow only once the reveal window closed without its reveal.
+    silent = d.labellers()[0].device_id
+    early_share = run("trial", "recover", TRIAL, silent, "--key", d.key("sponsor"), *d.opts)
+    assert early_share.exit_code == 1 and "reveal_window_open" in text(early_share)
+    own = run("trial", "recover", TRIAL, d.ids["sponsor"], "--key", d.key("sponsor"), *d.opts)
+    assert own.exit_code == 1 and "already revealed" in text(own)
     d.submit([client.build_reveal(m, TRIAL, seeds[m.device_id], int(time.time() * 1000)) for m in d.labellers()])
 
     not_yet = run("trial", "certify", TRIAL, "--key", d.key("anyone"), *d.opts)
@@ -281,12 +292,15 @@ def test_a_trial_from_registration_to_certificate_through_the_cli_verifies(deplo
     assert certified["n_treatment"] == len(treated) and certified["n_control"] == 7 - len(treated)
     status = d.cli("trial", "status", TRIAL)
     assert status["state"] == "certified" and status["enrolled"] == 8 and status["withdrawn"] == 1
-    assert status["unblinded"] == [d.ids["p3"]] and status["certificate"] == certified
+    assert status["unblinded"] == [d.ids["p6"]] and status["certificate"] == certified
 
     d.log_checkpoint()  # what the bridge signs each second the log grew: verify checks the trial under it
     verified = d.cli("trial", "verify", TRIAL)
     assert verified["ok"], verified["checks"]
-    assert [u["participant"] for u in verified["unblinded"]] == [d.ids["p3"]]
+    [listed] = verified["unblinded"]
+    assert listed["participant"] == d.ids["p6"] and listed["blocks"] == [0, 1] and listed["revealed_exact"]
+    assert listed["revealed"] == [0, real.first + real.size - 1 if real.number == 1 else
+                                  real.size + alloc.block_of(key, design, "sex=f", real.size).size - 1]
     assert out_json(run("verify", "trial", TRIAL, *d.opts, "--json"))["checks"] == verified["checks"]
     plain = run("verify", "trial", TRIAL, *d.opts)
     assert plain.exit_code == 0 and f"VERIFIED trial {TRIAL}" in text(plain)
@@ -309,7 +323,7 @@ def test_trial_commands_fail_clearly_on_bad_input(deployment: Deployment) -> Non
     nothing = run("verify", "trial", *d.opts)
     assert nothing.exit_code == 2 and "carechain verify trial ID" in text(nothing)
     for command in ("register", "commit", "consent", "enroll", "dispense", "withdraw", "unblind", "answer", "lock",
-                    "reveal", "outcome", "certify", "status", "verify"):
+                    "reveal", "recover", "outcome", "certify", "status", "verify"):
         helped = run("trial", command, "--help", columns=200)
         assert helped.exit_code == 0 and "carechain trial" in text(helped), command
 
@@ -327,11 +341,3 @@ def test_a_kept_seed_is_never_replaced_and_reads_as_the_miners_keep_theirs(tmp_p
     miner_file = tmp_path / "miner.seed"  # chain_miner.trial_runner's format
     miner_file.write_text(json.dumps({"v": 1, "trial_id": "hrt-1", "party": "m", "seed": seed.hex()}))
     assert client.load_seed(miner_file, "hrt-1") == seed
-
-
-def test_one_committer_cannot_name_the_block_when_the_design_has_several_block_sizes() -> None:
-    trial = {"trial_id": "hrt-1", "design": {"arms": ["t", "p"], "ratio": [1, 1], "block_sizes": [2, 4],
-                                             "strata": {}}}
-    with pytest.raises(client.TrialClientError, match="needs every committer's sizes key"):
-        client.block_number(trial, 5)
-    assert client.block_number({**trial, "design": {**trial["design"], "block_sizes": [4]}}, 5) == 1

@@ -22,13 +22,12 @@ from carechain.trial_allocation import (
     allocation_key,
     arm_of,
     block_of,
-    party_block_key,
-    party_sizes_key,
     released_key,
 )
 from contract_rules import Genesis, Runtime
 from contract_rules import trial_entries as te
 from contract_rules import trials as rules
+from record_access import trials as client
 
 DAY = 86_400_000
 
@@ -57,6 +56,9 @@ def test_registration_draws_labellers_from_the_final_checkpoint_and_records_its_
     # Valid for allocation, but the pre-registered analysis compares a treatment and a control arm.
     ({"design": Design(arms=["a", "b", "c"], ratio=[1, 1, 2], block_sizes=[4], strata={})},
      "analysis_needs_two_arms"),
+    # An unblinding of slot 1999 would have 1999 // 2 - 1999 // 256 + 1 = 993 candidate blocks: no answer holds them.
+    ({"design": Design(arms=["t", "p"], ratio=[1, 1], block_sizes=[2, 256], strata={}), "max_participants": 2000},
+     "unblinding_too_wide"),
 ])
 def test_a_registration_the_rules_cannot_stand_behind_is_refused(world: TrialWorld, change: dict[str, Any],
                                                                  reason: str) -> None:
@@ -274,37 +276,59 @@ def test_emergency_unblinding_is_logged_and_releases_one_block_only(world: Trial
     record = world.trial()["unblindings"][str(unblinding)]
     assert record["participant"] == patient.device_id and record["investigator"] == investigator.device_id
     stratum, position = record["stratum"], record["position"]
-    # Each committer releases its keys of her block, sealed to the investigator: the block follows from the
-    # released sizes keys.
-    checkpoint_seed = bytes.fromhex(world.trial()["checkpoint_seed"])
-    sizes = {pid: party_sizes_key(s, TRIAL, stratum) for pid, s in world.seeds.items()}
-    block = released_key(TRIAL, checkpoint_seed, stratum, 0, sizes, sizes)
-    number = block_of(block, DESIGN, stratum, position).number
+    number = position // 4
+    assert record["blocks"] == [number, number]  # one block size: her block, named by the rules
+    # Each committer releases its keys of her block, sealed to the investigator (record_access.trials).
     for c in world.committers():
-        keys = te.UnblindKeys(stratum=stratum, block=number, sizes_key=sizes[c.device_id],
-                              block_key=party_block_key(world.seeds[c.device_id], TRIAL, stratum, number))
-        k = te.TrialUnblindKey(trial_id=TRIAL, unblinding=unblinding,
-                               sealed=te.seal_unblind_keys(investigator.public_key, keys), ts=T0 + 3 * DAY)
-        assert world.send(c, k) == "ok"
-        assert world.send(c, k) == "already_answered"
+        k = client.answer_unblinding(c, world.trial(), unblinding, world.seeds[c.device_id],
+                                     investigator.public_key, T0 + 3 * DAY)
+        assert world.add(k) == "ok"
+        assert world.add(k) == "already_answered"
     bogus = te.TrialUnblindKey(trial_id=TRIAL, unblinding=unblinding - 1, sealed=b"\x01" * 60, ts=T0)
     assert world.send(world.sponsor, bogus) == "unknown_unblinding"
     # The investigator opens every committer's answer and learns her arm: the one the full allocation gives.
-    opened: dict[str, te.UnblindKeys] = {}
-    for entry in world.entries:
-        if entry.type == "trial.unblind_key" and envelope.parse(entry.cose).payload["unblinding"] == unblinding:
-            msg = envelope.parse(entry.cose)
-            opened.setdefault(msg.kid, te.open_unblind_keys(investigator, msg.payload["sealed"]))
-    key = released_key(TRIAL, checkpoint_seed, stratum, number, {p: k.sizes_key for p, k in opened.items()},
-                       {p: k.block_key for p, k in opened.items()})
+    answers = client.unblind_answers(enumerate(e.encode() for e in world.entries), TRIAL, unblinding)
+    opened = client.open_unblinding(investigator, world.trial(), unblinding, answers)
+    checkpoint_seed = bytes.fromhex(world.trial()["checkpoint_seed"])
     full = allocation_key(world.seeds, checkpoint_seed, TRIAL)
-    assert arm_of(key, DESIGN, stratum, position) == arm_of(full, DESIGN, stratum, position)
+    assert opened["arm"] == arm_of(full, DESIGN, stratum, position) and opened["block"] == number
+    keys = {p: te.open_unblind_keys(investigator, sealed) for p, sealed in answers.items()}
+    key = released_key(TRIAL, checkpoint_seed, stratum, number, {p: k.sizes_key for p, k in keys.items()},
+                       {p: k.block_key(number) for p, k in keys.items()})
+    assert arm_of(key, DESIGN, stratum, position) == opened["arm"]
     with pytest.raises(ValueError, match="was not released"):
         arm_of(key, DESIGN, stratum, position + 4)  # the next block (blocks of 4) stays concealed
     first_answer = next(envelope.parse(e.cose).payload["sealed"] for e in world.entries
                         if e.type == "trial.unblind_key")
     with pytest.raises(ValueError, match="do not open"):
         te.open_unblind_keys(world.investigators[0], first_answer)  # sealed to the other investigator
+
+
+def test_with_two_block_sizes_the_unblinding_names_every_candidate_block_and_opens_the_real_one() -> None:
+    world = TrialWorld()
+    design = Design(arms=["treatment", "placebo"], ratio=[1, 1], block_sizes=[4, 6], strata={"sex": ["f", "m"]})
+    assert world.register(design=design) == "ok"
+    world.commit_all()
+    for i, p in enumerate(world.patients):
+        assert world.enroll(p, "f" if i % 2 else "m") == "ok"
+    investigator = world.investigators[0]
+    full = allocation_key(world.seeds, bytes.fromhex(world.trial()["checkpoint_seed"]), TRIAL)
+    for patient, expected in ((world.patients[14], [1, 1]), (world.patients[9], [0, 1]),  # positions 7 and 4
+                              (world.patients[0], [0, 0])):
+        u = te.TrialUnblind(trial_id=TRIAL, participant=patient.device_id, reason="adverse_event", ts=T0 + DAY)
+        assert world.send(investigator, u) == "ok"
+        leaf = world.last_index
+        record = world.trial()["unblindings"][str(leaf)]
+        assert record["blocks"] == expected, record
+        for c in world.committers():
+            assert world.add(client.answer_unblinding(c, world.trial(), leaf, world.seeds[c.device_id],
+                                                      investigator.public_key, T0 + DAY)) == "ok"
+        answers = client.unblind_answers(enumerate(e.encode() for e in world.entries), TRIAL, leaf)
+        opened = client.open_unblinding(investigator, world.trial(), leaf, answers)
+        real = block_of(full, design, record["stratum"], record["position"])
+        assert opened["arm"] == arm_of(full, design, record["stratum"], record["position"])
+        assert (opened["block"], opened["first"], opened["size"]) == (real.number, real.first, real.size)
+        assert expected[0] <= real.number <= expected[1]
 
 
 # -- missing reveals: recovery from escrow, or the void ------------------------------------------------
@@ -374,3 +398,19 @@ def test_a_genesis_without_the_trials_contract_refuses_trial_entries() -> None:
     assert replayed == ["ok"] * len(replayed)  # every entry before trials replays as it did
     old.entries = list(world.entries)
     assert old.register() == "contract_not_in_genesis"
+
+
+def test_the_candidate_blocks_of_a_slot_are_exactly_one_with_one_block_size() -> None:
+    one = Design(arms=["t", "p"], ratio=[1, 1], block_sizes=[4], strata={})
+    two = Design(arms=["t", "p"], ratio=[1, 1], block_sizes=[4, 6], strata={})
+    assert [te.candidate_blocks(one, p) for p in (0, 3, 4, 99)] == [range(0, 1), range(0, 1), range(1, 2),
+                                                                    range(24, 25)]
+    assert [te.candidate_blocks(two, p) for p in (0, 4, 7, 99)] == [range(0, 1), range(0, 2), range(1, 2),
+                                                                    range(16, 25)]
+    # Whatever the seeds, the block that holds a slot is among its candidates.
+    for label in range(20):
+        key = allocation_key({"s": seed_of("s", str(label))}, seed_of("checkpoint", str(label)), TRIAL)
+        for position in range(0, 60, 7):
+            assert block_of(key, two, "", position).number in te.candidate_blocks(two, position)
+    with pytest.raises(ValueError, match="non-negative integer"):
+        te.candidate_blocks(one, -1)

@@ -11,15 +11,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from trial_world import LOCK_AT, REVEAL_WINDOW, TRIAL, TrialWorld, seed_of
+from trial_world import DESIGN, LOCK_AT, REVEAL_WINDOW, TRIAL, TrialWorld, seed_of
 
 from carechain import merkle
 from carechain.checkpoint import Checkpoint
+from carechain.identity import Identity
+from carechain.trial_allocation import Design, allocation_key, block_of
 from contract_rules import builtin_hashes, load_rule_source
 from contract_rules import trial_entries as te
 from contract_rules import trials as rules
 from contract_rules.runtime import CodeBook
 from contract_rules.trial_check import CHECKS, TrialReport, verify_trial
+from record_access import trials as client
 
 
 def checkpoint_of(leaves: list[bytes]) -> Checkpoint:
@@ -137,34 +140,79 @@ def test_an_outcome_naming_an_earlier_leaf_than_its_reading_is_refused() -> None
     assert world.outcome(liar, late, leaf=world.readings[liar.device_id].leaf) == "not_the_anchored_reading"
 
 
-def test_emergency_unblinding_is_listed_with_the_block_it_revealed() -> None:
-    world = TrialWorld()
-    assert world.register() == "ok"
+def unblinded_trial(world: TrialWorld, design: Design, patient_index: int, n: int = 8
+                    ) -> tuple[Identity, dict[str, int]]:
+    """Register `design`, enrol `n` patients (alternating sex) and log the emergency unblinding of one of them
+    (keys answered by every committer); their readings are anchored. The unblinded patient and the outcomes."""
+    assert world.register(design=design) == "ok"
     world.commit_all()
-    for i, p in enumerate(world.patients[:8]):
+    for i, p in enumerate(world.patients[:n]):
         assert world.enroll(p, "f" if i % 2 else "m") == "ok"
-    patient = world.patients[5]
+    patient, investigator = world.patients[patient_index], world.investigators[0]
     u = te.TrialUnblind(trial_id=TRIAL, participant=patient.device_id, reason="adverse_event", ts=LOCK_AT - 1)
-    assert world.send(world.investigators[0], u) == "ok"
-    report = verify(world)
-    assert report.ok, report.as_dict()
-    assert report.unblinded[0]["participant"] == patient.device_id and "block" not in report.unblinded[0]
+    assert world.send(investigator, u) == "ok"
+    leaf = world.last_index
+    for c in world.committers():
+        assert world.add(client.answer_unblinding(c, world.trial(), leaf, world.seeds[c.device_id],
+                                                  investigator.public_key, LOCK_AT - 1)) == "ok"
     values = {}
-    for i, p in enumerate(world.patients[:8]):
-        world.readings = getattr(world, "readings", {})
+    world.readings = {}
+    for i, p in enumerate(world.patients[:n]):
         world.readings[p.device_id] = world.measure(p, 70_000, 70_000 + (i % 3) * 500)
         values[p.device_id] = (i % 3) * 500
+    return patient, values
+
+
+def certify(world: TrialWorld, values: dict[str, int]) -> None:
     assert world.lock() == "ok"
     world.reveal_all()
     world.disclose_all(values)
     assert world.send(world.sponsor, world.certify_entry(values)) == "ok"
+
+
+def test_emergency_unblinding_is_listed_with_the_block_it_revealed() -> None:
+    world = TrialWorld()
+    patient, values = unblinded_trial(world, DESIGN, 5)  # position 2 of the women: block 0 (blocks of 4)
+    report = verify(world)
+    assert report.ok, report.as_dict()
+    [before] = report.unblinded
+    assert before["participant"] == patient.device_id and "block" not in before and before["blocks"] == [0, 0]
+    assert before["revealed"] == [0, 3] and before["revealed_exact"] is False  # one size: the bound is exact too
+    certify(world, values)
     report = verify(world)
     assert report.ok, report.as_dict()
     [listed] = report.unblinded
     slot = world.participant(patient)
     assert listed["first"] <= slot["position"] < listed["first"] + listed["size"] and listed["size"] == 4
-    assert world.trial()["certificate"]["unblinded"][0]["block"] == listed["block"]
-    assert f"logged emergency unblindings: {patient.device_id}" in finding(report, "concealment")[1]
+    assert listed["revealed"] == [0, 3] and listed["revealed_exact"] is True
+    women = [p.device_id for p in world.patients[1:8:2]]  # positions 0–3 of the women: her whole block
+    assert listed["revealed_participants"] == sorted(women)
+    certificate = world.trial()["certificate"]["unblinded"][0]
+    assert (certificate["block"], certificate["blocks"], certificate["revealed"]) == (listed["block"], [0, 0], [0, 3])
+    detail = finding(report, "concealment")[1]
+    assert f"logged emergency unblindings: {patient.device_id}" in detail
+    assert f"{world.investigators[0].device_id} may learn the arms of sex=f stratum's positions 0–3" in detail
+
+
+def test_with_two_block_sizes_every_slot_of_every_candidate_block_is_listed_as_possibly_revealed() -> None:
+    world = TrialWorld()
+    design = Design(arms=["treatment", "placebo"], ratio=[1, 1], block_sizes=[4, 6], strata={"sex": ["f", "m"]})
+    patient, values = unblinded_trial(world, design, 9, n=10)  # position 4 of the women: block 0 (of 6) or 1
+    report = verify(world)
+    assert report.ok, report.as_dict()
+    [before] = report.unblinded
+    assert before["blocks"] == [0, 1] and before["revealed"] == [0, 11] and before["revealed_exact"] is False
+    certify(world, values)
+    report = verify(world)
+    assert report.ok, report.as_dict()
+    [listed] = report.unblinded
+    key = allocation_key(world.seeds, bytes.fromhex(world.trial()["checkpoint_seed"]), TRIAL)
+    block0 = block_of(key, design, "sex=f", 0)
+    block1 = block_of(key, design, "sex=f", block0.size)
+    assert listed["blocks"] == [0, 1] and listed["revealed"] == [0, block0.size + block1.size - 1]
+    assert listed["block"] == block_of(key, design, "sex=f", 4).number
+    assert listed["revealed_participants"] == sorted(p.device_id for p in world.patients[1:10:2])  # the 5 women
+    assert world.trial()["certificate"]["unblinded"][0]["revealed"] == listed["revealed"]
 
 
 def test_a_seed_on_the_log_before_the_lock_fails_concealment_even_if_refused() -> None:

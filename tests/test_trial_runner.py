@@ -11,6 +11,7 @@ import json
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from trial_world import DAY, DESIGN, LOCK_AT, REVEAL_WINDOW, T0, TRIAL, TrialWorld
@@ -22,8 +23,7 @@ from carechain.trial_allocation import (
     Design,
     allocation_key,
     arm_of,
-    party_block_key,
-    party_sizes_key,
+    block_of,
     recover_seed,
     released_key,
     seed_commitment,
@@ -41,6 +41,7 @@ from chain_miner.trial_runner import (
 from contract_rules import trial_entries as te
 from contract_rules import trials as rules
 from contract_rules.clock import attested_ms
+from record_access import trials as client
 
 
 @dataclass
@@ -242,11 +243,16 @@ def test_a_labeller_that_stays_silent_is_recovered_by_the_others_from_escrow(wor
     jobs = turns(runners)
     assert jobs == [[TrialJob("recover", TRIAL, party=silent.id)]] * 2
     assert silent.id not in world.trial()["seeds"]  # the threshold is a majority of the four committers: 3
-    assert world.recover(world.sponsor, silent.identity) == "ok"  # the sponsor's share comes from its client
+    # The sponsor's share comes from its client: opened from the silent labeller's accepted commit on the log.
+    commit = client.commit_payload(enumerate(e.encode() for e in world.entries), world.trial(), silent.id)
+    assert world.add(client.build_recover(world.sponsor, world.trial(), silent.id, commit, LOCK_AT + 3 * DAY)) \
+        == "ok"
     trial = world.trial()
     assert trial["seeds"][silent.id]["how"] == "recovered"
     assert bytes.fromhex(trial["seeds"][silent.id]["seed"]) == world.seeds[silent.id]
     assert trial["faults"][0][1:] == [silent.id, rules.REVEAL_MISSING]
+    with pytest.raises(client.TrialClientError, match="already recovered"):
+        client.build_recover(world.sponsor, trial, silent.id, commit, LOCK_AT + 3 * DAY)
     world.disclose_all(values)
     assert world.send(world.sponsor, world.certify_entry(values)) == "ok"
 
@@ -324,8 +330,24 @@ def test_seed_files_of_another_trial_or_party_or_damaged_are_refused(tmp_path: P
         read_seed(path, "t")
 
 
-def test_labellers_answer_an_emergency_unblinding_with_keys_that_open_her_block_only(world: TrialWorld,
-                                                                                   tmp_path: Path) -> None:
+def unblind(world: TrialWorld, runners: list[Labeller], patient: Identity, investigator: Identity) -> dict[str, Any]:
+    """Log `patient`'s emergency unblinding; the labellers answer by themselves, the sponsor with its client; the
+    investigator opens every answer (record_access.trials.open_unblinding)."""
+    u = te.TrialUnblind(trial_id=TRIAL, participant=patient.device_id, reason="adverse_event", ts=T0 + 3 * DAY)
+    assert world.send(investigator, u) == "ok"
+    leaf = world.last_index
+    assert turns(runners) == [[TrialJob("unblind_key", TRIAL, unblinding=leaf)]] * 3
+    assert all(r.sent[-1] == ("trial.unblind_key", "ok") for r in runners)
+    sponsor_seed = world.seeds[world.sponsor.device_id]  # the sponsor's answer is its client's (not a miner's)
+    assert world.add(client.answer_unblinding(world.sponsor, world.trial(), leaf, sponsor_seed,
+                                              investigator.public_key, T0 + 3 * DAY)) == "ok"
+    answers = client.unblind_answers(enumerate(e.encode() for e in world.entries), TRIAL, leaf)
+    assert set(answers) == set(rules.committers(world.trial()))
+    assert turns(runners) == [[], [], []]
+    return {"leaf": leaf, **client.open_unblinding(investigator, world.trial(), leaf, answers)}
+
+
+def enrolled_labellers(world: TrialWorld, tmp_path: Path) -> list[Labeller]:
     runners = labellers(world, tmp_path)
     assert world.commit(world.sponsor) == "ok"
     turns(runners)
@@ -333,45 +355,66 @@ def test_labellers_answer_an_emergency_unblinding_with_keys_that_open_her_block_
         world.seeds[r.id] = read_seed(seed_path(r.data_dir, TRIAL), TRIAL, r.id)
     for i, p in enumerate(world.patients):
         assert world.enroll(p, "f" if i % 2 else "m") == "ok"
+    return runners
+
+
+def test_labellers_answer_an_emergency_unblinding_with_keys_that_open_her_block_only(world: TrialWorld,
+                                                                                   tmp_path: Path) -> None:
+    runners = enrolled_labellers(world, tmp_path)
     patient, investigator = world.patients[5], world.investigators[1]
-    u = te.TrialUnblind(trial_id=TRIAL, participant=patient.device_id, reason="adverse_event", ts=T0 + 3 * DAY)
-    assert world.send(investigator, u) == "ok"
-    leaf = world.last_index
-    assert turns(runners) == [[TrialJob("unblind_key", TRIAL, unblinding=leaf)]] * 3
-    assert all(r.sent[-1] == ("trial.unblind_key", "ok") for r in runners)
-    record = world.trial()["unblindings"][str(leaf)]
+    opened = unblind(world, runners, patient, investigator)
+    record = world.trial()["unblindings"][str(opened["leaf"])]
     stratum, position = record["stratum"], record["position"]
     block = position // DESIGN.block_sizes[0]
-    sponsor_seed = world.seeds[world.sponsor.device_id]  # the sponsor's answer is its client's (not a miner's)
-    sponsor_keys = te.UnblindKeys(stratum=stratum, block=block, sizes_key=party_sizes_key(sponsor_seed, TRIAL, stratum),
-                                  block_key=party_block_key(sponsor_seed, TRIAL, stratum, block))
-    answer = te.TrialUnblindKey(trial_id=TRIAL, unblinding=leaf,
-                                sealed=te.seal_unblind_keys(investigator.public_key, sponsor_keys), ts=T0 + 3 * DAY)
-    assert world.send(world.sponsor, answer) == "ok"
-    opened = {envelope.parse(e.cose).kid: te.open_unblind_keys(investigator, envelope.parse(e.cose).payload["sealed"])
-              for e in world.entries if e.type == "trial.unblind_key"}
-    assert set(opened) == set(rules.committers(world.trial()))
-    checkpoint_seed = bytes.fromhex(world.trial()["checkpoint_seed"])
-    key = released_key(TRIAL, checkpoint_seed, stratum, block, {p: k.sizes_key for p, k in opened.items()},
-                       {p: k.block_key for p, k in opened.items()})
-    full = allocation_key(world.seeds, checkpoint_seed, TRIAL)
-    assert arm_of(key, DESIGN, stratum, position) == arm_of(full, DESIGN, stratum, position)
+    assert record["blocks"] == [block, block] and opened["candidate_blocks"] == [block, block]  # one block size
+    full = allocation_key(world.seeds, bytes.fromhex(world.trial()["checkpoint_seed"]), TRIAL)
+    assert opened["arm"] == arm_of(full, DESIGN, stratum, position) and opened["block"] == block
+    # What the investigator holds opens her block and no other.
+    keys = {envelope.parse(e.cose).kid: te.open_unblind_keys(investigator, envelope.parse(e.cose).payload["sealed"])
+            for e in world.entries if e.type == "trial.unblind_key"}
+    assert all(k.blocks() == range(block, block + 1) for k in keys.values())
+    released = released_key(TRIAL, bytes.fromhex(world.trial()["checkpoint_seed"]), stratum, block,
+                            {p: k.sizes_key for p, k in keys.items()}, {p: k.block_key(block) for p, k in keys.items()})
     with pytest.raises(ValueError, match="was not released"):
-        arm_of(key, DESIGN, stratum, position + DESIGN.block_sizes[0])
-    assert turns(runners) == [[], [], []]
+        arm_of(released, DESIGN, stratum, position + DESIGN.block_sizes[0])
 
 
-def test_with_several_block_sizes_a_labeller_does_not_answer_an_unblinding_alone(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    world = TrialWorld(n_patients=2)
-    design = Design(arms=["treatment", "placebo"], ratio=[1, 1], block_sizes=[2, 4], strata={"sex": ["f", "m"]})
+def test_with_two_block_sizes_labellers_release_every_candidate_block_and_the_investigator_finds_hers(
+        tmp_path: Path) -> None:
+    world = TrialWorld(n_patients=16)
+    design = Design(arms=["treatment", "placebo"], ratio=[1, 1], block_sizes=[4, 6], strata={"sex": ["f", "m"]})
     assert world.register(design=design) == "ok"
-    world.commit(world.sponsor)
-    runners = labellers(world, tmp_path)
+    runners = enrolled_labellers(world, tmp_path)
+    patient = world.patients[10]  # the 6th man: position 5, in block 0 (a block of 6) or block 1 (after one of 4)
+    opened = unblind(world, runners, patient, world.investigators[0])
+    record = world.trial()["unblindings"][str(opened["leaf"])]
+    assert record["position"] == 5 and record["blocks"] == [0, 1] == opened["candidate_blocks"]
+    full = allocation_key(world.seeds, bytes.fromhex(world.trial()["checkpoint_seed"]), TRIAL)
+    real = block_of(full, design, record["stratum"], 5)
+    assert opened["arm"] == arm_of(full, design, record["stratum"], 5)
+    assert (opened["block"], opened["first"], opened["size"]) == (real.number, real.first, real.size)
+    # Every committer released both candidate blocks' keys: the answers are a miner's and the sponsor's alike.
+    keys = [te.open_unblind_keys(world.investigators[0], envelope.parse(e.cose).payload["sealed"])
+            for e in world.entries if e.type == "trial.unblind_key"]
+    assert len(keys) == 4 and all(k.blocks() == range(0, 2) for k in keys)
+    with pytest.raises(ValueError, match="not among the released blocks 0–1"):
+        keys[0].block_key(2)
+
+
+def test_an_investigator_refuses_answers_for_other_blocks_than_the_candidates(world: TrialWorld,
+                                                                              tmp_path: Path) -> None:
+    runners = enrolled_labellers(world, tmp_path)
+    investigator = world.investigators[0]
+    u = te.TrialUnblind(trial_id=TRIAL, participant=world.patients[4].device_id, reason="adverse_event", ts=T0)
+    assert world.send(investigator, u) == "ok"
+    leaf = world.last_index
     turns(runners)
-    assert world.enroll(world.patients[0], "f") == "ok"
-    u = te.TrialUnblind(trial_id=TRIAL, participant=world.patients[0].device_id, reason="adverse_event", ts=T0)
-    assert world.send(world.investigators[0], u) == "ok"
-    assert turns(runners) == [[], [], []]
-    assert runners[0].runner.stats["unblind_block_unknown"] == 1
-    assert "not known from this miner's keys alone" in caplog.text
+    record = world.trial()["unblindings"][str(leaf)]
+    wrong = te.UnblindKeys(stratum=record["stratum"], first_block=record["blocks"][0] + 1,
+                           sizes_key=b"\x01" * 32, block_keys=[b"\x02" * 32])
+    sealed = te.seal_unblind_keys(investigator.public_key, wrong)
+    assert world.send(world.sponsor, te.TrialUnblindKey(trial_id=TRIAL, unblinding=leaf, sealed=sealed, ts=T0)) == "ok"
+    answers = client.unblind_answers(enumerate(e.encode() for e in world.entries), TRIAL, leaf)
+    with pytest.raises(client.TrialClientError, match=f"committers \\['{world.sponsor.device_id}'\\] released keys "
+                                                      "of other blocks"):
+        client.open_unblinding(investigator, world.trial(), leaf, answers)

@@ -223,9 +223,10 @@ class TrialWorld(World):
         """Participant → arm, from the seeds this world drew and the trial's checkpoint seed."""
         trial = self.trial(trial_id)
         key = allocation_key(self.seeds, bytes.fromhex(trial["checkpoint_seed"]), trial_id)
+        design = Design.model_validate(trial["design"])
         arms: dict[str, str] = {}
         for stratum, n in trial["strata_counts"].items():
-            sequence = allocation(key, DESIGN, stratum, n)
+            sequence = allocation(key, design, stratum, n)
             for pid in trial["participants"]:
                 p = self.participant(self.by_id(pid), trial_id)
                 if p["stratum"] == stratum:
@@ -244,7 +245,7 @@ class TrialWorld(World):
         trial = self.trial(trial_id)
         for pid in trial["participants"]:
             stratum = self.participant(self.by_id(pid), trial_id)["stratum"]
-            counts = summary.setdefault(stratum, {arm: 0 for arm in DESIGN.arms})
+            counts = summary.setdefault(stratum, {arm: 0 for arm in trial["design"]["arms"]})
             counts[arms[pid]] += 1
         return te.TrialCertify(trial_id=trial_id, result=te.TrialResult(**(result or computed)),
                                allocation=summary, ts=LOCK_AT + 3 * DAY)

@@ -1,12 +1,13 @@
-"""`carechain trial register|commit|consent|enroll|dispense|withdraw|unblind|answer|lock|reveal|outcome|certify|
-status|verify`: a randomised, blinded trial on the ledger (docs/trials.md).
+"""`carechain trial register|commit|consent|enroll|dispense|withdraw|unblind|answer|lock|reveal|recover|outcome|
+certify|status|verify`: a randomised, blinded trial on the ledger (docs/trials.md).
 
 Each command is one party's act, signed with that party's own key file: the sponsor registers, commits a seed
 (kept 0600 before the commitment is built), locks and reveals; a participant signs her consent into a file and,
 after the lock, discloses her sealed outcome reading; an investigator enrols her with that file, may withdraw her
 or log an emergency unblinding; a pharmacy dispenses her kit through its terminal; anyone certifies the result
-the rules recompute and verifies the whole trial. The labelling miners commit, reveal and answer unblindings by
-themselves. Entries are checked against a replay and appended as every `carechain` contract command does
+the rules recompute and verifies the whole trial. The labelling miners commit, reveal, recover a silent
+committer's seed and answer unblindings by themselves; the sponsor does the same with `trial recover` and `trial
+answer`. Entries are checked against a replay and appended as every `carechain` contract command does
 (`carechain.cli._ledger`); the client logic is `record_access.trials`.
 """
 
@@ -265,8 +266,9 @@ def unblind(trial_id: TrialArg, participant: ParticipantArg, key: KeyOpt, reason
                                                               "logged unblinding and print her arm.")] = False,
             config: ConfigOpt = None, data_dir: DataDirOpt = None, as_json: JsonOpt = False) -> None:
     """Emergency unblinding of one participant (investigator): a public, logged entry; each committer answers
-    with its keys of her block only, sealed to you. Then `--open` prints her arm (exit 1 while answers are
-    missing). The block's other slots are narrowed too; `verify trial` lists every unblinded block."""
+    with its keys of the blocks that may hold her slot (one block when the design has one block size), sealed to
+    you. Then `--open` finds her block from everyone's keys and prints her arm (exit 1 while answers are
+    missing). You may learn the arms of every candidate block; `verify trial` lists those slots."""
     from record_access.trials import build_unblind, open_unblinding, unblind_answers
 
     me = load_key(key)
@@ -303,8 +305,9 @@ def answer(trial_id: TrialArg,
            unblinding: Annotated[int, typer.Argument(help="The leaf of the logged `trial unblind`.", min=0)],
            key: KeyOpt, seed_file: SeedOpt = None, config: ConfigOpt = None, data_dir: DataDirOpt = None,
            as_json: JsonOpt = False) -> None:
-    """Answer an emergency unblinding (sponsor; the labelling miners answer by themselves): your keys of her
-    block and of her stratum's block sizes, sealed to the investigator who asked. Nothing else of your seed."""
+    """Answer an emergency unblinding (sponsor; the labelling miners answer by themselves): your key of her
+    stratum's block sizes and your keys of every block that may hold her slot, sealed to the investigator who
+    asked. Nothing else of your seed."""
     from record_access.trials import answer_unblinding, load_seed
 
     state = replay(config, data_dir).state
@@ -352,6 +355,33 @@ def reveal(trial_id: TrialArg, key: KeyOpt, seed_file: SeedOpt = None, config: C
     t = _trial(replay(config, data_dir).state, trial_id)
     print_result({"trial": trial_id, "revealed_at": index,
                   "seeds": f"{len(t['seeds'])} of {len(t['labellers']) + 1}"}, as_json)
+
+
+@trial_app.command("recover", epilog=example(
+    "carechain trial recover hrt-1 7c0f…a2 --key keys/sponsor.key",
+    "carechain trial recover hrt-1 7c0f…a2 --key keys/sponsor.key --json"))
+def recover(trial_id: TrialArg,
+            party: Annotated[str, typer.Argument(help="The committer (a labelling miner) that did not reveal.")],
+            key: KeyOpt, config: ConfigOpt = None, data_dir: DataDirOpt = None, as_json: JsonOpt = False) -> None:
+    """Give your escrow share of a silent committer's seed (sponsor; the labelling miners give theirs by
+    themselves), once the reveal window closed without its reveal: the share sealed to you in its accepted
+    commitment is opened with your key and logged. When a majority of the committers gave theirs, the rules
+    recover the seed and check it against its commitment (a seed that fails it voids the trial)."""
+    from contract_rules.trials import threshold
+    from record_access.trials import build_recover, commit_payload
+
+    me = load_key(key)
+    t = _trial(replay(config, data_dir).state, trial_id)
+    try:
+        commit = commit_payload(_leaves(config, data_dir), t, party)
+    except _client_error() as exc:
+        raise fail(str(exc), 1) from None
+    index = _append(config, data_dir, lambda: build_recover(me, t, party, commit, now_ms()))
+    t = _trial(replay(config, data_dir).state, trial_id)
+    seed = t["seeds"].get(party)
+    print_result({"trial": trial_id, "party": party, "share_at": index,
+                  "shares": f"{len(t['recoveries'].get(party, {}))} of {threshold(t)} needed",
+                  "recovered": seed is not None and seed["how"] == "recovered", "state": t["state"]}, as_json)
 
 
 @trial_app.command("outcome", epilog=example(
