@@ -35,6 +35,7 @@ from carechain import trial_allocation as alloc
 from carechain.events import SEALED_KINDS, PayloadError, Purchase, SealedBody, TrialMeasure, validate_payload
 from carechain.sealed import SealedError, ciphertext_hash, open_body
 from contract_rules import bonds
+from contract_rules.penalties import slash_by
 from contract_rules import miners as miner_rules
 from contract_rules.clock import attested_ms
 from contract_rules.runtime import Accept, Effect, Outcome, Put, Reject, State, Tx
@@ -86,6 +87,7 @@ TRIALS = "trials"
 PARTICIPANTS = "trial_participants"  # "<trial_id>/<participant>" → her slot, kit, dispensing, outcome
 TRIAL_DOMAIN = b"carechain/trial/labellers\x00"
 REVEAL_MISSING = "trial_reveal_missing"  # the fault recorded in the trial's "faults"
+REVEAL_MISSING_SLASH = 10_000  # minor units from a labeller's bond (as a void sale; a bond is 20,000 at least)
 P = TypeVar("P", bound=_Payload)
 
 
@@ -488,10 +490,12 @@ def _recover(state: State, tx: Tx) -> Outcome:
     if str(r.x) in shares:
         return Reject("share_already_given")
     faults = list(trial["faults"])
+    penalty: tuple[Effect, ...] = ()
     if not shares:  # the first share proves the window closed without this committer's reveal
-        # Recorded, not slashed: an offence in bonds.SLASH would change the bonds module's code hash, which
-        # every deployed genesis pins (see docs/trials.md, "Missing or wrong reveals").
         faults.append([tx.index, r.party, REVEAL_MISSING])
+        # a labelling miner's bond pays for it (contract_rules.penalties: bonds.SLASH is pinned); an unbonded
+        # sponsor's offence is recorded, and the certificate's faults show it
+        penalty = slash_by(state, r.party, REVEAL_MISSING, REVEAL_MISSING_SLASH, tx.index)
     shares[str(r.x)] = {"y": r.y.hex(), "holder": tx.signer, "at": tx.index}
     updated = {**trial, "recoveries": {**trial["recoveries"], r.party: shares}, "faults": faults}
     if len(shares) >= threshold(trial):
@@ -507,7 +511,7 @@ def _recover(state: State, tx: Tx) -> Outcome:
             # The escrow does not open to the committed seed: the allocation can never be recomputed.
             updated["state"] = "void"
             updated["void"] = {"at": tx.index, "party": r.party, "reason": "recovered_seed_fails_commitment"}
-    return Accept((Put(TRIALS, r.trial_id, updated),))
+    return Accept((*penalty, Put(TRIALS, r.trial_id, updated)))
 
 
 # -- outcomes and the certificate -----------------------------------------------------------------------

@@ -40,6 +40,7 @@ from chain_miner.trial_runner import (
 )
 from contract_rules import trial_entries as te
 from contract_rules import trials as rules
+from contract_rules.bonds import MIN_BOND
 from contract_rules.clock import attested_ms
 from record_access import trials as client
 
@@ -251,6 +252,10 @@ def test_a_labeller_that_stays_silent_is_recovered_by_the_others_from_escrow(wor
     assert trial["seeds"][silent.id]["how"] == "recovered"
     assert bytes.fromhex(trial["seeds"][silent.id]["seed"]) == world.seeds[silent.id]
     assert trial["faults"][0][1:] == [silent.id, rules.REVEAL_MISSING]
+    # the silent labeller's bond pays for it, once (contract_rules.penalties), and its miner is suspended
+    bond = world.state.table("bonds")[silent.id]
+    assert bond["amount"] == MIN_BOND["miner"] - rules.REVEAL_MISSING_SLASH
+    assert [o for _, o in bond["offences"]] == [rules.REVEAL_MISSING] and bond["suspended_at"] is not None
     with pytest.raises(client.TrialClientError, match="already recovered"):
         client.build_recover(world.sponsor, trial, silent.id, commit, LOCK_AT + 3 * DAY)
     world.disclose_all(values)
