@@ -130,6 +130,9 @@ class MinerConfig(_Section):
                                                      "`broker.credentials_file` when that file exists.")
     mpc_timeout_s: float = Field(default=300.0, gt=0, description="How long one study computation (result or "
                                  "audit) may run before the miner stops it and logs the failure.")
+    mpc_ports: int = Field(default=64, ge=1, le=1024, description="How many TCP ports from `mpc_listen`'s on "
+                           "the aggregator may use: each study computation listens on its own (the same offset "
+                           "on every aggregator), so parties of two studies never meet on one port.")
 
 
 class ArchiveConfig(_Section):

@@ -50,6 +50,8 @@ MAX_RESULT_BYTES = 2 * 100_000 * 9 + 16_384
 # (`chain_miner.trial_runner`: its seed commitment, reveal, escrow share of a missing seed, unblinding keys).
 RESULT_TYPES = frozenset({STUDY_RESULT, STUDY_SAMPLE, STUDY_AUDIT, TRIAL_COMMIT, TRIAL_REVEAL, TRIAL_RECOVER,
                           TRIAL_UNBLIND_KEY})
+# Refusals that come with honest miners racing each other (counted, logged at INFO, not WARNING).
+EXPECTED_REFUSALS = frozenset({"already_sampled", "study_already_decided"})
 log = logging.getLogger("carechain.bridge")
 
 
@@ -97,7 +99,9 @@ class StudyIntake:
             index = append_if_accepted(ledger, gate, lock, entry)
             if isinstance(index, str):
                 self.stats[index] += 1
-                log.warning("%s from miner %s refused by the contracts: %s", entry.type, miner_id, index)
+                # Every aggregator sends the sample and its result; all but the first are refused by design.
+                level = logging.INFO if index in EXPECTED_REFUSALS else logging.WARNING
+                log.log(level, "%s from miner %s refused by the contracts: %s", entry.type, miner_id, index)
                 continue
             self.stats["appended"] += 1
             appended.append(index)

@@ -29,6 +29,7 @@ every job runs at most once: DATA_DIR/studies/jobs.json remembers the jobs done 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -159,6 +160,13 @@ class _Jobs:
     note: str | None = None  # the latest checkpoint.final note seen
 
 
+def job_port_offset(job: Job, ports: int) -> int:
+    """Where above a miner's `mpc_listen` port the MPC of `job` listens: the same on every aggregator, from the
+    job's kind and study id (SHA-256, so studies spread over the `ports` ports)."""
+    digest = hashlib.sha256(f"{job.kind}:{job.study_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") % ports
+
+
 class StudyRunner:
     """Runs the studies' jobs of one miner (see the module docstring). Built by `chain_miner.assembly` when
     `miner.mpc_listen` is set; the service calls `after_cosign`, `on_hello`, `start` and `stop`."""
@@ -166,7 +174,7 @@ class StudyRunner:
     def __init__(self, data_dir: Path, identity: Identity, key_file: Path, mpc_listen: str,
                  broker: BrokerConfig, state: Callable[[], State], genesis: Any,
                  leaves: Callable[[], list[bytes] | None], *, timeout_s: float = 300.0,
-                 publish: Callable[[BrokerConfig, str, bytes], None] | None = None) -> None:
+                 publish: Callable[[BrokerConfig, str, bytes], None] | None = None, mpc_ports: int = 64) -> None:
         """`broker`: the miner's broker settings with the aggregator login as its credentials (see
         `chain_miner.assembly`); `state`: the cosigned contract state; `leaves`: the whole cosigned tree's
         leaves, proven against its root (None when the log did not serve them)."""
@@ -175,6 +183,7 @@ class StudyRunner:
         self.me = identity.device_id
         self.key_file = Path(key_file)
         self.mpc_listen = mpc_listen
+        self.mpc_ports = mpc_ports  # each job listens on mpc_listen's port + job_port_offset (below mpc_ports)
         self.broker = broker
         self._state = state
         self.genesis = genesis
@@ -343,6 +352,9 @@ class StudyRunner:
             return False
         finally:
             self._current = None
+        if process.returncode != 0 and self._stopping.is_set():
+            log.info("miner %s: the %s MPC of study %s stopped with the miner", self.me, job.kind, job.study_id)
+            return False
         if process.returncode != 0:
             log.error("miner %s: the %s MPC of study %s failed (exit %d):\n%s", self.me, job.kind, job.study_id,
                       process.returncode, _tail(output))
@@ -376,7 +388,12 @@ class StudyRunner:
         publish_entries(self.broker, self.me, entry)
 
     def _peers(self, job: Job) -> list[str] | None:
-        """Every aggregator's MPC address from its signed hello, in the study's order; None when one is missing."""
+        """Every aggregator's MPC address for `job`, in the study's order: the host of its signed hello and that
+        port plus `job_port_offset`; None when one is missing.
+
+        One port per job, not per miner: aggregators reach a job at slightly different times, so a party of
+        one study may knock on a miner still computing another; on the job's own port it is refused (MPyC
+        retries) instead of joining — and corrupting — the running computation."""
         with self._lock:
             peers = [self.peers.get(a) for a in job.aggregators]
         missing = [a for a, p in zip(job.aggregators, peers, strict=True) if p is None]
@@ -384,7 +401,16 @@ class StudyRunner:
             log.error("miner %s: cannot run the %s MPC of study %s: no MPC address in the hello of aggregator(s) "
                       "%s (down, or without miner.mpc_listen)", self.me, job.kind, job.study_id, ", ".join(missing))
             return None
-        return [p for p in peers if p is not None]
+        offset = job_port_offset(job, self.mpc_ports)
+        addresses = []
+        for peer in (p for p in peers if p is not None):
+            host, _, port = peer.rpartition(":")
+            if int(port) + offset > 65_535:
+                log.error("miner %s: cannot run the %s MPC of study %s: %s + %d is beyond the last TCP port", self.me,
+                          job.kind, job.study_id, peer, offset)
+                return None
+            addresses.append(f"{host}:{int(port) + offset}")
+        return addresses
 
     def _broker_file(self) -> Path:
         """The broker section the aggregator publishes with: the miner's broker, logged in as its aggregator.

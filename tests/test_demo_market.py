@@ -1,5 +1,6 @@
-"""`carechain demo`'s data market: 22 patients' sealed readings, three studies answered (or not) by three
-aggregator processes in MPC, paid, and verified from the log — checked here against the ledger the demo kept."""
+"""`carechain demo`'s data market: 22 patients' sealed readings, three studies answered (or not) by the live
+miners in MPC, a sample of the contributions disclosed and audited by them, paid, and verified from the log —
+checked here against the ledger the demo kept."""
 
 from __future__ import annotations
 
@@ -8,22 +9,25 @@ from typing import Any
 
 import pytest
 
-from carechain import envelope
+from carechain import envelope, measures
+from carechain.contribution_audit import contribution_vector
 from carechain.demo.market import (
     AGGREGATORS,
     FEE_MINOR,
+    GLUCOSE_READINGS,
     PATIENTS,
     PICKY,
     PRICE_MINOR,
     SMALL_REGION_PATIENTS,
+    glucose_level,
     resting_level,
 )
 from carechain.demo.pipeline import run_demo
-from carechain.entries import STUDY_CONTRIBUTE, STUDY_RESULT, Entry
+from carechain.entries import STUDY_AUDIT, STUDY_CONTRIBUTE, STUDY_DISCLOSE, STUDY_RESULT, Entry
 from chain_bridge.contract_admin import replay_ledger
 from chain_bridge.ledger.store import Ledger
 from chain_bridge.registry import contract_genesis, ledger_path
-from contract_rules.market import study_account, study_record
+from contract_rules.market import CONTRIBUTIONS, audit_size, study_account, study_record
 
 pytestmark = pytest.mark.integration
 
@@ -55,7 +59,9 @@ def test_the_mean_resting_heart_rate_leaves_out_the_patient_whose_minimum_cohort
     assert summary["study_result"] == round(rhr["answer"]["sum"] / rhr["answer"]["n"], 1)
     assert summary["study_contributors"] == PATIENTS - 1
     glucose = market["studies"][1]
-    assert glucose["state"] == "answered" and sum(glucose["answer"]["histogram"]) == PATIENTS - 1
+    assert glucose["state"] == "answered" and glucose["included"] == PATIENTS - 1
+    # The market ran on the live system in well under a minute (the studies run concurrently).
+    assert market["seconds"] < 60, market["phases"]
 
 
 def test_every_study_verifies_from_the_log_and_the_small_one_is_unanswered(demo) -> None:
@@ -76,6 +82,7 @@ def test_results_are_signed_by_the_study_aggregators_and_payments_close_every_st
         record = study_record(state, sid)
         assert record is not None and record["closed_at"] is not None
         assert state.balance(study_account(sid)) == 0  # paid out or refunded, nothing left in escrow
+        # Every aggregator sends its result; the bridge appends them until a majority agrees, then refuses.
         signers = [envelope.parse(e.cose).kid for e in entries if e.type == STUDY_RESULT
                    and envelope.parse(e.cose).payload["study_id"] == sid]
         assert len(signers) == AGGREGATORS // 2 + 1 and set(signers) <= set(record["aggregators"])
@@ -89,3 +96,74 @@ def test_results_are_signed_by_the_study_aggregators_and_payments_close_every_st
     deposits = sum(s["deposit"] for s in summary["study"]["studies"])
     fees = 2 * (AGGREGATORS // 2 + 1) * FEE_MINOR
     assert summary["study"]["paid"]["researcher_left"] == deposits - paid - fees
+
+
+def _payloads(entries: list[Entry], entry_type: str, study_id: str) -> list[tuple[str, dict[str, Any]]]:
+    """(signer, payload) of the entries of `entry_type` about `study_id`, in log order."""
+    parsed = [envelope.parse(e.cose) for e in entries if e.type == entry_type]
+    return [(p.kid, p.payload) for p in parsed if p.payload["study_id"] == study_id]
+
+
+def _exact_glucose_histogram(query: dict[str, Any], to_ms: int) -> list[int]:
+    """What the histogram would be without noise: each included patient's mean glucose, in its bin."""
+    counts = [0] * (len(query["bins"]) - 1)
+    for i in range(PATIENTS):
+        if i == PICKY:
+            continue
+        readings = [{"kind": "glucose", "mg_dl": glucose_level(i, g)} for g in range(GLUCOSE_READINGS)]
+        vector = contribution_vector(query, measures.measure("histogram", "glucose", readings, to_ms))
+        counts = [c + v for c, v in zip(counts, vector, strict=True)]
+    return counts
+
+
+def test_the_glucose_histogram_states_epsilon_1_in_study_and_result_and_its_counts_are_noisy_integers(demo) -> None:
+    summary, root = demo
+    glucose = summary["study"]["studies"][1]
+    assert (glucose["epsilon"], glucose["result_epsilon"], summary["study"]["epsilon"]) == (1.0, 1.0, 1.0)
+    state, entries = _ledger(root)
+    record = study_record(state, glucose["study_id"])
+    assert record is not None and record["epsilon_milli"] == 1000
+    assert record["decided"]["noise"]["epsilon_milli"] == 1000
+    results = _payloads(entries, STUDY_RESULT, glucose["study_id"])
+    assert results and all(r["noise"]["epsilon_milli"] == 1000 for _, r in results)
+    counts = glucose["answer"]["histogram"]
+    assert counts == record["decided"]["answer"]["histogram"]
+    assert len(counts) == len(record["query"]["bins"]) - 1 and all(isinstance(c, int) for c in counts)
+    # Discrete-Laplace noise of epsilon 1 per bin (sensitivity 1): each count within a few units of the exact
+    # one (|noise| > 30 has probability ~1e-13), and a count may even be negative. Noise 0 in all six bins has
+    # probability ~1 %, so the test does not require a difference.
+    exact = _exact_glucose_histogram(record["query"], record["to_ms"])
+    assert sum(exact) == PATIENTS - 1
+    assert all(abs(c - e) <= 30 for c, e in zip(counts, exact, strict=True)), (counts, exact)
+
+
+def test_each_answered_study_audits_a_sample_whose_disclosed_contributions_all_match(demo) -> None:
+    summary, root = demo
+    state, entries = _ledger(root)
+    contributions = state.table(CONTRIBUTIONS)
+    for study in summary["study"]["studies"][:2]:
+        sid, audit = study["study_id"], study["audit"]
+        assert audit is not None, study
+        assert len(audit["sample"]) == audit_size(study["included"]) > 0
+        assert audit["outcomes"] == {str(i): "match" for i in audit["sample"]} and audit["forfeited"] == []
+        record = study_record(state, sid)
+        assert record is not None and record["audit"]["outcome"] == audit["outcomes"]
+        # Each sampled patient disclosed her own contribution (the logged access); a majority of the study's
+        # aggregators judged each one.
+        disclosed = _payloads(entries, STUDY_DISCLOSE, sid)
+        assert sorted(d["contribution"] for _, d in disclosed) == sorted(audit["sample"])
+        assert all(signer == contributions[str(d["contribution"])]["owner"] for signer, d in disclosed)
+        verdicts = _payloads(entries, STUDY_AUDIT, sid)
+        for index in audit["sample"]:
+            judges = {signer for signer, v in verdicts if v["contribution"] == index and v["verdict"] == "match"}
+            assert len(judges) >= AGGREGATORS // 2 + 1 and judges <= set(record["aggregators"])
+
+
+def test_the_unanswered_study_has_no_audit_sample(demo) -> None:
+    summary, root = demo
+    small = summary["study"]["studies"][2]
+    assert small["state"] == "unanswered" and small["audit"] is None
+    state, entries = _ledger(root)
+    record = study_record(state, small["study_id"])
+    assert record is not None and record["audit"] is None
+    assert _payloads(entries, STUDY_DISCLOSE, small["study_id"]) == []

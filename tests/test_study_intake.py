@@ -173,13 +173,15 @@ def test_the_intake_refuses_oversized_messages_and_a_full_queue_without_touching
     ledger.close()
 
 
-def test_each_miners_aggregator_may_publish_entriess_only_on_its_own_study_topic() -> None:
+def test_each_miner_and_its_aggregator_may_publish_only_on_its_own_study_topic() -> None:
     a, b = Identity.from_seed(b"\x0a" * 32).device_id, Identity.from_seed(b"\x0b" * 32).device_id
     text = acl_text("carechain-bridge", [], registry_version=1, revoked=0, miner_ids=[a, b])
     sections = {s.split("\n", 2)[1]: s for s in text.split("\n\n")
                 if s.startswith(("# witness miner", "# data-market aggregator"))}
     assert f"topic write {topics.miner_study(a)}" in sections[f"user {aggregator_user(a)}"]
     assert topics.miner_study(b) not in sections[f"user {aggregator_user(a)}"]
-    assert topics.miner_study(a) not in sections[f"user {miner_user(a)}"]  # the miner service's login: not its
+    # the miner service's login writes its own study topic too (its trial entries as a labeller), never another's
+    assert f"topic write {topics.miner_study(a)}" in sections[f"user {miner_user(a)}"]
+    assert topics.miner_study(b) not in sections[f"user {miner_user(a)}"]
     assert f"topic read {topics.MINER_STUDY_WILDCARD}" in text.split("\n\n# bridge ingest")[0]
     assert topics.miner_of_topic(topics.miner_study(a)) == (a, "study")

@@ -19,7 +19,7 @@ from carechain import envelope
 from carechain.config import BrokerConfig
 from carechain.entries import STUDY_SAMPLE, Entry
 from carechain.miner_messages import MinerHello, from_miner
-from chain_miner.study_runner import JOBS_FILE, Job, StudyRunner, due, note_size
+from chain_miner.study_runner import JOBS_FILE, Job, StudyRunner, due, job_port_offset, note_size
 from contract_rules import miners as miner_rules
 from contract_rules import transactions as ce
 from contract_rules.clock import attested_ms
@@ -185,3 +185,27 @@ def test_mpc_peers_come_from_signed_hellos_and_a_hello_without_mpc_still_verifie
     assert not from_miner(moved, miner.device_id)
     with pytest.raises(ValueError):
         MinerHello(miner=miner.device_id, name="n", public_key=miner.public_key.hex(), ts=1, mpc="no port")
+
+
+def test_each_study_computation_listens_on_its_own_port_the_same_on_every_aggregator(w: MarketWorld,
+                                                                                      tmp_path: Path) -> None:
+    """Parties of two studies never meet on one port: an aggregator still computing one study refuses a
+    connection meant for another instead of taking it into the running computation."""
+    decided(w)
+    aggregators = w.aggregators()
+    ids = tuple(a.device_id for a in aggregators)
+    result = Job("result", "hr-1", 0, ids, [])
+    others = {job_port_offset(Job("result", f"study-{i}", 0, ids, []), 64) for i in range(40)}
+    assert len(others) > 20 and all(0 <= o < 64 for o in others)  # studies spread over the ports
+    runner = StudyRunner(tmp_path, aggregators[0], tmp_path / "miner.key", "127.0.0.1:7000", BrokerConfig(),
+                         lambda: w.state, w.genesis, lambda: None)
+    runner.peers.update({ids[1]: "10.0.0.2:9000", ids[2]: "10.0.0.3:65530"})
+    offset = job_port_offset(result, 64)
+    if 65530 + offset > 65_535:
+        assert runner._peers(result) is None  # refused with a clear log, never wrapped around
+    else:
+        assert runner._peers(result) == [f"127.0.0.1:{7000 + offset}", f"10.0.0.2:{9000 + offset}",
+                                         f"10.0.0.3:{65530 + offset}"]
+    runner.peers[ids[2]] = "10.0.0.3:9100"
+    assert runner._peers(result) == [f"127.0.0.1:{7000 + offset}", f"10.0.0.2:{9000 + offset}",
+                                     f"10.0.0.3:{9100 + offset}"]

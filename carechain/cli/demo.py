@@ -17,7 +17,7 @@ EPILOG = example("carechain demo", "carechain demo --json", "carechain demo --da
                  "carechain demo --data-dir demo-data && carechain access log --data-dir demo-data/bridge")
 JSON_KEYS = ("sent", "anchored", "rejected", "duplicates", "checkpoints", "proof_verified", "access_opened",
              "access_logged", "access_refused_without_grant", "miners", "final_checkpoints", "formulary_refusals",
-             "study_result", "study_contributors", "study_verified")
+             "study_result", "study_contributors", "study_verified", "trial_certificate", "trial_verified")
 
 
 def demo(
@@ -41,9 +41,12 @@ def demo(
     --json adds access_opened, access_logged (access records on the ledger) and access_refused_without_grant,
     miners (active: registered and bonded), final_checkpoints (cosigned by a majority of them) and
     formulary_refusals (sales rung up as not Rx-only that the authority's formulary lists as Rx-only).
-    Last, a researcher's studies over 22 patients' sealed readings, answered by 3 aggregators in MPC: --json adds
-    study_result (the mean resting heart rate), study_contributors (included) and study_verified (every study
-    re-checked from the log by `contract_rules.study_check.verify_study`).
+    Then a researcher's studies over 22 patients' sealed readings, computed by 3 aggregator miners in MPC by
+    themselves, a sample of contributions audited: --json adds study_result (the mean resting heart rate),
+    study_contributors (included) and study_verified (every study re-checked from the log by
+    `contract_rules.study_check.verify_study`). Last, a 40-participant randomised trial whose labelling miners
+    commit and reveal by themselves: --json adds trial_certificate (the pre-registered result the contract
+    certified) and trial_verified (`contract_rules.trial_check.verify_trial` from the log alone).
     """
     from carechain.demo.pipeline import DemoUnavailable, check_available, run_demo
 
@@ -76,12 +79,19 @@ def demo(
 
 def _succeeded(s: dict[str, Any]) -> bool:
     return bool(s["proof_verified"] and s["access_opened"] and s["access_refused_without_grant"]
-                and s["study_verified"])
+                and s["study_verified"] and s["trial_verified"])
 
 
 def _counts(counts: dict[str, int]) -> str:
     """`reason n, reason n` — readable, never a Python dict."""
     return ", ".join(f"{k} {n}" for k, n in sorted(counts.items())) or "none"
+
+
+def _tally(outcomes: dict[str, str]) -> dict[str, int]:
+    counted: dict[str, int] = {}
+    for outcome in outcomes.values():
+        counted[outcome] = counted.get(outcome, 0) + 1
+    return counted
 
 
 def _print_summary(s: dict[str, Any]) -> None:
@@ -108,6 +118,10 @@ def _print_summary(s: dict[str, Any]) -> None:
         _print_access(s["access"], s["finality"])
     if s.get("study"):
         _print_study(s["study"])
+    if s.get("trial"):
+        from carechain.demo.trial import certificate_lines
+
+        out.print("\n".join(certificate_lines(s["trial"])), soft_wrap=True, markup=False, highlight=False)
     p = s["proof"] or {}
     if "leaf_index" in p:
         out.print(f"proof: event {p['device_id']}#0 is leaf {p['leaf_index']} of tree {p['tree_size']} "
@@ -179,7 +193,8 @@ def _print_access(a: dict[str, Any], finality: str) -> None:
 
 def _print_study(m: dict[str, Any]) -> None:
     """The researcher's studies: what each asked, who was included, what was opened, and the verification."""
-    t = Table(title=f"data market ({m['patients']} patients consent; 3 aggregators compute in MPC)", show_header=False)
+    t = Table(title=f"data market ({m['patients']} patients consent; 3 aggregator miners compute in MPC by "
+                    "themselves)", show_header=False)
     for study in m["studies"]:
         q, answer = study["query"] or {}, study["answer"]
         where = ", ".join(f"{k} {v}" for k, v in study["filter"].items()) or "all consenting"
@@ -190,9 +205,14 @@ def _print_study(m: dict[str, Any]) -> None:
                                                                    strict=False))
         else:
             shown = f"{answer['sum'] / answer['n']:.1f} (sum {answer['sum']} over {answer['n']})"
+        noise = f"; ε={study['epsilon'] / 1000:g} (noisy counts)" if study.get("epsilon") else ""
         t.add_row(f"{study['study_id']}: {q.get('type')} of {q.get('kind')} ({where})",
-                  f"{study['included']} of {study['contributions']} included; {shown}; "
+                  f"{study['included']} of {study['contributions']} included; {shown}{noise}; "
                   + ("[green]verified[/]" if study["verified"] else "[red]not verified[/]"))
+        audit = study.get("audit")
+        if audit:
+            t.add_row("  audit", f"sample {audit['sample']} → {_counts(_tally(audit['outcomes']))}; "
+                                 f"forfeited {audit['forfeited'] or 'none'}")
     if "paid" in m:
         t.add_row("paid to patients", f"{m['paid']['patients'] / 100:,.2f}")
     t.add_row("study part took", f"{m['seconds']} s")

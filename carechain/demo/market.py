@@ -1,45 +1,51 @@
-"""The demo's data market (docs/market.md): a researcher asks 22 patients' sealed data two questions, and
-learns only the answers.
+"""The demo's data market (docs/market.md): a researcher asks 22 patients' sealed data three questions, learns
+only the answers, and the miners audit a sample of the contributions.
 
-Runs on the demo's ledger once the bridge and the miners have stopped (nothing else appends meanwhile), through
-the real pieces: the patients register with re-encryption keys; each has a heart-rate band and a glucose meter
-registered to her, whose readings are sealed to her at the edge and anchored as signed v2 events with their
-ciphertexts (as the bridge stores them); each gives a consent (one asks for a cohort of 50, so she is left
-out). A researcher, funded by the insurer, posts three studies — the mean resting heart rate, a histogram of
-mean glucose, and one filtered to a region where too few patients live — whose aggregators the rules draw
-from a final checkpoint the five miners cosigned. Each matching patient's agent opens her own readings and
-contributes Shamir shares sealed to the aggregators (record_access.contributing). The study's three
-aggregators run as separate `python -m chain_miner.aggregator` processes, an MPyC party each over loopback
-TCP; their signed results go on the ledger, the studies are closed and paid (the third unanswered, its
-deposit back), and `contract_rules.study_check.verify_study` checks each one from the log alone.
+Runs on the demo's live ledger while the bridge and the five miners run, through the real pieces: the patients
+register with re-encryption keys; each has a heart-rate band and a glucose meter registered to her, whose
+readings are sealed to her at the edge and anchored as signed v2 events with their ciphertexts (as the bridge
+stores them); each gives a consent (one asks for a cohort of 50, so she is left out). A researcher, funded by
+the insurer, posts three studies — the mean resting heart rate, a histogram of mean glucose with differential
+privacy (epsilon 1: the answer carries discrete-Laplace noise drawn inside the MPC), and one filtered to a
+region where too few patients live — whose aggregators the rules draw from a final checkpoint the five miners
+cosigned. Each matching patient's agent opens her own readings and contributes Shamir shares sealed to the
+aggregators (record_access.contributing), keeping the opening of her commitment in a 0600 file beside her key.
+Entries go in as `carechain` commands append them while a bridge runs (`contract_admin.submit`).
 
-Every wait is bounded; a step that fails is reported in the summary's `error`, never hidden.
+From there the demo starts nothing: the bridge attests the time once a study closes, the miners run each
+study's MPC by themselves once its contributions are final (chain_miner.study_runner), the bridge appends
+their signed results, and once a final checkpoint after the decision is recorded the miners post the audit
+sample. Each sampled patient discloses her contribution to the aggregators (`build_disclosure` with her own
+keys: the logged access of the audit), the miners recompute it in an audit MPC and post their verdicts; then
+every study is closed and paid (the third unanswered, its deposit back) and
+`contract_rules.study_check.verify_study` checks each one from the log alone, under a checkpoint the bridge
+signed.
+
+Every wait is bounded and names its step; a step that fails is reported in the summary's `error`, never hidden.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 from carechain import envelope, events, reencryption, sealed
-from carechain.demo.records import Party, miner_dirs
+from carechain.demo.records import Party
 from carechain.entries import CHECKPOINT_FINAL, Entry
 from carechain.identity import Identity
 from carechain.inventory import InventoryDevice
-from chain_bridge.contract_admin import replay_ledger, submit
+from chain_bridge.contract_admin import ContractRefused, replay_ledger, submit
 from chain_bridge.ledger.store import EventCandidate, Ledger
 from chain_bridge.registry import register_devices
 from contract_rules import Genesis
 from contract_rules import transactions as ce
+from contract_rules.runtime import State
 
 __all__ = ["PATIENTS", "MarketDemo", "MarketDemoError", "resting_level"]
 
@@ -57,8 +63,17 @@ FUNDING_MINOR = 3 * (PRICE_MINOR * MAX_CONTRIBUTORS + FEE_MINOR * AGGREGATORS)
 MINUTE_MS = 60_000
 HR_MINUTES = 15  # one heart-rate reading a minute (a resting heart rate needs 10 distinct minutes)
 GLUCOSE_READINGS = 4
-AGGREGATOR_TIMEOUT_S = 60.0
 GLUCOSE_BINS = [40, 70, 100, 140, 180, 250, 400]
+GLUCOSE_EPSILON_MILLI = 1000  # the histogram's differential privacy: epsilon 1, noise on every bin
+# The first study takes contributions this long after it is posted: the agents opened their readings before, so
+# contributing takes a second or two, and the aggregators cannot start before a final checkpoint covers the
+# contributions (the bridge records one at most every 10 s), which is then most likely recorded.
+CONTRIBUTIONS_OPEN_MS = 14_000
+POLL_S = 0.5
+DECIDE_TIMEOUT_S = 120.0  # a final checkpoint over the contributions, then each miner's MPC runs, one at a time
+SAMPLE_TIMEOUT_S = 60.0  # a final checkpoint recorded after the decision (one per 10 s at most), then the sample
+AUDIT_TIMEOUT_S = 90.0  # the disclosures checkpointed and cosigned, then the audit MPC runs
+CHECKPOINT_TIMEOUT_S = 30.0  # the bridge signs a checkpoint each second the log grew
 
 
 class MarketDemoError(RuntimeError):
@@ -68,6 +83,7 @@ class MarketDemoError(RuntimeError):
 @dataclass
 class _Patient:
     party: Party
+    key_name: str  # her key file's name under market/ (her opening files go beside it)
     band: Identity
     meter: Identity
     attributes: dict[str, str]
@@ -79,18 +95,19 @@ def resting_level(patient: int) -> int:
     return 58 + (patient * 7) % 25
 
 
-def _free_ports(n: int) -> list[int]:
-    """n distinct free loopback TCP ports (bound together, then released for the aggregators to take)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+def glucose_level(patient: int, reading: int) -> float:
+    """Patient `patient`'s `reading`-th glucose reading of the period, mg/dL."""
+    return float(75 + (patient * 23 + reading * 11) % 140)
+
+
+@dataclass
+class _Study:
+    """A posted study as the demo follows it: its query and filter, and the contributions it made to it."""
+
+    query: dict[str, Any]
+    filter: dict[str, str]
+    epsilon_milli: int = 0
+    contributions: dict[int, _Patient] = field(default_factory=dict)  # leaf → the patient who made it
 
 
 class MarketDemo:
@@ -98,32 +115,35 @@ class MarketDemo:
 
     def __init__(self, root: Path, genesis: Genesis, operator: Identity, log_key: Identity, ledger_file: Path,
                  funder: Identity) -> None:
-        keys = root / "market"
-        keys.mkdir(parents=True, exist_ok=True)
+        self.keys = root / "market"
+        self.keys.mkdir(parents=True, exist_ok=True)
         self.root, self.genesis, self.operator, self.log_key = root, genesis, operator, log_key
         self.ledger_file, self.funder = ledger_file, funder
-        self.researcher = Party.in_dir(keys, "researcher", "Dr. Sara Lind, cardiometabolic cohort study",
+        self.researcher = Party.in_dir(self.keys, "researcher", "Dr. Sara Lind, cardiometabolic cohort study",
                                        "researcher")
         self.patients = []
         for i in range(PATIENTS):
             region = SMALL_REGION if i in SMALL_REGION_PATIENTS else "lyon"
             attributes = {"age_band": ("30-44", "45-64", "65+")[i % 3], "sex": "fm"[i % 2], "region": region}
             self.patients.append(_Patient(
-                Party.in_dir(keys, f"patient{i:02}", f"study patient {i}", "patient"),
+                Party.in_dir(self.keys, f"patient{i:02}", f"study patient {i}", "patient"), f"patient{i:02}",
                 # New devices each run: a device keeps one data key per epoch, which this demo does not store,
                 # so a second run on a kept data dir must not seal a second key for an epoch already keyed.
                 Identity.generate(), Identity.generate(),
                 attributes, PICKY_MIN_COHORT if i == PICKY else MIN_COHORT))
-        self.miner_keys = {Identity.load(d / "miner.key").device_id: d / "miner.key" for d in miner_dirs(root)}
+        self._phase_started = 0.0
+        self.phases: dict[str, float] = {}
 
     # -- the scenario ----------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
-        """Patients, readings, consents, three studies, contributions, MPC, results, payments, verification.
-        The summary's `study` section; `study_result`, `study_contributors` and `study_verified` from it."""
+        """Patients, readings, consents, three studies, contributions; the miners' results and audit sample;
+        disclosures; the miners' verdicts; payments; verification. The summary's `study` section
+        (`study_result`, `study_contributors` and `study_verified` come from it); `phases` says how long each
+        step took, in seconds."""
         started = time.monotonic()
         result: dict[str, Any] = {"verified": False, "error": None, "patients": PATIENTS,
-                                  "researcher": self.researcher.id, "studies": []}
+                                  "researcher": self.researcher.id, "studies": [], "phases": self.phases}
         try:
             self._run(result)
         except Exception as exc:  # reported in the summary, never hidden (the exit status says it failed)
@@ -132,57 +152,77 @@ class MarketDemo:
         return result
 
     def _run(self, result: dict[str, Any]) -> None:
-        from contract_rules.market import study_record
+        from contract_rules.market import CONTRIBUTIONS, study_record
         from contract_rules.study_check import verify_study
 
-        now = int(time.time() * 1000)
+        self._phase_started = time.monotonic()
+        now = _now_ms()
         run_id = f"{now:x}"[-6:]  # a kept data dir runs the demo again: fresh study ids each time
+        heart_rate = {"type": "resting_heart_rate", "kind": "heart_rate", "lo": 30, "hi": 200}
+        studies = {
+            f"rhr-{run_id}": _Study(heart_rate, {}),
+            f"glucose-{run_id}": _Study({"type": "histogram", "kind": "glucose", "lo": 40, "hi": 400,
+                                         "bins": GLUCOSE_BINS}, {}, GLUCOSE_EPSILON_MILLI),
+            f"rhr-{SMALL_REGION}-{run_id}": _Study(heart_rate, {"region": SMALL_REGION}),
+        }
         ledger = Ledger(self.ledger_file)
         try:
             self._register(ledger, now)
             self._record_readings(ledger, now)
-            note = self._latest_final_note(ledger)
-            studies = {
-                f"rhr-{run_id}": ({"type": "resting_heart_rate", "kind": "heart_rate", "lo": 30, "hi": 200}, {}),
-                f"glucose-{run_id}": ({"type": "histogram", "kind": "glucose", "lo": 40, "hi": 400,
-                                       "bins": GLUCOSE_BINS}, {}),
-                f"rhr-{SMALL_REGION}-{run_id}": ({"type": "resting_heart_rate", "kind": "heart_rate", "lo": 30,
-                                                  "hi": 200}, {"region": SMALL_REGION}),
-            }
-            consents = self._consents_and_posts(ledger, now, note, studies)
-            state = replay_ledger(ledger, self.genesis).state
-            records: dict[str, dict[str, Any]] = {}
-            for sid in studies:
-                record = study_record(state, sid)
-                if record is None:
-                    raise MarketDemoError(f"study {sid} was posted but is not on the ledger")
-                records[sid] = record
-            self._contribute(ledger, state, consents, records)
-            state = replay_ledger(ledger, self.genesis).state
-            results = self._aggregate(state, list(studies))
-            submit(ledger, self.genesis, [*results, *(ce.study_close_entry(self.researcher.identity, ce.StudyClose(
-                study_id=sid, ts=int(time.time() * 1000))) for sid in studies)], clock=self.operator)
-            checkpoint = self._checkpoint(ledger)
-            leaves = list(ledger.leaves())
+            period = (now - 3_600_000, now + 1)
+            own = self._open_own_readings(ledger, period)
+            consents = self._consents_and_posts(ledger, now, period, self._latest_final_note(ledger), studies)
+            self._phase("set_up")
+            self._contribute(ledger, consents, studies, own)
+            self._phase("contribute")
+
+            state = self._wait(ledger, "the miners to compute every study (a final checkpoint over the "
+                               "contributions, then each study's MPC) and the bridge to append a majority of results",
+                               DECIDE_TIMEOUT_S, lambda st: all(_study(st, sid)["state"] != "open" for sid in studies),
+                               lambda st: _progress(st, studies, "results"))
+            self._phase("results")
+            answered = [sid for sid in studies if _study(state, sid)["state"] == "answered"]
+            state = self._wait(ledger, "the miners to post the audit sample of every answered study (after a final "
+                               "checkpoint recorded past the decision)", SAMPLE_TIMEOUT_S,
+                               lambda st: all(_study(st, sid)["audit"] is not None for sid in answered),
+                               lambda st: _progress(st, answered, "audit"))
+            self._phase("sample")
+            # Every study's MPC runs on its own ports (study_runner.job_port_offset): the audits may overlap.
+            self._disclose(ledger, state, {sid: studies[sid] for sid in answered})
+            state = self._wait(ledger, "the aggregators' audit verdicts on every disclosed contribution",
+                               AUDIT_TIMEOUT_S, lambda st: all(_audited(_study(st, sid)) for sid in answered),
+                               lambda st: _progress(st, answered, "verdicts"))
+            self._phase("disclose_and_audit")
+
+            closes = self._submit(ledger, "the researcher's study closes", [ce.study_close_entry(
+                self.researcher.identity, ce.StudyClose(study_id=sid, ts=_now_ms())) for sid in studies])
+            checkpoint = self._checkpoint_covering(ledger, max(closes))
+            leaves = list(ledger.leaves(0, checkpoint.tree_size))
             state = replay_ledger(ledger, self.genesis).state
         finally:
             ledger.close()
-        from contract_rules.market import CONTRIBUTIONS
 
         verified, paid = True, 0
-        for sid in studies:
+        for sid, asked in studies.items():
             report = verify_study(leaves, self.genesis, sid, checkpoint)
             closed = study_record(state, sid) or {}
+            decided = closed.get("decided") or {}
+            audit = closed.get("audit")
             verified = verified and report.ok
             if report.state == "answered":
-                paid += sum(state.table(CONTRIBUTIONS)[str(i)]["price_minor"] for i in report.included)
+                paid += sum(state.table(CONTRIBUTIONS)[str(i)]["price_minor"] for i in report.included
+                            if i not in (audit or {}).get("forfeited", []))
             result["studies"].append({
-                "study_id": sid, "query": records[sid]["query"], "filter": dict(studies[sid][1]),
-                "state": report.state,
+                "study_id": sid, "query": closed.get("query"), "filter": dict(asked.filter), "state": report.state,
                 "answer": report.answer, "contributions": len(closed.get("contributions", [])),
                 "included": len(report.included), "aggregators": closed.get("aggregators", []),
                 "deposit": closed.get("deposit"), "verified": report.ok,
+                "epsilon": closed.get("epsilon_milli", 0) / 1000,  # as the study states it
+                "result_epsilon": (decided.get("noise") or {}).get("epsilon_milli", 0) / 1000,  # as the result does
+                "audit": None if audit is None else {"sample": audit["sample"], "outcomes": audit["outcome"],
+                                                     "forfeited": audit.get("forfeited", [])},
                 "failed": [f"{f.check}: {f.detail}" for f in report.findings if not f.ok]})
+        self._phase("close_and_verify")
         result["verified"] = verified
         result["paid"] = {"patients": paid, "researcher_left": state.balance(f"researcher:{self.researcher.id}")}
         first = result["studies"][0]
@@ -190,15 +230,23 @@ class MarketDemo:
         if answer.get("n"):
             result["mean_resting_heart_rate"] = round(float(Fraction(answer["sum"], answer["n"])), 1)
         result["contributors"] = first["included"]
+        result["epsilon"] = result["studies"][1]["epsilon"]  # the glucose histogram's
+        result["audited"] = sum(len(s["audit"]["sample"]) for s in result["studies"] if s["audit"])
         if not verified:
             raise MarketDemoError("verify_study found problems: " + "; ".join(
                 p for s in result["studies"] for p in s["failed"]))
+
+    def _phase(self, name: str) -> None:
+        now = time.monotonic()
+        self.phases[name] = round(now - self._phase_started, 2)
+        self._phase_started = now
 
     # -- steps -----------------------------------------------------------------------------------------
 
     def _register(self, ledger: Ledger, now: int) -> None:
         """Patients (with re-encryption keys) and the researcher as parties (once per data dir), the researcher
         funded by the insurer, then each patient's band and meter registered to her."""
+        ledger.refresh()
         parties = replay_ledger(ledger, self.genesis).state.table("parties")
         people = [self.researcher, *(p.party for p in self.patients)]
         entries = [ce.party_registration_entry(self.operator, p.registration(now)) for p in people
@@ -206,7 +254,7 @@ class MarketDemo:
         entries.append(ce.signed(self.funder, ce.TOKEN_TRANSFER, ce.TokenTransfer(
             to=f"researcher:{self.researcher.id}", amount=FUNDING_MINOR, nonce=int.from_bytes(os.urandom(7), "big"),
             memo="research grant: cardiometabolic cohort study")))
-        submit(ledger, self.genesis, entries, clock=self.operator)
+        self._submit(ledger, "the study parties' registrations and the research grant", entries)
         known = ledger.devices()
         devices = [InventoryDevice(name=f"{p.party.name} {profile}", profile=profile, owner=p.party.id,
                                    site="home", public_key=dev.public_key, line=0)
@@ -224,7 +272,7 @@ class MarketDemo:
             hr = [(now - (HR_MINUTES - m) * MINUTE_MS, "heart_rate", {"bpm": base + (m * 5) % 17})
                   for m in range(HR_MINUTES)]
             glucose = [(now - (GLUCOSE_READINGS - g) * 3 * MINUTE_MS, "glucose",
-                        {"mg_dl": float(75 + (i * 23 + g * 11) % 140)}) for g in range(GLUCOSE_READINGS)]
+                        {"mg_dl": glucose_level(i, g)}) for g in range(GLUCOSE_READINGS)]
             candidates += self._sealed(ledger, p.band, p.party, hr)
             candidates += self._sealed(ledger, p.meter, p.party, glucose)
         ledger.append_events(candidates)
@@ -261,112 +309,199 @@ class MarketDemo:
     def _latest_final_note(ledger: Ledger) -> str:
         """The last final checkpoint the bridge recorded (`checkpoint.final`, cosigned by a majority of the
         active miners): its seed draws the studies' aggregators."""
-        for index in range(ledger.size - 1, -1, -1):
+        for index in range(ledger.refresh() - 1, -1, -1):
             entry = Entry.decode(ledger.entry(index))
             if entry.type == CHECKPOINT_FINAL:
                 return str(envelope.parse(entry.cose).payload["note"])
         raise MarketDemoError("no final checkpoint on the ledger: the miners never cosigned one")
 
-    def _consents_and_posts(self, ledger: Ledger, now: int, note: str,
-                            studies: dict[str, tuple[dict[str, Any], dict[str, str]]]) -> dict[str, int]:
-        """Every patient's consent (patient id → its leaf), then the researcher's three studies."""
+    def _open_own_readings(self, ledger: Ledger, period: tuple[int, int]) -> dict[tuple[int, str], Any]:
+        """Each patient's agent opens her own heart-rate and glucose readings of the period on her own machine
+        (before the studies are posted: it is what takes time, and the studies can then close soon after).
+        (patient, kind) → `OwnReadings`."""
+        from record_access.contributing import find_own_readings
+
+        leaves = self._study_leaves(ledger)
+        operators = dict(replay_ledger(ledger, self.genesis).state.operators)
+        own = {}
+        for i, p in enumerate(self.patients):
+            for kind in ("heart_rate", "glucose"):
+                found = find_own_readings(leaves, ledger.ciphertext, p.party.id, p.party.pre, operators, kind,
+                                          *period)
+                if found.problems or not found.readings:
+                    raise MarketDemoError(f"{p.party.name}'s agent could not open her {kind} readings: "
+                                          f"{[x.to_json() for x in found.problems[:3]]}")
+                own[i, kind] = found
+        return own
+
+    def _study_leaves(self, ledger: Ledger) -> list[tuple[int, bytes]]:
+        """The ledger's leaves from the first registration of this run's study devices on (a kept data dir
+        keeps the devices of earlier runs): every registration and reading of theirs is in them."""
+        ledger.refresh()
+        devices = ledger.devices()
+        start = min(devices[d.device_id].registered_idx for p in self.patients for d in (p.band, p.meter))
+        return list(enumerate(ledger.leaves(start, ledger.size), start))
+
+    def _consents_and_posts(self, ledger: Ledger, now: int, period: tuple[int, int], note: str,
+                            studies: dict[str, _Study]) -> dict[str, int]:
+        """Every patient's consent (patient id → its leaf), then the researcher's three studies, which take
+        contributions for CONTRIBUTIONS_OPEN_MS."""
         entries = [ce.consent_give_entry(p.party.identity, ce.ConsentGive(
             kinds=["heart_rate", "glucose"], queries=["resting_heart_rate", "histogram", "mean"],
             min_cohort=p.min_cohort, price_minor=PRICE_MINOR, buyers=[self.researcher.id],
             expires_ms=now + 30 * 86_400_000, attributes=ce.CohortAttributes(**p.attributes),
             nonce=int.from_bytes(os.urandom(7), "big"), ts=now)) for p in self.patients]
-        for sid, (query, wanted) in studies.items():
+        posted = _now_ms()
+        for sid, study in studies.items():
             entries.append(ce.study_post_entry(self.researcher.identity, ce.StudyPost(
-                study_id=sid, query=ce.StudyQuery(**query), from_ms=now - 3_600_000, to_ms=now + 1,
-                filter=ce.CohortAttributes(**wanted), price_minor=PRICE_MINOR, max_contributors=MAX_CONTRIBUTORS,
-                aggregator_fee_minor=FEE_MINOR, epsilon_milli=0, aggregators=AGGREGATORS, seed_checkpoint=note,
-                closes_ms=now + 3_600_000, ts=now)))
-        leaves = submit(ledger, self.genesis, entries, clock=self.operator)
+                study_id=sid, query=ce.StudyQuery(**study.query), from_ms=period[0], to_ms=period[1],
+                filter=ce.CohortAttributes(**study.filter), price_minor=PRICE_MINOR,
+                max_contributors=MAX_CONTRIBUTORS, aggregator_fee_minor=FEE_MINOR,
+                epsilon_milli=study.epsilon_milli, aggregators=AGGREGATORS, seed_checkpoint=note,
+                closes_ms=posted + CONTRIBUTIONS_OPEN_MS, ts=posted)))
+        leaves = self._submit(ledger, "the consents and the study posts", entries)
         return {p.party.id: leaf for p, leaf in zip(self.patients, leaves, strict=False)}
 
-    def _contribute(self, ledger: Ledger, state: Any, consents: dict[str, int],
-                    records: dict[str, dict[str, Any]]) -> None:
-        """Each patient's agent, for each study her consent and attributes match: her own readings opened on
-        her own machine, the measure, its shares sealed to the study's aggregators."""
-        from contract_rules.market import matches_filter
-        from record_access.contributing import aggregator_keys, build_contribution, find_own_readings
+    def _opening_file(self, patient: _Patient, study_id: str) -> Path:
+        """Where her agent keeps the opening of her commitment (0600), beside her key, as `carechain study
+        contribute` does: a sampled contribution is disclosed from it."""
+        return self.keys / f"{patient.key_name}.{study_id}.opening.json"
 
-        # The agents read the ledger from the first registration of a study device on (a kept data dir keeps
-        # the devices of earlier runs): every registration and reading of theirs is in it.
-        devices = ledger.devices()
-        start = min(devices[d.device_id].registered_idx for p in self.patients for d in (p.band, p.meter))
-        leaves = [(i, leaf) for i, leaf in enumerate(ledger.leaves(start), start)]
-        operators = dict(state.operators)
-        entries = []
-        for p in self.patients:
-            for sid, study in records.items():
+    def _contribute(self, ledger: Ledger, consents: dict[str, int], studies: dict[str, _Study],
+                    own: dict[tuple[int, str], Any]) -> None:
+        """Each patient's agent, for each study her consent and attributes match: the measure of her opened
+        readings, its shares sealed to the study's aggregators, the opening kept; all appended before the
+        studies close."""
+        from contract_rules.market import matches_filter, study_record
+        from record_access.contributing import aggregator_keys, build_contribution, save_opening
+
+        state = replay_ledger(ledger, self.genesis).state
+        made = []
+        for i, p in enumerate(self.patients):
+            for sid, asked in studies.items():
+                study = study_record(state, sid)
+                if study is None:
+                    raise MarketDemoError(f"study {sid} was posted but is not on the ledger")
                 if not matches_filter(p.attributes, study["filter"]):
                     continue
-                q = study["query"]
-                own = find_own_readings(leaves, ledger.ciphertext, p.party.id, p.party.pre, operators, q["kind"],
-                                        study["from_ms"], study["to_ms"])
-                if own.problems or not own.readings:
-                    raise MarketDemoError(f"{p.party.name}'s agent could not open her {q['kind']} readings: "
-                                          f"{[x.to_json() for x in own.problems[:3]]}")
-                entries.append(build_contribution(p.party.identity, sid, study, consents[p.party.id],
-                                                  aggregator_keys(state, study), own, int(time.time() * 1000)).entry)
-        submit(ledger, self.genesis, entries, clock=self.operator)
+                built = build_contribution(p.party.identity, sid, study, consents[p.party.id],
+                                           aggregator_keys(state, study), own[i, study["query"]["kind"]], _now_ms())
+                save_opening(self._opening_file(p, sid), built)  # kept before the entry is anchored
+                made.append((p, sid, built))
+        closes = min(_study(state, sid)["closes_ms"] for sid in studies)
+        try:
+            leaves = self._submit(ledger, "the contributions", [built.entry for _, _, built in made])
+        except MarketDemoError as exc:
+            if _now_ms() < closes:
+                raise
+            raise MarketDemoError(f"{exc} ({_now_ms() - closes} ms after the studies closed: contributing took "
+                                  f"longer than CONTRIBUTIONS_OPEN_MS)") from None
+        for (p, sid, built), leaf in zip(made, leaves, strict=True):
+            save_opening(self._opening_file(p, sid), built, leaf)
+            studies[sid].contributions[leaf] = p
 
-    def _aggregate(self, state: Any, study_ids: list[str]) -> list[Entry]:
-        """Every study's aggregators, one `python -m chain_miner.aggregator` process each (all studies at once,
-        each on its own loopback ports); the signed results of each study's first majority, in its order."""
-        from chain_miner.aggregator import inputs_from_state
+    def _disclose(self, ledger: Ledger, state: State, studies: dict[str, _Study]) -> None:
+        """Each sampled patient opens her contribution to the study's aggregators, and to them only, with her
+        own keys: her commitment's salt, the data keys of the epochs of her cited readings and their
+        ciphertexts, sealed to each aggregator (the `study.disclose` entry is the logged access)."""
+        from contract_rules.market import CONTRIBUTIONS, study_record
+        from record_access.contributing import aggregator_keys, build_disclosure, find_cited_data
 
-        procs: list[tuple[str, int, subprocess.Popen[bytes], Path]] = []
-        with tempfile.TemporaryDirectory(prefix="carechain-study-") as tmp:
-            work = Path(tmp)
-            ports = _free_ports(AGGREGATORS * len(study_ids))
-            try:
-                for s, sid in enumerate(study_ids):
-                    inputs = inputs_from_state(state, sid)
-                    inputs_file = work / f"{s}-inputs.json"
-                    inputs_file.write_text(json.dumps(inputs))
-                    peers = ",".join(f"127.0.0.1:{port}" for port in ports[s * AGGREGATORS:(s + 1) * AGGREGATORS])
-                    for i, agg in enumerate(inputs["study"]["aggregators"]):
-                        key = self.miner_keys.get(agg)
-                        if key is None:
-                            raise MarketDemoError(f"aggregator {agg} of study {sid} is not one of the demo's miners")
-                        out = work / f"{s}-{i}-result.json"
-                        procs.append((sid, i, subprocess.Popen(
-                            [sys.executable, "-m", "chain_miner.aggregator", "--study", sid, "--index", str(i),
-                             "--peers", peers, "--key", str(key), "--inputs", str(inputs_file), "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), out))
-                deadline = time.monotonic() + AGGREGATOR_TIMEOUT_S
-                entries = []
-                for sid, i, proc, out in procs:
-                    if i >= AGGREGATORS // 2 + 1:
-                        # A majority of equal results decides the study; a later result is refused as
-                        # study_already_decided. The demo's aggregators all finish, the first majority is posted.
-                        proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
-                        continue
-                    try:
-                        _, err = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
-                    except subprocess.TimeoutExpired:
-                        raise MarketDemoError(f"aggregator {i} of study {sid} did not finish within "
-                                              f"{AGGREGATOR_TIMEOUT_S:.0f} s") from None
-                    if proc.returncode != 0 or not out.exists():
-                        tail = err.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
-                        raise MarketDemoError(f"aggregator {i} of study {sid} failed: {tail[0]}")
-                    entries.append(Entry.decode(bytes.fromhex(json.loads(out.read_text())["entry"])))
-                return entries
-            finally:
-                for _, _, proc, _ in procs:
-                    if proc.poll() is None:
-                        proc.kill()
-                        proc.wait()
+        leaves = self._study_leaves(ledger)
+        table = state.table(CONTRIBUTIONS)
+        entries = []
+        for sid, asked in studies.items():
+            study = study_record(state, sid)
+            assert study is not None and study["audit"] is not None  # waited for
+            for index in study["audit"]["sample"]:
+                patient = asked.contributions.get(index)
+                if patient is None:
+                    raise MarketDemoError(f"study {sid} sampled contribution {index}, which no demo patient made")
+                opening = json.loads(self._opening_file(patient, sid).read_text())
+                data_keys, cts = find_cited_data(leaves, ledger.ciphertext, patient.party.id, patient.party.pre,
+                                                 dict(state.operators), study, table[str(index)]["leaves"])
+                entries.append(build_disclosure(patient.party.identity, sid, study, index, opening,
+                                                aggregator_keys(state, study), data_keys, cts, _now_ms()))
+        self._submit(ledger, "the sampled patients' disclosures", entries)
 
-    def _checkpoint(self, ledger: Ledger) -> Any:
-        """A checkpoint of the whole log signed by the log key, verified against it as any outsider would."""
-        from carechain.checkpoint import Checkpoint, parse_note
+    # -- the live ledger -------------------------------------------------------------------------------
+
+    def _submit(self, ledger: Ledger, what: str, entries: list[Entry]) -> list[int]:
+        """Append `entries` as `carechain` commands do while the bridge runs: checked against a replay of the
+        whole ledger (what the bridge appended meanwhile included), a clock.attest first when stale."""
+        ledger.refresh()
+        try:
+            return submit(ledger, self.genesis, entries, clock=self.operator)
+        except ContractRefused as exc:
+            raise MarketDemoError(f"{what}: {exc}") from None
+
+    def _wait(self, ledger: Ledger, what: str, timeout: float, done: Callable[[State], bool],
+              progress: Callable[[State], str]) -> State:
+        """The contract state once `done(state)`, replaying what the bridge appended every POLL_S; a
+        MarketDemoError naming the step and where each study stood when `timeout` passes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            ledger.refresh()
+            state = replay_ledger(ledger, self.genesis).state
+            if done(state):
+                return state
+            if time.monotonic() > deadline:
+                raise MarketDemoError(f"gave up after {timeout:.0f} s waiting for {what}: {progress(state)}")
+            time.sleep(POLL_S)
+
+    def _checkpoint_covering(self, ledger: Ledger, index: int) -> Any:
+        """The bridge's newest checkpoint once it covers leaf `index`, verified against the log key as any
+        outsider would."""
         from carechain.proofs import verify_checkpoint
 
-        latest = ledger.latest_checkpoint()
-        if latest is None:
-            raise MarketDemoError("the bridge signed no checkpoint")
-        origin = Checkpoint.parse(parse_note(latest[1])[0]).origin
-        return verify_checkpoint(ledger.issue_checkpoint(self.log_key, origin), self.log_key.public_key)
+        deadline = time.monotonic() + CHECKPOINT_TIMEOUT_S
+        while True:
+            latest = ledger.latest_checkpoint()
+            if latest is not None and latest[0] > index:
+                return verify_checkpoint(latest[1], self.log_key.public_key)
+            if time.monotonic() > deadline:
+                raise MarketDemoError(f"gave up after {CHECKPOINT_TIMEOUT_S:.0f} s waiting for a checkpoint of the "
+                                      f"bridge covering leaf {index} (the latest covers "
+                                      f"{latest[0] if latest else 0} leaves)")
+            time.sleep(POLL_S)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _study(state: State, study_id: str) -> dict[str, Any]:
+    from contract_rules.market import study_record
+
+    record = study_record(state, study_id)
+    if record is None:
+        raise MarketDemoError(f"study {study_id} is not on the ledger")
+    return record
+
+
+def _audited(study: dict[str, Any]) -> bool:
+    """Every sampled contribution of the study has its majority verdict."""
+    audit = study["audit"]
+    return audit is not None and all(str(i) in audit["outcome"] for i in audit["sample"])
+
+
+def _progress(state: State, study_ids: Any, what: str) -> str:
+    """Where each study stands, for a timeout's message: what the miners have done, and what they wait for."""
+    from contract_rules import miners
+    from contract_rules.clock import attested_ms
+
+    rows = []
+    for sid in study_ids:
+        s = _study(state, sid)
+        audit = s["audit"] or {}
+        if what == "results":
+            rows.append(f"{sid} {s['state']}, results from {sorted(s['results']) or 'nobody'} of {s['aggregators']}, "
+                        f"contributions up to leaf {max(s['contributions'], default=None)}")
+        elif what == "audit":
+            rows.append(f"{sid} {s['state']} decided at leaf {(s['decided'] or {}).get('at')}, "
+                        f"sample {audit.get('sample')}")
+        else:
+            rows.append(f"{sid} sample {audit.get('sample')}, disclosed {sorted(audit.get('disclosed', {}))}, "
+                        f"verdicts {audit.get('verdicts')}, outcome {audit.get('outcome')}")
+    return (f"final size {miners.final_size(state)}, attested time {attested_ms(state)}, ledger size {state.size}; "
+            + "; ".join(rows) + " (the miners' logs say why)")

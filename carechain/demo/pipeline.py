@@ -95,6 +95,7 @@ def _run(root: Path, *, broker: str | None, seconds: float, speedup: float,
     from carechain.config import AgentConfig, BridgeConfig, BrokerConfig, Config, parse_address
     from carechain.demo.pharmacy_day import WELLNESS_POLICY, PharmacyDay
     from carechain.demo.market import MarketDemo
+    from carechain.demo.trial import TrialDemo
     from carechain.demo.records import RecordsDemo, load_alice, load_miner_keys
     from carechain.entries import ENTRY_EVENT, Entry
     from carechain.events import make_sealed_payload
@@ -293,6 +294,20 @@ def _run(root: Path, *, broker: str | None, seconds: float, speedup: float,
         terminal_final: dict[str, bool] = {}
         asyncio.run(main())
         access["miner_stats"] = records.miner_stats()
+        # Read before the data market: its research grant moves the insurer's tokens, its readings are not the agent's.
+        pharmacy = {**day.summary(), "terminal_sales_final": terminal_final.get("sales_final", False)}
+        agent_part = ledger_reader.refresh()
+        # The data market last, while the bridge and the miners run: the miners compute, sample and audit its
+        # studies by themselves (carechain.demo.market).
+        if on_tick:
+            on_tick(snapshot("a researcher's three studies: the miners compute them in MPC and audit a sample"))
+        study = MarketDemo(root, day.genesis, operator, lk, ledger_path(bridge_dir), day.insurer).run()
+        # Then a randomised trial, also on the live system: the labelling miners commit, reveal and answer an
+        # emergency unblinding by themselves (carechain.demo.trial).
+        if on_tick:
+            on_tick(snapshot("a 40-participant randomised trial: miners label, commit and reveal by themselves"))
+        trial = TrialDemo(root, day.genesis, operator, lk, ledger_path(bridge_dir), day.pharmacy,
+                          records.miner_dirs).run()
         records.stop_miners()
         bridge.stop()
         ledger_reader.close()
@@ -312,15 +327,12 @@ def _run(root: Path, *, broker: str | None, seconds: float, speedup: float,
             proof = {"error": str(exc)}
         stats = bridge.stats.as_dict()
         kinds: dict[str, int] = {}
-        for i in range(ledger_reader.size):  # read back from the log itself: what was anchored, by kind
+        for i in range(agent_part):  # read back from the log itself: what was anchored, by kind
             entry = Entry.decode(ledger_reader.entry(i))
             if entry.type == ENTRY_EVENT:
                 kind = envelope.parse(entry.cose).payload["kind"]
                 kinds[kind] = kinds.get(kind, 0) + 1
-        pharmacy = {**day.summary(), "terminal_sales_final": terminal_final.get("sales_final", False)}
         miners = len(pharmacy["active_miners"])
-        # The data market last, on the quiet ledger (bridge and miners stopped): carechain.demo.market.
-        study = MarketDemo(root, day.genesis, operator, lk, ledger_path(bridge_dir), day.insurer).run()
         return {
             "sent": agent.stats.signed,
             "anchored": stats["anchored"],
@@ -353,4 +365,7 @@ def _run(root: Path, *, broker: str | None, seconds: float, speedup: float,
             "study_result": study.get("mean_resting_heart_rate"),
             "study_contributors": study.get("contributors", 0),
             "study_verified": study["verified"],
+            "trial": trial,
+            "trial_certificate": trial["trial_certificate"],
+            "trial_verified": trial["trial_verified"],
         }

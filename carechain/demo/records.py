@@ -21,6 +21,7 @@ import concurrent.futures
 
 import os
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -44,6 +45,7 @@ STEP_TIMEOUT_S = 30.0  # a bound on each wait: a broken run fails instead of han
 REFUSAL_QUIET_S = 1.0  # after the bridge counted the outsider's refusal: nothing may reach its inbox meanwhile
 MEASURE_EVERY_S = 5.0  # while waiting for the grant to be final: one more reading of the band this often
 DOCTOR_NAME = "Dr. Ines Moreau, cardiology (Lyon)"
+MPC_TIMEOUT_S = 60.0  # one study computation of a demo miner (a few seconds on loopback): a hang fails loudly
 
 
 class AccessDemoError(RuntimeError):
@@ -97,6 +99,20 @@ def load_alice(root: Path) -> Party:
     return Party.in_dir(keys_dir(root), "alice", "Alice", "patient")
 
 
+def free_loopback_ports(n: int) -> list[int]:
+    """n distinct free loopback TCP ports (bound together, then released for their users to take)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def _wait(what: str, cond: Callable[[], bool], timeout: float = STEP_TIMEOUT_S) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -141,11 +157,16 @@ class RecordsDemo:
     # -- the miners ------------------------------------------------------------------------------------
 
     def start_miners(self, cfg: Config, log_public_key: bytes, genesis_file: Path) -> None:
-        """Assemble and start the five miners as `carechain miner` does, each on its own data dir."""
+        """Assemble and start the five miners as `carechain miner` does, each on its own data dir, each with
+        its `miner.mpc_listen` on a free loopback port: they run the data market's studies they aggregate by
+        themselves (chain_miner.study_runner; carechain.demo.market waits for them)."""
         from chain_miner.assembly import assemble_miner
 
-        for mdir, key in zip(self.miner_dirs, self.miner_keys, strict=True):
-            assembled = assemble_miner(cfg, data_dir=mdir, key=mdir / "miner.key",
+        ports = free_loopback_ports(len(self.miner_dirs))
+        for mdir, key, port in zip(self.miner_dirs, self.miner_keys, ports, strict=True):
+            miner_cfg = cfg.model_copy(update={"miner": cfg.miner.model_copy(update={
+                "mpc_listen": f"127.0.0.1:{port}", "mpc_timeout_s": MPC_TIMEOUT_S})})
+            assembled = assemble_miner(miner_cfg, data_dir=mdir, key=mdir / "miner.key",
                                        log_public_key=log_public_key.hex(), name=self.miner_name(key),
                                        genesis=genesis_file)
             self.miners.append(assembled)
