@@ -52,6 +52,10 @@ class BrokerConfig(_Section):
     credentials_file: Path | None = Field(default=None, description="The bridge's MQTT login written by "
                                           "`carechain bridge acl` (bridge.json, mode 0600); sets username and "
                                           "password. Never used for an agent's devices.")
+    failover: list[Annotated[str, Field(pattern=r"^[^\s:/]+:[0-9]{1,5}$")]] = Field(
+        default_factory=list, description="More HOST:PORT addresses of the same broker tier (the MQTT listeners of "
+        "the other nodes of a NATS cluster, docs/nats.md): after a failed connect or a lost link, the client "
+        "tries the next address in turn. With TLS, each node's certificate must name the host dialled.")
     keepalive_s: int = Field(default=30, ge=5, le=3600, description="MQTT keepalive: seconds between pings on "
                              "an idle link; a broker that does not answer is taken as lost and reconnected to.")
     max_packet_bytes: int = Field(default=128 * 1024, ge=4096, le=256 << 20, description="Largest MQTT packet "
@@ -176,6 +180,59 @@ class ArchiveConfig(_Section):
         return self
 
 
+class AnchorConfig(_Section):
+    """`bridge.anchor`: checkpoint roots anchored on an Ethereum-compatible chain (docs/anchoring.md): one plain
+    transaction from the bridge's anchoring account per `every_checkpoints` checkpoints or `every_minutes`,
+    whichever comes first, never per event."""
+
+    enabled: bool = Field(default=False, description="Anchor the latest checkpoint on the chain at `rpc_url`.")
+    rpc_url: str | None = Field(default=None, pattern=r"^https?://", description="JSON-RPC endpoint (HTTP or "
+                                "HTTPS) of a node of the chain; required when `enabled`. Only its scheme, host "
+                                "and port are ever logged (a provider's URL may carry an API key).")
+    chain_id: int | None = Field(default=None, ge=1, description="The chain the anchors must go to (1: Ethereum "
+                                 "mainnet); the bridge refuses to anchor on a node of another chain. Unset: "
+                                 "whichever chain the node is on (logged at start).")
+    key_file: Path | None = Field(default=None, description="The anchoring account's private key (hex, mode "
+                                  "0600); default DATA_DIR/anchor.key, created if missing: fund the address "
+                                  "the bridge logs.")
+    every_checkpoints: int = Field(default=3600, ge=1, description="Anchor after this many new checkpoints "
+                                   "(3600: one hour of checkpoints at the default 1 s interval).")
+    every_minutes: float = Field(default=60.0, gt=0, description="Anchor at least this often while the log "
+                                 "grows (an idle log is not anchored again).")
+    confirmations: int = Field(default=12, ge=1, description="Blocks (the anchor's included) after which an "
+                               "anchor is recorded as confirmed.")
+    max_fee_gwei: float | None = Field(default=None, gt=0, description="Highest fee per gas the bridge offers; "
+                                       "when the chain asks more, the anchor waits (logged). Unset: no cap.")
+    rpc_timeout_s: float = Field(default=10.0, gt=0, le=300, description="How long one JSON-RPC call may take.")
+
+    @model_validator(mode="after")
+    def _url_when_enabled(self) -> AnchorConfig:
+        if self.enabled and not self.rpc_url:
+            raise ValueError("bridge.anchor.enabled needs bridge.anchor.rpc_url, the JSON-RPC endpoint of a node")
+        return self
+
+
+class NatsIngestConfig(_Section):
+    """`bridge.nats`: with `bridge.ingest: nats`, the NATS cluster whose JetStream work queue holds the devices'
+    events (devices still speak MQTT, to the cluster's MQTT listeners; docs/nats.md). The bridge logs in with
+    the broker section's login."""
+
+    servers: list[Annotated[str, Field(pattern=r"^(nats|tls)://[^\s/]+:[0-9]{1,5}$")]] = Field(
+        default_factory=list, description="Core NATS URLs of the cluster's nodes (nats://HOST:PORT, or tls://); "
+        "the bridge fails over between them by itself.")
+    stream: str = Field(default="CC_EVENTS", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="The JetStream "
+                        "stream that captures cc.v1.dev.*.ev (created as a work queue if missing).")
+    consumer: str = Field(default="carechain-bridge", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="The "
+                          "bridge's durable pull consumer on `stream` (created if missing).")
+    replicas: int = Field(default=3, ge=1, le=5, description="Copies of the stream kept on distinct nodes when "
+                          "the bridge creates it: 3 survives the loss of any one node.")
+    ack_wait_s: float = Field(default=30.0, ge=1, le=3600, description="An event pulled but not acknowledged "
+                              "(committed) within this is delivered again (and deduplicated).")
+    max_ack_pending: int = Field(default=20_000, ge=1, le=1_000_000, description="Events pulled and not yet "
+                                 "acknowledged, at most (the server stops delivering above it).")
+    tls_ca: Path | None = Field(default=None, description="Set: tls:// servers are checked against this CA only.")
+
+
 class BridgeConfig(_Section):
     """`bridge`: `carechain bridge`, which verifies, sequences and anchors events and answers with receipts."""
 
@@ -191,6 +248,12 @@ class BridgeConfig(_Section):
     ingest_workers: int = Field(default=0, ge=0, le=64, description="0: verify in the bridge process; N: N "
                                 "worker processes on an MQTT shared subscription (mosquitto, EMQX, ...; not the "
                                 "embedded amqtt broker). One more process than cores rarely helps.")
+    ingest: Literal["mqtt", "nats"] = Field(default="mqtt", description="Where the bridge takes device events "
+                                            "from: `mqtt` (its MQTT subscription, or its workers' shared one) or "
+                                            "`nats` (a durable JetStream consumer on `bridge.nats`; each event "
+                                            "acknowledged only after it is committed; docs/nats.md).")
+    nats: NatsIngestConfig = Field(default_factory=NatsIngestConfig, description="The NATS cluster for "
+                                   "`ingest: nats` (see `bridge.nats`).")
     operator_keys: list[str] = Field(default_factory=list, description="Hex public keys trusted to sign device "
                                      "registrations.")
     contracts: bool = Field(default=True, description="Check every sale against the contracts before appending "
@@ -220,6 +283,20 @@ class BridgeConfig(_Section):
                                        "sealed-record requests (one request per page of a large grant).")
     archive: ArchiveConfig = Field(default_factory=ArchiveConfig, description="Archiving sealed readings to "
                                    "the storage miners (see `bridge.archive`).")
+    tiles_dir: Path | None = Field(default=None, description="If set: after each checkpoint, write the log as "
+                                   "C2SP tlog-tiles into this directory (checkpoint, tile/…), for any static web "
+                                   "server or CDN to serve (docs/tiles.md). Off by default.")
+    anchor: AnchorConfig = Field(default_factory=AnchorConfig, description="Anchoring checkpoints on an "
+                                 "Ethereum-compatible chain (see `bridge.anchor`).")
+
+    @model_validator(mode="after")
+    def _nats_ingest(self) -> BridgeConfig:
+        if self.ingest == "nats" and not self.nats.servers:
+            raise ValueError("ingest nats needs bridge.nats.servers (nats://HOST:PORT of each node)")
+        if self.ingest == "nats" and self.ingest_workers:
+            raise ValueError("ingest nats verifies in the bridge process (ingest workers read an MQTT shared "
+                             "subscription): set ingest_workers to 0")
+        return self
 
     @model_validator(mode="after")
     def _threshold_fits(self) -> BridgeConfig:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import random
 import socket
 import ssl
 import threading
@@ -32,6 +33,9 @@ MAX_INFLIGHT = 4096
 # A link the broker closes this many times in a row before it was up `stable_s` is most likely a client-id
 # takeover (MQTT 3.1.1 has no reason code for it; v5's is 142, "Session taken over").
 TAKEOVER_DROPS = 3
+# A refused subscription is asked again after this (times 1-2, jittered), at most SUBSCRIBE_RETRY_MAX_S.
+SUBSCRIBE_RETRY_S = 2.0
+SUBSCRIBE_RETRY_MAX_S = 30.0
 SESSION_TAKEN_OVER = 142
 # OpenSSL verify codes (include/openssl/x509_vfy.h)
 _HOSTNAME_MISMATCH = {62, 64}  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
@@ -124,6 +128,11 @@ def describe_refusal(rc: mqtt.ReasonCode, broker: BrokerConfig) -> str:
     return f"broker {broker.address} refused the connection: {rc}"
 
 
+def _host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host, int(port)
+
+
 class _Link:
     """The connection state of one client, fed by paho's network thread (all calls come from that thread):
     logs each failure, picks the next delay from the retry policy, spots takeovers."""
@@ -135,6 +144,20 @@ class _Link:
         self.failed_attempts = 0  # since the last successful connect
         self.quick_drops = 0  # consecutive links the broker closed before they were stable
         self._refusal_logged = False
+        # The broker's address, then `broker.failover`'s: after a failure the next attempt goes to the next one.
+        self.addresses = [(broker.host, broker.port), *(_host_port(a) for a in broker.failover)]
+        self._at = 0
+        self.move_on = False
+
+    def next_address(self) -> tuple[str, int] | None:
+        """Where the coming attempt should go, if another address than the last one (after a failure)."""
+        if not self.move_on or len(self.addresses) < 2:
+            return None
+        self.move_on = False
+        self._at = (self._at + 1) % len(self.addresses)
+        host, port = self.addresses[self._at]
+        self.broker = self.broker.model_copy(update={"host": host, "port": port})
+        return host, port
 
     def _retry_in(self, delay_s: float) -> None:
         # paho waits its reconnect delay before the next attempt; with min = max it waits exactly ours.
@@ -143,6 +166,7 @@ class _Link:
 
     def attempt_failed(self, exc: OSError) -> None:
         self.failed_attempts += 1
+        self.move_on = True
         delay = self.backoff.failed()
         level = logging.ERROR if isinstance(exc, ssl.SSLError) else logging.WARNING
         log.log(level, "%s: cannot connect to broker %s: %s (attempt %d; retrying in %.1f s)", self.client_id,
@@ -151,6 +175,7 @@ class _Link:
 
     def connack(self, rc: mqtt.ReasonCode) -> None:
         if rc.is_failure:
+            self.move_on = True
             self._refusal_logged = True
             self.failed_attempts += 1
             log.error("%s: %s (attempt %d)", self.client_id, describe_refusal(rc, self.broker), self.failed_attempts)
@@ -170,6 +195,7 @@ class _Link:
         was_up, self.up = self.up, False
         if not rc.is_failure:
             return  # our own disconnect(): paho's loop ends, nothing to retry
+        self.move_on = True
         if not was_up:
             delay = self.backoff.failed()
             if not self._refusal_logged:
@@ -201,6 +227,10 @@ class _Client(mqtt.Client):
     link: _Link | None = None
 
     def reconnect(self) -> mqtt.MQTTErrorCode:
+        if self.link is not None and (address := self.link.next_address()) is not None:
+            # paho's `host`/`port` setters refuse while its state still says connected (it is not: this is
+            # the reconnect); the attributes are what its reconnect dials.
+            self._host, self._port = address
         try:
             return super().reconnect()
         except OSError as exc:
@@ -256,11 +286,23 @@ def connect_client(
         if on_state is not None:
             on_state(True)
 
-    def _on_subscribe(_c: mqtt.Client, _u: object, _mid: int, codes: list[mqtt.ReasonCode], _p: object) -> None:
+    def _resubscribe(c: mqtt.Client) -> None:
+        if c.is_connected():
+            c.subscribe([(topic, qos) for topic, qos in subscriptions])
+
+    def _on_subscribe(c: mqtt.Client, _u: object, _mid: int, codes: list[mqtt.ReasonCode], _p: object) -> None:
         refused = [str(rc) for rc in codes if rc.is_failure]
         if refused:
-            log.error("%s: broker %s refused a subscription: %s (the broker's ACL does not let user %r subscribe)",
-                      client_id, broker.address, ", ".join(refused), broker.username)
+            # Permanent on mosquitto (its ACL), transient on a NATS cluster electing a JetStream leader (a QoS 1
+            # subscription is a JetStream consumer there): either way, ask again with backoff rather than stay
+            # connected and deaf (a device would never hear its receipts again).
+            delay = min(SUBSCRIBE_RETRY_MAX_S, SUBSCRIBE_RETRY_S * (1 + random.random()))
+            log.error("%s: broker %s refused a subscription: %s (the broker's ACL does not let user %r subscribe, "
+                      "or a NATS cluster could not set it up yet); asking again in %.1f s", client_id,
+                      broker.address, ", ".join(refused), broker.username, delay)
+            timer = threading.Timer(delay, _resubscribe, args=(c,))
+            timer.daemon = True
+            timer.start()
         elif connected is not None:
             connected.set()
 

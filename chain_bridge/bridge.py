@@ -42,9 +42,12 @@ from chain_bridge.ledger.store import Ledger
 from chain_bridge.proof_responder import ProofResponder
 
 if TYPE_CHECKING:
+    from chain_bridge.anchoring import Anchorer
     from chain_bridge.archiver import Archiver
     from chain_bridge.contract_gate import ContractGate
     from chain_bridge.evidence_intake import EvidenceIntake
+    from chain_bridge.ingest.nats_source import NatsSource
+    from chain_bridge.ledger.tiles import TileWriter
     from chain_bridge.record_server import RecordServer
     from chain_bridge.study_intake import StudyIntake
     from chain_bridge.workers import WorkerPool
@@ -90,6 +93,7 @@ class BridgeStats:
     archive: Counter[str] = field(default_factory=Counter)  # archiver: planned, uploaded, committed, pruned, ...
     evidence: Counter[str] = field(default_factory=Counter)  # access.fault from requesters: appended, refusals
     studies: Counter[str] = field(default_factory=Counter)  # study.result from aggregators: appended, refusals
+    anchors: Counter[str] = field(default_factory=Counter)  # anchorer: sent, mined, confirmed, gas_used, errors
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -100,12 +104,23 @@ class BridgeStats:
             "deadline_attests": self.deadline_attests,
             "storage_errors": self.storage_errors,
             "unreceipted": self.unreceipted, "records": dict(self.records), "archive": dict(self.archive),
-            "evidence": dict(self.evidence), "studies": dict(self.studies),
+            "evidence": dict(self.evidence), "studies": dict(self.studies), "anchors": dict(self.anchors),
         }
 
 
 def default_origin(log_key: Identity) -> str:
     return f"carechain.log/{log_key.device_id}"
+
+
+def _tile_writer(cfg: BridgeConfig) -> TileWriter | None:
+    if cfg.tiles_dir is None:
+        return None
+    from chain_bridge.ledger.tiles import TileWriter, TileWriterError
+
+    try:
+        return TileWriter(cfg.tiles_dir)
+    except (TileWriterError, OSError) as exc:
+        raise ConfigError(f"bridge.tiles_dir: {exc}") from None
 
 
 class Bridge:
@@ -133,8 +148,10 @@ class Bridge:
         # Held by the sequencer while it extends the ledger; miners' proof requests are answered from the
         # MQTT thread and must never read the in-memory tree mid-append.
         self.ledger_lock = threading.Lock()
+        self.tiles = _tile_writer(cfg)  # the log as static tiles (docs/tiles.md), or None (the default)
         self.sequencer = Sequencer(ledger, cfg.limits, contracts, self.ledger_lock, self.receiver.registry)
         self._pool: WorkerPool | None = None
+        self._nats: NatsSource | None = None  # bridge.ingest nats: events from a JetStream consumer (docs/nats.md)
         self._client: mqtt.Client | None = None
         self._worker: threading.Thread | None = None
         self.connected = threading.Event()
@@ -188,6 +205,13 @@ class Bridge:
             if self.finality is None:
                 log.warning("no checkpoint can become final: ciphertexts are archived but never pruned (only an "
                             "archive committed under a final checkpoint is)")
+        # Checkpoints anchored on an Ethereum-compatible chain, on the anchorer's own thread (docs/anchoring.md).
+        self.anchorer: Anchorer | None = None
+        if cfg.anchor.enabled:
+            from chain_bridge.anchoring import Anchorer
+
+            self.anchorer = Anchorer(cfg.anchor, cfg.data_dir)
+            self.stats.anchors = self.anchorer.stats
         # Requesters' evidence against miners (access.fault), decided by the contracts on the sequencer's thread.
         self.evidence: EvidenceIntake | None = None
         if contracts is not None:
@@ -239,8 +263,13 @@ class Bridge:
                 WorkerSpec(i, worker_broker(self.broker, i), self.ledger.path, self.cfg.limits, self.cfg.batch_max,
                            f"{self.client_id}-w{i}") for i in range(workers)])
             self._pool.start()
+        if self.cfg.ingest == "nats":
+            from chain_bridge.ingest.nats_source import NatsSource
+
+            self._nats = NatsSource(self.cfg.nats, self.receiver, self.broker, name=self.client_id)
+            self._nats.start()  # a ConfigError if the cluster cannot be reached or set up
         # Miner topics are in the subscription list so that a reconnect re-subscribes them too.
-        subscriptions = [] if workers else [(topics.EVENTS_WILDCARD, 1)]
+        subscriptions = [] if workers or self._nats else [(topics.EVENTS_WILDCARD, 1)]
         subscriptions.append((topics.MINER_REQUEST_WILDCARD, 1))
         if self.finality is not None:
             subscriptions.append((topics.MINER_COSIG_WILDCARD, 1))
@@ -259,6 +288,8 @@ class Bridge:
             self.records.start(self._client)
         if self.archiver is not None:
             self.archiver.start()
+        if self.anchorer is not None:
+            self.anchorer.start(self.ledger.latest_checkpoint())
         self._worker = threading.Thread(target=self._run, name="bridge-sequencer", daemon=True)
         self._worker.start()
 
@@ -279,6 +310,8 @@ class Bridge:
             self._worker.join(timeout=10)
         if self._pool:
             self._pool.stop()
+        if self._nats is not None:
+            self._nats.stop()  # what was pulled and not committed is delivered again (to the next bridge)
         if self._client:
             self._client.disconnect()
             self.receiver.inbox.close()  # a network thread waiting for room returns without acknowledging
@@ -287,6 +320,8 @@ class Bridge:
             self.records.stop()
         if self.archiver is not None:
             self.archiver.stop()
+        if self.anchorer is not None:
+            self.anchorer.stop()
 
     def _on_message(self, client: mqtt.Client, _userdata: object, msg: mqtt.MQTTMessage) -> None:
         if msg.topic == topics.ACCESS_RECORDS:
@@ -478,7 +513,7 @@ class Bridge:
 
     def _sequence_forever(self) -> None:
         next_checkpoint = time.monotonic()
-        source: VerdictSource = self._pool or self.receiver
+        source: VerdictSource = self._nats or self._pool or self.receiver
         retry: list[Verdict] = []  # a batch the store could not take: sequenced again, not dropped
         while not self._stop.is_set():
             timeout = min(0.2, max(0.001, next_checkpoint - time.monotonic()))
@@ -490,6 +525,8 @@ class Bridge:
                     retry = verdicts  # until it is committed
                     self.sequence(verdicts)
                     retry = []
+                    if self._nats is not None:
+                        self._nats.settle()  # committed and receipted: JetStream may forget them now
                 if time.monotonic() >= next_checkpoint:
                     if self.evidence is not None and self.contracts is not None:
                         self.evidence.drain(self.ledger, self.contracts, self.ledger_lock)
@@ -549,7 +586,10 @@ class Bridge:
             for device, rcpt in batch.receipts.items():
                 for part in rcpt.split():
                     part.final_size = final  # leaves below it are final: the agent marks them so
-                    self._client.publish(topics.receipts(device), part.seal(self.log_key), qos=1)
+                    if self._nats is not None:  # through whichever node of the cluster is up
+                        self._nats.publish(topics.receipts(device), part.seal(self.log_key))
+                    else:
+                        self._client.publish(topics.receipts(device), part.seal(self.log_key), qos=1)
             if final is not None:
                 with self._finality_lock:
                     for device, rcpt in batch.receipts.items():
@@ -564,6 +604,18 @@ class Bridge:
         else:
             log.info("rejected %s from %s seq %s: %s", r.reason, r.device_id, r.seq, r.detail)
 
+    def _publish_tiles(self, note: str, size: int) -> None:
+        """Bring the tile directory up to this checkpoint. Tiles are a copy of the ledger for readers: a failure
+        is logged and retried at the next checkpoint, and never stops anchoring."""
+        if self.tiles is None:
+            return
+        try:
+            with self.ledger_lock:
+                self.tiles.publish(note, size, self.ledger.leaves)
+        except Exception:
+            log.exception("could not bring the tiles in %s up to the checkpoint at size %d; retrying at the "
+                          "next checkpoint", self.tiles.directory, size)
+
     def maybe_checkpoint(self) -> str | None:
         """Sign a checkpoint if the log grew since the last one (by ingest, or by entries another process
         appended: an access grant on an idle log must still become final); publish it retained."""
@@ -576,6 +628,9 @@ class Bridge:
             self._last_checkpoint_size = self.ledger.size
         self._remember_checkpoint(note, self._last_checkpoint_size)
         self.stats.checkpoints += 1
+        self._publish_tiles(note, self._last_checkpoint_size)
+        if self.anchorer is not None:
+            self.anchorer.offer(note, self._last_checkpoint_size)
         if self._client is not None:
             # QoS 0: retained for whoever subscribes, never queued for an offline device's session.
             self._client.publish(topics.CHECKPOINT, note.encode(), qos=0, retain=True)

@@ -25,7 +25,8 @@ from carechain.identity import Identity
 from carechain.merkle import leaf_hash
 from carechain.merkle_tree import MerkleTree
 from chain_bridge.bridge import Bridge
-from chain_bridge.ledger.integrity import AuditFailure, LogAuditor, _consistency_ranges, audit_ledger
+from carechain.tiles import consistency_ranges
+from chain_bridge.ledger.integrity import AuditFailure, LogAuditor, audit_ledger
 from chain_bridge.ledger.store import DeviceRevoked, EventCandidate, Ledger
 from chain_bridge.registry import ledger_path, log_key, operator_key
 
@@ -220,4 +221,4 @@ def test_the_consistency_ranges_are_those_of_the_tree_proofs() -> None:
     tree = MerkleTree([bytes([i]) * 32 for i in range(40)])
     for m in range(41):
         for n in range(m, 41):
-            assert [tree._subtree(a, b) for a, b in _consistency_ranges(m, n)] == tree.consistency_proof(m, n)
+            assert [tree._subtree(a, b) for a, b in consistency_ranges(m, n)] == tree.consistency_proof(m, n)

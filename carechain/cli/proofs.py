@@ -23,8 +23,11 @@ PROOF_EPILOG = example("carechain proof 7xq3kd2m4n5p6r7s 0 --data-dir carechain-
 VERIFY_EPILOG = example("carechain verify p.json --log-key 3b6a…e1",
                         "carechain verify --checkpoint note.txt --log-key 3b6a…e1",
                         "carechain verify --full --data-dir carechain-data/bridge",
+                        "carechain verify --tiles https://log.example.org/ --log-key 3b6a…e1 --index 42",
                        "carechain verify study hr-2026-q4 --data-dir carechain-data/bridge --checkpoint note.txt",
-                        "carechain verify trial hrt-1 --data-dir carechain-data/bridge --json")
+                        "carechain verify trial hrt-1 --data-dir carechain-data/bridge --json",
+                        "carechain verify anchor --checkpoint note.txt --log-key 3b6a…e1 --anchor-rpc "
+                        "http://127.0.0.1:8545 --data-dir carechain-data/bridge")
 NO_LOG_KEY_WARNING = ("WARNING: no --log-key: checked only that the bundle is self-consistent, not that the log "
                       "signed it. Pass --log-key HEX, the log's public key from its operator.")
 
@@ -93,7 +96,8 @@ def _trusted_key(log_key_hex: str | None) -> bytes | None:
 
 def verify(
     bundle_file: Annotated[Path | None, typer.Argument(help="A proof bundle JSON file, or - for stdin; or the "
-                                                       "word `study` or `trial` followed by its id.")] = None,
+                                                       "word `study` or `trial` followed by its id; or the word "
+                                                       "`anchor` (with --checkpoint and --anchor-rpc).")] = None,
     study_id: Annotated[str | None, typer.Argument(help="With `verify study` or `verify trial`: the study or "
                                                    "trial to check.")] = None,
     checkpoint: Annotated[Path | None, typer.Option(help="Instead: check a signed checkpoint note file.")] = None,
@@ -106,21 +110,53 @@ def verify(
     operator_keys: Annotated[list[str] | None, typer.Option("--operator-key", help="With --full: an operator "
                              "public key (hex) trusted for registrations; repeatable.")] = None,
     config: ConfigOpt = None,
+    tiles: Annotated[str | None, typer.Option("--tiles", metavar="URL", help="Instead: read the log from C2SP "
+                     "tlog-tiles at URL (docs/tiles.md) and check its checkpoint (needs --log-key); with --index N, "
+                     "leaf N's inclusion; with --checkpoint NOTE, that the log extends NOTE; with --full, every "
+                     "entry and tile.")] = None,
+    index: Annotated[int | None, typer.Option("--index", min=0, help="With --tiles: the leaf to prove.")] = None,
+    anchor_rpc: Annotated[str | None, typer.Option("--anchor-rpc", metavar="URL", help="With --checkpoint: check "
+                          "that an anchor transaction on the chain at this JSON-RPC URL covers the checkpoint "
+                          "(docs/anchoring.md).")] = None,
+    anchor_tx: Annotated[str | None, typer.Option("--anchor-tx", metavar="HASH", help="The anchor transaction; "
+                         "default: the smallest mined anchor covering the checkpoint in --data-dir's anchor "
+                         "records.")] = None,
+    anchor_proof: Annotated[Path | None, typer.Option("--anchor-proof", help="A consistency bundle from the "
+                            "checkpoint to the anchored size (`carechain proof --consistency OLD:NEW --json`); "
+                            "default: computed from --data-dir's ledger.")] = None,
+    confirmations: Annotated[int, typer.Option("--confirmations", min=1, help="With --anchor-rpc: blocks, the "
+                             "anchor's included, required on top of the anchor transaction.")] = 12,
+    anchor_account: Annotated[str | None, typer.Option("--anchor-account", help="With --anchor-rpc: also require "
+                              "the anchor to come from this address (the log's anchoring account).")] = None,
+    chain_id: Annotated[int | None, typer.Option("--chain-id", help="With --anchor-rpc: also require the node to "
+                        "be on this chain.")] = None,
 ) -> None:
     """Check a proof offline, from public data alone: an inclusion proof (event → signed checkpoint),
     a consistency proof between two checkpoints, or a checkpoint signature. Exit 0 if it holds, 1 if it
     does not, 2 on a usage error. With --full, audit a whole ledger store instead (docs/proofs.md). With
     `study ID`, check a data-market study from the ledger (--data-dir) against a checkpoint (docs/market.md);
-    with `trial ID`, a clinical trial (docs/trials.md)."""
+    with `trial ID`, a clinical trial (docs/trials.md). With `anchor` (or --anchor-rpc), that a checkpoint is
+    covered by a confirmed anchor transaction on an Ethereum-compatible chain (docs/anchoring.md). With
+    --tiles URL, read the log from its static tiles instead (docs/tiles.md)."""
     from pydantic import ValidationError
 
     word = str(bundle_file)
+    if anchor_rpc is not None or (word == "anchor" and not Path(word).exists()):
+        if study_id is not None or (bundle_file is not None and word != "anchor"):
+            raise fail("verify anchor takes no file argument: carechain verify anchor --checkpoint NOTE "
+                       "--anchor-rpc URL [--anchor-tx HASH] [--anchor-proof BUNDLE | --data-dir DIR]")
+        _verify_anchor(checkpoint, log_key_hex, anchor_rpc, anchor_tx, anchor_proof, data_dir, confirmations,
+                       anchor_account, chain_id, as_json)
+        return
     if study_id is not None or (word in ("study", "trial") and not Path(word).exists()):
         if word not in ("study", "trial") or study_id is None:
             what = word if word in ("study", "trial") else "study|trial"
             raise fail(f"to check a {what.replace('|', ' or a ')}: carechain verify {what} ID --data-dir DIR "
                        "[--checkpoint NOTE]")
         verify_ledger_item(word, study_id, config, data_dir, checkpoint, log_key_hex, as_json)
+        return
+    if tiles is not None:
+        _verify_tiles(tiles, log_key_hex, index, checkpoint, full, operator_keys, as_json)
         return
     if full:
         _verify_full(data_dir, log_key_hex, operator_keys, as_json)
@@ -186,6 +222,77 @@ def verify(
     else:
         details = json.dumps({k: v for k, v in result.items() if k != 'ok'})
         out.print(f"[bold green]VERIFIED[/] {escape(details)}", soft_wrap=True)
+
+
+def _verify_tiles(url: str, log_key_hex: str | None, index: int | None, older: Path | None, full: bool,
+                  operator_hex: list[str] | None, as_json: bool) -> None:
+    """`verify --tiles URL`: the served checkpoint, and an inclusion (--index), a consistency (--checkpoint) or
+    everything (--full), from tiles over HTTP (carechain.tile_client); exit 1 when something does not hold."""
+    from carechain.identity import PublicKeyError, device_id_for, parse_public_key_hex
+    from carechain.proofs import VerificationError, verify_consistency_bundle, verify_inclusion_bundle
+    from carechain.tile_client import HttpTiles, TiledLog, TileFetchError
+    from carechain.tiles import TileError
+
+    trusted = _trusted_key(log_key_hex)
+    if trusted is None:
+        raise fail("--tiles needs --log-key HEX: the log's public key, from its operator (tiles carry no key)")
+    if sum((index is not None, older is not None, full)) > 1:
+        raise fail("with --tiles give at most one of --index N, --checkpoint NOTE and --full")
+    try:
+        operators = ({device_id_for(k): k for k in (parse_public_key_hex(h, "--operator-key") for h in operator_hex)}
+                     if operator_hex else None)
+        older_note = older.read_text() if older is not None else None
+    except PublicKeyError as exc:
+        raise fail(str(exc)) from None
+    except OSError as exc:
+        raise fail(f"{older}: cannot read the checkpoint: {exc.strerror}") from None
+    result: dict[str, Any]
+    try:
+        log = TiledLog(HttpTiles(url), trusted)
+        cp, note = log.checkpoint()
+        result = {"ok": True, "checkpoint": {"origin": cp.origin, "tree_size": cp.tree_size,
+                                             "root_hash": cp.root_hash.hex()}}
+        if index is not None:
+            v = verify_inclusion_bundle(log.inclusion_bundle(index, note), trusted)
+            result["inclusion"] = {"leaf_index": v.leaf_index, "tree_size": cp.tree_size, "entry_type": v.entry_type,
+                                   "device_id": v.device_id, "seq": v.seq, "kind": v.kind}
+        elif older_note is not None:
+            old, new = verify_consistency_bundle(log.consistency_bundle(older_note, note), trusted)
+            result["consistency"] = {"old_size": old.tree_size, "new_size": new.tree_size}
+        elif full:
+            result["full"] = _audit_tiles(log, cp, note, trusted, operators)
+    except (VerificationError, TileFetchError, TileError, ValueError) as exc:
+        if as_json:
+            out.print_json(data={"ok": False, "error": str(exc)})
+        else:
+            console.print(f"[bold red]NOT VERIFIED:[/] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        out.print_json(data=result)
+    else:
+        details = json.dumps({k: v for k, v in result.items() if k != "ok"})
+        out.print(f"[bold green]VERIFIED[/] {escape(url)}: {escape(details)}", soft_wrap=True, highlight=False)
+
+
+def _audit_tiles(log: Any, cp: Any, note: str, trusted: bytes, operators: dict[str, bytes] | None
+                 ) -> dict[str, Any]:
+    """Every entry of a tiled log through the ledger auditor (signatures, registrations), every tile rebuilt."""
+    from carechain.entries import Entry, EntryError
+    from carechain.proofs import VerificationError
+    from chain_bridge.ledger.integrity import AuditFailure, LogAuditor
+
+    auditor = LogAuditor(trusted, operator_keys=operators)
+    try:
+        for e in log.entries(cp):
+            try:
+                entry_type = Entry.decode(e.data).type
+            except EntryError as exc:
+                raise VerificationError(f"leaf {e.index}: not a carechain entry: {exc}") from None
+            auditor.entry(e.index, entry_type, e.leaf_hash, e.data)
+        auditor.checkpoint(cp.tree_size, cp.root_hash, note)
+    except AuditFailure as exc:
+        raise VerificationError(str(exc)) from None
+    return auditor.finish().as_dict()
 
 
 def _verify_full(data_dir: Path | None, log_key_hex: str | None, operator_hex: list[str] | None,
@@ -317,3 +424,105 @@ def verify_ledger_item(kind: str, item_id: str, config: Path | None, data_dir: P
         out.print(f"{verdict} {kind} {escape(item_id)} ({escape(str(report.state))})", soft_wrap=True)
     if not result["ok"]:
         raise typer.Exit(1)
+
+
+def _verify_anchor(checkpoint: Path | None, log_key_hex: str | None, rpc: str | None, tx_text: str | None,
+                   proof_file: Path | None, data_dir: Path | None, confirmations: int, account: str | None,
+                   chain_id: int | None, as_json: bool) -> None:
+    """`verify anchor`: the checkpoint (signed by the log key) is covered by a confirmed anchor transaction —
+    fetched from the node at --anchor-rpc, decoded, its block checked on the node's chain, then the consistency
+    proof from the checkpoint to the anchored tree head (carechain.anchor.verify_coverage)."""
+    from carechain.anchor import AnchorError, decode_calldata, verify_coverage
+    from carechain.identity import Identity, KeyFileError
+    from carechain.proofs import VerificationError, verify_checkpoint
+    from chain_bridge.anchoring import ANCHORS_DB, AnchoringError, AnchorRecords, EthereumChain, parse_tx_hash
+    from chain_bridge.registry import LOG_KEY_FILE
+
+    if checkpoint is None or rpc is None:
+        raise fail("verify anchor needs --checkpoint NOTE and --anchor-rpc URL")
+    trusted = _trusted_key(log_key_hex)
+    if trusted is None and data_dir is not None and (data_dir / LOG_KEY_FILE).exists():
+        try:
+            trusted = Identity.load(data_dir / LOG_KEY_FILE).public_key
+        except KeyFileError as exc:
+            raise fail(str(exc)) from None
+    if trusted is None:
+        raise fail("verify anchor needs --log-key HEX (the log's public key, from its operator)")
+    try:
+        note = checkpoint.read_text()
+    except OSError as exc:
+        raise fail(f"{checkpoint}: cannot read the checkpoint: {exc.strerror}") from None
+
+    def not_verified(problem: str) -> typer.Exit:
+        if as_json:
+            out.print_json(data={"ok": False, "error": problem})
+        else:
+            console.print(f"[bold red]NOT VERIFIED:[/] {escape(problem)}", soft_wrap=True)
+        return typer.Exit(1)
+
+    try:
+        cp = verify_checkpoint(note, trusted)
+    except VerificationError as exc:
+        raise not_verified(str(exc)) from None
+    if tx_text is not None:
+        try:
+            tx_hash = parse_tx_hash(tx_text)
+        except ValueError as exc:
+            raise fail(f"--anchor-tx: {exc}") from None
+    else:
+        db = data_dir / ANCHORS_DB if data_dir is not None else None
+        if db is None or not db.exists():
+            raise fail("give --anchor-tx HASH, or a --data-dir whose anchors.db records the bridge's anchors")
+        records = AnchorRecords(db)
+        try:
+            found = records.covering(cp.origin, cp.tree_size)
+        finally:
+            records.close()
+        if found is None:
+            raise not_verified(f"no mined anchor in {db} covers tree size {cp.tree_size} of {cp.origin!r} yet")
+        tx_hash = found.tx_hash
+    try:
+        facts = EthereumChain.from_url(rpc).facts(tx_hash)
+        anchored = decode_calldata(facts.input)
+        path: list[bytes] = []
+        if anchored.tree_size > cp.tree_size:
+            path = _anchor_consistency_path(cp.tree_size, anchored.tree_size, proof_file, data_dir, trusted)
+        coverage = verify_coverage(facts, cp, trusted, path, confirmations, chain_id=chain_id, sender=account)
+    except (AnchoringError, AnchorError) as exc:
+        raise not_verified(str(exc)) from None
+    if as_json:
+        out.print_json(data={"ok": True, "anchor": coverage.as_dict()})
+    else:
+        out.print(f"[bold green]VERIFIED[/] {escape(json.dumps(coverage.as_dict()))}", soft_wrap=True)
+
+
+def _anchor_consistency_path(old: int, new: int, proof_file: Path | None, data_dir: Path | None,
+                             log_key: bytes) -> list[bytes]:
+    """The consistency path from tree size `old` to `new`: from a bundle file, or from the ledger in `data_dir`
+    (either way only a path: `check_covered` checks it against the two roots)."""
+    from pydantic import ValidationError
+
+    from carechain.proofs import ConsistencyBundle
+
+    if proof_file is not None:
+        try:
+            bundle = ConsistencyBundle.model_validate_json(proof_file.read_text())
+        except OSError as exc:
+            raise fail(f"{proof_file}: cannot read it: {exc.strerror}") from None
+        except ValidationError as exc:
+            raise fail(f"{proof_file}: {_bundle_problem(exc, ConsistencyBundle)}") from None
+        return [bytes.fromhex(h) for h in bundle.consistency_path]
+    from chain_bridge.ledger.proofs import consistency_bundle
+    from chain_bridge.ledger.store import Ledger, LedgerError
+    from chain_bridge.registry import ledger_path
+
+    if data_dir is None or not ledger_path(data_dir).exists():
+        raise fail(f"the anchor covers tree size {new}, the checkpoint {old}: give --anchor-proof (from "
+                   f"`carechain proof --consistency {old}:{new} --json`) or the log's --data-dir")
+    ledger = open_store(Ledger, ledger_path(data_dir))
+    try:
+        return [bytes.fromhex(h) for h in consistency_bundle(ledger, old, new, log_key).consistency_path]
+    except (LedgerError, ValueError) as exc:
+        raise fail(f"cannot prove {old} → {new} from {data_dir}: {exc}") from None
+    finally:
+        ledger.close()

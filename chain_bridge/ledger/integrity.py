@@ -47,6 +47,7 @@ from carechain.identity import device_id_for
 from carechain.merkle import EMPTY_ROOT, ProofError, frontier_root, leaf_hash, node_hash, verify_consistency
 from carechain.proofs import VerificationError, verify_checkpoint
 from carechain.sqlite_store import LEDGER, check_store, store_error
+from carechain.tiles import consistency_ranges  # the proof's leaf ranges, as the tiles serve them
 
 M = TypeVar("M", bound=BaseModel)
 # Entries in a log may be larger than the wire default (limits.max_event_bytes goes up to 1 MiB).
@@ -306,7 +307,7 @@ class LogAuditor:
         p = self._pending
         if p is not None:
             proof = []
-            for start, end in _consistency_ranges(p.size, tree_size):
+            for start, end in consistency_ranges(p.size, tree_size):
                 width = end - start
                 if end <= p.size:
                     proof.append(p.left[(start, width)])
@@ -323,7 +324,7 @@ class LogAuditor:
         r.last_checkpoint_size = tree_size
         self._pending = None
         if next_size is not None:
-            wanted = {(s, e - s) for s, e in _consistency_ranges(tree_size, next_size)
+            wanted = {(s, e - s) for s, e in consistency_ranges(tree_size, next_size)
                       if s >= tree_size and (e - s) & (e - s - 1) == 0}
             self._pending = _Pending(tree_size, cp.root_hash, {(s, w): h for s, w, h in self._frontier}, wanted)
 
@@ -334,28 +335,6 @@ class LogAuditor:
 
 def _missing(first: int, end: int) -> str:
     return f"entry {first} is missing" if end == first + 1 else f"entries {first}..{end - 1} are missing"
-
-
-def _consistency_ranges(size1: int, size2: int) -> list[tuple[int, int]]:
-    """The leaf ranges [start, end) whose hashes make the RFC 9162 consistency proof from size1 to size2,
-    in proof order (the walk of `carechain.merkle_tree.MerkleTree.consistency_proof`)."""
-    if size1 == 0 or size1 == size2:
-        return []
-    ranges = []
-    lo, hi, whole = 0, size2, True
-    while size1 != hi:
-        k = 1 << ((hi - lo - 1).bit_length() - 1)
-        if size1 - lo <= k:
-            ranges.append((lo + k, hi))
-            hi = lo + k
-        else:
-            ranges.append((lo, lo + k))
-            lo += k
-            whole = False
-    if not whole:
-        ranges.append((lo, hi))
-    ranges.reverse()
-    return ranges
 
 
 # -- the SQLite shell ---------------------------------------------------------------------------------

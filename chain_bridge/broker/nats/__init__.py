@@ -1,0 +1,124 @@
+"""A NATS cluster as carechain's broker tier: node configs, MQTT-topic → subject mapping, per-login permissions.
+
+nats-server (2.9+) runs the MQTT listener devices keep speaking, core NATS for the bridge, and JetStream: the
+devices' events are captured by a replicated work-queue stream (`EVENTS_STREAM`, 3 replicas) from which the
+bridge pulls through one durable consumer and acknowledges each event only after it is committed
+(chain_bridge.ingest.nats_source). This module holds the pure parts — the template filled in per node, the
+mapping of our MQTT topics to NATS subjects, and the permissions that mirror the mosquitto ACL of `carechain
+bridge acl` as far as NATS can express it (docs/nats.md says what it cannot).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from string import Template
+
+from carechain import topics
+
+NODE_TEMPLATE = Path(__file__).resolve().parent / "node.conf"
+CLUSTER_NAME = "carechain"
+EVENTS_STREAM = "CC_EVENTS"  # the work queue of device events
+EVENTS_CONSUMER = "carechain-bridge"  # the bridge's durable pull consumer on it
+REPLICAS = 3
+
+_TOPIC_LEVEL = re.compile(r"[A-Za-z0-9_+#-]+")
+
+
+def mqtt_subject(topic: str) -> str:
+    """The NATS subject of an MQTT topic or topic filter, as nats-server maps them: `/` → `.`, `+` → `*`,
+    `#` → `>`. Our topics use only letters, digits, `_`, `-` in their levels (nats-server escapes a `.` in a
+    level as `//`, which none of ours has): anything else is a `ValueError`."""
+    levels = topic.split("/")
+    for level in levels:
+        if not _TOPIC_LEVEL.fullmatch(level) or (len(level) > 1 and ("+" in level or "#" in level)):
+            raise ValueError(f"MQTT topic {topic!r}: level {level!r} has no plain NATS subject token")
+    return ".".join("*" if lv == "+" else ">" if lv == "#" else lv for lv in levels)
+
+
+EVENTS_SUBJECTS = (mqtt_subject(topics.EVENTS_WILDCARD),)  # cc.v1.dev.*.ev
+
+
+@dataclass(frozen=True)
+class NatsUser:
+    """One login with what it may publish and subscribe to (NATS subjects, wildcards allowed)."""
+
+    user: str
+    password: str = field(repr=False)
+    publish: tuple[str, ...] = ()
+    subscribe: tuple[str, ...] = ()
+    connection_types: tuple[str, ...] = ()  # empty: any (core NATS, MQTT, ...); ("MQTT",): MQTT only
+
+
+# A QoS 1 MQTT subscription is served by a JetStream consumer that delivers to `$MQTT.sub.<session nuid>`; the
+# subscribing login needs to be allowed that subject, which nats-server cannot narrow to the session's own.
+MQTT_QOS1_DELIVERY = "$MQTT.sub.>"
+
+
+def device_user(device_id: str, password: str) -> NatsUser:
+    """A device's login: the mosquitto ACL's three lines for it (its events out; its receipts and the
+    checkpoint in), as subjects."""
+    return NatsUser(device_id, password,
+                    publish=(mqtt_subject(topics.events(device_id)),),
+                    subscribe=(mqtt_subject(topics.receipts(device_id)), mqtt_subject(topics.CHECKPOINT),
+                               MQTT_QOS1_DELIVERY),
+                    connection_types=("MQTT",))
+
+
+def bridge_user(user: str, password: str, *, stream: str = EVENTS_STREAM, consumer: str = EVENTS_CONSUMER) -> NatsUser:
+    """The bridge's login: its mosquitto ACL lines as subjects, plus the JetStream API for its events stream and
+    durable consumer (create and read them, pull, acknowledge) and its own reply inboxes."""
+    mqtt_out = [topics.receipts("a").replace("/a/", "/+/"), topics.CHECKPOINT, topics.FINAL_CHECKPOINT,
+                f"{topics.PREFIX}/miner/+/resp", f"{topics.PREFIX}/party/+/inbox"]
+    mqtt_in = [topics.EVENTS_WILDCARD, topics.MINER_REQUEST_WILDCARD, topics.MINER_COSIG_WILDCARD,
+               topics.MINER_EVIDENCE_WILDCARD, topics.MINER_HELLO_WILDCARD, topics.MINER_STUDY_WILDCARD,
+               topics.ACCESS_RECORDS, topics.ACCESS_EVIDENCE]
+    jetstream = ["$JS.API.INFO", f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.STREAM.CREATE.{stream}",
+                 f"$JS.API.STREAM.UPDATE.{stream}", f"$JS.API.CONSUMER.INFO.{stream}.{consumer}",
+                 f"$JS.API.CONSUMER.CREATE.{stream}", f"$JS.API.CONSUMER.CREATE.{stream}.>",
+                 f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.{consumer}",
+                 f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}", f"$JS.ACK.{stream}.{consumer}.>"]
+    return NatsUser(user, password, publish=(*map(mqtt_subject, mqtt_out), *jetstream),
+                    subscribe=(*map(mqtt_subject, mqtt_in), "_INBOX.>", MQTT_QOS1_DELIVERY))
+
+
+def _quoted(values: Iterable[str]) -> str:
+    return "[" + ", ".join(json.dumps(v) for v in values) + "]"
+
+
+def authorization_block(users: Sequence[NatsUser]) -> str:
+    """The `authorization` block: one entry per login with its allow lists; anything not listed is denied.
+    Passwords are written in clear (nats-server also takes bcrypt hashes: docs/nats.md); the file is 0600."""
+    if not users:
+        return "# no authorization block: any client may connect (tests only)"
+    lines = ["authorization {", "    users: ["]
+    for u in users:
+        lines.append(f"        {{user: {json.dumps(u.user)}, password: {json.dumps(u.password)}, permissions: {{")
+        lines.append(f"            publish: {{allow: {_quoted(u.publish)}}}")
+        lines.append(f"            subscribe: {{allow: {_quoted(u.subscribe)}}}")
+        types = f", allowed_connection_types: {_quoted(u.connection_types)}" if u.connection_types else ""
+        lines.append(f"        }}{types}}}")
+    lines += ["    ]", "}"]
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class NodePorts:
+    client: int
+    cluster: int
+    mqtt: int
+    http: int
+
+
+def render_node(name: str, ports: NodePorts, all_ports: Sequence[NodePorts], store_dir: Path, *,
+                host: str = "127.0.0.1", users: Sequence[NatsUser] = (), cluster_name: str = CLUSTER_NAME,
+                max_file_store: str = "1GB", mqtt_tls: str = "") -> str:
+    """The config text of node `name`: its listeners on `host`, routes to every node of `all_ports`."""
+    routes = "\n".join(f"        nats-route://{host}:{p.cluster}" for p in all_ports)
+    return Template(NODE_TEMPLATE.read_text()).substitute(
+        server_name=name, host=host, client_port=ports.client, http_port=ports.http, mqtt_port=ports.mqtt,
+        cluster_port=ports.cluster, cluster_name=cluster_name, routes=routes, store_dir=str(store_dir),
+        max_file_store=max_file_store, mqtt_tls=mqtt_tls, authorization=authorization_block(users))
