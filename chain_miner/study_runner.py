@@ -43,8 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from carechain.checkpoint import CheckpointError, NoteError, parse_note
 from carechain.checkpoint import Checkpoint as CheckpointBody
+from carechain.checkpoint import CheckpointError, NoteError, parse_note
 from carechain.config import BrokerConfig
 from carechain.entries import CHECKPOINT_FINAL, Entry, EntryError
 from carechain.files import PRIVATE_DIR, write_atomic

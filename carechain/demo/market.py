@@ -29,18 +29,18 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 from carechain import envelope, events, reencryption, sealed
+from carechain.demo.live import LiveScenario
 from carechain.demo.records import Party
 from carechain.entries import CHECKPOINT_FINAL, Entry
 from carechain.identity import Identity
 from carechain.inventory import InventoryDevice
-from chain_bridge.contract_admin import ContractRefused, replay_ledger, submit
+from chain_bridge.contract_admin import replay_ledger
 from chain_bridge.ledger.store import EventCandidate, Ledger
 from chain_bridge.registry import register_devices
 from contract_rules import Genesis
@@ -69,11 +69,9 @@ GLUCOSE_EPSILON_MILLI = 1000  # the histogram's differential privacy: epsilon 1,
 # contributing takes a second or two, and the aggregators cannot start before a final checkpoint covers the
 # contributions (the bridge records one at most every 10 s), which is then most likely recorded.
 CONTRIBUTIONS_OPEN_MS = 14_000
-POLL_S = 0.5
 DECIDE_TIMEOUT_S = 120.0  # a final checkpoint over the contributions, then each miner's MPC runs, one at a time
 SAMPLE_TIMEOUT_S = 60.0  # a final checkpoint recorded after the decision (one per 10 s at most), then the sample
 AUDIT_TIMEOUT_S = 90.0  # the disclosures checkpointed and cosigned, then the audit MPC runs
-CHECKPOINT_TIMEOUT_S = 30.0  # the bridge signs a checkpoint each second the log grew
 
 
 class MarketDemoError(RuntimeError):
@@ -110,8 +108,10 @@ class _Study:
     contributions: dict[int, _Patient] = field(default_factory=dict)  # leaf → the patient who made it
 
 
-class MarketDemo:
+class MarketDemo(LiveScenario):
     """The patients, the researcher and their keys (under `root`/market), and the market scenario."""
+
+    error = MarketDemoError
 
     def __init__(self, root: Path, genesis: Genesis, operator: Identity, log_key: Identity, ledger_file: Path,
                  funder: Identity) -> None:
@@ -423,47 +423,6 @@ class MarketDemo:
                 entries.append(build_disclosure(patient.party.identity, sid, study, index, opening,
                                                 aggregator_keys(state, study), data_keys, cts, _now_ms()))
         self._submit(ledger, "the sampled patients' disclosures", entries)
-
-    # -- the live ledger -------------------------------------------------------------------------------
-
-    def _submit(self, ledger: Ledger, what: str, entries: list[Entry]) -> list[int]:
-        """Append `entries` as `carechain` commands do while the bridge runs: checked against a replay of the
-        whole ledger (what the bridge appended meanwhile included), a clock.attest first when stale."""
-        ledger.refresh()
-        try:
-            return submit(ledger, self.genesis, entries, clock=self.operator)
-        except ContractRefused as exc:
-            raise MarketDemoError(f"{what}: {exc}") from None
-
-    def _wait(self, ledger: Ledger, what: str, timeout: float, done: Callable[[State], bool],
-              progress: Callable[[State], str]) -> State:
-        """The contract state once `done(state)`, replaying what the bridge appended every POLL_S; a
-        MarketDemoError naming the step and where each study stood when `timeout` passes."""
-        deadline = time.monotonic() + timeout
-        while True:
-            ledger.refresh()
-            state = replay_ledger(ledger, self.genesis).state
-            if done(state):
-                return state
-            if time.monotonic() > deadline:
-                raise MarketDemoError(f"gave up after {timeout:.0f} s waiting for {what}: {progress(state)}")
-            time.sleep(POLL_S)
-
-    def _checkpoint_covering(self, ledger: Ledger, index: int) -> Any:
-        """The bridge's newest checkpoint once it covers leaf `index`, verified against the log key as any
-        outsider would."""
-        from carechain.proofs import verify_checkpoint
-
-        deadline = time.monotonic() + CHECKPOINT_TIMEOUT_S
-        while True:
-            latest = ledger.latest_checkpoint()
-            if latest is not None and latest[0] > index:
-                return verify_checkpoint(latest[1], self.log_key.public_key)
-            if time.monotonic() > deadline:
-                raise MarketDemoError(f"gave up after {CHECKPOINT_TIMEOUT_S:.0f} s waiting for a checkpoint of the "
-                                      f"bridge covering leaf {index} (the latest covers "
-                                      f"{latest[0] if latest else 0} leaves)")
-            time.sleep(POLL_S)
 
 
 def _now_ms() -> int:

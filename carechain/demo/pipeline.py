@@ -93,10 +93,10 @@ def _run(root: Path, *, broker: str | None, seconds: float, speedup: float,
          on_tick: Callable[[dict[str, Any]], None] | None, ble: bool) -> dict[str, Any]:
     from carechain import envelope, sealed, topics
     from carechain.config import AgentConfig, BridgeConfig, BrokerConfig, Config, parse_address
-    from carechain.demo.pharmacy_day import WELLNESS_POLICY, PharmacyDay
     from carechain.demo.market import MarketDemo
-    from carechain.demo.trial import TrialDemo
+    from carechain.demo.pharmacy_day import WELLNESS_POLICY, PharmacyDay
     from carechain.demo.records import RecordsDemo, load_alice, load_miner_keys
+    from carechain.demo.trial import TrialDemo
     from carechain.entries import ENTRY_EVENT, Entry
     from carechain.events import make_sealed_payload
     from carechain.identity import Identity

@@ -18,7 +18,6 @@ Every wait is bounded; a step that does not happen in time is reported in the su
 from __future__ import annotations
 
 import concurrent.futures
-
 import os
 import queue
 import socket

@@ -25,18 +25,18 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from carechain import envelope, events, reencryption, sealed
+from carechain.demo.live import POLL_S, LiveScenario
 from carechain.demo.records import Party
 from carechain.demo.trial_biology import Biology
 from carechain.entries import CHECKPOINT_FINAL, Entry
 from carechain.identity import Identity
 from carechain.inventory import InventoryDevice
-from chain_bridge.contract_admin import ContractRefused, replay_ledger, submit
+from chain_bridge.contract_admin import replay_ledger
 from chain_bridge.ledger.store import EventCandidate, Ledger
 from chain_bridge.registry import register_devices
 from contract_rules import Genesis
@@ -59,11 +59,9 @@ DESIGN = {"arms": ["treatment", "placebo"], "ratio": [1, 1], "block_sizes": [4],
 ENROL_WINDOW_MS = 30_000
 REVEAL_WINDOW_MS = 600_000
 DAY_MS = 86_400_000
-POLL_S = 0.5
 COMMIT_TIMEOUT_S = 60.0  # a cosignature over the registration, then each labeller's commit through the bridge
 ANSWER_TIMEOUT_S = 60.0
 REVEAL_TIMEOUT_S = 60.0
-CHECKPOINT_TIMEOUT_S = 30.0
 
 
 class TrialDemoError(RuntimeError):
@@ -77,11 +75,13 @@ class _Participant:
     sex: str
 
 
-class TrialDemo:
+class TrialDemo(LiveScenario):
     """The sponsor, the investigator, the participants and their keys (under `root`/trial), and the scenario.
 
     `pharmacy` is an admitted (bonded) pharmacy's key; `miner_dirs` the demo miners' data dirs, read only by the
     simulated biology. `effect_milli` is what the simulated drug does (0: a null trial)."""
+
+    error = TrialDemoError
 
     def __init__(self, root: Path, genesis: Genesis, operator: Identity, log_key: Identity, ledger_file: Path,
                  pharmacy: Identity, miner_dirs: list[Path], *, effect_milli: int = EFFECT_MILLI_BPM,
@@ -317,40 +317,6 @@ class TrialDemo:
                 return str(envelope.parse(entry.cose).payload["note"])
         raise TrialDemoError("no final checkpoint on the ledger: the miners never cosigned one")
 
-    def _submit(self, ledger: Ledger, what: str, entries: list[Entry]) -> list[int]:
-        """Append `entries` as `carechain` commands do while the bridge runs (checked against a replay, a
-        clock.attest first when stale)."""
-        ledger.refresh()
-        try:
-            return submit(ledger, self.genesis, entries, clock=self.operator)
-        except ContractRefused as exc:
-            raise TrialDemoError(f"{what}: {exc}") from None
-
-    def _wait(self, ledger: Ledger, what: str, timeout: float, done: Callable[[State], bool],
-              progress: Callable[[State], str]) -> State:
-        deadline = time.monotonic() + timeout
-        while True:
-            ledger.refresh()
-            state = replay_ledger(ledger, self.genesis).state
-            if done(state):
-                return state
-            if time.monotonic() > deadline:
-                raise TrialDemoError(f"gave up after {timeout:.0f} s waiting for {what}: {progress(state)} "
-                                     "(the miners' logs say why)")
-            time.sleep(POLL_S)
-
-    def _checkpoint_covering(self, ledger: Ledger, index: int) -> Any:
-        from carechain.proofs import verify_checkpoint
-
-        deadline = time.monotonic() + CHECKPOINT_TIMEOUT_S
-        while True:
-            latest = ledger.latest_checkpoint()
-            if latest is not None and latest[0] > index:
-                return verify_checkpoint(latest[1], self.log_key.public_key)
-            if time.monotonic() > deadline:
-                raise TrialDemoError(f"gave up after {CHECKPOINT_TIMEOUT_S:.0f} s waiting for a checkpoint of the "
-                                     f"bridge covering leaf {index}")
-            time.sleep(POLL_S)
 
 
 def _sealed(ledger: Ledger, device: Identity, owner: Party, ts: int, body: dict[str, Any]) -> list[EventCandidate]:
