@@ -61,6 +61,7 @@ from typing import Any
 from carechain import contribution_audit, market
 from carechain.config import BrokerConfig
 from carechain.credentials import CredentialsError
+from carechain.files import write_atomic
 from carechain.identity import Identity
 from contract_rules.runtime import Genesis, State
 
@@ -445,8 +446,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = run_audit(args) if args.audit else run(args)
     entries = result["entries"] if args.audit else [result["entry"]]
     text = json.dumps(result, sort_keys=True)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    if args.out:  # signed entries and what the party learnt: private, like the miner's data dir
+        write_atomic(Path(args.out), (text + "\n").encode())
     else:
         print(text)
     if args.publish:

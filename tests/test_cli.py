@@ -439,7 +439,7 @@ def test_demo_json_summarizes_the_whole_flow(tmp_path: Path) -> None:
     assert set(summary) == {"sent", "anchored", "rejected", "duplicates", "checkpoints", "proof_verified",
                             "access_opened", "access_logged", "access_refused_without_grant", "miners",
                             "final_checkpoints", "formulary_refusals", "study_result", "study_contributors",
-                            "study_verified"}
+                            "study_verified", "trial_certificate", "trial_verified"}
     # Everything anchored but the pharmacy day's two refused sales: an Rx-only sale without a prescription, and
     # amoxicillin rung up as over the counter although the authority's formulary lists it as Rx-only.
     assert summary["sent"] - 2 == summary["anchored"] > 0
@@ -466,3 +466,8 @@ def test_agent_refuses_ble_for_a_profile_without_gatt(tmp_path: Path) -> None:
     result = run("agent", "--config", cfg)
     assert result.exit_code == 2  # a configuration error, like the CLI's other usage errors
     assert "pharmacy_terminal" in text(result) and "not a BLE device" in text(result)
+
+
+def test_demo_skips_only_the_live_scenarios_it_knows() -> None:
+    result = run("demo", "--json", "--skip", "pharmacy")
+    assert result.exit_code == 2 and "--skip takes market or trial, not pharmacy" in text(result)

@@ -25,6 +25,8 @@ from simulators.mosquitto import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 CARECHAIN = [sys.executable, "-m", "carechain.cli"]
+# The demo's live market and trial scenarios run in tests/test_demo_market.py; these tests are about exiting.
+SKIP_LIVE_SCENARIOS = ["--skip", "market", "--skip", "trial"]
 
 
 def start(*args: str | Path, cwd: Path) -> subprocess.Popen[str]:
@@ -164,7 +166,7 @@ def test_demo_json_exits_by_itself_and_leaves_no_temporary_folder(tmp_path: Path
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     env = {**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp)}
-    done = subprocess.run([*CARECHAIN, "demo", "--json", "--seconds", "2"], cwd=tmp_path, env=env,
+    done = subprocess.run([*CARECHAIN, "demo", "--json", "--seconds", "2", *SKIP_LIVE_SCENARIOS], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr and "ERROR" not in done.stderr, done.stderr
@@ -175,7 +177,8 @@ def test_demo_json_exits_by_itself_and_leaves_no_temporary_folder(tmp_path: Path
 @pytest.mark.integration
 def test_demo_with_a_data_dir_keeps_it_and_its_hint_names_the_log_key(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "300"}
-    done = subprocess.run([*CARECHAIN, "demo", "--seconds", "2", "--data-dir", str(tmp_path / "demo")],
+    done = subprocess.run([*CARECHAIN, "demo", "--seconds", "2", "--data-dir", str(tmp_path / "demo"),
+                           *SKIP_LIVE_SCENARIOS],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "demo" / "bridge" / "ledger.db").exists()

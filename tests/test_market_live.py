@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from carechain import envelope, market, topics
+from carechain.config import MinerConfig
 from carechain.entries import Entry, Registration, event_entry, registration_entry
 from carechain.identity import Identity
 from carechain.receipts import event_digest
@@ -34,7 +35,7 @@ from chain_bridge.registry import ledger_path
 from contract_rules import market as rules
 from contract_rules import transactions as ce
 from simulators.miners import CARECHAIN
-from simulators.mosquitto import free_port
+from simulators.ports import listen_port_ranges
 from edge_agent.outbox import DataKey
 from edge_agent.sealing import RecordOwner, new_epoch_key, reading_body, seal_reading, sign_epoch_key
 from tests.access_world import AccessWorld, Observer, Party, now_ms, wait_for
@@ -61,7 +62,9 @@ class MarketLive(AccessWorld):
         super().__post_init__()
         self.researcher = Party.create(self.keys, "researcher")
         self.contributors = [Party.create(self.keys, f"contributor{i}") for i in range(len(VALUES))]
-        self.mpc = {m.id: f"127.0.0.1:{free_port()}" for m in self.miners}
+        # below the ephemeral ports: each study computation binds one port of its miner's range later on
+        bases = listen_port_ranges(len(self.miners), MinerConfig().mpc_ports)
+        self.mpc = {m.id: f"127.0.0.1:{base}" for m, base in zip(self.miners, bases, strict=True)}
         self._nonce = 0
         # Two contributors wear a heart-rate band each: their readings are what the audit recomputes.
         self.bands = [Identity.generate() for _ in BAND_VALUES]

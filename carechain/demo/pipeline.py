@@ -63,8 +63,12 @@ def check_available(*, ble: bool) -> None:
                               "pip install 'carechain[ble-sim]'") from None
 
 
+SKIPPABLE = ("market", "trial")  # the live scenarios after the pipeline, pharmacy and access parts
+
+
 def run_demo(*, broker: str | None, seconds: float, data_dir: Path | None, speedup: float,
-             on_tick: Callable[[dict[str, Any]], None] | None = None, ble: bool = False) -> dict[str, Any]:
+             on_tick: Callable[[dict[str, Any]], None] | None = None, ble: bool = False,
+             skip: frozenset[str] = frozenset()) -> dict[str, Any]:
     """Run the demo and return its summary (the `--json` object plus details).
 
     With `data_dir` the ledger, keys and outbox stay there (`data_kept`); without, they live in a fresh
@@ -75,13 +79,19 @@ def run_demo(*, broker: str | None, seconds: float, data_dir: Path | None, speed
     signs its purchases itself. The terminal rings up a scripted pharmacy day (carechain.demo.pharmacy_day)
     that the bridge's contract gate decides sale by sale; then the access scenario runs
     (carechain.demo.records), summarized under `access` and the three `access_*` keys; last the data market
-    (carechain.demo.market), under `study` and the three `study_*` keys.
+    (carechain.demo.market), under `study` and the three `study_*` keys; last the randomised trial
+    (carechain.demo.trial), under `trial` and `trial_certificate`/`trial_verified`. `skip` leaves out some of
+    SKIPPABLE (their keys are then None and `skipped` lists them).
     """
+    unknown = sorted(set(skip) - set(SKIPPABLE))
+    if unknown:
+        raise ValueError(f"cannot skip {', '.join(unknown)}: only {', '.join(SKIPPABLE)} can be left out")
     check_available(ble=ble)
     # 0700 either way (mkdtemp makes its folder 0700)
     root = private_dir(Path(data_dir)) if data_dir else Path(tempfile.mkdtemp(prefix="carechain-demo-"))
     try:
-        summary = _run(root, broker=broker, seconds=seconds, speedup=speedup, on_tick=on_tick, ble=ble)
+        summary = _run(root, broker=broker, seconds=seconds, speedup=speedup, on_tick=on_tick, ble=ble,
+                       skip=frozenset(skip))
     finally:
         if data_dir is None:
             shutil.rmtree(root, ignore_errors=True)
@@ -90,7 +100,7 @@ def run_demo(*, broker: str | None, seconds: float, data_dir: Path | None, speed
 
 
 def _run(root: Path, *, broker: str | None, seconds: float, speedup: float,
-         on_tick: Callable[[dict[str, Any]], None] | None, ble: bool) -> dict[str, Any]:
+         on_tick: Callable[[dict[str, Any]], None] | None, ble: bool, skip: frozenset[str]) -> dict[str, Any]:
     from carechain import envelope, sealed, topics
     from carechain.config import AgentConfig, BridgeConfig, BrokerConfig, Config, parse_address
     from carechain.demo.market import MarketDemo
@@ -299,15 +309,19 @@ def _run(root: Path, *, broker: str | None, seconds: float, speedup: float,
         agent_part = ledger_reader.refresh()
         # The data market last, while the bridge and the miners run: the miners compute, sample and audit its
         # studies by themselves (carechain.demo.market).
-        if on_tick:
-            on_tick(snapshot("a researcher's three studies: the miners compute them in MPC and audit a sample"))
-        study = MarketDemo(root, day.genesis, operator, lk, ledger_path(bridge_dir), day.insurer).run()
+        study: dict[str, Any] | None = None
+        if "market" not in skip:
+            if on_tick:
+                on_tick(snapshot("a researcher's three studies: the miners compute them in MPC and audit a sample"))
+            study = MarketDemo(root, day.genesis, operator, lk, ledger_path(bridge_dir), day.insurer).run()
         # Then a randomised trial, also on the live system: the labelling miners commit, reveal and answer an
         # emergency unblinding by themselves (carechain.demo.trial).
-        if on_tick:
-            on_tick(snapshot("a 40-participant randomised trial: miners label, commit and reveal by themselves"))
-        trial = TrialDemo(root, day.genesis, operator, lk, ledger_path(bridge_dir), day.pharmacy,
-                          records.miner_dirs).run()
+        trial: dict[str, Any] | None = None
+        if "trial" not in skip:
+            if on_tick:
+                on_tick(snapshot("a 40-participant randomised trial: miners label, commit and reveal by themselves"))
+            trial = TrialDemo(root, day.genesis, operator, lk, ledger_path(bridge_dir), day.pharmacy,
+                              records.miner_dirs).run()
         records.stop_miners()
         bridge.stop()
         ledger_reader.close()
@@ -362,10 +376,11 @@ def _run(root: Path, *, broker: str | None, seconds: float, speedup: float,
             "final_recorded": stats["final_recorded"],
             "formulary_refusals": pharmacy["formulary_refusals"],
             "study": study,
-            "study_result": study.get("mean_resting_heart_rate"),
-            "study_contributors": study.get("contributors", 0),
-            "study_verified": study["verified"],
+            "study_result": None if study is None else study.get("mean_resting_heart_rate"),
+            "study_contributors": None if study is None else study.get("contributors", 0),
+            "study_verified": None if study is None else study["verified"],
             "trial": trial,
-            "trial_certificate": trial["trial_certificate"],
-            "trial_verified": trial["trial_verified"],
+            "trial_certificate": None if trial is None else trial["trial_certificate"],
+            "trial_verified": None if trial is None else trial["trial_verified"],
+            "skipped": sorted(skip),
         }

@@ -20,7 +20,6 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import queue
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -98,20 +97,6 @@ def load_alice(root: Path) -> Party:
     return Party.in_dir(keys_dir(root), "alice", "Alice", "patient")
 
 
-def free_loopback_ports(n: int) -> list[int]:
-    """n distinct free loopback TCP ports (bound together, then released for their users to take)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _wait(what: str, cond: Callable[[], bool], timeout: float = STEP_TIMEOUT_S) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -157,11 +142,13 @@ class RecordsDemo:
 
     def start_miners(self, cfg: Config, log_public_key: bytes, genesis_file: Path) -> None:
         """Assemble and start the five miners as `carechain miner` does, each on its own data dir, each with
-        its `miner.mpc_listen` on a free loopback port: they run the data market's studies they aggregate by
-        themselves (chain_miner.study_runner; carechain.demo.market waits for them)."""
+        its `miner.mpc_listen` on a free loopback port range below the ephemeral ports (each study computation
+        listens on one port of its range): they run the data market's studies they aggregate by themselves
+        (chain_miner.study_runner; carechain.demo.market waits for them)."""
         from chain_miner.assembly import assemble_miner
+        from simulators.ports import listen_port_ranges
 
-        ports = free_loopback_ports(len(self.miner_dirs))
+        ports = listen_port_ranges(len(self.miner_dirs), cfg.miner.mpc_ports)
         for mdir, key, port in zip(self.miner_dirs, self.miner_keys, ports, strict=True):
             miner_cfg = cfg.model_copy(update={"miner": cfg.miner.model_copy(update={
                 "mpc_listen": f"127.0.0.1:{port}", "mpc_timeout_s": MPC_TIMEOUT_S})})
