@@ -54,7 +54,9 @@ def test_the_agent_dependencies_leave_the_extras_out() -> None:
     extras = PYPROJECT["project"]["optional-dependencies"]
     assert {_name(req) for req in extras["storage"]} == {"zfec"}
     assert {_name(req) for req in extras["ble-sim"]} == {"bumble"}
-    assert "carechain[storage,ble-sim]" in extras["test"]  # the tests exercise both
+    assert {_name(req) for req in extras["anchor"]} == {"web3"}
+    assert not names & {"web3"}  # only a bridge that anchors on a chain needs it
+    assert "carechain[storage,ble-sim,anchor]" in extras["test"]  # the tests exercise all three
 
 
 def _name(requirement: str) -> str:
