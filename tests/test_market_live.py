@@ -250,8 +250,11 @@ def test_the_miners_compute_the_study_by_themselves_once_its_contributions_are_c
     for m in w.miners:  # each ran its own party, found the others through their signed hellos
         wait_for(f"miner {m.id} to log its result", lambda m=m: f"result of study {STUDY} computed and sent"  # type: ignore[misc]
                  in m.process.output(), context=w.logs)
-        jobs = json.loads((m.dir / "studies" / "jobs.json").read_text())
-        assert "result:hr-live" in jobs["done"], jobs
+        # the runner saves the job as done just after that log line: wait for the file, never race it
+        jobs_file = m.dir / "studies" / "jobs.json"
+        wait_for(f"miner {m.id} to record its result job as done",
+                 lambda f=jobs_file: f"result:{STUDY}" in json.loads(f.read_text())["done"],  # type: ignore[misc]
+                 context=w.logs)
 
     # Answered, but not audited: nobody may close (and pay) it yet. The miners draw its audit sample once a
     # final checkpoint after the decision is recorded (the next test follows the audit through).
