@@ -259,8 +259,12 @@ def test_the_labelling_miners_commit_and_reveal_by_themselves_and_the_trial_cert
     assert {s: sum(c.values()) for s, c in summary.items()} == {"sex=f": 3, "sex=m": 3}
 
     # The miners did each job once (their jobs files), and an outsider verifies the trial from the ledger.
-    for m in w.miners:
-        jobs = json.loads((m.dir / "trials" / "jobs.json").read_text())
+    for m in w.miners:  # saved just after each publish: wait for the file rather than race it
+        jobs_file = m.dir / "trials" / "jobs.json"
+        wait_for(f"miner {m.id}'s jobs file to record its reveal",
+                 lambda f=jobs_file: f"reveal:{TRIAL}" in json.loads(f.read_text())["done"],  # type: ignore[misc]
+                 context=w.logs)
+        jobs = json.loads(jobs_file.read_text())
         assert set(jobs["done"]) == {f"commit:{TRIAL}", f"reveal:{TRIAL}"}, jobs
     ledger = Ledger(ledger_path(w.bridge_dir))
     try:
