@@ -93,6 +93,8 @@ class Limits(_Section):
                                     "refill), generous enough for a backlog drained after an outage.")
     burst: int = Field(default=20_000, ge=1, description="Per-device token bucket size: events a device may "
                        "send at once above the rate.")
+    max_batch_events: int = Field(default=1000, ge=1, le=100_000, description="Most events in one batch message "
+                                  "(docs/protocol.md); each is still verified and receipted on its own.")
     inbox_max_messages: int = Field(default=10_000, ge=1, le=1_000_000, description="Messages received but "
                                     "not yet checked that the bridge (each ingest worker) holds; when full, the "
                                     "broker waits for room (QoS 1 stays unacknowledged), nothing is dropped.")
@@ -233,6 +235,26 @@ class NatsIngestConfig(_Section):
     tls_ca: Path | None = Field(default=None, description="Set: tls:// servers are checked against this CA only.")
 
 
+class StoreConfig(_Section):
+    """`bridge.store`: where the ledger lives. SQLite (DATA_DIR/ledger.db) on one host; PostgreSQL for several
+    bridge hosts sharing one log, one of them the sequencer (docs/deploy.md)."""
+
+    backend: Literal["sqlite", "postgresql"] = Field(default="sqlite", description="`sqlite`: DATA_DIR/ledger.db "
+                                                     "(WAL, fsync); `postgresql`: the database at `dsn`.")
+    dsn: str | None = Field(default=None, max_length=1000, description="postgresql: libpq connection string or "
+                            "URI, without the password (e.g. `host=db1 dbname=carechain user=bridge`).")
+    password_file: Path | None = Field(default=None, description="postgresql: a file (mode 0600, or a systemd "
+                                       "credential) holding the password; unset: libpq's own (PGPASSFILE, "
+                                       "~/.pgpass, trust).")
+
+    @model_validator(mode="after")
+    def _dsn_for_postgresql(self) -> StoreConfig:
+        if self.backend == "postgresql" and not self.dsn:
+            raise ValueError("bridge.store.backend postgresql needs bridge.store.dsn (e.g. host=db1 dbname=carechain "
+                             "user=bridge)")
+        return self
+
+
 class BridgeConfig(_Section):
     """`bridge`: `carechain bridge`, which verifies, sequences and anchors events and answers with receipts."""
 
@@ -288,6 +310,7 @@ class BridgeConfig(_Section):
                                    "server or CDN to serve (docs/tiles.md). Off by default.")
     anchor: AnchorConfig = Field(default_factory=AnchorConfig, description="Anchoring checkpoints on an "
                                  "Ethereum-compatible chain (see `bridge.anchor`).")
+    store: StoreConfig = Field(default_factory=StoreConfig, description="The ledger store (see `bridge.store`).")
 
     @model_validator(mode="after")
     def _nats_ingest(self) -> BridgeConfig:
@@ -359,6 +382,13 @@ class AgentConfig(_Section):
     resend_after_s: float = Field(default=10.0, gt=0, description="Resend an event with no receipt after this "
                                   "long.")
     speedup: float = Field(default=1.0, gt=0, description="Simulated sources: sample this many times faster.")
+    batch_max_events: int = Field(default=256, ge=1, le=1000, description="Most individually signed events "
+                                  "packed into one MQTT message (docs/protocol.md); 1 sends one event per message.")
+    batch_max_bytes: int = Field(default=60_000, ge=1024, le=1 << 20, description="Largest batch message, "
+                                 "in bytes (keep it under the broker's max packet size).")
+    batch_linger_ms: int = Field(default=0, ge=0, le=5000, description="Live traffic: how long a new event may "
+                                 "wait for others to share its message (0: live events go at once; a backlog "
+                                 "drained after an outage is always batched).")
     outbox_quota_mb: float = Field(default=2048.0, gt=0, description="Disk quota of the outbox "
                                    "(docs/reliability.md).")
     on_quota: Literal["refuse_new", "drop_oldest"] = Field(default="refuse_new", description="At the quota: "
