@@ -55,8 +55,9 @@ def test_the_agent_dependencies_leave_the_extras_out() -> None:
     assert {_name(req) for req in extras["storage"]} == {"zfec"}
     assert {_name(req) for req in extras["ble-sim"]} == {"bumble"}
     assert {_name(req) for req in extras["anchor"]} == {"web3"}
-    assert not names & {"web3"}  # only a bridge that anchors on a chain needs it
-    assert "carechain[storage,ble-sim,anchor]" in extras["test"]  # the tests exercise all three
+    assert {_name(req) for req in extras["postgresql"]} == {"psycopg"}
+    assert not names & {"web3", "psycopg"}  # only a bridge that anchors on a chain / shares a PostgreSQL log
+    assert "carechain[storage,ble-sim,anchor,postgresql]" in extras["test"]  # the tests exercise all four
 
 
 def _name(requirement: str) -> str:
