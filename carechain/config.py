@@ -125,6 +125,11 @@ class MinerConfig(_Section):
                                        "`genesis`: a MODULE:FUNCTION that checks each entry.")
     request_timeout_s: float = Field(default=10.0, gt=0, description="How long to wait for the bridge's answer "
                                      "to a proof request.")
+    tiles_url: str | None = Field(default=None, pattern=r"^https?://", description="If set: the URL of the log's "
+                                  "C2SP tlog-tiles (a web server or CDN serving `bridge.tiles_dir`). The miner then "
+                                  "reads the checkpoint, consistency proofs and entries from there, every bundle "
+                                  "checked, and asks the bridge over MQTT only when the tiles cannot serve "
+                                  "(docs/tiles.md).")
     mpc_listen: str | None = Field(default=None, pattern=r"^[^\s:/]+:[0-9]{1,5}$", description="host:port "
                                    "where this miner's data-market aggregator listens for the other aggregators "
                                    "of a study (MPyC over TCP; announced, signed, in its hello). Unset: the miner "
@@ -237,7 +242,7 @@ class NatsIngestConfig(_Section):
 
 class StoreConfig(_Section):
     """`bridge.store`: where the ledger lives. SQLite (DATA_DIR/ledger.db) on one host; PostgreSQL for several
-    bridge hosts sharing one log, one of them the sequencer (docs/deploy.md)."""
+    bridge hosts sharing one log, one of them the sequencer (docs/ledger-stores.md)."""
 
     backend: Literal["sqlite", "postgresql"] = Field(default="sqlite", description="`sqlite`: DATA_DIR/ledger.db "
                                                      "(WAL, fsync); `postgresql`: the database at `dsn`.")
@@ -246,6 +251,9 @@ class StoreConfig(_Section):
     password_file: Path | None = Field(default=None, description="postgresql: a file (mode 0600, or a systemd "
                                        "credential) holding the password; unset: libpq's own (PGPASSFILE, "
                                        "~/.pgpass, trust).")
+    lease_poll_s: float = Field(default=0.25, ge=0.05, le=5.0, description="postgresql: how often a standby "
+                                "bridge asks for the sequencer lease and the active one checks it still holds it; "
+                                "a take-over takes about this long after the active bridge's session ends.")
 
     @model_validator(mode="after")
     def _dsn_for_postgresql(self) -> StoreConfig:

@@ -7,6 +7,11 @@ writing, `check_store` looks at the file without ever writing to it: the SQLite 
 size in pages against the file's length), then `PRAGMA quick_check` on a read-only connection. Anything
 wrong becomes one `StoreCorruptError` whose message names the file, what is wrong and what to do.
 
+A ledger grows without bound and `quick_check` reads all of it (seconds per GB), so `Ledger` asks for it only
+up to `OPEN_CHECK_MAX_BYTES`: above that the header check still runs at every open, SQLite reports a damaged
+page when a query touches it (a `StoreCorruptError` too), and `carechain verify --full` audits the whole log.
+Start-up then stays flat with the log's length (docs/tiles.md).
+
 What this cannot see: bytes changed *inside* a record (quick_check checks structure, not content) and WAL
 frames whose checksum fails (SQLite drops those by design, as torn writes). For the ledger, `carechain
 verify --full` finds the former from leaf hashes and signatures.
@@ -14,12 +19,16 @@ verify --full` finds the former from leaf hashes and signatures.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["LEDGER", "OUTBOX", "StoreCorruptError", "StoreError", "StoreKind", "check_store", "store_error"]
 
+log = logging.getLogger("carechain.store")
+# Largest file `check_store(..., full_check_max_bytes=OPEN_CHECK_MAX_BYTES)` still runs quick_check on (~1 s here).
+OPEN_CHECK_MAX_BYTES = 256 << 20
 _MAGIC = b"SQLite format 3\x00"
 _HEADER_SIZE = 100
 # SQLite primary result codes (the low byte of an extended code).
@@ -74,8 +83,10 @@ def store_error(path: Path, kind: StoreKind, exc: sqlite3.DatabaseError) -> Stor
     return StoreError(f"{path}: cannot open the {kind.name}: {text}")
 
 
-def check_store(path: Path, kind: StoreKind) -> None:
+def check_store(path: Path, kind: StoreKind, full_check_max_bytes: int | None = None) -> None:
     """Raise `StoreCorruptError` if the SQLite file at `path` is damaged; a missing file is fine (new store).
+
+    With `full_check_max_bytes`, a larger file gets the header check only (quick_check reads the whole file).
 
     Never writes to the file. (The read-only connection used for `quick_check` may create the empty
     `-shm`/`-wal` companions SQLite needs to read a WAL database; it changes neither the file nor its WAL.)
@@ -90,6 +101,11 @@ def check_store(path: Path, kind: StoreKind) -> None:
         return
     journal = path.with_name(path.name + "-journal")
     _check_header(path, kind, wal_size or (journal.stat().st_size if journal.exists() else 0))
+    size = path.stat().st_size
+    if full_check_max_bytes is not None and size > full_check_max_bytes:
+        log.info("%s: %.1f GB: header checked; SQLite's quick_check is left to `carechain verify --full` above "
+                 "%d MB (it reads the whole file)", path, size / 1e9, full_check_max_bytes >> 20)
+        return
     try:
         db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
     except sqlite3.DatabaseError as exc:

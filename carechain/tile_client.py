@@ -163,10 +163,38 @@ class TiledLog:
         if old.tree_size > new.tree_size:
             raise TileFetchError(f"the served checkpoint (size {new.tree_size}) is older than the one given "
                                  f"(size {old.tree_size}): the log rolled back, or serves a stale copy")
-        ranges = consistency_ranges(old.tree_size, new.tree_size)
-        path = hash_ranges(ranges, new.tree_size, self.source.tiles(tiles_for_ranges(ranges, new.tree_size)))
+        path = self.consistency_path(old.tree_size, new.tree_size)
         return ConsistencyBundle(old_checkpoint=old_note, new_checkpoint=new_note,
                                  consistency_path=[h.hex() for h in path], log_public_key=self.log_public_key.hex())
+
+    def consistency_path(self, size1: int, size2: int) -> list[bytes]:
+        """The RFC 9162 consistency proof from `size1` to `size2` leaves, from the tiles of the tree of `size2`
+        (not yet checked: `carechain.merkle.verify_consistency` against the two roots does)."""
+        ranges = consistency_ranges(size1, size2)
+        try:
+            return hash_ranges(ranges, size2, self.source.tiles(tiles_for_ranges(ranges, size2)))
+        except TileError as exc:
+            raise TileFetchError(f"{self.source.base_url}: {exc}") from None
+
+    def entry_range(self, start: int, stop: int, tree_size: int, window: int = 16) -> list[bytes]:
+        """Entries `start`..`stop - 1` of the tree of `tree_size` leaves, from their bundles, each bundle checked
+        entry by entry against the leaf hashes of its level-0 tile (a bundle that does not match is refused
+        here, naming it). That the tiles are the tree's is the caller's check: the entries must hash to the
+        root its checkpoint signs (with the frontier it holds, as a witness does)."""
+        if not 0 <= start <= stop <= tree_size:
+            raise TileFetchError(f"entries {start}..{stop - 1} are not in the log of {tree_size} entries")
+        out: list[bytes] = []
+        numbers = range(start // 256, -(-stop // 256))
+        with ThreadPoolExecutor(self.source.parallel) as pool:
+            for first in range(0, len(numbers), window):
+                batch = [tile_at(ENTRIES, n, tree_size) for n in numbers[first : first + window]]
+                level0 = [TileRef(0, b.index, b.width) for b in batch]
+                fetched = dict(zip(batch + level0, pool.map(self.source.tile, batch + level0), strict=True))
+                for bundle, tile0 in zip(batch, level0, strict=True):
+                    items, _ = _checked_bundle(bundle, fetched[bundle], tile0, fetched[tile0])
+                    base = bundle.index * 256
+                    out.extend(items[max(start - base, 0) : stop - base])
+        return out
 
     def entries(self, cp: Checkpoint, window: int = 16) -> Iterator[TiledEntry]:
         """Every entry of the tree `cp` signs, in order, while rebuilding every tile from them and comparing it
@@ -180,20 +208,8 @@ class TiledLog:
                 level0 = [TileRef(0, b.index, b.width) for b in batch]
                 fetched = dict(zip(batch + level0, pool.map(self.source.tile, batch + level0), strict=True))
                 for bundle, tile0 in zip(batch, level0, strict=True):
-                    try:
-                        items = decode_bundle(bundle, fetched[bundle])
-                    except TileError as exc:
-                        raise TileFetchError(str(exc)) from None
+                    items, leaf_hashes = _checked_bundle(bundle, fetched[bundle], tile0, fetched[tile0])
                     base = bundle.index * 256
-                    try:
-                        hashes = split_tile(tile0, fetched[tile0])
-                    except TileError as exc:
-                        raise TileFetchError(str(exc)) from None
-                    leaf_hashes = [leaf_hash(item) for item in items]
-                    for i, h in enumerate(leaf_hashes):
-                        if hashes[i] != h:
-                            raise TileFetchError(f"entry {base + i} does not hash to its leaf hash in tile "
-                                                 f"{tile0.path()}: the log serves entries its tiles do not commit to")
                     for ref, data in appender.append(items):
                         # Level 0 was just compared hash by hash; the levels above are rebuilt and compared here.
                         if ref.level > 0 and self.source.tile(ref) != data:
@@ -206,6 +222,22 @@ class TiledLog:
                 raise TileFetchError(f"partial tile {ref.path()} is not what the entries hash to")
         if appender.root() != cp.root_hash:
             raise TileFetchError(f"the {cp.tree_size} entries served do not hash to the root the checkpoint signs")
+
+
+def _checked_bundle(bundle: TileRef, data: bytes, tile0: TileRef, tile0_data: bytes
+                    ) -> tuple[list[bytes], list[bytes]]:
+    """The entries of a bundle and their leaf hashes, each checked against its level-0 tile's."""
+    try:
+        items = decode_bundle(bundle, data)
+        hashes = split_tile(tile0, tile0_data)
+    except TileError as exc:
+        raise TileFetchError(str(exc)) from None
+    leaf_hashes = [leaf_hash(item) for item in items]
+    for i, h in enumerate(leaf_hashes):
+        if hashes[i] != h:
+            raise TileFetchError(f"entry {bundle.index * 256 + i} does not hash to its leaf hash in tile "
+                                 f"{tile0.path()}: the log serves entries its tiles do not commit to")
+    return items, leaf_hashes
 
 
 def _gunzip(raw: bytes, max_bytes: int, url: str) -> bytes:

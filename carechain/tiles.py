@@ -165,7 +165,13 @@ def bundles_for_size(size: int) -> list[TileRef]:
 
 def edge_tiles(size: int) -> list[TileRef]:
     """The partial tiles and the partial entry bundle of a tree of `size`: all a writer needs to resume."""
-    refs = [t for t in tiles_for_size(size) if t.partial]
+    _check_size(size)
+    refs = []
+    level, count = 0, size
+    while count:  # O(height), not tiles_for_size: a resume reads nothing else
+        if count % TILE_WIDTH:
+            refs.append(TileRef(level, count // TILE_WIDTH, count % TILE_WIDTH))
+        level, count = level + 1, count >> TILE_HEIGHT
     if size % TILE_WIDTH:
         refs.append(TileRef(ENTRIES, size // TILE_WIDTH, size % TILE_WIDTH))
     return refs
@@ -239,7 +245,7 @@ def consistency_ranges(size1: int, size2: int) -> list[tuple[int, int]]:
 
 def tiles_for_ranges(ranges: Iterable[tuple[int, int]], size: int) -> list[TileRef]:
     """The tiles of the tree of `size` leaves that hold the hashes of these leaf ranges (sorted, unique)."""
-    refs = {_node_tile(height, k, size)[0] for start, end in ranges for height, k in _nodes(start, end, size)}
+    refs = {_node_tile(height, k, size)[0] for start, end in ranges for height, k in subtree_nodes(start, end, size)}
     return sorted(refs)
 
 
@@ -250,7 +256,7 @@ def hash_ranges(ranges: Iterable[tuple[int, int]], size: int, tiles: Mapping[Til
     out: list[bytes] = []
     for start, end in ranges:
         hashes = []
-        for height, k in _nodes(start, end, size):
+        for height, k in subtree_nodes(start, end, size):
             ref, first, count = _node_tile(height, k, size)
             row = rows.get(ref)
             if row is None:
@@ -259,11 +265,31 @@ def hash_ranges(ranges: Iterable[tuple[int, int]], size: int, tiles: Mapping[Til
                     raise MissingTile(ref)
                 row = rows[ref] = split_tile(ref, data)
             hashes.append(_perfect_root(row[first : first + count]))
-        h = hashes.pop()
-        while hashes:
-            h = node_hash(hashes.pop(), h)
-        out.append(h)
+        out.append(fold_subtrees(hashes))
     return out
+
+
+def subtree_nodes(start: int, end: int, size: int) -> list[tuple[int, int]]:
+    """MTH(D[start:end]) as complete subtrees (height, index), largest first: one if end - start is a power of
+    two (start is then a multiple of it), else the right edge's decomposition."""
+    if not 0 <= start < end <= size:
+        raise TileError(f"leaf range [{start}, {end}) is not inside a tree of {size} leaves")
+    nodes = []
+    while start < end:
+        height = ((end - start).bit_length() - 1)
+        if start & ((1 << height) - 1):
+            raise TileError(f"leaf range [{start}, {end}) is not a subtree of an RFC 9162 tree")
+        nodes.append((height, start >> height))
+        start += 1 << height
+    return nodes
+
+
+def fold_subtrees(hashes: Sequence[bytes]) -> bytes:
+    """MTH of a leaf range from the hashes of its `subtree_nodes`, largest first (RFC 9162 folds from the right)."""
+    h = hashes[-1]
+    for left in reversed(hashes[:-1]):
+        h = node_hash(left, h)
+    return h
 
 
 def root_range(size: int) -> list[tuple[int, int]]:
@@ -323,16 +349,16 @@ def decode_bundle(ref: TileRef, data: bytes) -> list[bytes]:
 # -- writing: the right edge of a tiled tree ------------------------------------------------------------------
 
 
-class TileAppender:
-    """The right edge of a tiled log, fed entries in order; returns the tiles and bundles each append completes.
+class HashEdge:
+    """The right edge of a tiled tree fed leaf hashes: the partial row of every tile level (< 256 hashes each).
 
-    It holds the partial row of every tile level (< 256 hashes each) and the entries of the partial bundle,
-    so its memory is bounded by the tree's height, never by its size.
+    Its memory is bounded by the tree's height, never by its size. `append` returns the hash tiles each append
+    completes; `partial_tiles` the partial ones of the current size. `TileAppender` adds entry bundles on top;
+    a store that already has leaf hashes (the bridge's `StoredTree`) feeds them in directly.
     """
 
     def __init__(self) -> None:
         self._rows: list[list[bytes]] = []  # per tile level: hashes of its partial tile
-        self._entries: list[bytes] = []  # entries of the partial bundle
         self._size = 0
 
     @property
@@ -340,34 +366,35 @@ class TileAppender:
         return self._size
 
     @classmethod
-    def resume(cls, size: int, tiles: Mapping[TileRef, bytes]) -> TileAppender:
-        """The appender of a tree of `size` leaves, from its `edge_tiles(size)` (tile → bytes)."""
-        app = cls()
-        app._size = size
+    def resume(cls, size: int, tiles: Mapping[TileRef, bytes]) -> HashEdge:
+        """The edge of a tree of `size` leaves, from its partial hash tiles (`edge_tiles(size)`; tile → bytes)."""
+        edge = cls()
+        edge._size = size
         for ref in edge_tiles(size):
+            if ref.is_entries:
+                continue
             data = tiles.get(ref)
             if data is None:
                 raise MissingTile(ref)
-            if ref.is_entries:
-                app._entries = decode_bundle(ref, data)
-            else:
-                while len(app._rows) <= ref.level:
-                    app._rows.append([])
-                app._rows[ref.level] = split_tile(ref, data)
-        return app
+            while len(edge._rows) <= ref.level:
+                edge._rows.append([])
+            edge._rows[ref.level] = split_tile(ref, data)
+        return edge
 
-    def append(self, entries: Iterable[bytes]) -> Iterator[tuple[TileRef, bytes]]:
-        """Append entries; yield each full tile and full bundle as it completes (store them as they come)."""
-        for entry in entries:
-            if len(entry) > MAX_ENTRY_SIZE:
-                raise TileError(f"entry {self._size} is {len(entry)} bytes; tlog-tiles entry bundles hold entries "
-                                f"of at most {MAX_ENTRY_SIZE} bytes")
-            self._entries.append(bytes(entry))
+    def copy(self) -> HashEdge:
+        """An independent copy: appending to it leaves this edge as it is."""
+        other = HashEdge()
+        other._rows = [list(row) for row in self._rows]
+        other._size = self._size
+        return other
+
+    def append(self, leaf_hashes: Iterable[bytes]) -> Iterator[tuple[TileRef, bytes]]:
+        """Append leaf hashes; yield each full hash tile as it completes (store them as they come)."""
+        for h in leaf_hashes:
+            if len(h) != HASH_SIZE:
+                raise TileError(f"leaf hash {self._size} must be {HASH_SIZE} bytes, got {len(h)}")
             self._size += 1
-            if len(self._entries) == TILE_WIDTH:
-                yield TileRef(ENTRIES, (self._size >> TILE_HEIGHT) - 1), encode_bundle(self._entries)
-                self._entries = []
-            h, level = leaf_hash(entry), 0
+            h, level = bytes(h), 0
             while True:
                 if level == len(self._rows):
                     self._rows.append([])
@@ -381,13 +408,13 @@ class TileAppender:
                 level += 1
 
     def partial_tiles(self) -> list[tuple[TileRef, bytes]]:
-        """The partial tiles and partial bundle of the current size (store them with its checkpoint)."""
-        out = [(TileRef(level, self._size >> (TILE_HEIGHT * (level + 1)), len(row)), b"".join(row))
-               for level, row in enumerate(self._rows) if row]
-        if self._entries:
-            out.append((TileRef(ENTRIES, self._size >> TILE_HEIGHT, len(self._entries)),
-                        encode_bundle(self._entries)))
-        return out
+        """The partial hash tiles of the current size, lowest level first."""
+        return [(TileRef(level, self._size >> (TILE_HEIGHT * (level + 1)), len(row)), b"".join(row))
+                for level, row in enumerate(self._rows) if row]
+
+    def partial_row(self, level: int) -> list[bytes]:
+        """The hashes of the partial tile of `level` (empty when the level's tiles are all full)."""
+        return self._rows[level] if level < len(self._rows) else []
 
     def root(self) -> bytes:
         """RFC 9162 root of the tree so far, from the right edge alone."""
@@ -401,22 +428,60 @@ class TileAppender:
         return frontier_root(frontier)
 
 
+class TileAppender:
+    """The right edge of a tiled log, fed entries in order; returns the tiles and bundles each append completes.
+
+    It holds the partial row of every tile level (a `HashEdge`) and the entries of the partial bundle,
+    so its memory is bounded by the tree's height, never by its size.
+    """
+
+    def __init__(self) -> None:
+        self._edge = HashEdge()
+        self._entries: list[bytes] = []  # entries of the partial bundle
+
+    @property
+    def size(self) -> int:
+        return self._edge.size
+
+    @classmethod
+    def resume(cls, size: int, tiles: Mapping[TileRef, bytes]) -> TileAppender:
+        """The appender of a tree of `size` leaves, from its `edge_tiles(size)` (tile → bytes)."""
+        app = cls()
+        app._edge = HashEdge.resume(size, tiles)
+        if size % TILE_WIDTH:
+            ref = TileRef(ENTRIES, size // TILE_WIDTH, size % TILE_WIDTH)
+            data = tiles.get(ref)
+            if data is None:
+                raise MissingTile(ref)
+            app._entries = decode_bundle(ref, data)
+        return app
+
+    def append(self, entries: Iterable[bytes]) -> Iterator[tuple[TileRef, bytes]]:
+        """Append entries; yield each full tile and full bundle as it completes (store them as they come)."""
+        for entry in entries:
+            if len(entry) > MAX_ENTRY_SIZE:
+                raise TileError(f"entry {self.size} is {len(entry)} bytes; tlog-tiles entry bundles hold entries "
+                                f"of at most {MAX_ENTRY_SIZE} bytes")
+            self._entries.append(bytes(entry))
+            if len(self._entries) == TILE_WIDTH:
+                yield TileRef(ENTRIES, self.size >> TILE_HEIGHT), encode_bundle(self._entries)
+                self._entries = []
+            yield from self._edge.append([leaf_hash(entry)])
+
+    def partial_tiles(self) -> list[tuple[TileRef, bytes]]:
+        """The partial tiles and partial bundle of the current size (store them with its checkpoint)."""
+        out = self._edge.partial_tiles()
+        if self._entries:
+            out.append((TileRef(ENTRIES, self.size >> TILE_HEIGHT, len(self._entries)),
+                        encode_bundle(self._entries)))
+        return out
+
+    def root(self) -> bytes:
+        """RFC 9162 root of the tree so far, from the right edge alone."""
+        return self._edge.root()
+
+
 # -- internals --------------------------------------------------------------------------------------------
-
-
-def _nodes(start: int, end: int, size: int) -> list[tuple[int, int]]:
-    """MTH(D[start:end]) as complete subtrees (height, index), largest first: one if end - start is a power of
-    two (start is then a multiple of it), else the right edge's decomposition."""
-    if not 0 <= start < end <= size:
-        raise TileError(f"leaf range [{start}, {end}) is not inside a tree of {size} leaves")
-    nodes = []
-    while start < end:
-        height = ((end - start).bit_length() - 1)
-        if start & ((1 << height) - 1):
-            raise TileError(f"leaf range [{start}, {end}) is not a subtree of an RFC 9162 tree")
-        nodes.append((height, start >> height))
-        start += 1 << height
-    return nodes
 
 
 def _node_tile(height: int, k: int, size: int) -> tuple[TileRef, int, int]:

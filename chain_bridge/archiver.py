@@ -46,16 +46,16 @@ from typing import Any
 from carechain import cbor, envelope
 from carechain.config import ArchiveConfig, BrokerConfig
 from carechain.entries import Entry
-from carechain.files import private_dir
+from carechain.files import PRIVATE, private_dir, write_atomic
 from carechain.identity import Identity
 from carechain.retry import Backoff, ReconnectPolicy
 from carechain.sealed import MAX_CIPHERTEXT_BYTES, ciphertext_hash
-from carechain.files import PRIVATE, write_atomic
 from carechain.storage.codec import StorageError, StorageParams
 from carechain.storage.keyfile import load_dataset_key
 from carechain.storage.manifest import Manifest
 from chain_bridge.contract_gate import ContractGate
 from chain_bridge.ledger.reader import LedgerReader
+from chain_bridge.ledger.sql import StoreLocation
 from chain_bridge.ledger.store import ArchiveConflict, Ledger, LedgerError
 from chain_bridge.storage_client import StorageClient, TransferError, key_path, load_receipts, receipts_path
 from contract_rules import transactions as ce
@@ -247,7 +247,8 @@ class _ArchiveReader(LedgerReader):
     def stock(self) -> list[EpochStock]:
         """Per (owner, epoch), the stored ciphertexts in no archive; one read of the ciphertexts table."""
         rows = self._db.execute(
-            "SELECT d.owner, c.epoch, COUNT(*), MAX((c.epoch + 1) * k.epoch_ms), SUM(k.epoch_ms IS NULL) "
+            "SELECT d.owner, c.epoch, COUNT(*), MAX((c.epoch + 1) * k.epoch_ms), "
+            "SUM(CASE WHEN k.epoch_ms IS NULL THEN 1 ELSE 0 END) "
             "FROM ciphertexts c JOIN devices d ON d.device_id = c.dev "
             "LEFT JOIN archive_epochs k ON k.dev = c.dev AND k.epoch = c.epoch "
             "WHERE NOT EXISTS (SELECT 1 FROM archived a WHERE a.idx = c.idx) GROUP BY d.owner, c.epoch")
@@ -295,9 +296,9 @@ class ArchiveFetcher:
     (AES-GCM); this check is the one the issue asks of anyone fetching a ciphertext, and catches the rest.
     """
 
-    def __init__(self, ledger_path: Path, key_dir: Path, storage: Callable[[], StorageClient],
+    def __init__(self, ledger: Path | StoreLocation, key_dir: Path, storage: Callable[[], StorageClient],
                  cache_archives: int = 4) -> None:
-        self._reader = _ArchiveReader(ledger_path)
+        self._reader = _ArchiveReader(ledger)
         self._key_dir = Path(key_dir)
         self._storage = storage
         self._cache: OrderedDict[int, tuple[dict[int, bytes], set[int]]] = OrderedDict()
@@ -391,10 +392,13 @@ class Archiver:
         self._final_size = final_size
         self._clock_ms = clock_ms or (lambda: int(time.time() * 1000))
         self._client_id = client_id or f"carechain-archive-{os.urandom(4).hex()}"
-        self._reader = _ArchiveReader(ledger.path)
+        self._reader = _ArchiveReader(ledger.location)
+        # A pass that fails on these is retried with backoff (a lost database connection included).
+        self._pass_errors: tuple[type[BaseException], ...] = (StorageError, LedgerError, sqlite3.Error, OSError,
+                                                              *self._reader.transient_errors)
         self._client: StorageClient | None = None
         self._client_lock = threading.Lock()
-        self.fetcher = ArchiveFetcher(ledger.path, self.dir, self.storage)
+        self.fetcher = ArchiveFetcher(ledger.location, self.dir, self.storage)
         self.stats: Counter[str] = Counter()
         self._backoff = Backoff(ARCHIVE_RETRY)
         self._stop = threading.Event()
@@ -431,7 +435,7 @@ class Archiver:
         while not self._stop.wait(delay):
             try:
                 self.run_pass()
-            except (StorageError, LedgerError, sqlite3.Error, OSError) as exc:
+            except self._pass_errors as exc:
                 delay = self._backoff.failed()
                 self.stats["failed_passes"] += 1
                 log.warning("archive pass failed (%d in a row): %s; retrying in %.1f s (nothing is pruned that "

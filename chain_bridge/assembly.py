@@ -2,22 +2,25 @@
 
 One place for what `carechain bridge`, the demo and the test harnesses would otherwise each wire by hand.
 Failures are `ConfigError` (a setting or file the user must fix), `DataDirLocked` (another process runs on
-this data directory) or `StoreError` (the ledger file is damaged); every message names what to do.
+this data directory) or `StoreError` (the ledger file is damaged, or its database cannot be reached); every
+message names what to do.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
-from carechain.config import Config, ConfigError
+from carechain.config import BridgeConfig, Config, ConfigError
 from carechain.credentials import CredentialsError, resolve_broker_login
 from carechain.datadir import DataDirLock, instance_id, lock_data_dir
 from carechain.files import make_private
 from chain_bridge.bridge import Bridge
 from chain_bridge.contract_gate import ContractGate
-from chain_bridge.ledger.store import Ledger
-from chain_bridge.registry import contract_genesis, ledger_path, log_key, operator_key
+from chain_bridge.ledger.sql import SqliteLocation
+from chain_bridge.ledger.store import open_ledger
+from chain_bridge.registry import contract_genesis, log_key, operator_key
 
 
 def contract_gate(cfg: Config, data_dir: Path) -> ContractGate:
@@ -37,14 +40,24 @@ class AssembledBridge:
     data_dir: Path
     lock: DataDirLock
 
-    @property
-    def ledger_path(self) -> Path:
-        return ledger_path(self.data_dir)
+    def ledger_location(self) -> str:
+        """Where the ledger is, for the start-up line: its file, or its database (without a password)."""
+        return self.bridge.ledger.describe()
 
     def close(self) -> None:
         """After `bridge.stop()` (or if it never started): close the ledger and release the data directory."""
         self.bridge.ledger.close()
         self.lock.release()
+
+
+def refuse_unsupported(cfg: BridgeConfig) -> None:
+    """Refuse, at start, what the PostgreSQL store does not run yet (docs/ledger-stores.md)."""
+    if cfg.store.backend != "postgresql":
+        return
+    if cfg.ingest_workers:
+        raise ConfigError("bridge.ingest_workers > 0 with bridge.store.backend postgresql: ingest workers open the "
+                          "ledger by its file; run the bridge with ingest_workers: 0 and scale out with more bridge "
+                          "hosts instead (docs/ledger-stores.md)")
 
 
 def default_client_id(username: str | None, data_dir: Path) -> str:
@@ -65,7 +78,8 @@ def assemble_bridge(cfg: Config, *, data_dir: Path | None = None, workers: int |
     `broker.credentials_file`, if set, is resolved (`resolve_broker_login`). The MQTT client id is
     `client_id`, default `default_client_id` (the bridge's login, or `carechain-bridge-<instance>` with the
     data directory's instance id, so two bridges never take over each other's session); ingest workers add
-    `-w<i>`. The data directory is made 0700 and the ledger 0600 (with its WAL and SHM).
+    `-w<i>`. The data directory is made 0700 and a SQLite ledger 0600 (with its WAL and SHM). With
+    `bridge.store` PostgreSQL the bridge gets a sequencer lease: it must `await_lease` before `start`.
     """
     bdir = Path(data_dir or cfg.bridge.data_dir)
     bridge_cfg = cfg.bridge.model_copy(update={"data_dir": bdir})
@@ -75,15 +89,26 @@ def assemble_bridge(cfg: Config, *, data_dir: Path | None = None, workers: int |
         broker = resolve_broker_login(cfg.broker)
     except CredentialsError as exc:
         raise ConfigError(str(exc)) from None
+    refuse_unsupported(bridge_cfg)
     lock = lock_data_dir(bdir, "bridge")
     try:
         gate = contract_gate(cfg, bdir) if bridge_cfg.contracts else None
-        ledger = Ledger(ledger_path(bdir))
-        make_private(ledger.path)  # 0600 with its WAL and SHM: health data (the dir is 0700 already)
+        ledger = open_ledger(bridge_cfg, bdir, role=f"carechain-bridge {instance_id(bdir)}")
+        lease = None
         try:
+            if isinstance(ledger.location, SqliteLocation):
+                make_private(ledger.path)  # 0600 with its WAL and SHM: health data (the dir is 0700 already)
+            else:
+                from chain_bridge.lease import SequencerLease
+                from chain_bridge.ledger.postgres import PostgresLocation
+
+                lease = SequencerLease(cast(PostgresLocation, ledger.location), poll_s=bridge_cfg.store.lease_poll_s)
             bridge = Bridge(bridge_cfg, broker, log_key(bdir), ledger,
-                            client_id=client_id or default_client_id(broker.username, bdir), contracts=gate)
+                            client_id=client_id or default_client_id(broker.username, bdir), contracts=gate,
+                            lease=lease)
         except BaseException:
+            if lease is not None:
+                lease.release()
             ledger.close()
             raise
     except BaseException:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sqlite3
 import sys
 import threading
 import time
@@ -38,6 +37,7 @@ from chain_bridge.broker import archive_broker
 from chain_bridge.finality import FinalityPolicy, FinalityTracker, ledger_policy
 from chain_bridge.ingest import Ingest, RateGuard, Receiver, Rejection, SeqGuard, Sequencer, Verdict, VerdictSource
 from chain_bridge.ingest.receive import wall_clock_ms
+from chain_bridge.ledger.sql import SqliteLocation
 from chain_bridge.ledger.store import Ledger
 from chain_bridge.proof_responder import ProofResponder
 
@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from chain_bridge.contract_gate import ContractGate
     from chain_bridge.evidence_intake import EvidenceIntake
     from chain_bridge.ingest.nats_source import NatsSource
+    from chain_bridge.lease import LeaseLost, SequencerLease
     from chain_bridge.ledger.tiles import TileWriter
     from chain_bridge.record_server import RecordServer
     from chain_bridge.study_intake import StudyIntake
@@ -126,11 +127,14 @@ def _tile_writer(cfg: BridgeConfig) -> TileWriter | None:
 class Bridge:
     def __init__(self, cfg: BridgeConfig, broker: BrokerConfig, log_key: Identity, ledger: Ledger,
                  client_id: str = "carechain-bridge", contracts: ContractGate | None = None,
-                 on_fatal: Callable[[], None] = _exit_process) -> None:
+                 on_fatal: Callable[[], None] = _exit_process, lease: SequencerLease | None = None) -> None:
         self.cfg = cfg
         self.broker = broker
         self.log_key = log_key
         self.ledger = ledger
+        # Several bridge hosts on one PostgreSQL ledger: only the holder of this lease ingests, appends and
+        # checkpoints (`await_lease` before `start`); the others wait as hot standbys.
+        self.lease = lease
         self.origin = cfg.origin or default_origin(log_key)
         self.client_id = client_id
         # With contracts, every sale is checked before it is appended (docs/contracts.md); replay now.
@@ -229,7 +233,7 @@ class Bridge:
         if contracts is not None:
             from chain_bridge.record_server import RecordServer
 
-            self.records = RecordServer(ledger.path, contracts.genesis, self.final_size, log_key,
+            self.records = RecordServer(ledger.location, contracts.genesis, self.final_size, log_key,
                                         max_packet_bytes=broker.max_packet_bytes,
                                         requests_per_s=cfg.records_requests_per_s, burst=cfg.records_request_burst,
                                         archive=self.archiver.fetcher if self.archiver else None)
@@ -253,7 +257,35 @@ class Bridge:
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
+    def await_lease(self, stopping: Callable[[], bool]) -> bool:
+        """With a sequencer lease: wait as a hot standby until this bridge holds it (True), or `stopping()`
+        (False). Meanwhile the ledger and the contracts follow what the active sequencer appends, so the
+        take-over does not start with a replay. Without a lease: True at once."""
+        if self.lease is None:
+            return True
+        return self.lease.wait(stopping, while_waiting=self._follow_the_log)
+
+    def _follow_the_log(self) -> None:
+        with self.ledger_lock:
+            self.ledger.refresh()
+            if self.contracts is not None:
+                self.contracts.catch_up(self.ledger)
+        self.stats.tree_size = self.ledger.size
+
+    def _lease_lost(self, exc: LeaseLost) -> None:
+        """Another bridge may be the sequencer now: stop sequencing at once, and end the process (non-zero) so
+        that its supervisor restarts it as a standby. What was not receipted, the agents resend."""
+        self._stop.set()
+        log.critical("lost the sequencer lease: %s. Stopping at once: this bridge no longer ingests, appends or "
+                     "checkpoints; exiting with status %d (restarted, it waits as a standby)", exc,
+                     EXIT_SEQUENCER_DIED)
+        self._on_fatal()
+
     def start(self) -> None:
+        if self.lease is not None:
+            if not self.lease.held:
+                raise RuntimeError("a bridge with a sequencer lease starts only once it holds it (await_lease)")
+            self.lease.watch(self._lease_lost)
         workers = self.cfg.ingest_workers
         if workers:
             from chain_bridge.broker import worker_broker
@@ -322,6 +354,8 @@ class Bridge:
             self.archiver.stop()
         if self.anchorer is not None:
             self.anchorer.stop()
+        if self.lease is not None:
+            self.lease.release()  # after the last checkpoint: a standby takes over at its next poll
 
     def _on_message(self, client: mqtt.Client, _userdata: object, msg: mqtt.MQTTMessage) -> None:
         if msg.topic == topics.ACCESS_RECORDS:
@@ -538,14 +572,14 @@ class Bridge:
                     self.record_final()
                     next_checkpoint = time.monotonic() + self.cfg.checkpoint_interval_s
                 self._storage_ok()
-            except (sqlite3.OperationalError, OSError) as exc:
+            except self.ledger.transient_errors as exc:
                 self._stop.wait(self._storage_failed(exc, len(retry)))
             except Exception:  # keep serving: agents resend what was not receipted
                 retry = []
                 log.exception("a batch failed; nothing from it was receipted")
         try:
             self.maybe_checkpoint()
-        except (sqlite3.OperationalError, OSError) as exc:  # stopping anyway: the next start checkpoints
+        except self.ledger.transient_errors as exc:  # stopping anyway: the next start checkpoints
             self._storage_failed(exc, len(retry))
 
     def _storage_failed(self, exc: BaseException, pending: int) -> float:
@@ -553,15 +587,21 @@ class Bridge:
         self.stats.storage_errors += 1
         wait = self._storage_backoff.failed()
         log.error("cannot write the ledger %s: %s. %d event(s) wait, unreceipted (agents keep them); retrying in "
-                  "%.1f s and resuming by itself. If the disk is full, free space on the filesystem of %s; if "
-                  "it is an I/O error, check the disk (dmesg).", self.ledger.path, exc, pending, wait,
-                  self.ledger.path.parent)
+                  "%.1f s and resuming by itself. %s", self.ledger.describe(), str(exc).strip(), pending, wait,
+                  self._storage_advice())
         return wait
+
+    def _storage_advice(self) -> str:
+        if isinstance(self.ledger.location, SqliteLocation):
+            return (f"If the disk is full, free space on the filesystem of {self.ledger.path.parent}; if it is an "
+                    "I/O error, check the disk (dmesg).")
+        return ("Check that the PostgreSQL server is up, reachable from this host and has disk space; the "
+                "connection is reopened by itself.")
 
     def _storage_ok(self) -> None:
         if self._storage_backoff.failures:
             log.warning("the ledger %s is writable again after %d failed attempt(s): anchoring resumed",
-                        self.ledger.path, self._storage_backoff.failures)
+                        self.ledger.describe(), self._storage_backoff.failures)
             self._storage_backoff.failures = 0
 
     def process(self, batch: list[tuple[str, bytes]]) -> None:

@@ -106,7 +106,7 @@ class ContractGate:
             self.replica.restore(data)
         except SnapshotError as exc:
             log.warning("contract snapshot at %d leaves of %s not used (%s): replaying from the genesis",
-                        size, ledger.path, exc)
+                        size, ledger.describe(), exc)
             self.replica.reset()
             return
         if self.replica.size != size:

@@ -53,11 +53,12 @@ from carechain.access import (
     sign_records_page,
 )
 from carechain.entries import Entry
-from carechain.identity import Identity
 from carechain.events import SEALED_KINDS
+from carechain.identity import Identity
 from carechain.miner_messages import payload_budget
 from chain_bridge.archiver import ArchiveError, ArchiveFetcher
 from chain_bridge.ledger.reader import LedgerReader
+from chain_bridge.ledger.sql import StoreLocation
 from contract_rules import Genesis, Replica, State
 from contract_rules.access import access_record, granted_epochs, is_usable
 from contract_rules.replay import SnapshotError, decode_leaf, genesis_hash
@@ -142,7 +143,8 @@ class RecordServer:
     `max_packet_bytes` is the broker's packet limit: a page never exceeds it (nor MAX_PAGE_BYTES).
     """
 
-    def __init__(self, ledger_path: Path, genesis: Genesis, final_size: Callable[[], int], signer: Identity, *,
+    def __init__(self, ledger: Path | StoreLocation, genesis: Genesis, final_size: Callable[[], int],
+                 signer: Identity, *,
                  max_packet_bytes: int = MAX_PAGE_BYTES, requests_per_s: float = DEFAULT_REQUESTS_PER_S,
                  burst: int = DEFAULT_REQUEST_BURST, clock_ms: Callable[[], int] | None = None,
                  monotonic: Callable[[], float] = time.monotonic, archive: ArchiveFetcher | None = None) -> None:
@@ -150,7 +152,7 @@ class RecordServer:
 
         self._archive = archive  # where pruned ciphertexts come back from (bridge.archive)
         self._signer = signer  # the log key: a requester takes pages signed by the bridge only
-        self._reader = _LedgerReader(ledger_path)
+        self._reader = _LedgerReader(ledger)
         self._replica = Replica(genesis)
         self._genesis_hash = genesis_hash(genesis)
         self._loaded = False

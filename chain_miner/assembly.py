@@ -13,6 +13,7 @@ from carechain.config import BrokerConfig, Config, ConfigError
 from carechain.credentials import CredentialsError, resolve_broker_login
 from carechain.datadir import DataDirLock, lock_data_dir
 from carechain.identity import Identity, KeyFileError, PublicKeyError, parse_public_key_hex
+from carechain.tile_client import TileFetchError
 from chain_miner.service import StateError, WitnessMiner, contract_verifier, load_entry_verifier
 from chain_miner.witness import EntryVerifier, verify_entries
 from contract_rules.genesis import read_genesis
@@ -76,8 +77,14 @@ def assemble_miner(cfg: Config, *, data_dir: Path | None = None, key: Path | Non
             verifier, checks = replica, f"contracts re-executed from genesis {genesis_file}"
         else:
             verifier, checks = verify_entries, ""
+        tiles = None
+        if mc.tiles_url is not None:
+            from chain_miner.tile_feed import TileFeed
+
+            tiles = TileFeed(mc.tiles_url, log_key, timeout_s=mc.request_timeout_s)
         miner = WitnessMiner(mdir, broker, log_key, identity, name=name or mc.name, entry_verifier=verifier,
-                             request_timeout_s=mc.request_timeout_s, verifier_size=size_of, replica=replica)
+                             request_timeout_s=mc.request_timeout_s, verifier_size=size_of, replica=replica,
+                             tiles=tiles)
         if replica is not None:  # a labeller learns its trials from the contract state
             from chain_miner.trial_runner import TrialRunner
 
@@ -96,7 +103,7 @@ def assemble_miner(cfg: Config, *, data_dir: Path | None = None, key: Path | Non
                                         replica.genesis, miner.cosigned_leaves, timeout_s=mc.mpc_timeout_s,
                                         mpc_ports=mc.mpc_ports)
             checks += f"; aggregates its studies (MPC on {mc.mpc_listen})"
-    except (ValueError, KeyFileError, StateError, ImportError, OSError) as exc:
+    except (ValueError, KeyFileError, StateError, ImportError, OSError, TileFetchError) as exc:
         lock.release()
         raise ConfigError(str(exc)) from None
     except BaseException:

@@ -1,6 +1,7 @@
 """The miner process: follows the log's checkpoints over MQTT, fetches proofs and entries, cosigns or
 publishes evidence. Thin shell around the sans-IO `Witness` (the bridge's half, answering proof requests,
-is `chain_bridge.proof_responder`).
+is `chain_bridge.proof_responder`). With `miner.tiles_url` the proofs, entries and checkpoints come from the
+log's tiles over HTTP instead, the bridge asked only when they cannot serve (`chain_miner.tile_feed`).
 
 Order matters for safety: the new witness state is written (atomically, fsynced) *before* the
 cosignature is published, so a miner restarted at any point never cosigns a view inconsistent with one
@@ -26,6 +27,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,12 +43,14 @@ from carechain.files import PUBLIC, write_atomic
 from carechain.identity import Identity
 from carechain.merkle import leaf_hash
 from carechain.merkle_tree import MerkleTree
+from carechain.tile_client import TileFetchError
 from carechain.transport import connect_client
 from chain_miner.witness import (
     Cosigned,
     CosignRefused,
     EntryVerifier,
     ProofRequest,
+    RefusalReason,
     Witness,
     WitnessState,
     verify_entries,
@@ -59,6 +63,7 @@ if TYPE_CHECKING:
     from chain_miner.reencryptor import AccessReleaser, Reencryptor
     from chain_miner.snapshots import MinerSnapshots
     from chain_miner.study_runner import StudyRunner
+    from chain_miner.tile_feed import TileFeed
     from chain_miner.trial_runner import TrialRunner
     from contract_rules import ContractWitness, Genesis, Replica
 
@@ -69,6 +74,20 @@ MAX_RATE_RETRIES = 20  # asked to come back later this many times in a row: give
 
 
 MAX_VOID_EVIDENCE = 16  # void leaves reported per cosigned range; the ledger's `void` table lists them all
+TILES_POLL_S = 1.0  # with `miner.tiles_url`: how often the served checkpoint is read
+# Refusals that may be the tile server's fault, not the log's: asked again of the bridge. (A violation is not:
+# the witness checked the entries against the signed root before running them.)
+_TILE_REFUSALS = frozenset({RefusalReason.FORK, RefusalReason.BAD_ENTRIES, RefusalReason.BAD_RESPONSE})
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """What judging a move between two tree sizes needs, from the bridge (with its signed attestation of the
+    path) or from the log's tiles (`proof` None: tiles are not signed, so they never make evidence)."""
+
+    consistency_path: list[bytes]
+    entries: list[bytes]
+    proof: messages.ProofAttestation | None
 
 
 class StateError(Exception):
@@ -102,7 +121,8 @@ class WitnessMiner:
     def __init__(self, data_dir: Path, broker_cfg: BrokerConfig, log_public_key: bytes, miner_key: Identity, *,
                  name: str | None = None, entry_verifier: EntryVerifier = verify_entries,
                  request_timeout_s: float = 10.0, verifier_size: Callable[[], int] | None = None,
-                 replica: Replica | None = None, reencryptor: Reencryptor | None = None) -> None:
+                 replica: Replica | None = None, reencryptor: Reencryptor | None = None,
+                 tiles: TileFeed | None = None) -> None:
         """`verifier_size`: for an entry verifier that keeps state from leaf 0 (the contracts'
         `ContractWitness`), how many leaves it has seen; before judging, the miner replays into it the
         tree it already cosigned (fetched from the log and checked against that tree's root).
@@ -110,7 +130,10 @@ class WitnessMiner:
         `replica`: that verifier's contract state. With it the miner also serves the access grants that
         name it (`chain_miner.reencryptor`), through `reencryptor` (default: one for this miner's key); and
         when it is the entry verifier (a `ContractWitness`), the miner keeps contract snapshots in its data
-        dir (`chain_miner.snapshots`), so a restart replays only the leaves after the newest one."""
+        dir (`chain_miner.snapshots`), so a restart replays only the leaves after the newest one.
+
+        `tiles` (`miner.tiles_url`): read proofs and entries from the log's tiles over HTTP, and its checkpoint
+        every TILES_POLL_S, asking the bridge over MQTT only when the tiles cannot serve (`chain_miner.tile_feed`)."""
         self.data_dir = Path(data_dir)
         self.broker = broker_cfg
         self.id = miner_key.device_id
@@ -122,6 +145,8 @@ class WitnessMiner:
         self.request_timeout_s = request_timeout_s
         self.entry_verifier = entry_verifier
         self.verifier_size = verifier_size
+        self.tiles = tiles
+        self._polled_note: str | None = None
         self.stats: Counter[str] = Counter()
         self.connected = threading.Event()
         self.ever_connected = threading.Event()  # `connected` is cleared at every disconnect (and at stop)
@@ -241,10 +266,14 @@ class WitnessMiner:
 
     def _run(self) -> None:
         hello = self.hello().model_dump_json().encode()
+        next_poll = 0.0
         while not self._stop.is_set():
             if self._hello_due.is_set():
                 self._hello_due.clear()
                 self._publish(messages.hello(self.id), hello)
+            if self.tiles is not None and time.monotonic() >= next_poll:
+                next_poll = time.monotonic() + TILES_POLL_S
+                self._poll_tiles()
             try:
                 topic, note = self._notes.get(timeout=0.2)
             except queue.Empty:
@@ -256,6 +285,24 @@ class WitnessMiner:
                     self.access.on_note(note)
             except Exception:  # keep following the log; the next checkpoint is judged afresh
                 log.exception("miner %s: handling %s failed", self.id, topic)
+
+    def _poll_tiles(self) -> None:
+        """Queue the checkpoint the tile server serves when it is newer than the cosigned tree (the same note the
+        bridge publishes on MQTT: whichever comes first is judged)."""
+        assert self.tiles is not None
+        if not self.tiles.available():
+            return
+        try:
+            cp, note = self.tiles.checkpoint()
+        except TileFetchError as exc:
+            self.stats["tiles_unavailable"] += 1
+            if self.stats["tiles_unavailable"] & (self.stats["tiles_unavailable"] - 1) == 0:
+                log.warning("miner %s: reading the checkpoint from the tiles failed (%d so far): %s", self.id,
+                            self.stats["tiles_unavailable"], exc)
+            return
+        if cp.tree_size > self.witness.state.tree_size and note != self._polled_note:
+            self._polled_note = note
+            self._notes.put((topics.CHECKPOINT, note))
 
     def handle(self, note: str) -> Cosigned | CosignRefused | None:
         """Judge one checkpoint note: fetch what is needed, decide, persist, publish."""
@@ -270,18 +317,24 @@ class WitnessMiner:
             log.warning("miner %s: no proof for %d → %d; will judge the next checkpoint", self.id,
                         plan.old_size, plan.new_size)
             return None
-        resp, proof = fetched
-        try:
-            path = [bytes.fromhex(h) for h in resp.consistency_path]
-            entries = [bytes.fromhex(e) for e in resp.entries]
-        except ValueError:
-            self.stats["bad_response"] += 1
-            return None
         before = self.witness.state
         now = int(time.time())
-        decision = self.witness.observe(note, path, entries, now, proof)
+        decision = self.witness.observe(note, fetched.consistency_path, fetched.entries, now, fetched.proof)
+        if isinstance(decision, CosignRefused) and fetched.proof is None and decision.reason in _TILE_REFUSALS:
+            # Tiles are unsigned: what they failed to prove is asked of the bridge, whose answer can be evidence.
+            assert self.tiles is not None
+            self.tiles.failed()
+            self.stats["tiles_refused"] += 1
+            log.warning("miner %s: the tiles did not prove %d → %d (%s); asking the bridge", self.id,
+                        plan.old_size, plan.new_size, decision.detail)
+            fetched = self._fetch_from_bridge(plan)
+            if fetched is None:
+                self.stats["no_response"] += 1
+                return None
+            decision = self.witness.observe(note, fetched.consistency_path, fetched.entries, now, fetched.proof)
         if isinstance(decision, CosignRefused):
             return self._refused(decision)
+        entries = fetched.entries
         save_state(self.state_path, decision.state)  # before the cosignature leaves this process
         if self.snapshots is not None:
             self.snapshots.after_cosign(decision.state)
@@ -368,14 +421,12 @@ class WitnessMiner:
             return True
         if done != 0:
             raise StateError(f"the entry verifier is at leaf {done}, the cosigned tree at {cosigned}")
-        fetched = self._fetch(ProofRequest(0, cosigned))
-        resp = fetched[0] if fetched is not None else None
-        if resp is None or len(resp.entries) != cosigned:
+        entries = self._leaves(0, cosigned)
+        if entries is None:
             self.stats["no_replay"] += 1
             log.warning("miner %s: could not fetch leaves 0..%d to replay the contracts; retrying with the next "
                         "checkpoint", self.id, cosigned - 1)
             return False
-        entries = [bytes.fromhex(e) for e in resp.entries]
         if MerkleTree(leaf_hash(e) for e in entries).root() != self.witness.state.root_hash:
             self.stats["bad_replay"] += 1
             log.warning("miner %s: the served leaves 0..%d are not the tree it cosigned", self.id, cosigned - 1)
@@ -460,7 +511,22 @@ class WitnessMiner:
                   "it)", self.id, ev.kind, new_size, len(payload), self.broker.max_packet_bytes, kept)
         return None
 
-    def _fetch(self, plan: ProofRequest) -> tuple[messages.ProofResponseMessage, messages.ProofAttestation] | None:
+    def _fetch(self, plan: ProofRequest) -> Fetched | None:
+        """The proof and every entry `plan` needs: from the tiles when the miner has them and they serve that
+        tree, else from the bridge."""
+        if self.tiles is not None and self.tiles.available():
+            try:
+                got = self.tiles.fetch(plan.old_size, plan.new_size)
+            except TileFetchError as exc:
+                self.stats["tiles_unavailable"] += 1
+                log.info("miner %s: %d → %d not from the tiles (%s); asking the bridge", self.id, plan.old_size,
+                         plan.new_size, exc)
+            else:
+                self.stats["tile_fetches"] += 1
+                return Fetched(got.consistency_path, got.entries, None)
+        return self._fetch_from_bridge(plan)
+
+    def _fetch_from_bridge(self, plan: ProofRequest) -> Fetched | None:
         """The proof and every entry `plan` needs, asked page by page: the log answers with as many entries
         as fit one packet under the broker's limit, and this miner asks again from where a page ended. With
         the pages joined comes the log's signed attestation of the first page (the one with the path)."""
@@ -480,7 +546,12 @@ class WitnessMiner:
                 return None
             entries.extend(page.entries)
             self.stats["pages"] += 1
-        return first.model_copy(update={"entries": entries, "sig": None}), proof
+        try:
+            return Fetched([bytes.fromhex(h) for h in first.consistency_path], [bytes.fromhex(e) for e in entries],
+                           proof)
+        except ValueError:
+            self.stats["bad_response"] += 1
+            return None
 
     def _ask(self, old_size: int, new_size: int, attempts: int = 0) -> messages.ProofResponseMessage | None:
         """One request, one answer signed by the log key (or None: timeout, or the log's error). Answers
@@ -531,12 +602,9 @@ class WitnessMiner:
     def _leaves(self, old_size: int, new_size: int) -> list[bytes] | None:
         """Leaves `old_size`..`new_size - 1` from the log (unverified: the caller proves them against a root)."""
         fetched = self._fetch(ProofRequest(old_size, new_size))
-        if fetched is None or len(fetched[0].entries) != new_size - old_size:
+        if fetched is None or len(fetched.entries) != new_size - old_size:
             return None
-        try:
-            return [bytes.fromhex(e) for e in fetched[0].entries]
-        except ValueError:
-            return None
+        return fetched.entries
 
 
 def load_entry_verifier(spec: str) -> EntryVerifier:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +15,7 @@ from carechain.config import BridgeConfig, BrokerConfig, Limits
 from carechain.identity import Identity
 from chain_bridge.bridge import Bridge
 from chain_bridge.embedded_broker import EmbeddedBroker
+from chain_bridge.ledger.sql import SqliteLocation, StoreLocation
 from chain_bridge.ledger.store import Ledger
 from simulators.mosquitto import Mosquitto, mosquitto_binary
 
@@ -66,3 +70,75 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 
         terminalreporter.write_sep("-", "fault injection: every signed event in the log exactly once")
         terminalreporter.write_line(table(results))
+
+
+# -- ledger stores: every ledger test runs on SQLite and on PostgreSQL ----------------------------------------
+
+# The PostgreSQL server the tests create their databases on (trust auth on these machines and in CI).
+POSTGRES_ADMIN_DSN = os.environ.get("CARECHAIN_TEST_POSTGRES", "host=127.0.0.1 port=5432 dbname=test")
+
+
+@pytest.fixture(scope="module")
+def postgres_dsn(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A new, uniquely named PostgreSQL database for this test module (dropped after it); its DSN.
+
+    Skips with the reason if no PostgreSQL server answers at CARECHAIN_TEST_POSTGRES (default 127.0.0.1:5432).
+    """
+    psycopg = pytest.importorskip("psycopg", reason="the postgresql extra (psycopg 3) is not installed")
+    from psycopg import conninfo, sql
+
+    name = f"cc_{request.module.__name__.rsplit('.', 1)[-1][:30]}_{uuid.uuid4().hex[:12]}".lower()
+    try:
+        admin = psycopg.connect(POSTGRES_ADMIN_DSN, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"no PostgreSQL server answers at {POSTGRES_ADMIN_DSN!r}: {str(exc).strip()}")
+    with admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        try:
+            yield conninfo.make_conninfo(POSTGRES_ADMIN_DSN, dbname=name)
+        finally:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@dataclass
+class LedgerFactory:
+    """Opens ledgers on one backend; `factory(path)` opens the ledger a bridge would keep at `path`.
+
+    SQLite: the file at `path`. PostgreSQL: a schema of the module's database, one per distinct `path`, so two
+    calls with one path open one ledger (a reopened store, a second process) and two paths two ledgers.
+    """
+
+    backend: str
+    dsn: str | None = None
+
+    def location(self, path: Path) -> StoreLocation:
+        if self.dsn is None:
+            return SqliteLocation(Path(path))
+        from psycopg import connect, conninfo, sql
+
+        from chain_bridge.ledger.postgres import PostgresLocation
+
+        schema = "l_" + hashlib.sha256(str(path).encode()).hexdigest()[:16]
+        with connect(self.dsn, autocommit=True) as admin:
+            admin.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+        return PostgresLocation(conninfo.make_conninfo(self.dsn, options=f"-c search_path={schema}"))
+
+    def store_config(self, path: Path) -> dict[str, str]:
+        """`bridge.store` for a config file or BridgeConfig naming the same ledger as `factory(path)`."""
+        from chain_bridge.ledger.postgres import PostgresLocation
+
+        location = self.location(path)
+        if isinstance(location, PostgresLocation):
+            return {"backend": "postgresql", "dsn": location.dsn}
+        return {"backend": "sqlite"}
+
+    def __call__(self, path: Path) -> Ledger:
+        return Ledger(self.location(path))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_factory(request: pytest.FixtureRequest) -> LedgerFactory:
+    """Ledgers on SQLite and, in a second run of the test, on PostgreSQL (a database of the test module)."""
+    if request.param == "sqlite":
+        return LedgerFactory("sqlite")
+    return LedgerFactory("postgresql", request.getfixturevalue("postgres_dsn"))

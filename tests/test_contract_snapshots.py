@@ -1,5 +1,6 @@
 """Contract snapshots: a restarted bridge, and one whose batch rolled back, replay only the leaves after the
-newest snapshot, and reach the state a full replay from the genesis reaches (a real Ledger file; no broker)."""
+newest snapshot, and reach the state a full replay from the genesis reaches (a real ledger, on SQLite and on
+PostgreSQL; no broker)."""
 
 from __future__ import annotations
 
@@ -15,12 +16,13 @@ from chain_bridge.contract_admin import replay_ledger
 from chain_bridge.contract_gate import ContractGate
 from contract_rules import Genesis, Replica, replay_leaves
 from contract_rules.replay import SnapshotError, genesis_hash
+from tests.conftest import LedgerFactory
 from tests.test_contracts_ledger import FLU_SHOT, WEARABLE, Pharmacy
 
 
 @pytest.fixture
-def shop(tmp_path: Path) -> Pharmacy:
-    return Pharmacy(tmp_path)
+def shop(tmp_path: Path, ledger_factory: LedgerFactory) -> Pharmacy:
+    return Pharmacy(tmp_path, ledger_factory)
 
 
 def busy(pharmacy: Pharmacy, activities: int = 30) -> None:
@@ -79,7 +81,8 @@ def test_a_rolled_back_batch_recovers_from_the_last_snapshot_and_keeps_the_gate_
     monkeypatch.setattr(disk_full_points, "_flag", str(flag))
     sale = shop.sale(FLU_SHOT, rx_only=False, pay="insurance", price=3_000)
     # SQLite rolls back by itself on SQLITE_FULL at COMMIT: the disk-full error must surface (not "no
-    # transaction is active") and the gate must forget the leaves it admitted.
+    # transaction is active") and the gate must forget the leaves it admitted. (On PostgreSQL the injected
+    # error stands for any failed write: the transaction rolls back all the same.)
     with pytest.raises(sqlite3.OperationalError, match="disk is full"):
         shop.send(sale)
     assert shop.ledger.size == size
@@ -114,11 +117,7 @@ def test_only_the_newest_snapshots_are_kept(shop: Pharmacy) -> None:
     for _ in range(4):
         busy(shop, activities=2)
         assert gate.save_snapshot(shop.ledger)
-    db = sqlite3.connect(shop.ledger.path)
-    try:
-        sizes = [r[0] for r in db.execute("SELECT tree_size FROM contract_snapshots ORDER BY tree_size")]
-    finally:
-        db.close()
+    sizes = [r[0] for r in shop.ledger._db.execute("SELECT tree_size FROM contract_snapshots ORDER BY tree_size")]
     assert len(sizes) == 2 and sizes[-1] == gate.replica.size  # where the last sale batch brought the gate
 
 

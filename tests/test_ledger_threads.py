@@ -9,13 +9,14 @@ from pathlib import Path
 
 from carechain.entries import Registration, registration_entry
 from carechain.identity import Identity
-from chain_bridge.ledger.store import Ledger
+from tests.conftest import LedgerFactory
 
 OPERATOR = Identity.from_seed(b"\x41" * 32)
 
 
-def test_refreshing_while_another_thread_appends_never_counts_a_leaf_twice(tmp_path: Path) -> None:
-    ledger = Ledger(tmp_path / "ledger.db")
+def test_refreshing_while_another_thread_appends_never_counts_a_leaf_twice(tmp_path: Path,
+                                                                          ledger_factory: LedgerFactory) -> None:
+    ledger = ledger_factory(tmp_path / "ledger.db")
     stop = threading.Event()
 
     def refresh_forever() -> None:
@@ -35,7 +36,7 @@ def test_refreshing_while_another_thread_appends_never_counts_a_leaf_twice(tmp_p
         stop.set()
         refresher.join()
     assert ledger.size == 150
-    reopened = Ledger(tmp_path / "ledger.db")  # the stored leaves are contiguous and the roots agree
+    reopened = ledger_factory(tmp_path / "ledger.db")  # the stored leaves are contiguous and the roots agree
     assert reopened.size == 150 and reopened.tree.root() == ledger.tree.root()
     reopened.close()
     ledger.close()

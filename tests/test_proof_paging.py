@@ -16,13 +16,14 @@ from carechain.identity import Identity
 from chain_bridge.ledger.store import EventCandidate, Ledger
 from chain_bridge.proof_responder import ProofResponder, RequestLimiter
 from chain_miner.witness import CosignRefused, RefusalReason, Violation
+from tests.conftest import LedgerFactory
 
 LEAF = b"x" * 300
 
 
 @pytest.fixture
-def ledger(tmp_path: Path) -> Iterator[Ledger]:
-    led = Ledger(tmp_path / "ledger.db")
+def ledger(tmp_path: Path, ledger_factory: LedgerFactory) -> Iterator[Ledger]:
+    led = ledger_factory(tmp_path / "ledger.db")
     led.append_events([EventCandidate("dev", i, LEAF + i.to_bytes(4, "big")) for i in range(2_500)])
     yield led
     led.close()
@@ -43,8 +44,9 @@ def test_an_answer_is_the_longest_prefix_that_fits_the_packet_limit(ledger: Ledg
     assert got == list(ledger.leaves(0, 2_500))
 
 
-def test_an_entry_larger_than_a_packet_is_refused_with_what_to_raise(tmp_path: Path) -> None:
-    led = Ledger(tmp_path / "big.db")
+def test_an_entry_larger_than_a_packet_is_refused_with_what_to_raise(tmp_path: Path,
+                                                                     ledger_factory: LedgerFactory) -> None:
+    led = ledger_factory(tmp_path / "big.db")
     try:
         led.append_events([EventCandidate("dev", 0, b"y" * 5_000)])
         page = ProofResponder(led, max_packet_bytes=8_192).answer(

@@ -24,7 +24,7 @@ from carechain.entries import ENTRY_EVENT, Entry, Registration, registration_ent
 from carechain.events import make_payload
 from carechain.identity import Identity
 from carechain.reencryption import PreKey
-from carechain.sqlite_store import StoreCorruptError
+from carechain.sqlite_store import LEDGER, StoreCorruptError, check_store
 from chain_bridge.bridge import Bridge
 from chain_bridge.ledger.store import EventCandidate, Ledger
 from chain_bridge.registry import ledger_path, log_key, operator_key
@@ -99,6 +99,19 @@ def test_a_damaged_ledger_is_refused_and_left_as_it_is(tmp_path: Path, how: str)
     assert str(path) in message and "damaged" in message and "\n" not in message
     assert "restore" in message and "backup" in message and f"carechain verify --full --data-dir {tmp_path}" in message
     assert path.read_bytes() == damaged
+
+
+def test_above_the_open_check_bound_only_the_header_is_checked_at_open(tmp_path: Path) -> None:
+    """A ledger's start-up must not grow with the log: quick_check (it reads the whole file) runs only up to a
+    size; the header check still refuses a truncated file of any size."""
+    path = build_ledger(tmp_path)
+    damage(path, "bytes overwritten inside a page")
+    with pytest.raises(StoreCorruptError):
+        check_store(path, LEDGER)
+    check_store(path, LEDGER, full_check_max_bytes=path.stat().st_size - 1)  # bounded: the page is not read
+    damage(path, "truncated to fewer pages than its header says")
+    with pytest.raises(StoreCorruptError):
+        check_store(path, LEDGER, full_check_max_bytes=1)
 
 
 @pytest.mark.parametrize("how", DAMAGE)

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from carechain.cli._options import bridge_dir, fail, load, open_store, out
+from carechain.cli._options import bridge_dir, fail, load, out
 
 
 def deployment_genesis(cfg: Any, data_dir: Path) -> Any:
@@ -30,6 +30,25 @@ def load_key(path: Path) -> Any:
         raise fail(str(exc)) from None
 
 
+def open_bridge_ledger(cfg: Any, data_dir: Path, *, missing: str | None = None) -> Any:
+    """The bridge's ledger where `bridge.store` says (DATA_DIR/ledger.db, or the PostgreSQL database).
+
+    A damaged or unreachable store is a one-line error and exit code 1. With `missing` (what to do instead),
+    a SQLite ledger that does not exist yet is an error (exit 2) rather than a new, empty one.
+    """
+    from carechain.sqlite_store import StoreError
+    from chain_bridge.ledger.sql import SqliteLocation
+    from chain_bridge.ledger.store import open_ledger, store_location
+
+    location = store_location(cfg.bridge, data_dir)
+    if missing is not None and isinstance(location, SqliteLocation) and not location.path.exists():
+        raise fail(f"no ledger at {location.path}: {missing}")
+    try:
+        return open_ledger(cfg.bridge, data_dir, role="carechain cli")
+    except StoreError as exc:
+        raise fail(str(exc), 1) from None
+
+
 def submit(config: Path | None, data_dir: Path | None, entry: Any) -> int:
     """Check `entry` against a replay of the ledger and append it; its leaf index (exit 1 if refused)."""
     return submit_all(config, data_dir, [entry])[0]
@@ -39,13 +58,12 @@ def submit_all(config: Path | None, data_dir: Path | None, entries: list[Any]) -
     """Check `entries` in order against a replay of the ledger, then append them all or none (exit 1 if any
     is refused); their leaf indexes."""
     from chain_bridge.contract_admin import ContractRefused, submit
-    from chain_bridge.ledger.store import Ledger
-    from chain_bridge.registry import ledger_path, operator_key
+    from chain_bridge.registry import operator_key
 
     cfg = load(config)
     bdir = bridge_dir(cfg, data_dir)
     genesis = deployment_genesis(cfg, bdir)
-    ledger = open_store(Ledger, ledger_path(bdir))
+    ledger = open_bridge_ledger(cfg, bdir)
     try:
         return submit(ledger, genesis, entries, clock=operator_key(bdir))
     except ContractRefused as exc:
@@ -56,15 +74,11 @@ def submit_all(config: Path | None, data_dir: Path | None, entries: list[Any]) -
 
 def replay(config: Path | None, data_dir: Path | None) -> Any:
     from chain_bridge.contract_admin import replay_ledger
-    from chain_bridge.ledger.store import Ledger
-    from chain_bridge.registry import ledger_path
 
     cfg = load(config)
     bdir = bridge_dir(cfg, data_dir)
-    if not ledger_path(bdir).exists():
-        raise fail(f"no ledger at {ledger_path(bdir)} (use --data-dir: the bridge's data directory)")
+    ledger = open_bridge_ledger(cfg, bdir, missing="use --data-dir: the bridge's data directory")
     genesis = deployment_genesis(cfg, bdir)
-    ledger = open_store(Ledger, ledger_path(bdir))
     try:
         return replay_ledger(ledger, genesis)
     finally:

@@ -22,7 +22,6 @@ from carechain.cli._options import (
     example,
     fail,
     load,
-    open_store,
     out,
     setup_logging,
 )
@@ -61,20 +60,25 @@ def bridge(ctx: typer.Context, config: ConfigOpt = None, broker: BrokerOpt = Non
     except (ValueError, DataDirLocked) as exc:  # ConfigError is a ValueError
         raise fail(str(exc)) from None
     service = assembled.bridge
-    console.print(f"bridge: broker {cfg.broker.address}, ledger {assembled.ledger_path} "
+    console.print(f"bridge: broker {cfg.broker.address}, ledger {assembled.ledger_location()} "
                   f"(size {service.ledger.size}), origin {service.origin}\n"
                   f"log public key {service.log_key.public_key.hex()}", soft_wrap=True, highlight=False)
     try:
-        # Ingest workers, if any, are spawned in start(): they must inherit an ignored SIGINT. Without workers
-        # there is nothing to spawn, and no window in which a Ctrl-C would be lost.
-        with stop.children_ignore_sigint() if service.cfg.ingest_workers else contextlib.nullcontext():
-            service.start()
-        if stop.wait_for(service.wait_ready, 30):
-            console.print(f"bridge ready: subscribed with {service.cfg.ingest_workers or 'no'} ingest workers")
-        elif not stop.is_set():
-            console.print(f"[yellow]bridge: not subscribed yet; broker {cfg.broker.address} unreachable or "
-                          "refusing; retrying in the background[/]")
-        stop.wait()
+        if service.lease is not None:  # several bridge hosts on one PostgreSQL ledger: one sequences at a time
+            console.print("bridge: standby until it holds the sequencer lease", highlight=False)
+        if service.await_lease(stop.is_set):  # stopped while standing by: nothing ingested, nothing to do
+            if service.lease is not None:
+                console.print("bridge: holds the sequencer lease; active", highlight=False)
+            # Ingest workers, if any, are spawned in start(): they must inherit an ignored SIGINT. Without
+            # workers there is nothing to spawn, and no window in which a Ctrl-C would be lost.
+            with stop.children_ignore_sigint() if service.cfg.ingest_workers else contextlib.nullcontext():
+                service.start()
+            if stop.wait_for(service.wait_ready, 30):
+                console.print(f"bridge ready: subscribed with {service.cfg.ingest_workers or 'no'} ingest workers")
+            elif not stop.is_set():
+                console.print(f"[yellow]bridge: not subscribed yet; broker {cfg.broker.address} unreachable or "
+                              "refusing; retrying in the background[/]")
+            stop.wait()
     finally:
         service.stop()
         assembled.close()
@@ -119,17 +123,14 @@ def bridge_acl(
     provisioning file per party (mode 0600); they are never printed. Re-run after every registration or
     revocation, install passwd and acl for mosquitto and reload it (SIGHUP). See docs/broker-security.md.
     """
+    from carechain.cli._ledger import open_bridge_ledger
     from chain_bridge.broker import SECURE_CONF_TEMPLATE
     from chain_bridge.broker.acl import BrokerAccessError, generate_broker_access, store_path
-    from chain_bridge.ledger.store import Ledger
-    from chain_bridge.registry import ledger_path
 
     cfg = load(config)
     bdir = bridge_dir(cfg, data_dir)
-    if not ledger_path(bdir).exists():
-        raise fail(f"no ledger at {ledger_path(bdir)}: register devices first (`carechain register`), "
-                   "or point --data-dir at the bridge's data directory")
-    ledger = open_store(Ledger, ledger_path(bdir))
+    ledger = open_bridge_ledger(cfg, bdir, missing="register devices first (`carechain register`), or point "
+                                "--data-dir at the bridge's data directory")
     try:
         access = generate_broker_access(
             ledger, bdir, out_dir or bdir / "broker", bridge_user=bridge_user, rotate=rotate or (),

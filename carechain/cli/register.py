@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from carechain.cli._options import ConfigOpt, DataDirOpt, JsonOpt, bridge_dir, example, fail, load, open_store, out
+from carechain.cli._options import ConfigOpt, DataDirOpt, JsonOpt, bridge_dir, example, fail, load, out
 
 EPILOG = example("carechain register devices.yaml --data-dir carechain-data/bridge")
 
@@ -26,16 +26,17 @@ def register(
     bridge accepts events only from registered, non-revoked devices. All or nothing: one bad line and
     nothing is registered.
     """
+    from carechain.cli._ledger import open_bridge_ledger
     from carechain.inventory import InventoryError, load_inventory
     from carechain.profiles import ProfileError, load_profiles
-    from chain_bridge.ledger.store import Ledger, LedgerError
     from chain_bridge.contract_admin import replay_ledger
-    from chain_bridge.registry import GENESIS_FILE, ledger_path, operator_key, register_devices
+    from chain_bridge.ledger.store import LedgerError
+    from chain_bridge.registry import GENESIS_FILE, operator_key, register_devices
     from contract_rules.genesis import read_genesis
 
     cfg = load(config)
     bdir = bridge_dir(cfg, data_dir)
-    ledger = open_store(Ledger, ledger_path(bdir))
+    ledger = open_bridge_ledger(cfg, bdir)
     try:
         # With contracts, an owner is a registered party's id (a patient for a health device), not a label.
         parties = None

@@ -1,21 +1,29 @@
-"""A read-only view of the ledger database for threads beside the sequencer (record server, archiver).
+"""A read-only view of the ledger for threads and tools beside the sequencer (record server, archiver, audits).
 
-Its own SQLite connection opened `mode=ro`: it only ever sees committed transactions, never a batch
-mid-append, and never takes the sequencer's lock.
+Its own connection (SQLite `mode=ro`; PostgreSQL `default_transaction_read_only`): it only ever sees committed
+transactions, never a batch mid-append, and never takes the writer lock.
 """
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+
+from chain_bridge.ledger.sql import Database, SqliteLocation, StoreLocation
 
 PAGE = 4096  # leaves read per query
 
 
 class LedgerReader:
-    def __init__(self, path: Path) -> None:
-        self._db = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True, check_same_thread=False, timeout=30)
+    def __init__(self, location: Path | StoreLocation) -> None:
+        self.location: StoreLocation = SqliteLocation(Path(location)) if isinstance(location, (str, Path)) \
+            else location
+        self._db: Database = self.location.connect_read_only()
+
+    @property
+    def transient_errors(self) -> tuple[type[BaseException], ...]:
+        """Errors that mean "the store cannot be read now" (a lost connection): try again later."""
+        return self._db.transient_errors
 
     def close(self) -> None:
         self._db.close()

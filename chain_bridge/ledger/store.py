@@ -1,26 +1,29 @@
-"""The ledger store: an append-only Merkle log in SQLite (WAL, synchronous=FULL) with its indexes.
+"""The ledger store: an append-only Merkle log with its indexes, in SQLite or PostgreSQL.
 
-One `Ledger` owns one database file. Appends happen in batches inside `BEGIN IMMEDIATE`, so several
-processes (the bridge and `carechain register`) can append safely: each first catches its in-memory
-tree up with leaves another process committed. The tree is extended only after COMMIT succeeds, so a
-crash can never leave a root that covers uncommitted leaves.
+One `Ledger` owns one store: a SQLite file (WAL, synchronous=FULL; the default) or a PostgreSQL database
+shared by several bridge hosts (`chain_bridge.ledger.postgres`). The logic is written once here; what differs
+between the engines is behind `chain_bridge.ledger.sql.Database`. Appends happen in batches inside a write
+transaction that holds the store's one writer lock (SQLite `BEGIN IMMEDIATE`, PostgreSQL an advisory lock), so
+several processes (the bridge and `carechain register`, or several bridge hosts) can append safely: each first
+catches its tree up with what another process committed. The tree is stored as C2SP tiles in the `tree_tiles`
+table (`chain_bridge.ledger.tree`), written in the same transaction as the entries that made them, so memory
+and start-up do not grow with the log; the tree answers for new leaves only after COMMIT succeeds, so a crash
+can never leave a root that covers uncommitted leaves.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import sqlite3
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from carechain import envelope
 from carechain.checkpoint import Checkpoint, sign_note
-from carechain.disk_full_points import disk_full_point
 from carechain.entries import (
     CONTRACT_ENTRY_TYPES,
     ENTRY_EVENT,
@@ -35,42 +38,48 @@ from carechain.entries import (
     Revocation,
 )
 from carechain.events import SEALED_KINDS
-from carechain.files import make_private
 from carechain.identity import Identity, device_id_for
 from carechain.merkle import leaf_hash
-from carechain.merkle_tree import MerkleTree
-from carechain.sqlite_store import LEDGER, StoreCorruptError, check_store, store_error
+from carechain.sqlite_store import LEDGER, StoreCorruptError
 from chain_bridge.ledger.dedup import Anchored, Conflict, Dedup, Duplicate
+from chain_bridge.ledger.sql import Database, SqliteLocation, StoreLocation
+from chain_bridge.ledger.tree import TILES_SCHEMA, SqlTileStore, StoredTree, TileRow, build_tiles
 
+if TYPE_CHECKING:
+    from carechain.config import BridgeConfig
+
+log = logging.getLogger("carechain.bridge.ledger")
 SCHEMA_VERSION = 1
+# One schema for both engines; {blob}, {int}, {serial} and {without_rowid} are each engine's types
+# (chain_bridge.ledger.sql.schema_for).
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS entries (
-    idx INTEGER PRIMARY KEY, type TEXT NOT NULL, leaf_hash BLOB NOT NULL, data BLOB NOT NULL,
-    appended_ms INTEGER NOT NULL);
+    idx {int} PRIMARY KEY, type TEXT NOT NULL, leaf_hash {blob} NOT NULL, data {blob} NOT NULL,
+    appended_ms {int} NOT NULL);
 CREATE TABLE IF NOT EXISTS events (
-    device_id TEXT NOT NULL, seq INTEGER NOT NULL, idx INTEGER NOT NULL, leaf_hash BLOB NOT NULL,
-    PRIMARY KEY (device_id, seq)) WITHOUT ROWID;
+    device_id TEXT NOT NULL, seq {int} NOT NULL, idx {int} NOT NULL, leaf_hash {blob} NOT NULL,
+    PRIMARY KEY (device_id, seq)) {without_rowid};
 CREATE TABLE IF NOT EXISTS devices (
-    device_id TEXT PRIMARY KEY, public_key BLOB NOT NULL UNIQUE, profile TEXT NOT NULL,
-    owner TEXT NOT NULL, site TEXT NOT NULL, registered_idx INTEGER NOT NULL, revoked_idx INTEGER);
+    device_id TEXT PRIMARY KEY, public_key {blob} NOT NULL UNIQUE, profile TEXT NOT NULL,
+    owner TEXT NOT NULL, site TEXT NOT NULL, registered_idx {int} NOT NULL, revoked_idx {int});
 CREATE TABLE IF NOT EXISTS checkpoints (
-    tree_size INTEGER PRIMARY KEY, root_hash BLOB NOT NULL, note TEXT NOT NULL, issued_ms INTEGER NOT NULL);
+    tree_size {int} PRIMARY KEY, root_hash {blob} NOT NULL, note TEXT NOT NULL, issued_ms {int} NOT NULL);
 CREATE TABLE IF NOT EXISTS contract_snapshots (
-    tree_size INTEGER PRIMARY KEY, genesis_hash BLOB NOT NULL, state BLOB NOT NULL, taken_ms INTEGER NOT NULL);
+    tree_size {int} PRIMARY KEY, genesis_hash {blob} NOT NULL, state {blob} NOT NULL, taken_ms {int} NOT NULL);
 CREATE TABLE IF NOT EXISTS ciphertexts (
-    idx INTEGER PRIMARY KEY, dev TEXT NOT NULL, seq INTEGER NOT NULL, epoch INTEGER NOT NULL, ct BLOB NOT NULL);
+    idx {int} PRIMARY KEY, dev TEXT NOT NULL, seq {int} NOT NULL, epoch {int} NOT NULL, ct {blob} NOT NULL);
 CREATE INDEX IF NOT EXISTS ciphertexts_by_epoch ON ciphertexts (dev, epoch);
 CREATE TABLE IF NOT EXISTS archive_epochs (
-    dev TEXT NOT NULL, epoch INTEGER NOT NULL, owner TEXT NOT NULL, epoch_ms INTEGER NOT NULL, idx INTEGER NOT NULL,
-    PRIMARY KEY (dev, epoch)) WITHOUT ROWID;
+    dev TEXT NOT NULL, epoch {int} NOT NULL, owner TEXT NOT NULL, epoch_ms {int} NOT NULL, idx {int} NOT NULL,
+    PRIMARY KEY (dev, epoch)) {without_rowid};
 CREATE TABLE IF NOT EXISTS archives (
-    id INTEGER PRIMARY KEY, owner TEXT NOT NULL, epoch INTEGER NOT NULL, dataset_id TEXT NOT NULL UNIQUE,
-    planned_size INTEGER NOT NULL, planned_ms INTEGER NOT NULL, readings INTEGER NOT NULL, bytes INTEGER NOT NULL,
-    manifest TEXT, stored_ms INTEGER, commit_idx INTEGER, pruned_ms INTEGER);
+    id {serial}, owner TEXT NOT NULL, epoch {int} NOT NULL, dataset_id TEXT NOT NULL UNIQUE,
+    planned_size {int} NOT NULL, planned_ms {int} NOT NULL, readings {int} NOT NULL, bytes {int} NOT NULL,
+    manifest TEXT, stored_ms {int}, commit_idx {int}, pruned_ms {int});
 CREATE TABLE IF NOT EXISTS archived (
-    idx INTEGER PRIMARY KEY, archive INTEGER NOT NULL, dev TEXT NOT NULL, epoch INTEGER NOT NULL,
-    ct_len INTEGER NOT NULL);
+    idx {int} PRIMARY KEY, archive {int} NOT NULL, dev TEXT NOT NULL, epoch {int} NOT NULL,
+    ct_len {int} NOT NULL);
 CREATE INDEX IF NOT EXISTS archived_by_archive ON archived (archive);
 CREATE INDEX IF NOT EXISTS archived_by_epoch ON archived (dev, epoch);
 """
@@ -203,30 +212,47 @@ def _exclusive(method: _F) -> _F:
 
 
 class Ledger:
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        check_store(self.path, LEDGER)  # a damaged file is refused, untouched, before anything writes to it
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+    def __init__(self, location: Path | StoreLocation) -> None:
+        """Open (creating on first use) the ledger at `location`: a SQLite file path, or a `StoreLocation`
+        (`open_ledger` picks the one the config names)."""
+        self.location: StoreLocation = SqliteLocation(Path(location)) if isinstance(location, (str, Path)) \
+            else location
+        self._db: Database = self.location.connect()
         try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
-            make_private(self.path)  # 0600: health data; SQLite gives later -wal/-shm files this mode
+            self._db.create_schema(_SCHEMA + TILES_SCHEMA)
             version = self._meta("schema_version")
             if version is None:
-                self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                self._db.execute("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT DO NOTHING",
+                                 (str(SCHEMA_VERSION),))
             elif int(version) != SCHEMA_VERSION:
-                raise LedgerError(f"{self.path}: schema version {version}, this carechain reads {SCHEMA_VERSION}")
-            self.tree = MerkleTree()
+                raise LedgerError(f"{self.describe()}: schema version {version}, this carechain reads "
+                                  f"{SCHEMA_VERSION}")
+            self._tiles = SqlTileStore(self._db)
+            self.tree = StoredTree(self._tiles)  # in memory: the size, the right edge and a small tile cache
             self._tree_lock = threading.RLock()
-            self._catch_up()
-        except sqlite3.DatabaseError as exc:
+            self._build_missing_tiles()
+        except BaseException as exc:
             self._db.close()
-            raise store_error(self.path, LEDGER, exc) from None
-        except BaseException:
-            self._db.close()
-            raise
+            failure = self._db.open_failed(exc)
+            if failure is None:
+                raise
+            raise failure from None
+
+    @property
+    def path(self) -> Path:
+        """The SQLite file (features that open it by path); a PostgreSQL ledger has none: `LedgerError`."""
+        if isinstance(self.location, SqliteLocation):
+            return self.location.path
+        raise LedgerError(f"the ledger at {self.describe()} is not a file: this feature needs the SQLite store")
+
+    @property
+    def transient_errors(self) -> tuple[type[BaseException], ...]:
+        """Errors that mean "the store cannot be written now" (disk full, connection lost): retry the batch."""
+        return self._db.transient_errors
+
+    def describe(self) -> str:
+        """Where the ledger is, for messages: its file, or its database (without a password)."""
+        return self._db.describe()
 
     def close(self) -> None:
         self._db.close()
@@ -246,15 +272,60 @@ class Ledger:
             self._catch_up_locked()
 
     def _catch_up_locked(self) -> None:
-        start = self.tree.size
-        rows = self._db.execute("SELECT idx, leaf_hash FROM entries WHERE idx >= ? ORDER BY idx", (start,))
-        hashes: list[bytes] = []
-        for idx, h in rows:
-            if idx != start + len(hashes):
-                raise StoreCorruptError(f"{self.path}: the ledger is damaged: entry {start + len(hashes)} is "
-                                        f"missing (the next stored is {idx}). {LEDGER.advice(self.path)}")
-            hashes.append(bytes(h))
-        self.tree.extend(hashes)
+        self.tree.reload()  # the tiles commit with the entries: the stored size is the committed log's
+
+    def _commit(self) -> None:
+        """COMMIT the open write transaction together with the tree tiles of the entries it appended, so that
+        tiles are never ahead of nor behind the entries; the tree answers for them only once committed."""
+        with self._tree_lock:
+            try:
+                self.tree.reload()  # under the writer lock: the committed size, whoever appended last
+                hashes = list(self._leaf_hashes(self.tree.size, None))
+                if hashes:
+                    self._tiles.write(self.tree.stage(hashes))
+                self._db.commit()
+            except BaseException:
+                self.tree.abort()
+                raise
+            self.tree.commit()
+
+    def _leaf_hashes(self, start: int, stop: int | None, page: int = 1 << 16) -> Iterator[bytes]:
+        """The stored leaf hashes from `start` (to `stop`, or the end), in order, a page at a time."""
+        while stop is None or start < stop:
+            limit = page if stop is None else min(page, stop - start)
+            rows = self._db.execute("SELECT idx, leaf_hash FROM entries WHERE idx >= ? ORDER BY idx LIMIT ?",
+                                    (start, limit)).fetchall()
+            for idx, h in rows:
+                if idx != start:
+                    raise _missing_entry(self.location, start, f"the next stored is {idx}")
+                yield bytes(h)
+                start += 1
+            if len(rows) < limit:
+                return
+
+    def _build_missing_tiles(self) -> None:
+        """Build the tree tiles of leaves stored before the ledger kept them (once, resumable), then open."""
+        row = self._db.execute("SELECT MAX(idx) FROM entries").fetchone()
+        count = 0 if row is None or row[0] is None else int(row[0]) + 1
+        if count < self.tree.size:
+            raise _missing_entry(self.location, count, f"the tree tiles cover {self.tree.size} leaves")
+        if count == self.tree.size:
+            return
+        log.info("%s: building the tree tiles of leaves %d..%d from the entries (once)", self.describe(),
+                 self.tree.size, count - 1)
+
+        def in_transaction(rows: list[TileRow]) -> None:
+            self._db.begin()
+            try:
+                self._tiles.write(rows)
+                self._db.commit()
+            except BaseException:
+                self._db.rollback()
+                raise
+
+        build_tiles(self.tree, self._leaf_hashes(self.tree.size, count), in_transaction,
+                    progress=lambda size: log.info("%s: tree tiles built for %d of %d leaves", self.describe(),
+                                                   size, count))
 
     @property
     def size(self) -> int:
@@ -285,23 +356,21 @@ class Ledger:
         new_hashes: list[bytes] = []
         now = _now_ms()
         db = self._db
-        db.execute("BEGIN IMMEDIATE")
+        db.begin()
         try:
             self._catch_up()
             if gate is not None:
                 gate.catch_up(self)
             next_idx = self.tree.size
-            dedup = Dedup(self._anchored)
+            anchored = self._anchored_among({(c.device_id, c.seq) for c in candidates})
+            dedup = Dedup(lambda device_id, seq: anchored.get((device_id, seq)))
             refused_in_batch: dict[int, str] = {}
             rows_entries = []
             rows_events = []
             rows_ciphertexts = []
             retire = self.retire_v1_after()
-            revoked: dict[str, int] = {}
-            for dev in {c.device_id for c in candidates}:
-                row = db.execute("SELECT revoked_idx FROM devices WHERE device_id=?", (dev,)).fetchone()
-                if row is not None and row[0] is not None:
-                    revoked[dev] = row[0]
+            revoked: dict[str, int] = dict(db.execute(
+                "SELECT device_id, revoked_idx FROM devices WHERE revoked_idx IS NOT NULL").fetchall())
             for c in candidates:
                 if c.device_id in revoked:
                     results.append(DeviceRevoked(revoked[c.device_id]))
@@ -346,25 +415,25 @@ class Ledger:
                     reason = _refusal_reason(data) or "refused"
                     refused_in_batch[idx] = reason
                     results.append(SaleRefused(idx, reason))
-            db.executemany("INSERT INTO entries VALUES (?,?,?,?,?)", rows_entries)
-            db.executemany("INSERT INTO events VALUES (?,?,?,?)", rows_events)
-            if rows_ciphertexts:
-                db.executemany("INSERT INTO ciphertexts VALUES (?,?,?,?,?)", rows_ciphertexts)
-            disk_full_point(db)
-            db.execute("COMMIT")
+            db.insert_rows("entries", rows_entries)  # group commit: one transaction, bulk inserts (COPY)
+            db.insert_rows("events", rows_events)
+            db.insert_rows("ciphertexts", rows_ciphertexts)
+            db.fault_point()
+            self._commit()
         except BaseException:
             if gate is not None:
                 gate.abort()  # first: whatever the rollback does, the gate must not trust leaves it admitted
-            _rollback(db)
+            db.rollback()
             raise
         self._catch_up()
         return results
 
-    def _anchored(self, device_id: str, seq: int) -> Anchored | None:
-        """Dedup's `EventIndex`: where the committed log holds (device, seq), if it does."""
-        row = self._db.execute("SELECT idx, leaf_hash FROM events WHERE device_id=? AND seq=?",
-                               (device_id, seq)).fetchone()
-        return Anchored(row[0], bytes(row[1])) if row else None
+    def _anchored_among(self, keys: Iterable[tuple[str, int]]) -> dict[tuple[str, int], Anchored]:
+        """Dedup's `EventIndex` for one batch: where the committed log holds each (device, seq) it holds.
+        Read inside the append transaction, in a few queries per batch (not one per event: on a database
+        server the round trips would dominate)."""
+        return {(device_id, int(seq)): Anchored(int(idx), bytes(h))
+                for device_id, seq, idx, h in self._db.events_among(list(keys))}
 
     def _refusal_of(self, index: int, event_leaf: bytes) -> str | None:
         """The reason, if leaf `index` is a `sale.refused` wrapping exactly this event; else None."""
@@ -392,7 +461,7 @@ class Ledger:
                                   "the bridge appends in place of a sale) go through append_entries")
         db = self._db
         now = _now_ms()
-        db.execute("BEGIN IMMEDIATE")
+        db.begin()
         try:
             self._catch_up()
             first = self.tree.size
@@ -403,9 +472,9 @@ class Ledger:
                 db.execute("INSERT INTO entries VALUES (?,?,?,?,?)", (first + i, entry.type, hashes[-1], data, now))
                 if entry.type == PROTOCOL_CUTOVER:
                     self._record_cutover(first + i, entry)
-            db.execute("COMMIT")
+            self._commit()
         except BaseException:
-            _rollback(db)
+            db.rollback()
             raise
         self._catch_up()
         return list(range(first, first + len(hashes)))
@@ -416,7 +485,7 @@ class Ledger:
         items = list(items)
         db = self._db
         now = _now_ms()
-        db.execute("BEGIN IMMEDIATE")
+        db.begin()
         try:
             self._catch_up()
             hashes: list[bytes] = []
@@ -440,9 +509,9 @@ class Ledger:
                 )
             self._bump_registry_version()
             first = self.tree.size
-            db.execute("COMMIT")
+            self._commit()
         except BaseException:
-            _rollback(db)
+            db.rollback()
             raise
         self._catch_up()
         return list(range(first, first + len(hashes)))
@@ -452,7 +521,7 @@ class Ledger:
         if entry.type != ENTRY_REVOKE:
             raise LedgerError(f"entry is a {entry.type}, not a revocation")
         db = self._db
-        db.execute("BEGIN IMMEDIATE")
+        db.begin()
         try:
             self._catch_up()
             row = db.execute("SELECT revoked_idx FROM devices WHERE device_id=?", (rev.dev,)).fetchone()
@@ -466,9 +535,9 @@ class Ledger:
             db.execute("INSERT INTO entries VALUES (?,?,?,?,?)", (idx, entry.type, h, data, _now_ms()))
             db.execute("UPDATE devices SET revoked_idx=? WHERE device_id=?", (idx, rev.dev))
             self._bump_registry_version()
-            db.execute("COMMIT")
+            self._commit()
         except BaseException:
-            _rollback(db)
+            db.rollback()
             raise
         self._catch_up()
         return idx
@@ -508,14 +577,14 @@ class Ledger:
         """Remember (dev, epoch, owner, epoch_ms, leaf) of epoch_key events (the first one of a (dev, epoch)
         wins, as in the contracts) and that the log was scanned up to `scanned` leaves; one transaction."""
         db = self._db
-        db.execute("BEGIN IMMEDIATE")
+        db.begin()
         try:
-            db.executemany("INSERT OR IGNORE INTO archive_epochs VALUES (?,?,?,?,?)", rows)
+            db.executemany("INSERT INTO archive_epochs VALUES (?,?,?,?,?) ON CONFLICT DO NOTHING", rows)
             db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
                        (ARCHIVE_SCANNED, str(scanned)))
-            db.execute("COMMIT")
+            self._commit()
         except BaseException:
-            _rollback(db)
+            db.rollback()
             raise
 
     @_exclusive
@@ -525,12 +594,12 @@ class Ledger:
         it is uploaded; its id. A ciphertext already in another archive, or one no longer stored, is an error
         and nothing is recorded."""
         db = self._db
-        db.execute("BEGIN IMMEDIATE")
+        db.begin()
         try:
-            cur = db.execute("INSERT INTO archives (owner, epoch, dataset_id, planned_size, planned_ms, readings, "
-                             "bytes) VALUES (?,?,?,?,?,?,?)", (owner, epoch, dataset_id, self.tree.size, now_ms,
-                                                               len(members), sum(m[3] for m in members)))
-            archive = int(cur.lastrowid or 0)
+            archive = int(db.execute("INSERT INTO archives (owner, epoch, dataset_id, planned_size, planned_ms, "
+                                     "readings, bytes) VALUES (?,?,?,?,?,?,?) RETURNING id",
+                                     (owner, epoch, dataset_id, self.tree.size, now_ms, len(members),
+                                      sum(m[3] for m in members))).fetchone()[0])
             db.executemany("INSERT INTO archived VALUES (?,?,?,?,?)",
                            [(idx, archive, dev, ep, n) for idx, dev, ep, n in members])
             stored = db.execute("SELECT COUNT(*) FROM ciphertexts c JOIN archived a ON a.idx = c.idx "
@@ -538,12 +607,12 @@ class Ledger:
             if stored != len(members):
                 raise LedgerError(f"archive of {owner} epoch {epoch}: {len(members) - stored} of its ciphertexts "
                                   "are not stored")
-            db.execute("COMMIT")
-        except sqlite3.IntegrityError as exc:
-            _rollback(db)
+            self._commit()
+        except db.integrity_errors as exc:
+            db.rollback()
             raise LedgerError(f"archive of {owner} epoch {epoch}: a ciphertext is already archived ({exc})") from None
         except BaseException:
-            _rollback(db)
+            db.rollback()
             raise
         return archive
 
@@ -556,16 +625,16 @@ class Ledger:
     def drop_archive(self, archive: int) -> None:
         """Forget an archive that was never committed (its ciphertexts become unarchived again)."""
         db = self._db
-        db.execute("BEGIN IMMEDIATE")
+        db.begin()
         try:
             row = db.execute("SELECT commit_idx FROM archives WHERE id=?", (archive,)).fetchone()
             if row is not None and row[0] is not None:
                 raise LedgerError(f"archive {archive} is committed at leaf {row[0]}: it is never dropped")
             db.execute("DELETE FROM archived WHERE archive=?", (archive,))
             db.execute("DELETE FROM archives WHERE id=?", (archive,))
-            db.execute("COMMIT")
+            self._commit()
         except BaseException:
-            _rollback(db)
+            db.rollback()
             raise
 
     @_exclusive
@@ -579,7 +648,7 @@ class Ledger:
         if entry.type != STORAGE_COMMIT:
             raise LedgerError(f"entry is a {entry.type}, not a {STORAGE_COMMIT}")
         db = self._db
-        db.execute("BEGIN IMMEDIATE")
+        db.begin()
         try:
             self._catch_up()
             row = db.execute("SELECT dataset_id, planned_size, commit_idx FROM archives WHERE id=?",
@@ -599,10 +668,10 @@ class Ledger:
             h = leaf_hash(data)
             db.execute("INSERT INTO entries VALUES (?,?,?,?,?)", (idx, entry.type, h, data, _now_ms()))
             db.execute("UPDATE archives SET commit_idx=? WHERE id=?", (idx, archive))
-            disk_full_point(db)
-            db.execute("COMMIT")
+            db.fault_point()
+            self._commit()
         except BaseException:
-            _rollback(db)
+            db.rollback()
             raise
         self._catch_up()
         return idx
@@ -612,7 +681,7 @@ class Ledger:
         """Delete the bridge's own copy of the ciphertexts of a committed archive; how many were deleted.
         The leaves (and so the ciphertext hashes) stay; `archived` keeps naming where each ciphertext lives."""
         db = self._db
-        db.execute("BEGIN IMMEDIATE")
+        db.begin()
         try:
             row = db.execute("SELECT commit_idx, manifest FROM archives WHERE id=?", (archive,)).fetchone()
             if row is None or row[0] is None or row[1] is None:
@@ -620,10 +689,10 @@ class Ledger:
             deleted = db.execute("DELETE FROM ciphertexts WHERE idx IN (SELECT idx FROM archived WHERE archive=?)",
                                  (archive,)).rowcount
             db.execute("UPDATE archives SET pruned_ms=? WHERE id=?", (now_ms, archive))
-            disk_full_point(db)
-            db.execute("COMMIT")
+            db.fault_point()
+            self._commit()
         except BaseException:
-            _rollback(db)
+            db.rollback()
             raise
         return int(deleted)
 
@@ -640,7 +709,7 @@ class Ledger:
     def _bump_registry_version(self) -> None:
         self._db.execute(
             "INSERT INTO meta VALUES ('registry_version', '1') "
-            "ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
+            "ON CONFLICT(key) DO UPDATE SET value = CAST(CAST(meta.value AS INTEGER) + 1 AS TEXT)"
         )
 
     def registered_parties(self) -> dict[str, str]:
@@ -683,8 +752,7 @@ class Ledger:
                                     (start, min(end, start + 4096))).fetchall()
             for idx, data in rows:
                 if idx != start:
-                    raise StoreCorruptError(f"{self.path}: the ledger is damaged: entry {start} is missing. "
-                                            f"{LEDGER.advice(self.path)}")
+                    raise _missing_entry(self.location, start, f"the next stored is {idx}")
                 yield bytes(data)
                 start += 1
             if not rows:
@@ -701,9 +769,9 @@ class Ledger:
         size = self.tree.size
         body = Checkpoint(origin=origin, tree_size=size, root_hash=self.tree.root()).body()
         note = sign_note(body, origin, log_key.public_key, log_key.sign)
-        disk_full_point()
+        self._db.fault_point()
         self._db.execute(
-            "INSERT OR IGNORE INTO checkpoints VALUES (?,?,?,?)", (size, self.tree.root(), note, _now_ms())
+            "INSERT INTO checkpoints VALUES (?,?,?,?) ON CONFLICT DO NOTHING", (size, self.tree.root(), note, _now_ms())
         )
         return note
 
@@ -732,16 +800,17 @@ class Ledger:
         if tree_size > self.size:
             raise LedgerError(f"a contract snapshot at {tree_size} leaves is ahead of the log ({self.size})")
         db = self._db
-        db.execute("BEGIN IMMEDIATE")
+        db.begin()
         try:
-            db.execute("INSERT OR REPLACE INTO contract_snapshots VALUES (?,?,?,?)",
+            db.execute("INSERT INTO contract_snapshots VALUES (?,?,?,?) ON CONFLICT (tree_size) DO UPDATE SET "
+                       "genesis_hash=excluded.genesis_hash, state=excluded.state, taken_ms=excluded.taken_ms",
                        (tree_size, genesis_hash, state, _now_ms()))
             db.execute("DELETE FROM contract_snapshots WHERE tree_size NOT IN "
                        "(SELECT tree_size FROM contract_snapshots ORDER BY tree_size DESC LIMIT ?)", (keep,))
-            disk_full_point(db)
-            db.execute("COMMIT")
+            db.fault_point()
+            self._commit()
         except BaseException:
-            _rollback(db)
+            db.rollback()
             raise
 
     def contract_snapshot(self, genesis_hash: bytes, at_most: int | None = None) -> tuple[int, bytes] | None:
@@ -753,15 +822,43 @@ class Ledger:
         return (row[0], bytes(row[1])) if row else None
 
 
-def _rollback(db: sqlite3.Connection) -> None:
-    """Roll back if a transaction is still open, never masking the error that got us here.
+def store_location(cfg: BridgeConfig, data_dir: Path | None = None, *, role: str = "carechain"
+                   ) -> StoreLocation:
+    """Where the bridge's ledger lives: `bridge.store` (PostgreSQL), else DATA_DIR/ledger.db (`data_dir`, default
+    `cfg.data_dir`). `role` names the process to the database (`application_name`: the lease holder's host)."""
+    if cfg.store.backend == "postgresql":
+        from chain_bridge.ledger.postgres import PostgresLocation
 
-    On SQLITE_FULL or SQLITE_IOERR at COMMIT, SQLite has usually rolled back already: a `ROLLBACK` then
-    raises "no transaction is active" and would replace the disk-full error the caller must see.
+        assert cfg.store.dsn is not None  # StoreConfig refuses postgresql without a dsn
+        return PostgresLocation(cfg.store.dsn, cfg.store.password_file, application_name=role)
+    from chain_bridge.registry import ledger_path
+
+    return SqliteLocation(ledger_path(Path(data_dir or cfg.data_dir)))
+
+
+def open_ledger(cfg: BridgeConfig, data_dir: Path | None = None, *, role: str = "carechain") -> Ledger:
+    """Open the bridge's ledger where `bridge.store` says (see `store_location`).
+
+    For a PostgreSQL ledger, a marker is left where the data directory's SQLite file would be: a command that
+    opens the ledger by that file (not through `bridge.store`) is then refused instead of starting a second,
+    empty log beside the real one.
     """
-    if db.in_transaction:
-        with contextlib.suppress(sqlite3.Error):
-            db.execute("ROLLBACK")
+    ledger = Ledger(store_location(cfg, data_dir, role=role))
+    if not isinstance(ledger.location, SqliteLocation):
+        from chain_bridge.registry import ledger_path
+
+        marker = SqliteLocation(ledger_path(Path(data_dir or cfg.data_dir))).moved_marker
+        if not marker.exists():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(f"{ledger.describe()}\n")
+    return ledger
+
+
+def _missing_entry(location: StoreLocation, index: int, detail: str) -> StoreCorruptError:
+    where = location.describe()
+    advice = LEDGER.advice(location.path) if isinstance(location, SqliteLocation) else \
+        "Stop the bridges, restore the database from a backup, then run `carechain verify --full`."
+    return StoreCorruptError(f"{where}: the ledger is damaged: entry {index} is missing ({detail}). {advice}")
 
 
 def _now_ms() -> int:

@@ -1,0 +1,273 @@
+"""Fail-over between two bridge hosts on one PostgreSQL ledger: real mosquitto, two `carechain bridge` and two
+`carechain agent` processes. The active bridge is killed (-9) mid-stream; the standby must take the sequencer
+lease, and every event the agents signed must be in the log exactly once. The take-over time is printed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+from carechain import envelope
+from carechain.config import BridgeConfig, BrokerConfig
+from carechain.entries import ENTRY_EVENT, Entry
+from carechain.identity import Identity
+from carechain.inventory import InventoryDevice
+from carechain.reencryption import PreKey
+from chain_bridge.bridge import Bridge
+from chain_bridge.contract_admin import submit
+from chain_bridge.lease import LeaseLost, SequencerLease
+from chain_bridge.ledger.postgres import PostgresLocation
+from chain_bridge.ledger.reader import LedgerReader
+from chain_bridge.ledger.store import Ledger
+from chain_bridge.registry import (
+    GENESIS_FILE,
+    LOG_KEY_FILE,
+    OPERATOR_KEY_FILE,
+    contract_genesis,
+    log_key,
+    operator_key,
+    register_devices,
+)
+from contract_rules import transactions as ce
+from simulators.fault_harness import AgentProcess, _cli, _env
+from simulators.mosquitto import REPO, Mosquitto, mosquitto_binary
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(mosquitto_binary() is None, reason="the fail-over test runs a real mosquitto"),
+]
+
+PRODUCE_S = 8.0
+PROFILES = ("heart_rate_band", "pulse_oximeter", "thermometer")
+
+
+@dataclass
+class BridgeHost:
+    """One `carechain bridge` process; its stderr lines are kept with the monotonic time each arrived."""
+
+    name: str
+    data_dir: Path
+    config: Path
+    log: Path
+    proc: subprocess.Popen[str] | None = None
+    lines: list[tuple[float, str]] = field(default_factory=list)
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(_cli("bridge", "--config", str(self.config), "--data-dir", str(self.data_dir)),
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                                     env=_env())
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        with self.log.open("a") as sink:
+            for line in self.proc.stderr:
+                sink.write(line)
+                sink.flush()
+                self.lines.append((time.monotonic(), line))
+
+    def said(self, text: str) -> float | None:
+        """When the bridge first logged `text` (monotonic), or None."""
+        return next((at for at, line in list(self.lines) if text in line), None)
+
+    def wait_for(self, text: str, timeout: float) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if (at := self.said(text)) is not None:
+                return at
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"{self.name} never said {text!r}; see {self.log}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def _event_counts(location: PostgresLocation) -> Counter[tuple[str, int]]:
+    """(device, seq) → how many leaves of the log hold it, from the leaf bytes themselves."""
+    reader = LedgerReader(location)
+    counts: Counter[tuple[str, int]] = Counter()
+    try:
+        for leaf in reader.leaves(0, reader.size()):
+            entry = Entry.decode(leaf)
+            if entry.type == ENTRY_EVENT:
+                payload = envelope.parse(entry.cose, max_bytes=1 << 20).payload
+                counts[(payload["dev"], payload["seq"])] += 1
+    finally:
+        reader.close()
+    return counts
+
+
+def _provision(work: Path, location: PostgresLocation, broker_port: int) -> tuple[list[BridgeHost], list[AgentProcess]]:
+    """Two bridge data dirs with the same log key, operator key and genesis (as a deployment copies them to each
+    host), devices registered on the shared ledger, and two agents with three simulated devices each."""
+    first = work / "bridge-a"
+    log_pk = log_key(first).public_key.hex()
+    genesis = contract_genesis(first)
+    ledger = Ledger(location)
+    inventory, agents = [], []
+    for a in range(2):
+        adir = work / f"agent{a}"
+        patient, patient_pre = Identity.generate(), PreKey.generate()
+        submit(ledger, genesis, [ce.party_registration_entry(operator_key(first), ce.PartyRegistration(
+            role="patient", pk=patient.public_key, name=f"patient {a}", ts=int(time.time() * 1000),
+            pre_pk=patient_pre.public_key, pre_vk=patient_pre.verifying_key))])
+        devices, ids = [], []
+        for d, profile in enumerate(PROFILES):
+            key_file = adir / "keys" / f"{profile}-{d}.key"
+            ident = Identity.generate()
+            ident.save(key_file)
+            devices.append({"key_file": str(key_file), "profile": profile, "owner": patient.device_id,
+                            "owner_pre_key": patient_pre.public_key.hex()})
+            ids.append(ident.device_id)
+            inventory.append(InventoryDevice(name=f"a{a}d{d}", profile=profile, owner=patient.device_id,
+                                             site="failover", public_key=ident.public_key, line=0))
+        config = adir / "agent.yaml"
+        config.write_text(yaml.safe_dump({
+            "broker": {"host": "127.0.0.1", "port": broker_port, "keepalive_s": 5},
+            "agent": {"data_dir": str(adir), "devices": devices, "bridge_public_key": log_pk,
+                      "resend_after_s": 2.0, "speedup": 150.0, "window": 2000}}))
+        agents.append(AgentProcess(f"agent{a}", config, adir / "outbox.db", adir / "agent.log", ids))
+    register_devices(ledger, operator_key(first), inventory)
+    ledger.close()
+    second = work / "bridge-b"
+    for name in (LOG_KEY_FILE, OPERATOR_KEY_FILE, GENESIS_FILE):
+        (second / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(first / name, second / name)
+    config = work / "bridge.yaml"
+    config.write_text(yaml.safe_dump({
+        "broker": {"host": "127.0.0.1", "port": broker_port, "keepalive_s": 5},
+        "bridge": {"checkpoint_interval_s": 1.0, "store": {"backend": "postgresql", "dsn": location.dsn}}}))
+    hosts = [BridgeHost(name, d, config, work / f"{name}.log") for name, d in (("bridge-a", first),
+                                                                               ("bridge-b", second))]
+    return hosts, agents
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
+    broker = Mosquitto(tmp_path / "mosquitto")
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+def test_the_standby_takes_over_when_the_sequencer_is_killed_and_every_event_lands_once(
+        tmp_path: Path, postgres_dsn: str, mosquitto: Mosquitto) -> None:
+    location = PostgresLocation(postgres_dsn)
+    (active, standby), agents = _provision(tmp_path, location, mosquitto.port)
+    try:
+        active.start()
+        active.wait_for("bridge ready", 60)
+        standby.start()
+        standby.wait_for("standby: waiting for the sequencer lease held by carechain-bridge", 60)
+        for agent in agents:
+            agent.start(PRODUCE_S)
+        reader = LedgerReader(location)
+        while reader.size() < 150:  # mid-stream: the active bridge is anchoring
+            assert active.proc is not None and active.proc.poll() is None, f"see {active.log}"
+            time.sleep(0.05)
+        assert active.proc is not None
+        active.proc.kill()
+        killed = time.monotonic()
+        active.proc.wait(10)
+        size_at_death = reader.size()
+        while reader.size() == size_at_death:  # until the standby appends
+            assert standby.proc is not None and standby.proc.poll() is None, f"see {standby.log}"
+            assert time.monotonic() - killed < 120, f"the standby never appended; see {standby.log}"
+            time.sleep(0.02)
+        appended = time.monotonic()
+        reader.close()
+        took_lease = standby.wait_for("sequencer lease taken over", 5)
+        print(f"\nfail-over: the standby held the lease {took_lease - killed:.2f} s and appended "
+              f"{appended - killed:.2f} s after kill -9 of the active bridge")
+
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if not any(a.producing() for a in agents) and all(a.depth_and_signed()[0] == 0 for a in agents):
+                break
+            time.sleep(0.25)
+        signed = {dev: n for a in agents for dev, n in a.depth_and_signed()[1].items()}
+        counts = _event_counts(location)
+        events = sum(signed.values())
+        assert events > 100, "the scenario produced too little traffic to mean anything"
+        assert all(a.depth_and_signed()[0] == 0 for a in agents), "outboxes did not drain"
+        missing = [(dev, seq) for dev, n in signed.items() for seq in range(n) if (dev, seq) not in counts]
+        assert missing == []
+        assert [key for key, c in counts.items() if c > 1] == []  # no (device, seq) twice
+        assert sum(counts.values()) == events
+        assert standby.said("holds the sequencer lease; active") is not None
+        print(f"fail-over: {events} events signed, {len(counts)} anchored once each, 0 lost, 0 twice")
+    finally:
+        for agent in agents:
+            agent.stop()
+        for host in (active, standby):
+            host.stop()
+
+
+def _terminate(location: PostgresLocation, application_name: str) -> None:
+    """End, from the server side, the sessions of one client (what a dead host's TCP timeout does)."""
+    import psycopg
+
+    with psycopg.connect(location.dsn, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+                      (application_name,))
+
+
+def test_one_lease_holder_at_a_time_a_holder_that_loses_its_session_is_told_and_a_standby_reconnects(
+        postgres_dsn: str, tmp_path: Path) -> None:
+    location = PostgresLocation(postgres_dsn)
+    first, second = (SequencerLease(location, poll_s=0.05, name=f"carechain-bridge {n}") for n in ("one", "two"))
+    try:
+        assert first.try_acquire() and not second.try_acquire()
+        assert first.holder().startswith(first.name) and "server pid" in second.holder()
+        lost = threading.Event()
+        reasons: list[LeaseLost] = []
+        first.watch(lambda exc: (reasons.append(exc), lost.set()))
+        _terminate(location, second.name)  # the standby's session ends too (a database restart): it reconnects
+        _terminate(location, first.name)
+        assert lost.wait(30) and "lease connection" in str(reasons[0])
+        assert second.wait(lambda: False) and second.held
+    finally:
+        first.release()
+        second.release()
+
+
+def test_a_bridge_with_a_lease_starts_only_once_it_holds_it_and_stops_when_it_loses_it(
+        postgres_dsn: str, tmp_path: Path) -> None:
+    location = PostgresLocation(postgres_dsn)
+    ledger = Ledger(location)
+    holder, lease = SequencerLease(location), SequencerLease(location)
+    assert holder.try_acquire()
+    died = threading.Event()
+    bridge = Bridge(BridgeConfig(data_dir=tmp_path, contracts=False), BrokerConfig(), Identity.generate(), ledger,
+                    on_fatal=died.set, lease=lease)
+    try:
+        with pytest.raises(RuntimeError, match="await_lease"):
+            bridge.start()
+        assert bridge.await_lease(lambda: True) is False  # stopping while standing by
+        holder.release()
+        assert bridge.await_lease(lambda: False) is True and lease.held
+        bridge._lease_lost(LeaseLost("the database no longer lists this session as the lease holder"))
+        assert died.is_set() and bridge._stop.is_set()  # no batch after this one; the process exits non-zero
+    finally:
+        lease.release()
+        ledger.close()
