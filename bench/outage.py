@@ -7,9 +7,13 @@
    starts with production off and drains. Its RSS is sampled from /proc the whole time.
 3. Prints: backlog size on disk, fill rate, drain rate (events/s from agent start to an empty outbox,
    every event checked in the ledger), agent RSS (peak) and the ratio drain ÷ bridge-only rate is left
-   to bench/ingest.py. `--json` prints one JSON object.
+   to bench/ingest.py. `--json` prints a JSON list, one object per run.
 
-    python bench/outage.py [--events 1000000] [--devices 10] [--days 3] [--json]
+Each value of `--batch` is one such run on a fresh fleet, with that `agent.batch_max_events`: by default
+the config's default (the drain packs each device's events into batch messages) and then 1 (one event per
+message, as before batching), so one invocation compares the two.
+
+    python bench/outage.py [--events 1000000] [--devices 1000] [--days 3] [--batch 256,1] [--json]
 """
 
 from __future__ import annotations
@@ -72,24 +76,23 @@ def fill_backlog(config: Path, events: int, days: float, say) -> tuple[float, in
     return seconds, outbox_path.stat().st_size, agent.stats.signed
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--events", type=int, default=1_000_000)
-    ap.add_argument("--devices", type=int, default=10)
-    ap.add_argument("--days", type=float, default=3.0)
-    ap.add_argument("--window", type=int, default=AgentConfig().window,
-                    help="agent send window (events in flight; default: the config default)")
-    ap.add_argument("--workers", type=int, default=2, help="bridge ingest worker processes")
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
-    say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
+def set_batching(config: Path, batch_max_events: int) -> None:
+    """Write `agent.batch_max_events` into the agent's config (1: one event per message, as before batching)."""
+    cfg = yaml.safe_load(config.read_text())
+    cfg["agent"]["batch_max_events"] = batch_max_events
+    config.write_text(yaml.safe_dump(cfg))
 
+
+def drain_run(args: argparse.Namespace, batch_max_events: int, say) -> dict[str, object]:
+    """One fleet: fill the backlog, reconnect, drain with `batch_max_events`; the figures of the run."""
     work = Path(tempfile.mkdtemp(prefix="cc-bench-outage-"))
     try:
         with Fleet(work, agents=1, devices_per_agent=args.devices, workers=args.workers,
                    resend_after_s=30.0, window=args.window) as fleet:
             agent = fleet.agents[0]
-            say(f"filling a {args.days:g}-day backlog of {args.events:,} events for {args.devices} devices…")
+            set_batching(agent.config, batch_max_events)
+            say(f"[batch_max_events {batch_max_events}] filling a {args.days:g}-day backlog of {args.events:,} "
+                f"events for {args.devices} devices…")
             fill_s, backlog_bytes, signed = fill_backlog(agent.config, args.events, args.days, say)
             say(f"  {args.events / fill_s:,.0f} events/s signed and stored; outbox {backlog_bytes / 2**20:,.0f} MB")
 
@@ -119,21 +122,41 @@ def main() -> None:
             anchored = sum(1 for c in counts.values() if c >= 1)
             dup = sum(c - 1 for c in counts.values() if c > 1)
             fleet.bridge.stop()
-            result = {
-                "events": args.events, "devices": args.devices, "backlog_mb": round(backlog_bytes / 2**20, 1),
-                "fill_eps": round(args.events / fill_s), "drain_eps": round(anchored / drain_s),
-                "drain_s": round(drain_s, 1), "drained": depth == 0, "anchored": anchored,
-                "lost": signed - anchored,
-                "duplicated": dup, "agent_peak_rss_mb": round(max(peak_rss, hwm) / 1024, 1),
-                "window": args.window, "workers": args.workers,
+            return {
+                "batch_max_events": batch_max_events, "events": args.events, "devices": args.devices,
+                "backlog_mb": round(backlog_bytes / 2**20, 1), "fill_eps": round(args.events / fill_s),
+                "drain_eps": round(anchored / drain_s), "drain_s": round(drain_s, 1), "drained": depth == 0,
+                "anchored": anchored, "lost": signed - anchored, "duplicated": dup,
+                "bridge_batches": fleet.bridge.stats.get("batches"),
+                "agent_peak_rss_mb": round(max(peak_rss, hwm) / 1024, 1), "window": args.window,
+                "workers": args.workers,
             }
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--events", type=int, default=1_000_000)
+    ap.add_argument("--devices", type=int, default=1000)
+    ap.add_argument("--days", type=float, default=3.0)
+    ap.add_argument("--window", type=int, default=AgentConfig().window,
+                    help="agent send window (events in flight; default: the config default)")
+    ap.add_argument("--workers", type=int, default=2, help="bridge ingest worker processes")
+    ap.add_argument("--batch", default=f"{AgentConfig().batch_max_events},1",
+                    help="agent.batch_max_events of each run, comma-separated (1: one event per message); "
+                         "default: the config default, then 1")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    runs = [drain_run(args, int(n), say) for n in args.batch.split(",")]
     if args.json:
-        print(json.dumps(result))
-    else:
-        for k, v in result.items():
-            print(f"{k:>18}  {v}")
+        print(json.dumps(runs))
+        return
+    keys = list(runs[0])
+    print(f"{'':>18}  " + "  ".join(f"{'run ' + str(i + 1):>12}" for i in range(len(runs))))
+    for k in keys:
+        print(f"{k:>18}  " + "  ".join(f"{str(r[k]):>12}" for r in runs))
 
 
 if __name__ == "__main__":

@@ -89,6 +89,10 @@ class Reason(enum.StrEnum):
                      "an `epoch_key` event whose `owner` is not the device's registered owner")
     BAD_TOPIC = ("bad_topic", False, "a message on a topic that is not `cc/v1/dev/{id}/ev` (counted and logged only)",
                  False)
+    BAD_BATCH = ("bad_batch", False,
+                 "a batch message (a one-entry CBOR map) that is not exactly `{\"batch\": [event bytes, …]}`: empty, "
+                 "more than `limits.max_batch_events` (default 1,000) events, larger than the broker's packet limit, "
+                 "an element that is not a byte string or is itself a batch; refused whole, the events unread")
 
 
 # The one reason that is not a fixed member: the contract's own reason follows the prefix.

@@ -33,7 +33,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from carechain import envelope, topics
-from carechain.config import BrokerConfig
+from carechain.config import AgentConfig, BrokerConfig
 from carechain.credentials import MqttCredentials
 from carechain.datadir import instance_id
 from carechain.errors import Reason, contract_reason
@@ -42,7 +42,7 @@ from carechain.identity import Identity
 from carechain.receipts import Receipt, ReceiptError, open_receipt
 from carechain.sealed import DEFAULT_EPOCH_MS, epoch_of
 from carechain.transport import connect_client
-from edge_agent.outbox import Batch, DataKey, DiskFull, Outbox, OutboxFull
+from edge_agent.outbox import Batch, DataKey, DiskFull, Outbox, OutboxFull, Pending
 from edge_agent.sealing import (
     RecordOwner,
     iso_week,
@@ -55,6 +55,7 @@ from edge_agent.sealing import (
     weekly_activity_body,
 )
 from edge_agent.source import Source
+from edge_agent.uplink import Uplink
 from edge_agent.window import SendWindow
 
 log = logging.getLogger("carechain.agent")
@@ -74,7 +75,8 @@ class AgentDevice:
 @dataclass
 class AgentStats:
     signed: int = 0
-    sent: int = 0
+    sent: int = 0  # events published (each resend counts again)
+    messages: int = 0  # MQTT messages they went in (fewer than `sent` when events share batch messages)
     acked: int = 0
     quarantined: int = 0
     rejected_retryable: int = 0
@@ -99,6 +101,10 @@ class AgentStats:
 DISK_RETRY_S = (0.5, 5.0)
 EPOCH_KEY_EXISTS = contract_reason("epoch_key_exists")  # the contracts' word for a second key of one epoch
 KEY_SWEEP_S = 1.0  # at most this often, look for data keys of spent epochs to delete (one indexed query)
+_BATCH_DEFAULTS = AgentConfig()  # batch_max_events, batch_max_bytes, batch_linger_ms: one set of defaults
+SEND_TICK_S = 0.25  # the send loop looks for due events at least this often
+# A batch message refused whole: `bad_batch`, or `not_cose_sign1` from a bridge older than batching.
+_BATCH_REFUSALS = frozenset({Reason.BAD_BATCH, Reason.NOT_COSE_SIGN1})
 
 
 class Agent:
@@ -112,7 +118,9 @@ class Agent:
                  bridge_public_key: bytes, *, window: int = 2000, resend_after_s: float = 10.0,
                  speedup: float = 1.0, client_id: str | None = None,
                  credentials: Mapping[str, MqttCredentials] | None = None, protocol: int = 1,
-                 epoch_ms: int = DEFAULT_EPOCH_MS) -> None:
+                 epoch_ms: int = DEFAULT_EPOCH_MS, batch_max_events: int = _BATCH_DEFAULTS.batch_max_events,
+                 batch_max_bytes: int = _BATCH_DEFAULTS.batch_max_bytes,
+                 batch_linger_ms: int = _BATCH_DEFAULTS.batch_linger_ms) -> None:
         if protocol not in (1, 2):
             raise ValueError(f"protocol {protocol} is not one this agent speaks (1 or 2)")
         self.devices = {d.identity.device_id: d for d in devices}
@@ -133,6 +141,7 @@ class Agent:
         self.broker = broker
         self.bridge_public_key = bridge_public_key
         self.window = SendWindow(window, int(resend_after_s * 1000))
+        self.uplink = Uplink(batch_max_events, batch_max_bytes, batch_linger_ms)
         self.speedup = speedup
         self.client_id = client_id or f"cc-agent-{instance_id(outbox.path.parent)}"
         self.credentials = dict(credentials or {})
@@ -312,18 +321,26 @@ class Agent:
     async def _send(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             if self._connected:
+                now_ms = int(time.time() * 1000)
                 # Rows of a device whose client is down are parked, not sent; the others keep flowing.
-                due = self.window.due(self.outbox.pending_after, int(time.time() * 1000),
-                                      eligible=self._connected.__contains__)
-                for row in due:
-                    info = self._clients[row.device_id].publish(topics.events(row.device_id), row.envelope, qos=1)
-                    if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                        self.window.unsent(row)  # due again at once (a disconnected device's: when back)
-                        continue
-                    self.stats.sent += 1
+                due = self.window.due(self.outbox.pending_after, now_ms, eligible=self._connected.__contains__)
+                for device_id, rows in self.uplink.messages(due, now_ms):
+                    self._publish(device_id, rows)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=0.25)
+                await asyncio.wait_for(self._wake.wait(), timeout=self.uplink.wait_s(int(time.time() * 1000),
+                                                                                     SEND_TICK_S))
+
+    def _publish(self, device_id: str, rows: Sequence[Pending]) -> None:
+        """One MQTT message for `rows` (one device's): the event alone, or a batch message. The window counts
+        events and is far below 65,535, so the messages paho holds unacknowledged stay below its packet ids."""
+        info = self._clients[device_id].publish(topics.events(device_id), Uplink.payload(rows), qos=1)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            for row in rows:
+                self.window.unsent(row)  # due again at once (a disconnected device's: when back)
+            return
+        self.stats.sent += len(rows)
+        self.stats.messages += 1
 
     # -- receipts ----------------------------------------------------------------------------------
 
@@ -379,6 +396,10 @@ class Agent:
                             before, nxt)
         for rej in receipt.rejected:
             self.stats.reasons[rej.reason] = self.stats.reasons.get(rej.reason, 0) + 1
+            if rej.seq is None and rej.reason in _BATCH_REFUSALS and self.uplink.max_events > 1:
+                log.warning("bridge refused a batch message from %s (%s): at most %d event(s) per message from "
+                            "now on; its events are resent", device_id, rej.detail, self.uplink.refused())
+                continue
             if rej.seq is None:
                 log.warning("bridge rejected an unidentifiable event from %s: %s", device_id, rej.reason)
                 continue
@@ -422,6 +443,8 @@ class Agent:
             self.window.resume(device_id)  # parked rows of this device are due again
         else:
             self._connected.discard(device_id)
+            for row in self.uplink.drop(device_id):  # lingering rows are due again when the device is back
+                self.window.unsent(row)
         self._wake.set()
 
     @property

@@ -169,7 +169,9 @@ def assemble_agent(cfg: Config, *, devices: Sequence[AgentDevice] | None = None,
         try:
             agent = Agent(devices, outbox, broker, bridge_key, window=ac.window,
                           resend_after_s=ac.resend_after_s, speedup=ac.speedup, client_id=client_id,
-                          credentials=logins, protocol=ac.protocol, epoch_ms=ac.epoch_ms)
+                          credentials=logins, protocol=ac.protocol, epoch_ms=ac.epoch_ms,
+                          batch_max_events=ac.batch_max_events, batch_max_bytes=ac.batch_max_bytes,
+                          batch_linger_ms=ac.batch_linger_ms)
         except ValueError as exc:  # e.g. a device without its own MQTT login on a broker that needs one
             outbox.close()
             raise ConfigError(str(exc)) from None

@@ -27,13 +27,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import event as count_as
 from hypothesis import strategies as st
 
-from carechain import cbor, envelope
+from carechain import cbor, envelope, topics
+from carechain.batch import BatchError, decode_batch, events_in
 from carechain.config import BridgeConfig, BrokerConfig, Limits
 from carechain.entries import Entry, EntryError, Registration, event_entry, registration_entry
 from carechain.events import EventPayload, PayloadError, make_payload, validate_payload
 from carechain.identity import Identity, verify_signature
 from chain_bridge.bridge import Bridge
-from chain_bridge.ingest import Ingest, Rejection
+from chain_bridge.ingest import Ingest, Rejection, check_batch
 from chain_bridge.ledger.store import DeviceRecord, EventCandidate, Ledger
 from simulators.hostile import SAMPLE_BODIES, documented_reasons
 
@@ -318,6 +319,48 @@ def test_entry_decode_returns_an_entry_or_an_entry_error(data: bytes) -> None:
 
 
 # -- bugs the fuzzing found (regressions) -------------------------------------------------------------
+
+
+@st.composite
+def hostile_batches(draw: st.DrawFn) -> bytes:
+    """Batch messages of genuine, mutated and hostile events, some then mutated at the byte level themselves."""
+    events = draw(st.lists(valid_events | mutated_events() | resigned_hostile_events() | st.binary(max_size=40),
+                           max_size=7))
+    data = bytearray(cbor2.dumps({"batch": events}))
+    for _ in range(draw(st.integers(0, 2))):
+        pos = draw(st.integers(0, max(0, min(len(data) - 1, 12))))  # the heads, where the batch's shape is
+        op = draw(st.sampled_from(["flip", "truncate", "insert", "overwrite"]))
+        if op == "flip" and data:
+            data[pos] ^= 1 << draw(st.integers(0, 7))
+        elif op == "truncate":
+            del data[draw(st.integers(0, len(data))):]
+        elif op == "insert":
+            data[pos:pos] = draw(st.binary(min_size=1, max_size=4))
+        else:
+            data[pos:pos + 1] = bytes([draw(st.sampled_from([0x40, 0x5f, 0x80, 0x98, 0x9f, 0xa1, 0xa2, 0xd2, 0xff]))])
+    return bytes(data)
+
+
+@FUZZ
+@given(hostile_batches() | st.binary(max_size=300).map(lambda b: b"\xa1" + b))
+def test_a_hostile_batch_is_refused_whole_or_each_of_its_events_on_its_own(message: bytes) -> None:
+    limits = INGEST.limits
+    verdicts = check_batch(INGEST, [(topics.events(DEVICE.device_id), message)], NOW_MS)
+    assert events_in(message) >= 1
+    try:
+        events = decode_batch(message, limits.max_batch_events, 1 << 17)
+    except BatchError as exc:
+        count_as("bad_batch")
+        assert exc.reason in REASONS
+        [verdict] = verdicts
+        assert isinstance(verdict, Rejection) and verdict.reason == exc.reason and verdict.seq is None
+        assert verdict.digest == hashlib.sha256(message).digest()
+        return
+    if events is None:  # no longer a batch at all: checked as one single-event message
+        assert verdicts == [assert_refused_or_valid(message)]
+        return
+    assert message == cbor2.dumps({"batch": events}, canonical=True)  # only the one deterministic form passes
+    assert verdicts == [assert_refused_or_valid(raw) for raw in events]
 
 
 @pytest.mark.parametrize("reencode", [

@@ -99,7 +99,8 @@ def test_every_rejection_the_check_stage_gives_is_a_listed_reason(ledger: Ledger
 def test_dedup_tells_a_resend_from_a_reused_seq_in_the_log_and_in_the_batch(ledger: Ledger) -> None:
     raw = event(DEV, 0)
     [appended] = ledger.append_events([candidate(raw, DEV, 0)])
-    dedup = Dedup(ledger._anchored)
+    anchored = ledger._anchored_among([(DEV.device_id, 0), (DEV.device_id, 1)])  # the batch's one read of the log
+    dedup = Dedup(lambda device_id, seq: anchored.get((device_id, seq)))
     same = leaf_hash(event_entry(raw).encode())
     assert dedup.check(DEV.device_id, 0, same) == Duplicate(appended.index)
     assert dedup.check(DEV.device_id, 0, b"\x00" * 32) == Conflict(appended.index)

@@ -34,7 +34,7 @@ TABLE = re.compile(r"<!-- reasons-table:[^\n]*-->\n(.*?)<!-- /reasons-table -->\
 WIRE_VALUES = ["too_large", "bad_envelope", "malformed", "not_cose_sign1", "bad_header", "bad_alg", "bad_payload",
                "topic_mismatch", "unregistered", "revoked", "bad_signature", "unsupported_version", "bad_body",
                "ciphertext_missing", "ciphertext_mismatch", "clock_skew", "too_old", "seq_gap", "seq_reused",
-               "rate_limited", "version_retired", "unknown_owner", "bad_topic"]
+               "rate_limited", "version_retired", "unknown_owner", "bad_topic", "bad_batch"]
 
 
 def test_the_wire_values_of_the_reasons_are_unchanged() -> None:

@@ -2,8 +2,9 @@
 
 paho's network thread puts each message in an `Inbox`; a `Receiver` drains it in batches, refreshes its
 view of the device registry when a registration or revocation was committed, and runs the `check` stage
-on each message. The bridge runs one `Receiver` in process; with `ingest_workers`, each worker process
-runs the same `Receiver` (chain_bridge.workers) and the bridge drains the workers' verdicts instead.
+on each event (a batch message, carechain.batch, is unpacked first: each of its events is checked alone).
+The bridge runs one `Receiver` in process; with `ingest_workers`, each worker process runs the same
+`Receiver` (chain_bridge.workers) and the bridge drains the workers' verdicts instead.
 Either way the sequencer gets `list[Verdict]` from a `VerdictSource`.
 """
 
@@ -19,14 +20,18 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from carechain import topics
-from carechain.config import Limits
+from carechain.batch import BatchError, decode_batch, events_in
+from carechain.config import BrokerConfig, Limits
 from carechain.errors import Reason
+from carechain.receipts import event_digest
 from chain_bridge.ingest.check import Ingest
 from chain_bridge.ingest.verdicts import RawMessage, Rejection, Verdict
 from chain_bridge.ledger.store import DeviceRecord, Ledger
 
 log = logging.getLogger("carechain.bridge.inbox")
 DEFAULT_INBOX_MESSAGES = Limits.model_fields["inbox_max_messages"].default
+# The largest batch message taken: the broker's packet limit (`broker.max_packet_bytes`) unless told otherwise.
+DEFAULT_MESSAGE_BYTES = BrokerConfig.model_fields["max_packet_bytes"].default
 
 
 class VerdictSource(Protocol):
@@ -94,17 +99,20 @@ class Inbox:
         return self._queue.qsize()
 
     def drain(self, timeout: float, batch_max: int, linger_s: float = 0.0) -> list[RawMessage]:
-        """Up to `batch_max` messages: wait up to `timeout` for the first, then up to `linger_s` for more."""
+        """Messages holding up to `batch_max` events (a batch message counts as its events, so one commit
+        stays bounded): wait up to `timeout` for the first, then up to `linger_s` for more."""
         self._consumer = threading.current_thread()
         try:
             first = self._queue.get(timeout=timeout)
         except queue.Empty:
             return []
         batch = [first]
+        events = events_in(first.payload)
         deadline = time.monotonic() + linger_s
-        while len(batch) < batch_max:
+        while events < batch_max:
             try:
                 batch.append(self._queue.get_nowait())
+                events += events_in(batch[-1].payload)
             except queue.Empty:
                 if linger_s <= 0 or time.monotonic() >= deadline:
                     break
@@ -130,13 +138,26 @@ class RegistryView:
         return self._devices.get(device_id)
 
 
-def check_batch(ingest: Ingest, batch: Sequence[tuple[str, bytes]], now_ms: int) -> list[Verdict]:
-    """The `check` stage over a batch: a verdict per message, a `bad_topic` one for a non-event topic."""
+def check_batch(ingest: Ingest, batch: Sequence[tuple[str, bytes]], now_ms: int,
+                max_message_bytes: int = DEFAULT_MESSAGE_BYTES) -> list[Verdict]:
+    """The `check` stage over a batch of messages: a verdict per event, in order. A batch message
+    (carechain.batch) is unpacked and each of its events checked as if it had come alone; a malformed one
+    is one `bad_batch` rejection, a message on a non-event topic one `bad_topic` rejection."""
     verdicts: list[Verdict] = []
     for topic, payload in batch:
         device = topics.device_of_event_topic(topic)
-        verdicts.append(ingest.check(device, payload, now_ms) if device is not None else
-                        Rejection(None, None, Reason.BAD_TOPIC, f"{topic[:100]!r} is not a device event topic"))
+        if device is None:
+            verdicts.append(Rejection(None, None, Reason.BAD_TOPIC, f"{topic[:100]!r} is not a device event topic"))
+            continue
+        try:
+            events = decode_batch(payload, ingest.limits.max_batch_events, max_message_bytes)
+        except BatchError as exc:
+            verdicts.append(Rejection(device, None, Reason.BAD_BATCH, exc.detail, event_digest(payload)))
+            continue
+        if events is None:
+            verdicts.append(ingest.check(device, payload, now_ms))
+        else:
+            verdicts += [ingest.check(device, event, now_ms) for event in events]
     return verdicts
 
 
@@ -145,21 +166,26 @@ def wall_clock_ms() -> int:
 
 
 class Receiver:
-    """receive → check: drains an `Inbox` in batches and checks them against a fresh registry view."""
+    """receive → check: drains an `Inbox` in batches and checks them against a fresh registry view.
+
+    `check` turns messages into verdicts, one per event (batch messages unpacked), in message order: a
+    caller that must acknowledge each message only once its events are committed (JetStream) commits the
+    whole list of verdicts of the messages it passed, then acknowledges those messages."""
 
     def __init__(self, ledger: Ledger, limits: Limits, batch_max: int, linger_s: float = 0.0,
-                 clock_ms: Callable[[], int] = wall_clock_ms) -> None:
+                 clock_ms: Callable[[], int] = wall_clock_ms, max_message_bytes: int = DEFAULT_MESSAGE_BYTES) -> None:
         self.inbox = Inbox(limits.inbox_max_messages)
         self.registry = RegistryView(ledger)
         self.registry.refresh()
         self.ingest = Ingest(limits, self.registry.lookup)
         self.batch_max = batch_max
         self.linger_s = linger_s
+        self.max_message_bytes = max_message_bytes
         self._clock_ms = clock_ms
 
     def check(self, batch: Sequence[tuple[str, bytes]]) -> list[Verdict]:
         self.registry.refresh()
-        return check_batch(self.ingest, batch, self._clock_ms())
+        return check_batch(self.ingest, batch, self._clock_ms(), self.max_message_bytes)
 
     def receive(self, timeout: float) -> list[Verdict]:
         batch = self.inbox.drain(timeout, self.batch_max, self.linger_s)
