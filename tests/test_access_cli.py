@@ -229,7 +229,8 @@ def test_request_grant_log_and_revoke_on_the_bridge_host(tmp_path: Path) -> None
 
     revoked = out_json(run("access", "revoke", str(granted["access"]), "--key", tmp_path / "alice.key", "--reason",
                            "episode over", *dep.opts, "--json"))
-    assert revoked["revoked_at_leaf"] == granted["access"] + 1
+    # Next leaf, or the one after a clock.attest the CLI puts first when the attested time went stale (a slow host).
+    assert revoked["revoked_at_leaf"] in (granted["access"] + 1, granted["access"] + 2)
     assert out_json(run("access", "log", *dep.opts, "--json"))["accesses"][0]["status"] == "revoked"
     by_doctor = run("access", "revoke", str(granted["access"]), "--key", tmp_path / "doctor.key", "--reason", "x",
                     *dep.opts)

@@ -29,7 +29,6 @@ from carechain.cli._options import (
     example,
     fail,
     load,
-    open_store,
     out,
     resolved_broker,
 )
@@ -294,15 +293,14 @@ def open_(
 
 def _submit_faults(config: Path | None, data_dir: Path | None, entries: list[Any]) -> list[int]:
     """Append the access.fault entries when the bridge's data dir is here; refused ones are only warned about."""
+    from carechain.cli._ledger import open_bridge_ledger
     from chain_bridge.contract_admin import ContractRefused, submit
-    from chain_bridge.ledger.store import Ledger
-    from chain_bridge.registry import ledger_path
 
     if not entries:
         return []
     cfg = load(config)
     bdir = bridge_dir(cfg, data_dir)
-    ledger = open_store(Ledger, ledger_path(bdir))
+    ledger = open_bridge_ledger(cfg, bdir)
     leaves: list[int] = []
     try:
         for entry in entries:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from carechain.cli._ledger import now_ms, print_result, submit
-from carechain.cli._options import ConfigOpt, DataDirOpt, JsonOpt, bridge_dir, example, fail, load, open_store
+from carechain.cli._options import ConfigOpt, DataDirOpt, JsonOpt, bridge_dir, example, fail, load
 
 EPILOG = example("carechain cutover --data-dir carechain-data/bridge",
                  "carechain cutover --at-size 250000 --data-dir carechain-data/bridge --json")
@@ -29,12 +29,13 @@ def cutover(
     this entry names the tree size after which the bridge (and every miner's rules) refuse v1 health readings.
     Pharmacy purchases stay accepted in either version. docs/protocol.md, "Cutover".
     """
-    from chain_bridge.ledger.store import Ledger
-    from chain_bridge.registry import ledger_path, operator_key
+    from carechain.cli._ledger import open_bridge_ledger
+    from chain_bridge.registry import operator_key
     from contract_rules import transactions as ce
 
-    bdir = bridge_dir(load(config), data_dir)
-    ledger = open_store(Ledger, ledger_path(bdir))
+    cfg = load(config)
+    bdir = bridge_dir(cfg, data_dir)
+    ledger = open_bridge_ledger(cfg, bdir, missing="use --data-dir: the bridge's data directory")
     try:
         if (already := ledger.retire_v1_after()) is not None:
             raise fail(f"this ledger already retires protocol 1 from tree size {already} (nothing appended)", 1)

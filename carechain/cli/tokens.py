@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from carechain.cli._ledger import load_key, now_ms, print_result, replay, submit
-from carechain.cli._options import ConfigOpt, DataDirOpt, JsonOpt, bridge_dir, example, fail, load, open_store, out
+from carechain.cli._options import ConfigOpt, DataDirOpt, JsonOpt, bridge_dir, example, fail, load, out
 
 token_app = typer.Typer(help="Move tokens from your own account to another.", no_args_is_help=True,
                         epilog=example("carechain token transfer pharmacy:7xq3kd2m4n5p6r7s 2500 --key keys/alice.key"))
@@ -123,15 +123,13 @@ BALANCE_EPILOG = example("carechain balance --data-dir carechain-data/bridge",
 
 def _state_at(config: Path | None, data_dir: Path | None, size: int) -> Any:
     """The contract state of the ledger's first `size` leaves (a replay from the genesis)."""
-    from carechain.cli._ledger import deployment_genesis
-    from chain_bridge.ledger.store import Ledger
-    from chain_bridge.registry import ledger_path
+    from carechain.cli._ledger import deployment_genesis, open_bridge_ledger
     from contract_rules.replay import Replica
 
     cfg = load(config)
     bdir = bridge_dir(cfg, data_dir)
     replica = Replica(deployment_genesis(cfg, bdir))
-    ledger = open_store(Ledger, ledger_path(bdir))
+    ledger = open_bridge_ledger(cfg, bdir, missing="use --data-dir: the bridge's data directory")
     try:
         replica.apply_leaves(ledger.leaves(0, size))
     finally:
