@@ -27,6 +27,7 @@ from carechain.merkle_tree import MerkleTree
 from chain_bridge.bridge import Bridge
 from carechain.tiles import consistency_ranges
 from chain_bridge.ledger.integrity import AuditFailure, LogAuditor, audit_ledger
+from chain_bridge.ledger.sql import StoreLocation
 from chain_bridge.ledger.store import DeviceRevoked, EventCandidate, Ledger
 from chain_bridge.registry import ledger_path, log_key, operator_key
 
@@ -47,11 +48,11 @@ def register(ledger: Ledger, data_dir: Path, idents: list[Identity]) -> None:
     ledger.append_registrations(items)
 
 
-@pytest.fixture
-def data_dir(tmp_path: Path) -> Path:
+def write_ledger(tmp_path: Path, location: StoreLocation | None = None) -> Path:
     """A bridge data directory: 2 devices registered, then events in batches with a checkpoint after each
-    (sizes 2, 12, 29, ...), a third device registered midway, one device revoked; 3 entries uncovered."""
-    ledger = Ledger(ledger_path(tmp_path))
+    (sizes 2, 12, 29, ...), a third device registered midway, one device revoked; 3 entries uncovered.
+    The ledger is the data directory's ledger.db, or the one at `location`."""
+    ledger = Ledger(location or ledger_path(tmp_path))
     bridge = Bridge(BridgeConfig(data_dir=tmp_path), BrokerConfig(), log_key(tmp_path), ledger)
     register(ledger, tmp_path, DEVS[:2])
     bridge.maybe_checkpoint()
@@ -74,6 +75,24 @@ def data_dir(tmp_path: Path) -> Path:
         DEVS[0].device_id, 10_000 + k, now, "heart_rate", {"bpm": 70}))) for k in range(2)])
     ledger.close()
     return tmp_path
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return write_ledger(tmp_path)
+
+
+def append_events(data_dir: Path, device: Identity, seqs: range, *, checkpoint: bool = True,
+                  location: StoreLocation | None = None) -> None:
+    """More events from `device` through a bridge, then (by default) a checkpoint over them."""
+    ledger = Ledger(location or ledger_path(data_dir))
+    bridge = Bridge(BridgeConfig(data_dir=data_dir), BrokerConfig(), log_key(data_dir), ledger)
+    now = int(time.time() * 1000)
+    bridge.process([(topic(device), envelope.sign(device, make_payload(device.device_id, s, now, "heart_rate",
+                                                                        {"bpm": 80}))) for s in seqs])
+    if checkpoint:
+        bridge.maybe_checkpoint()
+    ledger.close()
 
 
 def audit(data_dir: Path, **kwargs):  # noqa: ANN003, ANN201
@@ -121,14 +140,20 @@ def test_an_altered_entry_is_named_by_its_leaf_index(data_dir: Path) -> None:
     assert result.exit_code == 1 and "NOT VERIFIED: leaf 57:" in _ANSI.sub("", result.output)
 
 
-def test_an_entry_altered_together_with_its_stored_hash_is_named_by_its_leaf_index(data_dir: Path) -> None:
-    """An attacker who also rewrites leaf_hash: the device signature no longer verifies."""
+def alter_signed_event(data_dir: Path, index: int) -> None:
+    """Change a heart-rate event's signed bpm and store a matching leaf hash: only its signature is wrong."""
     ledger = Ledger(ledger_path(data_dir))
-    data = bytearray(ledger.entry(40))
+    data = bytearray(ledger.entry(index))
     ledger.close()
     at = data.index(b"cbpm\x18") + 5  # the bpm value (60..109, after its 0x18 head) in the signed payload
     data[at] ^= 0x01
-    sql(data_dir, "UPDATE entries SET data = ?, leaf_hash = ? WHERE idx = 40", bytes(data), leaf_hash(bytes(data)))
+    sql(data_dir, "UPDATE entries SET data = ?, leaf_hash = ? WHERE idx = ?", bytes(data), leaf_hash(bytes(data)),
+        index)
+
+
+def test_an_entry_altered_together_with_its_stored_hash_is_named_by_its_leaf_index(data_dir: Path) -> None:
+    """An attacker who also rewrites leaf_hash: the device signature no longer verifies."""
+    alter_signed_event(data_dir, 40)
     with pytest.raises(AuditFailure, match=r"^leaf 40: the event's signature does not verify") as err:
         audit(data_dir)
     assert err.value.index == 40
@@ -175,7 +200,8 @@ def test_a_devices_table_that_disagrees_with_the_log_is_named(data_dir: Path) ->
         audit(data_dir)
 
 
-def test_an_event_appended_after_its_device_was_revoked_is_named(data_dir: Path) -> None:
+def forge_event_after_revocation(data_dir: Path) -> int:
+    """Append an event from the revoked device, as a bridge that missed the revocation would; its leaf."""
     ledger = Ledger(ledger_path(data_dir))
     raw = envelope.sign(DEVS[1], make_payload(DEVS[1].device_id, 9999, int(time.time() * 1000), "heart_rate",
                                               {"bpm": 70}))
@@ -189,6 +215,11 @@ def test_an_event_appended_after_its_device_was_revoked_is_named(data_dir: Path)
     db.execute("UPDATE devices SET revoked_idx=? WHERE device_id=?", (revoked_idx, DEVS[1].device_id))
     index = ledger.size - 1
     ledger.close()
+    return index
+
+
+def test_an_event_appended_after_its_device_was_revoked_is_named(data_dir: Path) -> None:
+    index = forge_event_after_revocation(data_dir)
     with pytest.raises(AuditFailure, match=rf"^leaf {index}: event from device {DEVS[1].device_id} after its "
                                            r"revocation"):
         audit(data_dir)

@@ -109,6 +109,11 @@ def verify(
     data_dir: DataDirOpt = None,
     operator_keys: Annotated[list[str] | None, typer.Option("--operator-key", help="With --full: an operator "
                              "public key (hex) trusted for registrations; repeatable.")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", min=0, help="With --full: processes that check "
+                       "event signatures (0: none, all in this one); default: one per core.")] = None,
+    state: Annotated[Path | None, typer.Option("--state", metavar="FILE", help="With --full: resume from the "
+                     "audit state in FILE if it exists (only the leaves appended since are read), and save the "
+                     "state at the last checkpoint there after a successful audit (mode 0600).")] = None,
     config: ConfigOpt = None,
     tiles: Annotated[str | None, typer.Option("--tiles", metavar="URL", help="Instead: read the log from C2SP "
                      "tlog-tiles at URL (docs/tiles.md) and check its checkpoint (needs --log-key); with --index N, "
@@ -159,7 +164,7 @@ def verify(
         _verify_tiles(tiles, log_key_hex, index, checkpoint, full, operator_keys, as_json)
         return
     if full:
-        _verify_full(data_dir, log_key_hex, operator_keys, as_json)
+        _verify_full(data_dir, log_key_hex, operator_keys, as_json, workers, state, config)
         return
 
     from carechain.proofs import (
@@ -296,14 +301,19 @@ def _audit_tiles(log: Any, cp: Any, note: str, trusted: bytes, operators: dict[s
 
 
 def _verify_full(data_dir: Path | None, log_key_hex: str | None, operator_hex: list[str] | None,
-                 as_json: bool) -> None:
-    """`verify --full`: audit a whole ledger store (chain_bridge.ledger.integrity), progress bar on stderr."""
+                 as_json: bool, workers: int | None, state: Path | None, config: Path | None) -> None:
+    """`verify --full`: audit a whole ledger store (chain_bridge.ledger.integrity) where `bridge.store` says
+    (DATA_DIR/ledger.db, or the PostgreSQL database), progress bar on stderr; event signatures checked on
+    `workers` processes; resumed from and saved to the `state` file."""
+    import os
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from carechain.identity import Identity, KeyFileError, PublicKeyError, device_id_for, parse_public_key_hex
     from carechain.sqlite_store import StoreError
-    from chain_bridge.ledger.integrity import AuditFailure, audit_ledger
-    from chain_bridge.registry import LOG_KEY_FILE, OPERATOR_KEY_FILE, ledger_path
+    from chain_bridge.ledger.integrity import AuditFailure, AuditReport, audit_ledger
+    from chain_bridge.ledger.sql import SqliteLocation
+    from chain_bridge.ledger.store import store_location
+    from chain_bridge.registry import LOG_KEY_FILE, OPERATOR_KEY_FILE
 
     if data_dir is None:
         raise fail("--full needs --data-dir: the bridge data directory that holds ledger.db")
@@ -337,9 +347,25 @@ def _verify_full(data_dir: Path | None, log_key_hex: str | None, operator_hex: l
         if bar is not None:
             bar.update(bar.task_ids[0], completed=done)
 
-    path = ledger_path(data_dir)
+    location = store_location(load(config).bridge, data_dir, role="carechain verify")
+    if isinstance(location, SqliteLocation) and location.moved_marker.exists():
+        raise fail(f"{location.path}: this data directory's ledger is in PostgreSQL: give the config that names "
+                   "it in bridge.store (--config)")
+    where = str(location.path) if isinstance(location, SqliteLocation) else location.describe()
+
+    def audit(source: Any) -> AuditReport:
+        return audit_ledger(source, log_key, operator_keys=operators, on_progress=on_progress, state_file=state,
+                            workers=(os.cpu_count() or 1) if workers is None else workers)
+
     try:
-        report = audit_ledger(path, log_key, operator_keys=operators, on_progress=on_progress)
+        if isinstance(location, SqliteLocation):
+            report = audit(location.path)
+        else:
+            from chain_bridge.ledger.postgres import PostgresLocation, PostgresLogSource
+
+            assert isinstance(location, PostgresLocation)  # the only other backend
+            with PostgresLogSource(location) as log:
+                report = audit(log)
     except (AuditFailure, StoreError) as exc:
         if bar is not None:
             bar.stop()
@@ -360,8 +386,14 @@ def _verify_full(data_dir: Path | None, log_key_hex: str | None, operator_hex: l
         notes.append(f"{r.uncovered} entries after the last checkpoint are not yet covered by a signed one")
     if not r.operator_signatures_checked:
         notes.append("registration signers not checked (give --operator-key HEX)")
+    if r.resumed_at is not None:
+        notes.append(f"resumed at checkpoint {r.resumed_at}, audited {r.entries - r.resumed_at} new leaves")
+    if state is not None and r.last_checkpoint_size is not None:
+        notes.append(f"state saved to {state} at checkpoint {r.last_checkpoint_size}")
+    elif state is not None:
+        notes.append("no checkpoint yet, so no state saved")
     contract = f", {r.contract_entries} contract entries" if r.contract_entries else ""
-    out.print(f"[bold green]VERIFIED[/] {escape(str(path))}: {r.entries} entries ({r.events} events, "
+    out.print(f"[bold green]VERIFIED[/] {escape(where)}: {r.entries} entries ({r.events} events, "
               f"{r.registrations} registrations, {r.revocations} revocations{contract}), {r.checkpoints} checkpoints "
               f"signed by the log key, {r.consistency_proofs} consistency proofs; {escape('; '.join(notes))}",
               soft_wrap=True, highlight=False)
