@@ -28,6 +28,7 @@ from chain_bridge.bridge import Bridge
 from chain_bridge.contract_admin import ContractRefused, replay_ledger, submit
 from chain_bridge.contract_gate import ContractGate
 from chain_bridge.ledger.integrity import audit_ledger
+from chain_bridge.ledger.postgres import PostgresLocation, PostgresLogSource
 from chain_bridge.ledger.store import LedgerError
 from chain_bridge.registry import GENESIS_FILE, contract_genesis, ledger_path, log_key, operator_key
 from contract_rules import transactions as ce
@@ -183,9 +184,9 @@ def test_an_rx_only_sale_without_a_valid_rx_is_refused_recorded_and_counted(phar
     assert pharmacy.send(pharmacy.sale(rx_ref=rx.rx_ref()))[0].rejected[0].reason == "contract:rx_revoked"
     assert pharmacy.bridge.contracts.state.table("violations") == {PHARMACY_ACCOUNT: 3}
     pharmacy.bridge.maybe_checkpoint()
-    if pharmacy.ledgers.backend != "sqlite":
-        return  # audit_ledger reads a SQLite file until it takes a log source (chain_bridge/ledger/reader.py)
-    report = audit_ledger(ledger_path(pharmacy.dir), log_key(pharmacy.dir).public_key,
+    location = pharmacy.ledgers.location(ledger_path(pharmacy.dir))
+    source = PostgresLogSource(location) if isinstance(location, PostgresLocation) else ledger_path(pharmacy.dir)
+    report = audit_ledger(source, log_key(pharmacy.dir).public_key,
                           operator_keys={pharmacy.operator.device_id: pharmacy.operator.public_key})
     # parties, formulary, bond, anchor, revoke, refusals, and the one clock.attest before the first sale
     assert report.refused_sales == 3 and report.contract_entries == 4 + 1 + 1 + 1 + 1 + 3 + 1

@@ -42,15 +42,14 @@ def proof(
 ) -> None:
     """Print an inclusion proof for event (DEVICE_ID, SEQ) — or a consistency proof — checkable offline
     with `carechain verify` (format: docs/proofs.md)."""
+    from carechain.cli._ledger import open_bridge_ledger
     from chain_bridge.ledger.proofs import consistency_bundle, inclusion_bundle
-    from chain_bridge.ledger.store import Ledger, LedgerError
-    from chain_bridge.registry import ledger_path, log_key
+    from chain_bridge.ledger.store import LedgerError
+    from chain_bridge.registry import log_key
 
     cfg = load(config)
     bdir = bridge_dir(cfg, data_dir)
-    if not ledger_path(bdir).exists():
-        raise fail(f"no ledger at {ledger_path(bdir)} (use --data-dir)")
-    ledger = open_store(Ledger, ledger_path(bdir))
+    ledger = open_bridge_ledger(cfg, bdir, missing="use --data-dir")
     pk = log_key(bdir).public_key
     try:
         if consistency:
@@ -407,23 +406,24 @@ def verify_ledger_item(kind: str, item_id: str, config: Path | None, data_dir: P
     from carechain.cli._ledger import deployment_genesis
     from carechain.identity import Identity, KeyFileError
     from carechain.proofs import VerificationError, verify_checkpoint
-    from chain_bridge.ledger.store import Ledger
-    from chain_bridge.registry import LOG_KEY_FILE, ledger_path
+    from carechain.cli._ledger import open_bridge_ledger
+    from chain_bridge.registry import LOG_KEY_FILE
     from contract_rules.study_check import verify_study
     from contract_rules.trial_check import verify_trial
 
     if data_dir is None:
-        raise fail(f"verify {kind} needs --data-dir: the bridge data directory that holds ledger.db")
-    if not ledger_path(data_dir).exists():
-        raise fail(f"no ledger at {ledger_path(data_dir)} (use --data-dir)")
+        raise fail(f"verify {kind} needs --data-dir: the bridge data directory (its log key, genesis and ledger)")
+    cfg = load(config)
+    ledger = open_bridge_ledger(cfg, data_dir, missing="use --data-dir")
+    ledger.close()  # opened first: a missing or damaged ledger is said before anything else
     trusted = _trusted_key(log_key_hex)
     if trusted is None:
         try:
             trusted = Identity.load(data_dir / LOG_KEY_FILE).public_key
         except KeyFileError as exc:
             raise fail(f"no log key: pass --log-key HEX (the log's public key, from its operator): {exc}") from None
-    genesis = deployment_genesis(load(config), data_dir)
-    ledger = open_store(Ledger, ledger_path(data_dir))
+    genesis = deployment_genesis(cfg, data_dir)
+    ledger = open_bridge_ledger(cfg, data_dir)
     try:
         leaves = list(ledger.leaves(0, ledger.size))
         latest = ledger.latest_checkpoint()
