@@ -38,8 +38,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,6 +49,7 @@ from carechain.config import BrokerConfig
 from carechain.entries import CHECKPOINT_FINAL, Entry, EntryError
 from carechain.files import PRIVATE_DIR, write_atomic
 from carechain.identity import Identity
+from chain_miner.jobs_file import JOBS_FILE, MAX_ATTEMPTS, JobsFile
 from contract_rules import miners as miner_rules
 from contract_rules.market import STUDIES
 from contract_rules.runtime import State
@@ -58,9 +59,6 @@ __all__ = ["AUDIT_LATE_MS", "JOBS_FILE", "MAX_ATTEMPTS", "Job", "StudyRunner", "
 log = logging.getLogger("carechain.miner")
 
 JobKind = Literal["result", "sample", "audit"]
-JOBS_FILE = "jobs.json"
-JOBS_VERSION = 1
-MAX_ATTEMPTS = 3
 # With some sampled contributions still undisclosed, the aggregators audit the disclosed ones this long before
 # the audit window ends (attested time): a verdict after the window is refused.
 AUDIT_LATE_MS = 3_600_000
@@ -154,10 +152,19 @@ class _Ready:
 
 
 @dataclass
-class _Jobs:
-    done: set[str] = field(default_factory=set)
-    failed: dict[str, int] = field(default_factory=dict)
+class _StudyJobs(JobsFile):
+    """DATA_DIR/studies/jobs.json: the study jobs, and the latest final checkpoint note seen."""
+
+    KIND = "study"
+
     note: str | None = None  # the latest checkpoint.final note seen
+
+    def read_own(self, raw: Mapping[str, Any]) -> None:
+        note = raw.get("note")
+        self.note = note if isinstance(note, str) else None
+
+    def own_fields(self) -> dict[str, Any]:
+        return {"note": self.note}
 
 
 def job_port_offset(job: Job, ports: int) -> int:
@@ -192,7 +199,7 @@ class StudyRunner:
         self._publish_entry = publish
         self.peers: dict[str, str] = {self.me: mpc_listen}  # miner id → its signed hello's mpc address
         self.stats: dict[str, int] = {}
-        self._jobs = self._load()
+        self._jobs = _StudyJobs.load(self.dir)
         self.latest_final_note: str | None = self._jobs.note
         self._queued: set[str] = set()
         self._lock = threading.Lock()
@@ -223,8 +230,7 @@ class StudyRunner:
         queued = []
         for job in due(state, self.me, attested_ms(state), self.latest_final_note):
             with self._lock:
-                skip = (job.key in self._jobs.done or job.key in self._queued
-                        or self._jobs.failed.get(job.key, 0) >= MAX_ATTEMPTS)
+                skip = job.key in self._queued or not self._jobs.may_run(job.key)
             if skip:
                 continue
             ready = self._prepare(job, state)
@@ -254,7 +260,7 @@ class StudyRunner:
                 self.latest_final_note = note
                 with self._lock:
                     self._jobs.note = note  # kept: a restart from a contract snapshot replays no older leaf
-                    self._save()
+                    self._jobs.save()
             return
 
     def _prepare(self, job: Job, state: State) -> _Ready | None:
@@ -306,14 +312,10 @@ class StudyRunner:
             with self._lock:
                 self._queued.discard(key)
                 if ok:
-                    self._jobs.done.add(key)
-                    self._jobs.failed.pop(key, None)
+                    self._jobs.succeeded(key)
                 elif not self._stopping.is_set():
-                    self._jobs.failed[key] = self._jobs.failed.get(key, 0) + 1
-                    if self._jobs.failed[key] >= MAX_ATTEMPTS:
-                        log.error("miner %s: study job %s failed %d times; giving up on it (remove it from %s "
-                                  "to try again)", self.me, key, MAX_ATTEMPTS, self.dir / JOBS_FILE)
-                self._save()
+                    self._jobs.failed_once(key, self.me)
+                self._jobs.save()
             self._count("jobs_done" if ok else "jobs_failed")
 
     def _execute(self, ready: _Ready) -> bool:
@@ -425,30 +427,6 @@ class StudyRunner:
         path = self.dir / "aggregator-broker.json"
         write_atomic(path, json.dumps({"broker": section}).encode())
         return path
-
-    # -- the jobs file ----------------------------------------------------------------------------------------
-
-    def _load(self) -> _Jobs:
-        path = self.dir / JOBS_FILE
-        if not path.exists():
-            return _Jobs()
-        try:
-            raw = json.loads(path.read_text())
-            if raw.get("v") != JOBS_VERSION:
-                raise ValueError(f"version {raw.get('v')!r}, this miner reads {JOBS_VERSION}")
-            note = raw.get("note")
-            return _Jobs(set(raw["done"]), {str(k): int(v) for k, v in raw["failed"].items()},
-                         note if isinstance(note, str) else None)
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            # Forgetting done jobs is safe (the rules refuse a second result, sample or verdict), only wasteful.
-            log.warning("%s is unreadable (%s): starting with no study jobs done", path, exc)
-            return _Jobs()
-
-    def _save(self) -> None:
-        self.dir.mkdir(mode=PRIVATE_DIR, exist_ok=True)
-        data = {"v": JOBS_VERSION, "done": sorted(self._jobs.done), "failed": dict(sorted(self._jobs.failed.items())),
-                "note": self._jobs.note}
-        write_atomic(self.dir / JOBS_FILE, json.dumps(data, indent=1).encode())
 
     def done(self) -> set[str]:
         """The keys of the jobs this miner did."""

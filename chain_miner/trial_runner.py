@@ -34,7 +34,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -44,6 +44,7 @@ from carechain import trial_allocation as alloc
 from carechain.entries import TRIAL_COMMIT, Entry, EntryError
 from carechain.files import PRIVATE_DIR, write_atomic
 from carechain.identity import Identity
+from chain_miner.jobs_file import JOBS_FILE, MAX_ATTEMPTS, JobsFile
 from contract_rules import trial_entries as te
 from contract_rules import trials as rules
 from contract_rules.runtime import State
@@ -54,10 +55,7 @@ __all__ = ["JOBS_FILE", "MAX_ATTEMPTS", "SEED_VERSION", "SeedFileError", "TrialJ
 log = logging.getLogger("carechain.miner")
 
 JobKind = Literal["commit", "reveal", "recover", "unblind_key"]
-JOBS_FILE = "jobs.json"
-JOBS_VERSION = 1
 SEED_VERSION = 1
-MAX_ATTEMPTS = 3
 
 
 class SeedFileError(Exception):
@@ -149,11 +147,21 @@ def read_seed(path: Path, trial_id: str, party: str | None = None) -> bytes:
 # -- the shell ------------------------------------------------------------------------------------------------
 
 @dataclass
-class _Jobs:
-    done: set[str] = field(default_factory=set)
-    failed: dict[str, int] = field(default_factory=dict)
+class _TrialJobs(JobsFile):
+    """DATA_DIR/trials/jobs.json: the trial jobs, and the escrow shares this miner keeps."""
+
+    KIND = "trial"
+
     # trial id → committer → the escrow share sealed to this miner in its accepted trial.commit (hex)
     escrow: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def read_own(self, raw: Mapping[str, Any]) -> None:
+        # A file without readable shares is forgotten whole, which is safe: a commit reuses the stored seed and
+        # forgotten escrow shares are read again from the cosigned tree.
+        self.escrow = {str(t): {str(p): str(s) for p, s in shares.items()} for t, shares in raw["escrow"].items()}
+
+    def own_fields(self) -> dict[str, Any]:
+        return {"escrow": self.escrow}
 
 
 Publish = Callable[[bytes], bool]
@@ -177,7 +185,7 @@ class TrialRunner:
         self._publish = publish
         self.stats: dict[str, int] = {}
         self._lock = threading.Lock()
-        self._jobs = self._load()
+        self._jobs = _TrialJobs.load(self.dir)
 
     def after_cosign(self, first: int, entries: Sequence[bytes]) -> list[TrialJob]:
         """After the contract state took `entries` (leaves `first`…, cosigned or replayed; none when only the
@@ -190,7 +198,7 @@ class TrialRunner:
         done = []
         for job in due(state, self.me, attested_ms(state)):
             with self._lock:
-                if job.key in self._jobs.done or self._jobs.failed.get(job.key, 0) >= MAX_ATTEMPTS:
+                if not self._jobs.may_run(job.key):
                     continue
             try:
                 ok = self._execute(job, state)
@@ -199,15 +207,11 @@ class TrialRunner:
                 ok = False
             with self._lock:
                 if ok:
-                    self._jobs.done.add(job.key)
-                    self._jobs.failed.pop(job.key, None)
+                    self._jobs.succeeded(job.key)
                     done.append(job)
                 else:
-                    self._jobs.failed[job.key] = self._jobs.failed.get(job.key, 0) + 1
-                    if self._jobs.failed[job.key] >= MAX_ATTEMPTS:
-                        log.error("miner %s: trial job %s failed %d times; giving up on it (remove it from %s to "
-                                  "try again)", self.me, job.key, MAX_ATTEMPTS, self.dir / JOBS_FILE)
-                self._save()
+                    self._jobs.failed_once(job.key, self.me)
+                self._jobs.save()
             self._count("jobs_done" if ok else "jobs_failed")
         return done
 
@@ -345,7 +349,7 @@ class TrialRunner:
             kept = True
         if kept:
             with self._lock:
-                self._save()
+                self._jobs.save()
 
     def _share_in(self, state: State, index: int, raw: bytes) -> tuple[str, str, bytes] | None:
         """(trial id, committer, the share sealed to this miner) when leaf `index` is an accepted commitment of a
@@ -381,30 +385,6 @@ class TrialRunner:
         state = self._state()
         share = self._share_in(state, at, leaves[at])
         return None if share is None else share[2]
-
-    # -- the jobs file ------------------------------------------------------------------------------------------
-
-    def _load(self) -> _Jobs:
-        path = self.dir / JOBS_FILE
-        if not path.exists():
-            return _Jobs()
-        try:
-            raw = json.loads(path.read_text())
-            if raw.get("v") != JOBS_VERSION:
-                raise ValueError(f"version {raw.get('v')!r}, this miner reads {JOBS_VERSION}")
-            escrow = {str(t): {str(p): str(s) for p, s in shares.items()} for t, shares in raw["escrow"].items()}
-            return _Jobs(set(raw["done"]), {str(k): int(v) for k, v in raw["failed"].items()}, escrow)
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            # Forgetting done jobs is safe: the rules refuse a second commit, reveal, share or answer, and a commit
-            # reuses the stored seed. Forgotten escrow shares are read again from the cosigned tree.
-            log.warning("%s is unreadable (%s): starting with no trial jobs done", path, exc)
-            return _Jobs()
-
-    def _save(self) -> None:
-        self.dir.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
-        data = {"v": JOBS_VERSION, "done": sorted(self._jobs.done), "failed": dict(sorted(self._jobs.failed.items())),
-                "escrow": self._jobs.escrow}
-        write_atomic(self.dir / JOBS_FILE, json.dumps(data, indent=1).encode())
 
     def _count(self, what: str) -> None:
         self.stats[what] = self.stats.get(what, 0) + 1

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,7 +67,7 @@ from contract_rules.transactions import (
     parse,
 )
 
-__all__ = ["Finding", "StudyReport", "verify_study"]
+__all__ = ["Finding", "Report", "StudyReport", "verify_study"]
 
 
 @dataclass(frozen=True)
@@ -80,14 +80,11 @@ class Finding:
 
 
 @dataclass
-class StudyReport:
-    """Every check `verify_study` ran on one study, and what the study came to."""
+class Report:
+    """Every check a verifier ran, in order (the base of each verifier's report): it holds when there were checks
+    and all of them held."""
 
-    study_id: str
-    findings: list[Finding] = field(default_factory=list)
-    state: str | None = None
-    answer: dict[str, Any] | None = None
-    included: list[int] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list, kw_only=True)
 
     @property
     def ok(self) -> bool:
@@ -96,10 +93,34 @@ class StudyReport:
     def add(self, check: str, ok: bool, detail: str) -> None:
         self.findings.append(Finding(check, ok, detail))
 
+    def checks(self) -> list[dict[str, Any]]:
+        """The findings as JSON objects, for a report's `as_dict`."""
+        return [{"check": f.check, "ok": f.ok, "detail": f.detail} for f in self.findings]
+
+    def entries(self, leaves: Iterable[bytes]) -> Iterator[tuple[int, Entry]]:
+        """Each leaf as a ledger entry, with its index, in order. At a leaf that is not one, the "replay" check
+        fails and the iteration stops: the verifier then reports that alone (no honest log holds such a leaf)."""
+        for index, leaf in enumerate(leaves):
+            try:
+                entry = decode_leaf(leaf)
+            except EntryError as exc:
+                self.add("replay", False, f"leaf {index} is not a ledger entry: {exc}")
+                return
+            yield index, entry
+
+
+@dataclass
+class StudyReport(Report):
+    """Every check `verify_study` ran on one study, and what the study came to."""
+
+    study_id: str
+    state: str | None = None
+    answer: dict[str, Any] | None = None
+    included: list[int] = field(default_factory=list)
+
     def as_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "study_id": self.study_id, "state": self.state, "answer": self.answer,
-                "included": self.included,
-                "checks": [{"check": f.check, "ok": f.ok, "detail": f.detail} for f in self.findings]}
+                "included": self.included, "checks": self.checks()}
 
 
 @dataclass
@@ -267,12 +288,7 @@ def verify_study(leaves: Sequence[bytes], genesis: Genesis, study_id: str, check
     runtime = Runtime(genesis, code)
     seen = _Seen()
     results: dict[int, str] = {}
-    for index, leaf in enumerate(leaves):
-        try:
-            entry = decode_leaf(leaf)
-        except EntryError as exc:
-            report.add("replay", False, f"leaf {index} is not a ledger entry: {exc}")
-            return report
+    for index, entry in report.entries(leaves):
         _before(seen, runtime.state, index, entry, study_id)
         results[index] = runtime.apply(entry)
         if seen.final_candidate is not None:
@@ -287,6 +303,8 @@ def verify_study(leaves: Sequence[bytes], genesis: Genesis, study_id: str, check
             seen.close_deltas = {a: after.get(a, 0) - before.get(a, 0) for a in set(before) | set(after)
                                  if after.get(a, 0) != before.get(a, 0)}
             seen.close_supply = (seen.close_supply[0], sum(after.values()))
+    if report.findings:  # a leaf that is not a ledger entry
+        return report
     state = runtime.state
     study = rules.study_record(state, study_id)
     if study is None or seen.post_index is None:

@@ -46,7 +46,7 @@ from contract_rules import miners as miner_rules
 from contract_rules import trials as rules
 from contract_rules.replay import decode_leaf
 from contract_rules.runtime import OK, CodeBook, Genesis, Runtime, State
-from contract_rules.study_check import Finding, anchoring_problem  # one finding type for every verifier
+from contract_rules.study_check import Finding, Report, anchoring_problem  # one report shape for every verifier
 from contract_rules.transactions import (
     TRIAL_CERTIFY,
     TRIAL_COMMIT,
@@ -89,11 +89,10 @@ _TRIAL_TYPES = frozenset({TRIAL_REGISTER, TRIAL_COMMIT, TRIAL_ENROLL, TRIAL_LOCK
 
 
 @dataclass
-class TrialReport:
+class TrialReport(Report):
     """Every check `verify_trial` ran on one trial, and what the trial came to."""
 
     trial_id: str
-    findings: list[Finding] = field(default_factory=list)
     state: str | None = None
     certificate: dict[str, Any] | None = None
     recomputed: dict[str, Any] | None = None  # the analysis as this verifier computed it
@@ -102,17 +101,10 @@ class TrialReport:
     unblinded: list[dict[str, Any]] = field(default_factory=list)
     excluded: list[dict[str, Any]] = field(default_factory=list)  # outcomes refused as read after the lock
 
-    @property
-    def ok(self) -> bool:
-        return bool(self.findings) and all(f.ok for f in self.findings)
-
-    def add(self, check: str, ok: bool, detail: str) -> None:
-        self.findings.append(Finding(check, ok, detail))
-
     def as_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "trial_id": self.trial_id, "state": self.state, "certificate": self.certificate,
                 "recomputed": self.recomputed, "unblinded": self.unblinded, "excluded": self.excluded,
-                "checks": [{"check": f.check, "ok": f.ok, "detail": f.detail} for f in self.findings]}
+                "checks": self.checks()}
 
 
 @dataclass(frozen=True)
@@ -177,12 +169,7 @@ def verify_trial(leaves: Sequence[bytes], genesis: Genesis, trial_id: str, check
     report = TrialReport(trial_id)
     runtime = Runtime(genesis, code)
     seen = _Seen()
-    for index, leaf in enumerate(leaves):
-        try:
-            entry = decode_leaf(leaf)
-        except EntryError as exc:
-            report.add("replay", False, f"leaf {index} is not a ledger entry: {exc}")
-            return report
+    for index, entry in report.entries(leaves):
         found = _trial_leaf(entry, trial_id)
         if found is not None and entry.type == TRIAL_REGISTER:
             _registration_draw(seen, runtime.state, index, found[1])
@@ -191,6 +178,8 @@ def verify_trial(leaves: Sequence[bytes], genesis: Genesis, trial_id: str, check
             seen.leaves.append(_Leaf(index, entry.type, found[0], found[1], result))
             if entry.type == TRIAL_REGISTER and result != OK and rules.trial_record(runtime.state, trial_id) is None:
                 seen.checkpoint_seed, seen.labellers = None, None  # refused: a later registration may be the one
+    if report.findings:  # a leaf that is not a ledger entry
+        return report
     state = runtime.state
     trial = rules.trial_record(state, trial_id)
     registrations = seen.accepted(TRIAL_REGISTER)

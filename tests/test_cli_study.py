@@ -23,7 +23,7 @@ from chain_bridge.ledger.store import EventCandidate, Ledger
 from chain_bridge.registry import contract_genesis, ledger_path, log_key, operator_key
 from contract_rules import transactions as ce
 from contract_rules.bonds import MIN_BOND
-from tests.test_access_cli import write_final_note
+from tests.test_access_cli import out_json, write_final_note
 from tests.test_cli import run, text
 
 MINERS = [Identity.from_seed(bytes([0x60 + i]) * 32) for i in range(5)]
@@ -33,9 +33,21 @@ QUERY = market.Query(type="mean", kind="heart_rate", lo=30, hi=220)
 FUNDS, PRICE, FEE = 1_000_000, 100, 10
 
 
-def out_json(result) -> dict:  # noqa: ANN001
-    assert result.exit_code == 0, text(result)
-    return json.loads(result.stdout)
+def bridge_options(tmp: Path, allocations: dict[str, int]) -> list[str]:
+    """The CLI options of a bridge data dir in tmp/bridge whose genesis funds `allocations` (its config file)."""
+    config = tmp / "carechain.yaml"
+    config.write_text("bridge:\n  genesis_allocations:\n" +
+                      "".join(f"    '{k}': {v}\n" for k, v in allocations.items()))
+    return ["--config", str(config), "--data-dir", str(tmp / "bridge")]
+
+
+def append_bonded_miners(ledger: Ledger, operator: Identity, miners: list[Identity]) -> None:
+    """`miners` registered as miner-<i> (the names `write_final_note` cosigns with) and each bonded; the genesis
+    must fund their bonds."""
+    ledger.append_entries([ce.party_registration_entry(operator, ce.PartyRegistration(
+        role="miner", pk=m.public_key, name=f"miner-{i}", ts=1)) for i, m in enumerate(miners)])
+    ledger.append_entries([ce.signed(m, ce.BOND_POST, ce.BondPost(amount=MIN_BOND["miner"], nonce=1, ts=1))
+                           for m in miners])
 
 
 class Deployment:
@@ -49,10 +61,7 @@ class Deployment:
         lab = Identity.load(tmp / "lab.key").device_id
         allocations = {"pool:miners": 1, f"researcher:{lab}": FUNDS,
                        **{f"miner:{m.device_id}": MIN_BOND["miner"] for m in MINERS}}
-        config = tmp / "carechain.yaml"
-        config.write_text("bridge:\n  genesis_allocations:\n" +
-                          "".join(f"    '{k}': {v}\n" for k, v in allocations.items()))
-        self.opts = ["--config", str(config), "--data-dir", str(self.bdir)]
+        self.opts = bridge_options(tmp, allocations)
         self.ids = {who: out_json(run("party", "register", "patient", tmp / f"{who}.key", "--name", who, "--pre-key",
                                       tmp / f"{who}.pre", *self.opts, "--json"))["party_id"] for who in ("alice", "bob")}
         self.ids["lab"] = out_json(run("party", "register", "researcher", tmp / "lab.key", "--name", "lab",
@@ -61,10 +70,7 @@ class Deployment:
         ledger = Ledger(ledger_path(self.bdir))
         try:
             op = operator_key(self.bdir)
-            ledger.append_entries([ce.party_registration_entry(op, ce.PartyRegistration(
-                role="miner", pk=m.public_key, name=f"miner-{i}", ts=1)) for i, m in enumerate(MINERS)])
-            ledger.append_entries([ce.signed(m, ce.BOND_POST, ce.BondPost(amount=MIN_BOND["miner"], nonce=1, ts=1))
-                                   for m in MINERS])
+            append_bonded_miners(ledger, op, MINERS)
             self.bpm = {who: self._seal(ledger, op, who, base) for who, base in (("alice", 60), ("bob", 80))}
             runtime = replay_ledger(ledger, self.genesis)
             assert all(r == "ok" for _, r in runtime.state.results), runtime.state.results

@@ -2,7 +2,7 @@
 
 A private mosquitto, one `carechain bridge` (contracts on), three bonded `carechain miner` processes with
 `miner.mpc_listen` set, a researcher and three patients registered on the ledger, two of them wearing a
-heart-rate band whose sealed readings are anchored (tests/access_world.py's deployment, one world for the
+heart-rate band whose sealed readings are anchored (tests/live_world.py's deployment, one world for the
 module). The researcher posts a study, the patients contribute, the bridge attests the time past the study's
 close — and from there no test code starts anything: each miner sees in its own replayed contract state that
 its study's contributions are closed and final, runs its MPyC party (`python -m chain_miner.aggregator`) with
@@ -13,32 +13,28 @@ the audit MPC and send their verdicts. Every wait is bounded."""
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from carechain import envelope, market, topics
+from carechain import envelope, market
 from carechain.config import MinerConfig
-from carechain.entries import Entry, Registration, event_entry, registration_entry
+from carechain.entries import event_entry
 from carechain.identity import Identity
 from carechain.receipts import event_digest
 from carechain.sealed import DEFAULT_EPOCH_MS, epoch_of, split_wire
-from chain_bridge.contract_admin import replay_ledger, submit
 from chain_bridge.ledger.store import EventCandidate, Ledger
 from chain_bridge.registry import ledger_path
 from contract_rules import market as rules
+from contract_rules.clock import attested_ms
 from contract_rules import transactions as ce
-from simulators.miners import CARECHAIN
 from simulators.ports import listen_port_ranges
 from edge_agent.outbox import DataKey
 from edge_agent.sealing import RecordOwner, new_epoch_key, reading_body, seal_reading, sign_epoch_key
-from tests.access_world import AccessWorld, Observer, Party, now_ms, wait_for
+from tests.access_world import Miner, Party, now_ms, wait_for
+from tests.live_world import LiveWorld, module_world
 
 pytestmark = pytest.mark.integration
 
@@ -50,12 +46,9 @@ BAND_VALUES = [[60, 62, 64, 66, 68, 70], [80, 82, 84, 86, 88, 90]]  # bpm a minu
 
 
 @dataclass
-class MarketLive(AccessWorld):
-    """AccessWorld with three miners (final = 2 of 3), each aggregating on its own MPC port, a researcher and
-    three contributing patients."""
+class MarketLive(LiveWorld):
+    """LiveWorld with each miner aggregating on its own MPC port, a researcher and three contributing patients."""
 
-    n_miners: int = 3
-    threshold: int = 2
     contributors: list[Party] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -72,19 +65,16 @@ class MarketLive(AccessWorld):
     def register(self) -> None:
         super().register()
         ts = now_ms()
-        regs = [ce.PartyRegistration(role="researcher", pk=self.researcher.identity.public_key, name="lab", ts=ts),
-                *(ce.PartyRegistration(role="patient", pk=p.identity.public_key, name=f"p{i}", ts=ts,
-                                       pre_pk=p.pre.public_key, pre_vk=p.pre.verifying_key)
-                  for i, p in enumerate(self.contributors))]
-        self.submit([ce.party_registration_entry(self.operator, r) for r in regs])
-        ledger = Ledger(ledger_path(self.bridge_dir))
-        try:
-            for band, owner in zip(self.bands, self.contributors, strict=False):
-                reg = Registration(dev=band.device_id, pk=band.public_key, profile="heart_rate_band",
-                                   owner=owner.id, site="home", ts=ts)
-                ledger.append_registrations([(registration_entry(self.operator, reg), reg)])
-        finally:
-            ledger.close()
+        self.register_parties(
+            [ce.PartyRegistration(role="researcher", pk=self.researcher.identity.public_key, name="lab", ts=ts),
+             *(ce.PartyRegistration(role="patient", pk=p.identity.public_key, name=f"p{i}", ts=ts,
+                                    pre_pk=p.pre.public_key, pre_vk=p.pre.verifying_key)
+               for i, p in enumerate(self.contributors))],
+            list(zip(self.bands, self.contributors, strict=False)))
+        self.prefill_bands()
+
+    def miner_settings(self, miner: Miner) -> dict[str, Any]:
+        return {"mpc_listen": self.mpc[miner.id], "mpc_timeout_s": 60}
 
     def prefill_bands(self) -> None:
         """Each band's sealed readings of the last half hour, one a minute, appended as the bridge's ingest
@@ -98,37 +88,6 @@ class MarketLive(AccessWorld):
         finally:
             ledger.close()
 
-    def start(self, before_processes: Callable[[], None] | None = None) -> None:
-        """As AccessWorld's, with each miner given its `miner.mpc_listen` in its own config file."""
-        from simulators.miners import clear_retained
-
-        clear_retained(self.broker, f"market-live-clear-{id(self)}",
-                       [topics.CHECKPOINT, topics.FINAL_CHECKPOINT, *(topics.miner_hello(m.id) for m in self.miners)])
-        self.register()
-        if before_processes is not None:
-            before_processes()
-        self.observer = Observer(self.broker, [self.researcher.id], f"market-live-observer-{id(self)}")
-        assert self.observer.connected.wait(30), "observer could not connect to the broker"
-        self.bridge.start()
-        self.bridge.wait_output("bridge ready")
-        for m in self.miners:
-            config = m.dir.parent / f"{m.dir.name}.yaml"
-            config.write_text(yaml.safe_dump({"broker": {"host": self.broker.host, "port": self.broker.port},
-                                              "miner": {"mpc_listen": self.mpc[m.id], "mpc_timeout_s": 60}}))
-            m.process.start([*CARECHAIN, "miner", "--config", str(config), "--data-dir", str(m.dir), "--broker",
-                             self.broker.address, "--log-public-key", self.log_public_key.hex(), "--genesis",
-                             str(self.genesis_file), "--verbose"])
-        for m in self.miners:
-            m.wait_ready()
-
-    def submit(self, entries: list[Entry]) -> list[int]:
-        """Append signed entries as the CLI does (checked against a replay, a clock.attest first when stale)."""
-        ledger = Ledger(ledger_path(self.bridge_dir))
-        try:
-            return submit(ledger, self.genesis, entries, clock=self.operator)
-        finally:
-            ledger.close()
-
     def nonce(self) -> int:
         self._nonce += 1
         return self._nonce
@@ -138,25 +97,8 @@ class MarketLive(AccessWorld):
         assert record is not None
         return record
 
-    def check(self, entry: Entry) -> str:
-        """What the rules would say to `entry` on top of the ledger now."""
-        ledger = Ledger(ledger_path(self.bridge_dir))
-        try:
-            return replay_ledger(ledger, self.genesis).check(entry)
-        finally:
-            ledger.close()
 
-
-@pytest.fixture(scope="module")
-def world(broker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MarketLive]:  # noqa: ANN001
-    if broker.kind != "mosquitto":
-        pytest.skip("needs mosquitto (retained hellos and the miners' topics as in production)")
-    w = MarketLive(tmp_path_factory.mktemp("market-live"), broker.config)
-    try:
-        w.start(before_processes=w.prefill_bands)
-        yield w
-    finally:
-        w.stop()
+world = module_world(MarketLive, "market-live")
 
 
 def sealed_readings(band: Identity, owner: Party, timestamps: list[int], values: list[int]) -> list[EventCandidate]:
@@ -185,10 +127,11 @@ def sealed_readings(band: Identity, owner: Party, timestamps: list[int], values:
 
 
 def post(w: MarketLive, study_id: str, closes_in_ms: int = CLOSES_IN_MS) -> int:
-    """The researcher's study (aggregators drawn from the latest final checkpoint); its close (ms)."""
+    """The researcher's study (aggregators drawn from the latest final checkpoint); its close (ms), counted from
+    the attested time when that is ahead of the wall clock (the other test attests a close itself)."""
     w.wait_final(1)
     assert w.observer is not None
-    closes_ms = now_ms() + closes_in_ms
+    closes_ms = max(now_ms(), attested_ms(w.state()) or 0) + closes_in_ms
     post = ce.StudyPost(study_id=study_id, query=ce.StudyQuery(**QUERY), from_ms=now_ms() - 86_400_000,
                         to_ms=now_ms(), filter=ce.CohortAttributes(), price_minor=0, max_contributors=5,
                         aggregator_fee_minor=0, epsilon_milli=0, aggregators=3,
@@ -250,11 +193,7 @@ def test_the_miners_compute_the_study_by_themselves_once_its_contributions_are_c
     for m in w.miners:  # each ran its own party, found the others through their signed hellos
         wait_for(f"miner {m.id} to log its result", lambda m=m: f"result of study {STUDY} computed and sent"  # type: ignore[misc]
                  in m.process.output(), context=w.logs)
-        # the runner saves the job as done just after that log line: wait for the file, never race it
-        jobs_file = m.dir / "studies" / "jobs.json"
-        wait_for(f"miner {m.id} to record its result job as done",
-                 lambda f=jobs_file: f"result:{STUDY}" in json.loads(f.read_text())["done"],  # type: ignore[misc]
-                 context=w.logs)
+        w.wait_job_done(m, "studies", f"result:{STUDY}")
 
     # Answered, but not audited: nobody may close (and pay) it yet. The miners draw its audit sample once a
     # final checkpoint after the decision is recorded (the next test follows the audit through).
@@ -270,14 +209,15 @@ def test_sampled_contributions_are_disclosed_audited_by_the_miners_and_the_study
     study` checks it all from the ledger."""
     w = world
     study_id = "hr-audit"
-    closes_ms = post(w, study_id, closes_in_ms=12_000)  # the CLI contributions take a few seconds each
+    # The CLI's contributions take a few seconds each (more on a busy machine): the study stays open long enough,
+    # and once they are in the operator attests its close (the other test leaves that to the bridge).
+    closes_ms = post(w, study_id, closes_in_ms=30_000)
     owners = w.contributors[:len(BAND_VALUES)]
     for p in owners:
         done = w.cli_json("study", "contribute", study_id, "--consent", str(give(w, p)), "--key", str(p.key_file),
                           "--pre-key", str(p.pre_file))
         assert done["readings"] == len(BAND_VALUES[0]) and done["problems"] == 0, done
-    assert now_ms() < closes_ms, "the contributions took longer than the study was open: raise closes_in_ms"
-    attest_after(w, closes_ms)
+    w.submit([ce.clock_attest_entry(w.operator, closes_ms + 1)])
     wait_for("the miners to compute the study", lambda: w.study(study_id)["state"] != "open", context=w.logs)
     study = w.study(study_id)
     assert study["state"] == "answered", study

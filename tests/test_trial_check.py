@@ -281,3 +281,13 @@ def test_an_unknown_trial_is_reported_not_registered() -> None:
     assert not report.ok and report.findings[0].check == "replay"
     with pytest.raises(AssertionError):
         assert report.ok
+
+
+def test_a_leaf_that_is_not_a_ledger_entry_is_reported_alone() -> None:
+    world = TrialWorld()
+    certified(world, -6000)
+    leaves = [e.encode() for e in world.entries]
+    leaves[3] = b"not an entry"
+    report = verify_trial(leaves, world.genesis, TRIAL, checkpoint_of(leaves))
+    assert [(f.check, f.ok) for f in report.findings] == [("replay", False)], report.as_dict()
+    assert "leaf 3 is not a ledger entry" in report.findings[0].detail and not report.ok

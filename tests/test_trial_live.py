@@ -1,8 +1,8 @@
 """A clinical trial with real processes: the labelling miners run their part by themselves (issue 16).
 
 A private mosquitto, one `carechain bridge` (contracts on), three bonded `carechain miner` processes (no
-`miner.mpc_listen`: a labeller needs no MPC port), a sponsor, an investigator and four patients registered on the
-ledger, each patient with a registered heart-rate band (tests/access_world.py's deployment). The sponsor registers
+`miner.mpc_listen`: a labeller needs no MPC port), a sponsor, an investigator and six patients registered on the
+ledger, each patient with a registered heart-rate band (tests/live_world.py's deployment). The sponsor registers
 a trial and commits its seed (`contract_admin.submit`, what the CLI calls) — and from there no test code acts for
 a miner: each one sees in its own replayed contract state that it was drawn as a labeller, stores a seed
 (DATA_DIR/trials/<trial>.seed, 0600) and sends its signed `trial.commit` with escrow shares over the broker; the
@@ -18,14 +18,13 @@ import json
 import os
 import stat
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
 from carechain import envelope, sealed
-from carechain.entries import Entry, Registration, event_entry, registration_entry
+from carechain.entries import event_entry
 from carechain.events import TrialMeasure, make_sealed_payload
 from carechain.identity import Identity
 from carechain.proofs import verify_checkpoint
@@ -39,7 +38,7 @@ from carechain.trial_allocation import (
     escrow_shares,
     seed_commitment,
 )
-from chain_bridge.contract_admin import ContractRefused, submit
+from chain_bridge.contract_admin import ContractRefused
 from chain_bridge.ledger.store import Appended, EventCandidate, Ledger
 from chain_bridge.registry import ledger_path
 from chain_miner.trial_runner import read_seed, seed_path
@@ -48,7 +47,8 @@ from contract_rules.clock import attested_ms
 from contract_rules import trial_entries as te
 from contract_rules import trials as rules
 from contract_rules.trial_check import verify_trial
-from tests.access_world import DEADLINE_S, AccessWorld, Party, now_ms, wait_for
+from tests.access_world import DEADLINE_S, Party, now_ms, wait_for
+from tests.live_world import LiveWorld, module_world
 
 pytestmark = pytest.mark.integration
 
@@ -63,12 +63,9 @@ PROTOCOL = b"hrt-live protocol: resting heart rate, two arms, blocks of 2 by sex
 
 
 @dataclass
-class TrialLive(AccessWorld):
-    """AccessWorld with three bonded miners (final = 2 of 3), a sponsor, an investigator and six patients, each
-    with a registered heart-rate band."""
+class TrialLive(LiveWorld):
+    """LiveWorld with a sponsor, an investigator and six patients, each with a registered heart-rate band."""
 
-    n_miners: int = 3
-    threshold: int = 2
     patients: list[Party] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -83,37 +80,13 @@ class TrialLive(AccessWorld):
     def register(self) -> None:
         super().register()
         ts = now_ms()
-        regs = [ce.PartyRegistration(role="sponsor", pk=self.sponsor.identity.public_key, name="sponsor", ts=ts),
-                ce.PartyRegistration(role="investigator", pk=self.investigator.identity.public_key, name="site",
-                                     ts=ts),
-                *(ce.PartyRegistration(role="patient", pk=p.identity.public_key, name=f"p{i}", ts=ts,
-                                       pre_pk=p.pre.public_key, pre_vk=p.pre.verifying_key)
-                  for i, p in enumerate(self.patients))]
-        self.submit([ce.party_registration_entry(self.operator, r) for r in regs])
-        ledger = Ledger(ledger_path(self.bridge_dir))
-        try:
-            for band, owner in zip(self.bands, self.patients, strict=True):
-                reg = Registration(dev=band.device_id, pk=band.public_key, profile="heart_rate_band",
-                                   owner=owner.id, site="home", ts=ts)
-                ledger.append_registrations([(registration_entry(self.operator, reg), reg)])
-        finally:
-            ledger.close()
-
-    def start(self, before_processes: Any = None) -> None:  # noqa: ANN401
-        from carechain import topics
-        from simulators.miners import clear_retained
-
-        clear_retained(self.broker, f"trial-live-clear-{id(self)}",
-                       [topics.CHECKPOINT, topics.FINAL_CHECKPOINT, *(topics.miner_hello(m.id) for m in self.miners)])
-        super().start(before_processes)
-
-    def submit(self, entries: list[Entry]) -> list[int]:
-        """Append signed entries as the CLI does (checked against a replay, a clock.attest first when stale)."""
-        ledger = Ledger(ledger_path(self.bridge_dir))
-        try:
-            return submit(ledger, self.genesis, entries, clock=self.operator)
-        finally:
-            ledger.close()
+        self.register_parties(
+            [ce.PartyRegistration(role="sponsor", pk=self.sponsor.identity.public_key, name="sponsor", ts=ts),
+             ce.PartyRegistration(role="investigator", pk=self.investigator.identity.public_key, name="site", ts=ts),
+             *(ce.PartyRegistration(role="patient", pk=p.identity.public_key, name=f"p{i}", ts=ts,
+                                    pre_pk=p.pre.public_key, pre_vk=p.pre.verifying_key)
+               for i, p in enumerate(self.patients))],
+            list(zip(self.bands, self.patients, strict=True)))
 
     def send(self, who: Party, payload: Any) -> int:  # noqa: ANN401
         [index] = self.submit([te.trial_entry(who.identity, payload)])
@@ -149,16 +122,7 @@ class TrialLive(AccessWorld):
         return {"leaf": appended.index, "event": cose, "ct": ct, "key": key}
 
 
-@pytest.fixture(scope="module")
-def world(broker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrialLive]:  # noqa: ANN001
-    if broker.kind != "mosquitto":
-        pytest.skip("needs mosquitto (retained hellos and the miners' topics as in production)")
-    w = TrialLive(tmp_path_factory.mktemp("trial-live"), broker.config)
-    try:
-        w.start()
-        yield w
-    finally:
-        w.stop()
+world = module_world(TrialLive, "trial-live")
 
 
 def register_and_commit(w: TrialLive) -> None:
@@ -259,13 +223,9 @@ def test_the_labelling_miners_commit_and_reveal_by_themselves_and_the_trial_cert
     assert {s: sum(c.values()) for s, c in summary.items()} == {"sex=f": 3, "sex=m": 3}
 
     # The miners did each job once (their jobs files), and an outsider verifies the trial from the ledger.
-    for m in w.miners:  # saved just after each publish: wait for the file rather than race it
-        jobs_file = m.dir / "trials" / "jobs.json"
-        wait_for(f"miner {m.id}'s jobs file to record its reveal",
-                 lambda f=jobs_file: f"reveal:{TRIAL}" in json.loads(f.read_text())["done"],  # type: ignore[misc]
-                 context=w.logs)
-        jobs = json.loads(jobs_file.read_text())
-        assert set(jobs["done"]) == {f"commit:{TRIAL}", f"reveal:{TRIAL}"}, jobs
+    for m in w.miners:
+        done = w.wait_job_done(m, "trials", f"reveal:{TRIAL}")
+        assert done == {f"commit:{TRIAL}", f"reveal:{TRIAL}"}, done
     ledger = Ledger(ledger_path(w.bridge_dir))
     try:
         wait_for("a checkpoint covering the certificate",

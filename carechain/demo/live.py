@@ -3,7 +3,8 @@ and bounded waits for what the bridge and the miners do by themselves.
 
 The bridge and the miners run while a scenario appends its parties' entries as `carechain` commands do (checked
 against a replay of the whole ledger, a clock.attest first when the attested time is stale), then waits — every
-wait bounded, its error naming the step and where things stood — for the miners' own entries to arrive.
+wait bounded, its error naming the step and where things stood — for the miners' own entries to arrive. A run
+reports its summary whatever happens: an error goes into it (never hidden), with how long each step took.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import time
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from carechain.entries import Entry
+from carechain import envelope
+from carechain.entries import CHECKPOINT_FINAL, Entry
 from carechain.identity import Identity
 from chain_bridge.contract_admin import ContractRefused, replay_ledger, submit
 from chain_bridge.ledger.store import Ledger
@@ -27,12 +29,49 @@ CHECKPOINT_TIMEOUT_S = 30.0  # the bridge signs a checkpoint each second the log
 
 class LiveScenario:
     """A scenario on the live ledger; subclasses set `error` (their error type) and `genesis`, `operator`,
-    `log_key`."""
+    `log_key`, and write `_summary` and `_run`."""
 
     error: ClassVar[type[Exception]] = RuntimeError
     genesis: Genesis
     operator: Identity
     log_key: Identity
+
+    def run(self) -> dict[str, Any]:
+        """The whole scenario; its summary (`_summary`, filled in by `_run`), with `error` (None, or what stopped
+        it: the exit status says it failed), `phases` (how long each step took, in seconds) and `seconds`."""
+        started = time.monotonic()
+        self.phases: dict[str, float] = {}
+        self._phase_started = started
+        result = {**self._summary(), "error": None, "phases": self.phases}
+        try:
+            self._run(result)
+        except Exception as exc:  # reported in the summary, never hidden
+            result["error"] = f"{type(exc).__name__}: {exc}"
+        result["seconds"] = round(time.monotonic() - started, 2)
+        return result
+
+    def _summary(self) -> dict[str, Any]:
+        """The summary before the scenario runs: what it says when a step fails."""
+        raise NotImplementedError
+
+    def _run(self, result: dict[str, Any]) -> None:
+        """The steps, filling in `result` and calling `_phase` after each."""
+        raise NotImplementedError
+
+    def _phase(self, name: str) -> None:
+        """Step `name` is done: how long it took since the previous one goes into the summary's `phases`."""
+        now = time.monotonic()
+        self.phases[name] = round(now - self._phase_started, 2)
+        self._phase_started = now
+
+    def _latest_final_note(self, ledger: Ledger) -> str:
+        """The last final checkpoint the bridge recorded (`checkpoint.final`, cosigned by a majority of the
+        active miners): its seed draws a study's aggregators and a trial's labellers."""
+        for index in range(ledger.refresh() - 1, -1, -1):
+            entry = Entry.decode(ledger.entry(index))
+            if entry.type == CHECKPOINT_FINAL:
+                return str(envelope.parse(entry.cose).payload["note"])
+        raise self.error("no final checkpoint on the ledger: the miners never cosigned one")
 
     def _submit(self, ledger: Ledger, what: str, entries: list[Entry]) -> list[int]:
         """Append `entries` as `carechain` commands do while the bridge runs: checked against a replay of the

@@ -37,7 +37,7 @@ from typing import Any
 from carechain import envelope, events, reencryption, sealed
 from carechain.demo.live import LiveScenario
 from carechain.demo.records import Party
-from carechain.entries import CHECKPOINT_FINAL, Entry
+from carechain.entries import Entry
 from carechain.identity import Identity
 from carechain.inventory import InventoryDevice
 from chain_bridge.contract_admin import replay_ledger
@@ -131,31 +131,19 @@ class MarketDemo(LiveScenario):
                 # so a second run on a kept data dir must not seal a second key for an epoch already keyed.
                 Identity.generate(), Identity.generate(),
                 attributes, PICKY_MIN_COHORT if i == PICKY else MIN_COHORT))
-        self._phase_started = 0.0
-        self.phases: dict[str, float] = {}
 
     # -- the scenario ----------------------------------------------------------------------------------
 
-    def run(self) -> dict[str, Any]:
-        """Patients, readings, consents, three studies, contributions; the miners' results and audit sample;
-        disclosures; the miners' verdicts; payments; verification. The summary's `study` section
-        (`study_result`, `study_contributors` and `study_verified` come from it); `phases` says how long each
-        step took, in seconds."""
-        started = time.monotonic()
-        result: dict[str, Any] = {"verified": False, "error": None, "patients": PATIENTS,
-                                  "researcher": self.researcher.id, "studies": [], "phases": self.phases}
-        try:
-            self._run(result)
-        except Exception as exc:  # reported in the summary, never hidden (the exit status says it failed)
-            result["error"] = f"{type(exc).__name__}: {exc}"
-        result["seconds"] = round(time.monotonic() - started, 2)
-        return result
+    def _summary(self) -> dict[str, Any]:
+        """The summary's `study` section (`study_result`, `study_contributors` and `study_verified` come from
+        it), as `run` fills it in: patients, readings, consents, three studies, contributions; the miners'
+        results and audit sample; disclosures; the miners' verdicts; payments; verification."""
+        return {"verified": False, "patients": PATIENTS, "researcher": self.researcher.id, "studies": []}
 
     def _run(self, result: dict[str, Any]) -> None:
         from contract_rules.market import CONTRIBUTIONS, study_record
         from contract_rules.study_check import verify_study
 
-        self._phase_started = time.monotonic()
         now = _now_ms()
         run_id = f"{now:x}"[-6:]  # a kept data dir runs the demo again: fresh study ids each time
         heart_rate = {"type": "resting_heart_rate", "kind": "heart_rate", "lo": 30, "hi": 200}
@@ -236,11 +224,6 @@ class MarketDemo(LiveScenario):
             raise MarketDemoError("verify_study found problems: " + "; ".join(
                 p for s in result["studies"] for p in s["failed"]))
 
-    def _phase(self, name: str) -> None:
-        now = time.monotonic()
-        self.phases[name] = round(now - self._phase_started, 2)
-        self._phase_started = now
-
     # -- steps -----------------------------------------------------------------------------------------
 
     def _register(self, ledger: Ledger, now: int) -> None:
@@ -304,16 +287,6 @@ class MarketDemo(LiveScenario):
                                       version=events.PROTOCOL_V2, ct=ct, epoch=epoch))
             seq += 1
         return out
-
-    @staticmethod
-    def _latest_final_note(ledger: Ledger) -> str:
-        """The last final checkpoint the bridge recorded (`checkpoint.final`, cosigned by a majority of the
-        active miners): its seed draws the studies' aggregators."""
-        for index in range(ledger.refresh() - 1, -1, -1):
-            entry = Entry.decode(ledger.entry(index))
-            if entry.type == CHECKPOINT_FINAL:
-                return str(envelope.parse(entry.cose).payload["note"])
-        raise MarketDemoError("no final checkpoint on the ledger: the miners never cosigned one")
 
     def _open_own_readings(self, ledger: Ledger, period: tuple[int, int]) -> dict[tuple[int, str], Any]:
         """Each patient's agent opens her own heart-rate and glucose readings of the period on her own machine
