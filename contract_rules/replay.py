@@ -98,10 +98,12 @@ class Replica:
         for entry in entries:
             self.runtime.apply(entry)
 
-    def apply_leaves(self, leaves: Iterable[bytes]) -> None:
-        """Apply encoded ledger leaves in log order (raises EntryError on a leaf that is not an entry)."""
+    def apply_leaves(self, leaves: Iterable[bytes], *, events_verified: bool = False) -> None:
+        """Apply encoded ledger leaves in log order (raises EntryError on a leaf that is not an entry).
+        `events_verified`: see `Runtime.apply`'s `event_signature_checked` (only for a log whose events the
+        caller's own ingest verified)."""
         for leaf in leaves:
-            self.runtime.apply(decode_leaf(leaf))
+            self.runtime.apply(decode_leaf(leaf), event_signature_checked=events_verified)
 
 
 def replay(genesis: Genesis, entries: Iterable[Entry], code: CodeBook | None = None) -> State:

@@ -11,7 +11,7 @@ import pytest
 from bonded_world import BondedWorld
 from test_contracts_world import AMOXICILLIN, DAY, FLU_SHOT, T0, WEEK, World, ident
 
-from carechain import cbor
+from carechain import cbor, envelope
 from carechain.entries import Entry
 from contract_rules import CodeBook, MissingContractCode, Runtime, builtin_hashes, load_rule_source, replay
 from contract_rules import transactions as ce
@@ -169,3 +169,24 @@ def test_forged_and_malformed_entries_are_rejected_without_effects() -> None:
     assert w.state.balances == balances
     assert w.state.root() != root  # outcomes are recorded, but nothing else moved
     assert all(r != "ok" for _, r in w.state.results[-4:])
+
+
+def test_only_an_event_the_caller_verified_skips_the_signature_check_and_its_signer_is_still_checked() -> None:
+    """The bridge replays its own ledger with `event_signature_checked` (its ingest verified each event with
+    the registered key); a miner never does, and a forged event is then void. Contract entries are always
+    verified, and a vouched-for event from an unregistered or revoked signer is still refused."""
+    w = World()
+    w.standard_parties()
+    sale = w.sale_entry()
+    forged = bytearray(sale.cose)
+    forged[-1] ^= 1
+    event = Entry(sale.type, bytes(forged))
+    assert w.runtime.check(event) == "bad_signature"  # a miner's replay
+    assert w.runtime.check(event, event_signature_checked=True) != "bad_signature"
+    transfer = ce.signed(w.insurer, ce.TOKEN_TRANSFER, ce.TokenTransfer(to="patient:pt-x", amount=5, nonce=1))
+    forged_transfer = bytearray(transfer.cose)
+    forged_transfer[-1] ^= 1
+    assert w.runtime.check(Entry(ce.TOKEN_TRANSFER, bytes(forged_transfer)), event_signature_checked=True) \
+        == "bad_signature"
+    stranger = w.event(ident(0x61), "purchase", envelope.parse(sale.cose).payload["body"], T0 + DAY)
+    assert w.runtime.check(stranger, event_signature_checked=True) == "unknown_signer"
