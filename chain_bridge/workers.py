@@ -6,6 +6,12 @@ sequencer's GIL. A worker runs the same receive → check loop as an in-process 
 `chain_bridge.ingest.Receiver`), then hands verdicts to the one sequencer (the `Bridge`) over a
 multiprocessing queue; `WorkerPool.receive` is the sequencer's end of it. A worker holds nothing
 durable: if it dies, the events it held were never receipted and the agents resend them.
+
+With `bridge.ingest: nats` the workers pull from the one durable JetStream consumer instead (JetStream hands
+each message to one puller), and every batch they forward carries the acknowledgement subjects of the
+messages it came from: the sequencer acknowledges them only after the batch is committed
+(`chain_bridge.ingest.nats_source`). A worker that dies leaves its messages unacknowledged, and JetStream
+delivers them again after `bridge.nats.ack_wait_s`.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from carechain import topics
-from carechain.config import BrokerConfig, Limits
+from carechain.config import BrokerConfig, Limits, NatsIngestConfig
 from chain_bridge.ingest.verdicts import Verdict
 
 log = logging.getLogger("carechain.bridge.worker")
@@ -38,6 +44,16 @@ class WorkerSpec:
     limits: Limits
     batch_max: int
     client_id: str
+    nats: NatsIngestConfig | None = None  # set: pull from its JetStream consumer, not the MQTT shared subscription
+
+
+@dataclass(frozen=True)
+class WorkerBatch:
+    """What a worker hands the sequencer: verdicts on whole messages, and (from JetStream) the acknowledgement
+    subjects of those messages, to be acknowledged once the verdicts are committed."""
+
+    verdicts: list[Verdict]
+    acks: tuple[str, ...] = ()
 
 
 def share_group(broker: BrokerConfig | None = None) -> str:
@@ -59,12 +75,19 @@ def shared_subscription(broker: BrokerConfig | None = None) -> str:
     return f"$share/{share_group(broker)}/{topics.EVENTS_WILDCARD}"
 
 
-def run_worker(spec: WorkerSpec, out: mp.Queue[list[Verdict]], stop: Any, subscribed: Any) -> None:  # mp.Events
+def run_worker(spec: WorkerSpec, out: mp.Queue[WorkerBatch], stop: Any, subscribed: Any) -> None:  # mp.Events
     """Process entry point (spawned): receive, verify, forward verdicts until `stop` is set."""
     # The parent decides when workers stop (a Ctrl-C reaches the whole process group): no KeyboardInterrupt
     # tracebacks from workers, whoever spawned them (`carechain bridge` spawns them with SIGINT ignored; the
     # demo and tests do not).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if spec.nats is not None:
+        _pull_from_jetstream(spec, spec.nats, out, stop, subscribed)
+    else:
+        _read_shared_subscription(spec, out, stop, subscribed)
+
+
+def _read_shared_subscription(spec: WorkerSpec, out: mp.Queue[WorkerBatch], stop: Any, subscribed: Any) -> None:
     from carechain.transport import connect_client
     from chain_bridge.ingest.receive import Receiver
     from chain_bridge.ledger.store import Ledger
@@ -96,9 +119,9 @@ def run_worker(spec: WorkerSpec, out: mp.Queue[list[Verdict]], stop: Any, subscr
             # it stop draining its inbox (back-pressure, ending at the broker).
             try:
                 if len(pending) < spec.batch_max:
-                    out.put_nowait(pending)
+                    out.put_nowait(WorkerBatch(pending))
                 else:
-                    out.put(pending, timeout=0.1)
+                    out.put(WorkerBatch(pending), timeout=0.1)
                 pending = []
             except queue.Full:
                 continue
@@ -112,6 +135,65 @@ def run_worker(spec: WorkerSpec, out: mp.Queue[list[Verdict]], stop: Any, subscr
         ledger.close()
 
 
+def _pull_from_jetstream(spec: WorkerSpec, cfg: NatsIngestConfig, out: mp.Queue[WorkerBatch], stop: Any,
+                         subscribed: Any) -> None:
+    from carechain.config import ConfigError
+    from chain_bridge.ingest.nats_source import NatsSource
+    from chain_bridge.ingest.receive import Receiver
+    from chain_bridge.ledger.store import Ledger
+
+    ledger = Ledger(spec.ledger_path)  # read-only use: registry and its version counter
+    receiver = Receiver(ledger, spec.limits, spec.batch_max)
+    parent = mp.parent_process()
+
+    def running() -> bool:
+        return not stop.is_set() and (parent is None or parent.is_alive())
+
+    source: NatsSource | None = None
+    try:
+        # The sequencer's own NatsSource sets up the stream and consumer too, at the same time: until the cluster
+        # answers, try again (a fresh source each time: a failed one has stopped its thread).
+        while running() and source is None:
+            attempt = NatsSource(cfg, receiver, spec.broker, name=spec.client_id)
+            try:
+                attempt.start()
+                source = attempt
+            except ConfigError as exc:
+                log.warning("ingest worker %d: %s; trying again", spec.index, exc)
+                stop.wait(1.0)
+        if source is None:
+            return
+        subscribed.set()
+        while running():
+            verdicts = source.receive(0.1)
+            acks = source.hand_over()
+            if not acks:
+                continue
+            batch = WorkerBatch(verdicts, acks)
+            # Unacknowledged until the sequencer commits them: a worker stopped while the queue is full leaves
+            # them to JetStream, which delivers them again after ack_wait.
+            while running():
+                try:
+                    out.put(batch, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+    finally:
+        if source is not None:
+            source.stop()
+        ledger.close()
+
+
+def worker_specs(count: int, broker: BrokerConfig, ledger_path: Path, limits: Limits, batch_max: int,
+                 client_id: str, nats: NatsIngestConfig | None = None) -> list[WorkerSpec]:
+    """The bridge's `count` ingest workers: on MQTT each under its own login (chain_bridge.broker.worker_broker);
+    on NATS under the bridge's login, which the cluster allows its stream's JetStream API."""
+    from chain_bridge.broker import worker_broker
+
+    return [WorkerSpec(i, broker if nats is not None else worker_broker(broker, i), ledger_path, limits, batch_max,
+                       f"{client_id}-w{i}", nats) for i in range(count)]
+
+
 class WorkerPool:
     """Starts and stops the ingest worker processes (spawned, so no paho thread is forked)."""
 
@@ -120,7 +202,8 @@ class WorkerPool:
         self.batch_max = max((s.batch_max for s in specs), default=1)
         # Bounded like an inbox: verdicts waiting for the sequencer take at most about one inbox's worth.
         slots = max((s.limits.inbox_max_messages // max(s.batch_max, 1) for s in specs), default=1)
-        self.results: mp.Queue[list[Verdict]] = ctx.Queue(maxsize=max(2, slots))
+        self.results: mp.Queue[WorkerBatch] = ctx.Queue(maxsize=max(2, slots))
+        self._acks: list[str] = []  # of the messages behind the verdicts `receive` returned since `take_acks`
         self._stop = ctx.Event()
         self._subscribed = [ctx.Event() for _ in specs]
         self._procs = [ctx.Process(target=run_worker, args=(s, self.results, self._stop, ready),
@@ -152,17 +235,27 @@ class WorkerPool:
         return [p.exitcode for p in self._procs]
 
     def receive(self, timeout: float) -> list[Verdict]:
-        """The sequencer's end of the workers' queue: their verdicts, up to about `batch_max` at once."""
+        """The sequencer's end of the workers' queue: their verdicts, up to about `batch_max` at once (always
+        every verdict of a message, so a message is acknowledged only once all its events are committed)."""
         try:
-            verdicts = list(self.results.get(timeout=timeout))
+            first = self.results.get(timeout=timeout)
         except queue.Empty:
             return []
+        verdicts = list(first.verdicts)
+        self._acks.extend(first.acks)
         while len(verdicts) < self.batch_max:
             try:
-                verdicts.extend(self.results.get_nowait())
+                more = self.results.get_nowait()
             except queue.Empty:
                 break
+            verdicts.extend(more.verdicts)
+            self._acks.extend(more.acks)
         return verdicts
+
+    def take_acks(self) -> list[str]:
+        """The JetStream acknowledgement subjects of the messages received since the last call (empty on MQTT)."""
+        acks, self._acks = self._acks, []
+        return acks
 
     def wait_subscribed(self, timeout: float) -> bool:
         """True once every worker holds its shared subscription (events sent before may be dropped)."""

@@ -11,6 +11,9 @@ listeners deliver to each device's subscription (at QoS 0: a receipt a device mi
 it resends). nats-py fails over between the servers by itself, so losing one node stops nothing.
 
 `NatsSource` is a `VerdictSource` for the sequencer thread; nats-py's asyncio loop runs in a thread of its own.
+With ingest workers (`workers`, a `chain_bridge.workers.WorkerPool`), the workers pull and check, each running
+a `NatsSource` of its own and handing over the acknowledgement subjects of what it pulled (`hand_over`); the
+sequencer's `NatsSource` then only takes their verdicts and acknowledges those subjects after commit.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import logging
 import ssl
 import threading
 from collections.abc import Awaitable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import nats
 from nats.aio.client import Client as NatsClient
@@ -34,6 +37,9 @@ from carechain.config import BrokerConfig, ConfigError, NatsIngestConfig
 from chain_bridge.broker.nats import EVENTS_SUBJECTS, mqtt_subject
 from chain_bridge.ingest.receive import Receiver
 from chain_bridge.ingest.verdicts import Verdict
+
+if TYPE_CHECKING:
+    from chain_bridge.workers import WorkerPool
 
 log = logging.getLogger("carechain.bridge.nats")
 CONNECT_TIMEOUT_S = 5.0
@@ -55,11 +61,13 @@ def topic_of_subject(subject: str) -> str:
 
 
 class NatsSource:
-    """Pull → check: batches of verdicts from the durable consumer; `settle` acknowledges the last batch."""
+    """Pull → check: batches of verdicts from the durable consumer (or from `workers`, which pull); `settle`
+    acknowledges the last batch."""
 
     def __init__(self, cfg: NatsIngestConfig, receiver: Receiver, broker: BrokerConfig, *,
-                 name: str = "carechain-bridge") -> None:
+                 name: str = "carechain-bridge", workers: WorkerPool | None = None) -> None:
         self.cfg = cfg
+        self.workers = workers
         self.receiver = receiver
         self.broker = broker
         self.name = name
@@ -68,7 +76,8 @@ class NatsSource:
         self._thread = threading.Thread(target=self._loop.run_forever, name="bridge-nats", daemon=True)
         self._nc: NatsClient | None = None
         self._sub: Any = None  # nats-py's JetStreamContext.PullSubscription
-        self._unsettled: list[Msg] = []  # handed to the sequencer in the last batch, not yet acknowledged
+        # Acknowledgement subjects of the messages in the last batch handed on, not yet acknowledged.
+        self._unsettled: list[str] = []
         self.ready = threading.Event()
         self._closing = False
         self.stats = {"pulled": 0, "acked": 0, "naked": 0, "redelivered": 0, "disconnects": 0, "reconnects": 0,
@@ -131,10 +140,17 @@ class NatsSource:
                 description="carechain device events, removed once the bridge acknowledges them (committed)"))
             log.info("created the JetStream stream %s on %s with %d replicas", self.cfg.stream,
                      ", ".join(EVENTS_SUBJECTS), self.cfg.replicas)
-        self._sub = await js.pull_subscribe(
-            EVENTS_SUBJECTS[0], durable=self.cfg.consumer, stream=self.cfg.stream,
-            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=self.cfg.ack_wait_s,
-                                  max_ack_pending=self.cfg.max_ack_pending, max_deliver=-1))
+        consumer = ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=self.cfg.ack_wait_s,
+                                  max_ack_pending=self.cfg.max_ack_pending, max_deliver=-1)
+        if self.workers is not None:  # they pull; this source only acknowledges
+            try:
+                await js.consumer_info(self.cfg.stream, self.cfg.consumer)
+            except NotFoundError:
+                consumer.durable_name = self.cfg.consumer
+                await js.add_consumer(self.cfg.stream, config=consumer)
+            return
+        self._sub = await js.pull_subscribe(EVENTS_SUBJECTS[0], durable=self.cfg.consumer, stream=self.cfg.stream,
+                                            config=consumer)
 
     async def _disconnected(self) -> None:
         if self._closing:
@@ -157,6 +173,12 @@ class NatsSource:
         settled (its commit failed) are handed back to JetStream first, for redelivery."""
         if self._unsettled:
             self._settle(self._unsettled, ack=False)
+        if self.workers is not None:
+            verdicts = self.workers.receive(timeout)
+            self._unsettled = self.workers.take_acks()
+            if not verdicts and self._unsettled:  # messages that held no event: nothing to commit
+                self.settle()
+            return verdicts
         try:
             msgs = self._call(self._fetch(timeout), timeout + CALL_TIMEOUT_S)
         except (NatsError, OSError) as exc:
@@ -164,7 +186,7 @@ class NatsSource:
             return []
         if not msgs:
             return []
-        self._unsettled = msgs
+        self._unsettled = [m.reply for m in msgs]
         self.stats["pulled"] += len(msgs)
         self.stats["redelivered"] += sum(1 for m in msgs if m.metadata.num_delivered > 1)
         return self.receiver.check([(topic_of_subject(m.subject), m.data) for m in msgs])
@@ -176,26 +198,35 @@ class NatsSource:
         except NatsTimeout:
             return []
 
+    def hand_over(self) -> tuple[str, ...]:
+        """The acknowledgement subjects of the last batch, which another process acknowledges after commit (an
+        ingest worker's source hands them to the sequencer); this source forgets them."""
+        acks, self._unsettled = tuple(self._unsettled), []
+        return acks
+
     def settle(self) -> None:
         """The last batch is committed and receipted: acknowledge every message in it."""
         if self._unsettled:
             self._settle(self._unsettled, ack=True)
 
-    def _settle(self, msgs: list[Msg], *, ack: bool) -> None:
+    def _settle(self, acks: list[str], *, ack: bool) -> None:
         self._unsettled = []
         try:
-            self._call(self._acknowledge(msgs, ack))
+            self._call(self._acknowledge(acks, ack))
         except (NatsError, OSError) as exc:
             # JetStream delivers them again after ack_wait; the ledger deduplicates.
             log.warning("could not %s %d event(s) (%r): they come again after %.0f s and are deduplicated",
-                        "acknowledge" if ack else "hand back", len(msgs), exc, self.cfg.ack_wait_s)
+                        "acknowledge" if ack else "hand back", len(acks), exc, self.cfg.ack_wait_s)
             return
-        self.stats["acked" if ack else "naked"] += len(msgs)
+        self.stats["acked" if ack else "naked"] += len(acks)
 
-    async def _acknowledge(self, msgs: Sequence[Msg], ack: bool) -> None:
+    async def _acknowledge(self, acks: Sequence[str], ack: bool) -> None:
+        """Acknowledge (or hand back) by publishing to each message's reply subject, as `Msg.ack` does: the
+        subjects may come from messages another connection pulled (an ingest worker's)."""
         assert self._nc is not None
-        for m in msgs:
-            await (m.ack() if ack else m.nak())
+        answer = Msg.Ack.Ack if ack else Msg.Ack.Nak
+        for subject in acks:
+            await self._nc.publish(subject, answer)
         await self._nc.flush(timeout=FLUSH_TIMEOUT_S)
 
     def publish(self, topic: str, payload: bytes) -> None:
