@@ -254,6 +254,11 @@ class StoreConfig(_Section):
     lease_poll_s: float = Field(default=0.25, ge=0.05, le=5.0, description="postgresql: how often a standby "
                                 "bridge asks for the sequencer lease and the active one checks it still holds it; "
                                 "a take-over takes about this long after the active bridge's session ends.")
+    standby_ingest: bool = Field(default=True, description="postgresql: a bridge that does not hold the sequencer "
+                                 "lease still takes its share of device events (MQTT shared subscription or the "
+                                 "JetStream consumer), verifies, appends and receipts them, leaving checkpoints and "
+                                 "the other leader duties to the lease holder; false: it waits idle as a hot "
+                                 "standby.")
 
     @model_validator(mode="after")
     def _dsn_for_postgresql(self) -> StoreConfig:
@@ -277,7 +282,8 @@ class BridgeConfig(_Section):
                                "it is committed.")
     ingest_workers: int = Field(default=0, ge=0, le=64, description="0: verify in the bridge process; N: N "
                                 "worker processes on an MQTT shared subscription (mosquitto, EMQX, ...; not the "
-                                "embedded amqtt broker). One more process than cores rarely helps.")
+                                "embedded amqtt broker) or, with `ingest: nats`, pulling from the one JetStream "
+                                "consumer. One more process than cores rarely helps.")
     ingest: Literal["mqtt", "nats"] = Field(default="mqtt", description="Where the bridge takes device events "
                                             "from: `mqtt` (its MQTT subscription, or its workers' shared one) or "
                                             "`nats` (a durable JetStream consumer on `bridge.nats`; each event "
@@ -324,9 +330,6 @@ class BridgeConfig(_Section):
     def _nats_ingest(self) -> BridgeConfig:
         if self.ingest == "nats" and not self.nats.servers:
             raise ValueError("ingest nats needs bridge.nats.servers (nats://HOST:PORT of each node)")
-        if self.ingest == "nats" and self.ingest_workers:
-            raise ValueError("ingest nats verifies in the bridge process (ingest workers read an MQTT shared "
-                             "subscription): set ingest_workers to 0")
         return self
 
     @model_validator(mode="after")

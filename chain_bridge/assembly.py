@@ -50,16 +50,6 @@ class AssembledBridge:
         self.lock.release()
 
 
-def refuse_unsupported(cfg: BridgeConfig) -> None:
-    """Refuse, at start, what the PostgreSQL store does not run yet (docs/ledger-stores.md)."""
-    if cfg.store.backend != "postgresql":
-        return
-    if cfg.ingest_workers:
-        raise ConfigError("bridge.ingest_workers > 0 with bridge.store.backend postgresql: ingest workers open the "
-                          "ledger by its file; run the bridge with ingest_workers: 0 and scale out with more bridge "
-                          "hosts instead (docs/ledger-stores.md)")
-
-
 def default_client_id(username: str | None, data_dir: Path) -> str:
     """The bridge's MQTT client id: its login when it has one, else `carechain-bridge-<instance>`.
 
@@ -79,7 +69,8 @@ def assemble_bridge(cfg: Config, *, data_dir: Path | None = None, workers: int |
     `client_id`, default `default_client_id` (the bridge's login, or `carechain-bridge-<instance>` with the
     data directory's instance id, so two bridges never take over each other's session); ingest workers add
     `-w<i>`. The data directory is made 0700 and a SQLite ledger 0600 (with its WAL and SHM). With
-    `bridge.store` PostgreSQL the bridge gets a sequencer lease: it must `await_lease` before `start`.
+    `bridge.store` PostgreSQL the bridge gets a sequencer lease: it starts at once as an ingest host and leads
+    once it holds the lease (`store.standby_ingest`, the default), or must `await_lease` before `start`.
     """
     bdir = Path(data_dir or cfg.bridge.data_dir)
     bridge_cfg = cfg.bridge.model_copy(update={"data_dir": bdir})
@@ -89,7 +80,6 @@ def assemble_bridge(cfg: Config, *, data_dir: Path | None = None, workers: int |
         broker = resolve_broker_login(cfg.broker)
     except CredentialsError as exc:
         raise ConfigError(str(exc)) from None
-    refuse_unsupported(bridge_cfg)
     lock = lock_data_dir(bdir, "bridge")
     try:
         gate = contract_gate(cfg, bdir) if bridge_cfg.contracts else None

@@ -5,6 +5,11 @@ and checked either in this process (paho's thread enqueues, the sequencer thread
 with `ingest_workers > 0`, by worker processes on a shared subscription (chain_bridge.workers), each
 running the same `Receiver`. Either way one sequencer thread commits each batch in one transaction (group
 commit), then publishes receipts: a receipt is never sent for an event that is not durable.
+
+Several bridge hosts on one PostgreSQL ledger all ingest (one MQTT shared subscription group, or one JetStream
+consumer) and append; only the holder of the sequencer lease also leads: checkpoints, finality, anchoring,
+archiving, deadline attestations, evidence and study intakes, proofs and records (`_lead`). A host that gains
+the lease takes those on from its sequencer thread, without restarting its ingest (docs/ledger-stores.md).
 """
 
 from __future__ import annotations
@@ -30,11 +35,12 @@ from carechain.crash_points import crash_point
 from carechain.errors import Reason
 from carechain.identity import Identity, parse_public_key_hex
 from carechain.miner_messages import CosignatureMessage, from_miner
+from carechain.proofs import VerificationError, verify_checkpoint
 from carechain.receipts import Receipt
 from carechain.retry import Backoff, ReconnectPolicy
 from carechain.transport import connect_client
 from chain_bridge.broker import archive_broker
-from chain_bridge.finality import FinalityPolicy, FinalityTracker, ledger_policy
+from chain_bridge.finality import FinalityPolicy, FinalityTracker, is_final_note, ledger_policy
 from chain_bridge.ingest import Ingest, RateGuard, Receiver, Rejection, SeqGuard, Sequencer, Verdict, VerdictSource
 from chain_bridge.ingest.receive import wall_clock_ms
 from chain_bridge.ledger.sql import SqliteLocation
@@ -82,7 +88,8 @@ class BridgeStats:
     anchored: int = 0
     duplicates: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
-    checkpoints: int = 0
+    checkpoints: int = 0  # in the ledger: those found at start and those this bridge issued since
+    checkpoints_issued: int = 0  # by this bridge (only a leader issues any)
     tree_size: int = 0
     batches: int = 0
     final_checkpoints: int = 0
@@ -95,17 +102,22 @@ class BridgeStats:
     evidence: Counter[str] = field(default_factory=Counter)  # access.fault from requesters: appended, refusals
     studies: Counter[str] = field(default_factory=Counter)  # study.result from aggregators: appended, refusals
     anchors: Counter[str] = field(default_factory=Counter)  # anchorer: sent, mined, confirmed, gas_used, errors
+    role: str = "leader"  # "ingest" while another bridge host holds the sequencer lease (docs/ledger-stores.md)
+    ingest_host_anchored: int = 0  # of `anchored`, appended while another host held the lease
+
 
     def as_dict(self) -> dict[str, object]:
         return {
             "received": self.received, "anchored": self.anchored, "duplicates": self.duplicates,
             "rejected": sum(self.rejected.values()), "rejected_by_reason": dict(self.rejected),
-            "checkpoints": self.checkpoints, "tree_size": self.tree_size, "batches": self.batches,
+            "checkpoints": self.checkpoints, "checkpoints_issued": self.checkpoints_issued,
+            "tree_size": self.tree_size, "batches": self.batches,
             "final_checkpoints": self.final_checkpoints, "final_recorded": self.final_recorded,
             "deadline_attests": self.deadline_attests,
             "storage_errors": self.storage_errors,
             "unreceipted": self.unreceipted, "records": dict(self.records), "archive": dict(self.archive),
             "evidence": dict(self.evidence), "studies": dict(self.studies), "anchors": dict(self.anchors),
+            "role": self.role, "ingest_host_anchored": self.ingest_host_anchored,
         }
 
 
@@ -132,9 +144,14 @@ class Bridge:
         self.broker = broker
         self.log_key = log_key
         self.ledger = ledger
-        # Several bridge hosts on one PostgreSQL ledger: only the holder of this lease ingests, appends and
-        # checkpoints (`await_lease` before `start`); the others wait as hot standbys.
+        # Several bridge hosts on one PostgreSQL ledger: only the holder of this lease leads (checkpoints and
+        # the rest of `_lead`); the others ingest and append (`bridge.store.standby_ingest`), or wait idle as hot
+        # standbys (`await_lease` before `start`).
         self.lease = lease
+        self.leading = threading.Event()  # set once this bridge does the leader duties
+        self._lease_gained = threading.Event()  # set by the lease waiter; the sequencer thread then leads
+        self._lease_waiter: threading.Thread | None = None
+        self._subscriptions: list[tuple[str, int]] = []  # what a reconnect subscribes again (grows at take-over)
         self.origin = cfg.origin or default_origin(log_key)
         self.client_id = client_id
         # With contracts, every sale is checked before it is appended (docs/contracts.md); replay now.
@@ -148,7 +165,8 @@ class Bridge:
         self._stop = threading.Event()
         self._last_checkpoint_size = (ledger.latest_checkpoint() or (-1, ""))[0]
         # receive → check in this process (unless ingest workers do it), then guards → sequence → append.
-        self.receiver = Receiver(ledger, cfg.limits, cfg.batch_max, cfg.batch_wait_ms / 1000)
+        self.receiver = Receiver(ledger, cfg.limits, cfg.batch_max, cfg.batch_wait_ms / 1000,
+                                 max_message_bytes=broker.max_packet_bytes)
         # Held by the sequencer while it extends the ledger; miners' proof requests are answered from the
         # MQTT thread and must never read the in-memory tree mid-append.
         self.ledger_lock = threading.Lock()
@@ -265,6 +283,10 @@ class Bridge:
             return True
         return self.lease.wait(stopping, while_waiting=self._follow_the_log)
 
+    def try_lead(self) -> bool:
+        """Ask for the sequencer lease once, without waiting: True if this bridge holds it (or there is none)."""
+        return self.lease is None or self.lease.held or self.lease.try_acquire()
+
     def _follow_the_log(self) -> None:
         with self.ledger_lock:
             self.ledger.refresh()
@@ -277,32 +299,70 @@ class Bridge:
         that its supervisor restarts it as a standby. What was not receipted, the agents resend."""
         self._stop.set()
         log.critical("lost the sequencer lease: %s. Stopping at once: this bridge no longer ingests, appends or "
-                     "checkpoints; exiting with status %d (restarted, it waits as a standby)", exc,
+                     "checkpoints; exiting with status %d (restarted, it ingests or stands by until it holds the "
+                     "lease again)", exc,
                      EXIT_SEQUENCER_DIED)
         self._on_fatal()
 
+    @property
+    def ingests_without_lease(self) -> bool:
+        """Several bridge hosts ingest at once: this one may start before it holds the sequencer lease."""
+        return self.lease is not None and self.cfg.store.standby_ingest
+
     def start(self) -> None:
-        if self.lease is not None:
-            if not self.lease.held:
-                raise RuntimeError("a bridge with a sequencer lease starts only once it holds it (await_lease)")
-            self.lease.watch(self._lease_lost)
+        if self.lease is not None and not self.lease.held and not self.ingests_without_lease:
+            raise RuntimeError("a bridge with a sequencer lease starts only once it holds it (await_lease), "
+                               "unless bridge.store.standby_ingest")
         workers = self.cfg.ingest_workers
         if workers:
-            from chain_bridge.broker import worker_broker
-            from chain_bridge.workers import WorkerPool, WorkerSpec
+            from chain_bridge.workers import WorkerPool, worker_specs
 
-            self._pool = WorkerPool([
-                WorkerSpec(i, worker_broker(self.broker, i), self.ledger.path, self.cfg.limits, self.cfg.batch_max,
-                           f"{self.client_id}-w{i}") for i in range(workers)])
+            nats = self.cfg.nats if self.cfg.ingest == "nats" else None  # the workers pull from JetStream
+            self._pool = WorkerPool(worker_specs(workers, self.broker, self.ledger.location, self.cfg.limits,
+                                                 self.cfg.batch_max, self.client_id, nats))
             self._pool.start()
         if self.cfg.ingest == "nats":
             from chain_bridge.ingest.nats_source import NatsSource
 
-            self._nats = NatsSource(self.cfg.nats, self.receiver, self.broker, name=self.client_id)
+            # With workers it only acknowledges what they pulled, once committed.
+            self._nats = NatsSource(self.cfg.nats, self.receiver, self.broker, name=self.client_id,
+                                    workers=self._pool)
             self._nats.start()  # a ConfigError if the cluster cannot be reached or set up
-        # Miner topics are in the subscription list so that a reconnect re-subscribes them too.
-        subscriptions = [] if workers or self._nats else [(topics.EVENTS_WILDCARD, 1)]
-        subscriptions.append((topics.MINER_REQUEST_WILDCARD, 1))
+        # Leader topics are in the subscription list so that a reconnect re-subscribes them too.
+        self._subscriptions = [] if workers or self._nats else [(self._events_subscription(), 1)]
+        leads_now = self.lease is None or self.lease.held
+        if leads_now:
+            self._subscriptions += self._leader_subscriptions()
+        elif self.finality is not None:  # an ingest host learns finality from the leader (`_follow_finality`)
+            self._subscriptions.append((topics.FINAL_CHECKPOINT, 1))
+        self._client = connect_client(
+            self.broker, self.client_id, clean_session=False, on_message=self._on_message,
+            subscriptions=self._subscriptions, connected=self.connected, on_state=self._on_link,
+        )
+        self.proofs.client = self._client
+        if leads_now:
+            self._lead()
+        else:
+            self.stats.role = "ingest"
+            self._lease_waiter = threading.Thread(target=self._await_lease_while_ingesting, name="sequencer-lease",
+                                                  daemon=True)
+            self._lease_waiter.start()
+        self._worker = threading.Thread(target=self._run, name="bridge-sequencer", daemon=True)
+        self._worker.start()
+
+    def _events_subscription(self) -> str:
+        """Device events: all of them, or this host's turn of them when several bridge hosts ingest (the one
+        shared subscription group of the deployment, as its ingest workers use)."""
+        if not self.ingests_without_lease:
+            return topics.EVENTS_WILDCARD
+        from chain_bridge.workers import shared_subscription
+
+        return shared_subscription(self.broker)
+
+    def _leader_subscriptions(self) -> list[tuple[str, int]]:
+        """What only the lease holder answers or decides: proof requests, cosignatures, record requests,
+        evidence and study entries."""
+        subscriptions = [(topics.MINER_REQUEST_WILDCARD, 1)]
         if self.finality is not None:
             subscriptions.append((topics.MINER_COSIG_WILDCARD, 1))
         if self.records is not None:
@@ -311,19 +371,45 @@ class Bridge:
             subscriptions.append((topics.ACCESS_EVIDENCE, 1))
         if self.studies is not None:
             subscriptions.append((topics.MINER_STUDY_WILDCARD, 1))
-        self._client = connect_client(
-            self.broker, self.client_id, clean_session=False, on_message=self._on_message,
-            subscriptions=subscriptions, connected=self.connected, on_state=self._on_link,
-        )
-        self.proofs.client = self._client
+        return subscriptions
+
+    def _await_lease_while_ingesting(self) -> None:
+        """The lease waiter of an ingest host: once the lease is ours, the sequencer thread takes the lead."""
+        assert self.lease is not None
+        if self.lease.wait(self._stop.is_set):
+            self._lease_gained.set()
+
+    def _lead(self) -> None:
+        """Start the leader duties: the lease watch, the record server, the archiver and the anchorer; the
+        periodic ones (checkpoints, finality, deadlines, intakes) run in the sequencer loop once `leading`."""
+        assert self._client is not None
+        if self.lease is not None:
+            self.lease.watch(self._lease_lost)
         if self.records is not None:
             self.records.start(self._client)
         if self.archiver is not None:
             self.archiver.start()
         if self.anchorer is not None:
             self.anchorer.start(self.ledger.latest_checkpoint())
-        self._worker = threading.Thread(target=self._run, name="bridge-sequencer", daemon=True)
-        self._worker.start()
+        self.stats.role = "leader"
+        self.leading.set()
+
+    def _take_lead(self) -> None:
+        """On the sequencer thread, when an ingest host gains the lease: follow the log to where the previous
+        leader left it, subscribe to the leader topics, and lead; ingest goes on as it was."""
+        assert self._client is not None
+        with self.ledger_lock:
+            self.ledger.refresh()
+            self._last_checkpoint_size = (self.ledger.latest_checkpoint() or (-1, ""))[0]
+            if self.contracts is not None:
+                self.contracts.catch_up(self.ledger)
+        self._miners_read_at = time.monotonic() - self.miner_refresh_s  # the miner set is read at the next tick
+        leader = self._leader_subscriptions()
+        self._subscriptions += leader
+        self._client.subscribe(leader)  # if the link is down now, the reconnect subscribes the whole list
+        self._lead()
+        log.warning("this bridge now leads: checkpoints, finality, anchoring and the other leader duties (it "
+                    "keeps ingesting as before)")
 
     def _on_link(self, up: bool) -> None:
         if up:
@@ -340,6 +426,8 @@ class Bridge:
         self._stop.set()
         if self._worker:
             self._worker.join(timeout=10)
+        if self._lease_waiter is not None:
+            self._lease_waiter.join(timeout=10)  # it sees `_stop` within a poll
         if self._pool:
             self._pool.stop()
         if self._nats is not None:
@@ -362,6 +450,9 @@ class Bridge:
             if self.records is not None:
                 self.records.submit(msg.payload)  # answered on the record server's own thread
             return
+        if msg.topic == topics.FINAL_CHECKPOINT:
+            self._follow_finality(bytes(msg.payload))
+            return
         if msg.topic == topics.ACCESS_EVIDENCE:
             if self.evidence is not None:
                 self.evidence.submit(bytes(msg.payload))  # decided on the sequencer's thread
@@ -382,6 +473,28 @@ class Bridge:
         """The tree size of the latest checkpoint this bridge saw become final (-1: none since it started)."""
         with self._finality_lock:
             return self._last_final_size
+
+    def _follow_finality(self, payload: bytes) -> None:
+        """An ingest host: the leader published a final checkpoint. If the log key signed it and the active
+        miners it knows cosigned it, its receipts carry that `fin` from now on, and the devices it receipted
+        below it are told, as the leader tells its own."""
+        if self.leading.is_set() or self.finality is None or self.finality.policy is None or not payload:
+            return
+        try:
+            note = payload.decode()
+            checkpoint = verify_checkpoint(note, self.log_key.public_key)
+        except (UnicodeDecodeError, VerificationError) as exc:
+            log.warning("ignored a final checkpoint not signed by this log's key: %s", exc)
+            return
+        if checkpoint.origin != self.origin or not is_final_note(note, self.finality.policy):
+            log.info("ignored a final checkpoint at size %d: another origin, or not cosigned by a majority of the "
+                     "active miners this bridge knows", checkpoint.tree_size)
+            return
+        with self._finality_lock:
+            if checkpoint.tree_size <= self._last_final_size:
+                return
+            self._last_final_size = checkpoint.tree_size
+        self._notify_final(checkpoint.tree_size)
 
     def _on_cosignature(self, payload: bytes, miner_id: str) -> None:
         """Count one miner's cosignature; publish the checkpoint, retained, once t-of-n cosigned it."""
@@ -426,7 +539,13 @@ class Bridge:
         if client is None:
             return
         client.publish(topics.FINAL_CHECKPOINT, final.encode(), qos=1, retain=True)
-        size = self.final_size()
+        self._notify_final(self.final_size())
+
+    def _notify_final(self, size: int) -> None:
+        """Tell each device whose receipted leaves now lie below `size` (a receipt with no entries, `fin`)."""
+        client = self._client
+        if client is None:
+            return
         with self._finality_lock:
             covered = sorted(d for d, highest in self._awaiting_final.items() if highest < size)
             for device in covered:
@@ -553,6 +672,9 @@ class Bridge:
             timeout = min(0.2, max(0.001, next_checkpoint - time.monotonic()))
             verdicts, retry = retry, []
             try:
+                if self._lease_gained.is_set() and not self.leading.is_set():
+                    self._take_lead()  # a store error here: tried again at the next turn
+                    next_checkpoint = time.monotonic()
                 if not verdicts:
                     verdicts = source.receive(timeout)
                 if verdicts:
@@ -562,14 +684,10 @@ class Bridge:
                     if self._nats is not None:
                         self._nats.settle()  # committed and receipted: JetStream may forget them now
                 if time.monotonic() >= next_checkpoint:
-                    if self.evidence is not None and self.contracts is not None:
-                        self.evidence.drain(self.ledger, self.contracts, self.ledger_lock)
-                    if self.studies is not None and self.contracts is not None:
-                        self.studies.drain(self.ledger, self.contracts, self.ledger_lock)
-                    self.attest_deadlines()
-                    self.maybe_checkpoint()
-                    self.refresh_miners()
-                    self.record_final()
+                    if self.leading.is_set():
+                        self._leader_tick()
+                    else:
+                        self.refresh_miners()  # an ingest host judges the leader's final checkpoints by them
                     next_checkpoint = time.monotonic() + self.cfg.checkpoint_interval_s
                 self._storage_ok()
             except self.ledger.transient_errors as exc:
@@ -577,10 +695,23 @@ class Bridge:
             except Exception:  # keep serving: agents resend what was not receipted
                 retry = []
                 log.exception("a batch failed; nothing from it was receipted")
+        if not self.leading.is_set():
+            return
         try:
             self.maybe_checkpoint()
         except self.ledger.transient_errors as exc:  # stopping anyway: the next start checkpoints
             self._storage_failed(exc, len(retry))
+
+    def _leader_tick(self) -> None:
+        """The lease holder's periodic duties, every checkpoint interval."""
+        if self.evidence is not None and self.contracts is not None:
+            self.evidence.drain(self.ledger, self.contracts, self.ledger_lock)
+        if self.studies is not None and self.contracts is not None:
+            self.studies.drain(self.ledger, self.contracts, self.ledger_lock)
+        self.attest_deadlines()
+        self.maybe_checkpoint()
+        self.refresh_miners()
+        self.record_final()
 
     def _storage_failed(self, exc: BaseException, pending: int) -> float:
         """Log and count a failed write to the ledger store; the seconds to wait before trying again."""
@@ -615,6 +746,8 @@ class Bridge:
         batch = self.sequencer.sequence(verdicts, now_ms)
         crash_point("bridge.after_append")  # committed, no receipt out yet: agents must resend, we dedup
         self.stats.anchored += batch.anchored
+        if not self.leading.is_set():
+            self.stats.ingest_host_anchored += batch.anchored
         self.stats.duplicates += batch.duplicates
         self.stats.unreceipted += batch.unreceipted
         for r in batch.rejections:
@@ -622,6 +755,7 @@ class Bridge:
         self.stats.tree_size = self.ledger.size
         self.stats.batches += 1
         if self._client is not None:
+            # An ingest host's final size is the leader's latest final checkpoint it saw (`_follow_finality`).
             final = None if self.finality is None else max(self.final_size(), 0)
             for device, rcpt in batch.receipts.items():
                 for part in rcpt.split():
@@ -668,6 +802,7 @@ class Bridge:
             self._last_checkpoint_size = self.ledger.size
         self._remember_checkpoint(note, self._last_checkpoint_size)
         self.stats.checkpoints += 1
+        self.stats.checkpoints_issued += 1
         self._publish_tiles(note, self._last_checkpoint_size)
         if self.anchorer is not None:
             self.anchorer.offer(note, self._last_checkpoint_size)

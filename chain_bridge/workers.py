@@ -30,6 +30,7 @@ from typing import Any
 from carechain import topics
 from carechain.config import BrokerConfig, Limits, NatsIngestConfig
 from chain_bridge.ingest.verdicts import Verdict
+from chain_bridge.ledger.sql import StoreLocation
 
 log = logging.getLogger("carechain.bridge.worker")
 SHARE_GROUP = "carechain-bridge"
@@ -40,7 +41,7 @@ STOP_TIMEOUT_S = 10.0  # a worker checks `stop` every 0.1 s; one still running a
 class WorkerSpec:
     index: int
     broker: BrokerConfig
-    ledger_path: Path
+    ledger: Path | StoreLocation  # the bridge's ledger: its file, or the PostgreSQL database (picklable)
     limits: Limits
     batch_max: int
     client_id: str
@@ -92,8 +93,8 @@ def _read_shared_subscription(spec: WorkerSpec, out: mp.Queue[WorkerBatch], stop
     from chain_bridge.ingest.receive import Receiver
     from chain_bridge.ledger.store import Ledger
 
-    ledger = Ledger(spec.ledger_path)  # read-only use: registry and its version counter
-    receiver = Receiver(ledger, spec.limits, spec.batch_max)
+    ledger = Ledger(spec.ledger)  # read-only use: registry and its version counter
+    receiver = Receiver(ledger, spec.limits, spec.batch_max, max_message_bytes=spec.broker.max_packet_bytes)
     # A clean session: a worker holds nothing durable, and a persistent session of a worker that is gone
     # would keep taking its share of the group's messages into a queue nobody reads.
     client = connect_client(
@@ -142,8 +143,8 @@ def _pull_from_jetstream(spec: WorkerSpec, cfg: NatsIngestConfig, out: mp.Queue[
     from chain_bridge.ingest.receive import Receiver
     from chain_bridge.ledger.store import Ledger
 
-    ledger = Ledger(spec.ledger_path)  # read-only use: registry and its version counter
-    receiver = Receiver(ledger, spec.limits, spec.batch_max)
+    ledger = Ledger(spec.ledger)  # read-only use: registry and its version counter
+    receiver = Receiver(ledger, spec.limits, spec.batch_max, max_message_bytes=spec.broker.max_packet_bytes)
     parent = mp.parent_process()
 
     def running() -> bool:
@@ -184,13 +185,13 @@ def _pull_from_jetstream(spec: WorkerSpec, cfg: NatsIngestConfig, out: mp.Queue[
         ledger.close()
 
 
-def worker_specs(count: int, broker: BrokerConfig, ledger_path: Path, limits: Limits, batch_max: int,
+def worker_specs(count: int, broker: BrokerConfig, ledger: Path | StoreLocation, limits: Limits, batch_max: int,
                  client_id: str, nats: NatsIngestConfig | None = None) -> list[WorkerSpec]:
     """The bridge's `count` ingest workers: on MQTT each under its own login (chain_bridge.broker.worker_broker);
     on NATS under the bridge's login, which the cluster allows its stream's JetStream API."""
     from chain_bridge.broker import worker_broker
 
-    return [WorkerSpec(i, broker if nats is not None else worker_broker(broker, i), ledger_path, limits, batch_max,
+    return [WorkerSpec(i, broker if nats is not None else worker_broker(broker, i), ledger, limits, batch_max,
                        f"{client_id}-w{i}", nats) for i in range(count)]
 
 

@@ -20,6 +20,7 @@ import pytest
 
 from carechain import envelope, topics
 from carechain.config import BridgeConfig, BrokerConfig, Limits
+from carechain.credentials import load_mqtt_credentials
 from carechain.events import make_payload
 from carechain.identity import Identity
 from carechain.receipts import open_receipt
@@ -30,6 +31,7 @@ from chain_bridge.broker.acl import (
     acl_text,
     hash_password,
     aggregator_user,
+    host_user,
     miner_user,
     plan_logins,
     store_user,
@@ -104,7 +106,7 @@ def test_the_acl_gives_each_device_exactly_its_own_topics() -> None:
     rules = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
     assert rules == [
         f"user {BRIDGE}", "topic read cc/v1/dev/+/ev", "topic write cc/v1/dev/+/rcpt",
-        "topic write cc/v1/log/checkpoint", "topic write cc/v1/log/final",
+        "topic write cc/v1/log/checkpoint", "topic write cc/v1/log/final", "topic read cc/v1/log/final",
         "topic read cc/v1/miner/+/req", "topic read cc/v1/miner/+/cosig", "topic read cc/v1/miner/+/evidence",
         "topic read cc/v1/miner/+/hello", "topic read cc/v1/miner/+/study", "topic write cc/v1/miner/+/resp",
         "topic read cc/v1/access/records", "topic read cc/v1/access/evidence", "topic write cc/v1/party/+/inbox",
@@ -251,6 +253,58 @@ def test_a_device_cannot_take_the_bridge_workers_share_of_the_events(locked: Loc
     assert all(not sq.messages for sq in squatters)
     for c in (worker, naive, pub, *squatters):
         c.close()
+
+
+def test_each_bridge_host_gets_the_bridges_rules_and_password_under_its_own_login() -> None:
+    text = acl_text(BRIDGE, [], registry_version=1, revoked=0, hosts=2)
+    blocks = {b.splitlines()[0]: b.splitlines()[1:] for b in
+              ("\n".join(ln for ln in text.splitlines() if ln and not ln.startswith("#"))).split("user ")[1:]}
+    assert blocks[f"{BRIDGE}-h0"] == blocks[f"{BRIDGE}-h1"] == blocks[BRIDGE]
+    assert blocks[f"{BRIDGE}-h1-archive"] == blocks[f"{BRIDGE}-archive"]
+    plan = plan_logins({}, BRIDGE, [], hosts=2)
+    assert {u: x.role for u, x in plan.logins.items() if "-h" in u} == {
+        f"{BRIDGE}-h0": "host", f"{BRIDGE}-h0-archive": "archive", f"{BRIDGE}-h1": "host",
+        f"{BRIDGE}-h1-archive": "archive"}
+    # one password for all: the ingest group's name is derived from it, so every host joins the same group
+    assert {x.password for u, x in plan.logins.items() if u.startswith(BRIDGE)} == {plan.logins[BRIDGE].password}
+    rotated = plan_logins(plan.logins, BRIDGE, [], rotate=[BRIDGE], hosts=1)
+    assert rotated.logins[host_user(BRIDGE, 0)].password == rotated.logins[BRIDGE].password != \
+        plan.logins[BRIDGE].password and rotated.removed == [f"{BRIDGE}-h1", f"{BRIDGE}-h1-archive"]
+    with pytest.raises(BrokerAccessError, match="hosts: 17"):
+        plan_logins({}, BRIDGE, [], hosts=17)
+
+
+@needs_mosquitto
+def test_two_bridge_hosts_hold_sessions_side_by_side_and_share_the_events(locked: LockedBroker, devices) -> None:
+    """Several bridge hosts on one PostgreSQL ledger: one login each (the broker ties the client id to it), all
+    in the bridge's shared-subscription group, so each event reaches exactly one host."""
+    access = locked.regenerate(hosts=2)
+    hosts = [load_mqtt_credentials(path) for path in access.host_credentials]
+    assert [h.username for h in hosts] == [f"{BRIDGE}-h0", f"{BRIDGE}-h1"]
+    assert all(oct(path.stat().st_mode & 0o777) == "0o600" for path in access.host_credentials)
+    group = shared_subscription(locked.config(BRIDGE))
+    assert {shared_subscription(BrokerConfig(username=h.username, password=h.password)) for h in hosts} == {group}
+    conns = [login(locked.port, h.username, h.password) for h in hosts]
+    for conn in conns:
+        conn.subscribe(group)
+    twin = locked.login(BRIDGE)  # the negative control: one login twice, and the broker drops the first session
+    assert wait_until(lambda: twin.accepted)
+    again = locked.login(BRIDGE)
+    assert wait_until(twin.dropped.is_set)
+    a = devices[0].device_id
+    pub = locked.login(a)
+    for n in range(20):
+        pub.publish(topics.events(a), b"%d" % n)
+    assert wait_until(lambda: sum(len(c.messages) for c in conns) == 20)
+    assert all(c.messages for c in conns) and not any(c.dropped.is_set() for c in conns)
+    reader = locked.login(a)  # a host leads in turn: it may publish the checkpoint, which devices read
+    reader.subscribe(topics.CHECKPOINT)
+    conns[1].publish(topics.CHECKPOINT, b"note from host 1")
+    assert wait_until(lambda: reader.got(topics.CHECKPOINT, b"note from host 1"))
+    for c in (*conns, twin, again, pub, reader):
+        c.close()
+    kept = locked.regenerate(reload=False)  # re-run after a registration, without --hosts: the hosts stay
+    assert kept.host_credentials == access.host_credentials and kept.plan.removed == []
 
 
 @needs_mosquitto

@@ -267,14 +267,50 @@ def test_register_appends_to_the_database_the_config_names_and_a_file_opener_is_
     assert not (data / "ledger.db").exists()
 
 
-def test_ingest_workers_on_postgresql_are_refused_at_start_naming_the_setting(tmp_path: Path) -> None:
-    from carechain.config import Config, ConfigError
-    from chain_bridge.assembly import assemble_bridge
+@pytest.mark.integration
+def test_ingest_workers_verify_for_a_bridge_on_postgresql_and_every_event_is_anchored_once(
+        postgres: LedgerFactory, tmp_path: Path, broker: TestBroker) -> None:
+    """Worker processes open the ledger where the bridge's is (the database, not a file) for the registry."""
+    import asyncio
 
-    cfg = Config.model_validate({"bridge": {"data_dir": str(tmp_path), "ingest_workers": 2, "store": {
-        "backend": "postgresql", "dsn": "host=127.0.0.1 port=1 dbname=carechain"}}})
-    with pytest.raises(ConfigError, match="bridge.ingest_workers > 0 with bridge.store.backend postgresql"):
-        assemble_bridge(cfg)
+    from edge_agent.agent import Agent, AgentDevice
+    from edge_agent.outbox import Outbox
+
+    if broker.kind != "mosquitto":
+        pytest.skip("ingest workers need MQTT shared subscriptions (mosquitto)")
+    ledger = postgres(tmp_path / "bridge" / "ledger.db")
+    devices = [Identity.generate() for _ in range(3)]
+    register(ledger, devices)
+    bridge = Bridge(BridgeConfig(data_dir=tmp_path / "bridge", checkpoint_interval_s=0.3, contracts=False,
+                                 ingest_workers=2), broker.config, LOG_KEY, ledger, client_id=f"bridge-{tmp_path.name}")
+    bridge.start()
+    agent = Agent([AgentDevice(i, None) for i in devices], Outbox(tmp_path / "agent" / "outbox.db"), broker.config,
+                  LOG_KEY.public_key, window=50, resend_after_s=3.0, client_id=f"agent-{tmp_path.name}")
+    per_device = 120
+    for ident in devices:
+        for k in range(per_device):
+            agent.record(ident.device_id, [("heart_rate", {"bpm": 60 + k % 40})])
+
+    async def drain() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(agent.run(stop))
+        deadline = time.monotonic() + 90
+        while agent.outbox.depth() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        stop.set()
+        await task
+
+    try:
+        assert bridge.wait_ready(60), "the bridge or its workers did not subscribe"
+        asyncio.run(drain())
+    finally:
+        bridge.stop()
+    assert agent.outbox.depth() == 0
+    reopened = postgres(tmp_path / "bridge" / "ledger.db")
+    assert reopened.count_events() == len(devices) * per_device
+    assert {reopened.last_seq(d.device_id) for d in devices} == {per_device - 1}
+    reopened.close()
+    ledger.close()
 
 
 @pytest.mark.integration

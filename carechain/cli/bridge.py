@@ -64,10 +64,16 @@ def bridge(ctx: typer.Context, config: ConfigOpt = None, broker: BrokerOpt = Non
                   f"(size {service.ledger.size}), origin {service.origin}\n"
                   f"log public key {service.log_key.public_key.hex()}", soft_wrap=True, highlight=False)
     try:
-        if service.lease is not None:  # several bridge hosts on one PostgreSQL ledger: one sequences at a time
+        # Several bridge hosts on one PostgreSQL ledger: all ingest and append, the lease holder leads; or,
+        # without bridge.store.standby_ingest, one is active and the others wait idle.
+        if service.ingests_without_lease:
+            if not service.try_lead():
+                console.print("bridge: ingest host (verifies, appends, receipts); leads once it holds the "
+                              "sequencer lease", highlight=False)
+        elif service.lease is not None:
             console.print("bridge: standby until it holds the sequencer lease", highlight=False)
-        if service.await_lease(stop.is_set):  # stopped while standing by: nothing ingested, nothing to do
-            if service.lease is not None:
+        if service.ingests_without_lease or service.await_lease(stop.is_set):  # stopped while standing by: done
+            if service.lease is not None and service.lease.held:
                 console.print("bridge: holds the sequencer lease; active", highlight=False)
             # Ingest workers, if any, are spawned in start(): they must inherit an ignored SIGINT. Without
             # workers there is nothing to spawn, and no window in which a Ctrl-C would be lost.
@@ -90,6 +96,7 @@ def bridge(ctx: typer.Context, config: ConfigOpt = None, broker: BrokerOpt = Non
 
 @bridge_app.command("acl", epilog=example("carechain bridge acl --data-dir carechain-data/bridge",
                                           "carechain bridge acl --workers 4 --miner MINER_ID",
+                                          "carechain bridge acl --hosts 2",
                                           "carechain bridge acl --rotate carechain-bridge"))
 def bridge_acl(
     config: ConfigOpt = None, data_dir: DataDirOpt = None,
@@ -104,6 +111,10 @@ def bridge_acl(
         help="Logins for this many bridge ingest workers, <bridge user>-w0 … (default: bridge.ingest_workers "
              "of the config). The broker ties client ids to logins, so each worker needs its own.",
         min=0, max=64)] = None,
+    hosts: Annotated[int | None, typer.Option(
+        help="Logins for this many bridge hosts sharing one PostgreSQL ledger, <bridge user>-h0 … "
+             "(hosts/<login>.json, with the bridge's password and rights): each host needs its own client id. "
+             "Default: as many as the previous run wrote.", min=0, max=16)] = None,
     miner: Annotated[list[str] | None, typer.Option(
         help="Add a login for the witness miner with this id (`carechain keys show MINER_KEY`); repeatable. "
              "Miners' logins are kept across runs.")] = None,
@@ -115,8 +126,9 @@ def bridge_acl(
 
     Every registered, non-revoked device gets its own MQTT user (user name = device_id) that may only
     publish cc/v1/dev/<its id>/ev and read its own receipts and the checkpoint; the bridge user reads all
-    events and writes receipts and checkpoints; each ingest worker (<bridge user>-w<i>, sharing bridge.json's
-    password) only reads events; each witness miner (carechain-miner-<id>, miners/<id>.json) its own miner
+    events and writes receipts and checkpoints, and so does each bridge host of a shared PostgreSQL ledger
+    (--hosts: <bridge user>-h<i>, hosts/<login>.json); each ingest worker (<bridge user>-w<i>, sharing
+    bridge.json's password) only reads events; each witness miner (carechain-miner-<id>, miners/<id>.json) its own miner
     topics and the checkpoints; revoked devices get no login. The shipped mosquitto template ties every
     client id to its login, so no login can take over another client. Passwords are random, kept
     in DATA_DIR/broker/credentials.json (mode 0600) so re-running keeps them stable, and handed out in one
@@ -135,7 +147,7 @@ def bridge_acl(
         access = generate_broker_access(
             ledger, bdir, out_dir or bdir / "broker", bridge_user=bridge_user, rotate=rotate or (),
             workers=cfg.bridge.ingest_workers if workers is None else workers, add_miners=miner or (),
-            remove_miners=remove_miner or ())
+            remove_miners=remove_miner or (), hosts=hosts)
     except (BrokerAccessError, OSError) as exc:
         raise fail(str(exc)) from None
     finally:
@@ -147,7 +159,8 @@ def bridge_acl(
             "devices": len(access.device_credentials), "bridge_user": bridge_user,
             "revoked_left_out": access.revoked_left_out, "passwd": str(access.passwd), "acl": str(access.acl),
             "bridge_credentials": str(access.bridge_credentials), "devices_dir": str(devices_dir),
-            "workers": access.workers, "miners": sorted(access.miner_credentials),
+            "workers": access.workers, "hosts": [str(p) for p in access.host_credentials],
+            "miners": sorted(access.miner_credentials),
             "miners_dir": str(access.passwd.parent / "miners"),
             "stores_dir": str(access.passwd.parent / "stores"),
             "aggregators_dir": str(access.passwd.parent / "aggregators"),
@@ -163,6 +176,9 @@ def bridge_acl(
         f"devices     {devices_dir}/<device_id>.json   (copy each to its agent: agent.devices[].mqtt_credentials_file)",
         f"workers     {access.workers} ingest worker login(s), {bridge_user}-w<i>, from bridge.json "
         "(run the bridge with at most that many --workers)",
+        *([f"hosts       {access.passwd.parent / 'hosts'}/{bridge_user}-h<i>.json   ({len(access.host_credentials)} "
+           "bridge host(s) on the shared PostgreSQL ledger: broker.credentials_file of each)"]
+          if access.host_credentials else []),
         f"passwords   {store_path(bdir)} (mode 0600; never printed)",
     ]
     if access.miner_credentials:

@@ -9,7 +9,9 @@ for its data-market aggregator (`carechain-aggregator-<miner id>`, which writes 
 results), and each registered patient, doctor and researcher one (`carechain-party-<party id>`) that reads
 only its own inbox. A miner's logins write only its own requests, cosignatures, evidence, hello, storage
 answers and study results; only the bridge answers on the miners' response topics. Miners are those
-registered on the ledger (role `miner`) plus any added by hand. A revoked device has no login at all. One login per
+registered on the ledger (role `miner`) plus any added by hand. Several bridge hosts on one PostgreSQL ledger
+get one login each (`<bridge user>-h<i>`, with the bridge's rights and password, and an archiver login
+`<bridge user>-h<i>-archive`). A revoked device has no login at all. One login per
 client matters because the broker ties client ids to logins (`use_username_as_clientid`): a login can
 then hold one session only and never take over another client's id. Passwords are random, kept in
 `<bridge data dir>/broker/credentials.json` (mode 0600) so that re-running keeps every existing login
@@ -45,6 +47,7 @@ PARTY_USER_PREFIX = "carechain-party-"  # + party id: a record owner's or reques
 # The parties that read records (owners) or ask for them (requesters) over MQTT (`carechain access`).
 PARTY_ROLES = frozenset({"patient", "doctor", "researcher"})
 MAX_WORKERS = 64  # as bridge.ingest_workers
+MAX_HOSTS = 16  # bridge hosts sharing one PostgreSQL ledger (docs/ledger-stores.md)
 STORE_FORMAT = "carechain-broker-credentials-v1"
 STORE_FILE = Path("broker") / "credentials.json"  # under the bridge data dir
 # mosquitto_passwd's defaults for its `$7$` format (PBKDF2-HMAC-SHA512, 12-byte salt, 64-byte hash).
@@ -58,7 +61,10 @@ _DEVICE_ID = re.compile(r"[a-z2-7]{16}")
 _USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _LABEL = re.compile(r"[\w.:/ -]{1,64}")
 
-Role = Literal["bridge", "worker", "archive", "miner", "store", "aggregator", "device", "party"]
+Role = Literal["bridge", "host", "worker", "archive", "miner", "store", "aggregator", "device", "party"]
+# Logins that carry the bridge's password: they run the bridge's own code from its provisioning, and the
+# ingest group name (chain_bridge.workers.share_group) is derived from that password, so all must share it.
+_BRIDGE_PASSWORD_ROLES = ("host", "worker", "archive")
 
 
 class BrokerAccessError(ValueError):
@@ -79,6 +85,12 @@ def aggregator_user(miner_id: str) -> str:
 
 def party_user(party_id: str) -> str:
     return f"{PARTY_USER_PREFIX}{party_id}"
+
+
+def host_user(bridge_user: str, index: int) -> str:
+    """The login of bridge host `index` of a deployment whose bridges share one PostgreSQL ledger: under
+    `use_username_as_clientid` it is the host's client id, so two hosts never take over each other's session."""
+    return f"{bridge_user}-h{index}"
 
 
 # -- the password hash (mosquitto 2.x `$7$` format) ----------------------------------------------------
@@ -148,20 +160,28 @@ def check_miner_id(miner_id: str) -> str:
 
 def plan_logins(previous: Mapping[str, Login], bridge_user: str, device_ids: Iterable[str],
                 rotate: Collection[str] = (), new_password: Callable[[], str] = _new_password, *,
-                workers: int = 0, miner_ids: Iterable[str] = (), party_ids: Iterable[str] = ()) -> LoginPlan:
+                workers: int = 0, miner_ids: Iterable[str] = (), party_ids: Iterable[str] = (),
+                hosts: int = 0) -> LoginPlan:
     """Keep every existing login, create missing ones, give `rotate`d users a new password, drop the rest.
 
     The bridge's `workers` logins share its password: they run in the bridge's own processes from the same
     provisioning file (and the workers' shared-subscription group is derived from that password); they exist
-    so that the broker gives each worker its own client id. Rotating the bridge rotates them with it.
+    so that the broker gives each worker its own client id. So do the `hosts` logins (one per bridge host on
+    a shared PostgreSQL ledger, all in one ingest group) and their archivers' logins. Rotating the bridge
+    rotates them with it.
     """
     check_bridge_user(bridge_user)
     if not 0 <= workers <= MAX_WORKERS:
         raise BrokerAccessError(f"workers: {workers} is not between 0 and {MAX_WORKERS}")
+    if not 0 <= hosts <= MAX_HOSTS:
+        raise BrokerAccessError(f"hosts: {hosts} is not between 0 and {MAX_HOSTS}")
     wanted: dict[str, Role] = {bridge_user: "bridge"}
     for i in range(workers):
         wanted[worker_user(bridge_user, i)] = "worker"
     wanted[archive_user(bridge_user)] = "archive"
+    for i in range(hosts):
+        wanted[host_user(bridge_user, i)] = "host"
+        wanted[archive_user(host_user(bridge_user, i))] = "archive"
     for miner in sorted(set(miner_ids)):
         wanted[miner_user(check_miner_id(miner))] = "miner"
         wanted[store_user(miner)] = "store"
@@ -174,7 +194,7 @@ def plan_logins(previous: Mapping[str, Login], bridge_user: str, device_ids: Ite
         if not _DEVICE_ID.fullmatch(dev):
             raise BrokerAccessError(f"registry holds {dev!r}, which is not a device id; refusing to write an ACL")
         wanted[dev] = "device"
-    unknown = sorted(set(rotate) - {u for u, r in wanted.items() if r not in ("worker", "archive")})
+    unknown = sorted(set(rotate) - {u for u, r in wanted.items() if r not in _BRIDGE_PASSWORD_ROLES})
     if unknown:
         raise BrokerAccessError(f"cannot rotate {', '.join(unknown)}: not the bridge user, a miner's or a party's "
                                 "login, nor a registered, non-revoked device")
@@ -183,7 +203,7 @@ def plan_logins(previous: Mapping[str, Login], bridge_user: str, device_ids: Ite
     rotated: list[str] = []
     for user, role in wanted.items():
         old = previous.get(user)
-        if role in ("worker", "archive"):
+        if role in _BRIDGE_PASSWORD_ROLES:
             shared = logins[bridge_user].password
             if old is not None and old.role == role and hmac.compare_digest(old.password, shared):
                 logins[user] = old
@@ -208,7 +228,7 @@ def _label(text: str) -> str:
 
 
 def acl_text(bridge_user: str, devices: Iterable[DeviceRecord], *, registry_version: int, revoked: int,
-             workers: int = 0, miner_ids: Iterable[str] = (), party_ids: Iterable[str] = ()) -> str:
+             workers: int = 0, miner_ids: Iterable[str] = (), party_ids: Iterable[str] = (), hosts: int = 0) -> str:
     """The ACL: nothing for anonymous clients; per user, exactly the topics it needs."""
     devices = list(devices)
     lines = [
@@ -217,14 +237,47 @@ def acl_text(bridge_user: str, devices: Iterable[DeviceRecord], *, registry_vers
         "# Do not edit: re-run the command and reload mosquitto (SIGHUP). No `topic` line comes before the",
         "# first `user` line, so a client without a username is granted nothing. See docs/broker-security.md.",
         "",
-        "# The bridge reads every device's events. Its ingest workers subscribe to",
-        f"# $share/<group>/{topics.EVENTS_WILDCARD}; mosquitto checks READ against each delivered",
-        "# message's own topic, so this one line covers the shared subscription too.",
+        "# The bridge reads every device's events. Its ingest workers, and bridge hosts sharing one PostgreSQL",
+        f"# ledger, subscribe to $share/<group>/{topics.EVENTS_WILDCARD}; mosquitto checks READ against each",
+        "# delivered message's own topic, so this one line covers the shared subscription too.",
         f"user {bridge_user}",
+        *_bridge_topics(),
+    ]
+    for i in range(hosts):
+        host = host_user(bridge_user, i)
+        lines += ["", f"# bridge host {i} on the shared PostgreSQL ledger: the bridge's topics (it leads while it "
+                  "holds the sequencer lease)", f"user {host}", *_bridge_topics()]
+    for i in range(workers):
+        lines += ["", f"# bridge ingest worker {i}: reads events through the workers' shared subscription",
+                  f"user {worker_user(bridge_user, i)}", f"topic read {topics.EVENTS_WILDCARD}"]
+    for user in [bridge_user, *(host_user(bridge_user, i) for i in range(hosts))]:
+        lines += ["", "# the bridge's archiver (bridge.archive): ciphertexts per owner and epoch to the storage "
+                  "miners", f"user {archive_user(user)}", f"topic write {topics.STORE_REQUEST_WILDCARD}",
+                  f"topic read {topics.STORE_RESPONSE_WILDCARD}", f"topic read {topics.STORE_HELLO_WILDCARD}",
+                  f"topic read {topics.FINAL_CHECKPOINT}"]
+    lines += _miner_and_party_blocks(miner_ids, party_ids)
+    for d in sorted(devices, key=lambda d: d.device_id):
+        lines += [
+            "",
+            f"# device {d.device_id}: profile {_label(d.profile)}, site {_label(d.site)}, "
+            f"registered at leaf {d.registered_idx}",
+            f"user {d.device_id}",
+            f"topic write {topics.events(d.device_id)}",
+            f"topic read {topics.receipts(d.device_id)}",
+            f"topic read {topics.CHECKPOINT}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _bridge_topics() -> list[str]:
+    """The bridge login's topic lines (every bridge host's too)."""
+    return [
         f"topic read {topics.EVENTS_WILDCARD}",
         f"topic write {topics.PREFIX}/dev/+/rcpt",
         f"topic write {topics.CHECKPOINT}",
         f"topic write {topics.FINAL_CHECKPOINT}",
+        "# a bridge host that does not lead follows the leader's final checkpoints (docs/ledger-stores.md)",
+        f"topic read {topics.FINAL_CHECKPOINT}",
         "# Witness miners: their requests, cosignatures and evidence in, proof answers out.",
         f"topic read {topics.MINER_REQUEST_WILDCARD}",
         f"topic read {topics.MINER_COSIG_WILDCARD}",
@@ -240,13 +293,10 @@ def acl_text(bridge_user: str, devices: Iterable[DeviceRecord], *, registry_vers
         f"topic read {topics.ACCESS_EVIDENCE}",
         f"topic write {_PARTY_INBOXES}",
     ]
-    for i in range(workers):
-        lines += ["", f"# bridge ingest worker {i}: reads events through the workers' shared subscription",
-                  f"user {worker_user(bridge_user, i)}", f"topic read {topics.EVENTS_WILDCARD}"]
-    lines += ["", "# the bridge's archiver (bridge.archive): ciphertexts per owner and epoch to the storage miners",
-              f"user {archive_user(bridge_user)}", f"topic write {topics.STORE_REQUEST_WILDCARD}",
-              f"topic read {topics.STORE_RESPONSE_WILDCARD}", f"topic read {topics.STORE_HELLO_WILDCARD}",
-              f"topic read {topics.FINAL_CHECKPOINT}"]
+
+
+def _miner_and_party_blocks(miner_ids: Iterable[str], party_ids: Iterable[str]) -> list[str]:
+    lines: list[str] = []
     for miner in sorted(set(miner_ids)):
         lines += [
             "",
@@ -293,17 +343,7 @@ def acl_text(bridge_user: str, devices: Iterable[DeviceRecord], *, registry_vers
             f"topic write {_PARTY_INBOXES}",
             f"topic read {topics.FINAL_CHECKPOINT}",
         ]
-    for d in sorted(devices, key=lambda d: d.device_id):
-        lines += [
-            "",
-            f"# device {d.device_id}: profile {_label(d.profile)}, site {_label(d.site)}, "
-            f"registered at leaf {d.registered_idx}",
-            f"user {d.device_id}",
-            f"topic write {topics.events(d.device_id)}",
-            f"topic read {topics.receipts(d.device_id)}",
-            f"topic read {topics.CHECKPOINT}",
-        ]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 _PARTY_INBOXES = f"{topics.PREFIX}/party/+/inbox"
@@ -355,15 +395,19 @@ class BrokerAccess:
     party_credentials: dict[str, Path] = field(default_factory=dict)
     store_credentials: dict[str, Path] = field(default_factory=dict)  # miner id -> its storage server's login
     aggregator_credentials: dict[str, Path] = field(default_factory=dict)  # miner id -> its aggregator's login
+    host_credentials: list[Path] = field(default_factory=list)  # bridge host i -> hosts/<bridge user>-h<i>.json
 
 
 def generate_broker_access(ledger: Ledger, data_dir: Path, out_dir: Path, *,
                            bridge_user: str = DEFAULT_BRIDGE_USER, rotate: Collection[str] = (), workers: int = 0,
-                           add_miners: Collection[str] = (), remove_miners: Collection[str] = ()) -> BrokerAccess:
-    """Write passwd, acl, bridge.json, devices/<id>.json, miners/<id>.json, stores/<id>.json and
-    aggregators/<id>.json (all mode 0600) into `out_dir`.
+                           add_miners: Collection[str] = (), remove_miners: Collection[str] = (),
+                           hosts: int | None = None) -> BrokerAccess:
+    """Write passwd, acl, bridge.json, hosts/<bridge user>-h<i>.json, devices/<id>.json, miners/<id>.json,
+    stores/<id>.json and aggregators/<id>.json (all mode 0600) into `out_dir`.
 
-    Logins for `workers` ingest workers share bridge.json's password. Every miner registered on the ledger
+    Logins for `workers` ingest workers and for `hosts` bridge hosts (several bridges on one PostgreSQL
+    ledger, each with its own client id) share bridge.json's password; `hosts` None keeps as many host logins
+    as the store holds, so re-running after a registration does not drop them. Every miner registered on the ledger
     (`party.register` role miner) gets a witness login (miners/), a storage login (stores/) and an aggregator
     login (aggregators/); miners added by hand are kept in the store across runs: `add_miners` adds,
     `remove_miners` drops (a registered miner too). Every patient, doctor and researcher registered on the ledger gets a login and parties/<id>.json.
@@ -373,13 +417,15 @@ def generate_broker_access(ledger: Ledger, data_dir: Path, out_dir: Path, *,
     active = [d for d in registry.values() if not d.revoked]
     store = store_path(data_dir)
     previous = load_store(store)
+    if hosts is None:
+        hosts = sum(1 for login in previous.values() if login.role == "host")
     kept_miners = {u.removeprefix(MINER_USER_PREFIX) for u, x in previous.items() if x.role == "miner"}
     registered = ledger.registered_parties()
     on_ledger = {pid for pid, role in registered.items() if role == "miner"}
     miners = sorted((kept_miners | on_ledger | {check_miner_id(m) for m in add_miners}) - set(remove_miners))
     parties = sorted(pid for pid, role in registered.items() if role in PARTY_ROLES)
     plan = plan_logins(previous, bridge_user, [d.device_id for d in active], rotate, workers=workers,
-                       miner_ids=miners, party_ids=parties)
+                       miner_ids=miners, party_ids=parties, hosts=hosts)
     save_store(store, plan.logins)
 
     out_dir = Path(out_dir)
@@ -387,10 +433,16 @@ def generate_broker_access(ledger: Ledger, data_dir: Path, out_dir: Path, *,
     write_atomic(passwd, passwd_text(plan.logins).encode())
     write_atomic(acl, acl_text(bridge_user, active, registry_version=ledger.registry_version(),
                                revoked=len(registry) - len(active), workers=workers, miner_ids=miners,
-                               party_ids=parties).encode())
+                               party_ids=parties, hosts=hosts).encode())
     bridge_file = out_dir / "bridge.json"
     write_atomic(bridge_file, MqttCredentials(username=bridge_user, password=plan.logins[bridge_user].password)
                  .to_json())
+    host_files = []
+    for i in range(hosts):
+        host_files.append(out_dir / "hosts" / f"{host_user(bridge_user, i)}.json")
+        write_atomic(host_files[-1], MqttCredentials(username=host_user(bridge_user, i),
+                                                     password=plan.logins[bridge_user].password).to_json())
+    stale_hosts = [p for p in sorted((out_dir / "hosts").glob("*.json")) if p not in host_files]
     dev_dir = out_dir / "devices"
     device_files = {}
     for d in active:
@@ -404,11 +456,11 @@ def generate_broker_access(ledger: Ledger, data_dir: Path, out_dir: Path, *,
     store_files, stale_stores = _login_files(out_dir / "stores", miners, store_user, plan)
     aggregator_files, stale_aggregators = _login_files(out_dir / "aggregators", miners, aggregator_user, plan)
     party_files, stale_parties = _login_files(out_dir / "parties", parties, party_user, plan)
-    stale += stale_miners + stale_stores + stale_aggregators + stale_parties
+    stale += stale_miners + stale_stores + stale_aggregators + stale_parties + stale_hosts
     for p in stale:  # revoked devices and removed miners: their login is gone, so is their provisioning file
         p.unlink()
     return BrokerAccess(passwd, acl, bridge_file, device_files, len(registry) - len(active), plan, stale,
-                        miner_files, workers, party_files, store_files, aggregator_files)
+                        miner_files, workers, party_files, store_files, aggregator_files, host_files)
 
 
 def _login_files(folder: Path, ids: Sequence[str], user_of: Callable[[str], str], plan: LoginPlan
