@@ -3,13 +3,17 @@
 Each node's config is rendered from the template kept in the repo (chain_bridge/broker/nats/node.conf) into the
 cluster's own directory, with its own JetStream store. `kill(i)` sends SIGKILL to one node (a crash: nothing is
 flushed, its routes and clients just vanish); `restart(i)` starts it again on the same ports and store.
-Used by the tests and the benchmarks so that neither depends on a machine's shared broker.
+Used by the tests and the benchmarks so that neither depends on a machine's shared broker. The logins are
+`users`, or the nats-authorization.conf of `carechain bridge acl` (`authorization_file`), which every node's
+config includes as it is, and `reload()` re-reads after a re-run.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import time
 import urllib.error
@@ -56,10 +60,12 @@ class NatsNode:
 
 @dataclass
 class NatsCluster:
-    """`nodes` nats-server processes in `workdir`; `users` empty: no authorization (any client connects)."""
+    """`nodes` nats-server processes in `workdir`; logins from `users` or `authorization_file`; neither: no
+    authorization (any client connects)."""
 
     workdir: Path
     users: tuple[NatsUser, ...] = ()
+    authorization_file: Path | None = None
     host: str = "127.0.0.1"
     size: int = NODES
     nodes: list[NatsNode] = field(default_factory=list)
@@ -74,8 +80,10 @@ class NatsCluster:
         for i, p in enumerate(all_ports):
             name = f"n{i + 1}"
             conf = self.workdir / f"{name}.conf"
+            include = "" if self.authorization_file is None else os.path.relpath(self.authorization_file,
+                                                                                  conf.parent)
             conf.write_text(render_node(name, p, all_ports, self.workdir / name / "jetstream", host=self.host,
-                                        users=self.users))
+                                        users=self.users, authorization_include=include))
             conf.chmod(0o600)  # it holds the logins' passwords
             self.nodes.append(NatsNode(name, p, conf, self.workdir / f"{name}.log"))
         try:
@@ -170,6 +178,13 @@ class NatsCluster:
         assert not self.nodes[i].running, f"node {self.nodes[i].name} is running"
         self._spawn(i)
         self.wait_healthy(timeout, nodes=[i], check=self._rejoined)
+
+    def reload(self) -> None:
+        """SIGHUP every running node (what `nats-server --signal reload` sends): it re-reads its config and the
+        files it includes, e.g. a regenerated nats-authorization.conf; logins no longer listed are disconnected."""
+        for node in self.nodes:
+            if node.process is not None and node.running:
+                node.process.send_signal(signal.SIGHUP)
 
     def stop(self) -> None:
         for node in self.nodes:

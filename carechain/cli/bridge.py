@@ -101,7 +101,7 @@ def bridge(ctx: typer.Context, config: ConfigOpt = None, broker: BrokerOpt = Non
 def bridge_acl(
     config: ConfigOpt = None, data_dir: DataDirOpt = None,
     out_dir: Annotated[Path | None, typer.Option(
-        "--out", help="Where to write passwd, acl, bridge.json and devices/<device_id>.json "
+        "--out", help="Where to write passwd, acl, nats-authorization.conf, bridge.json and devices/<device_id>.json "
                       "(default: DATA_DIR/broker).")] = None,
     bridge_user: Annotated[str, typer.Option(help="MQTT user name of the bridge.")] = "carechain-bridge",
     rotate: Annotated[list[str] | None, typer.Option(
@@ -133,11 +133,13 @@ def bridge_acl(
     client id to its login, so no login can take over another client. Passwords are random, kept
     in DATA_DIR/broker/credentials.json (mode 0600) so re-running keeps them stable, and handed out in one
     provisioning file per party (mode 0600); they are never printed. Re-run after every registration or
-    revocation, install passwd and acl for mosquitto and reload it (SIGHUP). See docs/broker-security.md.
+    revocation, install passwd and acl for mosquitto and reload it (SIGHUP). The same logins, with the same
+    rights, are written for a NATS cluster too (nats-authorization.conf, mode 0600: each node's config includes
+    it; reload with nats-server --signal reload). See docs/broker-security.md and docs/nats.md.
     """
     from carechain.cli._ledger import open_bridge_ledger
     from chain_bridge.broker import SECURE_CONF_TEMPLATE
-    from chain_bridge.broker.acl import BrokerAccessError, generate_broker_access, store_path
+    from chain_bridge.broker.acl import NATS_AUTHORIZATION_FILE, BrokerAccessError, generate_broker_access, store_path
 
     cfg = load(config)
     bdir = bridge_dir(cfg, data_dir)
@@ -164,6 +166,7 @@ def bridge_acl(
             "miners_dir": str(access.passwd.parent / "miners"),
             "stores_dir": str(access.passwd.parent / "stores"),
             "aggregators_dir": str(access.passwd.parent / "aggregators"),
+            "nats_authorization": str(access.nats_authorization),
             "passwords": str(store_path(bdir)), "added": list(plan.added), "rotated": list(plan.rotated),
             "removed": list(plan.removed), "template": str(SECURE_CONF_TEMPLATE)}), flush=True)
         return
@@ -191,7 +194,11 @@ def bridge_acl(
     for label, users in (("new", plan.added), ("rotated", plan.rotated), ("removed", plan.removed)):
         if users:
             lines.append(f"{label:<11} {', '.join(users)}")
-    lines += [f"template    {SECURE_CONF_TEMPLATE}",
+    lines += [f"nats        {access.nats_authorization}   (the same logins for a NATS cluster: see below)",
+              f"template    {SECURE_CONF_TEMPLATE}",
               "next: install passwd and acl where mosquitto reads them (mode 0600, owner mosquitto), "
-              "then reload it: kill -HUP <mosquitto pid>"]
+              "then reload it: kill -HUP <mosquitto pid>",
+              f"      or, on a NATS cluster: install {NATS_AUTHORIZATION_FILE} next to each node's config (mode 0600, "
+              f"owner nats), include it there (include \"{NATS_AUTHORIZATION_FILE}\") and reload every node: "
+              "nats-server --signal reload (or kill -HUP <nats-server pid>)"]
     out.print("\n".join(lines), soft_wrap=True, markup=False, highlight=False)
