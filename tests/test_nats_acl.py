@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import bcrypt
 import nats
 import pytest
 from nats.errors import Error as NatsError
@@ -106,7 +107,7 @@ def _event(ident: Identity, seq: int) -> bytes:
 def test_the_nats_file_holds_every_mosquitto_login_with_the_same_password(deployment: Deployment) -> None:
     path = deployment.access.nats_authorization
     assert path is not None and path.name == NATS_AUTHORIZATION_FILE and path.parent == deployment.access.passwd.parent
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600  # passwords in clear
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
     text = path.read_text()
     written = dict(re.findall(r'\{user: "([^"]+)", password: "([^"]+)"', text))
     mosquitto_users = [line.split(":", 1)[0] for line in deployment.access.passwd.read_text().splitlines()]
@@ -115,7 +116,10 @@ def test_the_nats_file_holds_every_mosquitto_login_with_the_same_password(deploy
     for path in [deployment.access.bridge_credentials, *deployment.access.device_credentials.values(),
                  *deployment.access.miner_credentials.values(), *deployment.access.host_credentials]:
         login_file = load_mqtt_credentials(path)
-        assert written[login_file.username] == login_file.password  # a login file works on either broker
+        # A login file works on either broker; the file holds only a bcrypt hash of its password.
+        assert login_file.password not in text
+        assert written[login_file.username].startswith("$2a$")
+        assert bcrypt.checkpw(login_file.password.encode(), written[login_file.username].encode())
 
 
 def test_each_login_gets_its_acl_lines_as_subjects_and_only_the_bridge_core_nats() -> None:
@@ -145,8 +149,11 @@ def test_an_acl_nats_cannot_mirror_is_refused_rather_than_widened() -> None:
 def test_the_text_is_rebuilt_from_the_acl_and_logins_alone(deployment: Deployment) -> None:
     path = deployment.access.nats_authorization
     assert path is not None
-    assert nats_authorization_text(deployment.access.acl.read_text(), deployment.access.plan.logins) == \
-        path.read_text()
+    def unsalted(text: str) -> str:  # each run salts the hashes anew
+        return re.sub(r'password: "\$2a\$[^"]+"', 'password: "<bcrypt>"', text)
+
+    rebuilt = nats_authorization_text(deployment.access.acl.read_text(), deployment.access.plan.logins)
+    assert unsalted(rebuilt) == unsalted(path.read_text()) and rebuilt != path.read_text()
 
 
 def test_the_command_writes_the_nats_file_and_says_how_nodes_load_it(tmp_path: Path) -> None:
@@ -161,7 +168,9 @@ def test_the_command_writes_the_nats_file_and_says_how_nodes_load_it(tmp_path: P
     assert f'include "{NATS_AUTHORIZATION_FILE}"' in result.output
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     bridge_password = load_mqtt_credentials(tmp_path / "out" / "bridge.json").password
-    assert bridge_password in path.read_text() and bridge_password not in result.output
+    assert bridge_password not in path.read_text() and bridge_password not in result.output
+    hashed = re.search(rf'user: "{BRIDGE}", password: "([^"]+)"', path.read_text())
+    assert hashed is not None and bcrypt.checkpw(bridge_password.encode(), hashed.group(1).encode())
     assert f'"{ME.device_id}"' in path.read_text() and REVOKED.device_id not in path.read_text()
     as_json = run("bridge", "acl", "--data-dir", tmp_path / "bridge", "--out", tmp_path / "out", "--json")
     assert json.loads(as_json.output)["nats_authorization"] == str(path)

@@ -160,7 +160,7 @@ def _permission(allowed: Sequence[str]) -> str:
 
 def authorization_block(users: Sequence[NatsUser]) -> str:
     """The `authorization` block: one entry per login with its allow lists; anything not listed is denied.
-    Passwords are written in clear (nats-server also takes bcrypt hashes: docs/nats.md); the file is 0600."""
+    `carechain bridge acl` passes bcrypt hashes as the passwords (nats-server reads `$2a$`); the file is 0600."""
     if not users:
         return "# no authorization block: any client may connect (tests only)"
     lines = ["authorization {", "    users: ["]
