@@ -19,15 +19,12 @@ Each reader is its own process so that its peak RSS (VmHWM) is its own. One run 
 from __future__ import annotations
 
 import argparse
-import functools
 import hashlib
-import http.server
 import json
 import random
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,6 +36,7 @@ from carechain.checkpoint import Checkpoint, sign_note  # noqa: E402
 from carechain.identity import Identity  # noqa: E402
 from carechain.tiles import TileAppender  # noqa: E402
 from chain_bridge.ledger.tiles import TileWriter  # noqa: E402
+from simulators.static_http import serve_directory  # noqa: E402
 
 KEY = Identity.from_seed(b"\x07" * 32)
 ORIGIN = "bench.example/tiles"
@@ -136,11 +134,6 @@ print(json.dumps({{"load_s": round(loaded, 2), "per_proof_ms": round(per * 1000,
 """
 
 
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-        pass
-
-
 def child(code: str, timeout: float) -> dict:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, check=False)
     if done.returncode:
@@ -151,15 +144,8 @@ def child(code: str, timeout: float) -> dict:
 def run(size: int, every: int, proofs: int, base: Path) -> dict:
     directory = base / f"tiles-{size}"
     written = write(directory, size, every)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(directory)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/"
+    with serve_directory(directory) as url:
         tiles = child(READ_TILES.format(repo=str(REPO), key=KEY.public_key.hex(), url=url, proofs=proofs), 600)
-    finally:
-        server.shutdown()
-        server.server_close()
     memory = child(READ_MEMORY.format(repo=str(REPO), size=size, directory=str(directory), proofs=proofs), 1800)
     return {"size": size, "write": written, "read_tiles_http": tiles, "read_in_memory_tree": memory}
 

@@ -4,8 +4,6 @@ the bridge instead of cosigning them or accusing the log."""
 
 from __future__ import annotations
 
-import functools
-import http.server
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +23,7 @@ from chain_bridge.ledger.tiles import TileWriter
 from chain_bridge.proof_responder import ProofResponder
 from chain_miner.service import WitnessMiner
 from chain_miner.tile_feed import TILES_RETRY, TileFeed, TilesBehind
+from simulators.static_http import serve_directory
 
 pytestmark = pytest.mark.integration
 DEADLINE_S = 60  # a bound so a broken run fails instead of hanging; nothing asserts on timing
@@ -36,11 +35,6 @@ def wait_for(what: str, cond: Callable[[], bool]) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"gave up waiting for {what}")
         time.sleep(0.05)
-
-
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (the stdlib's name)
-        pass
 
 
 class Log:
@@ -76,15 +70,8 @@ def log(tmp_path: Path) -> Iterator[Log]:
 @pytest.fixture
 def served(log: Log) -> Iterator[str]:
     log.tiles.mkdir(parents=True, exist_ok=True)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(log.tiles)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    with serve_directory(log.tiles) as url:
+        yield url
 
 
 def tamper_newest_entry(log: Log, size: int) -> None:

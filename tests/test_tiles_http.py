@@ -4,7 +4,6 @@ from it, and says NOT VERIFIED when a tile, an entry or the key is wrong."""
 
 from __future__ import annotations
 
-import functools
 import gzip
 import http.server
 import json
@@ -30,6 +29,7 @@ from chain_bridge.bridge import Bridge
 from chain_bridge.ledger.integrity import audit_ledger
 from chain_bridge.ledger.store import Ledger
 from chain_bridge.registry import ledger_path, log_key, operator_key
+from simulators.static_http import serve_directory
 
 DEVS = [Identity.from_seed(bytes([0x50 + i]) * 32) for i in range(3)]
 BATCHES = [5, 250, 40, 300, 1]  # checkpoints at irregular sizes, across tile boundaries
@@ -71,21 +71,8 @@ def log(tmp_path_factory: pytest.TempPathFactory) -> dict:
 @pytest.fixture
 def served(log: dict) -> Iterator[str]:
     """A real HTTP server on a free loopback port serving the tile directory; stopped after the test."""
-    handler = functools.partial(_QuietHandler, directory=str(log["tiles"]))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (the stdlib's name)
-        pass
+    with serve_directory(log["tiles"]) as url:
+        yield url
 
 
 def verify(*args: str) -> tuple[int, dict]:
