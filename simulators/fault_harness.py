@@ -263,6 +263,32 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def patient_devices(ledger: Ledger, bridge_dir: Path, agent_dir: Path, agent: int, count: int, site: str,
+                    inventory: list[InventoryDevice]) -> tuple[list[dict], list[str]]:
+    """One agent's devices: a patient registered on the ledger and `count` device keys under `agent_dir`/keys.
+    Returns the agent config's `devices` entries and the device ids; appends their inventory rows.
+
+    Protocol 2: the devices seal their readings to that patient (her re-encryption key), a registered party: the
+    contracts refuse an epoch_key sealed to anyone else."""
+    patient, patient_pre = Identity.generate(), PreKey.generate()
+    submit(ledger, contract_genesis(bridge_dir), [ce.party_registration_entry(operator_key(bridge_dir),
+        ce.PartyRegistration(role="patient", pk=patient.public_key, name=f"patient {agent}",
+                             ts=int(time.time() * 1000), pre_pk=patient_pre.public_key,
+                             pre_vk=patient_pre.verifying_key))])
+    devices, ids = [], []
+    for d in range(count):
+        profile = PROFILES[d % len(PROFILES)]
+        key_file = agent_dir / "keys" / f"{profile}-{d}.key"
+        ident = Identity.generate()
+        ident.save(key_file)
+        devices.append({"key_file": str(key_file), "profile": profile, "owner": patient.device_id,
+                        "owner_pre_key": patient_pre.public_key.hex()})
+        ids.append(ident.device_id)
+        inventory.append(InventoryDevice(name=f"a{agent}d{d}", profile=profile, owner=patient.device_id,
+                                         site=site, public_key=ident.public_key, line=0))
+    return devices, ids
+
+
 class Fleet:
     """A broker, a bridge and `agents` agents with `devices_per_agent` simulated devices each."""
 
@@ -305,27 +331,11 @@ class Fleet:
         bdir = self.work / "bridge"
         ledger = Ledger(ledger_path(bdir))
         log_pk = log_key(bdir).public_key.hex()
-        inventory = []
+        inventory: list[InventoryDevice] = []
         agent_port = self.proxy.port if self.proxy else self.broker.port
         for a in range(self.n_agents):
             adir = self.work / f"agent{a}"
-            devices, ids = [], []
-            # Protocol 2: each agent's devices seal their readings to one patient (her re-encryption key), a
-            # registered party: the contracts refuse an epoch_key sealed to anyone else.
-            patient, patient_pre = Identity.generate(), PreKey.generate()
-            submit(ledger, contract_genesis(bdir), [ce.party_registration_entry(operator_key(bdir), ce.PartyRegistration(
-                role="patient", pk=patient.public_key, name=f"patient {a}", ts=int(time.time() * 1000),
-                pre_pk=patient_pre.public_key, pre_vk=patient_pre.verifying_key))])
-            for d in range(self.per_agent):
-                profile = PROFILES[d % len(PROFILES)]
-                key_file = adir / "keys" / f"{profile}-{d}.key"
-                ident = Identity.generate()
-                ident.save(key_file)
-                devices.append({"key_file": str(key_file), "profile": profile, "owner": patient.device_id,
-                                "owner_pre_key": patient_pre.public_key.hex()})
-                ids.append(ident.device_id)
-                inventory.append(InventoryDevice(name=f"a{a}d{d}", profile=profile, owner=patient.device_id,
-                                                 site="faults", public_key=ident.public_key, line=0))
+            devices, ids = patient_devices(ledger, bdir, adir, a, self.per_agent, "faults", inventory)
             cfg = self._config(adir / "agent.yaml", agent_port, {
                 "data_dir": str(adir), "devices": devices, "bridge_public_key": log_pk,
                 "resend_after_s": self.resend_after_s, "speedup": self.speedup, "window": self.window})

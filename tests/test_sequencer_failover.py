@@ -29,9 +29,7 @@ from carechain.cosignature import Cosigner, cosign
 from carechain.entries import ENTRY_EVENT, Entry
 from carechain.identity import Identity
 from carechain.inventory import InventoryDevice
-from carechain.reencryption import PreKey
 from chain_bridge.bridge import Bridge
-from chain_bridge.contract_admin import submit
 from chain_bridge.lease import LeaseLost, SequencerLease
 from chain_bridge.ledger.postgres import PostgresLocation
 from chain_bridge.ledger.reader import LedgerReader
@@ -40,13 +38,11 @@ from chain_bridge.registry import (
     GENESIS_FILE,
     LOG_KEY_FILE,
     OPERATOR_KEY_FILE,
-    contract_genesis,
     log_key,
     operator_key,
     register_devices,
 )
-from contract_rules import transactions as ce
-from simulators.fault_harness import AgentProcess, _cli, _env
+from simulators.fault_harness import AgentProcess, _cli, _env, patient_devices
 from simulators.mosquitto import REPO, Mosquitto, mosquitto_binary
 from tests.conftest import LedgerFactory
 from tests.locked_broker import login
@@ -168,25 +164,12 @@ def _provision(work: Path, location: PostgresLocation, broker_port: int, *,
     host), devices registered on the shared ledger, and two agents with three simulated devices each."""
     first = work / "bridge-a"
     log_pk = log_key(first).public_key.hex()
-    genesis = contract_genesis(first)
     ledger = Ledger(location)
-    inventory, agents = [], []
+    inventory: list[InventoryDevice] = []
+    agents = []
     for a in range(2):
         adir = work / f"agent{a}"
-        patient, patient_pre = Identity.generate(), PreKey.generate()
-        submit(ledger, genesis, [ce.party_registration_entry(operator_key(first), ce.PartyRegistration(
-            role="patient", pk=patient.public_key, name=f"patient {a}", ts=int(time.time() * 1000),
-            pre_pk=patient_pre.public_key, pre_vk=patient_pre.verifying_key))])
-        devices, ids = [], []
-        for d, profile in enumerate(PROFILES):
-            key_file = adir / "keys" / f"{profile}-{d}.key"
-            ident = Identity.generate()
-            ident.save(key_file)
-            devices.append({"key_file": str(key_file), "profile": profile, "owner": patient.device_id,
-                            "owner_pre_key": patient_pre.public_key.hex()})
-            ids.append(ident.device_id)
-            inventory.append(InventoryDevice(name=f"a{a}d{d}", profile=profile, owner=patient.device_id,
-                                             site="failover", public_key=ident.public_key, line=0))
+        devices, ids = patient_devices(ledger, first, adir, a, len(PROFILES), "failover", inventory)
         config = adir / "agent.yaml"
         config.write_text(yaml.safe_dump({
             "broker": {"host": "127.0.0.1", "port": broker_port, "keepalive_s": 5},
