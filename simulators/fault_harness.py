@@ -31,6 +31,7 @@ import paho.mqtt.client as mqtt
 import yaml
 
 from carechain import envelope, topics
+from carechain.batch import events_in
 from carechain.entries import ENTRY_EVENT, Entry
 from carechain.identity import Identity
 from carechain.inventory import InventoryDevice
@@ -485,7 +486,7 @@ def duplicated_and_reordered(work: Path, copies: int = 2) -> Result:
             rng.shuffle(batch)
             for topic, payload in batch:
                 tap.publish(topic, payload, qos=1)
-            replayed += len(batch)
+            replayed += sum(events_in(payload) for _, payload in batch)  # events: a message may be a batch
 
         end = time.monotonic() + PRODUCE_S
         while time.monotonic() < end:
