@@ -18,7 +18,10 @@ from carechain.identity import Identity
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
 PRODUCT = ["carechain", "edge_agent", "chain_bridge", "chain_miner", "contract_rules", "device_profiles"]
-EXTRAS_ONLY = ["amqtt", "bumble", "zfec"]  # the demo's broker, virtual BLE peripherals, erasure coding
+EXTRAS_ONLY = ["amqtt", "bumble", "zfec", "psycopg"]  # the demo's broker, virtual BLE, erasure coding, PostgreSQL
+# Modules that exist only for an extra: no other module may import them at import time (checked below, with the
+# extra's package blocked), and their extra must name what they import.
+EXTRA_MODULES = {"chain_bridge.ledger.postgres": ("postgresql", "psycopg"), "chain_bridge.lease": ("postgresql", "psycopg")}
 
 DEVICE = Identity.from_seed(bytes(range(32)))
 
@@ -35,7 +38,7 @@ failed = []
 for top in {PRODUCT!r}:
     package = importlib.import_module(top)
     for info in pkgutil.walk_packages(package.__path__, top + "."):
-        if info.name.endswith(".__main__"):  # runs the CLI when imported
+        if info.name.endswith(".__main__") or info.name in {sorted(EXTRA_MODULES)!r}:  # the CLI; extra-only
             continue
         try:
             importlib.import_module(info.name)
@@ -46,6 +49,14 @@ print("\\n".join(failed))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "", f"modules that need an extra at import time:\n{done.stdout}"
+
+
+def test_each_extra_only_module_is_covered_by_its_extra() -> None:
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    for module, (extra, package) in EXTRA_MODULES.items():
+        assert package in {_name(req) for req in extras[extra]}, f"{module} needs {package}, not in [{extra}]"
+        source = (ROOT / (module.replace(".", "/") + ".py")).read_text(encoding="utf-8")
+        assert f"import {package}" in source  # the reason it is listed at all
 
 
 def test_the_agent_dependencies_leave_the_extras_out() -> None:
