@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -224,15 +224,20 @@ class AgentProcess:
 def ledger_event_counts(path: Path) -> Counter[tuple[str, int]]:
     """(device, seq) → how many leaves of the log hold it, from the leaf bytes themselves."""
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-    counts: Counter[tuple[str, int]] = Counter()
     try:
-        for (data,) in db.execute("SELECT data FROM entries ORDER BY idx"):
-            entry = Entry.decode(bytes(data))
-            if entry.type == ENTRY_EVENT:
-                payload = envelope.parse(entry.cose, max_bytes=1 << 20).payload
-                counts[(payload["dev"], payload["seq"])] += 1
+        return event_counts(bytes(data) for (data,) in db.execute("SELECT data FROM entries ORDER BY idx"))
     finally:
         db.close()
+
+
+def event_counts(leaves: Iterable[bytes]) -> Counter[tuple[str, int]]:
+    """(device, seq) → how many of these ledger leaves hold that event."""
+    counts: Counter[tuple[str, int]] = Counter()
+    for leaf in leaves:
+        entry = Entry.decode(leaf)
+        if entry.type == ENTRY_EVENT:
+            payload = envelope.parse(entry.cose, max_bytes=1 << 20).payload
+            counts[(payload["dev"], payload["seq"])] += 1
     return counts
 
 

@@ -22,11 +22,10 @@ from typing import cast
 import pytest
 import yaml
 
-from carechain import envelope, topics
+from carechain import topics
 from carechain.checkpoint import parse_note
 from carechain.config import BridgeConfig, BrokerConfig, MinerKey, StoreConfig
 from carechain.cosignature import Cosigner, cosign
-from carechain.entries import ENTRY_EVENT, Entry
 from carechain.identity import Identity
 from carechain.inventory import InventoryDevice
 from chain_bridge.bridge import Bridge
@@ -42,7 +41,7 @@ from chain_bridge.registry import (
     operator_key,
     register_devices,
 )
-from simulators.fault_harness import AgentProcess, _cli, _env, patient_devices
+from simulators.fault_harness import AgentProcess, _cli, _env, event_counts, patient_devices
 from simulators.mosquitto import REPO, Mosquitto, mosquitto_binary
 from tests.conftest import LedgerFactory
 from tests.locked_broker import login
@@ -146,16 +145,10 @@ def _assert_each_event_once(location: PostgresLocation, signed: dict[str, int]) 
 def _event_counts(location: PostgresLocation) -> Counter[tuple[str, int]]:
     """(device, seq) → how many leaves of the log hold it, from the leaf bytes themselves."""
     reader = LedgerReader(location)
-    counts: Counter[tuple[str, int]] = Counter()
     try:
-        for leaf in reader.leaves(0, reader.size()):
-            entry = Entry.decode(leaf)
-            if entry.type == ENTRY_EVENT:
-                payload = envelope.parse(entry.cose, max_bytes=1 << 20).payload
-                counts[(payload["dev"], payload["seq"])] += 1
+        return event_counts(reader.leaves(0, reader.size()))
     finally:
         reader.close()
-    return counts
 
 
 def _provision(work: Path, location: PostgresLocation, broker_port: int, *,
