@@ -31,6 +31,7 @@ class _Section(BaseModel):
 HEX_KEY = r"^[0-9a-f]{64}$"  # a hex Ed25519 public key
 PRE_KEY_HEX = r"^[0-9a-f]{66}$"  # a hex umbral (secp256k1, compressed) public key: 33 bytes
 PARTY_ID = r"^[a-z2-7]{16}$"  # a party id: base32 of its Ed25519 public key's hash, as a device id
+HOST_PORT = r"^[^\s:/]+:[0-9]{1,5}$"  # a listen address, e.g. 127.0.0.1:9101
 
 
 class BrokerConfig(_Section):
@@ -144,6 +145,9 @@ class MinerConfig(_Section):
     mpc_ports: int = Field(default=64, ge=1, le=1024, description="How many TCP ports from `mpc_listen`'s on "
                            "the aggregator may use: each study computation listens on its own (the same offset "
                            "on every aggregator), so parties of two studies never meet on one port.")
+    metrics_listen: str | None = Field(default=None, pattern=HOST_PORT, description="host:port where the miner "
+                                       "serves /metrics (Prometheus), /healthz and /readyz; unset: none "
+                                       "(docs/console.md).")
 
 
 class ArchiveConfig(_Section):
@@ -268,6 +272,28 @@ class StoreConfig(_Section):
         return self
 
 
+class ConsoleConfig(_Section):
+    """`bridge.console`: the operator's web console with /metrics, /healthz and /readyz (docs/console.md). Off
+    unless `listen` is set (or `carechain bridge --http HOST:PORT`)."""
+
+    listen: str | None = Field(default=None, pattern=HOST_PORT, description="host:port of the console, "
+                               "/metrics and the health checks; unset: not served. Keep it on loopback or a "
+                               "management network: put TLS in front (a reverse proxy) beyond one host.")
+    accounts_file: Path | None = Field(default=None, description="Operator accounts (hashed passwords and "
+                                       "roles; `carechain console user add`); default "
+                                       "DATA_DIR/console/accounts.json, mode 0600.")
+    session_idle_s: float = Field(default=1800.0, ge=60, le=86400, description="A console session ends after "
+                                  "this long without a request.")
+    session_max_s: float = Field(default=12 * 3600.0, ge=300, le=7 * 86400, description="A console session "
+                                 "ends this long after login, active or not.")
+    max_login_failures: int = Field(default=5, ge=1, le=100, description="Failed logins (per account and per "
+                                    "client address) within `lockout_s` before further attempts are refused.")
+    lockout_s: float = Field(default=300.0, ge=1, le=86400, description="How long failed logins are counted "
+                             "and a locked-out account or address is refused.")
+    refresh_s: float = Field(default=2.0, ge=0.2, le=60, description="How often live pages receive new "
+                             "figures (server-sent events).")
+
+
 class BridgeConfig(_Section):
     """`bridge`: `carechain bridge`, which verifies, sequences and anchors events and answers with receipts."""
 
@@ -325,6 +351,8 @@ class BridgeConfig(_Section):
     anchor: AnchorConfig = Field(default_factory=AnchorConfig, description="Anchoring checkpoints on an "
                                  "Ethereum-compatible chain (see `bridge.anchor`).")
     store: StoreConfig = Field(default_factory=StoreConfig, description="The ledger store (see `bridge.store`).")
+    console: ConsoleConfig = Field(default_factory=ConsoleConfig, description="The operator's web console, "
+                                   "metrics and health checks (see `bridge.console`).")
 
     @model_validator(mode="after")
     def _nats_ingest(self) -> BridgeConfig:
@@ -413,6 +441,15 @@ class AgentConfig(_Section):
     epoch_minutes: int = Field(default=60, ge=1, le=1440, description="Protocol 2: length of a key epoch. All "
                                "readings of one device in one epoch share a data key; an access grant opens "
                                "whole epochs, and each epoch costs one re-encryption per miner.")
+    metrics_listen: str | None = Field(default=None, pattern=HOST_PORT, description="host:port where the agent "
+                                       "serves /metrics (Prometheus), /healthz and /readyz; unset: none "
+                                       "(docs/console.md).")
+    status_interval_s: float = Field(default=30.0, ge=1, le=3600, description="How often each device reports "
+                                     "its status (outbox depth, battery), signed with its key, to the bridge's "
+                                     "console; never a reading.")
+    ble_adapter: str | None = Field(default=None, pattern=r"^hci[0-9]{1,3}$", description="The Bluetooth "
+                                    "adapter the agent's BLE devices are reached through (BlueZ name, e.g. "
+                                    "hci1); unset: the system's default adapter.")
 
     @model_validator(mode="after")
     def _protocol_2_features(self) -> AgentConfig:

@@ -21,9 +21,11 @@ from carechain.cli import (
     agent,
     bridge,
     consent,
+    console,
     contracts,
     cutover,
     demo,
+    export,
     formulary,
     keys,
     miner,
@@ -42,7 +44,7 @@ SET_UP, RUN, CONTRACTS, RECORDS, STORAGE, AUDIT, TRY = ("Set up", "Run a party",
 # In the order a deployment meets them: keys, register, run the bridge, agents and miners, then the
 # contracts, storage and the proofs anyone can check; the demo last.
 ORDER = ("keys", "register", "cutover", "bridge", "agent", "miner", "party", "formulary", "rx", "policy", "token",
-         "bond", "balance", "access", "consent", "study", "trial", "store", "proof", "verify", "demo")
+         "bond", "balance", "access", "consent", "study", "trial", "store", "export", "proof", "verify", "console", "demo")
 
 
 class _InOrder(TyperGroup):
@@ -95,6 +97,8 @@ app.add_typer(consent.consent_app, name="consent", rich_help_panel=RECORDS)
 app.add_typer(study.study_app, name="study", rich_help_panel=RECORDS)
 app.add_typer(trial.trial_app, name="trial", rich_help_panel=RECORDS)
 app.add_typer(store.store_app, name="store", rich_help_panel=STORAGE)
+app.add_typer(export.export_app, name="export", rich_help_panel=RECORDS)
+app.add_typer(console.console_app, name="console", rich_help_panel=RUN)
 app.command("proof", epilog=proofs.PROOF_EPILOG, rich_help_panel=AUDIT)(proofs.proof)
 app.command("verify", epilog=proofs.VERIFY_EPILOG, rich_help_panel=AUDIT)(proofs.verify)
 app.command("demo", epilog=demo.EPILOG, rich_help_panel=TRY)(demo.demo)
