@@ -25,6 +25,7 @@ import paho.mqtt.client as mqtt
 
 from carechain.config import BrokerConfig
 from carechain.files import check_private
+from carechain.mqtt_loop import NetworkLoop
 from carechain.retry import MQTT_RECONNECT, Backoff, ReconnectPolicy
 
 log = logging.getLogger("carechain.transport")
@@ -148,6 +149,8 @@ class _Link:
         self.addresses = [(broker.host, broker.port), *(_host_port(a) for a in broker.failover)]
         self._at = 0
         self.move_on = False
+        self.retry_delay_s = policy.initial_s  # the wait before the next attempt (read by carechain.mqtt_loop)
+        self.closed = False  # disconnected on purpose: no more attempts
 
     def next_address(self) -> tuple[str, int] | None:
         """Where the coming attempt should go, if another address than the last one (after a failure)."""
@@ -162,6 +165,7 @@ class _Link:
     def _retry_in(self, delay_s: float) -> None:
         # paho waits its reconnect delay before the next attempt; with min = max it waits exactly ours.
         # (paho sleeps fractional seconds fine; its int hint is narrower than its code.)
+        self.retry_delay_s = delay_s
         self.client.reconnect_delay_set(delay_s, delay_s)  # type: ignore[arg-type]
 
     def attempt_failed(self, exc: OSError) -> None:
@@ -194,6 +198,7 @@ class _Link:
         now = time.monotonic()
         was_up, self.up = self.up, False
         if not rc.is_failure:
+            self.closed = True
             return  # our own disconnect(): paho's loop ends, nothing to retry
         self.move_on = True
         if not was_up:
@@ -251,10 +256,13 @@ def connect_client(
     max_queued: int = 0,
     policy: ReconnectPolicy = MQTT_RECONNECT,
     will: tuple[str, bytes] | None = None,
+    network: NetworkLoop | None = None,
 ) -> mqtt.Client:
     """Create a paho client, start its network thread and connect asynchronously (it keeps retrying under
     `policy`, logging every failure). `will`: (topic, payload) the broker publishes, retained, when this
-    client vanishes without a clean disconnect (an empty payload clears a retained discovery message)."""
+    client vanishes without a clean disconnect (an empty payload clears a retained discovery message).
+    `network`: drive the client from that shared loop instead of a thread of its own (an agent's many devices;
+    carechain.mqtt_loop says why); stop the loop after `disconnect()`ing its clients."""
     client = _Client(
         callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
         client_id=client_id,
@@ -318,5 +326,8 @@ def connect_client(
     client.on_subscribe = _on_subscribe
     link._retry_in(link.backoff.policy.initial_s)  # until the first failure picks a jittered delay
     client.connect_async(broker.host, broker.port, keepalive=broker.keepalive_s)
-    client.loop_start()
+    if network is not None:
+        network.add(client, link)
+    else:
+        client.loop_start()
     return client
