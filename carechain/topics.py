@@ -6,6 +6,7 @@ import re
 
 PREFIX = "cc/v1"
 EVENTS_WILDCARD = f"{PREFIX}/dev/+/ev"
+STATUS_WILDCARD = f"{PREFIX}/dev/+/status"  # device → bridge, QoS 0: outbox depth and battery (carechain.device_status)
 CHECKPOINT = f"{PREFIX}/log/checkpoint"
 FINAL_CHECKPOINT = f"{PREFIX}/log/final"  # retained: the latest checkpoint with its t-of-n miner cosignatures
 MINER_REQUEST_WILDCARD = f"{PREFIX}/miner/+/req"
@@ -15,6 +16,7 @@ MINER_HELLO_WILDCARD = f"{PREFIX}/miner/+/hello"
 MINER_STUDY_WILDCARD = f"{PREFIX}/miner/+/study"
 _DEVICE_ID = re.compile(r"[a-z2-7]{1,64}")  # always fullmatch: `$` would accept a trailing newline
 _EVENT_TOPIC = re.compile(rf"{PREFIX}/dev/([^/]+)/ev")
+_STATUS_TOPIC = re.compile(rf"{PREFIX}/dev/([^/]+)/status")
 _MINER_TOPIC = re.compile(rf"{PREFIX}/miner/([^/]+)/(req|resp|cosig|evidence|hello|study)")
 
 
@@ -29,6 +31,17 @@ def receipts(device_id: str) -> str:
 def device_of_event_topic(topic: str) -> str | None:
     """The device id named by an event topic, or None when the topic is not one."""
     m = _EVENT_TOPIC.fullmatch(topic)
+    return m.group(1) if m and _DEVICE_ID.fullmatch(m.group(1)) else None
+
+
+def status(device_id: str) -> str:
+    """Device → bridge (QoS 0, not retained): the device's signed status report, never a reading."""
+    return f"{PREFIX}/dev/{_checked(device_id)}/status"
+
+
+def device_of_status_topic(topic: str) -> str | None:
+    """The device id named by a status topic, or None when the topic is not one."""
+    m = _STATUS_TOPIC.fullmatch(topic)
     return m.group(1) if m and _DEVICE_ID.fullmatch(m.group(1)) else None
 
 

@@ -29,8 +29,8 @@ from chain_bridge.broker import worker_user
 from chain_bridge.broker.acl import (
     BrokerAccessError,
     acl_text,
-    hash_password,
     aggregator_user,
+    hash_password,
     host_user,
     miner_user,
     plan_logins,
@@ -105,7 +105,7 @@ def test_the_acl_gives_each_device_exactly_its_own_topics() -> None:
     text = acl_text(BRIDGE, [a], registry_version=2, revoked=1)
     rules = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
     assert rules == [
-        f"user {BRIDGE}", "topic read cc/v1/dev/+/ev", "topic write cc/v1/dev/+/rcpt",
+        f"user {BRIDGE}", "topic read cc/v1/dev/+/ev", "topic read cc/v1/dev/+/status", "topic write cc/v1/dev/+/rcpt",
         "topic write cc/v1/log/checkpoint", "topic write cc/v1/log/final", "topic read cc/v1/log/final",
         "topic read cc/v1/miner/+/req", "topic read cc/v1/miner/+/cosig", "topic read cc/v1/miner/+/evidence",
         "topic read cc/v1/miner/+/hello", "topic read cc/v1/miner/+/study", "topic write cc/v1/miner/+/resp",
@@ -113,6 +113,7 @@ def test_the_acl_gives_each_device_exactly_its_own_topics() -> None:
         f"user {BRIDGE}-archive", "topic write cc/v1/store/+/req", "topic read cc/v1/store/+/resp",
         "topic read cc/v1/store/+/hello", "topic read cc/v1/log/final",
         "user aaaaaaaaaaaaaaaa", "topic write cc/v1/dev/aaaaaaaaaaaaaaaa/ev",
+        "topic write cc/v1/dev/aaaaaaaaaaaaaaaa/status",
         "topic read cc/v1/dev/aaaaaaaaaaaaaaaa/rcpt", "topic read cc/v1/log/checkpoint",
     ]  # a newline smuggled into a registry label cannot add a line
     assert text.splitlines()[0].startswith("#")

@@ -1,8 +1,8 @@
 """`carechain bridge acl`: a mosquitto password file and ACL derived from the ledger's device registry.
 
 Least privilege (docs/broker-security.md): every registered, non-revoked device is its own MQTT user
-(username = device_id) that may only publish its own events and read its own receipts and the checkpoint;
-the bridge has its own user, each of its ingest workers one more (`<bridge user>-w<i>`, read-only), each
+(username = device_id) that may only publish its own events and status reports and read its own receipts and
+the checkpoint; the bridge has its own user, each of its ingest workers one more (`<bridge user>-w<i>`, read-only), each
 witness miner one (`carechain-miner-<miner id>`) and, for the same miner id, one for its storage server
 (`carechain-store-<miner id>`: the two run as separate processes, and one login holds one session) and one
 for its data-market aggregator (`carechain-aggregator-<miner id>`, which writes only that miner's study
@@ -267,6 +267,7 @@ def acl_text(bridge_user: str, devices: Iterable[DeviceRecord], *, registry_vers
             f"registered at leaf {d.registered_idx}",
             f"user {d.device_id}",
             f"topic write {topics.events(d.device_id)}",
+            f"topic write {topics.status(d.device_id)}",
             f"topic read {topics.receipts(d.device_id)}",
             f"topic read {topics.CHECKPOINT}",
         ]
@@ -277,6 +278,8 @@ def _bridge_topics() -> list[str]:
     """The bridge login's topic lines (every bridge host's too)."""
     return [
         f"topic read {topics.EVENTS_WILDCARD}",
+        "# devices' signed status reports (outbox depth, battery) for the console; never on the ledger",
+        f"topic read {topics.STATUS_WILDCARD}",
         f"topic write {topics.PREFIX}/dev/+/rcpt",
         f"topic write {topics.CHECKPOINT}",
         f"topic write {topics.FINAL_CHECKPOINT}",
