@@ -1,21 +1,33 @@
-"""The one config loader: a YAML (or TOML) file, then `CARECHAIN_*` environment variables, then flags.
+"""The one config loader: defaults, then a YAML (or TOML) file, then `CARECHAIN_*` environment variables, then flags.
 
 Every field has a safe default, so `carechain demo` needs no file at all; every field has a description,
 from which docs/configuration.md is generated (`carechain.config_reference`). What a party needs beyond a
 valid file (an agent's bridge key, each device's own login) is checked when that party starts
 (`AgentConfig.bridge_key`, `check_agent_logins`), so one file can serve a bridge before its key exists.
+
+Every key can be set in each layer: in the file, as `CARECHAIN_<SECTION>__<KEY>` in the environment
+(pydantic-settings' nested variables: `CARECHAIN_BRIDGE__LIMITS__MAX_EVENT_BYTES=8192`, lists and maps as
+JSON), and on the command line (`--set bridge.batch_max=500`, parsed as its environment variable would be).
+A later layer wins key by key; an error names the key and the layer it came from. Secret files (fields
+marked `secret`) given as relative paths are found in systemd's `$CREDENTIALS_DIRECTORY` when it is set.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
+from pydantic_settings.sources.utils import parse_env_vars
 
 from carechain.identity import parse_public_key_hex
 
@@ -32,6 +44,9 @@ HEX_KEY = r"^[0-9a-f]{64}$"  # a hex Ed25519 public key
 PRE_KEY_HEX = r"^[0-9a-f]{66}$"  # a hex umbral (secp256k1, compressed) public key: 33 bytes
 PARTY_ID = r"^[a-z2-7]{16}$"  # a party id: base32 of its Ed25519 public key's hash, as a device id
 HOST_PORT = r"^[^\s:/]+:[0-9]{1,5}$"  # a listen address, e.g. 127.0.0.1:9101
+# Marks a path field that names a file holding a secret: a relative path is looked up in systemd's
+# $CREDENTIALS_DIRECTORY when that is set (`LoadCredential=`), and the reference page says so.
+SECRET_FILE: dict[str, Any] = {"secret": True}
 
 
 class BrokerConfig(_Section):
@@ -44,13 +59,18 @@ class BrokerConfig(_Section):
     username: str | None = Field(default=None, description="MQTT user name of this party (the bridge's; an "
                                  "agent's devices log in with their own `mqtt_credentials_file`).")
     password: str | None = Field(default=None, repr=False, description="Password for `username`; prefer "
-                                 "`credentials_file` (never printed or logged).")
+                                 "`password_file` or `credentials_file` (never printed or logged).")
+    password_file: Path | None = Field(default=None, json_schema_extra=SECRET_FILE, description="A file (mode "
+                                       "0600, or a systemd credential) holding the password for `username`; "
+                                       "instead of `password`, which would sit in the config or environment.")
     tls_ca: Path | None = Field(default=None, description="Set: connect over TLS, trusting this CA only and "
                                 "checking that the broker's certificate names `host`.")
     tls_cert: Path | None = Field(default=None, description="Client certificate (PEM), for a broker with "
                                   "`require_certificate`; goes with `tls_key`.")
-    tls_key: Path | None = Field(default=None, description="Private key of `tls_cert` (PEM, mode 0600).")
-    credentials_file: Path | None = Field(default=None, description="The bridge's MQTT login written by "
+    tls_key: Path | None = Field(default=None, json_schema_extra=SECRET_FILE, description="Private key of "
+                                 "`tls_cert` (PEM, mode 0600).")
+    credentials_file: Path | None = Field(default=None, json_schema_extra=SECRET_FILE,
+                                          description="The bridge's MQTT login written by "
                                           "`carechain bridge acl` (bridge.json, mode 0600); sets username and "
                                           "password. Never used for an agent's devices.")
     failover: list[Annotated[str, Field(pattern=r"^[^\s:/]+:[0-9]{1,5}$")]] = Field(
@@ -64,6 +84,13 @@ class BrokerConfig(_Section):
                                   "and miners' evidence are paged below it (docs/miners.md); the default fits "
                                   "every common broker.")
 
+    @model_validator(mode="after")
+    def _one_password(self) -> BrokerConfig:
+        if self.password_file is not None and (self.password is not None or self.credentials_file is not None):
+            other = "password" if self.password is not None else "credentials_file"
+            raise ValueError(f"password_file and {other} both give the broker password: keep one")
+        return self
+
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
@@ -71,7 +98,7 @@ class BrokerConfig(_Section):
     @property
     def has_login(self) -> bool:
         """Whether these settings carry a login (the bridge's, in a shared config file)."""
-        return bool(self.username or self.password or self.credentials_file)
+        return bool(self.username or self.password or self.password_file or self.credentials_file)
 
 
 class Limits(_Section):
@@ -114,8 +141,8 @@ class MinerConfig(_Section):
 
     data_dir: Path = Field(default=Path("carechain-data/miner"), description="The miner's data directory (its "
                            "key, state); one miner per directory.")
-    key_file: Path | None = Field(default=None, description="The miner's Ed25519 key; default DATA_DIR/miner.key "
-                                  "(created, mode 0600, if missing).")
+    key_file: Path | None = Field(default=None, json_schema_extra=SECRET_FILE, description="The miner's Ed25519 "
+                                  "key; default DATA_DIR/miner.key (created, mode 0600, if missing).")
     log_public_key: str | None = Field(default=None, pattern=HEX_KEY, description="Hex public key of the log "
                                        "this miner follows (printed by `carechain bridge`).")
     name: str | None = Field(default=None, description="Cosigner key name; default carechain.miner/<miner id>.")
@@ -135,7 +162,8 @@ class MinerConfig(_Section):
                                    "where this miner's data-market aggregator listens for the other aggregators "
                                    "of a study (MPyC over TCP; announced, signed, in its hello). Unset: the miner "
                                    "aggregates nothing and leaves its studies to the others (docs/market.md).")
-    aggregator_credentials_file: Path | None = Field(default=None, description="The aggregator login `carechain "
+    aggregator_credentials_file: Path | None = Field(default=None, json_schema_extra=SECRET_FILE,
+                                                     description="The aggregator login `carechain "
                                                      "bridge acl` wrote for this miner (aggregators/<id>.json); "
                                                      "its study results, samples and audit verdicts go out on it. "
                                                      "Default: aggregators/<id>.json beside the directory of "
@@ -203,7 +231,8 @@ class AnchorConfig(_Section):
     chain_id: int | None = Field(default=None, ge=1, description="The chain the anchors must go to (1: Ethereum "
                                  "mainnet); the bridge refuses to anchor on a node of another chain. Unset: "
                                  "whichever chain the node is on (logged at start).")
-    key_file: Path | None = Field(default=None, description="The anchoring account's private key (hex, mode "
+    key_file: Path | None = Field(default=None, json_schema_extra=SECRET_FILE,
+                                  description="The anchoring account's private key (hex, mode "
                                   "0600); default DATA_DIR/anchor.key, created if missing: fund the address "
                                   "the bridge logs.")
     every_checkpoints: int = Field(default=3600, ge=1, description="Anchor after this many new checkpoints "
@@ -252,7 +281,8 @@ class StoreConfig(_Section):
                                                      "(WAL, fsync); `postgresql`: the database at `dsn`.")
     dsn: str | None = Field(default=None, max_length=1000, description="postgresql: libpq connection string or "
                             "URI, without the password (e.g. `host=db1 dbname=carechain user=bridge`).")
-    password_file: Path | None = Field(default=None, description="postgresql: a file (mode 0600, or a systemd "
+    password_file: Path | None = Field(default=None, json_schema_extra=SECRET_FILE, description="postgresql: a "
+                                       "file (mode 0600, or a systemd "
                                        "credential) holding the password; unset: libpq's own (PGPASSFILE, "
                                        "~/.pgpass, trust).")
     lease_poll_s: float = Field(default=0.25, ge=0.05, le=5.0, description="postgresql: how often a standby "
@@ -279,7 +309,8 @@ class ConsoleConfig(_Section):
     listen: str | None = Field(default=None, pattern=HOST_PORT, description="host:port of the console, "
                                "/metrics and the health checks; unset: not served. Keep it on loopback or a "
                                "management network: put TLS in front (a reverse proxy) beyond one host.")
-    accounts_file: Path | None = Field(default=None, description="Operator accounts (hashed passwords and "
+    accounts_file: Path | None = Field(default=None, json_schema_extra=SECRET_FILE,
+                                       description="Operator accounts (hashed passwords and "
                                        "roles; `carechain console user add`); default "
                                        "DATA_DIR/console/accounts.json, mode 0600.")
     session_idle_s: float = Field(default=1800.0, ge=60, le=86400, description="A console session ends after "
@@ -372,9 +403,11 @@ class AgentDeviceConfig(_Section):
     """`agent.devices[]`: one device the agent runs — its key, profile, MQTT login and where readings come from.
     (The running device is `edge_agent.agent.AgentDevice`.)"""
 
-    key_file: Path = Field(description="The device's Ed25519 key (mode 0600); its public key is the device id.")
+    key_file: Path = Field(json_schema_extra=SECRET_FILE, description="The device's Ed25519 key (mode 0600); its "
+                           "public key is the device id.")
     profile: str = Field(description="Device profile name (device_profiles/), e.g. heart_rate_band.")
-    mqtt_credentials_file: Path | None = Field(default=None, description="This device's own MQTT login "
+    mqtt_credentials_file: Path | None = Field(default=None, json_schema_extra=SECRET_FILE, description="This "
+                                               "device's own MQTT login "
                                                "(devices/<device_id>.json from `carechain bridge acl`). Required "
                                                "when the broker requires a login: an agent never logs a device in "
                                                "with the broker section's (the bridge's) login.")
@@ -451,6 +484,12 @@ class AgentConfig(_Section):
                                     "adapter the agent's BLE devices are reached through (BlueZ name, e.g. "
                                     "hci1); unset: the system's default adapter.")
 
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol_from_text(cls, value: object) -> object:
+        # An environment variable or --set gives "1"; a Literal of ints takes no text by itself.
+        return int(value) if isinstance(value, str) and value.strip().isdigit() else value
+
     @model_validator(mode="after")
     def _protocol_2_features(self) -> AgentConfig:
         if self.protocol == 1:
@@ -473,13 +512,34 @@ class AgentConfig(_Section):
         return parse_public_key_hex(self.bridge_public_key, "agent.bridge_public_key")
 
 
-class Config(_Section):
-    """The whole file: each command reads the sections it needs."""
+ENV_PREFIX = "CARECHAIN_"
+ENV_NESTED_DELIMITER = "__"
+
+
+class Config(BaseSettings):
+    """The whole file: each command reads the sections it needs.
+
+    A pydantic-settings model: its `model_config` tells `load_config` how environment variables name keys.
+    `Config(...)` itself takes only its arguments (defaults for the rest); `load_config` adds the file, the
+    environment and flags, in that order.
+    """
+
+    model_config = SettingsConfigDict(extra="forbid", env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_NESTED_DELIMITER,
+                                      env_parse_none_str="null", case_sensitive=False)
 
     broker: BrokerConfig = Field(default_factory=BrokerConfig, description="The MQTT broker (see `broker`).")
     bridge: BridgeConfig = Field(default_factory=BridgeConfig, description="The bridge (see `bridge`).")
     agent: AgentConfig = Field(default_factory=AgentConfig, description="The edge agent (see `agent`).")
     miner: MinerConfig = Field(default_factory=MinerConfig, description="A miner (see `miner`).")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Not the process environment behind the caller's back: a test's or the demo's `Config()` is what it says.
+        return (init_settings,)
 
 
 def check_agent_logins(config: Config) -> None:
@@ -514,6 +574,8 @@ def check_agent_logins(config: Config) -> None:
         seen[own.resolve()] = i
 
 
+# Single variables kept from before every key had its own (`CARECHAIN_<SECTION>__<KEY>`); both forms work,
+# and the nested one wins when both name a key.
 ENV_OVERRIDES = {
     "CARECHAIN_BROKER": ("broker", "address"),
     "CARECHAIN_BROKER_USERNAME": ("broker", "username"),
@@ -522,6 +584,9 @@ ENV_OVERRIDES = {
     "CARECHAIN_AGENT_DATA_DIR": ("agent", "data_dir"),
     "CARECHAIN_MINER_DATA_DIR": ("miner", "data_dir"),
 }
+CREDENTIALS_DIRECTORY = "CREDENTIALS_DIRECTORY"  # where systemd's LoadCredential= puts a service's secrets
+# Keys never taken from a flag: a process's arguments are visible to every user of the host (ps).
+NOT_FROM_FLAGS = frozenset({"broker.password"})
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -531,34 +596,193 @@ def parse_address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def load_config(path: Path | None = None, env: dict[str, str] | None = None) -> Config:
-    """Load `path` (YAML or .toml) if given, apply environment overrides, validate."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
-        try:
-            loaded = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
-        except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {exc}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping with broker/bridge/agent/miner sections")
-        raw = loaded or {}
-    environ: Mapping[str, str] = os.environ if env is None else env
+@dataclass(frozen=True)
+class Override:
+    """One setting given on the command line: a dotted key, its value as text, and the flag that gave it.
+
+    The value is read as the key's environment variable would be (a list or a map as JSON, `null` for none),
+    so `--set bridge.batch_max=500` and `CARECHAIN_BRIDGE__BATCH_MAX=500` mean the same.
+    """
+
+    key: str
+    value: str
+    flag: str = "--set"
+
+    @classmethod
+    def parse(cls, text: str) -> Override:
+        """`KEY=VALUE` as given to `--set`; a `ConfigError` for anything else."""
+        key, sep, value = text.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. --set bridge.batch_max=500")
+        return cls(key.strip().lower(), value)
+
+    @property
+    def source(self) -> str:
+        return f"{self.flag} {self.key}"
+
+
+@dataclass
+class _Layers:
+    """The settings merged so far, and which layer (file, variable, flag) gave each key: errors name it."""
+
+    values: dict[str, Any]
+    origin: dict[tuple[str | int, ...], str]
+
+    def add(self, update: Mapping[str, Any], source: str) -> None:
+        _merge(self.values, update, Config, (), source, self.origin)
+
+    def source_of(self, loc: tuple[str | int, ...]) -> str | None:
+        """The layer that gave `loc` (or the nearest key above it); for a table, every layer that set a key in it."""
+        for end in range(len(loc), 0, -1):
+            if loc[:end] in self.origin:
+                return self.origin[loc[:end]]
+        inside = dict.fromkeys(s for k, s in self.origin.items() if k[:len(loc)] == loc)
+        return ", ".join(inside) or None
+
+
+def _merge(into: dict[str, Any], update: Mapping[str, Any], model: type[BaseModel] | None,
+           loc: tuple[str | int, ...], source: str, origin: dict[tuple[str | int, ...], str]) -> None:
+    """Deep-merge `update` into `into` table by table; any other value (a list, a map) is replaced whole."""
+    for key, value in update.items():
+        child = _section_model(model, key)
+        if child is not None and isinstance(value, dict):
+            if not isinstance(into.get(key), dict):
+                into[key] = {}
+            _merge(into[key], value, child, (*loc, key), source, origin)
+            continue
+        into[key] = value
+        for stale in [k for k in origin if k[:len(loc) + 1] == (*loc, key)]:
+            del origin[stale]
+        origin[(*loc, key)] = source
+
+
+def _section_model(model: type[BaseModel] | None, key: str) -> type[BaseModel] | None:
+    """The model of table `key` of `model`, if `key` is a table (not a list, a map or a value)."""
+    info = model.model_fields.get(key) if model is not None else None
+    annotation = info.annotation if info is not None else None
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _check_key(parts: Sequence[str], source: str) -> None:
+    """Refuse a dotted key that names no setting, suggesting the nearest one (a typo is never ignored)."""
+    model: type[BaseModel] | None = Config
+    for depth, part in enumerate(parts):
+        if model is None:
+            raise ConfigError(f"{source}: {'.'.join(parts[:depth])} is a value, not a table: it has no key {part!r}")
+        if part not in model.model_fields:
+            where = ".".join(parts[:depth]) or "the top level"
+            near = difflib.get_close_matches(part, list(model.model_fields), n=1)
+            hint = f"did you mean {near[0]!r}?" if near else f"keys: {', '.join(model.model_fields)}"
+            raise ConfigError(f"{source}: {where} has no key {part!r} ({hint})")
+        model = _section_model(model, part)
+
+
+class _VariableSource(EnvSettingsSource):
+    """pydantic-settings' environment source over one given variable, not the process environment: each layer
+    is parsed alone so that an error can name the variable (or flag) it came from."""
+
+    def __init__(self, name: str, value: str) -> None:
+        self._given = {name: value}
+        super().__init__(Config)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return parse_env_vars(self._given, False, False, "null")
+
+
+def _parse_variable(name: str, value: str, source: str) -> dict[str, Any]:
+    """The nested settings that `CARECHAIN_<SECTION>__<KEY>=value` stands for."""
+    _check_key(name[len(ENV_PREFIX):].lower().split(ENV_NESTED_DELIMITER), source)
+    try:
+        return _VariableSource(name, value)()
+    except (SettingsError, ValueError) as exc:
+        cause = exc.__cause__ or exc
+        raise ConfigError(f"{source}: not a valid value (a list or a map is written as JSON): {cause}") from None
+
+
+def _environment_layers(environ: Mapping[str, str]) -> Iterator[tuple[dict[str, Any], str]]:
+    """The environment's settings, one (values, source) per variable: the single variables first, then
+    `CARECHAIN_<SECTION>__<KEY>` ones (sorted, so deeper keys refine shallower ones)."""
     for var, (section, key) in ENV_OVERRIDES.items():
         if var not in environ:
             continue
-        sect = raw.setdefault(section, {})
         if key == "address":
-            sect["host"], sect["port"] = parse_address(environ[var])
+            host, port = parse_address(environ[var])
+            yield {section: {"host": host, "port": port}}, f"environment variable {var}"
         else:
-            sect[key] = environ[var]
+            yield {section: {key: environ[var]}}, f"environment variable {var}"
+    nested = sorted(v for v in environ if v.upper().startswith(ENV_PREFIX) and ENV_NESTED_DELIMITER in v)
+    for var in nested:
+        source = f"environment variable {var}"
+        yield _parse_variable(var, environ[var], source), source
+
+
+def _read_file(path: Path) -> dict[str, Any]:
     try:
-        return Config.model_validate(raw)
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    try:
+        loaded = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {exc}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: top level must be a mapping with broker/bridge/agent/miner sections")
+    return loaded or {}
+
+
+def load_config(path: Path | None = None, env: Mapping[str, str] | None = None,
+                overrides: Sequence[Override] = ()) -> Config:
+    """Load the settings: defaults, then `path` (YAML or .toml) if given, then the environment (`env`, default
+    `os.environ`), then `overrides` (flags); a later layer wins key by key. A `ConfigError` names the key
+    and the file, variable or flag that set it."""
+    environ: Mapping[str, str] = os.environ if env is None else env
+    layers = _Layers({}, {})
+    if path is not None:
+        path = Path(path)
+        layers.add(_read_file(path), str(path))
+    for values, source in _environment_layers(environ):
+        layers.add(values, source)
+    for override in overrides:
+        # also `--set broker={"password": ...}`: a table holding a secret key is refused whole
+        secret = next((k for k in NOT_FROM_FLAGS if k == override.key or k.startswith(override.key + ".")), None)
+        if secret is not None:
+            raise ConfigError(f"{override.source}: a secret is never given on the command line (other users see "
+                              f"a process's arguments): use {secret}_file or the environment")
+        name = ENV_PREFIX + override.key.replace(".", ENV_NESTED_DELIMITER).upper()
+        layers.add(_parse_variable(name, override.value, override.source), override.source)
+    try:
+        cfg = Config.model_validate(layers.values)
     except ValidationError as exc:
         err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise ConfigError(f"{path or 'environment'}: {where}: {err['msg']}") from None
+        loc = tuple(err["loc"])
+        where = ".".join(str(p) for p in loc)
+        source = layers.source_of(loc) or (str(path) if path is not None else "environment")
+        raise ConfigError(f"{source}: {where}: {err['msg']}" if where else f"{source}: {err['msg']}") from None
+    credentials = environ.get(CREDENTIALS_DIRECTORY)
+    if credentials:
+        _find_secrets_in(cfg, Path(credentials))
+    return cfg
+
+
+def _find_secrets_in(model: BaseModel, credentials: Path) -> None:
+    """Point each relative secret file of `model` (and its tables) into systemd's credentials directory."""
+    for name, info in type(model).model_fields.items():
+        value = getattr(model, name)
+        if _is_secret_file(info) and isinstance(value, Path) and not value.is_absolute():
+            setattr(model, name, credentials / value)
+        elif isinstance(value, BaseModel):
+            _find_secrets_in(value, credentials)
+        elif isinstance(value, list):
+            for item in value:
+                if isinstance(item, BaseModel):
+                    _find_secrets_in(item, credentials)
+
+
+def _is_secret_file(info: FieldInfo) -> bool:
+    extra = info.json_schema_extra
+    return isinstance(extra, dict) and extra.get("secret") is True
+
+
+def secret_file_keys(model: type[BaseModel]) -> frozenset[str]:
+    """The keys of one table (`model`) that name a secret file, for the reference page."""
+    return frozenset(name for name, info in model.model_fields.items() if _is_secret_file(info))

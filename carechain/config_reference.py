@@ -1,7 +1,8 @@
 """The configuration reference (docs/configuration.md), rendered from the pydantic models in `carechain.config`.
 
 The models are the truth: every key, its type and limits, its default and its description come from the
-field definitions, and the environment variables from `carechain.config.ENV_OVERRIDES`. A test compares
+field definitions, each key's environment variable from the model's pydantic-settings naming
+(`CARECHAIN_<SECTION>__<KEY>`) and the older single variables from `carechain.config.ENV_OVERRIDES`. A test compares
 docs/configuration.md with `render()`, so the page cannot drift from the code. Regenerate it with
 
     python -m carechain.config_reference > docs/configuration.md
@@ -34,12 +35,47 @@ _HEADER = """\
      do not edit by hand (tests/test_docs_configuration.py fails when this page and the code differ). -->
 
 carechain reads one file, YAML or TOML (by the `.toml` suffix), given with `--config FILE` or the
-`CARECHAIN_CONFIG` environment variable; then the `CARECHAIN_*` variables below override single keys;
-then command-line flags override both. Every key has a default, so `carechain demo` needs no file at all;
-unknown keys are errors (a typo is never silently ignored). One file may hold every section: each command
-reads the sections it needs (`broker` always; `bridge`, `agent` or `miner` for that party).
+`CARECHAIN_CONFIG` environment variable. Every key has a default, so `carechain demo` needs no file at all;
+unknown keys are errors wherever they are given (a typo is never silently ignored). One file may hold every
+section: each command reads the sections it needs (`broker` always; `bridge`, `agent` or `miner` for that party).
 
 Complete examples, a bridge's and an agent's, are in the [README](../README.md#configuration).
+
+### Where a setting comes from
+
+Every key can be given in three places; for each key, the first of these that sets it wins, and the key
+keeps its default when none does:
+
+1. **flags**: `--set KEY=VALUE` on `carechain bridge`, `agent` and `miner`, repeatable, with the dotted key
+   (`--set bridge.batch_max=500`); and the commands' own flags, such as `--broker HOST:PORT`;
+2. **the environment**: `CARECHAIN_<SECTION>__<KEY>`, the dotted key in capitals with `__` between the parts
+   (`CARECHAIN_BRIDGE__BATCH_MAX=500`, `CARECHAIN_BRIDGE__LIMITS__MAX_EVENT_BYTES=8192`,
+   `CARECHAIN_BRIDGE__CONSOLE__LISTEN=127.0.0.1:8080`), listed in each table below; and the older single
+   variables at the end of this page (a nested variable wins over a single one naming the same key);
+3. **the config file**.
+
+A value in a variable or a `--set` is text, read the same way in both: a list or a map is written as JSON
+(`CARECHAIN_BROKER__FAILOVER='["10.0.0.2:1883","10.0.0.3:1883"]'`), `null` unsets a key. The tables of
+`agent.devices[]` and `bridge.miners[]` are given whole, as a JSON list. An error names the key and where
+it came from: the file, the variable or the flag. A password is never taken from a flag (other users of the
+host see a process's arguments): use `broker.password_file`, or the environment.
+
+### Secrets from files
+
+Keys marked *secret file* name a file holding a secret (a password, a login, a private key). carechain
+refuses such a file when its group or others may read it (`chmod 600 FILE`). Under systemd, prefer
+credentials to files on disk: `LoadCredential=` copies a file into a directory only the service can read,
+`$CREDENTIALS_DIRECTORY`, and a **relative** secret file path is looked up there (the mode check does not
+apply inside it: systemd manages it). For a bridge:
+
+```ini
+[Service]
+LoadCredential=broker.json:/etc/carechain/broker.json
+ExecStart=/usr/bin/carechain bridge --config /etc/carechain/bridge.yaml
+```
+
+with `credentials_file: broker.json` in the `broker` section. Without `$CREDENTIALS_DIRECTORY`, a relative
+path is relative to the working directory, as any other path.
 """
 
 
@@ -140,7 +176,7 @@ def _cell(text: str) -> str:
 
 
 def _env_vars() -> dict[tuple[str, str], list[str]]:
-    """(section, key) → the CARECHAIN_* variables that set it (`address` sets both host and port)."""
+    """(section, key) → the older single CARECHAIN_* variables that set it (`address` sets both host and port)."""
     found: dict[tuple[str, str], list[str]] = {}
     for var, (section, key) in sorted(config.ENV_OVERRIDES.items()):
         for k in ("host", "port") if key == "address" else (key,):
@@ -170,13 +206,22 @@ def _tables(path: str, model: type[BaseModel], env: Mapping[tuple[str, str], lis
         limits = _constraints(info.metadata)
         if limits:
             kind += f" ({', '.join(limits)})"
+        if name in config.secret_file_keys(model):
+            kind += "; *secret file*"
         section = path.split(".")[0]
-        variables = ", ".join(env.get((section, name), [])) if "." not in path else ""
+        variables = ", ".join([*_nested_var(path, name), *(env.get((section, name), []) if "." not in path else [])])
         lines.append(f"| `{name}` | {_cell(kind)} | {_cell(_default(info, child))} | "
                      f"{_cell(info.description or '')} | {variables} |")
     yield "\n".join(lines) + "\n"
     for child_path, child_model, child_is_list in nested_tables:
         yield from _tables(child_path, child_model, env, child_is_list)
+
+
+def _nested_var(path: str, name: str) -> list[str]:
+    """The `CARECHAIN_<SECTION>__<KEY>` variable of key `name` of the table at `path`; none inside a list."""
+    if "[]" in path:
+        return []
+    return [f"`{config.ENV_PREFIX}{(path + '.' + name).replace('.', config.ENV_NESTED_DELIMITER).upper()}`"]
 
 
 def _env_line(var: str) -> str:
@@ -195,8 +240,12 @@ def render() -> str:
         assert nested is not None, f"top-level config key {name} is not a section"
         parts.extend(_tables(name, nested[0], env))
     listed = sorted(config.ENV_OVERRIDES)
-    parts.append("## Environment variables\n\n" + "\n".join(_env_line(var) for var in listed)
-                 + "\n- `CARECHAIN_CONFIG` names the config file (as `--config` does).\n")
+    parts.append("## Environment variables\n\nBesides each key's `CARECHAIN_<SECTION>__<KEY>` (in the tables "
+                 "above), these single variables, kept from earlier versions:\n\n"
+                 + "\n".join(_env_line(var) for var in listed)
+                 + "\n- `CARECHAIN_CONFIG` names the config file (as `--config` does).\n"
+                 "- `CARECHAIN_LOG_FORMAT` is `text` or `json` (as `--log-format` is).\n"
+                 "- `CREDENTIALS_DIRECTORY` (set by systemd) is where relative secret files are found.\n")
     return "\n".join(parts)
 
 

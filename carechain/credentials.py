@@ -56,11 +56,35 @@ def load_mqtt_credentials(path: Path) -> MqttCredentials:
         raise CredentialsError(f"{path}: not a carechain MQTT credentials file ({where}: {err['msg']})") from None
 
 
+def read_password_file(path: Path, key: str) -> str:
+    """The password held in `path` (its text, without the final line break), for setting `key`; a
+    `CredentialsError` naming both when the file is missing, readable by others, not text or empty."""
+    path = Path(path)
+    try:
+        text = read_private(path).decode()
+    except FileNotFoundError:
+        raise CredentialsError(f"{key} {path}: no such file") from None
+    except FilePermissionError as exc:
+        raise CredentialsError(f"{key}: {exc}") from None
+    except OSError as exc:
+        raise CredentialsError(f"{key} {path}: cannot read it: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise CredentialsError(f"{key} {path}: not UTF-8 text") from None
+    password = text.rstrip("\r\n")
+    if not password:
+        raise CredentialsError(f"{key} {path}: the file is empty; write the password into it")
+    return password
+
+
 def resolve_broker_login(broker: BrokerConfig) -> BrokerConfig:
-    """`broker` with the login of its `credentials_file` as username and password, and no file left to read;
-    `broker` itself when it names no file. A `CredentialsError` (naming the file) when it is missing, readable
-    by others or malformed. The one place a party's broker login is read (bridge, agent and miner assemblies).
+    """`broker` with the password of its `password_file`, or the login of its `credentials_file`, as username
+    and password, and no file left to read; `broker` itself when it names no file. A `CredentialsError`
+    (naming the file) when it is missing, readable by others or malformed. The one place a party's broker
+    login is read (bridge, agent and miner assemblies).
     """
+    if broker.password_file is not None:
+        password = read_password_file(broker.password_file, "broker.password_file")
+        return broker.model_copy(update={"password": password, "password_file": None})
     if broker.credentials_file is None:
         return broker
     login = load_mqtt_credentials(broker.credentials_file)

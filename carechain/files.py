@@ -11,6 +11,8 @@ import os
 import stat
 from pathlib import Path
 
+from carechain.systemd_credentials import managed_by_systemd
+
 PRIVATE = 0o600
 PUBLIC = 0o644
 PRIVATE_DIR = 0o700
@@ -49,10 +51,11 @@ def write_atomic(path: Path, data: bytes, mode: int = PRIVATE) -> None:
 
 
 def check_private(path: Path) -> None:
-    """Refuse a secret file that group or others can access (like ssh does with keys)."""
+    """Refuse a secret file that group or others can access (like ssh does with keys), unless systemd
+    manages it (`managed_by_systemd`)."""
     path = Path(path)
     st = path.stat()  # FileNotFoundError is the caller's to word
-    if st.st_mode & _LAX:
+    if st.st_mode & _LAX and not managed_by_systemd(path):
         raise FilePermissionError(
             f"{path}: permissions {stat.S_IMODE(st.st_mode):04o} are too open for a file holding a secret; "
             f"run `chmod 600 {path}`")

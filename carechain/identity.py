@@ -20,6 +20,7 @@ import nacl.public
 import nacl.signing
 
 from carechain.errors import FixedReasonError
+from carechain.systemd_credentials import managed_by_systemd
 
 KEY_FILE_HEADER = "carechain-ed25519-seed-v1"
 PUBLIC_KEY_SIZE = 32
@@ -162,7 +163,7 @@ def read_seed_file(path: Path, header: str, create_with: str) -> bytes:
         st = path.stat()
     except FileNotFoundError:
         raise KeyFileError(f"{path}: no such key file (create one with {create_with})") from None
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO) and not managed_by_systemd(path):
         raise KeyFileError(f"{path}: permissions {stat.S_IMODE(st.st_mode):04o} are too open; run `chmod 600 {path}`")
     lines = path.read_text(encoding="ascii", errors="replace").split()
     if len(lines) != 2 or lines[0] != header:

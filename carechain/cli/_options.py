@@ -6,20 +6,24 @@ here knows a party: assembling a bridge, an agent or a miner from config is thei
 
 from __future__ import annotations
 
+import enum
 import logging
+import re
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from pythonjsonlogger.json import JsonFormatter
 from rich.console import Console
 from rich.markup import escape
 
-from carechain.config import BrokerConfig, Config, ConfigError, load_config, parse_address
+from carechain.config import BrokerConfig, Config, ConfigError, Override, load_config, parse_address
 
 console = Console(stderr=True)  # progress, warnings and errors
 out = Console()  # results, for the user or a script
@@ -30,6 +34,20 @@ BrokerOpt = Annotated[str | None, typer.Option("--broker", help="MQTT broker HOS
 DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="Bridge data directory (ledger, log key).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log every decision (INFO).")]
+SetOpt = Annotated[list[str] | None, typer.Option(
+    "--set", metavar="KEY=VALUE", help="Set one config key, e.g. bridge.batch_max=500 (lists and maps as JSON); "
+    "repeatable; wins over the file and CARECHAIN_* variables. Never a password: use broker.password_file.")]
+
+
+class LogFormat(enum.StrEnum):
+    """How log records are written on stderr."""
+
+    text = "text"  # for a person at a terminal
+    json = "json"  # one JSON object per line, for journald, Loki, Elasticsearch...
+
+
+LogFormatOpt = Annotated[LogFormat, typer.Option("--log-format", envvar="CARECHAIN_LOG_FORMAT", case_sensitive=False,
+                                                 help="Log records as `text` lines or `json` objects, one a line.")]
 
 T = TypeVar("T")
 
@@ -46,15 +64,17 @@ def example(*lines: str) -> str:
     return "Example:\n\n" + "\n\n".join(f"  $ {escape(line)}" for line in lines)
 
 
-def load(path: Path | None, broker: str | None = None) -> Config:
-    """The config file (or defaults and environment), with --broker applied; a bad one exits 2."""
+def load(path: Path | None, broker: str | None = None, overrides: Sequence[str] | None = None) -> Config:
+    """The settings: defaults, the config file, the environment, then the flags (`--set KEY=VALUE` in `overrides`,
+    then `--broker HOST:PORT`); a bad one exits 2 with the key and the file, variable or flag that set it."""
     try:
-        cfg = load_config(path)
+        flags = [Override.parse(text) for text in overrides or ()]
         if broker:
-            cfg.broker.host, cfg.broker.port = parse_address(broker)
+            host, port = parse_address(broker)
+            flags += [Override("broker.host", host, "--broker"), Override("broker.port", str(port), "--broker")]
+        return load_config(path, overrides=flags)
     except ConfigError as exc:
         raise fail(str(exc)) from None
-    return cfg
 
 
 def bridge_dir(cfg: Config, data_dir: Path | None) -> Path:
@@ -99,9 +119,34 @@ def resolved_broker(cfg: Config) -> BrokerConfig:
         raise fail(str(exc)) from None
 
 
-def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+# Extra fields a careless `log.info(..., extra={...})` could fill with a secret; their values are never written.
+_SECRET_FIELD = re.compile(r"pass(word|phrase)?|secret|token|credential|private|api_?key", re.IGNORECASE)
+
+
+class JsonLogFormatter(JsonFormatter):
+    """One JSON object per record: `ts` (ISO 8601, UTC, milliseconds), `level`, `logger`, `message`, then
+    `exc_info` (the traceback, as one string) and any `extra` fields; an extra field named like a secret
+    (password, token, ...) is written as "[redacted]"."""
+
+    def __init__(self) -> None:
+        super().__init__(["levelname", "name", "message"], rename_fields={"levelname": "level", "name": "logger"})
+
+    def add_fields(self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]) -> None:
+        log_data["ts"] = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+        super().add_fields(log_data, record, message_dict)
+        for key in log_data:
+            if _SECRET_FIELD.search(key):
+                log_data[key] = "[redacted]"
+
+
+def setup_logging(verbose: bool, log_format: LogFormat | str = LogFormat.text) -> None:
+    """Log WARNING and above (INFO with `verbose`) to stderr, as text lines or one JSON object per line."""
+    handler = logging.StreamHandler()
+    if LogFormat(log_format) is LogFormat.json:
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
 
 
 class StopSignal:

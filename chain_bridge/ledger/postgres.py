@@ -22,6 +22,7 @@ from typing import Any
 import psycopg
 from psycopg import conninfo
 
+from carechain.credentials import CredentialsError, read_password_file
 from carechain.disk_full_points import disk_full_point
 from carechain.sqlite_store import StoreError
 from chain_bridge.ledger.sql import schema_for
@@ -75,10 +76,9 @@ class PostgresLocation:
                                   **_CLIENT_KEEPALIVE}
         if self.password_file is not None:
             try:
-                kwargs["password"] = self.password_file.read_text().strip()
-            except OSError as exc:
-                raise StoreError(f"bridge.store.password_file {self.password_file}: cannot read it: "
-                                 f"{exc.strerror}") from None
+                kwargs["password"] = read_password_file(self.password_file, "bridge.store.password_file")
+            except CredentialsError as exc:
+                raise StoreError(str(exc)) from None
         try:
             conn = psycopg.connect(self.dsn, **kwargs)
         except psycopg.Error as exc:

@@ -6,6 +6,13 @@ profile lists, decodes each value with the profile's parser (`edge_agent.gatt.re
 hands the readings to `on_readings` — the agent passes `lambda r: agent.record(device_id, r)`. When the
 link drops it reconnects under the one retry policy (`carechain.retry`).
 
+The connect call itself goes through bleak-retry-connector (`establish_connection`), which knows BlueZ's
+transient failures — `le-connection-abort-by-local`, `br-connection-canceled`, "Device with address … was
+not found", a D-Bus `InProgress` — and retries them within one attempt after the short pauses BlueZ needs,
+so a momentary radio hiccup is not a failed session with a growing backoff; what it cannot fix ends the
+attempt, and the session backoff of `carechain.retry` decides when to scan again. `adapter` (config
+`agent.ble_adapter`, e.g. hci1) picks the BlueZ adapter that scans and connects.
+
 Devices that keep numbered records (glucose meters: Record Access Control Point, 0x2A52) are asked after
 every (re)connection for the stored records from the last sequence number handed on plus one, so what the
 meter measured while out of range still arrives; that sequence number lives in the paired-device registry
@@ -28,10 +35,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bleak import BleakClient, BleakScanner
+from bleak.args.bluez import BlueZClientArgs, BlueZScannerArgs
 from bleak.backends.client import BaseBleakClient
 from bleak.backends.device import BLEDevice
 from bleak.backends.scanner import AdvertisementData, BaseBleakScanner
 from bleak.exc import BleakError
+from bleak_retry_connector import BleakClientWithServiceCache, establish_connection
 
 from carechain.profiles import Characteristic, DeviceProfile, bluetooth_uuid
 from carechain.retry import Backoff, ReconnectPolicy
@@ -56,6 +65,9 @@ DEVICE_INFORMATION_STRINGS = {  # Device Information Service strings → (regist
 RACP_PARSER = "record_access_control_point"
 BATTERY_PARSER = "battery_level"
 _SEQ_MOD = 1 << 16  # GATT record sequence numbers are uint16 and wrap
+# Connect attempts that failed for a non-transient reason (timeouts, GATT errors) before the session fails and
+# backs off; transient BlueZ errors are retried beyond this, up to bleak-retry-connector's own bound.
+CONNECT_ATTEMPTS = 3
 SAVE_SEQ_EVERY = 50  # during a stored-records transfer, save the last sequence number this often
 
 
@@ -103,14 +115,16 @@ class BleSource:
 
     `address` pins the device (else the registry's record for this profile, else the first device
     advertising the profile's service that no other source in `claims` has taken). `pair` asks bleak
-    to pair before use (None: the registry's `pair` field).
+    to pair before use (None: the registry's `pair` field). `adapter` names the BlueZ adapter (hci0, hci1…)
+    to scan and connect with; None is the system's default.
     """
 
     def __init__(self, profile: DeviceProfile, on_readings: OnReadings, *, address: str | None = None,
                  backend: BleBackend = PLATFORM, registry: PairedDevices | None = None,
                  policy: ReconnectPolicy | None = None, pair: bool | None = None, scan_timeout_s: float = 10.0,
                  connect_timeout_s: float = 20.0, racp_timeout_s: float = 30.0, claims: set[str] | None = None,
-                 rng: random.Random | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 rng: random.Random | None = None, clock: Callable[[], float] = time.monotonic,
+                 adapter: str | None = None) -> None:
         if profile.gatt is None:
             raise ValueError(f"profile {profile.name!r} has no gatt section: it is not a BLE device profile")
         self.profile = profile
@@ -123,6 +137,10 @@ class BleSource:
         self.connect_timeout_s = connect_timeout_s
         self.racp_timeout_s = racp_timeout_s
         self.claims = claims if claims is not None else set()
+        self.adapter = adapter
+        # bleak's BlueZ arguments: the BlueZ backend reads the adapter from them, other backends ignore them.
+        self._scan_args: BlueZScannerArgs = {"adapter": adapter} if adapter else {}
+        self._client_args: BlueZClientArgs = {"adapter": adapter} if adapter else {}
         self.stats = BleSourceStats()
         self.status: DeviceStatus | None = None
         self._backoff = Backoff(policy or ReconnectPolicy(), rng or random.Random())
@@ -207,7 +225,8 @@ class BleSource:
 
         scan: dict[str, Any] = {} if self.backend.scanner is None else {"backend": self.backend.scanner}
         device = await BleakScanner.find_device_by_filter(
-            match, timeout=self.scan_timeout_s, service_uuids=[self.gatt.service], **scan
+            match, timeout=self.scan_timeout_s, service_uuids=[self.gatt.service], bluez=self._scan_args,
+            **scan
         )
         if device is not None and self._address is None:
             if device.address.upper() in self.claims:  # taken by another source while we scanned
@@ -230,9 +249,12 @@ class BleSource:
         record = self.registry.get(device.address)
         pair = self.pair if self.pair is not None else bool(record and record.pair)
         self._last_seq = record.last_record_seq if record is not None else None
-        client = BleakClient(device, disconnected_callback=lambda _c: lost.set(), timeout=self.connect_timeout_s,
-                             pair=pair, backend=self.backend.client)
-        await client.connect()
+        # establish_connection tries again after BlueZ's transient errors; on BlueZ each try has its own 20 s
+        # timeout (bleak-retry-connector's), other backends keep `connect_timeout_s`.
+        client = await establish_connection(
+            BleakClientWithServiceCache, device, self._label(), disconnected_callback=lambda _c: lost.set(),
+            max_attempts=CONNECT_ATTEMPTS, pair=pair, timeout=self.connect_timeout_s, backend=self.backend.client,
+            bluez=self._client_args)
         self.stats.connects += 1
         try:
             await self._read_status(client, device, bonded=pair)
