@@ -45,7 +45,9 @@ from chain_bridge.ingest import Ingest, RateGuard, Receiver, Rejection, SeqGuard
 from chain_bridge.ingest.receive import wall_clock_ms
 from chain_bridge.ledger.sql import SqliteLocation
 from chain_bridge.ledger.store import Ledger
+from chain_bridge.metrics import LatencyWindow
 from chain_bridge.proof_responder import ProofResponder
+from chain_bridge.status_intake import DeviceStatusBook
 
 if TYPE_CHECKING:
     from chain_bridge.anchoring import Anchorer
@@ -73,6 +75,9 @@ STORAGE_RETRY = ReconnectPolicy(initial_s=0.5, max_s=5.0, stable_s=0.0)
 # The exit status when the sequencer thread dies: nothing would be anchored any more, so the process ends
 # and its supervisor (systemd `Restart=on-failure`) starts a fresh one, which resumes from the ledger.
 EXIT_SEQUENCER_DIED = 70
+# The sequencer loop turns at least every 0.2 s (5 s while the store is down); stuck this long, it is hung, and the
+# systemd watchdog stops being pinged (`Bridge.healthy`) so that the bridge is restarted.
+SEQUENCER_STALL_S = 120.0
 
 
 def _exit_process() -> None:
@@ -102,9 +107,15 @@ class BridgeStats:
     evidence: Counter[str] = field(default_factory=Counter)  # access.fault from requesters: appended, refusals
     studies: Counter[str] = field(default_factory=Counter)  # study.result from aggregators: appended, refusals
     anchors: Counter[str] = field(default_factory=Counter)  # anchorer: sent, mined, confirmed, gas_used, errors
+    status: Counter[str] = field(default_factory=Counter)  # device status reports: accepted, refusals by reason
     role: str = "leader"  # "ingest" while another bridge host holds the sequencer lease (docs/ledger-stores.md)
     ingest_host_anchored: int = 0  # of `anchored`, appended while another host held the lease
-
+    # For the metrics (chain_bridge.metrics): sign→receipt latency of anchored events, the latest checkpoint this
+    # bridge issued (tree size, wall-clock ms), and the largest tree size each miner (by id) cosigned since start.
+    latency: LatencyWindow = field(default_factory=LatencyWindow)
+    checkpoint_size: int = -1
+    checkpoint_ms: int | None = None
+    cosigned: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -117,7 +128,9 @@ class BridgeStats:
             "storage_errors": self.storage_errors,
             "unreceipted": self.unreceipted, "records": dict(self.records), "archive": dict(self.archive),
             "evidence": dict(self.evidence), "studies": dict(self.studies), "anchors": dict(self.anchors),
+            "status": dict(self.status),
             "role": self.role, "ingest_host_anchored": self.ingest_host_anchored,
+            "latency_ms_last_60s": dict(zip(("count", "p50", "p99"), self.latency.recent(60), strict=True)),
         }
 
 
@@ -167,6 +180,9 @@ class Bridge:
         # receive → check in this process (unless ingest workers do it), then guards → sequence → append.
         self.receiver = Receiver(ledger, cfg.limits, cfg.batch_max, cfg.batch_wait_ms / 1000,
                                  max_message_bytes=broker.max_packet_bytes)
+        # Devices' signed status reports (outbox depth, battery) for the console; never on the ledger.
+        self.device_status = DeviceStatusBook(self.receiver.registry.lookup)
+        self.stats.status = self.device_status.counters  # its keys are all there from the start
         # Held by the sequencer while it extends the ledger; miners' proof requests are answered from the
         # MQTT thread and must never read the in-memory tree mid-append.
         self.ledger_lock = threading.Lock()
@@ -176,6 +192,7 @@ class Bridge:
         self._nats: NatsSource | None = None  # bridge.ingest nats: events from a JetStream consumer (docs/nats.md)
         self._client: mqtt.Client | None = None
         self._worker: threading.Thread | None = None
+        self._sequencer_turned = time.monotonic()
         self.connected = threading.Event()
         # Every answer signed by the log key: miners act only on signed answers (carechain.miner_messages).
         self.proofs = ProofResponder(ledger, None, self.ledger_lock, max_packet_bytes=self.broker.max_packet_bytes,
@@ -330,6 +347,7 @@ class Bridge:
             self._nats.start()  # a ConfigError if the cluster cannot be reached or set up
         # Leader topics are in the subscription list so that a reconnect re-subscribes them too.
         self._subscriptions = [] if workers or self._nats else [(self._events_subscription(), 1)]
+        self._subscriptions.append((topics.STATUS_WILDCARD, 0))  # every host keeps its own book of statuses
         leads_now = self.lease is None or self.lease.held
         if leads_now:
             self._subscriptions += self._leader_subscriptions()
@@ -415,6 +433,13 @@ class Bridge:
         if up:
             self.ever_connected.set()
 
+    def healthy(self) -> bool:
+        """The systemd watchdog's check: true before `start` (a standby waiting for the sequencer lease), then
+        while the sequencer thread lives and its loop has turned within SEQUENCER_STALL_S."""
+        if self._worker is None:
+            return True
+        return self._worker.is_alive() and time.monotonic() - self._sequencer_turned < SEQUENCER_STALL_S
+
     def wait_ready(self, timeout: float = 30.0) -> bool:
         """True once the bridge (and every ingest worker) is subscribed: events sent later are not missed."""
         deadline = time.monotonic() + timeout
@@ -456,6 +481,11 @@ class Bridge:
         if msg.topic == topics.ACCESS_EVIDENCE:
             if self.evidence is not None:
                 self.evidence.submit(bytes(msg.payload))  # decided on the sequencer's thread
+            return
+        if msg.topic.endswith("/status"):  # a cheap test first: events take the path below
+            device = topics.device_of_status_topic(msg.topic)
+            if device is not None:
+                self.device_status.receive(device, bytes(msg.payload))
             return
         miner = topics.miner_of_topic(msg.topic)
         if miner is None:
@@ -511,11 +541,22 @@ class Bridge:
             log.info("ignored a malformed cosignature: %s", exc)
             return
         with self._finality_lock:
-            if body not in self._issued or not self.finality.add(body, lines[-1]):
-                return  # not a recent checkpoint of ours, not a valid active cosigner, or already final
+            if body not in self._issued:
+                return  # not a recent checkpoint of ours
+            self._note_cosigned(miner_id, bytes.fromhex(m.public_key), self._issued[body][0])
+            if not self.finality.add(body, lines[-1]):
+                return  # not a valid active cosigner, or already final
             final = self._became_final(body)
         if final is not None:
             self._publish_final(final)
+
+    def _note_cosigned(self, miner_id: str, key: bytes, size: int) -> None:
+        """For the cosignature-lag metric: an active miner's signed message says it cosigned tree size `size`."""
+        policy = self.finality.policy if self.finality is not None else None
+        if policy is None or not any(c.public_key == key for c in policy.cosigners):
+            return  # only the active set: a stranger's key must not add a series
+        if size > self.stats.cosigned.get(miner_id, -1):
+            self.stats.cosigned[miner_id] = size
 
     def _became_final(self, body: str) -> str | None:
         """With the finality lock held: `body` just became final; its note if it is the newest final one."""
@@ -669,6 +710,7 @@ class Bridge:
         source: VerdictSource = self._nats or self._pool or self.receiver
         retry: list[Verdict] = []  # a batch the store could not take: sequenced again, not dropped
         while not self._stop.is_set():
+            self._sequencer_turned = time.monotonic()  # for `healthy`
             timeout = min(0.2, max(0.001, next_checkpoint - time.monotonic()))
             verdicts, retry = retry, []
             try:
@@ -684,6 +726,7 @@ class Bridge:
                     if self._nats is not None:
                         self._nats.settle()  # committed and receipted: JetStream may forget them now
                 if time.monotonic() >= next_checkpoint:
+                    self.receiver.registry.refresh()  # status reports are judged by it, with or without workers
                     if self.leading.is_set():
                         self._leader_tick()
                     else:
@@ -746,6 +789,9 @@ class Bridge:
         batch = self.sequencer.sequence(verdicts, now_ms)
         crash_point("bridge.after_append")  # committed, no receipt out yet: agents must resend, we dedup
         self.stats.anchored += batch.anchored
+        # Sign→receipt latency of the new leaves: committed now, receipted just below.
+        self.stats.latency.observe_many([wall_clock_ms() - ts for ts in batch.anchored_ts],
+                                        time.monotonic())
         if not self.leading.is_set():
             self.stats.ingest_host_anchored += batch.anchored
         self.stats.duplicates += batch.duplicates
@@ -801,6 +847,7 @@ class Bridge:
             note = self.ledger.issue_checkpoint(self.log_key, self.origin)
             self._last_checkpoint_size = self.ledger.size
         self._remember_checkpoint(note, self._last_checkpoint_size)
+        self.stats.checkpoint_size, self.stats.checkpoint_ms = self._last_checkpoint_size, wall_clock_ms()
         self.stats.checkpoints += 1
         self.stats.checkpoints_issued += 1
         self._publish_tiles(note, self._last_checkpoint_size)

@@ -43,6 +43,7 @@ from carechain.files import PUBLIC, write_atomic
 from carechain.identity import Identity
 from carechain.merkle import leaf_hash
 from carechain.merkle_tree import MerkleTree
+from carechain.proofs import VerificationError, verify_checkpoint
 from carechain.tile_client import TileFetchError
 from carechain.transport import connect_client
 from chain_miner.witness import (
@@ -148,6 +149,7 @@ class WitnessMiner:
         self.tiles = tiles
         self._polled_note: str | None = None
         self.stats: Counter[str] = Counter()
+        self.log_size = 0  # the largest tree size of a checkpoint the log key signed, heard of (metrics: lag)
         self.connected = threading.Event()
         self.ever_connected = threading.Event()  # `connected` is cleared at every disconnect (and at stop)
         self._notes: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()  # (topic, note)
@@ -224,7 +226,10 @@ class WitnessMiner:
     def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
         if msg.topic in (topics.CHECKPOINT, topics.FINAL_CHECKPOINT):
             if msg.payload:  # an empty retained message clears the topic
-                self._notes.put((msg.topic, msg.payload.decode("utf-8", errors="replace")))
+                note = msg.payload.decode("utf-8", errors="replace")
+                if msg.topic == topics.CHECKPOINT:
+                    self._heard(note)
+                self._notes.put((msg.topic, note))
             return
         miner = topics.miner_of_topic(msg.topic)
         if miner is not None and miner[1] == "hello" and self.studies is not None:
@@ -247,6 +252,19 @@ class WitnessMiner:
             self._responses.put(messages.ProofResponseMessage.model_validate_json(msg.payload))
         except ValidationError as exc:
             log.warning("miner %s: malformed proof response: %s", self.id, exc.errors()[:1])
+
+    def _heard(self, note: str) -> None:
+        """Note the log's size from a checkpoint as it arrives, judged or not: how far behind the log this miner
+        is shows even while its worker is busy (metrics)."""
+        try:
+            size = verify_checkpoint(note, self.witness.log_public_key).tree_size
+        except VerificationError:
+            return  # not the log's: judged (and refused) by the worker
+        self.log_size = max(self.log_size, size)
+
+    def alive(self) -> bool:
+        """Whether the worker that judges checkpoints is running (the systemd watchdog's health check)."""
+        return self._worker is not None and self._worker.is_alive()
 
     def _on_hello(self, miner: str, payload: bytes) -> None:
         """Another miner's hello (empty: it left): its MPC address, only from a hello its own key signed."""
@@ -300,6 +318,7 @@ class WitnessMiner:
                 log.warning("miner %s: reading the checkpoint from the tiles failed (%d so far): %s", self.id,
                             self.stats["tiles_unavailable"], exc)
             return
+        self.log_size = max(self.log_size, cp.tree_size)
         if cp.tree_size > self.witness.state.tree_size and note != self._polled_note:
             self._polled_note = note
             self._notes.put((topics.CHECKPOINT, note))
@@ -408,6 +427,7 @@ class WitnessMiner:
             log.warning("miner %s: leaf %d is void (%s): publishing evidence", self.id, void.leaf_index, void.rule)
             payload = self._evidence_payload(self.witness.void_evidence(before, note, entries, void, now), before)
             if payload is not None:
+                self.stats["evidence_published"] += 1
                 self._publish(messages.evidence(self.id), payload)
 
     def _replay_cosigned(self) -> bool:
@@ -474,6 +494,7 @@ class WitnessMiner:
         if r.evidence is not None:
             payload = self._evidence_payload(r.evidence, self.witness.state)  # a refusal leaves the state as it was
             if payload is not None:
+                self.stats["evidence_published"] += 1
                 self._publish(messages.evidence(self.id), payload)
         return r
 

@@ -324,6 +324,8 @@ def argument_parser(prog: str = "python -m chain_miner.storage_server") -> argpa
     p.add_argument("--credentials", type=Path, help="MQTT login file written by `carechain bridge acl` (0600), "
                    "for a locked-down broker")
     p.add_argument("--tls-ca", type=Path, help="connect over TLS, trusting only this CA")
+    p.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve /metrics, /healthz and /readyz here "
+                   "(docs/metrics.md); bind it to 127.0.0.1 or a management network")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -344,7 +346,23 @@ def run(args: argparse.Namespace,
         print(f"storage server: {exc}", file=sys.stderr)
         return 2
     server = make_server(key, ShareStore(args.data_dir / "shares"))
-    serve(server, broker, stop)
+    health = None
+    if args.metrics_listen:
+        from carechain.health_http import HealthServer, ListenError
+        from chain_miner.metrics import storage_registry
+
+        try:
+            health = HealthServer.from_listen(args.metrics_listen, storage_registry(server),
+                                              lambda: (True, f"storage miner {server.miner_id}"))
+            health.start()
+        except (ValueError, ListenError) as exc:
+            print(f"storage server: --metrics-listen: {exc}", file=sys.stderr)
+            return 2
+    try:
+        serve(server, broker, stop)
+    finally:
+        if health is not None:
+            health.stop()
     print(json.dumps({"miner": server.miner_id, "stopped": True, **server.counters}), flush=True)
     return 0
 

@@ -39,6 +39,7 @@ from carechain.datadir import instance_id
 from carechain.errors import Reason, contract_reason
 from carechain.events import SEALED_KINDS, EventBody, make_payload
 from carechain.identity import Identity
+from carechain.mqtt_loop import NetworkLoop
 from carechain.receipts import Receipt, ReceiptError, open_receipt
 from carechain.sealed import DEFAULT_EPOCH_MS, epoch_of
 from carechain.transport import connect_client
@@ -55,6 +56,7 @@ from edge_agent.sealing import (
     weekly_activity_body,
 )
 from edge_agent.source import Source
+from edge_agent.status_report import StatusReporter
 from edge_agent.uplink import Uplink
 from edge_agent.window import SendWindow
 
@@ -70,12 +72,14 @@ class AgentDevice:
     source: Source | None  # None: events are recorded by the caller via Agent.record
     owner: RecordOwner | None = None  # protocol 2: whose records its health readings are (required for those)
     wellness_policy: str | None = None  # protocol 2: disclose weekly active minutes to this policy
+    battery: Callable[[], int | None] | None = None  # the level its source last read, for its status reports
 
 
 @dataclass
 class AgentStats:
     signed: int = 0
     sent: int = 0  # events published (each resend counts again)
+    resent: int = 0  # events due again after resend_after_s without a receipt (sent again once their link is up)
     messages: int = 0  # MQTT messages they went in (fewer than `sent` when events share batch messages)
     acked: int = 0
     quarantined: int = 0
@@ -120,7 +124,8 @@ class Agent:
                  credentials: Mapping[str, MqttCredentials] | None = None, protocol: int = 1,
                  epoch_ms: int = DEFAULT_EPOCH_MS, batch_max_events: int = _BATCH_DEFAULTS.batch_max_events,
                  batch_max_bytes: int = _BATCH_DEFAULTS.batch_max_bytes,
-                 batch_linger_ms: int = _BATCH_DEFAULTS.batch_linger_ms) -> None:
+                 batch_linger_ms: int = _BATCH_DEFAULTS.batch_linger_ms,
+                 status_interval_s: float = _BATCH_DEFAULTS.status_interval_s) -> None:
         if protocol not in (1, 2):
             raise ValueError(f"protocol {protocol} is not one this agent speaks (1 or 2)")
         self.devices = {d.identity.device_id: d for d in devices}
@@ -156,6 +161,11 @@ class Agent:
         self.epoch_ms = epoch_ms
         self._keys: dict[tuple[str, int], DataKey] = {}  # protocol 2: data keys in use, as stored
         self._key_sweep_at = 0.0  # monotonic time of the next search for spent keys
+        # Each device's signed status (outbox depth, battery) for the bridge's console: QoS 0, never queued.
+        self.status = StatusReporter({d: dev.identity for d, dev in self.devices.items()},
+                                     self.outbox.depth_by_device,
+                                     self._battery_of, interval_s=status_interval_s)
+        self.last_receipt_ms: dict[str, int] = {}  # device -> wall-clock ms of its latest valid receipt (metrics)
 
     def device_client_id(self, device_id: str) -> str:
         return f"{self.client_id}-{device_id}"
@@ -322,6 +332,7 @@ class Agent:
         while not stop.is_set():
             if self._connected:
                 now_ms = int(time.time() * 1000)
+                self.stats.resent += self.window.expire(now_ms)  # counted here; `due` would expire them silently
                 # Rows of a device whose client is down are parked, not sent; the others keep flowing.
                 due = self.window.due(self.outbox.pending_after, now_ms, eligible=self._connected.__contains__)
                 for device_id, rows in self.uplink.messages(due, now_ms):
@@ -354,6 +365,7 @@ class Agent:
             self.stats.bad_receipts += 1
             log.warning("ignored receipt on %s: %s", topic, exc)
             return
+        self.last_receipt_ms[device_id] = int(time.time() * 1000)
         try:
             self._apply_receipt(device_id, receipt)
         except sqlite3.OperationalError as exc:  # e.g. a full disk: the events stay, are resent and re-acked
@@ -437,10 +449,19 @@ class Agent:
 
         return lambda old, seq: reseal(identity, old, seq, key_of)
 
+    def _battery_of(self, device_id: str) -> int | None:
+        read = self.devices[device_id].battery
+        return None if read is None else read()
+
+    def _publish_status(self, device_id: str, topic: str, payload: bytes) -> bool:
+        client = self._clients.get(device_id)
+        return client is not None and client.publish(topic, payload, qos=0).rc == mqtt.MQTT_ERR_SUCCESS
+
     def _on_state(self, device_id: str, up: bool) -> None:
         if up:
             self._connected.add(device_id)
             self.window.resume(device_id)  # parked rows of this device are due again
+            self.status.report([device_id], self._connected, self._publish_status)
         else:
             self._connected.discard(device_id)
             for row in self.uplink.drop(device_id):  # lingering rows are due again when the device is back
@@ -467,10 +488,16 @@ class Agent:
             return connect_client(
                 self.device_broker(device_id), self.device_client_id(device_id), on_message=on_message,
                 on_state=on_state, subscriptions=[(topics.receipts(device_id), 1)], max_queued=self.window.size,
+                network=network,
             )
 
+        # Every device has its own login, so its own connection: one network thread serves them all (a thread
+        # per client stops working past ~340 devices; carechain.mqtt_loop says why).
+        network = NetworkLoop(name="agent-mqtt")
         self._clients = {device_id: connect(device_id) for device_id in self.devices}
-        tasks = [asyncio.create_task(self._send(stop), name="agent-send")]
+        tasks = [asyncio.create_task(self._send(stop), name="agent-send"),
+                 asyncio.create_task(self.status.run(stop, lambda: self._connected, self._publish_status),
+                                     name="agent-status")]
         tasks += [asyncio.create_task(self._produce(dev_id, d.source, stop), name=f"agent-produce-{dev_id}")
                   for dev_id, d in self.devices.items() if d.source is not None]
         stopped = asyncio.create_task(stop.wait(), name="agent-stop")
@@ -490,10 +517,10 @@ class Agent:
             for t in (stopped, *tasks):
                 t.cancel()
             results = await asyncio.gather(stopped, *tasks, return_exceptions=True)
+            self.status.report(self.devices, self._connected, self._publish_status)  # the last word before leaving
             for client in self._clients.values():
                 client.disconnect()
-            for client in self._clients.values():
-                client.loop_stop()
+            network.stop()
             self._connected.clear()
         failures = [r for r in results if isinstance(r, Exception) and not isinstance(r, asyncio.CancelledError)]
         if failures:

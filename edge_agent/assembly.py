@@ -42,6 +42,7 @@ class AssembledAgent:
     lock: DataDirLock
     profiles: dict[str, DeviceProfile]
     ble: list[tuple[str, AgentDeviceConfig]] = field(default_factory=list)  # (device_id, entry) read over BLE
+    ble_adapter: str | None = None  # BlueZ adapter (hci0, hci1…); None: the system's default
 
     @property
     def outbox(self) -> Outbox:
@@ -55,8 +56,13 @@ class AssembledAgent:
         from edge_agent.sources.ble import BleSource
 
         registry = PairedDevices.in_dir(self.data_dir)
-        return [BleSource(self.profiles[d.profile], partial(self.agent.record, dev_id), address=d.address,
-                          registry=registry, pair=d.pair) for dev_id, d in self.ble]
+        sources = []
+        for dev_id, d in self.ble:
+            source = BleSource(self.profiles[d.profile], partial(self.agent.record, dev_id), address=d.address,
+                               registry=registry, pair=d.pair, adapter=self.ble_adapter)
+            self.agent.devices[dev_id].battery = partial(_battery_level, source)  # reported in its status
+            sources.append(source)
+        return sources
 
     async def run(self, stop: asyncio.Event, produce_seconds: float | None = None,
                   on_stop_producing: Callable[[], None] | None = None) -> None:
@@ -89,6 +95,11 @@ class AssembledAgent:
         """After `run` returned: close the outbox and release the data directory."""
         self.agent.outbox.close()
         self.lock.release()
+
+
+def _battery_level(source: BleSource) -> int | None:
+    """The Battery Service level the source read on its last connection (or was notified of since)."""
+    return source.status.battery_pct if source.status is not None else None
 
 
 def record_owner(entry: AgentDeviceConfig, profile: DeviceProfile, protocol: int) -> RecordOwner | None:
@@ -171,7 +182,7 @@ def assemble_agent(cfg: Config, *, devices: Sequence[AgentDevice] | None = None,
                           resend_after_s=ac.resend_after_s, speedup=ac.speedup, client_id=client_id,
                           credentials=logins, protocol=ac.protocol, epoch_ms=ac.epoch_ms,
                           batch_max_events=ac.batch_max_events, batch_max_bytes=ac.batch_max_bytes,
-                          batch_linger_ms=ac.batch_linger_ms)
+                          batch_linger_ms=ac.batch_linger_ms, status_interval_s=ac.status_interval_s)
         except ValueError as exc:  # e.g. a device without its own MQTT login on a broker that needs one
             outbox.close()
             raise ConfigError(str(exc)) from None
@@ -181,4 +192,4 @@ def assemble_agent(cfg: Config, *, devices: Sequence[AgentDevice] | None = None,
     except BaseException:
         lock.release()
         raise
-    return AssembledAgent(agent, ac.data_dir, lock, profiles, ble)
+    return AssembledAgent(agent, ac.data_dir, lock, profiles, ble, ble_adapter=ac.ble_adapter)

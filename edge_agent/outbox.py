@@ -598,6 +598,10 @@ class Outbox:
     def depth(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
 
+    def depth_by_device(self) -> dict[str, int]:
+        """Events stored and not yet receipted, per device (each device's status report says its own)."""
+        return dict(self._db.execute("SELECT device_id, COUNT(*) FROM outbox GROUP BY device_id").fetchall())
+
     def quarantined(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM quarantine").fetchone()[0]
 

@@ -43,8 +43,9 @@ SET_UP, RUN, CONTRACTS, RECORDS, STORAGE, AUDIT, TRY = ("Set up", "Run a party",
 
 # In the order a deployment meets them: keys, register, run the bridge, agents and miners, then the
 # contracts, storage and the proofs anyone can check; the demo last.
-ORDER = ("keys", "register", "cutover", "bridge", "agent", "miner", "console", "party", "formulary", "rx", "policy",
-         "token", "bond", "balance", "access", "consent", "study", "trial", "export", "store", "proof", "verify", "demo")
+ORDER = ("keys", "register", "cutover", "bridge", "agent", "miner", "console", "party", "formulary", "rx",
+         "policy", "token", "bond", "balance", "access", "consent", "study", "trial", "export", "store", "proof",
+         "verify", "demo")
 
 
 class _InOrder(TyperGroup):

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from carechain import sd_notify
 from carechain.cli._options import (
     BrokerOpt,
     ConfigOpt,
+    LogFormat,
+    LogFormatOpt,
+    SetOpt,
     StopSignal,
     VerboseOpt,
     check_broker_tls,
@@ -20,6 +24,10 @@ from carechain.cli._options import (
     load,
     setup_logging,
 )
+
+if TYPE_CHECKING:
+    from carechain.health_http import HealthServer
+    from chain_miner.service import WitnessMiner
 
 EPILOG = example("carechain miner --data-dir carechain-data/miner --log-public-key 3b6a…e1 "
                  "--broker 127.0.0.1:1883")
@@ -40,6 +48,7 @@ def miner(config: ConfigOpt = None, broker: BrokerOpt = None,
           entry_verifier: Annotated[str | None, typer.Option(
               metavar="MODULE:FUNCTION", help="Another entry verifier f(old_size, new_size, entries) -> "
                                               "Violation | None, instead of the contracts.")] = None,
+          settings: SetOpt = None, log_format: LogFormatOpt = LogFormat.text,
           verbose: VerboseOpt = False) -> None:
     """Run a miner: witness the log's checkpoints and cosign them, or refuse and publish evidence.
 
@@ -58,8 +67,8 @@ def miner(config: ConfigOpt = None, broker: BrokerOpt = None,
     from chain_miner.assembly import DEFAULT_GENESIS, assemble_miner
 
     stop = StopSignal()
-    setup_logging(verbose)
-    cfg = load(config, broker)
+    setup_logging(verbose, log_format)
+    cfg = load(config, broker, settings)
     check_broker_tls(cfg)
     try:
         assembled = assemble_miner(cfg, data_dir=data_dir, key=key, log_public_key=log_public_key, name=name,
@@ -74,18 +83,48 @@ def miner(config: ConfigOpt = None, broker: BrokerOpt = None,
     console.print(f"miner {service.id}: data {assembled.data_dir}, broker {cfg.broker.address}, log key "
                   f"{service.witness.log_public_key.hex()}"
                   + (f", {assembled.checks}" if assembled.checks else ""), soft_wrap=True, highlight=False)
+    health = None
+    watchdog = None
     try:
+        if cfg.miner.metrics_listen is not None:
+            health = _health_server(cfg.miner.metrics_listen, service)
         service.start()
         if stop.wait_for(service.connected.wait, 30):
             print(json.dumps({"miner": service.id, "name": service.cosigner.name,
                               "public_key": service.cosigner.public_key.hex(), "ready": True}), flush=True)
+            sd_notify.ready(f"miner {service.id}: connected to {cfg.broker.address}")
         elif not stop.is_set():
             console.print(f"[yellow]miner: broker {cfg.broker.address} unreachable or refusing; retrying in "
                           "the background[/]")
+            # Started all the same: it connects by itself, and a broker outage must not become a restart loop.
+            sd_notify.ready(f"miner {service.id}: broker {cfg.broker.address} unreachable; retrying")
+        watchdog = sd_notify.Watchdog.from_env(service.alive)  # a dead checkpoint worker stops the pings
+        if watchdog is not None:
+            watchdog.start()
         stop.wait()
     finally:
+        sd_notify.stopping(f"miner {service.id}: stopping")
+        if watchdog is not None:
+            watchdog.stop()
+        if health is not None:
+            health.stop()
         service.stop()
         assembled.close()
     if not service.ever_connected.is_set():
         console.print(f"[yellow]miner: never connected to broker {cfg.broker.address}[/]", soft_wrap=True)
     print(json.dumps({"miner": service.id, **service.stats}), flush=True)
+
+
+def _health_server(listen: str, service: WitnessMiner) -> HealthServer:
+    """/metrics, /healthz and /readyz on `miner.metrics_listen`, started; exits with the reason if it cannot listen."""
+    from carechain.health_http import HealthServer, ListenError
+    from chain_miner.metrics import miner_ready, miner_registry
+
+    try:
+        health = HealthServer.from_listen(listen, miner_registry(service), lambda: miner_ready(service))
+        health.start()
+    except (ValueError, ListenError) as exc:
+        raise fail(f"miner.metrics_listen: {exc}") from None
+    console.print(f"miner: metrics and health on http://{health.address}/metrics, /healthz, /readyz",
+                  highlight=False, soft_wrap=True)
+    return health

@@ -99,4 +99,4 @@ class Ingest:
             return Rejection(topic_device, event.seq, Reason.CIPHERTEXT_MISMATCH,
                              f"a clear v{event.v} {event.kind} event carries no ciphertext, yet one came with it")
         return EventCandidate(event.dev, event.seq, event_entry(raw).encode(), event_digest(raw), event.kind,
-                              version=event.v, ct=ct, epoch=epoch)
+                              version=event.v, ct=ct, epoch=epoch, ts=event.ts)

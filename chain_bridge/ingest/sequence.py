@@ -47,6 +47,7 @@ class SequencedBatch:
     anchored: int = 0
     duplicates: int = 0
     unreceipted: int = 0  # rejections of unregistered devices not receipted (over `UnregisteredReceipts`)
+    anchored_ts: list[int] = field(default_factory=list)  # device times of the new leaves (the latency metric)
 
 
 @dataclass
@@ -136,6 +137,8 @@ class Sequencer:
             else:
                 out.anchored += 1
                 self.seq_guard.anchored(cand)
+                if cand.ts is not None:
+                    out.anchored_ts.append(cand.ts)
         elif isinstance(result, SaleRefused):
             where = "nothing appended" if result.index is None else f"recorded at leaf {result.index}"
             out.rejections.append(Rejection(

@@ -113,6 +113,7 @@ class EventCandidate:
     version: int = 1  # the payload's `v`: v1 readings of sealed kinds are refused after the cutover
     ct: bytes | None = None  # a sealed reading's ciphertext (its hash checked), stored with its leaf
     epoch: int | None = None  # a sealed reading's epoch
+    ts: int | None = None  # the device time (ms) it was signed at: the sign→receipt latency metric
 
 
 @dataclass(frozen=True)
