@@ -5,13 +5,17 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from carechain import sd_notify
 from carechain.cli._options import (
     BrokerOpt,
     ConfigOpt,
+    LogFormat,
+    LogFormatOpt,
+    SetOpt,
     DataDirOpt,
     JsonOpt,
     StopSignal,
@@ -26,22 +30,36 @@ from carechain.cli._options import (
     setup_logging,
 )
 
+if TYPE_CHECKING:
+    from carechain.config import Config
+    from chain_bridge.bridge import Bridge
+    from chain_bridge.console.server import ConsoleServer
+
 bridge_app = typer.Typer(no_args_is_help=False)
 
 
 @bridge_app.callback(invoke_without_command=True,
                      epilog=example("carechain bridge --config carechain.yaml",
-                                    "carechain bridge --broker 127.0.0.1:1883 --data-dir carechain-data/bridge"))
+                                    "carechain bridge --broker 127.0.0.1:1883 --data-dir carechain-data/bridge",
+                                    "carechain bridge -c carechain.yaml --http 127.0.0.1:8080 --log-format json",
+                                    "carechain bridge -c carechain.yaml --set bridge.batch_max=500"))
 def bridge(ctx: typer.Context, config: ConfigOpt = None, broker: BrokerOpt = None, data_dir: DataDirOpt = None,
            workers: Annotated[int | None, typer.Option(
                help="Ingest worker processes on an MQTT shared subscription (0: verify in-process). "
                     "Needs a broker with shared subscriptions, e.g. mosquitto.", min=0, max=64)] = None,
+           http: Annotated[str | None, typer.Option(
+               "--http", metavar="HOST:PORT",
+               help="Serve the operator's web console, /metrics, /healthz and /readyz here (overrides "
+                    "bridge.console.listen; keep it on loopback or a management network). Accounts: "
+                    "`carechain console user add`.")] = None,
+           settings: SetOpt = None, log_format: LogFormatOpt = LogFormat.text,
            verbose: VerboseOpt = False) -> None:
     """Run the bridge: verify, deduplicate and anchor device events; receipts; checkpoints every interval.
 
     Runs until interrupted (Ctrl-C / SIGTERM), then issues a last checkpoint, prints its counters as one
     JSON line on stdout and exits. One bridge per data directory: a second one is refused (exit 2). With a
-    subcommand (`carechain bridge acl`), runs that instead.
+    subcommand (`carechain bridge acl`), runs that instead. With --http (or bridge.console.listen) it also
+    serves the read-only web console (docs/console.md).
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -50,8 +68,8 @@ def bridge(ctx: typer.Context, config: ConfigOpt = None, broker: BrokerOpt = Non
     from chain_bridge.assembly import assemble_bridge
 
     stop = StopSignal()
-    setup_logging(verbose)
-    cfg = load(config, broker)
+    setup_logging(verbose, log_format)
+    cfg = load(config, broker, settings)
     check_broker_tls(cfg)
     try:
         assembled = assemble_bridge(cfg, data_dir=bridge_dir(cfg, data_dir), workers=workers)
@@ -60,9 +78,20 @@ def bridge(ctx: typer.Context, config: ConfigOpt = None, broker: BrokerOpt = Non
     except (ValueError, DataDirLocked) as exc:  # ConfigError is a ValueError
         raise fail(str(exc)) from None
     service = assembled.bridge
+    listen = http or cfg.bridge.console.listen
+    if listen is not None:
+        from chain_bridge.console.serve import listen_address
+
+        try:
+            listen_address(listen)
+        except ValueError as exc:
+            assembled.close()
+            raise fail(str(exc)) from None
     console.print(f"bridge: broker {cfg.broker.address}, ledger {assembled.ledger_location()} "
                   f"(size {service.ledger.size}), origin {service.origin}\n"
                   f"log public key {service.log_key.public_key.hex()}", soft_wrap=True, highlight=False)
+    web: ConsoleServer | None = None
+    watchdog = None
     try:
         # Several bridge hosts on one PostgreSQL ledger: all ingest and append, the lease holder leads; or,
         # without bridge.store.standby_ingest, one is active and the others wait idle.
@@ -72,6 +101,11 @@ def bridge(ctx: typer.Context, config: ConfigOpt = None, broker: BrokerOpt = Non
                               "sequencer lease", highlight=False)
         elif service.lease is not None:
             console.print("bridge: standby until it holds the sequencer lease", highlight=False)
+            sd_notify.ready("bridge: standby until it holds the sequencer lease")  # standing by is started
+        # Pings only while the sequencer thread lives and turns (a standby is healthy until it starts).
+        watchdog = sd_notify.Watchdog.from_env(service.healthy)
+        if watchdog is not None:
+            watchdog.start()
         if service.ingests_without_lease or service.await_lease(stop.is_set):  # stopped while standing by: done
             if service.lease is not None and service.lease.held:
                 console.print("bridge: holds the sequencer lease; active", highlight=False)
@@ -79,19 +113,46 @@ def bridge(ctx: typer.Context, config: ConfigOpt = None, broker: BrokerOpt = Non
             # workers there is nothing to spawn, and no window in which a Ctrl-C would be lost.
             with stop.children_ignore_sigint() if service.cfg.ingest_workers else contextlib.nullcontext():
                 service.start()
+            if listen is not None:
+                web = _start_console(service, cfg, assembled.data_dir, listen)
             if stop.wait_for(service.wait_ready, 30):
                 console.print(f"bridge ready: subscribed with {service.cfg.ingest_workers or 'no'} ingest workers")
+                sd_notify.ready(f"bridge: subscribed to {cfg.broker.address}, tree size {service.ledger.size}")
             elif not stop.is_set():
                 console.print(f"[yellow]bridge: not subscribed yet; broker {cfg.broker.address} unreachable or "
                               "refusing; retrying in the background[/]")
+                # Started all the same: it subscribes by itself, and a broker outage must not become a restart loop.
+                sd_notify.ready(f"bridge: broker {cfg.broker.address} unreachable; retrying")
             stop.wait()
     finally:
+        sd_notify.stopping("bridge: stopping; issuing a last checkpoint")
+        if watchdog is not None:
+            watchdog.stop()
+        if web is not None:
+            web.stop()  # before the bridge: no page reads a ledger being closed
         service.stop()
         assembled.close()
     if not service.ever_connected.is_set():
         console.print(f"[yellow]bridge: never connected to broker {cfg.broker.address}; nothing was received[/]",
                       soft_wrap=True)
     print(json.dumps(service.stats.as_dict()), flush=True)  # final counters, on stdout for scripts
+
+
+def _start_console(service: Bridge, cfg: Config, data_dir: Path, listen: str) -> ConsoleServer:
+    """Serve the console of the running bridge on `listen`; print its URL, or fail (exit 2) if it cannot."""
+    from chain_bridge.console.accounts import accounts_path
+    from chain_bridge.console.serve import serve_console
+    from chain_bridge.console.server import ConsoleError
+
+    accounts = accounts_path(cfg.bridge, data_dir)
+    try:
+        web = serve_console(service, cfg.bridge.console, listen, accounts)
+    except (ConsoleError, ValueError, OSError) as exc:  # a damaged or too open pseudonym key: the message says
+        raise fail(str(exc)) from None
+    console.print(f"console: {web.url}  (accounts: {accounts}"
+                  + ("" if accounts.exists() else "; none yet: carechain console user add NAME --role operator")
+                  + ")", soft_wrap=True, highlight=False)
+    return web
 
 
 @bridge_app.command("acl", epilog=example("carechain bridge acl --data-dir carechain-data/bridge",

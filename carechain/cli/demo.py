@@ -5,17 +5,21 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from carechain.cli._options import example, fail, out
+from carechain.cli._options import StopSignal, console, example, fail, out
+
+if TYPE_CHECKING:
+    from carechain.demo.pipeline import ConsoleLogin
 
 EPILOG = example("carechain demo", "carechain demo --json", "carechain demo --data-dir demo-data --ble",
                  "carechain demo --skip market --skip trial",
-                 "carechain demo --data-dir demo-data && carechain access log --data-dir demo-data/bridge")
+                 "carechain demo --data-dir demo-data && carechain access log --data-dir demo-data/bridge",
+                 "carechain demo --http 127.0.0.1:8080")
 JSON_KEYS = ("sent", "anchored", "rejected", "duplicates", "checkpoints", "proof_verified", "access_opened",
              "access_logged", "access_refused_without_grant", "miners", "final_checkpoints", "formulary_refusals",
              "study_result", "study_contributors", "study_verified", "trial_certificate", "trial_verified")
@@ -34,6 +38,10 @@ def demo(
     skip: Annotated[list[str] | None, typer.Option("--skip", help="Leave out the data market or the trial "
                                                    "(repeatable: --skip market --skip trial); their JSON keys "
                                                    "are then null.")] = None,
+    http: Annotated[str | None, typer.Option("--http", metavar="HOST:PORT", help="Serve the bridge's web console, "
+                                             "/metrics and /healthz here while the demo runs, and keep them up "
+                                             "after it until Ctrl-C (an account for this run is printed "
+                                             "once).")] = None,
 ) -> None:
     """The whole flow on one machine: 6 BLE health devices + a pharmacy terminal → agent → MQTT → bridge →
     verifiable log cosigned by 5 miners, with hostile traffic injected, then one inclusion proof verified end to end.
@@ -52,7 +60,7 @@ def demo(
     commit and reveal by themselves: --json adds trial_certificate (the pre-registered result the contract
     certified) and trial_verified (`contract_rules.trial_check.verify_trial` from the log alone).
     """
-    from carechain.demo.pipeline import SKIPPABLE, DemoUnavailable, check_available, run_demo
+    from carechain.demo.pipeline import SKIPPABLE, DemoUnavailable, check_available
 
     skipped = frozenset(skip or ())
     if not skipped <= set(SKIPPABLE):
@@ -61,10 +69,22 @@ def demo(
         check_available(ble=ble)
     except DemoUnavailable as exc:
         raise fail(str(exc)) from None
+    if http is not None:
+        from chain_bridge.console.serve import listen_address
+
+        try:
+            listen_address(http)
+        except ValueError as exc:
+            raise fail(str(exc)) from None
     logging.basicConfig(level=logging.ERROR)
+    web = _ConsoleHold(as_json) if http is not None else None
+    console_args: dict[str, Any] = {} if web is None else {"http": http, "on_console": web.announce,
+                                                           "hold": web.hold}
     if as_json:
-        summary = run_demo(broker=broker, seconds=seconds, data_dir=data_dir, speedup=speedup, ble=ble, skip=skipped)
-        print(json.dumps({k: summary[k] for k in JSON_KEYS}), flush=True)
+        summary = _run_or_fail(broker=broker, seconds=seconds, data_dir=data_dir, speedup=speedup, ble=ble,
+                               skip=skipped, **console_args)
+        if web is None:
+            print(json.dumps({k: summary[k] for k in JSON_KEYS}), flush=True)
         raise typer.Exit(0 if _succeeded(summary) else 1)
     from rich.live import Live
 
@@ -77,11 +97,50 @@ def demo(
     with Live(render({"phase": "starting", "signed": 0, "outbox": 0, "received": 0, "anchored": 0,
                       "duplicates": 0, "rejected": 0, "checkpoints": 0, "tree_size": 0}),
               console=out, refresh_per_second=5) as live:
-        summary = run_demo(broker=broker, seconds=seconds, data_dir=data_dir, speedup=speedup, ble=ble,
-                           skip=skipped, on_tick=lambda s: live.update(render(s)))
-    out.line()  # a pipe gets the live table's last frame without its line end
-    _print_summary(summary)
+        summary = _run_or_fail(broker=broker, seconds=seconds, data_dir=data_dir, speedup=speedup, ble=ble,
+                               skip=skipped, on_tick=lambda s: live.update(render(s)), **console_args)
+    if web is None:
+        out.line()  # a pipe gets the live table's last frame without its line end
+        _print_summary(summary)
     raise typer.Exit(0 if _succeeded(summary) else 1)
+
+
+def _run_or_fail(**kwargs: Any) -> dict[str, Any]:  # noqa: ANN401 - run_demo's keyword arguments
+    from carechain.demo.pipeline import run_demo
+    from chain_bridge.console.server import ConsoleError
+
+    try:
+        return run_demo(**kwargs)
+    except ConsoleError as exc:  # --http: the address cannot be served (taken, or not this host's)
+        raise fail(str(exc)) from None
+
+
+class _ConsoleHold:
+    """`demo --http`: show the console's URL and this run's account once, then, after the summary, keep the console
+    up until Ctrl-C (the demo's data stays until then)."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+        self.url = ""
+
+    def announce(self, login: ConsoleLogin) -> None:
+        # On the terminal only, never through logging: the password is for this run and this person. Printed through
+        # the live display's console (above the table it redraws), or on stderr when stdout carries the JSON.
+        self.url = login.url
+        terminal = console if self.as_json else out
+        terminal.print(f"console: {login.url}  user [bold]{login.user}[/]  password [bold]{escape(login.password)}[/]  "
+                       "(made for this run; shown once, never logged)", soft_wrap=True, highlight=False)
+
+    def hold(self, summary: dict[str, Any]) -> None:
+        if self.as_json:
+            print(json.dumps({k: summary[k] for k in JSON_KEYS}), flush=True)
+        else:
+            out.line()
+            _print_summary(summary)
+        stop = StopSignal()
+        console.print(f"console: still serving {self.url} (the final ledger) — press Ctrl-C to stop",
+                      soft_wrap=True, highlight=False)
+        stop.wait()
 
 
 def _succeeded(s: dict[str, Any]) -> bool:

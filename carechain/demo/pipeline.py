@@ -26,11 +26,16 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from carechain.files import private_dir
+
+if TYPE_CHECKING:
+    from chain_bridge.bridge import Bridge
+    from chain_bridge.console.server import ConsoleServer
 
 DEMO_PROFILES = ("heart_rate_band", "thermometer", "blood_pressure_cuff", "pulse_oximeter",
                  "glucose_meter", "scale", "pharmacy_terminal")
@@ -66,9 +71,20 @@ def check_available(*, ble: bool) -> None:
 SKIPPABLE = ("market", "trial")  # the live scenarios after the pipeline, pharmacy and access parts
 
 
+@dataclass(frozen=True)
+class ConsoleLogin:
+    """The web console the demo serves (`http`): its URL and the one account made for this run."""
+
+    url: str
+    user: str
+    password: str  # random, for this run only: shown once on the terminal, never logged
+
+
 def run_demo(*, broker: str | None, seconds: float, data_dir: Path | None, speedup: float,
              on_tick: Callable[[dict[str, Any]], None] | None = None, ble: bool = False,
-             skip: frozenset[str] = frozenset()) -> dict[str, Any]:
+             skip: frozenset[str] = frozenset(), http: str | None = None,
+             on_console: Callable[[ConsoleLogin], None] | None = None,
+             hold: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run the demo and return its summary (the `--json` object plus details).
 
     With `data_dir` the ledger, keys and outbox stay there (`data_kept`); without, they live in a fresh
@@ -82,6 +98,11 @@ def run_demo(*, broker: str | None, seconds: float, data_dir: Path | None, speed
     (carechain.demo.market), under `study` and the three `study_*` keys; last the randomised trial
     (carechain.demo.trial), under `trial` and `trial_certificate`/`trial_verified`. `skip` leaves out some of
     SKIPPABLE (their keys are then None and `skipped` lists them).
+
+    With `http` ("HOST:PORT") the bridge's web console, /metrics and /healthz are served while the demo runs
+    (chain_bridge.console); `on_console` receives its URL and the account made for this run (user "demo", both
+    console roles, a random password), and `hold(summary)` is called once the summary is ready, while the console
+    still serves the final ledger: the demo's data (a temporary folder included) stays until it returns.
     """
     unknown = sorted(set(skip) - set(SKIPPABLE))
     if unknown:
@@ -91,7 +112,7 @@ def run_demo(*, broker: str | None, seconds: float, data_dir: Path | None, speed
     root = private_dir(Path(data_dir)) if data_dir else Path(tempfile.mkdtemp(prefix="carechain-demo-"))
     try:
         summary = _run(root, broker=broker, seconds=seconds, speedup=speedup, on_tick=on_tick, ble=ble,
-                       skip=frozenset(skip))
+                       skip=frozenset(skip), http=http, on_console=on_console, hold=hold)
     finally:
         if data_dir is None:
             shutil.rmtree(root, ignore_errors=True)
@@ -99,8 +120,31 @@ def run_demo(*, broker: str | None, seconds: float, data_dir: Path | None, speed
     return summary
 
 
+def _serve_console(bridge: Bridge, bridge_dir: Path, listen: str) -> tuple[ConsoleServer, ConsoleLogin]:
+    """The console of the demo's bridge on `listen`, with a fresh account for this run (both roles, so a new user
+    sees every page). The password goes to the caller only: never to a log, a file or a process argument."""
+    import secrets
+
+    from carechain.config import ConsoleConfig
+    from chain_bridge.console.accounts import AccountBook, Role
+    from chain_bridge.console.serve import serve_console
+
+    accounts = bridge_dir / "console" / "accounts.json"
+    password = secrets.token_urlsafe(15)  # 120 bits
+    book, roles = AccountBook(accounts), [Role.OPERATOR, Role.PRIVACY_OFFICER]
+    if book.current("demo") is None:
+        book.add("demo", password, roles)
+    else:  # a kept data directory: a new password for this run
+        book.set_password("demo", password)
+        book.set_roles("demo", roles)
+    web = serve_console(bridge, ConsoleConfig(), listen, accounts)
+    return web, ConsoleLogin(web.url, "demo", password)
+
+
 def _run(root: Path, *, broker: str | None, seconds: float, speedup: float,
-         on_tick: Callable[[dict[str, Any]], None] | None, ble: bool, skip: frozenset[str]) -> dict[str, Any]:
+         on_tick: Callable[[dict[str, Any]], None] | None, ble: bool, skip: frozenset[str], http: str | None = None,
+         on_console: Callable[[ConsoleLogin], None] | None = None,
+         hold: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     from carechain import envelope, sealed, topics
     from carechain.config import AgentConfig, BridgeConfig, BrokerConfig, Config, parse_address
     from carechain.demo.market import MarketDemo
@@ -164,6 +208,11 @@ def _run(root: Path, *, broker: str | None, seconds: float, speedup: float,
         bridge = assembled_bridge.bridge
         cleanup.callback(bridge.stop)
         bridge.start()
+        if http is not None:
+            web, login = _serve_console(bridge, bridge_dir, http)
+            cleanup.callback(web.stop)  # before the bridge's cleanup and the ledger's close (LIFO)
+            if on_console is not None:
+                on_console(login)
         cleanup.callback(records.stop_miners)
         records.start_miners(cfg, lk.public_key, bridge_dir / GENESIS_FILE)
         rng = random.Random(2026)
@@ -347,7 +396,7 @@ def _run(root: Path, *, broker: str | None, seconds: float, speedup: float,
                 kind = envelope.parse(entry.cose).payload["kind"]
                 kinds[kind] = kinds.get(kind, 0) + 1
         miners = len(pharmacy["active_miners"])
-        return {
+        summary = {
             "sent": agent.stats.signed,
             "anchored": stats["anchored"],
             "rejected": stats["rejected"],
@@ -384,3 +433,6 @@ def _run(root: Path, *, broker: str | None, seconds: float, speedup: float,
             "trial_verified": None if trial is None else trial["trial_verified"],
             "skipped": sorted(skip),
         }
+        if hold is not None:
+            hold(summary)  # the console still serves the final ledger until the caller returns
+        return summary
