@@ -461,7 +461,7 @@ class Agent:
         if up:
             self._connected.add(device_id)
             self.window.resume(device_id)  # parked rows of this device are due again
-            self.status.report([device_id], self._connected, self._publish_status)
+            self.status.link_up(device_id)
         else:
             self._connected.discard(device_id)
             for row in self.uplink.drop(device_id):  # lingering rows are due again when the device is back

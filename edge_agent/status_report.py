@@ -59,6 +59,7 @@ class StatusReporter:
         self._monotonic = monotonic
         self._sent_at: dict[str, float] = {}
         self._last_ts: dict[str, int] = {}
+        self._link_up: set[str] = set()
 
     def messages(self, device_ids: Iterable[str]) -> list[tuple[str, str, bytes]]:
         """(device id, topic, signed status) for each of `device_ids` not reported within MIN_SPACING_S."""
@@ -100,11 +101,25 @@ class StatusReporter:
         self.stats.sent += sent
         return sent
 
+    def link_up(self, device_id: str) -> None:
+        """`device_id`'s link came up: it reports at `run`'s next turn (within MIN_SPACING_S), together with the
+        others that came up meanwhile. One outbox query serves them all: a fleet of 1,000 devices reconnecting
+        at once costs one, not 1,000 (each scans the outbox)."""
+        self._link_up.add(device_id)
+
     async def run(self, stop: asyncio.Event, connected: Callable[[], Collection[str]], publish: Publish) -> None:
-        """Report every connected device every `interval_s` until `stop` (link-up and stop reports are the
-        agent's calls to `report`)."""
+        """Report every connected device every `interval_s`, and devices whose link came up (`link_up`) within
+        MIN_SPACING_S, until `stop` (the stop report is the agent's call to `report`)."""
+        next_all = self._monotonic() + self.interval_s
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=self.interval_s)
-            if not stop.is_set():
+                await asyncio.wait_for(stop.wait(), timeout=MIN_SPACING_S)
+            if stop.is_set():
+                break
+            if self._monotonic() >= next_all:
+                next_all = self._monotonic() + self.interval_s
+                self._link_up.clear()
                 self.report(self.identities, connected(), publish)
+            elif self._link_up:
+                came_up, self._link_up = self._link_up, set()
+                self.report(came_up, connected(), publish)

@@ -3,6 +3,7 @@ and that a status and an event can never pass for each other."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 import pytest
@@ -191,3 +192,29 @@ def test_a_failing_outbox_or_battery_read_never_raises_into_the_agent() -> None:
     ok = StatusReporter({DEVICE.device_id: DEVICE}, lambda: 1, lambda _d: 250, clock_ms=clock.wall,
                         monotonic=clock.monotonic)
     assert [r.battery_pct for _, r in _published(ok, {DEVICE.device_id}, [DEVICE.device_id])] == [None]
+
+
+async def test_devices_whose_links_come_up_together_report_together_with_one_outbox_query() -> None:
+    # A fleet reconnecting after an outage: 1,000 link-ups must not each scan a large outbox.
+    queries: list[int] = []
+
+    def depth() -> dict[str, int]:
+        queries.append(1)
+        return {DEVICE.device_id: 3, OTHER.device_id: 5}
+
+    reporter = StatusReporter({DEVICE.device_id: DEVICE, OTHER.device_id: OTHER}, depth, lambda _d: None,
+                              interval_s=30)
+    sent: list[str] = []
+    stop = asyncio.Event()
+    task = asyncio.create_task(reporter.run(stop, lambda: {DEVICE.device_id, OTHER.device_id},
+                                            lambda d, _t, _p: sent.append(d) is None))
+    reporter.link_up(DEVICE.device_id)
+    reporter.link_up(OTHER.device_id)
+    for _ in range(60):  # within MIN_SPACING_S (1 s): both reported, in one turn
+        await asyncio.sleep(0.05)
+        if len(sent) == 2:
+            break
+    stop.set()
+    await task
+    assert sorted(sent) == sorted([DEVICE.device_id, OTHER.device_id])
+    assert len(queries) == 1
