@@ -32,7 +32,7 @@ from chain_bridge.console.accounts import AccountBook, Role
 from chain_bridge.console.app import build_console_app
 from chain_bridge.console.read_model import PAGES
 from chain_bridge.console.serve import metrics_app_for
-from chain_bridge.console.source import BridgeSource
+from chain_bridge.console.source import BridgeSource, Bond, TokenAccount
 from chain_bridge.ledger.store import EventCandidate, Ledger
 from chain_bridge.registry import ledger_path, log_key, operator_key
 from contract_rules import transactions as ce
@@ -304,3 +304,34 @@ def test_the_live_stream_sends_new_figures_after_events_are_appended(world: Worl
         message = messages[-1]
         assert int(message["figures"]["events"]) == before + 1, f"{len(messages)} live messages, no new event"
         assert set(message["series"]) == {"ingest_rate", "finality_lag"}
+
+
+class _Ledgered(BridgeSource):
+    """The world's bridge, with a token ledger in which money moved (as the contracts would have moved it)."""
+
+    def __init__(self, bridge: object, patient_token: str) -> None:
+        super().__init__(bridge)  # type: ignore[arg-type]
+        self.patient_token = patient_token
+
+    def token_accounts(self) -> list[TokenAccount] | None:
+        return [TokenAccount("insurer:ins1", 70_000, 100_000),  # paid 300.00 in charges
+                TokenAccount("miner:m1", 5_000, 0),  # earned 50.00 + 20.00 posted as its bond = 70.00
+                TokenAccount("pool:miners", 90_000, 100_000),
+                TokenAccount(f"patient:{self.patient_token}", 12_345, 0)]
+
+    def bonds(self) -> list[Bond] | None:
+        return [Bond("m1", 2_000, (), False)]
+
+
+def test_the_contracts_page_shows_insurer_charges_and_miner_rewards_but_no_patient_account(world: World) -> None:
+    token = "pt" + "7" * 30
+    bridge = world.assembled.bridge
+    app = build_console_app(_Ledgered(bridge, token), ConsoleConfig(refresh_s=0.2), world.accounts,
+                            metrics_app_for(bridge))
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        _login(client, "olga")
+        html = client.get("/contracts").text
+    assert _figure(html, "insurer_paid") == "300.00"
+    assert _figure(html, "miner_earned") == "70.00"
+    assert "insurer:ins1" in html and "pool:miners" in html
+    assert token not in html and "patients (1 accounts)" in html and "123.45" in html

@@ -28,7 +28,7 @@ from carechain.entries import (
 from chain_bridge.console.history import History, Sample
 from chain_bridge.console.ledger_scan import AccessRow, ConsentRow, LedgerScan
 from chain_bridge.console.pseudonyms import Pseudonyms
-from chain_bridge.console.source import ConsoleSource
+from chain_bridge.console.source import Bond, ConsoleSource
 
 DASH = "—"
 FLEET_PAGE = 500  # devices listed on the fleet page (the counts by profile cover all of them)
@@ -66,6 +66,10 @@ def fmt_time(ms: int | None) -> str:
     if ms is None:
         return DASH
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+# Token accounts shown one by one (parties, not people); any other role (patients) only as a total.
+TOKEN_ROLES_SHOWN = frozenset({"insurer", "pharmacy", "miner", "pool", "researcher", "sponsor", "operator"})
 
 
 def fmt_minor(minor: int) -> str:
@@ -244,12 +248,41 @@ class ConsoleModel:
                       "bond": fmt_minor(b.amount), "slashes": fmt_int(len(b.offences)),
                       "offences": ", ".join(sorted(set(b.offences))) or DASH,
                       "state": "suspended" if b.suspended else "active"} for b in bonds or []]
-        figures = {"rx_anchored": fmt_int(t.types[RX_ANCHOR]), "rx_revoked": fmt_int(t.types[RX_REVOKE]),
+        money, account_rows = self._token_accounts(bonds or [])
+        figures = {**money, "rx_anchored": fmt_int(t.types[RX_ANCHOR]), "rx_revoked": fmt_int(t.types[RX_REVOKE]),
                    "fills": fmt_int(t.event_kinds["purchase"]), "refusals": fmt_int(t.types[SALE_REFUSED]),
                    "wellness": fmt_int(t.types[WELLNESS_SETTLE]), "transfers": fmt_int(t.types[TOKEN_TRANSFER]),
                    "slashes": fmt_int(sum(len(b.offences) for b in bonds)) if bonds is not None else DASH}
-        return Page("contracts", figures, tables={"refusals": refusals, "bonds": bond_rows},
+        return Page("contracts", figures, tables={"refusals": refusals, "bonds": bond_rows, "accounts": account_rows},
                     extra={"contracts": bonds is not None})
+
+    def _token_accounts(self, bonds: list[Bond]) -> tuple[dict[str, str], list[dict[str, str]]]:
+        """Insurer charges and miners' rewards as the token ledger shows them, and a row per account; patients'
+        accounts (keyed by their pseudonymous tokens) only as one total, never one by one."""
+        accounts = self.source.token_accounts()
+        if accounts is None:
+            return {"insurer_paid": DASH, "miner_earned": DASH}, []
+        bonded = {b.party: b.amount for b in bonds}
+        rows, patients, patient_total = [], 0, 0
+        paid = earned = 0
+        for a in accounts:
+            role, _, party = a.account.partition(":")
+            if role == "patient" or role not in TOKEN_ROLES_SHOWN:
+                patients += 1
+                patient_total += a.balance
+                continue
+            change = a.balance + bonded.get(party, 0) - a.allocated  # a bond posted is still the party's money
+            if role == "insurer":
+                paid += -change
+            elif role == "miner":
+                earned += change
+            rows.append({"account": a.account,  # an organisation's or a miner's account, never a person's
+                         "balance": fmt_minor(a.balance), "allocated": fmt_minor(a.allocated),
+                         "change": f"{'+' if change > 0 else ''}{fmt_minor(change)}"})
+        if patients:
+            rows.append({"account": f"patients ({patients} accounts)", "balance": fmt_minor(patient_total),
+                         "allocated": DASH, "change": DASH})
+        return {"insurer_paid": fmt_minor(paid), "miner_earned": fmt_minor(earned)}, rows
 
     def _page_storage(self) -> Page:
         s = self.scan.totals.storage

@@ -34,6 +34,13 @@ class Bond:
     suspended: bool
 
 
+@dataclass(frozen=True)
+class TokenAccount:
+    account: str  # "<role>:<id>" as the token contracts key it (contract_rules.tokens)
+    balance: int  # minor units
+    allocated: int  # its genesis allocation
+
+
 class ConsoleSource(Protocol):
     """The live facts of one bridge the console shows."""
 
@@ -58,6 +65,9 @@ class ConsoleSource(Protocol):
 
     def bonds(self) -> list[Bond] | None:
         """The contracts' bonds (with slashes); None without contracts."""
+
+    def token_accounts(self) -> list[TokenAccount] | None:
+        """Every token account with a balance or a genesis allocation; None without contracts."""
 
 
 class BridgeSource:
@@ -111,3 +121,12 @@ class BridgeSource:
             bonds.append(Bond(party, int(record.get("amount") or 0), offences,
                               record.get("suspended_at") is not None))
         return bonds
+
+    def token_accounts(self) -> list[TokenAccount] | None:
+        gate = self.bridge.contracts
+        if gate is None:
+            return None
+        with self.bridge.ledger_lock:  # the sequencer applies transfers under it
+            balances = dict(gate.state.balances)
+        allocated = dict(gate.genesis.allocations)
+        return [TokenAccount(a, balances.get(a, 0), allocated.get(a, 0)) for a in sorted({*balances, *allocated})]
