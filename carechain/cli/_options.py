@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from pythonjsonlogger.json import JsonFormatter
@@ -24,6 +24,11 @@ from rich.console import Console
 from rich.markup import escape
 
 from carechain.config import BrokerConfig, Config, ConfigError, Override, load_config, parse_address
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from carechain.health_http import HealthServer
 
 console = Console(stderr=True)  # progress, warnings and errors
 out = Console()  # results, for the user or a script
@@ -184,3 +189,20 @@ class StopSignal:
             if ready(min(left, 0.5)):
                 return True
         return False
+
+
+def serve_health(setting: str, listen: str, registry: CollectorRegistry,
+                 ready: Callable[[], tuple[bool, str]]) -> HealthServer:
+    """/metrics, /healthz and /readyz on `listen` (the party's `setting`, e.g. agent.metrics_listen), started;
+    exits with the reason if it cannot listen."""
+    from carechain.health_http import HealthServer, ListenError
+
+    try:
+        health = HealthServer.from_listen(listen, registry, ready)
+        health.start()
+    except (ValueError, ListenError) as exc:
+        raise fail(f"{setting}: {exc}") from None
+    party = setting.split(".", 1)[0]
+    console.print(f"{party}: metrics and health on http://{health.address}/metrics, /healthz, /readyz",
+                  highlight=False, soft_wrap=True)
+    return health

@@ -23,6 +23,7 @@ from carechain.cli._options import (
     example,
     fail,
     load,
+    serve_health,
     setup_logging,
 )
 
@@ -136,15 +137,6 @@ async def _lifecycle(agent: Agent, stop: asyncio.Event, heartbeat: LoopHeartbeat
 
 
 def _health_server(listen: str, agent: Agent) -> HealthServer:
-    """/metrics, /healthz and /readyz on `agent.metrics_listen`, started; exits with the reason if it cannot listen."""
-    from carechain.health_http import HealthServer, ListenError
     from edge_agent.metrics import agent_ready, agent_registry
 
-    try:
-        health = HealthServer.from_listen(listen, agent_registry(agent), lambda: agent_ready(agent))
-        health.start()
-    except (ValueError, ListenError) as exc:
-        raise fail(f"agent.metrics_listen: {exc}") from None
-    console.print(f"agent: metrics and health on http://{health.address}/metrics, /healthz, /readyz",
-                  highlight=False, soft_wrap=True)
-    return health
+    return serve_health("agent.metrics_listen", listen, agent_registry(agent), lambda: agent_ready(agent))

@@ -22,6 +22,7 @@ from carechain.cli._options import (
     example,
     fail,
     load,
+    serve_health,
     setup_logging,
 )
 
@@ -116,15 +117,6 @@ def miner(config: ConfigOpt = None, broker: BrokerOpt = None,
 
 
 def _health_server(listen: str, service: WitnessMiner) -> HealthServer:
-    """/metrics, /healthz and /readyz on `miner.metrics_listen`, started; exits with the reason if it cannot listen."""
-    from carechain.health_http import HealthServer, ListenError
     from chain_miner.metrics import miner_ready, miner_registry
 
-    try:
-        health = HealthServer.from_listen(listen, miner_registry(service), lambda: miner_ready(service))
-        health.start()
-    except (ValueError, ListenError) as exc:
-        raise fail(f"miner.metrics_listen: {exc}") from None
-    console.print(f"miner: metrics and health on http://{health.address}/metrics, /healthz, /readyz",
-                  highlight=False, soft_wrap=True)
-    return health
+    return serve_health("miner.metrics_listen", listen, miner_registry(service), lambda: miner_ready(service))
