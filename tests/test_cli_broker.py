@@ -88,7 +88,8 @@ def test_bridge_acl_writes_a_private_login_for_each_device_and_never_prints_one(
         creds = load_mqtt_credentials(out / "devices" / f"{d}.json")
         assert creds.username == creds.device_id == d and verify_password(lines[d], creds.password)
         assert creds.password not in repr(creds)
-        assert f"user {d}\ntopic write cc/v1/dev/{d}/ev\ntopic read cc/v1/dev/{d}/rcpt\n" in (out / "acl").read_text()
+        assert (f"user {d}\ntopic write cc/v1/dev/{d}/ev\ntopic write cc/v1/dev/{d}/status\n"
+                f"topic read cc/v1/dev/{d}/rcpt\n") in (out / "acl").read_text()
 
 
 def test_bridge_acl_rerun_keeps_every_password_and_rotate_replaces_one(registry, tmp_path: Path) -> None:
