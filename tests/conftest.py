@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,6 +30,20 @@ class TestBroker:
     @property
     def config(self) -> BrokerConfig:
         return BrokerConfig(host=self.host, port=self.port)
+
+
+@pytest.fixture(scope="session")
+def full_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
+    """One whole `carechain demo` (every phase, its data kept under a 022 umask), shared by the tests that check
+    its summary, its ledger and its files' modes: a run takes over a minute. Its users only read it."""
+    from carechain.demo.pipeline import run_demo
+
+    root = tmp_path_factory.mktemp("full-demo") / "demo"
+    umask = os.umask(0o022)
+    try:
+        return run_demo(broker=None, seconds=2, data_dir=root, speedup=20), root
+    finally:
+        os.umask(umask)
 
 
 @pytest.fixture(scope="session")

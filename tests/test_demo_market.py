@@ -23,7 +23,6 @@ from carechain.demo.market import (
     glucose_level,
     resting_level,
 )
-from carechain.demo.pipeline import run_demo
 from carechain.demo.trial import certificate_lines
 from carechain.entries import STUDY_AUDIT, STUDY_CONTRIBUTE, STUDY_DISCLOSE, STUDY_RESULT, Entry
 from chain_bridge.contract_admin import replay_ledger
@@ -34,10 +33,9 @@ from contract_rules.market import CONTRIBUTIONS, audit_size, study_account, stud
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
-    root = tmp_path_factory.mktemp("demo")
-    return run_demo(broker=None, seconds=2, data_dir=root, speedup=20), root
+@pytest.fixture
+def demo(full_demo: tuple[dict[str, Any], Path]) -> tuple[dict[str, Any], Path]:
+    return full_demo  # the session's one whole demo run (tests/conftest.py)
 
 
 def _ledger(root: Path) -> tuple[Any, list[Entry]]:

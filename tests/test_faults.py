@@ -46,8 +46,10 @@ def test_broker_restart_loses_nothing(tmp_path: Path) -> None:
     check(faults.broker_restart(tmp_path))
 
 
-def test_broker_down_for_a_minute_while_agents_buffer(tmp_path: Path) -> None:
-    check(faults.broker_down(tmp_path, down_s=60.0))
+def test_broker_down_while_agents_buffer(tmp_path: Path) -> None:
+    # 25 s: longer than a device's first reconnect delays, so agents buffer and back off, then drain (the fault
+    # table of docs/reliability.md, `python bench/fault_table.py`, runs the full minute).
+    check(faults.broker_down(tmp_path, down_s=25.0))
 
 
 def test_network_cut_blackholing_agent_traffic(tmp_path: Path) -> None:

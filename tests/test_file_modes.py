@@ -10,17 +10,15 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
 from carechain.cli import app
 from carechain.files import make_private, private_dir
-from simulators.mosquitto import REPO
 
 # Files under a data directory that hold neither health data nor a secret: the deployment's contract genesis
 # (every miner gets a copy). Everything else must be 0600.
@@ -40,12 +38,8 @@ def lax_umask() -> Iterator[None]:
         os.umask(old)
 
 
-def test_the_demo_leaves_private_data_dirs_and_private_files(tmp_path: Path) -> None:
-    root = tmp_path / "demo"
-    done = subprocess.run([sys.executable, "-m", "carechain.cli", "demo", "--json", "--seconds", "2",
-                           "--data-dir", str(root)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                          capture_output=True, text=True, timeout=180, umask=0o022)
-    assert done.returncode == 0, done.stderr[-3000:]
+def test_the_demo_leaves_private_data_dirs_and_private_files(full_demo: tuple[dict[str, Any], Path]) -> None:
+    _, root = full_demo  # run under a 022 umask (tests/conftest.py)
     for party in ("bridge", "agent"):
         assert mode(root / party) == 0o700, f"{party} data dir is {mode(root / party):04o}"
     files = sorted(p for p in root.rglob("*") if p.is_file())
