@@ -558,7 +558,10 @@ class AccessWorld:
             wait_for("the bridge to store every reading sent", lambda: self.ciphertexts() >= want)
             ledger = Ledger(ledger_path(self.bridge_dir))
             try:
-                base = ledger.size
+                # Sign the requests and grants first (the slow part); then take the leaf indexes once the bridge's
+                # own appends (a final checkpoint's record, a clock attestation) have paused, to keep the window
+                # in which another writer could shift them (and a revocation name the wrong leaf) short.
+                built_specs = []
                 for spec in specs:
                     now = now_ms()
                     ts = spec.get("grant_ts", now)
@@ -570,6 +573,9 @@ class AccessWorld:
                                         requester_pre_pk=self.doctor.pre.public_key, miners=miners,
                                         final_note=note, expires_ms=spec.get("expires_ms", now + 86_400_000), ts=ts)
                     assert built.request_hash == request_hash(req.leaf())
+                    built_specs.append((spec, ts, req, built))
+                base = _quiet_size(ledger)
+                for spec, ts, req, built in built_specs:
                     entries += [req.entry, built.entry]
                     grant_at.append(base + len(entries) - 1)
                     if spec.get("revoke"):
@@ -580,6 +586,17 @@ class AccessWorld:
         assert leaves == list(range(base, base + len(entries))), "another writer appended in between"
         self.granted += grant_at
         return grant_at
+
+
+def _quiet_size(ledger: Ledger, quiet_s: float = 0.5, timeout_s: float = 15.0) -> int:
+    """The ledger's size once it has not grown for `quiet_s` (or after `timeout_s`)."""
+    size, since, deadline = ledger.refresh(), time.monotonic(), time.monotonic() + timeout_s
+    while time.monotonic() - since < quiet_s and time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = ledger.refresh()
+        if now != size:
+            size, since = now, time.monotonic()
+    return size
 
 
 def json_of(stdout: str) -> dict[str, Any]:
