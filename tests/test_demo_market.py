@@ -195,3 +195,19 @@ def test_the_trial_meets_its_endpoint_and_verifies_with_one_logged_unblinding(de
     # The seeds stay where their committers keep them: each labelling miner's is a 0600 file in its own data dir.
     seeds = list(root.rglob("trials/*.seed"))
     assert len(seeds) == len(result["labellers"]) and all(seed.stat().st_mode & 0o077 == 0 for seed in seeds)
+
+
+def test_the_demo_picks_study_ids_whose_computations_never_share_a_port() -> None:
+    # Studies run at once: parties of two studies meeting on one port would fail both (seen: run id 9552c0 put
+    # rhr-… and rhr-annecy-… on offset 63).
+    from carechain.config import MinerConfig
+    from carechain.demo.market import SMALL_REGION, _run_id
+    from chain_miner.study_runner import Job, job_port_offset
+
+    assert _run_id(0x17C3D19552C0) != "9552c0"
+    for now in range(1_796_000_000_000, 1_796_000_000_000 + 300_000, 997):
+        run_id = _run_id(now)
+        ids = (f"rhr-{run_id}", f"glucose-{run_id}", f"rhr-{SMALL_REGION}-{run_id}")
+        offsets = [job_port_offset(Job(k, sid, 0, ()), MinerConfig().mpc_ports) for sid in ids
+                   for k in ("result", "audit")]
+        assert len(set(offsets)) == len(offsets)

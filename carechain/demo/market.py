@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from carechain import envelope, events, reencryption, sealed
+from carechain.config import MinerConfig
 from carechain.demo.live import LiveScenario
 from carechain.demo.records import Party
 from carechain.entries import Entry
@@ -145,7 +146,7 @@ class MarketDemo(LiveScenario):
         from contract_rules.study_check import verify_study
 
         now = _now_ms()
-        run_id = f"{now:x}"[-6:]  # a kept data dir runs the demo again: fresh study ids each time
+        run_id = _run_id(now)  # a kept data dir runs the demo again: fresh study ids each time
         heart_rate = {"type": "resting_heart_rate", "kind": "heart_rate", "lo": 30, "hi": 200}
         studies = {
             f"rhr-{run_id}": _Study(heart_rate, {}),
@@ -437,3 +438,19 @@ def _progress(state: State, study_ids: Any, what: str) -> str:
                         f"verdicts {audit.get('verdicts')}, outcome {audit.get('outcome')}")
     return (f"final size {miners.final_size(state)}, attested time {attested_ms(state)}, ledger size {state.size}; "
             + "; ".join(rows) + " (the miners' logs say why)")
+
+
+def _run_id(now_ms: int) -> str:
+    """This run's suffix for its study ids, chosen so that no two of its study computations (results, audits) share
+    a port offset (chain_miner.study_runner.job_port_offset): the parties of two studies that met on one port would
+    fail both, and the demo runs its studies at once."""
+    from chain_miner.study_runner import Job, job_port_offset
+
+    ports = MinerConfig().mpc_ports  # the demo's miners keep the default
+    for bump in range(4096):
+        run_id = f"{now_ms + bump:x}"[-6:]
+        ids = (f"rhr-{run_id}", f"glucose-{run_id}", f"rhr-{SMALL_REGION}-{run_id}")
+        offsets = [job_port_offset(Job(kind, sid, 0, ()), ports) for sid in ids for kind in ("result", "audit")]
+        if len(set(offsets)) == len(offsets):
+            return run_id
+    raise RuntimeError(f"no study ids with distinct MPC ports among {ports} (miner.mpc_ports)")
