@@ -747,6 +747,19 @@ class Bridge:
         except self.ledger.transient_errors as exc:  # stopping anyway: the next start checkpoints
             self._storage_failed(exc, len(retry))
 
+    def _follow_contracts(self) -> None:
+        """Bring the contracts' replica up to the batch just committed and receipted. Left to the checkpoint
+        tick, it replayed a whole interval's events at once while commits waited: the p99 of sign → receipt.
+        A store error leaves it to the next batch or tick: the batch is committed and must not be retried."""
+        if self.contracts is None or (self.lease is not None and not self.leading.is_set()):
+            return  # an ingest host's gate catches up only when a batch holds a sale
+        try:
+            with self.ledger_lock:
+                self.contracts.catch_up(self.ledger)
+        except self.ledger.transient_errors as exc:
+            log.warning("the contracts could not read the batch just committed (%s); they catch up later",
+                        str(exc).strip())
+
     def _leader_tick(self) -> None:
         """The lease holder's periodic duties, every checkpoint interval."""
         if self.evidence is not None and self.contracts is not None:
@@ -818,6 +831,7 @@ class Bridge:
                         if rcpt.ok:
                             highest = max(index for _, index in rcpt.ok)
                             self._awaiting_final[device] = max(highest, self._awaiting_final.get(device, -1))
+        self._follow_contracts()
 
     def _count(self, r: Rejection) -> None:
         self.stats.rejected[str(r.reason)] += 1  # plain text: the counts are printed and serialised

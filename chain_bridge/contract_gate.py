@@ -76,7 +76,7 @@ class ContractGate:
         self._snapshot_size = 0
         self.snapshot_every = snapshot_every
         self.clock = clock  # ms since the epoch: what the gate attests (tests pass a fixed clock)
-        self.replayed = 0  # leaves applied by the last catch_up (restart and abort cost; tests and bench read it)
+        self.replayed = 0  # leaves applied after the last snapshot load: the restart and abort cost (tests, bench)
 
     @property
     def runtime(self) -> Runtime:
@@ -89,7 +89,8 @@ class ContractGate:
     def catch_up(self, ledger: Ledger) -> None:
         """Apply the committed leaves beyond what the runtime has seen (after an abort or at start: beyond
         the newest snapshot)."""
-        if self._stale:
+        reloaded = self._stale
+        if reloaded:
             self._load_snapshot(ledger)
             self._stale = False
         start = self.replica.size
@@ -97,7 +98,8 @@ class ContractGate:
         # host's or another bridge host's, on a shared PostgreSQL log) before it was appended: verifying it again
         # here cost 37-76 % of the bridge's CPU (bench/ingest.py --profile). Contract entries are still verified.
         self.replica.apply_leaves(ledger.leaves(start, ledger.size), events_verified=True)
-        self.replayed = ledger.size - start
+        if reloaded:
+            self.replayed = ledger.size - start
 
     def _load_snapshot(self, ledger: Ledger) -> None:
         self.replica.reset()
@@ -123,10 +125,9 @@ class ContractGate:
         """Snapshot the state once the gate has applied `snapshot_every` leaves since the last snapshot.
 
         Call with the ledger lock held and no batch in flight (the bridge does it after a checkpoint), so
-        the state covers exactly committed leaves. It never replays to get there: the gate catches up only
-        when a batch holds a sale (replaying costs ~150 µs a leaf on the sequencer thread — catching up at
-        every checkpoint would cap ingest near 5,000 events/s), so a snapshot lands whenever sales have
-        brought the gate that far. Storage errors propagate: the caller logs and retries.
+        the state covers exactly committed leaves. It never replays to get there: it snapshots wherever the gate
+        is (the bridge brings it up to each committed batch; an ingest host's gate moves only with batches holding
+        a sale). Storage errors propagate: the caller logs and retries.
         """
         if self._stale or self.replica.size - self._snapshot_size < self.snapshot_every:
             return False

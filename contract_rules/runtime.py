@@ -24,7 +24,7 @@ from typing import Any
 
 from carechain import cbor, envelope
 from carechain.entries import ENTRY_EVENT, ENTRY_REGISTER, ENTRY_REVOKE, Entry, Registration, Revocation
-from carechain.events import SEALED_KINDS, EpochKey, PayloadError, validate_payload
+from carechain.events import SEALED_KINDS, EpochKey, EventPayload, PayloadError, validate_payload
 from carechain.identity import device_id_for
 from contract_rules import transactions as ce
 from contract_rules.clock import CLOCK_TABLE, NOW, attested_ms
@@ -146,6 +146,16 @@ class MissingContractCode(RuntimeError):
 
 
 # -- what rules see and return ----------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class _CheckedEvent:
+    """The fields `_outcome` routes on, of an event payload ingest has validated (`EventPayload`'s names)."""
+
+    v: int
+    dev: str
+    seq: int
+    kind: str
+
 
 @dataclass(frozen=True)
 class Tx:
@@ -403,7 +413,8 @@ class Runtime:
 
         `event_signature_checked`: the caller vouches that this device event's signature was verified with the
         key registered for its device (the bridge replaying its own ledger, whose events its ingest verified);
-        the signer's registration, role and payload are still checked here. Miners never pass it.
+        its envelope is taken as ingest parsed it (`envelope.parse_checked`); the signer's registration, role and
+        payload are still checked here. Miners never pass it.
 
         An entry whose result is not "ok" is *void*: it changes nothing but what its Reject carries (a
         count, a slash of the offender's bond) and the record `void[index]` = {reason, type, signer}. An
@@ -443,8 +454,10 @@ class Runtime:
         return OK if _balances_after(self.state, outcome.effects) is not None else "insufficient_funds"
 
     def _outcome(self, index: int, entry: Entry, event_signature_checked: bool = False) -> Outcome:
+        checked = event_signature_checked and entry.type == ENTRY_EVENT
         try:
-            msg = envelope.parse(entry.cose, max_bytes=MAX_ENTRY_BYTES)
+            msg = (envelope.parse_checked(entry.cose) if checked
+                   else envelope.parse(entry.cose, max_bytes=MAX_ENTRY_BYTES))
         except envelope.EnvelopeError as exc:
             return Reject(f"bad_envelope:{exc.reason}")
         signer = self._signer(entry.type, msg.kid)
@@ -459,17 +472,21 @@ class Runtime:
             return Reject("unknown_entry_type")
         if role not in allowed:
             return Reject("signer_not_allowed")
-        if not (event_signature_checked and entry.type == ENTRY_EVENT) and not msg.verify(public_key):
+        if not checked and not msg.verify(public_key):
             return Reject("bad_signature")
         payload = msg.payload
         if not isinstance(payload, dict):
             return Reject("bad_payload")
         route_key = entry.type
         if entry.type == ENTRY_EVENT:
-            try:
-                event = validate_payload(payload)
-            except PayloadError as exc:
-                return Reject(f"bad_event:{exc.reason}")
+            event: _CheckedEvent | EventPayload
+            if checked:  # ingest ran `validate_payload` on it before appending it: read the fields it checked
+                event = _CheckedEvent(payload["v"], payload["dev"], payload["seq"], payload["kind"])
+            else:
+                try:
+                    event = validate_payload(payload)
+                except PayloadError as exc:
+                    return Reject(f"bad_event:{exc.reason}")
             if event.dev != msg.kid:
                 return Reject("event_device_mismatch")
             if event.kind in SEALED_KINDS:

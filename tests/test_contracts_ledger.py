@@ -210,12 +210,18 @@ def test_an_immunization_is_billed_to_the_insurer(pharmacy: Pharmacy) -> None:
     assert refused.rejected[0].reason == "contract:not_covered"
 
 
-def test_non_sale_batches_do_no_contract_work_and_are_caught_up_at_the_next_sale(pharmacy: Pharmacy) -> None:
-    size = pharmacy.bridge.contracts.state.size
+def test_non_sale_batches_pass_no_contract_decision_and_the_gate_takes_them_in_after_their_receipts(
+        pharmacy: Pharmacy, monkeypatch: pytest.MonkeyPatch) -> None:
+    gates: list[object] = []
+    append = pharmacy.ledger.append_events
+    monkeypatch.setattr(pharmacy.ledger, "append_events",
+                        lambda candidates, gate=None: gates.append(gate) or append(candidates, gate))
     pharmacy.send(*(pharmacy.signed_event(WEARABLE, "activity", Activity(steps=10, active_minutes=m))
                     for m in (10, 20)), dev=WEARABLE)
-    assert pharmacy.bridge.contracts.state.size == size < pharmacy.ledger.size
+    assert gates == [None]  # appended without asking the contracts
+    assert pharmacy.bridge.contracts.state.size == pharmacy.ledger.size  # then taken in
     pharmacy.send(pharmacy.sale(FLU_SHOT, rx_only=False))
+    assert gates[-1] is pharmacy.bridge.contracts
     state = pharmacy.bridge.contracts.state
     assert state.size == pharmacy.ledger.size and {r for _, r in state.results} == {"ok"}
 

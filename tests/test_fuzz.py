@@ -318,6 +318,32 @@ def test_entry_decode_returns_an_entry_or_an_entry_error(data: bytes) -> None:
     assert entry.encode() == data
 
 
+@FUZZ
+@given(valid_events | mutated_events())
+def test_parse_checked_reads_what_parse_accepted_exactly_as_parse_does(data: bytes) -> None:
+    try:
+        msg = envelope.parse(data)
+    except envelope.EnvelopeError:
+        return
+    assert envelope.parse_checked(data) == msg
+
+
+@FUZZ
+@given(st.text(max_size=30), st.binary(max_size=300), st.integers(0, 3), st.binary(max_size=3), st.integers(0, 40))
+def test_the_entry_layout_fast_path_accepts_only_what_the_cbor_decode_accepts(
+        type_: str, cose: bytes, cut: int, junk: bytes, flip: int) -> None:
+    data = Entry(type_, cose).encode()
+    tampered = bytearray(data[:len(data) - cut] + junk)
+    if flip < len(tampered):
+        tampered[flip] ^= 0x01
+    for candidate in (data, bytes(tampered)):
+        fast = Entry._decode_layout(candidate)
+        if fast is None:
+            continue
+        assert cbor2.loads(candidate) == {"t": fast.type, "cose": fast.cose}
+        assert cbor2.dumps({"t": fast.type, "cose": fast.cose}, canonical=True) == candidate
+
+
 # -- bugs the fuzzing found (regressions) -------------------------------------------------------------
 
 
