@@ -10,8 +10,9 @@ Each cell (broker × workers × events per message) reports, from one run:
   ratio_raw       anchored_eps / raw_eps
   verify_eps      Ed25519 verifications per second on one core (PyNaCl, as the check stage calls it), this run
   ratio_verify    anchored_eps / (2 × verify_eps): the share of this 2-core machine's verify capacity reached
-  p50/p99/p999    sign → receipt latency (ms) at 50 % and 90 % of the cell's anchored_eps (the clock starts
-                  before the event is signed and stops when its receipt arrives here)
+  p50/p99/p999    sign → receipt latency (ms) at 50 % and 90 % of the cell's anchored_eps, and at each --offered
+                  rate (default 10,000 events/s) (the clock starts before the event is signed and stops when
+                  its receipt arrives here)
   cpu/rss         CPU (% of one core) and peak RSS of the bridge, each worker, each broker process and this load
                   generator, over the throughput phase
 With --protocol 2 each cell then anchors as many sealed (v2) readings — wire form {"ct", "ev"}, the ciphertext
@@ -22,7 +23,8 @@ With --profile DIR, py-spy samples the bridge and its workers during each throug
 per ingest stage is printed (docs/performance.md).
 
     python bench/ingest.py [--quick] [--brokers mosquitto,nats] [--workers 1,2,4] [--batch 1,64] [--protocol 2]
-                           [--devices 1000] [--events 30000] [--latency-seconds 8] [--profile DIR] [--json]
+                           [--devices 1000] [--events 30000] [--latency-seconds 8] [--offered 10000]
+                           [--profile DIR] [--json]
 """
 
 from __future__ import annotations
@@ -639,6 +641,11 @@ class Run:
                 lat[key], first_seq = latency(pubs, clock, self.devices, share * eps, self.args.latency_seconds,
                                               per_message, first_seq)
                 self.say(f"    latency at {share:.0%} of peak: {lat[key]}")
+            for rate in self.args.offered:  # a fixed offered rate, whatever the cell's peak (the p99 target's)
+                key = f"at_{rate}eps"
+                lat[key], first_seq = latency(pubs, clock, self.devices, rate, self.args.latency_seconds,
+                                              per_message, first_seq)
+                self.say(f"    latency at {rate:,} events/s offered: {lat[key]}")
         finally:
             clock.close()
             pubs.close()
@@ -650,9 +657,16 @@ class Run:
                 **({"profile": stages} if stages else {})}
 
 
+def _offered(cells: list[dict[str, Any]]) -> list[int]:
+    """The fixed offered rates the cells were measured at (`--offered`)."""
+    keys = {k for c in cells for k in c["latency"] if k.endswith("eps")}
+    return sorted(int(k[3:-3]) for k in keys)
+
+
 def table(cells: list[dict[str, Any]]) -> str:
     head = (f"{'broker':<10}{'w':>2}{'ev/msg':>7}{'anchored/s':>11}{'raw/s':>9}{'÷raw':>6}{'÷2·verify':>10}"
-            f"{'p50/p99/p999 @50%':>22}{'p50/p99/p999 @90%':>22}  cpu% / rss MB")
+            f"{'p50/p99/p999 @50%':>22}{'p50/p99/p999 @90%':>22}"
+            + "".join(f"{f'@{r:,}/s':>22}" for r in _offered(cells)) + "  cpu% / rss MB")
     lines = [head]
     for c in cells:
         def lat(key: str) -> str:
@@ -661,7 +675,8 @@ def table(cells: list[dict[str, Any]]) -> str:
         res = " ".join(f"{n} {r['cpu_pct']:.0f}%/{r['rss_mb']:.0f}" for n, r in c["resources"].items())
         lines.append(f"{c['broker']:<10}{c['workers']:>2}{c['events_per_message']:>7}{c['anchored_eps']:>11,.0f}"
                      f"{c['raw_eps']:>9,.0f}{c['ratio_raw'] or 0:>6.2f}{c['ratio_verify']:>10.2f}"
-                     f"{lat('at_50pct'):>22}{lat('at_90pct'):>22}  {res}"
+                     f"{lat('at_50pct'):>22}{lat('at_90pct'):>22}"
+                     + "".join(f"{lat(f'at_{r}eps'):>22}" for r in _offered(cells)) + f"  {res}"
                      + (f"  v2 {c['v2_anchored_eps']:,.0f}/s = {c['v2_ratio']} × v1" if "v2_ratio" in c else ""))
     return "\n".join(lines)
 
@@ -678,11 +693,14 @@ def main() -> None:
     ap.add_argument("--devices", type=int, default=1000)
     ap.add_argument("--events", type=int, default=None, help="events per throughput run (default 30,000)")
     ap.add_argument("--latency-seconds", type=float, default=None, help="per latency run (default 8)")
+    ap.add_argument("--offered", default="10000", help="comma-separated fixed offered rates (events/s) for one more "
+                    "latency run each, besides 50 %% and 90 %% of the cell's peak (default 10000; '' for none)")
     ap.add_argument("--profile", type=Path, default=None, metavar="DIR",
                     help="sample the bridge and its workers with py-spy during each throughput phase (raw stacks "
                          "into DIR) and print the share of time per ingest stage")
     ap.add_argument("--json", action="store_true", help="print the cells as one JSON object")
     args = ap.parse_args()
+    args.offered = [int(r) for r in args.offered.split(",") if r]
     args.events = args.events or (4000 if args.quick else 30_000)
     args.latency_seconds = args.latency_seconds or (3.0 if args.quick else 8.0)
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
