@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -44,7 +44,7 @@ from chain_bridge.finality import FinalityPolicy, FinalityTracker, is_final_note
 from chain_bridge.ingest import Ingest, RateGuard, Receiver, Rejection, SeqGuard, Sequencer, Verdict, VerdictSource
 from chain_bridge.ingest.receive import wall_clock_ms
 from chain_bridge.ledger.sql import SqliteLocation
-from chain_bridge.ledger.store import Ledger
+from chain_bridge.ledger.store import EventCandidate, Ledger
 from chain_bridge.metrics import LatencyWindow
 from chain_bridge.proof_responder import ProofResponder
 from chain_bridge.status_intake import DeviceStatusBook
@@ -747,7 +747,7 @@ class Bridge:
         except self.ledger.transient_errors as exc:  # stopping anyway: the next start checkpoints
             self._storage_failed(exc, len(retry))
 
-    def _follow_contracts(self) -> None:
+    def _follow_contracts(self, appended: Sequence[tuple[int, EventCandidate]] = ()) -> None:
         """Bring the contracts' replica up to the batch just committed and receipted. Left to the checkpoint
         tick, it replayed a whole interval's events at once while commits waited: the p99 of sign → receipt.
         A store error leaves it to the next batch or tick: the batch is committed and must not be retried."""
@@ -755,7 +755,7 @@ class Bridge:
             return  # an ingest host's gate catches up only when a batch holds a sale
         try:
             with self.ledger_lock:
-                self.contracts.catch_up(self.ledger)
+                self.contracts.follow(self.ledger, appended)
         except self.ledger.transient_errors as exc:
             log.warning("the contracts could not read the batch just committed (%s); they catch up later",
                         str(exc).strip())
@@ -831,7 +831,7 @@ class Bridge:
                         if rcpt.ok:
                             highest = max(index for _, index in rcpt.ok)
                             self._awaiting_final[device] = max(highest, self._awaiting_final.get(device, -1))
-        self._follow_contracts()
+        self._follow_contracts(batch.appended)
 
     def _count(self, r: Rejection) -> None:
         self.stats.rejected[str(r.reason)] += 1  # plain text: the counts are printed and serialised

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from carechain.entries import ENTRY_EVENT, Entry
 from carechain.identity import Identity
@@ -100,6 +100,17 @@ class ContractGate:
         self.replica.apply_leaves(ledger.leaves(start, ledger.size), events_verified=True)
         if reloaded:
             self.replayed = ledger.size - start
+
+    def follow(self, ledger: Ledger, appended: Sequence[tuple[int, EventCandidate]]) -> None:
+        """Take in a batch the sequencer has just committed: its new event leaves `(index, candidate)`, from
+        the fields ingest checked, when they are exactly the leaves past the gate's state; else `catch_up`."""
+        size = self.replica.size
+        if (self._stale or not appended or ledger.size != size + len(appended)
+                or any(index != size + k or not c.kind for k, (index, c) in enumerate(appended))):
+            self.catch_up(ledger)
+            return
+        for _, c in appended:
+            self.replica.apply_ingested(c.leaf, c.device_id, c.seq, c.kind, c.version)
 
     def _load_snapshot(self, ledger: Ledger) -> None:
         self.replica.reset()

@@ -105,6 +105,11 @@ class Replica:
         for leaf in leaves:
             self.runtime.apply(decode_leaf(leaf), event_signature_checked=events_verified)
 
+    def apply_ingested(self, leaf: bytes, dev: str, seq: int, kind: str, v: int) -> str:
+        """Apply the next leaf, a device event this bridge's ingest has just checked and appended, from the
+        fields ingest read (`Runtime.apply_ingested`: the leaf is decoded only if a contract reads it)."""
+        return self.runtime.apply_ingested(dev, seq, kind, v, lambda: decode_leaf(leaf))
+
 
 def replay(genesis: Genesis, entries: Iterable[Entry], code: CodeBook | None = None) -> State:
     """Replay a whole log from its genesis; each entry runs under the code in force at its index."""

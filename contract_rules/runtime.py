@@ -17,7 +17,7 @@ import hashlib
 import importlib.util
 import sys
 import types
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -436,11 +436,36 @@ class Runtime:
             if not _apply_effects(state, outcome.effects):  # a slash the bond cannot cover: still count it
                 _apply_effects(state, [e for e in outcome.effects if not isinstance(e, Transfer)])
             _apply_effects(state, (Put("void", str(index), _void_record(entry, result)),))
+        return self._close(index, result)
+
+    def _close(self, index: int, result: str) -> str:
+        """Record the result of the entry at `index`, the next leaf."""
+        state = self.state
         if state.journal is not None:
             state.journal.append((_J_RESULT, index))
         state.results.append([index, result])
         state.size = index + 1
         return result
+
+    def apply_ingested(self, dev: str, seq: int, kind: str, v: int, entry: Callable[[], Entry]) -> str:
+        """`apply(entry(), event_signature_checked=True)` for a device event this bridge's ingest has just checked
+        (payload validated, signature verified with the registered key) and appended, given the fields ingest
+        read from it: when no contract reads its kind — most readings — the leaf is not decoded at all. A routed
+        kind, an epoch key, a signer the state does not accept or a refusal take `apply` (same result)."""
+        index = self.state.size
+        signer = self._signer(ENTRY_EVENT, dev)
+        if signer is None or signer[0] not in SIGNERS[ENTRY_EVENT] or kind == "epoch_key" or ENTRY_EVENT in _CORE:
+            return self.apply(entry(), event_signature_checked=True)
+        outcome = self._sealed_outcome(index, _CheckedEvent(v, dev, seq, kind))
+        if outcome is None:
+            if f"event:{kind}" in ROUTES:
+                return self.apply(entry(), event_signature_checked=True)
+            outcome = Accept()  # anchored, but no contract reads it
+        if isinstance(outcome, Reject):
+            return self.apply(entry(), event_signature_checked=True)  # void: its record names the entry
+        applied = _apply_effects(self.state, outcome.effects)
+        assert applied, "a reading's effects are Puts, never transfers"
+        return self._close(index, OK)
 
     def check(self, entry: Entry, *, event_signature_checked: bool = False) -> str:
         """The result `apply` would give the entry if appended next, without changing the state.
@@ -489,15 +514,9 @@ class Runtime:
                     return Reject(f"bad_event:{exc.reason}")
             if event.dev != msg.kid:
                 return Reject("event_device_mismatch")
-            if event.kind in SEALED_KINDS:
-                if event.v == 1:
-                    cutover = self.state.table("protocol").get("cutover")
-                    if cutover is not None and index >= cutover["retire_v1_after"]:
-                        return Reject("version_retired")
-                elif event.kind == "trial_measure":  # a trial outcome names its leaf: keep where it was anchored
-                    return Accept((Put("sealed_at", f"{event.dev}:{event.seq}", index),))
-                else:
-                    return Accept()  # anchored as a ciphertext hash, which no contract can read
+            sealed = self._sealed_outcome(index, event)
+            if sealed is not None:
+                return sealed
             if event.kind == "epoch_key":
                 return self._epoch_key(index, payload)
             route_key = f"event:{event.kind}"
@@ -508,6 +527,19 @@ class Runtime:
         if names is None:
             return Accept()  # anchored, but no contract reads it (e.g. a v1 heart-rate reading)
         return self._route(Tx(index, route_key, msg.kid, role, payload, entry.encode()), names)
+
+    def _sealed_outcome(self, index: int, event: _CheckedEvent | EventPayload) -> Outcome | None:
+        """What a health reading's kind decides by itself (None: routed like any other kind)."""
+        if event.kind not in SEALED_KINDS:
+            return None
+        if event.v == 1:
+            cutover = self.state.table("protocol").get("cutover")
+            if cutover is not None and index >= cutover["retire_v1_after"]:
+                return Reject("version_retired")
+            return None
+        if event.kind == "trial_measure":  # a trial outcome names its leaf: keep where it was anchored
+            return Accept((Put("sealed_at", f"{event.dev}:{event.seq}", index),))
+        return Accept()  # anchored as a ciphertext hash, which no contract can read
 
     def _route(self, tx: Tx, names: tuple[str, ...]) -> Outcome:
         """Run the rule modules in force at `tx.index`, in order; the first rejection decides."""

@@ -13,6 +13,7 @@ from test_contracts_world import AMOXICILLIN, DAY, FLU_SHOT, T0, WEEK, World, id
 
 from carechain import cbor, envelope
 from carechain.entries import Entry
+from carechain.identity import Identity
 from contract_rules import CodeBook, MissingContractCode, Runtime, builtin_hashes, load_rule_source, replay
 from contract_rules import transactions as ce
 
@@ -190,3 +191,39 @@ def test_only_an_event_the_caller_verified_skips_the_signature_check_and_its_sig
         == "bad_signature"
     stranger = w.event(ident(0x61), "purchase", envelope.parse(sale.cose).payload["body"], T0 + DAY)
     assert w.runtime.check(stranger, event_signature_checked=True) == "unknown_signer"
+
+
+def test_an_ingested_event_taken_from_its_fields_comes_to_what_apply_gives_it() -> None:
+    """The bridge's gate follows its batches with `apply_ingested` (no leaf decode for a kind no contract reads);
+    a miner applies every leaf in full. Entry by entry they must agree — result and state root — whatever the kind,
+    the protocol version and the signer (registered, revoked, unknown)."""
+    from carechain.entries import event_entry
+    from carechain.events import make_sealed_payload
+
+    full, fast = World(), World()
+    for w in (full, fast):
+        w.standard_parties()
+        assert w.register_device(w.wearable, "activity_tracker", "patient:pt-alice") == "ok"
+        assert w.register_device(ident(0x71), "heart_rate_band", "patient:pt-bob") == "ok"
+        assert w.revoke_device(ident(0x71)) == "ok"
+
+    def sealed(dev: Identity, seq: int, kind: str) -> Entry:
+        return event_entry(envelope.sign(dev, make_sealed_payload(dev.device_id, seq, T0, kind, 7, bytes(32))))
+
+    events = [
+        full.event(full.wearable, "heart_rate", {"bpm": 61}, T0),  # v1 reading: no contract reads it
+        full.event(full.wearable, "activity", {"steps": 10, "active_minutes": 3}, T0),  # read by wellness
+        full.sale_entry(),  # a purchase: routed to the prescription and insurance rules
+        sealed(full.wearable, 40, "heart_rate"),  # v2: anchored as a ciphertext hash
+        sealed(full.wearable, 41, "trial_measure"),  # v2: its leaf is remembered
+        full.event(ident(0x71), "heart_rate", {"bpm": 70}, T0),  # revoked device
+        full.event(ident(0x72), "heart_rate", {"bpm": 70}, T0),  # never registered
+    ]
+    results = []
+    for entry in events:
+        p = envelope.parse(entry.cose).payload
+        expected = full.runtime.apply(entry, event_signature_checked=True)
+        got = fast.runtime.apply_ingested(p["dev"], p["seq"], p["kind"], p["v"], lambda e=entry: e)
+        results.append(got)
+        assert got == expected and fast.state.root() == full.state.root(), p["kind"]
+    assert results[0] == results[3] == results[4] == "ok" and results[5:] == ["device_revoked", "unknown_signer"]

@@ -48,6 +48,7 @@ class SequencedBatch:
     duplicates: int = 0
     unreceipted: int = 0  # rejections of unregistered devices not receipted (over `UnregisteredReceipts`)
     anchored_ts: list[int] = field(default_factory=list)  # device times of the new leaves (the latency metric)
+    appended: list[tuple[int, EventCandidate]] = field(default_factory=list)  # the new event leaves, by index
 
 
 @dataclass
@@ -136,6 +137,7 @@ class Sequencer:
                     self.rate_guard.refund(cand.device_id)
             else:
                 out.anchored += 1
+                out.appended.append((result.index, cand))
                 self.seq_guard.anchored(cand)
                 if cand.ts is not None:
                     out.anchored_ts.append(cand.ts)
