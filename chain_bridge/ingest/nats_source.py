@@ -33,6 +33,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
+from carechain.batch import events_in
 from carechain.config import BrokerConfig, ConfigError, NatsIngestConfig
 from chain_bridge.broker.nats import EVENTS_SUBJECTS, mqtt_subject
 from chain_bridge.ingest.receive import Receiver
@@ -72,6 +73,9 @@ class NatsSource:
         self.broker = broker
         self.name = name
         self.batch_max = receiver.batch_max
+        # Events per pulled message, smoothed: a pull asks for about `batch_max` events' worth of messages. Starting
+        # from the largest batch message allowed, the first pull cannot hand one puller many commits' worth.
+        self._per_message = float(receiver.ingest.limits.max_batch_events)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="bridge-nats", daemon=True)
         self._nc: NatsClient | None = None
@@ -187,16 +191,29 @@ class NatsSource:
         if not msgs:
             return []
         self._unsettled = [m.reply for m in msgs]
+        self._learn(msgs)
         self.stats["pulled"] += len(msgs)
         self.stats["redelivered"] += sum(1 for m in msgs if m.metadata.num_delivered > 1)
         return self.receiver.check([(topic_of_subject(m.subject), m.data) for m in msgs])
 
     async def _fetch(self, timeout: float) -> list[Msg]:
         try:
-            msgs: list[Msg] = await self._sub.fetch(self.batch_max, timeout=max(timeout, 0.05))
+            msgs: list[Msg] = await self._sub.fetch(self.fetch_count(), timeout=max(timeout, 0.05))
             return msgs
         except NatsTimeout:
             return []
+
+    def fetch_count(self) -> int:
+        """Messages to pull at once: about `batch_max` events. Pulling `batch_max` messages of 64 events handed
+        one worker 64 commits' worth while the others waited (bench/ingest.py: workers at 7 % and 62 % CPU, a
+        multi-second p99)."""
+        return max(1, min(self.batch_max, round(self.batch_max / self._per_message)))
+
+    def _learn(self, msgs: Sequence[Msg]) -> None:
+        """Fold the events per message of a pull into the running estimate `fetch_count` divides by."""
+        most = self.receiver.ingest.limits.max_batch_events  # what a batch message may hold, whatever it declares
+        per_message = sum(min(events_in(m.data), most) for m in msgs) / len(msgs)
+        self._per_message = max(1.0, 0.7 * self._per_message + 0.3 * per_message)
 
     def hand_over(self) -> tuple[str, ...]:
         """The acknowledgement subjects of the last batch, which another process acknowledges after commit (an
