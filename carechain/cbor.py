@@ -65,16 +65,18 @@ def tstr_header(length: int) -> bytes:
 
 
 def decode(data: bytes, *, max_depth: int = MAX_DEPTH, allow_tag: int | None = None,
-           check_plain: bool = True) -> Any:
+           check_plain: bool = True, canonical: bool = False) -> Any:
     """Decode exactly one CBOR item from untrusted `data`.
 
     Rejects trailing bytes, indefinite lengths, tags (except `allow_tag` at the top level), simple values
     other than false/true/null, text that is not UTF-8, lengths beyond the data, nesting deeper than
     `max_depth`, and integers outside the signed 64-bit range. `check_plain=False` skips the type walk
-    below the top level, for callers that type-check every element themselves.
+    below the top level, for callers that type-check every element themselves. `canonical=True` also
+    rejects (CBORError "not_canonical") any encoding but the one `encode` writes: `encode(value) == data`,
+    judged from the heads while scanning, by re-encoding only for an item that holds a float.
     """
     # Text is checked for UTF-8 here only when no walk follows; otherwise the walk looks for U+FFFD.
-    _scan(data, max_depth, allow_tag, utf8=not check_plain)
+    settled = _scan(data, max_depth, allow_tag, utf8=not check_plain, canonical=canonical)
     fp = io.BytesIO(data)
     try:
         # After _scan, cbor2's C decoder only meets definite-length plain data and no semantic tag, so
@@ -95,9 +97,13 @@ def decode(data: bytes, *, max_depth: int = MAX_DEPTH, allow_tag: int | None = N
             value = cbor2.CBORTag(value.tag, _thaw(value.value))
         if check_plain and _check_plain(value.value, max_depth, 1):
             _scan(data, max_depth, allow_tag, utf8=True)
+        if canonical and not settled and encode(value) != data:
+            raise CBORError("not_canonical", "not the deterministic encoding (a float not in its shortest form?)")
         return value
     if check_plain and _check_plain(value, max_depth, 0):
         _scan(data, max_depth, allow_tag, utf8=True)  # U+FFFD: genuine, or replaced invalid UTF-8?
+    if canonical and not settled and encode(value) != data:
+        raise CBORError("not_canonical", "not the deterministic encoding (a float not in its shortest form?)")
     return value
 
 
@@ -123,26 +129,35 @@ _ARG_BYTES = {24: 1, 25: 2, 26: 4, 27: 8}
 _SIMPLE_OK = frozenset({20, 21, 22, 25, 26, 27})  # false, true, null; half, single, double floats
 
 
-def _scan(data: bytes, max_depth: int, allow_tag: int | None, *, utf8: bool) -> None:
+def _scan(data: bytes, max_depth: int, allow_tag: int | None, *, utf8: bool, canonical: bool = False) -> bool:
     """Check the structure of one CBOR item without building anything: heads, lengths against the bytes
     left, nesting, no indefinite length, no tag but `allow_tag` first, no other simple value; with `utf8`,
     that text is UTF-8.
+
+    With `canonical`, also the deterministic encoding `encode` writes: every head in its shortest form and each
+    map's keys in cbor2's canonical order, without duplicates (CBORError "not_canonical" otherwise). True when
+    that settles it; False when the item holds a float or a map key that is not a plain scalar, which only
+    re-encoding can judge.
 
     A loop over item heads with a stack of counts: no recursion, no allocation driven by a declared length.
     """
     n = len(data)
     pos = 0
     todo = 1  # items still to read at the current nesting level
-    stack: list[int] = []  # the enclosing levels' counts
+    stack: list[tuple[int, bool, bytes | None]] = []  # the enclosing levels' counts, is-a-map and last key
+    in_map, last_key = False, None  # the current level: a map (its items alternate key, value), its last key
+    settled = True
     first = True
     while True:
         if not todo:
             if not stack:
                 break
-            todo = stack.pop()
+            todo, in_map, last_key = stack.pop()
             continue
         if pos >= n:
             raise CBORError("malformed_cbor", f"premature end of data at byte {pos}")
+        start = pos
+        is_key = in_map and not todo & 1  # a map's count is even: its keys come at even counts left
         ib = data[pos]
         major, info = ib >> 5, ib & 31
         pos += 1
@@ -154,6 +169,8 @@ def _scan(data: bytes, max_depth: int, allow_tag: int | None, *, utf8: bool) -> 
                 raise CBORError("malformed_cbor", f"premature end of data in the head at byte {pos - 1}")
             arg = int.from_bytes(data[pos:pos + size], "big")
             pos += size
+            if canonical and major != 7 and arg < _SHORTEST[info]:
+                raise CBORError("not_canonical", f"the head at byte {start} is not in its shortest form")
         elif info == 31:
             raise CBORError("malformed_cbor", f"indefinite-length item at byte {pos - 1} (not deterministic CBOR)")
         else:
@@ -171,6 +188,9 @@ def _scan(data: bytes, max_depth: int, allow_tag: int | None, *, utf8: bool) -> 
                     raise CBORError("malformed_cbor", f"text at byte {pos} is not valid UTF-8") from None
             pos += arg
         elif major < 6:
+            if is_key:
+                settled = False  # a container as a map key: refused later as not plain data
+                is_key = False
             if arg:
                 count = arg * 2 if major == 5 else arg
                 if count > n - pos:
@@ -178,18 +198,42 @@ def _scan(data: bytes, max_depth: int, allow_tag: int | None, *, utf8: bool) -> 
                                     f"a container at byte {pos} declares {count} items; {n - pos} bytes are left")
                 if len(stack) >= max_depth:
                     raise CBORError("too_deep", f"nesting deeper than {max_depth}")
-                stack.append(todo)
-                todo = count
+                stack.append((todo, in_map, last_key))
+                todo, in_map, last_key = count, major == 5, None
         elif major == 6:
             if not (first and arg == allow_tag):
                 raise CBORError("unexpected_tag", f"tag {arg} at byte {pos - 1} is not allowed here")
-            stack.append(todo)  # the tagged item counts one level deeper, as in _check_plain
-            todo = 1
+            stack.append((todo, in_map, last_key))  # the tagged item counts one level deeper, as in _check_plain
+            todo, in_map, last_key = 1, False, None
+            if is_key:
+                settled, is_key = False, False
         elif info not in _SIMPLE_OK:
             raise CBORError("unexpected_type", f"simple value {arg} at byte {pos - 1} is not plain CBOR data")
+        elif info > 24:
+            settled = False  # a float: its shortest form is for re-encoding to judge
+        if canonical and is_key:
+            key = data[start:pos]
+            if last_key is not None and not _key_after(key, last_key):
+                raise CBORError("not_canonical", f"the map key at byte {start} is out of canonical order or repeated")
+            last_key = key
         first = False
     if pos != n:
         raise CBORError("trailing_bytes", f"{n - pos} bytes after the CBOR item")
+    return settled
+
+
+# The smallest argument each long head form may carry in the shortest (deterministic) encoding.
+_SHORTEST = {24: 24, 25: 1 << 8, 26: 1 << 16, 27: 1 << 32}
+# cbor2's canonical map order: by encoded length first, then bytewise (RFC 7049) — or bytewise only (RFC 8949),
+# if a cbor2 release changes it; probed once: "a" (2 bytes) sorts before 1000 (3 bytes, 0x19...) only length-first.
+_LENGTH_FIRST = next(iter(cbor2.loads(cbor2.dumps({"a": 0, 1000: 0}, canonical=True)))) == "a"
+
+
+def _key_after(key: bytes, last: bytes) -> bool:
+    """Whether encoded map key `key` comes strictly after `last` in canonical order."""
+    if _LENGTH_FIRST and len(key) != len(last):
+        return len(key) > len(last)
+    return key > last
 
 
 def _check_plain(value: Any, max_depth: int, depth: int) -> bool:

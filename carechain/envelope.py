@@ -96,13 +96,13 @@ def parse(data: bytes, *, max_bytes: int = MAX_ENVELOPE_BYTES, max_depth: int = 
     parts = _split_deterministic(data) or _split(data)
     protected, payload_bytes, signature = parts
     kid = _kid_of_deterministic(protected) or _kid(protected)
-    try:
-        payload = cbor.decode(payload_bytes, max_depth=max_depth)
-    except cbor.CBORError as exc:
-        raise EnvelopeError(Reason.BAD_PAYLOAD, str(exc)) from None
     # Only the canonical encoding is accepted, so the bytes signed are the one meaning that is stored.
-    if cbor.encode(payload) != payload_bytes:
-        raise EnvelopeError(Reason.BAD_PAYLOAD, "payload is not deterministically encoded CBOR")
+    try:
+        payload = cbor.decode(payload_bytes, max_depth=max_depth, canonical=True)
+    except cbor.CBORError as exc:
+        if exc.reason == "not_canonical":
+            raise EnvelopeError(Reason.BAD_PAYLOAD, "payload is not deterministically encoded CBOR") from None
+        raise EnvelopeError(Reason.BAD_PAYLOAD, str(exc)) from None
     return Sign1(kid.decode("ascii"), protected, payload_bytes, signature, payload)
 
 

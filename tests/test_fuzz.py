@@ -318,6 +318,66 @@ def test_entry_decode_returns_an_entry_or_an_entry_error(data: bytes) -> None:
     assert entry.encode() == data
 
 
+_plain_scalars = (st.integers(-(2**63), 2**63 - 1) | st.text(max_size=8) | st.binary(max_size=8) | st.booleans()
+                  | st.none() | st.floats(allow_nan=False) | st.floats(width=16, allow_nan=False)
+                  | st.floats(width=32, allow_nan=False))
+_plain_values = st.recursive(_plain_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+    st.text(max_size=4) | st.integers(-300, 300), inner, max_size=4), max_leaves=12)
+
+
+@st.composite
+def loose_encodings(draw: st.DrawFn) -> bytes:
+    """A plain value encoded with a random head width wherever one may be wider, map keys in a random order and
+    floats in a random width: now and then canonical, mostly not (what an attacker may send)."""
+    wide = draw(st.booleans())  # else every head in its shortest form: only the key order can be wrong
+
+    def head(major: int, arg: int) -> bytes:
+        sizes = [s for s in (0, 1, 2, 4, 8) if (arg < 24 if s == 0 else arg < 1 << (8 * s))]
+        size = draw(st.sampled_from(sizes)) if wide else sizes[0]
+        if size == 0:
+            return bytes([major << 5 | arg])
+        return bytes([major << 5 | {1: 24, 2: 25, 4: 26, 8: 27}[size]]) + arg.to_bytes(size, "big")
+
+    def enc(v: object) -> bytes:
+        if isinstance(v, bool) or v is None or isinstance(v, float):
+            return cbor2.dumps(v) if not isinstance(v, float) else draw(st.sampled_from(
+                [cbor2.dumps(v), cbor2.dumps(v, canonical=True)]))
+        if isinstance(v, int):
+            return head(0, v) if v >= 0 else head(1, -1 - v)
+        if isinstance(v, bytes):
+            return head(2, len(v)) + v
+        if isinstance(v, str):
+            b = v.encode()
+            return head(3, len(b)) + b
+        if isinstance(v, list):
+            return head(4, len(v)) + b"".join(enc(x) for x in v)
+        assert isinstance(v, dict)
+        items = draw(st.permutations(list(v.items())))
+        return head(5, len(items)) + b"".join(enc(k) + enc(x) for k, x in items)
+
+    return enc(draw(_plain_values))
+
+
+@FUZZ
+@given(loose_encodings() | _plain_values.map(lambda v: cbor2.dumps(v, canonical=True)) | st.binary(max_size=40))
+def test_a_canonical_decode_accepts_exactly_the_bytes_encode_writes(data: bytes) -> None:
+    """The payload's canonical check is judged from the heads while scanning (shortest forms, key order, no
+    repeated key), by re-encoding only around floats: it must agree with `encode(decode(data)) == data`."""
+    try:
+        value = cbor.decode(data)
+    except cbor.CBORError:
+        reference = None
+    else:
+        reference = cbor.encode(value) == data
+    try:
+        got = cbor.decode(data, canonical=True)
+    except cbor.CBORError as exc:
+        assert reference is not True, exc  # refused only what the reference refuses
+        assert reference is None or exc.reason == "not_canonical"
+        return
+    assert reference is True and got == value
+
+
 @FUZZ
 @given(valid_events | mutated_events())
 def test_parse_checked_reads_what_parse_accepted_exactly_as_parse_does(data: bytes) -> None:
