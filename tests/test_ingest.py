@@ -55,6 +55,24 @@ def test_valid_events_are_appended_once_and_duplicates_reacknowledged(bridge: Br
     assert bridge.ledger.event_index(DEV.device_id, 1) == 2  # leaf 0 is the registration
 
 
+def test_a_resend_is_found_among_dense_and_scattered_seqs_of_a_batch(bridge: Bridge) -> None:
+    """Dedup reads a batch's (device, seq) rows as one key range per device when its seqs are dense, one key at a
+    time when they are scattered: either way a resend gets its own leaf back and a new seq gets a new one."""
+    sent = {seq: event(DEV, seq) for seq in [*range(10), 60]}
+    bridge.process([(topic(DEV.device_id), e) for e in sent.values()])
+    leaves = {seq: bridge.ledger.event_index(DEV.device_id, seq) for seq in sent}
+    for resend in ([0, 3, 9, 10, 11], [0, 60, 12], [60]):  # dense, scattered, alone
+        before = bridge.stats.duplicates
+        fresh = [seq for seq in resend if seq not in sent]
+        sent.update({seq: event(DEV, seq) for seq in fresh})
+        bridge.process([(topic(DEV.device_id), sent[seq]) for seq in resend])
+        assert bridge.stats.duplicates - before == len(resend) - len(fresh)
+        for seq in resend:
+            leaves.setdefault(seq, bridge.ledger.event_index(DEV.device_id, seq))
+            assert bridge.ledger.event_index(DEV.device_id, seq) == leaves[seq]
+    assert bridge.ledger.count_events() == len(sent) == len(set(leaves.values()))
+
+
 @pytest.mark.parametrize(
     ("make", "reason"),
     [

@@ -176,14 +176,25 @@ class SqliteDatabase:
             self._db.executemany(f"INSERT INTO {table} VALUES ({marks})", rows)
 
     def events_among(self, keys: Sequence[tuple[str, int]]) -> list[tuple[str, int, int, bytes]]:
-        # One primary-key lookup per key: in-process they cost microseconds, and SQLite plans a row-value
-        # `IN (VALUES ...)` as a scan of the whole index.
-        found = []
+        # SQLite plans a row-value `IN (VALUES ...)` as a scan of the whole index. Per device, one range read
+        # of the primary key when its seqs are dense (a batch message's are consecutive), else one lookup per key.
+        by_device: dict[str, list[int]] = {}
         for device_id, seq in keys:
-            row = self._db.execute("SELECT idx, leaf_hash FROM events WHERE device_id=? AND seq=?",
-                                   (device_id, seq)).fetchone()
-            if row is not None:
-                found.append((device_id, seq, row[0], row[1]))
+            by_device.setdefault(device_id, []).append(seq)
+        found = []
+        for device_id, seqs in by_device.items():
+            low, high = min(seqs), max(seqs)
+            if high - low < 4 * len(seqs):
+                wanted = set(seqs)
+                found += [(device_id, seq, idx, h) for seq, idx, h in self._db.execute(
+                    "SELECT seq, idx, leaf_hash FROM events WHERE device_id=? AND seq BETWEEN ? AND ?",
+                    (device_id, low, high)) if seq in wanted]
+                continue
+            for seq in seqs:
+                row = self._db.execute("SELECT idx, leaf_hash FROM events WHERE device_id=? AND seq=?",
+                                       (device_id, seq)).fetchone()
+                if row is not None:
+                    found.append((device_id, seq, row[0], row[1]))
         return found
 
     def begin(self) -> None:
