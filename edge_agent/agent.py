@@ -394,9 +394,7 @@ class Agent:
         for seq, _ in receipt.ok:
             self.window.settled((device_id, seq))
         if receipt.final_size is not None:  # a bridge that tracks finality: keep the leaves until final
-            before = self.outbox.awaiting_finality()
-            self.outbox.record_anchored(device_id, anchored.items(), receipt.final_size)
-            self.stats.final += max(0, before + len(anchored) - self.outbox.awaiting_finality())
+            self.stats.final += self.outbox.record_anchored(device_id, anchored.items(), receipt.final_size)
         if receipt.ok:
             self.forget_spent_keys()
         if receipt.highest_seq is not None and any(r.reason == Reason.SEQ_REUSED for r in receipt.rejected):

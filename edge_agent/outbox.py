@@ -364,23 +364,29 @@ class Outbox:
 
     # -- finality --------------------------------------------------------------------------------------
 
-    def record_anchored(self, device_id: str, acks: Iterable[tuple[int, int]], final_size: int | None) -> None:
-        """Remember receipted (seq, leaf index) pairs until they are final; `final_size` from the receipt.
+    def record_anchored(self, device_id: str, acks: Iterable[tuple[int, int]], final_size: int | None) -> int:
+        """Remember receipted (seq, leaf index) pairs until they are final; `final_size` from the receipt. How
+        many events are final by this call: those recorded below the final size, and those `final_size` made
+        final (counted by the rows written, not by counting the table: a receipt must cost the same whatever
+        the outbox holds).
 
         Without fsync, like acks: a row lost to a power cut only means that event's finality is not shown.
         """
         rows = list(acks)
+        final_now = 0
         if rows:
             db = self._acks
             with _transaction(db):
                 final = self._final_size(db)
-                db.executemany("INSERT OR REPLACE INTO anchored VALUES (?, ?, ?, ?)",
-                               [(device_id, seq, index, int(index < final)) for seq, index in rows])
+                marked = [(device_id, seq, index, int(index < final)) for seq, index in rows]
+                db.executemany("INSERT OR REPLACE INTO anchored VALUES (?, ?, ?, ?)", marked)
+                final_now = sum(row[3] for row in marked)
                 self._anchored_since_prune += len(rows)
                 if self._anchored_since_prune >= PRUNE_EVERY:
                     self._prune_anchored(db)
         if final_size is not None:
-            self.mark_final(final_size)
+            final_now += self.mark_final(final_size)
+        return final_now
 
     def mark_final(self, tree_size: int) -> int:
         """A checkpoint of `tree_size` leaves is final: mark the events below it; how many became final."""

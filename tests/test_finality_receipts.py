@@ -45,12 +45,12 @@ def test_a_receipt_with_a_bad_fin_is_refused() -> None:
 
 def test_the_outbox_keeps_receipted_leaves_until_a_final_checkpoint_covers_them(tmp_path: Path) -> None:
     box = Outbox(tmp_path / "o.db")
-    box.record_anchored(DEV.device_id, [(0, 10), (1, 11), (2, 20)], final_size=11)
+    assert box.record_anchored(DEV.device_id, [(0, 10), (1, 11), (2, 20)], final_size=11) == 1  # leaf 10 is final
     assert [box.anchored(DEV.device_id, s).final for s in range(3)] == [True, False, False]  # type: ignore[union-attr]
     assert box.awaiting_finality(DEV.device_id) == 2 and box.final_size() == 11
     assert box.mark_final(21) == 2 and box.awaiting_finality() == 0
     assert box.mark_final(15) == 0 and box.final_size() == 21  # finality never goes back
-    box.record_anchored(DEV.device_id, [(3, 19)], final_size=None)  # a leaf already covered: final at once
+    assert box.record_anchored(DEV.device_id, [(3, 19)], final_size=None) == 1  # a leaf already covered: final at once
     assert box.anchored(DEV.device_id, 3).final  # type: ignore[union-attr]
     box.close()
     again = Outbox(tmp_path / "o.db")
