@@ -56,7 +56,7 @@ from chain_miner.witness import WitnessState  # noqa: E402
 from contract_rules import ContractWitness, Genesis, Runtime, builtin_hashes  # noqa: E402
 from contract_rules import transactions as ce  # noqa: E402
 from contract_rules.bonds import MIN_BOND  # noqa: E402
-from contract_rules.runtime import OK  # noqa: E402
+from contract_rules.runtime import OK, Results  # noqa: E402
 from simulators.pharmacy_terminal import pay_with_wallet  # noqa: E402
 
 SIZES = (10_000, 100_000, 1_000_000, 10_000_000)
@@ -305,9 +305,9 @@ def synthetic_witness(log: Log, size: int, rx_needed: int) -> ContractWitness:
     item = {"rx_only": True, "schedule": 0, "max_quantity": 10, "authority": log.authority.device_id, "at": 0}
     for k in range(FORMULARY_ITEMS):
         put("formulary", f"ndc:{k // 10_000:05d}-{k % 10_000:04d}-01", item)
-    state.results.extend([i, OK] for i in range(real, size))
-    for k in rows("void"):
-        state.results[real + k][1] = VOID_REASON
+    refused = {index: outcome for index, outcome in state.results.refused()}
+    refused.update({real + k: VOID_REASON for k in rows("void")})
+    state.results = Results(size, refused)  # every other filler leaf "ok"
     state.size = size
     witness = ContractWitness(log.genesis)
     witness.runtime.state = state

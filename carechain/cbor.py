@@ -9,7 +9,8 @@ from typing import Any
 import cbor2
 from cbor2 import CBORTag
 
-__all__ = ["CBORError", "CBORTag", "bstr_header", "decode", "decode_checked", "encode", "encode_presorted", "tstr_header"]
+__all__ = ["CBORError", "CBORTag", "bstr_header", "decode", "decode_checked", "encode", "encode_presorted",
+           "tstr_header"]
 
 # Plain data only: a semantic tag that cbor2 would turn into a datetime, regex, Decimal or set has no
 # place in a carechain message, and accepting it would make re-encoding ambiguous.

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from carechain import cbor
 from carechain.entries import LEDGER_ENTRY_TYPES, Entry, EntryError
 from carechain.evidence import Violation
-from contract_rules.runtime import OK, CodeBook, Genesis, Runtime, State
+from contract_rules.runtime import OK, CodeBook, Genesis, Results, Runtime, State
 
 LEAF_TYPES = LEDGER_ENTRY_TYPES
 
@@ -67,7 +67,7 @@ class Replica:
         other outcomes, so it grows with the contract tables and the refusals, not with the log.
         """
         state = self.state
-        refused = [[i, r] for i, r in state.results if r != OK]
+        refused = state.results.refused()
         return cbor.encode({"v": SNAPSHOT_VERSION, "operators": state.operators, "balances": state.balances,
                             "supply": state.supply, "versions": state.versions, "tables": state.tables,
                             "size": state.size, "refused": refused})
@@ -79,13 +79,16 @@ class Replica:
             if not isinstance(raw, dict) or raw.get("v") != SNAPSHOT_VERSION:
                 raise SnapshotError(f"not a version {SNAPSHOT_VERSION} contract snapshot")
             size = raw["size"]
-            results: list[list[object]] = [[i, OK] for i in range(size)]
+            if type(size) is not int or size < 0:
+                raise SnapshotError(f"a snapshot of {size!r} leaves")
+            refused: dict[int, str] = {}
             for index, outcome in raw["refused"]:
-                if not 0 <= index < size:
-                    raise SnapshotError(f"a refusal at leaf {index} outside the snapshot's {size} leaves")
-                results[index][1] = outcome
+                if type(index) is not int or not 0 <= index < size or not isinstance(outcome, str) or outcome == OK:
+                    raise SnapshotError(f"a refusal {outcome!r:.40} at leaf {index!r:.20} outside the snapshot's "
+                                        f"{size} leaves")
+                refused[index] = outcome
             state = State(operators=raw["operators"], balances=raw["balances"], supply=raw["supply"],
-                          versions=raw["versions"], tables=raw["tables"], results=results, size=size)
+                          versions=raw["versions"], tables=raw["tables"], results=Results(size, refused), size=size)
         except (cbor.CBORError, KeyError, TypeError, ValueError, IndexError) as exc:
             if isinstance(exc, SnapshotError):
                 raise

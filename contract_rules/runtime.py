@@ -17,10 +17,10 @@ import hashlib
 import importlib.util
 import sys
 import types
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from carechain import cbor, envelope
 from carechain.entries import ENTRY_EVENT, ENTRY_REGISTER, ENTRY_REVOKE, Entry, Registration, Revocation
@@ -306,6 +306,69 @@ _J_BALANCE, _J_KEY, _J_TABLE, _J_VERSION, _J_RESULT = "balance", "key", "table",
 _ABSENT = object()
 
 
+class Results:
+    """Each applied entry's outcome, by leaf index: how many there are, and the few that are not "ok".
+
+    Reads like the list of `[index, outcome]` pairs it replaces (iteration, indexing, slices, equality), but holds
+    only the refusals: a log of 100 M readings kept 100 M pairs (8.8 GB; 615 MB and 2.2 s to rebuild at every
+    start at 5 M leaves), now a count. Iterating still walks every leaf: for tests and tools, not the hot path.
+    """
+
+    __slots__ = ("_refused", "_size")
+
+    def __init__(self, size: int = 0, refused: Mapping[int, str] | None = None) -> None:
+        self._size = size
+        self._refused = dict(refused or {})
+
+    def append(self, pair: list[Any]) -> None:
+        """The outcome of leaf `index`, the next one applied (a reader that passes leaves over reads them as ok)."""
+        index, outcome = pair
+        if index < self._size:
+            raise ValueError(f"the outcome of leaf {index} comes after that of leaf {self._size - 1}")
+        if outcome != OK:
+            self._refused[index] = outcome
+        self._size = index + 1
+
+    def pop(self) -> list[Any]:
+        self._size -= 1
+        return [self._size, self._refused.pop(self._size, OK)]
+
+    def refused(self) -> list[list[Any]]:
+        """The `[index, outcome]` pairs that are not "ok", in log order."""
+        return [[i, self._refused[i]] for i in sorted(self._refused)]
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        return ([i, self._refused.get(i, OK)] for i in range(self._size))
+
+    @overload
+    def __getitem__(self, key: int) -> list[Any]: ...
+    @overload
+    def __getitem__(self, key: slice) -> list[list[Any]]: ...
+
+    def __getitem__(self, key: int | slice) -> list[Any] | list[list[Any]]:
+        if isinstance(key, slice):
+            return [[i, self._refused.get(i, OK)] for i in range(*key.indices(self._size))]
+        index = key + self._size if key < 0 else key
+        if not 0 <= index < self._size:
+            raise IndexError(f"no outcome for leaf {key} of {self._size}")
+        return [index, self._refused.get(index, OK)]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Results):
+            return self._size == other._size and self._refused == other._refused
+        if isinstance(other, list):
+            return len(other) == self._size and all(pair == mine for pair, mine in zip(other, self, strict=True))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Results(size={self._size}, refused={self.refused()!r})"
+
+
 @dataclass
 class State:
     """Everything the contracts know. Tables are dicts with string keys and CBOR-able, float-free values."""
@@ -316,7 +379,7 @@ class State:
     # name → [[from_index, version, code_hash], ...], ascending from_index
     versions: dict[str, list[list[Any]]]
     tables: dict[str, dict[str, Any]] = field(default_factory=dict)
-    results: list[list[Any]] = field(default_factory=list)  # [index, "ok" | reason] per entry
+    results: Results = field(default_factory=Results)  # [index, "ok" | reason] per entry
     size: int = 0
     # The undo journal, when a list: every change `Runtime.apply` makes is recorded in it (the value it
     # replaced) so `rollback()` can return to where the journal started. Not part of the state or its root.
@@ -386,8 +449,9 @@ class State:
                 self.size = change[1]
 
     def snapshot(self) -> dict[str, Any]:
+        """The state as plain data; the outcomes as the refusals (every other leaf up to `size` is "ok")."""
         return {"operators": self.operators, "balances": self.balances, "supply": self.supply,
-                "versions": self.versions, "tables": self.tables, "results": self.results, "size": self.size}
+                "versions": self.versions, "tables": self.tables, "refused": self.results.refused(), "size": self.size}
 
     def root(self) -> bytes:
         """SHA-256 over the deterministic CBOR of the whole state: equal on every honest replica."""
