@@ -9,8 +9,8 @@ from typing import Any
 import cbor2
 from cbor2 import CBORTag
 
-__all__ = ["CBORError", "CBORTag", "bstr_header", "decode", "decode_checked", "encode", "encode_presorted",
-           "tstr_header"]
+__all__ = ["CBORError", "CBORTag", "bstr_at", "bstr_header", "decode", "decode_checked", "encode", "encode_presorted",
+           "tstr_at", "tstr_header"]
 
 # Plain data only: a semantic tag that cbor2 would turn into a datetime, regex, Decimal or set has no
 # place in a carechain message, and accepting it would make re-encoding ambiguous.
@@ -63,6 +63,35 @@ def bstr_header(length: int) -> bytes:
 def tstr_header(length: int) -> bytes:
     """The deterministic head of a CBOR text string of `length` UTF-8 bytes (major type 3)."""
     return _head(0x60, length)
+
+
+def bstr_at(data: bytes, pos: int) -> tuple[bytes, int] | None:
+    """The byte string whose shortest-form head is at `pos`, and the position after it; else None."""
+    return _string_at(data, pos, 2)
+
+
+def tstr_at(data: bytes, pos: int) -> tuple[bytes, int] | None:
+    """The text string (its UTF-8 bytes, not decoded) whose shortest-form head is at `pos`, and the position
+    after it; else None."""
+    return _string_at(data, pos, 3)
+
+
+def _string_at(data: bytes, pos: int, major: int) -> tuple[bytes, int] | None:
+    """Byte positions only, for the hot paths that read a layout `encode` writes; anything else is None."""
+    if pos >= len(data) or data[pos] >> 5 != major:
+        return None
+    info = data[pos] & 31
+    if info < 24:
+        length, start = info, pos + 1
+    elif info < 27:
+        size = 1 << (info - 24)
+        length, start = int.from_bytes(data[pos + 1:pos + 1 + size], "big"), pos + 1 + size
+        if length < _SHORTEST[info] or start > len(data):  # not the shortest form
+            return None
+    else:
+        return None
+    end = start + length
+    return (data[start:end], end) if end <= len(data) else None
 
 
 def decode(data: bytes, *, max_depth: int = MAX_DEPTH, allow_tag: int | None = None,

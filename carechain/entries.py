@@ -125,13 +125,13 @@ class Entry:
         what is wrong). Byte positions, no CBOR decoder: the contracts' replay decodes every leaf of the log."""
         if type(data) is not bytes or not data.startswith(b"\xa2\x61t"):
             return None
-        got = _str_at(data, 3, 0x60)
+        got = cbor.tstr_at(data, 3)
         if got is None:
             return None
         type_bytes, pos = got
         if data[pos:pos + 5] != b"\x64cose":
             return None
-        got = _str_at(data, pos + 5, 0x40)
+        got = cbor.bstr_at(data, pos + 5)
         if got is None or got[1] != len(data):
             return None
         try:
@@ -139,22 +139,6 @@ class Entry:
         except UnicodeDecodeError:
             return None
         return entry if entry.encode() == data else None  # shortest-form lengths only
-
-
-def _str_at(data: bytes, pos: int, major: int) -> tuple[bytes, int] | None:
-    """The string (major type `major`: 0x40 bytes, 0x60 text) whose head is at `pos`, and the position after it."""
-    if pos >= len(data) or data[pos] & 0xE0 != major:
-        return None
-    info = data[pos] & 31
-    if info < 24:
-        length, start = info, pos + 1
-    elif info < 28:
-        size = 1 << (info - 24)
-        length, start = int.from_bytes(data[pos + 1:pos + 1 + size], "big"), pos + 1 + size
-    else:
-        return None
-    end = start + length
-    return (data[start:end], end) if end <= len(data) else None
 
 
 class Registration(BaseModel):

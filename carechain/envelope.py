@@ -119,33 +119,15 @@ def parse_checked(data: bytes) -> Sign1:
     return Sign1(kid.decode("ascii"), protected, payload_bytes, signature, cbor.decode_checked(payload_bytes))
 
 
-def _bstr_at(data: bytes, pos: int) -> tuple[bytes, int] | None:
-    """The byte string whose shortest-form head is at `pos`, and the position after it; else None."""
-    if pos >= len(data) or data[pos] >> 5 != 2:
-        return None
-    info = data[pos] & 31
-    if info < 24:
-        length, start = info, pos + 1
-    elif info < 27:
-        size = 1 << (info - 24)
-        length, start = int.from_bytes(data[pos + 1:pos + 1 + size], "big"), pos + 1 + size
-        if length < (24 if size == 1 else 1 << (4 * size)) or start > len(data):  # not the shortest form
-            return None
-    else:
-        return None
-    end = start + length
-    return (data[start:end], end) if end <= len(data) else None
-
-
 def _split_deterministic(data: bytes) -> tuple[bytes, bytes, bytes] | None:
     """(protected, payload, signature) of a COSE_Sign1 in exactly the layout `sign` writes, else None."""
     if not data.startswith(_SIGN1_HEAD):
         return None
-    got = _bstr_at(data, 2)
+    got = cbor.bstr_at(data, 2)
     if got is None or len(got[0]) > _PROTECTED_MAX or data[got[1]:got[1] + 1] != _EMPTY_MAP:
         return None
     protected = got[0]
-    got = _bstr_at(data, got[1] + 1)
+    got = cbor.bstr_at(data, got[1] + 1)
     if got is None or data[got[1]:got[1] + 2] != _SIG_HEAD or len(data) != got[1] + 66:
         return None
     return protected, got[0], data[got[1] + 2:]
@@ -185,7 +167,7 @@ _PROTECTED_HEAD = b"\xa2\x01\x27\x04"
 def _kid_of_deterministic(protected: bytes) -> bytes | None:
     if not protected.startswith(_PROTECTED_HEAD):
         return None
-    got = _bstr_at(protected, 4)
+    got = cbor.bstr_at(protected, 4)
     if got is None or got[1] != len(protected) or not _KID.fullmatch(got[0]):
         return None
     return got[0]
