@@ -46,6 +46,35 @@ def full_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any],
         os.umask(umask)
 
 
+def _injected_disk_full(tmp_path_factory: pytest.TempPathFactory, who: str) -> Any:  # noqa: ANN401 - a Result
+    """One run of `simulators.fault_harness.<who>_disk_full` (SQLite's disk-full error injected), its files kept in
+    `detail["work"]`."""
+    from simulators import fault_harness as faults
+    from simulators.mosquitto import mosquitto_binary
+
+    if mosquitto_binary() is None:
+        pytest.skip("the disk-full runs use a real mosquitto")
+    work = tmp_path_factory.mktemp(f"{who}-disk-full-injected")
+    result = getattr(faults, f"{who}_disk_full")(work)
+    result.detail["work"] = str(work)
+    return result
+
+
+@pytest.fixture(scope="session")
+def agent_disk_full_injected(tmp_path_factory: pytest.TempPathFactory) -> Any:  # noqa: ANN401 - a Result
+    """The agent disk-full fault, run once and shared by tests/test_faults.py (its row of the fault table) and
+    tests/test_agent_disk_full.py (its log and losses checks): ~15 s of real processes. Its users only read it."""
+    return _injected_disk_full(tmp_path_factory, "agent")
+
+
+@pytest.fixture(scope="session")
+def bridge_disk_full_injected(tmp_path_factory: pytest.TempPathFactory) -> Any:  # noqa: ANN401 - a Result
+    """The bridge disk-full fault, run once and shared by tests/test_faults.py and tests/test_disk_full_bridge.py
+    (which also audits its ledger with `carechain verify --full` and reads its log: the bridge's data dir is
+    `<work>/bridge`, its log `<work>/bridge.log`). Its users only read it."""
+    return _injected_disk_full(tmp_path_factory, "bridge")
+
+
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestBroker]:
     """A private broker for the session; never the machine's shared one on :1883."""

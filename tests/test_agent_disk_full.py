@@ -55,7 +55,7 @@ def test_agent_on_a_really_full_filesystem_records_its_losses_and_resumes(tmp_pa
     check(result)
 
 
-def test_agent_with_injected_sqlite_full_records_its_losses_and_resumes(tmp_path: Path) -> None:
-    result = faults.agent_disk_full(tmp_path)
-    result.detail["work"] = str(tmp_path)
-    check(result)
+def test_agent_with_injected_sqlite_full_records_its_losses_and_resumes(
+        agent_disk_full_injected: faults.Result) -> None:
+    # The session's one injected run (tests/conftest.py), also the fault table's row in tests/test_faults.py.
+    check(agent_disk_full_injected)

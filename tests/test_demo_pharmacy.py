@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from carechain.demo.pharmacy_day import FLU_SHOT, INSURER_FUNDS, METFORMIN, PHARMACY_BOND, REBATE
-from carechain.demo.pipeline import run_demo
 from contract_rules.bonds import SLASH
 
 pytestmark = pytest.mark.integration
-SKIP = frozenset({"market", "trial"})  # the live scenarios after the pharmacy day: tests/test_demo_market.py
 
 
-def test_a_pharmacy_day_refuses_the_sales_without_rx_bills_the_insurer_and_pays_the_rebate(tmp_path: Path) -> None:
-    summary = run_demo(broker=None, seconds=3, data_dir=tmp_path, speedup=20, skip=SKIP)
+@pytest.fixture
+def summary(full_demo: tuple[dict[str, Any], Path]) -> dict[str, Any]:
+    """The session's one whole demo run (tests/conftest.py): its pharmacy day runs before the market and the trial,
+    which go through the ledger, not the bridge's ingest, and `pharmacy` and `anchored_by_kind` are read before them.
+    Read only."""
+    return full_demo[0]
+
+
+def test_a_pharmacy_day_refuses_the_sales_without_rx_bills_the_insurer_and_pays_the_rebate(
+        summary: dict[str, Any]) -> None:
     day = summary["pharmacy"]
     # Bob's metformin before his Rx, and amoxicillin rung up as over the counter: the formulary says Rx-only.
     assert summary["rejected_by_reason"]["contract:rx_missing"] == 2
@@ -36,8 +43,7 @@ def test_a_pharmacy_day_refuses_the_sales_without_rx_bills_the_insurer_and_pays_
     assert summary["proof_verified"]
 
 
-def test_the_demo_runs_on_bonded_miners_from_the_ledger_and_waits_for_finality(tmp_path: Path) -> None:
-    summary = run_demo(broker=None, seconds=3, data_dir=tmp_path, speedup=20, skip=SKIP)
+def test_the_demo_runs_on_bonded_miners_from_the_ledger_and_waits_for_finality(summary: dict[str, Any]) -> None:
     assert summary["miners"] == 5 and len(summary["pharmacy"]["active_miners"]) == 5
     assert summary["final_checkpoints"] >= 1
     assert summary["pharmacy"]["terminal_sales_final"]  # every sale under a checkpoint 3 of the 5 cosigned

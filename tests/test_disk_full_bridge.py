@@ -65,9 +65,10 @@ def test_bridge_on_a_really_full_filesystem_resumes_by_itself_when_space_returns
 
 @pytest.mark.integration
 @needs_broker
-def test_bridge_with_injected_sqlite_full_resumes_by_itself_and_loses_nothing(tmp_path: Path) -> None:
-    result = faults.bridge_disk_full(tmp_path)
-    check_resumed(result, tmp_path / "bridge")
+def test_bridge_with_injected_sqlite_full_resumes_by_itself_and_loses_nothing(
+        bridge_disk_full_injected: faults.Result) -> None:
+    # The session's one injected run (tests/conftest.py), also the fault table's row in tests/test_faults.py.
+    check_resumed(bridge_disk_full_injected, Path(bridge_disk_full_injected.detail["work"]) / "bridge")
 
 
 def test_a_dead_sequencer_thread_ends_the_bridge_process_with_a_non_zero_status(tmp_path: Path) -> None:

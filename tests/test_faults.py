@@ -63,14 +63,18 @@ def test_duplicated_and_reordered_deliveries_land_exactly_once(tmp_path: Path) -
     assert result.detail["bridge"]["duplicates"] >= result.detail["replayed"]
 
 
-def test_bridge_disk_full_then_freed_loses_nothing_and_resumes_by_itself(tmp_path: Path) -> None:
-    # Injected SQLITE_FULL so this row runs everywhere; tests/test_disk_full_bridge.py also fills a real tmpfs.
-    result = check(faults.bridge_disk_full(tmp_path))
+def test_bridge_disk_full_then_freed_loses_nothing_and_resumes_by_itself(
+        bridge_disk_full_injected: faults.Result) -> None:
+    # Injected SQLITE_FULL so this row runs everywhere; tests/test_disk_full_bridge.py also fills a real tmpfs and
+    # audits this same run's ledger and log (the session's one run: tests/conftest.py).
+    result = check(bridge_disk_full_injected)
     assert result.detail["alive_while_full"] and result.detail["bridge"]["storage_errors"] > 0
 
 
-def test_agent_disk_full_then_freed_loses_nothing_it_signed_and_resumes_by_itself(tmp_path: Path) -> None:
-    # Injected SQLITE_FULL so this row runs everywhere; tests/test_agent_disk_full.py also fills a real tmpfs.
-    result = check(faults.agent_disk_full(tmp_path))
+def test_agent_disk_full_then_freed_loses_nothing_it_signed_and_resumes_by_itself(
+        agent_disk_full_injected: faults.Result) -> None:
+    # Injected SQLITE_FULL so this row runs everywhere; tests/test_agent_disk_full.py also fills a real tmpfs and
+    # checks this same run's log (the session's one run: tests/conftest.py).
+    result = check(agent_disk_full_injected)
     assert result.detail["alive_while_full"] and result.detail["resume_s"] is not None
     assert result.detail["readings_not_stored"] > 0  # counted in the agent's losses table, not signed

@@ -12,31 +12,19 @@ import pytest
 from carechain import envelope, topics
 from carechain.batch import encode_batch
 from carechain.events import make_payload
-from chain_bridge.ingest import Receiver
-from chain_bridge.ingest.nats_source import NatsSource
-from chain_bridge.ledger.store import Ledger
 from tests.test_nats_ingest import (  # noqa: F401 - `cluster` is the module's fixture
-    BRIDGE_PASSWORD,
-    BRIDGE_USER,
     DEVICES,
     _mqtt,
-    bridge_config,
     cluster,
-    empty_stream,
     password,
-    register,
+    pulling_source,
 )
 
 pytestmark = pytest.mark.integration
 
 
 def test_a_pull_takes_about_batch_max_events_of_batch_messages_not_batch_max_messages(cluster, tmp_path: Path) -> None:
-    empty_stream(cluster)
-    ledger = Ledger(tmp_path / "bridge" / "ledger.db")
-    register(ledger, DEVICES)
-    cfg = bridge_config(cluster, tmp_path / "bridge")
-    source = NatsSource(cfg.nats, Receiver(ledger, cfg.limits, 100), cluster.mqtt(0, BRIDGE_USER, BRIDGE_PASSWORD))
-    source.start()
+    ledger, source = pulling_source(cluster, tmp_path, batch_max=100)
     dev = DEVICES[5]
     device, _, _ = _mqtt(cluster.mqtt(1, dev.device_id, password(dev.device_id)), "pull-size")
     now = int(time.time() * 1000)

@@ -116,7 +116,7 @@ def test_v1_and_v2_agents_side_by_side_then_the_cutover_retires_v1(tmp_path: Pat
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({
             "broker": {"host": broker.host, "port": broker.port},
             "agent": {"data_dir": str(tmp_path / name), "bridge_public_key": log_key(bdir).public_key.hex(),
-                      "protocol": protocol, "speedup": 5.0, "devices": [device]}}))
+                      "protocol": protocol, "speedup": 20.0, "devices": [device]}}))
         processes.append(Process(tmp_path, f"agent-{name}", "agent", "--config", tmp_path / f"{name}.yaml"))
     agent_old = processes[1]
 
