@@ -176,7 +176,11 @@ class Bridge:
                      contracts.replayed, ledger.size, time.monotonic() - started)
         self.stats = BridgeStats(tree_size=ledger.size, checkpoints=ledger.checkpoint_count())
         self._stop = threading.Event()
-        self._last_checkpoint_size = (ledger.latest_checkpoint() or (-1, ""))[0]
+        self._last_checkpoint_size, note = ledger.latest_checkpoint() or (-1, "")
+        # The newest signed checkpoint, published again (retained) each time the link comes up: one issued while
+        # the link was still down (the first tick races the connect) or lost with a broker restart would otherwise
+        # stay unseen until the log grows, and miners on an idle log would never cosign it.
+        self._latest_note: str | None = note or None
         # receive → check in this process (unless ingest workers do it), then guards → sequence → append.
         self.receiver = Receiver(ledger, cfg.limits, cfg.batch_max, cfg.batch_wait_ms / 1000,
                                  max_message_bytes=broker.max_packet_bytes)
@@ -434,6 +438,9 @@ class Bridge:
     def _on_link(self, up: bool) -> None:
         if up:
             self.ever_connected.set()
+            note, client = self._latest_note, self._client
+            if note is not None and client is not None and (self.lease is None or self.leading.is_set()):
+                client.publish(topics.CHECKPOINT, note.encode(), qos=0, retain=True)
 
     def healthy(self) -> bool:
         """The systemd watchdog's check: true before `start` (a standby waiting for the sequencer lease), then
@@ -869,6 +876,7 @@ class Bridge:
         self._publish_tiles(note, self._last_checkpoint_size)
         if self.anchorer is not None:
             self.anchorer.offer(note, self._last_checkpoint_size)
+        self._latest_note = note
         if self._client is not None:
             # QoS 0: retained for whoever subscribes, never queued for an offline device's session.
             self._client.publish(topics.CHECKPOINT, note.encode(), qos=0, retain=True)

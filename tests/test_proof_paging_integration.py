@@ -162,3 +162,29 @@ def test_a_miner_far_behind_catches_up_page_by_page_and_cosigns(small_broker: Mo
         bridge.stop()
         cosigs.stop()
         ledger.close()
+
+
+def test_a_bridge_started_on_an_idle_log_publishes_its_latest_checkpoint(small_broker: Mosquitto,
+                                                                         tmp_path: Path) -> None:
+    """The newest signed checkpoint is published (retained) whenever the bridge's link comes up, not only when
+    the log grows: a bridge restarted on an idle log, a first checkpoint issued while the link was still coming up,
+    or a broker restarted without its retained messages would otherwise leave miners nothing to cosign (CI caught
+    the second: a miner far behind cosigned nothing in 90 s)."""
+    broker = BrokerConfig(host=small_broker.host, port=small_broker.port)
+    log_key = Identity.generate()
+    ledger = Ledger(tmp_path / "bridge" / "ledger.db")
+    ledger.append_events([EventCandidate("filler", i, b"f" * 40 + i.to_bytes(4, "big")) for i in range(50)])
+    note = ledger.issue_checkpoint(log_key, "carechain-test")  # what a previous run left: the log has not grown
+    bridge = Bridge(BridgeConfig(data_dir=tmp_path / "bridge", checkpoint_interval_s=0.3), broker, log_key, ledger,
+                    client_id=f"bridge-{uuid.uuid4().hex[:8]}")
+    bridge.start()
+    watcher = Collector(broker, f"watcher-{uuid.uuid4().hex[:8]}", [(topics.CHECKPOINT, 0)])
+    try:
+        assert bridge.wait_ready(30) and watcher.connected.wait(30)
+        got = watcher.messages.get(timeout=10)
+        assert got.retain and got.payload.decode() == note
+        assert bridge.stats.checkpoints_issued == 0  # published again, not issued again
+    finally:
+        watcher.stop()
+        bridge.stop()
+        ledger.close()
