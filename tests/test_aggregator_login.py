@@ -31,7 +31,7 @@ from chain_bridge.ledger.store import Ledger
 from chain_miner.aggregator import publish_entries
 from contract_rules import market as rules
 from contract_rules.replay import replay_leaves
-from simulators.mosquitto import REPO, free_port, mosquitto_binary
+from simulators.mosquitto import REPO, free_ports, mosquitto_binary
 from tests.locked_broker import BRIDGE, Conn, LockedBroker, login, start_locked_broker, wait_until
 
 pytestmark = [pytest.mark.integration,
@@ -99,7 +99,7 @@ def test_aggregators_publish_over_their_own_logins_and_the_bridge_appends_the_re
     services = {m: market.miner_service(m) for m in market.aggregators}
     inputs, _ = run_study_from_ledger(tmp_path, market.world, market.locked.ledger.path)
     (tmp_path / "inputs.json").write_text(json.dumps(inputs))
-    peers = ",".join(f"127.0.0.1:{free_port()}" for _ in market.aggregators)
+    peers = ",".join(f"127.0.0.1:{port}" for port in free_ports(len(market.aggregators)))
     procs = []
     try:
         for i, miner in enumerate(market.aggregators):

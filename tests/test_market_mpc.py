@@ -20,7 +20,7 @@ import pytest
 from carechain import contribution_audit, envelope, market
 from carechain.entries import STUDY_AUDIT, STUDY_RESULT, Entry
 from carechain.identity import Identity
-from simulators.mosquitto import free_port
+from simulators.mosquitto import free_ports
 
 REPO = Path(__file__).resolve().parent.parent
 SALT = bytes(range(16))
@@ -71,7 +71,7 @@ def run_aggregators(tmp_path: Path, inputs: dict[str, Any], *, timeout: float = 
     ports; their outputs."""
     m = len(inputs["study"]["aggregators"])
     (tmp_path / "inputs.json").write_text(json.dumps(inputs))
-    peers = ",".join(f"127.0.0.1:{free_port()}" for _ in range(m))
+    peers = ",".join(f"127.0.0.1:{port}" for port in free_ports(m))
     procs = []
     for i in range(m):
         out = tmp_path / f"result{i}.json"
