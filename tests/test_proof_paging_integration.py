@@ -182,7 +182,15 @@ def test_a_bridge_started_on_an_idle_log_publishes_its_latest_checkpoint(small_b
     try:
         assert bridge.wait_ready(30) and watcher.connected.wait(30)
         got = watcher.messages.get(timeout=10)
-        assert got.retain and got.payload.decode() == note
+        assert got.payload.decode() == note
+        # the watcher may have subscribed before the publish arrived (then it is delivered live, retain unset);
+        # a subscriber that comes later must find it retained on the broker
+        late = Collector(broker, f"late-{uuid.uuid4().hex[:8]}", [(topics.CHECKPOINT, 0)])
+        try:
+            retained = late.messages.get(timeout=10)
+        finally:
+            late.stop()
+        assert retained.retain and retained.payload.decode() == note
         assert bridge.stats.checkpoints_issued == 0  # published again, not issued again
     finally:
         watcher.stop()
