@@ -308,6 +308,11 @@ class Bridge:
         """Ask for the sequencer lease once, without waiting: True if this bridge holds it (or there is none)."""
         return self.lease is None or self.lease.held or self.lease.try_acquire()
 
+    @property
+    def leads(self) -> bool:
+        """True while this host does the leader duties: always without a lease, else once it took the lease."""
+        return self.lease is None or self.leading.is_set()
+
     def _follow_the_log(self) -> None:
         with self.ledger_lock:
             self.ledger.refresh()
@@ -439,7 +444,7 @@ class Bridge:
         if up:
             self.ever_connected.set()
             note, client = self._latest_note, self._client
-            if note is not None and client is not None and (self.lease is None or self.leading.is_set()):
+            if note is not None and client is not None and self.leads:
                 client.publish(topics.CHECKPOINT, note.encode(), qos=0, retain=True)
 
     def healthy(self) -> bool:
@@ -758,7 +763,7 @@ class Bridge:
         """Bring the contracts' replica up to the batch just committed and receipted. Left to the checkpoint
         tick, it replayed a whole interval's events at once while commits waited: the p99 of sign → receipt.
         A store error leaves it to the next batch or tick: the batch is committed and must not be retried."""
-        if self.contracts is None or (self.lease is not None and not self.leading.is_set()):
+        if self.contracts is None or not self.leads:
             return  # an ingest host's gate catches up only when a batch holds a sale
         try:
             with self.ledger_lock:

@@ -105,6 +105,8 @@ class ContractGate:
         """Take in a batch the sequencer has just committed: its new event leaves `(index, candidate)`, from
         the fields ingest checked, when they are exactly the leaves past the gate's state; else `catch_up`."""
         size = self.replica.size
+        if not self._stale and ledger.size == size:
+            return  # nothing new (a batch of duplicates): no leaves query
         if (self._stale or not appended or ledger.size != size + len(appended)
                 or any(index != size + k or not c.kind for k, (index, c) in enumerate(appended))):
             self.catch_up(ledger)

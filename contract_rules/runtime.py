@@ -518,15 +518,10 @@ class Runtime:
         kind, an epoch key, a signer the state does not accept or a refusal take `apply` (same result)."""
         index = self.state.size
         signer = self._signer(ENTRY_EVENT, dev)
-        if signer is None or signer[0] not in SIGNERS[ENTRY_EVENT] or kind == "epoch_key" or ENTRY_EVENT in _CORE:
+        outcome = (None if signer is None or signer[0] not in SIGNERS[ENTRY_EVENT]
+                   else self._event_outcome(index, _CheckedEvent(v, dev, seq, kind)))
+        if outcome is None or isinstance(outcome, Reject):  # a Reject is void: its record names the entry
             return self.apply(entry(), event_signature_checked=True)
-        outcome = self._sealed_outcome(index, _CheckedEvent(v, dev, seq, kind))
-        if outcome is None:
-            if f"event:{kind}" in ROUTES:
-                return self.apply(entry(), event_signature_checked=True)
-            outcome = Accept()  # anchored, but no contract reads it
-        if isinstance(outcome, Reject):
-            return self.apply(entry(), event_signature_checked=True)  # void: its record names the entry
         applied = _apply_effects(self.state, outcome.effects)
         assert applied, "a reading's effects are Puts, never transfers"
         return self._close(index, OK)
@@ -578,9 +573,9 @@ class Runtime:
                     return Reject(f"bad_event:{exc.reason}")
             if event.dev != msg.kid:
                 return Reject("event_device_mismatch")
-            sealed = self._sealed_outcome(index, event)
-            if sealed is not None:
-                return sealed
+            decided = self._event_outcome(index, event)
+            if decided is not None:
+                return decided
             if event.kind == "epoch_key":
                 return self._epoch_key(index, payload)
             route_key = f"event:{event.kind}"
@@ -591,6 +586,16 @@ class Runtime:
         if names is None:
             return Accept()  # anchored, but no contract reads it (e.g. a v1 heart-rate reading)
         return self._route(Tx(index, route_key, msg.kid, role, payload, entry.encode()), names)
+
+    def _event_outcome(self, index: int, event: _CheckedEvent | EventPayload) -> Outcome | None:
+        """A device event's outcome when its checked fields decide it (the sealed-reading rules, or anchored
+        because no contract reads its kind), else None: an epoch key or a routed kind needs its payload."""
+        sealed = self._sealed_outcome(index, event)
+        if sealed is not None:
+            return sealed
+        if event.kind == "epoch_key" or f"event:{event.kind}" in ROUTES:
+            return None
+        return Accept()  # anchored, but no contract reads it (e.g. a v1 heart-rate reading)
 
     def _sealed_outcome(self, index: int, event: _CheckedEvent | EventPayload) -> Outcome | None:
         """What a health reading's kind decides by itself (None: routed like any other kind)."""
@@ -766,6 +771,7 @@ class Runtime:
         return Accept((Put("epochs", epoch_key, record), Put("seen", key, index)))
 
 
+# A device event is no core entry: `Runtime._event_outcome` decides it from its fields or its route.
 _CORE = {
     ce.PARTY_REGISTER: Runtime._party_register,
     ENTRY_REGISTER: Runtime._device_register,
@@ -775,6 +781,7 @@ _CORE = {
     ce.PROTOCOL_CUTOVER: Runtime._protocol_cutover,
     ce.CLOCK_ATTEST: Runtime._clock_attest,
 }
+assert ENTRY_EVENT not in _CORE
 # Contracts a `contract.upgrade` may add to a ledger whose genesis predates them.
 ADDABLE = frozenset({"access", "bonds", "formulary", "market", "trials"})
 
