@@ -3,8 +3,8 @@
 Two studies, run one after the other on this machine: a mean (heart rate, 40..200 bpm) and a 10-bin
 histogram over the same values. Each contributor's vector is split, encoded and sealed to the three
 aggregators as its agent does (not timed); then three `python -m chain_miner.aggregator` processes (MPyC over
-loopback TCP) open their shares, check every input's validity inside the MPC (bits and range, one-hot), apply
-the cohort rule and open the aggregate. Reported per study:
+mutually authenticated TLS on loopback) open their shares, check every input's validity inside the MPC (bits
+and range, one-hot), apply the cohort rule and open the aggregate. Reported per study:
 
   wall             seconds from starting the three processes to all three results written (includes
                    Python start-up and the MPyC connection set-up)

@@ -160,8 +160,10 @@ class MinerConfig(_Section):
                                   "(docs/tiles.md).")
     mpc_listen: str | None = Field(default=None, pattern=r"^[^\s:/]+:[0-9]{1,5}$", description="host:port "
                                    "where this miner's data-market aggregator listens for the other aggregators "
-                                   "of a study (MPyC over TCP; announced, signed, in its hello). Unset: the miner "
-                                   "aggregates nothing and leaves its studies to the others (docs/market.md).")
+                                   "of a study (MPyC over mutually authenticated TLS: the address and the miner's "
+                                   "MPC certificate, DATA_DIR/mpc-tls.crt, are announced, signed, in its hello). "
+                                   "Unset: the miner aggregates nothing and leaves its studies to the others "
+                                   "(docs/market.md).")
     aggregator_credentials_file: Path | None = Field(default=None, json_schema_extra=SECRET_FILE,
                                                      description="The aggregator login `carechain "
                                                      "bridge acl` wrote for this miner (aggregators/<id>.json); "

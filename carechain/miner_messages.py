@@ -38,7 +38,7 @@ from carechain.topics import miner_hello as hello
 from carechain.topics import miner_request as request
 from carechain.topics import miner_response as response
 
-__all__ = ["MAX_ENTRIES_PER_RESPONSE", "MINER_COSIG_WILDCARD", "MINER_EVIDENCE_WILDCARD", "MINER_HELLO_WILDCARD",
+__all__ = ["MAX_ENTRIES_PER_RESPONSE", "MAX_MPC_CERT_CHARS", "MINER_COSIG_WILDCARD", "MINER_EVIDENCE_WILDCARD", "MINER_HELLO_WILDCARD",
            "MINER_REQUEST_WILDCARD", "RATE_LIMITED", "CosignatureMessage", "MinerHello", "ProofAttestation",
            "ProofRequestMessage", "ProofResponseMessage", "SignedMessage", "cosignature", "entries_digest",
            "evidence", "from_miner", "hello", "miner_of_topic", "payload_budget", "request", "response",
@@ -73,6 +73,10 @@ def entries_digest(entries: Sequence[bytes]) -> bytes:
     for e in entries:
         h.update(leaf_hash(e))
     return h.digest()
+
+
+# A hello's PEM certificate for its MPC channels (chain_miner.mpc_tls writes about 900 characters).
+MAX_MPC_CERT_CHARS = 2048
 
 
 class _Message(BaseModel):
@@ -178,9 +182,12 @@ class MinerHello(SignedMessage):
     # not aggregate. Optional and left out of what is signed when None, so hellos of miners that predate it
     # still verify.
     mpc: str | None = Field(default=None, max_length=262, pattern=r"^[^\s:/]+:[0-9]{1,5}$")
+    # The PEM certificate its MPC party presents (chain_miner.mpc_tls): the other aggregators trust exactly the
+    # certificates their peers' signed hellos carry. Optional and left out of what is signed when None, like `mpc`.
+    mpc_cert: str | None = Field(default=None, max_length=MAX_MPC_CERT_CHARS)
 
     def signing_bytes(self) -> bytes:
-        exclude = {"sig"} if self.mpc is not None else {"sig", "mpc"}
+        exclude = {"sig"} | {name for name in ("mpc", "mpc_cert") if getattr(self, name) is None}
         return signing_bytes(self.DOMAIN, self.model_dump(mode="json", exclude=exclude))
 
 

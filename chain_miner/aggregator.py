@@ -1,15 +1,18 @@
 """One aggregator of a data-market study: one MPyC party (docs/market.md, "The computation").
 
     python -m chain_miner.aggregator --study ID --index I --peers host:port,host:port,host:port \\
-        --key miner.key --inputs inputs.json [--audit] [--out result.json] [--ts MS] \\
+        --key miner.key --inputs inputs.json --mpc-tls DIR [--audit] [--out result.json] [--ts MS] \\
         [--publish --config carechain.toml [--credentials aggregators/<id>.json] [--tls-ca ca.crt]]
 
 The study's m aggregators each run this, party I at the I-th address of --peers (all on the same list, in
-the study's aggregator order); MPyC connects them over TCP. The study and its contributions come from the
-ledger: `inputs_from_leaves` replays its leaves through the contract rules, so only what they accepted counts
-(the study record, its aggregators, each contribution's consent minimum and sealed shares); a caller with the
-leaves (a `chain_bridge.ledger.reader.LedgerReader`'s, or leaves fetched from the log — this package may not
-import the bridge's) passes that document to `run`, and the command line takes it as --inputs, a JSON file:
+the study's aggregator order); MPyC connects them over TCP with mutually authenticated TLS (--mpc-tls: each
+party trusts exactly the study's aggregators' certificates, which their signed hellos announce;
+chain_miner.mpc_tls); `--plaintext` instead is for parties that all run on one host. The study and its
+contributions come from the ledger: `inputs_from_leaves` replays its leaves through the contract rules, so
+only what they accepted counts (the study record, its aggregators, each contribution's consent minimum and
+sealed shares); a caller with the leaves (a `chain_bridge.ledger.reader.LedgerReader`'s, or leaves fetched
+from the log — this package may not import the bridge's) passes that document to `run`, and the command line
+takes it as --inputs, a JSON file:
 
     {"study": {"study_id", "query": {type, kind, lo, hi, bins?}, "epsilon_milli", "aggregators": [ids]},
      "contributions": [{"leaf": int, "min_cohort": int, "shares": [hex sealed row per aggregator]}]}
@@ -52,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -289,8 +293,7 @@ def run(args: argparse.Namespace, inputs: dict[str, Any] | None = None) -> dict[
     if len(mins) != len(contributions):
         raise SystemExit("--inputs lists a contribution leaf twice")
 
-    sys.argv = [sys.argv[0], "-I", str(args.index), "--no-log"] + [a for p in peers for a in ("-P", p)]
-    from mpyc.runtime import mpc  # noqa: PLC0415 - reads sys.argv at import
+    mpc = _mpyc_party(args, peers)
 
     out = mpc.run(_compute(mpc, query, rows, mins, int(study.get("epsilon_milli", 0))))
     ts = args.ts if args.ts is not None else int(time.time() * 1000)
@@ -345,8 +348,7 @@ def run_audit(args: argparse.Namespace, inputs: dict[str, Any] | None = None) ->
     rows = _own_rows(identity, args.index, query, contributions)
     cited = {int(leaf): contribution_audit.CitedLeaf.from_json(doc) for leaf, doc in spec["cited"].items()}
 
-    sys.argv = [sys.argv[0], "-I", str(args.index), "--no-log"] + [a for p in peers for a in ("-P", p)]
-    from mpyc.runtime import mpc  # noqa: PLC0415 - reads sys.argv at import
+    mpc = _mpyc_party(args, peers)
 
     vectors, skipped, sent = mpc.run(_open_vectors(mpc, rows))
     ts = args.ts if args.ts is not None else int(time.time() * 1000)
@@ -371,6 +373,37 @@ def run_audit(args: argparse.Namespace, inputs: dict[str, Any] | None = None) ->
     return {"entries": entries, "verdicts": verdicts, "skipped": skipped,
             "stats": {"bytes_sent": sent, "seconds": time.perf_counter() - started,
                       "contributions": len(contributions)}}
+
+
+def _mpyc_party(args: argparse.Namespace, peers: list[str]) -> Any:
+    """MPyC's runtime for party `args.index` of `peers`, over mutually authenticated TLS with the files in
+    `args.mpc_tls`/.config (chain_miner.mpc_tls); in the clear only when `args.plaintext` says so."""
+    tls = _channel(args)
+    options = ["-I", str(args.index), "--no-log"] + [a for p in peers for a in ("-P", p)]
+    if tls is not None:
+        os.chdir(tls)  # MPyC reads its TLS files from .config of the working directory
+        options.append("--ssl")
+    sys.argv = [sys.argv[0], *options]
+    from mpyc.runtime import mpc  # noqa: PLC0415 - reads sys.argv at import
+
+    return mpc
+
+
+def _channel(args: argparse.Namespace) -> Path | None:
+    """The --mpc-tls directory, its files checked; None with --plaintext. SystemExit when neither is given."""
+    tls: Path | None = getattr(args, "mpc_tls", None)
+    if tls is None:
+        if getattr(args, "plaintext", False):
+            return None
+        raise SystemExit("aggregator: the MPC channels carry shares: give --mpc-tls DIR (DIR/.config holds "
+                         "party_<index>.crt and .key and mpyc_ca.crt, see chain_miner.mpc_tls), or --plaintext for "
+                         "parties that all run on this one host")
+    config = Path(tls) / ".config"
+    needed = [config / f"party_{args.index}.crt", config / f"party_{args.index}.key", config / "mpyc_ca.crt"]
+    absent = [str(f) for f in needed if not f.is_file()]
+    if absent:
+        raise SystemExit(f"aggregator: --mpc-tls {tls}: missing {', '.join(absent)}")
+    return Path(tls)
 
 
 def _this_party(args: argparse.Namespace, study: dict[str, Any]) -> tuple[Identity, list[str]]:
@@ -442,7 +475,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="--publish logs in with this MQTT login file (0600): the aggregator login "
                              "`carechain bridge acl` wrote for this miner, aggregators/<miner_id>.json")
     parser.add_argument("--tls-ca", type=Path, help="--publish connects over TLS, trusting only this CA")
+    parser.add_argument("--mpc-tls", type=Path, metavar="DIR",
+                        help="the MPC runs over mutually authenticated TLS with the files in DIR/.config: "
+                             "party_<index>.crt and .key (this party's) and mpyc_ca.crt (every aggregator's "
+                             "certificate, the only ones trusted); a miner's study runner writes them")
+    parser.add_argument("--plaintext", action="store_true",
+                        help="run the MPC in the clear (shares readable on the wire): only for parties that all "
+                             "run on this one host")
     args = parser.parse_args(argv)
+    _channel(args)  # before any work: no computation in the clear unless told
+    args.inputs, args.key = Path(args.inputs).resolve(), Path(args.key).resolve()  # --mpc-tls changes directory
+    if args.out:
+        args.out = str(Path(args.out).resolve())
+    if args.config:
+        args.config = str(Path(args.config).resolve())
+    for name in ("credentials", "tls_ca"):
+        if getattr(args, name) is not None:
+            setattr(args, name, getattr(args, name).resolve())
     result = run_audit(args) if args.audit else run(args)
     entries = result["entries"] if args.audit else [result["entry"]]
     text = json.dumps(result, sort_keys=True)

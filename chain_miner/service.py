@@ -183,7 +183,9 @@ class WitnessMiner:
         """This miner's signed announcement."""
         return messages.MinerHello(miner=self.id, name=self.cosigner.name, public_key=self.cosigner.public_key.hex(),
                                    ts=int(time.time() * 1000),
-                                   mpc=self.studies.mpc_listen if self.studies is not None else None).signed(self._key)
+                                   mpc=self.studies.mpc_listen if self.studies is not None else None,
+                                   mpc_cert=self.studies.tls.cert_pem if self.studies is not None else None,
+                                   ).signed(self._key)
 
     def start(self) -> None:
         subscriptions = [(topics.CHECKPOINT, 1), (messages.response(self.id), 1)]
@@ -267,10 +269,11 @@ class WitnessMiner:
         return self._worker is not None and self._worker.is_alive()
 
     def _on_hello(self, miner: str, payload: bytes) -> None:
-        """Another miner's hello (empty: it left): its MPC address, only from a hello its own key signed."""
+        """Another miner's hello (empty: it left): its MPC address and certificate, only from a hello its own key
+        signed."""
         assert self.studies is not None
         if not payload:
-            self.studies.on_hello(miner, None)
+            self.studies.on_hello(miner, None, None)
             return
         try:
             hello = messages.MinerHello.model_validate_json(payload)
@@ -280,7 +283,7 @@ class WitnessMiner:
         if not messages.from_miner(hello, miner):
             self.stats["unsigned_hello"] += 1
             return
-        self.studies.on_hello(miner, hello.mpc)
+        self.studies.on_hello(miner, hello.mpc, hello.mpc_cert)
 
     def _run(self) -> None:
         hello = self.hello().model_dump_json().encode()

@@ -21,7 +21,8 @@ shell: fed by the miner service after each cosignature (`after_cosign`, on the s
 fetches the audit's leaves: the proof channel is the service's), it runs each job on a thread of its own, one
 at a time, in `due`'s order (the same on every aggregator: one MPyC party per miner listens on
 `mpc_listen`). The inputs document goes to a 0600 file in DATA_DIR/studies/, the parties' addresses come from
-the aggregators' signed hellos (their `mpc` field), results and verdicts go to the bridge over the miner's
+the aggregators' signed hellos (their `mpc` address and `mpc_cert` certificate: the computation runs over
+mutually authenticated TLS, chain_miner.mpc_tls), results and verdicts go to the bridge over the miner's
 aggregator login (`--publish --credentials`), every computation is bounded by `miner.mpc_timeout_s`, and
 every job runs at most once: DATA_DIR/studies/jobs.json remembers the jobs done and how often each failed
 (a failed job is tried again at the next cosignature, up to MAX_ATTEMPTS times, each failure logged loudly).
@@ -50,6 +51,7 @@ from carechain.entries import CHECKPOINT_FINAL, Entry, EntryError
 from carechain.files import PRIVATE_DIR, write_atomic
 from carechain.identity import Identity
 from chain_miner.jobs_file import JOBS_FILE, MAX_ATTEMPTS, JobsFile
+from chain_miner.mpc_tls import MpcTls, MpcTlsError, check_certificate, remove_party_files, write_party_files
 from contract_rules import miners as miner_rules
 from contract_rules.market import STUDIES
 from contract_rules.runtime import State
@@ -197,7 +199,9 @@ class StudyRunner:
         self._leaves = leaves
         self.timeout_s = timeout_s
         self._publish_entry = publish
-        self.peers: dict[str, str] = {self.me: mpc_listen}  # miner id → its signed hello's mpc address
+        self.tls = MpcTls.load_or_create(data_dir)  # this miner's MPC certificate, announced in its hello
+        # miner id → its signed hello's MPC address and certificate
+        self.peers: dict[str, tuple[str, str | None]] = {self.me: (mpc_listen, self.tls.cert_pem)}
         self.stats: dict[str, int] = {}
         self._jobs = _StudyJobs.load(self.dir)
         self.latest_final_note: str | None = self._jobs.note
@@ -210,15 +214,15 @@ class StudyRunner:
 
     # -- fed by the service ---------------------------------------------------------------------------------
 
-    def on_hello(self, miner: str, mpc: str | None) -> None:
-        """A verified hello of `miner` (None: it left, or does not aggregate)."""
+    def on_hello(self, miner: str, mpc: str | None, mpc_cert: str | None = None) -> None:
+        """A verified hello of `miner` (`mpc` None: it left, or does not aggregate)."""
         with self._lock:
             if mpc is None:
                 self.peers.pop(miner, None)
             else:
-                self.peers[miner] = mpc
+                self.peers[miner] = (mpc, mpc_cert)
             if miner == self.me:
-                self.peers[self.me] = self.mpc_listen
+                self.peers[self.me] = (self.mpc_listen, self.tls.cert_pem)
 
     def after_cosign(self, entries: Sequence[bytes]) -> list[Job]:
         """After the contract state took `entries` (cosigned or replayed): note the latest recorded final
@@ -322,17 +326,20 @@ class StudyRunner:
         job = ready.job
         if job.kind == "sample":
             return self._sample(job, ready.note)
-        peers = self._peers(job)
-        if peers is None:
+        found = self._peers(job)
+        if found is None:
             return False
+        peers, certificates = found
         assert ready.inputs is not None
         inputs_file = self.dir / f"{job.kind}-{job.study_id}.inputs.json"
         write_atomic(inputs_file, json.dumps(ready.inputs).encode())  # 0600: sealed shares, study data
         broker_file = self._broker_file()
         out = self.dir / f"{job.kind}-{job.study_id}.out.json"
+        work = write_party_files(self.dir / "mpc" / f"{job.kind}-{job.study_id}", job.index, self.tls, certificates)
         command = [sys.executable, "-m", "chain_miner.aggregator", "--study", job.study_id, "--index",
                    str(job.index), "--peers", ",".join(peers), "--key", str(self.key_file), "--inputs",
-                   str(inputs_file), "--out", str(out), "--publish", "--config", str(broker_file)]
+                   str(inputs_file), "--out", str(out), "--publish", "--config", str(broker_file),
+                   "--mpc-tls", str(work)]
         if job.kind == "audit":
             command.append("--audit")
         log.info("miner %s: running the %s MPC of study %s as party %d of %d", self.me, job.kind, job.study_id,
@@ -340,8 +347,12 @@ class StudyRunner:
         started = time.monotonic()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             p for p in (str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")) if p)}
-        process = subprocess.Popen(command, cwd=self.dir, env=env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT)
+        try:
+            process = subprocess.Popen(command, cwd=self.dir, env=env, stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT)
+        except OSError:
+            remove_party_files(work)
+            raise
         self._current = process
         try:
             output, _ = process.communicate(timeout=self.timeout_s)
@@ -354,6 +365,7 @@ class StudyRunner:
             return False
         finally:
             self._current = None
+            remove_party_files(work)
         if process.returncode != 0 and self._stopping.is_set():
             log.info("miner %s: the %s MPC of study %s stopped with the miner", self.me, job.kind, job.study_id)
             return False
@@ -389,9 +401,10 @@ class StudyRunner:
 
         publish_entries(self.broker, self.me, entry)
 
-    def _peers(self, job: Job) -> list[str] | None:
-        """Every aggregator's MPC address for `job`, in the study's order: the host of its signed hello and that
-        port plus `job_port_offset`; None when one is missing.
+    def _peers(self, job: Job) -> tuple[list[str], list[str]] | None:
+        """Every aggregator's MPC address for `job` and its MPC certificate, in the study's order: the host of its
+        signed hello and that port plus `job_port_offset`, and the certificate that hello carries; None when one
+        is missing or unusable (logged: the computation never runs in the clear).
 
         One port per job, not per miner: aggregators reach a job at slightly different times, so a party of
         one study may knock on a miner still computing another; on the job's own port it is refused (MPyC
@@ -404,15 +417,23 @@ class StudyRunner:
                       "%s (down, or without miner.mpc_listen)", self.me, job.kind, job.study_id, ", ".join(missing))
             return None
         offset = job_port_offset(job, self.mpc_ports)
-        addresses = []
-        for peer in (p for p in peers if p is not None):
-            host, _, port = peer.rpartition(":")
+        addresses, certificates = [], []
+        for miner, (address, cert) in zip(job.aggregators, (p for p in peers if p is not None), strict=True):
+            host, _, port = address.rpartition(":")
             if int(port) + offset > 65_535:
                 log.error("miner %s: cannot run the %s MPC of study %s: %s + %d is beyond the last TCP port", self.me,
-                          job.kind, job.study_id, peer, offset)
+                          job.kind, job.study_id, address, offset)
+                return None
+            try:
+                check_certificate(cert or "")
+            except MpcTlsError as exc:
+                log.error("miner %s: cannot run the %s MPC of study %s: aggregator %s announces no usable MPC "
+                          "certificate (%s; a miner older than MPC over TLS must be upgraded)", self.me, job.kind,
+                          job.study_id, miner, exc)
                 return None
             addresses.append(f"{host}:{int(port) + offset}")
-        return addresses
+            certificates.append(cert or "")
+        return addresses, certificates
 
     def _broker_file(self) -> Path:
         """The broker section the aggregator publishes with: the miner's broker, logged in as its aggregator.

@@ -32,6 +32,7 @@ from chain_miner.aggregator import publish_entries
 from contract_rules import market as rules
 from contract_rules.replay import replay_leaves
 from simulators.mosquitto import REPO, free_ports, mosquitto_binary
+from simulators.mpc_parties import tls_work_dirs
 from tests.locked_broker import BRIDGE, Conn, LockedBroker, login, start_locked_broker, wait_until
 
 pytestmark = [pytest.mark.integration,
@@ -100,6 +101,7 @@ def test_aggregators_publish_over_their_own_logins_and_the_bridge_appends_the_re
     inputs, _ = run_study_from_ledger(tmp_path, market.world, market.locked.ledger.path)
     (tmp_path / "inputs.json").write_text(json.dumps(inputs))
     peers = ",".join(f"127.0.0.1:{port}" for port in free_ports(len(market.aggregators)))
+    work = tls_work_dirs(tmp_path, len(market.aggregators))
     procs = []
     try:
         for i, miner in enumerate(market.aggregators):
@@ -111,7 +113,8 @@ def test_aggregators_publish_over_their_own_logins_and_the_bridge_appends_the_re
                 [sys.executable, "-m", "chain_miner.aggregator", "--study", "hr-1", "--index", str(i),
                  "--peers", peers, "--key", str(tmp_path / f"aggregator{i}.key"), "--inputs",
                  str(tmp_path / "inputs.json"), "--out", str(tmp_path / f"published{i}.json"),
-                 "--publish", "--config", str(config), "--credentials", str(market.aggregator_file(miner))],
+                 "--publish", "--config", str(config), "--credentials", str(market.aggregator_file(miner)),
+                 "--mpc-tls", str(work[i])],
                 cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
         for p in procs:
             output, _ = p.communicate(timeout=120)

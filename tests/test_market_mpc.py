@@ -21,6 +21,8 @@ from carechain import contribution_audit, envelope, market
 from carechain.entries import STUDY_AUDIT, STUDY_RESULT, Entry
 from carechain.identity import Identity
 from simulators.mosquitto import free_ports
+from chain_miner.mpc_tls import MpcTls, write_party_files
+from simulators.mpc_parties import tls_work_dirs
 
 REPO = Path(__file__).resolve().parent.parent
 SALT = bytes(range(16))
@@ -65,10 +67,10 @@ def build_inputs(keys: Sequence[Identity], query: dict[str, Any], contributions:
     return {"study": study, "contributions": out}
 
 
-def run_aggregators(tmp_path: Path, inputs: dict[str, Any], *, timeout: float = 120.0,
-                    audit: bool = False) -> list[dict[str, Any]]:
-    """Run one `python -m chain_miner.aggregator` (with --audit: its audit) per aggregator on free loopback
-    ports; their outputs."""
+def start_aggregators(tmp_path: Path, inputs: dict[str, Any], work: Sequence[Path], *,
+                      audit: bool = False) -> list[subprocess.Popen[bytes]]:
+    """Start one `python -m chain_miner.aggregator` (with --audit: its audit) per aggregator on free loopback
+    ports, party i with the MPC TLS files of `work[i]`."""
     m = len(inputs["study"]["aggregators"])
     (tmp_path / "inputs.json").write_text(json.dumps(inputs))
     peers = ",".join(f"127.0.0.1:{port}" for port in free_ports(m))
@@ -79,9 +81,17 @@ def run_aggregators(tmp_path: Path, inputs: dict[str, Any], *, timeout: float = 
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "chain_miner.aggregator", "--study", inputs["study"]["study_id"], "--index",
              str(i), "--peers", peers, "--key", str(tmp_path / f"aggregator{i}.key"), "--inputs",
-             str(tmp_path / "inputs.json"), "--out", str(out), "--ts", "1700000000000",
+             str(tmp_path / "inputs.json"), "--out", str(out), "--ts", "1700000000000", "--mpc-tls", str(work[i]),
              *(["--audit"] if audit else [])],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    return procs
+
+
+def run_aggregators(tmp_path: Path, inputs: dict[str, Any], *, timeout: float = 120.0,
+                    audit: bool = False) -> list[dict[str, Any]]:
+    """Run the aggregators (`start_aggregators`, over TLS, every party trusting all); their outputs."""
+    m = len(inputs["study"]["aggregators"])
+    procs = start_aggregators(tmp_path, inputs, tls_work_dirs(tmp_path, m), audit=audit)
     try:
         for p in procs:
             output, _ = p.communicate(timeout=timeout)
@@ -126,6 +136,32 @@ def test_aggregators_open_the_plain_answer(tmp_path: Path, qtype: str) -> None:
     assert payload["answer"] == market.plain_answer(query, vectors)
     if qtype == "histogram":
         assert payload["answer"] == {"histogram": [2, 3, 3, 2, 2]}
+
+
+def test_a_party_the_study_does_not_trust_cannot_join_the_computation(tmp_path: Path) -> None:
+    """The MPC channels are mutually authenticated: party 0 below holds a certificate that parties 1 and 2 do not
+    trust (its own trusts everyone), so they close its channels and nobody computes; with trust all round the
+    same inputs compute in seconds (test_aggregators_open_the_plain_answer)."""
+    query = market.Query.model_validate({"type": "count", **HR})
+    keys = aggregator_keys(tmp_path)
+    inputs = build_inputs(keys, query.model_dump(exclude_none=True),
+                          [Contribution(market.contribution(query, v)) for v in VALUES])
+    work = tls_work_dirs(tmp_path / "study", 3)
+    rogue = MpcTls.generate()
+    certificates = [rogue.cert_pem] + [(w / ".config" / f"party_{i}.crt").read_text() for i, w in
+                                       enumerate(work) if i]
+    work[0] = write_party_files(tmp_path / "rogue", 0, rogue, certificates)
+    procs = start_aggregators(tmp_path, inputs, work)
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):  # trusted parties wait for a party they can trust
+            procs[1].wait(timeout=6)
+        assert procs[2].poll() is None
+        assert procs[0].wait(timeout=30) != 0  # the servers closed its channels: it cannot compute
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+    assert not any((tmp_path / f"result{i}.json").exists() for i in range(3))
 
 
 def bits(offset: int, k: int = 8) -> list[int]:

@@ -8,6 +8,7 @@ in tests/test_market_live.py.
 from __future__ import annotations
 
 import json
+import logging
 import stat
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from carechain import envelope
 from carechain.config import BrokerConfig
 from carechain.entries import STUDY_SAMPLE, Entry
 from carechain.miner_messages import MinerHello, from_miner
+from chain_miner.mpc_tls import MpcTls
 from chain_miner.study_runner import JOBS_FILE, Job, StudyRunner, due, job_port_offset, note_size
 from contract_rules import miners as miner_rules
 from contract_rules import transactions as ce
@@ -199,13 +201,55 @@ def test_each_study_computation_listens_on_its_own_port_the_same_on_every_aggreg
     assert len(others) > 20 and all(0 <= o < 64 for o in others)  # studies spread over the ports
     runner = StudyRunner(tmp_path, aggregators[0], tmp_path / "miner.key", "127.0.0.1:7000", BrokerConfig(),
                          lambda: w.state, w.genesis, lambda: None)
-    runner.peers.update({ids[1]: "10.0.0.2:9000", ids[2]: "10.0.0.3:65530"})
+    cert = [MpcTls.generate().cert_pem for _ in range(2)]
+    runner.on_hello(ids[1], "10.0.0.2:9000", cert[0])
+    runner.on_hello(ids[2], "10.0.0.3:65530", cert[1])
     offset = job_port_offset(result, 64)
+    mine = runner.tls.cert_pem
     if 65530 + offset > 65_535:
         assert runner._peers(result) is None  # refused with a clear log, never wrapped around
     else:
-        assert runner._peers(result) == [f"127.0.0.1:{7000 + offset}", f"10.0.0.2:{9000 + offset}",
-                                         f"10.0.0.3:{65530 + offset}"]
-    runner.peers[ids[2]] = "10.0.0.3:9100"
-    assert runner._peers(result) == [f"127.0.0.1:{7000 + offset}", f"10.0.0.2:{9000 + offset}",
-                                     f"10.0.0.3:{9100 + offset}"]
+        assert runner._peers(result) == ([f"127.0.0.1:{7000 + offset}", f"10.0.0.2:{9000 + offset}",
+                                          f"10.0.0.3:{65530 + offset}"], [mine, *cert])
+    runner.on_hello(ids[2], "10.0.0.3:9100", cert[1])
+    assert runner._peers(result) == ([f"127.0.0.1:{7000 + offset}", f"10.0.0.2:{9000 + offset}",
+                                      f"10.0.0.3:{9100 + offset}"], [mine, *cert])
+
+
+def test_no_computation_runs_in_the_clear_an_aggregator_without_a_usable_certificate_stops_it(
+        w: MarketWorld, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A miner that predates MPC over TLS (its hello carries no certificate), or one announcing a certificate
+    that cannot serve, makes the job fail loudly rather than run with shares in the clear."""
+    decided(w)
+    aggregators = w.aggregators()
+    ids = tuple(a.device_id for a in aggregators)
+    result = Job("result", "hr-1", 0, ids, [])
+    runner = StudyRunner(tmp_path, aggregators[0], tmp_path / "miner.key", "127.0.0.1:7000", BrokerConfig(),
+                         lambda: w.state, w.genesis, lambda: None)
+    runner.on_hello(ids[1], "10.0.0.2:9000", MpcTls.generate().cert_pem)
+    runner.on_hello(ids[2], "10.0.0.3:9000", None)
+    with caplog.at_level(logging.ERROR, logger="carechain.miner"):
+        assert runner._peers(result) is None
+    assert f"aggregator {ids[2]} announces no usable MPC certificate" in caplog.text
+    runner.on_hello(ids[2], "10.0.0.3:9000", "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="carechain.miner"):
+        assert runner._peers(result) is None
+    assert "does not parse" in caplog.text
+    # the miner's own certificate is kept in its data dir, the key 0600, and is the same after a restart
+    again = StudyRunner(tmp_path, aggregators[0], tmp_path / "miner.key", "127.0.0.1:7000", BrokerConfig(),
+                        lambda: w.state, w.genesis, lambda: None)
+    assert again.tls == runner.tls
+    assert stat.S_IMODE((tmp_path / "mpc-tls.key").stat().st_mode) == 0o600
+
+
+def test_a_hello_signs_its_mpc_certificate(w: MarketWorld) -> None:
+    miner = w.miners[0]
+    cert = MpcTls.generate().cert_pem
+    hello = MinerHello(miner=miner.device_id, name="n", public_key=miner.public_key.hex(), ts=1,
+                       mpc="10.0.0.7:7001", mpc_cert=cert).signed(miner)
+    assert from_miner(MinerHello.model_validate_json(hello.model_dump_json()), miner.device_id)
+    swapped = hello.model_copy(update={"mpc_cert": MpcTls.generate().cert_pem})  # a certificate of somebody else's
+    assert not from_miner(swapped, miner.device_id)
+    stripped = hello.model_copy(update={"mpc_cert": None})
+    assert not from_miner(stripped, miner.device_id)
