@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
-from carechain.cli._options import bridge_dir, fail, load, out
+from carechain.cli._options import bridge_dir, console, fail, load, out, resolved_broker
+from carechain.cli._options import now_ms as now_ms  # where the commands have always imported it from
 
 
 def deployment_genesis(cfg: Any, data_dir: Path) -> Any:
@@ -94,10 +94,6 @@ def print_result(data: dict[str, Any], as_json: bool) -> None:
                        highlight=False)
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 def read_json(path: Path, what: str) -> dict[str, Any]:
     try:
         raw = json.loads(path.read_text())
@@ -108,3 +104,50 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise fail(f"{path}: {what} must be a JSON object")
     return raw
+
+
+def load_pre_key(path: Path) -> Any:
+    """A party's re-encryption key file (`carechain keys new --pre`), or exit with why not."""
+    from carechain.identity import KeyFileError
+    from carechain.reencryption import PreKey
+
+    try:
+        return PreKey.load(path)
+    except KeyFileError as exc:
+        raise fail(str(exc)) from None
+
+
+def final_note(path: Path | None, config: Path | None, broker: str | None) -> str:
+    """A final checkpoint note: from `path` when given, else the latest the broker holds (retained)."""
+    if path is not None:
+        try:
+            return path.read_text()
+        except OSError as exc:
+            raise fail(f"{path}: cannot read the checkpoint: {exc.strerror}") from None
+    from record_access.client import AccessClientError, fetch_final_checkpoint
+
+    try:
+        return fetch_final_checkpoint(resolved_broker(load(config, broker)))
+    except AccessClientError as exc:
+        raise fail(str(exc), 1) from None
+
+
+def submit_faults(config: Path | None, data_dir: Path | None, entries: list[Any]) -> list[int]:
+    """Append the access.fault entries when the bridge's data dir is here; refused ones are only warned about."""
+    from chain_bridge import contract_admin
+
+    if not entries:
+        return []
+    cfg = load(config)
+    bdir = bridge_dir(cfg, data_dir)
+    ledger = open_bridge_ledger(cfg, bdir)
+    leaves: list[int] = []
+    try:
+        for entry in entries:
+            try:
+                leaves += contract_admin.submit(ledger, deployment_genesis(cfg, bdir), [entry])
+            except contract_admin.ContractRefused as exc:
+                console.print(f"[yellow]warning:[/] {exc}", soft_wrap=True)
+    finally:
+        ledger.close()
+    return leaves

@@ -206,3 +206,67 @@ def serve_health(setting: str, listen: str, registry: CollectorRegistry,
     console.print(f"{party}: metrics and health on http://{health.address}/metrics, /healthz, /readyz",
                   highlight=False, soft_wrap=True)
     return health
+
+
+# -- times and durations on the command line -------------------------------------------------------------
+
+_DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)$")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def is_duration(text: str) -> bool:
+    """Whether `text` reads as a duration (90s, 15m, 1h, 30d) rather than a time."""
+    return _DURATION.match(text.strip()) is not None
+
+
+def parse_duration_ms(text: str, what: str) -> int:
+    m = _DURATION.match(text.strip())
+    if not m:
+        raise fail(f"{what} {text!r} must be a duration like 90s, 15m, 1h or 30d")
+    return int(m.group(1)) * _UNIT_MS[m.group(2)]
+
+
+def parse_time_ms(text: str, what: str) -> int:
+    """Epoch milliseconds, or an ISO 8601 date/time (UTC unless it says otherwise), or `now`."""
+    text = text.strip()
+    if text == "now":
+        return now_ms()
+    if text.isdigit():
+        return int(text)
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise fail(f"{what} {text!r} must be epoch milliseconds, an ISO 8601 time (2026-12-01T08:00Z) or now") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return int(when.timestamp() * 1000)
+
+
+def parse_when_ms(text: str, what: str, now: int, *, back: bool = False) -> int:
+    """A duration from `now` (ahead; with `back`, before it), or a time (`parse_time_ms`)."""
+    if is_duration(text):
+        return now - parse_duration_ms(text, what) if back else now + parse_duration_ms(text, what)
+    return parse_time_ms(text, what)
+
+
+class Progress:
+    """Progress on stderr for long work in phases (pages, then records); silent for short work and when quiet."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self._last = 0.0
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if self.quiet or (now - self._last < 0.5 and done < total):
+            return
+        self._last = now
+        console.print(f"\r{phase}: {done}/{total}", end="", highlight=False)
+
+    def done(self) -> None:
+        if self._last and not self.quiet:
+            console.print()

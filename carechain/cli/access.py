@@ -11,25 +11,35 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from carechain.cli._ledger import deployment_genesis, load_key, now_ms, print_result, replay, submit, submit_all
+from carechain.cli._ledger import (
+    final_note,
+    load_key,
+    load_pre_key,
+    now_ms,
+    print_result,
+    replay,
+    submit,
+    submit_all,
+    submit_faults,
+)
 from carechain.cli._options import (
     BrokerOpt,
     ConfigOpt,
     DataDirOpt,
     JsonOpt,
-    bridge_dir,
+    Progress,
     console,
     example,
     fail,
     load,
     out,
+    parse_duration_ms,
+    parse_time_ms,
     resolved_broker,
 )
 
@@ -43,43 +53,6 @@ access_app = typer.Typer(
 
 KeyOpt = Annotated[Path, typer.Option("--key", help="Your Ed25519 key file (it signs).")]
 PreKeyOpt = Annotated[Path, typer.Option("--pre-key", help="Your re-encryption key file (`carechain keys new --pre`).")]
-_DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)$")
-_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
-
-
-def parse_duration_ms(text: str, what: str) -> int:
-    m = _DURATION.match(text.strip())
-    if not m:
-        raise fail(f"{what} {text!r} must be a duration like 90s, 15m, 1h or 30d")
-    return int(m.group(1)) * _UNIT_MS[m.group(2)]
-
-
-def parse_time_ms(text: str, what: str) -> int:
-    """Epoch milliseconds, or an ISO 8601 date/time (UTC unless it says otherwise), or `now`."""
-    import datetime
-
-    text = text.strip()
-    if text == "now":
-        return now_ms()
-    if text.isdigit():
-        return int(text)
-    try:
-        when = datetime.datetime.fromisoformat(text)
-    except ValueError:
-        raise fail(f"{what} {text!r} must be epoch milliseconds, an ISO 8601 time (2026-12-01T08:00Z) or now") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.UTC)
-    return int(when.timestamp() * 1000)
-
-
-def _pre_key(path: Path) -> Any:
-    from carechain.identity import KeyFileError
-    from carechain.reencryption import PreKey
-
-    try:
-        return PreKey.load(path)
-    except KeyFileError as exc:
-        raise fail(str(exc)) from None
 
 
 # -- request ------------------------------------------------------------------------------------------
@@ -181,7 +154,7 @@ def grant(
         raise fail(f"{request_file}: cannot read the request: {exc.strerror}") from None
     except RequestError as exc:
         raise fail(f"{request_file}: {exc}") from None
-    owner, owner_pre = load_key(key), _pre_key(pre_key)
+    owner, owner_pre = load_key(key), load_pre_key(pre_key)
     state = replay(config, data_dir).state
     try:
         requester = party_with_pre_keys(state, signed.requester)
@@ -192,7 +165,7 @@ def grant(
         raise fail(f"{request_file}: signed with a key that is not {signed.requester}'s registered key", 1)
     if me.pre_pk != owner_pre.public_key:
         raise fail(f"{pre_key} is not the re-encryption key registered for {owner.device_id}")
-    note = _final_note(checkpoint, config, broker)
+    note = final_note(checkpoint, config, broker)
     now = now_ms()
     expires = now + parse_duration_ms(valid_for, "--valid-for") if valid_for else signed.request.expires_ms
     assert requester.pre_pk is not None
@@ -207,20 +180,6 @@ def grant(
                   if len(leaves) == 2 else None, "requester": signed.requester,
                   "requester_name": party(state, signed.requester).name, "threshold": threshold,
                   "miners": built.grant.miners, "expires_ms": built.grant.expires_ms}, as_json)
-
-
-def _final_note(path: Path | None, config: Path | None, broker: str | None) -> str:
-    if path is not None:
-        try:
-            return path.read_text()
-        except OSError as exc:
-            raise fail(f"{path}: cannot read the checkpoint: {exc.strerror}") from None
-    from record_access.client import AccessClientError, fetch_final_checkpoint
-
-    try:
-        return fetch_final_checkpoint(resolved_broker(load(config, broker)))
-    except AccessClientError as exc:
-        raise fail(str(exc), 1) from None
 
 
 # -- open ---------------------------------------------------------------------------------------------
@@ -246,7 +205,7 @@ def open_(
     from record_access import LedgerViewError, OpeningError, access_context
     from record_access.client import AccessClientError, open_access
 
-    requester, requester_pre = load_key(key), _pre_key(pre_key)
+    requester, requester_pre = load_key(key), load_pre_key(pre_key)
     cfg = load(config, broker)
     runtime = replay(config, data_dir)
     try:
@@ -257,7 +216,7 @@ def open_(
         raise fail(f"access {access} was granted to {ctx.requester.party_id}, not to {requester.device_id}", 1)
     if ctx.requester.pre_pk != requester_pre.public_key:
         raise fail(f"{pre_key} is not the re-encryption key registered for {requester.device_id}")
-    progress = _Progress(quiet=as_json and out_file is None)
+    progress = Progress(quiet=as_json and out_file is None)
     try:
         result = open_access(resolved_broker(cfg), requester, requester_pre, ctx, timeout=timeout, now_ms=now_ms,
                              progress=progress)
@@ -267,7 +226,7 @@ def open_(
         progress.done()
     for fault in result.faults:
         console.print(f"[yellow]warning:[/] miner {fault.miner}: {fault.detail}; evidence published", soft_wrap=True)
-    fault_leaves = _submit_faults(config, data_dir, result.fault_entries)
+    fault_leaves = submit_faults(config, data_dir, result.fault_entries)
     lines = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in result.readings)
     if out_file is not None:
         write_atomic(out_file, lines.encode())
@@ -289,47 +248,6 @@ def open_(
             console.print(f"[red]record {p.index}:[/] {p.reason}", soft_wrap=True)
     if result.problems:
         raise typer.Exit(1)
-
-
-def _submit_faults(config: Path | None, data_dir: Path | None, entries: list[Any]) -> list[int]:
-    """Append the access.fault entries when the bridge's data dir is here; refused ones are only warned about."""
-    from carechain.cli._ledger import open_bridge_ledger
-    from chain_bridge.contract_admin import ContractRefused, submit
-
-    if not entries:
-        return []
-    cfg = load(config)
-    bdir = bridge_dir(cfg, data_dir)
-    ledger = open_bridge_ledger(cfg, bdir)
-    leaves: list[int] = []
-    try:
-        for entry in entries:
-            try:
-                leaves += submit(ledger, deployment_genesis(cfg, bdir), [entry])
-            except ContractRefused as exc:
-                console.print(f"[yellow]warning:[/] {exc}", soft_wrap=True)
-    finally:
-        ledger.close()
-    return leaves
-
-
-class _Progress:
-    """Progress on stderr for long opens (pages, then records); silent for short ones and under --json."""
-
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
-        self._last = 0.0
-
-    def __call__(self, phase: str, done: int, total: int) -> None:
-        now = time.monotonic()
-        if self.quiet or (now - self._last < 0.5 and done < total):
-            return
-        self._last = now
-        console.print(f"\r{phase}: {done}/{total}", end="", highlight=False)
-
-    def done(self) -> None:
-        if self._last and not self.quiet:
-            console.print()
 
 
 # -- revoke -------------------------------------------------------------------------------------------

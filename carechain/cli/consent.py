@@ -9,7 +9,6 @@ docs/market.md); `show --fhir` exports it as a FHIR R4 Consent.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -58,12 +57,11 @@ def give(
     """Give a consent (signed by you, appended to the ledger); its leaf index names it from then on."""
     from pydantic import ValidationError
 
-    from carechain.cli.access import parse_duration_ms, parse_time_ms
+    from carechain.cli._options import parse_when_ms
     from contract_rules import transactions as ce
 
     now = now_ms()
-    is_duration = re.fullmatch(r"\d+(ms|s|m|h|d)", expires.strip()) is not None
-    expires_ms = now + parse_duration_ms(expires, "--expires") if is_duration else parse_time_ms(expires, "--expires")
+    expires_ms = parse_when_ms(expires, "--expires", now)
     identity = load_key(key)
     try:
         consent = ce.ConsentGive(kinds=_csv(kinds), queries=_csv(queries), min_cohort=min_cohort, price_minor=price,

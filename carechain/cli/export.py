@@ -12,28 +12,38 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from carechain.cli._ledger import load_key, now_ms, open_bridge_ledger, replay, submit_all
+from carechain.cli._ledger import (
+    final_note,
+    load_key,
+    load_pre_key,
+    now_ms,
+    open_bridge_ledger,
+    replay,
+    submit_all,
+    submit_faults,
+)
 from carechain.cli._options import (
     BrokerOpt,
     ConfigOpt,
     DataDirOpt,
     JsonOpt,
+    Progress,
     bridge_dir,
     console,
     example,
     fail,
     load,
     out,
+    parse_duration_ms,
+    parse_when_ms,
     resolved_broker,
 )
-from carechain.cli.access import _final_note, _pre_key, _Progress, _submit_faults, parse_duration_ms, parse_time_ms
 
 export_app = typer.Typer(
     no_args_is_help=True, help="Export records in the formats of the field (FHIR R4).",
@@ -42,7 +52,6 @@ export_app = typer.Typer(
 
 MAX_BUNDLE_BYTES = 1 << 30  # --verify reads the whole file: refuse what cannot be an export of ours
 ALL_SECTIONS = "observations,medications,claims,audit,consents"
-_DURATION = re.compile(r"^\d+(ms|s|m|h|d)$")
 
 
 @export_app.command("fhir", epilog=example(
@@ -99,9 +108,9 @@ def fhir(
     if unknown or not sections:
         raise fail(f"--kinds: unknown section(s) {', '.join(unknown) or '(none given)'}; choose from "
                    f"{', '.join(SECTIONS)}")
-    me, me_pre = load_key(key), _pre_key(pre_key)
+    me, me_pre = load_key(key), load_pre_key(pre_key)
     now = now_ms()
-    from_ms, to_ms = _time(since, "--since", now), _time(until, "--until", now)
+    from_ms, to_ms = parse_when_ms(since, "--since", now, back=True), parse_when_ms(until, "--until", now, back=True)
     if to_ms <= from_ms:
         raise fail(f"--until ({until}) must be after --since ({since})")
     owner_id = owner or me.device_id
@@ -136,11 +145,6 @@ def fhir(
                       "left out; export again in a moment", soft_wrap=True)
 
 
-def _time(text: str, what: str, now: int) -> int:
-    """A duration back from now (30d), or a time (epoch ms, ISO 8601, now)."""
-    if _DURATION.match(text.strip()):
-        return now - parse_duration_ms(text, what)
-    return parse_time_ms(text, what)
 
 
 # -- which access records ------------------------------------------------------------------------------
@@ -188,7 +192,7 @@ def _own_access(config: Path | None, data_dir: Path | None, broker: str | None, 
         raise fail(str(exc)) from None
     except AccessClientError as exc:
         raise fail(str(exc), 1) from None
-    note = _final_note(None, config, broker)
+    note = final_note(None, config, broker)
     try:
         built = build_grant(me, me_pre, request, requester_pre_pk=me_pre.public_key, miners=registered_miners(state),
                             final_note=note, threshold=threshold, shares=shares, expires_ms=expires, ts=now)
@@ -216,7 +220,7 @@ def _open(config: Path | None, data_dir: Path | None, broker: str | None, me: An
         raise fail(f"access {index} is to {ctx.owner.party_id}'s records, not {owner}'s", 1)
     if ctx.requester.pre_pk != me_pre.public_key:
         raise fail(f"{pre_key} is not the re-encryption key registered for {me.device_id}")
-    progress = _Progress(quiet=as_json)
+    progress = Progress(quiet=as_json)
     try:
         result = open_access(resolved_broker(load(config, broker)), me, me_pre, ctx, timeout=timeout, now_ms=now_ms,
                              progress=progress)
@@ -226,7 +230,7 @@ def _open(config: Path | None, data_dir: Path | None, broker: str | None, me: An
         progress.done()
     for fault in result.faults:
         console.print(f"[yellow]warning:[/] miner {fault.miner}: {fault.detail}; evidence published", soft_wrap=True)
-    _submit_faults(config, data_dir, result.fault_entries)
+    submit_faults(config, data_dir, result.fault_entries)
     if result.problems:
         for p in result.problems[:20]:
             console.print(f"[red]record {p.index}:[/] {p.reason}", soft_wrap=True)
@@ -268,7 +272,7 @@ def _owner_records(config: Path | None, data_dir: Path | None, owner: str, readi
         size, note = latest if latest is not None else (0, "")
         log_pk = _log_public_key(note, state.operators) if in_period else b""
         opened, proofs, left_out = [], {}, 0
-        progress = _Progress(quiet=False)
+        progress = Progress(quiet=False)
         for n, r in enumerate(in_period, start=1):
             index = int(r["index"])
             if index >= size:

@@ -76,11 +76,12 @@ def post(
     drawn from the seed of the latest final checkpoint."""
     from pydantic import ValidationError
 
-    from carechain.cli.access import _final_note, parse_duration_ms, parse_time_ms
+    from carechain.cli._ledger import final_note
+    from carechain.cli._options import parse_duration_ms, parse_time_ms
     from contract_rules import market as rules
     from contract_rules import transactions as ce
 
-    note = _final_note(checkpoint, config, broker)
+    note = final_note(checkpoint, config, broker)
     now = now_ms()
     try:
         study = ce.StudyPost(
@@ -191,7 +192,7 @@ def contribute(
 ) -> None:
     """Contribute to a study from your own sealed readings: computed on this machine, Shamir-shared among the
     study's aggregators (each share sealed to one), committed and anchored. Your value never leaves it."""
-    from carechain.cli.access import _pre_key
+    from carechain.cli._ledger import load_pre_key
     from chain_bridge.ledger.reader import LedgerReader
     from chain_bridge.registry import ledger_path
     from record_access.contributing import (
@@ -203,7 +204,7 @@ def contribute(
     )
     from record_access.ledger_view import LedgerViewError
 
-    owner, owner_pre = load_key(key), _pre_key(pre_key)
+    owner, owner_pre = load_key(key), load_pre_key(pre_key)
     cfg = load(config)
     bdir = bridge_dir(cfg, data_dir)
     genesis = deployment_genesis(cfg, bdir)
@@ -251,14 +252,14 @@ def disclose(
     commitment, the data keys of the epochs your cited readings are in and their ciphertexts, sealed to each
     aggregator. The entry is the logged access record (who, which epochs, why). A sampled contribution that is
     not disclosed before the audit window ends is not paid."""
-    from carechain.cli.access import _pre_key
+    from carechain.cli._ledger import load_pre_key
     from chain_bridge.ledger.reader import LedgerReader
     from chain_bridge.registry import ledger_path
     from contract_rules.market import CONTRIBUTIONS
     from record_access.contributing import ContributionError, aggregator_keys, build_disclosure, find_cited_data
     from record_access.ledger_view import LedgerViewError
 
-    owner, owner_pre = load_key(key), _pre_key(pre_key)
+    owner, owner_pre = load_key(key), load_pre_key(pre_key)
     opening = opening or default_opening(key, study_id)
     kept = read_json(opening, "the contribution's opening")
     cfg = load(config)

@@ -104,7 +104,8 @@ def register(
 ) -> None:
     """Register a trial (sponsor): the protocol's hash, design, primary outcome and analysis are fixed before
     anyone enrols; its labelling miners are drawn from a final checkpoint's seed."""
-    from carechain.cli.access import _DURATION, _final_note, parse_duration_ms, parse_time_ms
+    from carechain.cli._ledger import final_note
+    from carechain.cli._options import parse_when_ms
     from record_access.trials import build_register, load_protocol
 
     try:
@@ -112,9 +113,8 @@ def register(
     except OSError as exc:
         raise fail(f"{document}: cannot read the protocol document: {exc.strerror}") from None
     now = now_ms()
-    closes = (now + parse_duration_ms(enrol_closes, "--enrol-closes") if _DURATION.match(enrol_closes.strip())
-              else parse_time_ms(enrol_closes, "--enrol-closes"))
-    note = _final_note(checkpoint, config, broker)
+    closes = parse_when_ms(enrol_closes, "--enrol-closes", now)
+    note = final_note(checkpoint, config, broker)
     try:
         doc = load_protocol(protocol)
     except _client_error() as exc:
@@ -392,13 +392,12 @@ def outcome(trial_id: TrialArg, key: KeyOpt,
             config: ConfigOpt = None, data_dir: DataDirOpt = None, as_json: JsonOpt = False) -> None:
     """Disclose your primary-outcome reading after the lock (participant): your device's sealed trial_measure
     reading anchored before the lock, with the data key that opens it."""
-    from carechain.cli._ledger import deployment_genesis
-    from carechain.cli.access import _pre_key
+    from carechain.cli._ledger import deployment_genesis, load_pre_key
     from chain_bridge.ledger.reader import LedgerReader
     from chain_bridge.registry import ledger_path
     from record_access.trials import build_outcome, find_reading
 
-    me, pre = load_key(key), _pre_key(pre_key)
+    me, pre = load_key(key), load_pre_key(pre_key)
     cfg = load(config)
     bdir = bridge_dir(cfg, data_dir)
     genesis = deployment_genesis(cfg, bdir)
