@@ -425,14 +425,15 @@ class StudyRunner:
                           job.kind, job.study_id, address, offset)
                 return None
             try:
-                check_certificate(cert or "")
+                if cert is None:
+                    raise MpcTlsError("its hello carries none: a miner older than MPC over TLS, to be upgraded")
+                check_certificate(cert)
             except MpcTlsError as exc:
                 log.error("miner %s: cannot run the %s MPC of study %s: aggregator %s announces no usable MPC "
-                          "certificate (%s; a miner older than MPC over TLS must be upgraded)", self.me, job.kind,
-                          job.study_id, miner, exc)
+                          "certificate (%s)", self.me, job.kind, job.study_id, miner, exc)
                 return None
             addresses.append(f"{host}:{int(port) + offset}")
-            certificates.append(cert or "")
+            certificates.append(cert)
         return addresses, certificates
 
     def _broker_file(self) -> Path:
