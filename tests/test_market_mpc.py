@@ -67,10 +67,10 @@ def build_inputs(keys: Sequence[Identity], query: dict[str, Any], contributions:
     return {"study": study, "contributions": out}
 
 
-def start_aggregators(tmp_path: Path, inputs: dict[str, Any], work: Sequence[Path], *,
+def start_aggregators(tmp_path: Path, inputs: dict[str, Any], work: Sequence[Path] | None, *,
                       audit: bool = False) -> list[subprocess.Popen[bytes]]:
     """Start one `python -m chain_miner.aggregator` (with --audit: its audit) per aggregator on free loopback
-    ports, party i with the MPC TLS files of `work[i]`."""
+    ports, party i with the MPC TLS files of `work[i]` (None: --plaintext, for the benchmark's comparison)."""
     m = len(inputs["study"]["aggregators"])
     (tmp_path / "inputs.json").write_text(json.dumps(inputs))
     peers = ",".join(f"127.0.0.1:{port}" for port in free_ports(m))
@@ -81,17 +81,18 @@ def start_aggregators(tmp_path: Path, inputs: dict[str, Any], work: Sequence[Pat
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "chain_miner.aggregator", "--study", inputs["study"]["study_id"], "--index",
              str(i), "--peers", peers, "--key", str(tmp_path / f"aggregator{i}.key"), "--inputs",
-             str(tmp_path / "inputs.json"), "--out", str(out), "--ts", "1700000000000", "--mpc-tls", str(work[i]),
+             str(tmp_path / "inputs.json"), "--out", str(out), "--ts", "1700000000000",
+             *(["--plaintext"] if work is None else ["--mpc-tls", str(work[i])]),
              *(["--audit"] if audit else [])],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     return procs
 
 
 def run_aggregators(tmp_path: Path, inputs: dict[str, Any], *, timeout: float = 120.0,
-                    audit: bool = False) -> list[dict[str, Any]]:
+                    audit: bool = False, tls: bool = True) -> list[dict[str, Any]]:
     """Run the aggregators (`start_aggregators`, over TLS, every party trusting all); their outputs."""
     m = len(inputs["study"]["aggregators"])
-    procs = start_aggregators(tmp_path, inputs, tls_work_dirs(tmp_path, m), audit=audit)
+    procs = start_aggregators(tmp_path, inputs, tls_work_dirs(tmp_path, m) if tls else None, audit=audit)
     try:
         for p in procs:
             output, _ = p.communicate(timeout=timeout)
