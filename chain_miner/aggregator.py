@@ -69,8 +69,8 @@ from carechain.files import write_atomic
 from carechain.identity import Identity
 from contract_rules.runtime import Genesis, State
 
-__all__ = ["audit_inputs_from_leaves", "inputs_from_leaves", "inputs_from_state", "main", "publish_entries",
-           "run", "run_audit"]
+__all__ = ["OtherComputation", "audit_inputs_from_leaves", "inputs_from_leaves", "inputs_from_state", "job_fingerprint",
+           "main", "publish_entries", "run", "run_audit"]
 
 VALIDITY_COEFF_DOMAIN = b"carechain/market/validity-check/v1\x00"
 # `carechain bridge acl`'s aggregator login per miner (chain_bridge.broker.acl.aggregator_user; parties do
@@ -172,19 +172,45 @@ def _own_rows(identity: Identity, index: int, query: market.Query,
     return rows
 
 
-async def _compute(mpc: Any, query: market.Query, rows: dict[int, list[int] | None], mins: dict[int, int],
-                   epsilon_milli: int) -> dict[str, Any]:
-    await mpc.start()
-    secint = mpc.SecInt(32)
-    field = secint.field
-    if field.modulus != market.FIELD_MODULUS:
-        raise RuntimeError("MPyC's SecInt(32) field is not the one contributors share in")
-    w = query.width
+class OtherComputation(Exception):
+    """A party that joined holds another computation (another study, kind or set of contributions)."""
 
-    # 1. the union of contributions some aggregator could not use
+
+def job_fingerprint(kind: str, study: dict[str, Any], leaves: Iterable[int]) -> str:
+    """What every party of one computation holds alike: its kind, the study as the ledger fixes it and the
+    contributions computed on (SHA-256 of their canonical JSON)."""
+    import hashlib  # noqa: PLC0415
+
+    doc = {"kind": kind, "study": study, "leaves": sorted(leaves)}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+async def _open_computation(mpc: Any, fingerprint: str, rows: dict[int, list[int] | None]
+                            ) -> tuple[Any, list[int], set[int]]:
+    """Start MPyC, check that every party computes the same job, and agree on the contributions some aggregator
+    could not use: (the secure integer type, the leaves kept, the leaves dropped as unusable).
+
+    Two studies' computations whose ports collide can meet (docs/market.md, known limit): without this check
+    their parties would mix inputs and could open, and sign, an answer that belongs to neither."""
+    await mpc.start()
+    strangers = [pid for pid, theirs in enumerate(await mpc.transfer(fingerprint)) if theirs != fingerprint]
+    if strangers:
+        raise OtherComputation(f"party/parties {strangers} hold another computation (another study, kind or set "
+                               f"of contributions): nothing computed")
+    secint = mpc.SecInt(32)
+    if secint.field.modulus != market.FIELD_MODULUS:
+        raise RuntimeError("MPyC's SecInt(32) field is not the one contributors share in")
     local_bad = sorted(leaf for leaf, row in rows.items() if row is None)
     unusable = set().union(*(set(b) for b in await mpc.transfer(local_bad)))
-    kept = sorted(leaf for leaf in rows if leaf not in unusable)
+    return secint, sorted(leaf for leaf in rows if leaf not in unusable), unusable
+
+
+async def _compute(mpc: Any, fingerprint: str, query: market.Query, rows: dict[int, list[int] | None],
+                   mins: dict[int, int], epsilon_milli: int) -> dict[str, Any]:
+    # 1. the same job everywhere, and the union of contributions some aggregator could not use
+    secint, kept, _unusable = await _open_computation(mpc, fingerprint, rows)
+    field = secint.field
+    w = query.width
 
     # 2. consistency of every sharing, seen only through input + jointly random mask
     flat = [s for leaf in kept for s in rows[leaf] or []]
@@ -295,7 +321,8 @@ def run(args: argparse.Namespace, inputs: dict[str, Any] | None = None) -> dict[
 
     mpc = _mpyc_party(args, peers)
 
-    out = mpc.run(_compute(mpc, query, rows, mins, int(study.get("epsilon_milli", 0))))
+    fingerprint = job_fingerprint("result", study, mins)
+    out = mpc.run(_compute(mpc, fingerprint, query, rows, mins, int(study.get("epsilon_milli", 0))))
     ts = args.ts if args.ts is not None else int(time.time() * 1000)
     payload = market.result_payload(study["study_id"], valid=out["valid"], invalid=out["invalid"],
                                     included=out["included"], answer=out["answer"],
@@ -306,18 +333,12 @@ def run(args: argparse.Namespace, inputs: dict[str, Any] | None = None) -> dict[
                       "contributions": len(contributions)}}
 
 
-async def _open_vectors(mpc: Any, rows: dict[int, list[int] | None]
+async def _open_vectors(mpc: Any, fingerprint: str, rows: dict[int, list[int] | None]
                         ) -> tuple[dict[int, list[int]], list[int], int]:
     """Open the shared vectors of `rows` (leaf → this party's row) to the aggregators, and only to them; the
     leaves some aggregator could not use, which are not opened; the bytes this party sent."""
-    await mpc.start()
-    secint = mpc.SecInt(32)
+    secint, kept, unusable = await _open_computation(mpc, fingerprint, rows)
     field = secint.field
-    if field.modulus != market.FIELD_MODULUS:
-        raise RuntimeError("MPyC's SecInt(32) field is not the one contributors share in")
-    local_bad = sorted(leaf for leaf, row in rows.items() if row is None)
-    unusable = set().union(*(set(b) for b in await mpc.transfer(local_bad)))
-    kept = sorted(leaf for leaf in rows if leaf not in unusable)
     shared = [secint(field(s)) for leaf in kept for s in rows[leaf] or []]
     opened = [int(v) for v in await mpc.output(shared)] if shared else []  # to every party: the aggregators
     vectors: dict[int, list[int]] = {}
@@ -350,7 +371,7 @@ def run_audit(args: argparse.Namespace, inputs: dict[str, Any] | None = None) ->
 
     mpc = _mpyc_party(args, peers)
 
-    vectors, skipped, sent = mpc.run(_open_vectors(mpc, rows))
+    vectors, skipped, sent = mpc.run(_open_vectors(mpc, job_fingerprint("audit", study, rows), rows))
     ts = args.ts if args.ts is not None else int(time.time() * 1000)
     entries, verdicts = [], []
     for c in contributions:
@@ -492,7 +513,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("credentials", "tls_ca"):
         if getattr(args, name) is not None:
             setattr(args, name, getattr(args, name).resolve())
-    result = run_audit(args) if args.audit else run(args)
+    try:
+        result = run_audit(args) if args.audit else run(args)
+    except OtherComputation as exc:
+        print(f"aggregator: {exc}", file=sys.stderr)
+        return 3
     entries = result["entries"] if args.audit else [result["entry"]]
     text = json.dumps(result, sort_keys=True)
     if args.out:  # signed entries and what the party learnt: private, like the miner's data dir

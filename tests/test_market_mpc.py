@@ -68,20 +68,24 @@ def build_inputs(keys: Sequence[Identity], query: dict[str, Any], contributions:
 
 
 def start_aggregators(tmp_path: Path, inputs: dict[str, Any], work: Sequence[Path] | None, *,
-                      audit: bool = False) -> list[subprocess.Popen[bytes]]:
+                      audit: bool = False, others: dict[int, dict[str, Any]] | None = None
+                      ) -> list[subprocess.Popen[bytes]]:
     """Start one `python -m chain_miner.aggregator` (with --audit: its audit) per aggregator on free loopback
-    ports, party i with the MPC TLS files of `work[i]` (None: --plaintext, for the benchmark's comparison)."""
+    ports, party i with the MPC TLS files of `work[i]` (None: --plaintext, for the benchmark's comparison) and
+    `inputs`, or `others[i]` when given (a party that computes something else)."""
     m = len(inputs["study"]["aggregators"])
-    (tmp_path / "inputs.json").write_text(json.dumps(inputs))
     peers = ",".join(f"127.0.0.1:{port}" for port in free_ports(m))
     procs = []
     for i in range(m):
         out = tmp_path / f"result{i}.json"
         out.unlink(missing_ok=True)
+        mine = (others or {}).get(i, inputs)
+        inputs_file = tmp_path / f"inputs{i}.json"
+        inputs_file.write_text(json.dumps(mine))
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "chain_miner.aggregator", "--study", inputs["study"]["study_id"], "--index",
+            [sys.executable, "-m", "chain_miner.aggregator", "--study", mine["study"]["study_id"], "--index",
              str(i), "--peers", peers, "--key", str(tmp_path / f"aggregator{i}.key"), "--inputs",
-             str(tmp_path / "inputs.json"), "--out", str(out), "--ts", "1700000000000",
+             str(inputs_file), "--out", str(out), "--ts", "1700000000000",
              *(["--plaintext"] if work is None else ["--mpc-tls", str(work[i])]),
              *(["--audit"] if audit else [])],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
@@ -162,6 +166,29 @@ def test_a_party_the_study_does_not_trust_cannot_join_the_computation(tmp_path: 
         for p in procs:
             p.kill()
             p.communicate()
+    assert not any((tmp_path / f"result{i}.json").exists() for i in range(3))
+
+
+def test_parties_of_two_computations_that_meet_on_one_port_compute_nothing(tmp_path: Path) -> None:
+    """Two studies' computations whose ports collide can meet (docs/market.md, known limit). Party 2 below holds
+    another study (same aggregators, same number of contributions, so the shapes would match): every party
+    finds it out before any share is used and exits with 3, instead of mixing inputs into an answer."""
+    query = market.Query.model_validate({"type": "count", **HR})
+    keys = aggregator_keys(tmp_path)
+    contributions = [Contribution(market.contribution(query, v)) for v in VALUES]
+    inputs = build_inputs(keys, query.model_dump(exclude_none=True), contributions)
+    other = build_inputs(keys, query.model_dump(exclude_none=True), contributions, study_id="study-2")
+    procs = start_aggregators(tmp_path, inputs, tls_work_dirs(tmp_path, 3), others={2: other})
+    try:
+        outputs = [p.communicate(timeout=120)[0].decode(errors="replace") for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [3, 3, 3], outputs
+    assert "party/parties [2] hold another computation" in outputs[0]
+    assert "party/parties [0, 1] hold another computation" in outputs[2]
     assert not any((tmp_path / f"result{i}.json").exists() for i in range(3))
 
 
