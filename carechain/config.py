@@ -174,7 +174,13 @@ class MinerConfig(_Section):
                                  "audit) may run before the miner stops it and logs the failure.")
     mpc_ports: int = Field(default=64, ge=1, le=1024, description="How many TCP ports from `mpc_listen`'s on "
                            "the aggregator may use: each study computation listens on its own (the same offset "
-                           "on every aggregator), so parties of two studies never meet on one port.")
+                           "on every aggregator), so parties of two studies rarely meet on one port (when they "
+                           "do, both stop before using a share: docs/market.md).")
+    mpc_plaintext_with_older_peers: bool = Field(default=False, description="During a rolling upgrade only: run a "
+                                                 "study computation in the clear when some of its aggregators "
+                                                 "are older miners whose hellos announce no MPC certificate. Off: "
+                                                 "such a study waits, with an ERROR naming them, until they are "
+                                                 "upgraded (docs/market.md, \"The channels\").")
     metrics_listen: str | None = Field(default=None, pattern=HOST_PORT, description="host:port where the miner "
                                        "serves /metrics (Prometheus), /healthz and /readyz; unset: none "
                                        "(docs/console.md).")

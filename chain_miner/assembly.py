@@ -101,7 +101,8 @@ def assemble_miner(cfg: Config, *, data_dir: Path | None = None, key: Path | Non
             miner.studies = StudyRunner(mdir, identity, key_file, mc.mpc_listen,
                                         aggregator_broker(cfg, identity.device_id), lambda: replica.state,
                                         replica.genesis, miner.cosigned_leaves, timeout_s=mc.mpc_timeout_s,
-                                        mpc_ports=mc.mpc_ports)
+                                        mpc_ports=mc.mpc_ports,
+                                        plaintext_with_older_peers=mc.mpc_plaintext_with_older_peers)
             checks += f"; aggregates its studies (MPC on {mc.mpc_listen})"
     except (ValueError, KeyFileError, StateError, ImportError, OSError, TileFetchError) as exc:
         lock.release()

@@ -183,7 +183,8 @@ class StudyRunner:
     def __init__(self, data_dir: Path, identity: Identity, key_file: Path, mpc_listen: str,
                  broker: BrokerConfig, state: Callable[[], State], genesis: Any,
                  leaves: Callable[[], list[bytes] | None], *, timeout_s: float = 300.0,
-                 publish: Callable[[BrokerConfig, str, bytes], None] | None = None, mpc_ports: int = 64) -> None:
+                 publish: Callable[[BrokerConfig, str, bytes], None] | None = None, mpc_ports: int = 64,
+                 plaintext_with_older_peers: bool = False) -> None:
         """`broker`: the miner's broker settings with the aggregator login as its credentials (see
         `chain_miner.assembly`); `state`: the cosigned contract state; `leaves`: the whole cosigned tree's
         leaves, proven against its root (None when the log did not serve them)."""
@@ -200,6 +201,7 @@ class StudyRunner:
         self.timeout_s = timeout_s
         self._publish_entry = publish
         self.tls = MpcTls.load_or_create(data_dir)  # this miner's MPC certificate, announced in its hello
+        self.plaintext_with_older_peers = plaintext_with_older_peers  # miner.mpc_plaintext_with_older_peers
         # miner id → its signed hello's MPC address and certificate
         self.peers: dict[str, tuple[str, str | None]] = {self.me: (mpc_listen, self.tls.cert_pem)}
         self.stats: dict[str, int] = {}
@@ -329,17 +331,19 @@ class StudyRunner:
         found = self._peers(job)
         if found is None:
             return False
-        peers, certificates = found
+        peers, certificates = found  # certificates None: in the clear, with older peers (rolling upgrade)
         assert ready.inputs is not None
         inputs_file = self.dir / f"{job.kind}-{job.study_id}.inputs.json"
         write_atomic(inputs_file, json.dumps(ready.inputs).encode())  # 0600: sealed shares, study data
         broker_file = self._broker_file()
         out = self.dir / f"{job.kind}-{job.study_id}.out.json"
-        work = write_party_files(self.dir / "mpc" / f"{job.kind}-{job.study_id}", job.index, self.tls, certificates)
+        work = self.dir / "mpc" / f"{job.kind}-{job.study_id}"
+        if certificates is not None:
+            write_party_files(work, job.index, self.tls, certificates)
         command = [sys.executable, "-m", "chain_miner.aggregator", "--study", job.study_id, "--index",
                    str(job.index), "--peers", ",".join(peers), "--key", str(self.key_file), "--inputs",
                    str(inputs_file), "--out", str(out), "--publish", "--config", str(broker_file),
-                   "--mpc-tls", str(work)]
+                   *(["--mpc-tls", str(work)] if certificates is not None else ["--plaintext"])]
         if job.kind == "audit":
             command.append("--audit")
         log.info("miner %s: running the %s MPC of study %s as party %d of %d", self.me, job.kind, job.study_id,
@@ -401,10 +405,11 @@ class StudyRunner:
 
         publish_entries(self.broker, self.me, entry)
 
-    def _peers(self, job: Job) -> tuple[list[str], list[str]] | None:
+    def _peers(self, job: Job) -> tuple[list[str], list[str] | None] | None:
         """Every aggregator's MPC address for `job` and its MPC certificate, in the study's order: the host of its
         signed hello and that port plus `job_port_offset`, and the certificate that hello carries; None when one
-        is missing or unusable (logged: the computation never runs in the clear).
+        is missing or unusable (logged). The certificates are None — the computation runs in the clear — only
+        when some aggregators announce none (older miners) and `plaintext_with_older_peers` allows it.
 
         One port per job, not per miner: aggregators reach a job at slightly different times, so a party of
         one study may knock on a miner still computing another; on the job's own port it is refused (MPyC
@@ -417,24 +422,36 @@ class StudyRunner:
                       "%s (down, or without miner.mpc_listen)", self.me, job.kind, job.study_id, ", ".join(missing))
             return None
         offset = job_port_offset(job, self.mpc_ports)
-        addresses, certificates = [], []
+        addresses, certificates, older = [], [], []
         for miner, (address, cert) in zip(job.aggregators, (p for p in peers if p is not None), strict=True):
             host, _, port = address.rpartition(":")
             if int(port) + offset > 65_535:
                 log.error("miner %s: cannot run the %s MPC of study %s: %s + %d is beyond the last TCP port", self.me,
                           job.kind, job.study_id, address, offset)
                 return None
+            addresses.append(f"{host}:{int(port) + offset}")
+            if cert is None:
+                older.append(miner)
+                continue
             try:
-                if cert is None:
-                    raise MpcTlsError("its hello carries none: a miner older than MPC over TLS, to be upgraded")
                 check_certificate(cert)
             except MpcTlsError as exc:
                 log.error("miner %s: cannot run the %s MPC of study %s: aggregator %s announces no usable MPC "
                           "certificate (%s)", self.me, job.kind, job.study_id, miner, exc)
                 return None
-            addresses.append(f"{host}:{int(port) + offset}")
             certificates.append(cert)
-        return addresses, certificates
+        if not older:
+            return addresses, certificates
+        if not self.plaintext_with_older_peers:
+            log.error("miner %s: cannot run the %s MPC of study %s: the hello of aggregator(s) %s carries no MPC "
+                      "certificate (miners older than MPC over TLS): upgrade them, or set "
+                      "miner.mpc_plaintext_with_older_peers for the rolling upgrade", self.me, job.kind,
+                      job.study_id, ", ".join(older))
+            return None
+        log.warning("miner %s: running the %s MPC of study %s IN THE CLEAR: aggregator(s) %s announce no MPC "
+                    "certificate and miner.mpc_plaintext_with_older_peers is set", self.me, job.kind, job.study_id,
+                    ", ".join(older))
+        return addresses, None
 
     def _broker_file(self) -> Path:
         """The broker section the aggregator publishes with: the miner's broker, logged in as its aggregator.

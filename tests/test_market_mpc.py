@@ -143,6 +143,17 @@ def test_aggregators_open_the_plain_answer(tmp_path: Path, qtype: str) -> None:
         assert payload["answer"] == {"histogram": [2, 3, 3, 2, 2]}
 
 
+def test_parties_told_plaintext_compute_the_same_answer(tmp_path: Path) -> None:
+    """--plaintext (a rolling upgrade with older miners, miner.mpc_plaintext_with_older_peers) is the same
+    computation without TLS."""
+    query = market.Query.model_validate({"type": "sum", **HR})
+    vectors = [market.contribution(query, v) for v in VALUES]
+    keys = aggregator_keys(tmp_path)
+    inputs = build_inputs(keys, query.model_dump(exclude_none=True), [Contribution(v) for v in vectors])
+    payload = agreed_payload(run_aggregators(tmp_path, inputs, tls=False), keys)
+    assert payload["answer"] == market.plain_answer(query, vectors)
+
+
 def test_a_party_the_study_does_not_trust_cannot_join_the_computation(tmp_path: Path) -> None:
     """The MPC channels are mutually authenticated: party 0 below holds a certificate that parties 1 and 2 do not
     trust (its own trusts everyone), so they close its channels and nobody computes; with trust all round the

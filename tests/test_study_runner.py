@@ -216,10 +216,11 @@ def test_each_study_computation_listens_on_its_own_port_the_same_on_every_aggreg
                                       f"10.0.0.3:{9100 + offset}"], [mine, *cert])
 
 
-def test_no_computation_runs_in_the_clear_an_aggregator_without_a_usable_certificate_stops_it(
+def test_no_computation_runs_in_the_clear_unless_told_for_a_rolling_upgrade(
         w: MarketWorld, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """A miner that predates MPC over TLS (its hello carries no certificate), or one announcing a certificate
-    that cannot serve, makes the job fail loudly rather than run with shares in the clear."""
+    """A miner that predates MPC over TLS (its hello carries no certificate) makes the job fail loudly rather
+    than run with shares in the clear — unless miner.mpc_plaintext_with_older_peers says so, for a rolling
+    upgrade; a certificate that cannot serve is refused either way."""
     decided(w)
     aggregators = w.aggregators()
     ids = tuple(a.device_id for a in aggregators)
@@ -230,11 +231,18 @@ def test_no_computation_runs_in_the_clear_an_aggregator_without_a_usable_certifi
     runner.on_hello(ids[2], "10.0.0.3:9000", None)
     with caplog.at_level(logging.ERROR, logger="carechain.miner"):
         assert runner._peers(result) is None
-    assert f"aggregator {ids[2]} announces no usable MPC certificate" in caplog.text
+    assert f"the hello of aggregator(s) {ids[2]} carries no MPC certificate" in caplog.text
+    # during a rolling upgrade, and only when told: in the clear with the older miner, loudly
+    runner.plaintext_with_older_peers = True
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="carechain.miner"):
+        found = runner._peers(result)
+    assert found is not None and found[1] is None and len(found[0]) == 3
+    assert "IN THE CLEAR" in caplog.text and ids[2] in caplog.text
     runner.on_hello(ids[2], "10.0.0.3:9000", "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
     caplog.clear()
     with caplog.at_level(logging.ERROR, logger="carechain.miner"):
-        assert runner._peers(result) is None
+        assert runner._peers(result) is None  # a broken certificate is no older miner: refused all the same
     assert "does not parse" in caplog.text
     # the miner's own certificate is kept in its data dir, the key 0600, and is the same after a restart
     again = StudyRunner(tmp_path, aggregators[0], tmp_path / "miner.key", "127.0.0.1:7000", BrokerConfig(),
