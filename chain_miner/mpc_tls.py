@@ -33,7 +33,7 @@ __all__ = ["CERT_FILE", "KEY_FILE", "MpcTls", "MpcTlsError", "check_certificate"
 KEY_FILE = "mpc-tls.key"
 CERT_FILE = "mpc-tls.crt"
 VALID_DAYS = 365
-RENEW_DAYS = 30  # a certificate this close to its end is replaced at start (the next hello announces the new one)
+RENEW_DAYS = 30  # a certificate this close to its end is replaced (the next hello announces the new one)
 CONFIG_DIR = ".config"  # where MPyC's --ssl reads the TLS files, relative to its working directory
 
 
@@ -87,16 +87,26 @@ class MpcTls:
         if key_file.exists() and cert_file.exists():
             tls = cls(read_private(key_file), cert_file.read_text())
             try:
-                cert = check_certificate(tls.cert_pem, now)
+                check_certificate(tls.cert_pem, now)
             except MpcTlsError:
-                cert = None
-            if cert is not None and cert.not_valid_after_utc - now > datetime.timedelta(days=RENEW_DAYS):
-                return tls
+                pass
+            else:
+                if not tls.due_for_renewal(now):
+                    return tls
         tls = cls.generate(now)
         private_dir(Path(data_dir))
         write_atomic(key_file, tls.key_pem)
         write_atomic(cert_file, tls.cert_pem.encode(), mode=0o644)
         return tls
+
+    @property
+    def expires(self) -> datetime.datetime:
+        return x509.load_pem_x509_certificate(self.cert_pem.encode()).not_valid_after_utc
+
+    def due_for_renewal(self, now: datetime.datetime | None = None) -> bool:
+        """Whether the certificate ends within RENEW_DAYS: `load_or_create` then makes a new one."""
+        now = now or datetime.datetime.now(datetime.timezone.utc)
+        return self.expires - now <= datetime.timedelta(days=RENEW_DAYS)
 
     @classmethod
     def generate(cls, now: datetime.datetime | None = None) -> MpcTls:

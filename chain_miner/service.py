@@ -160,6 +160,7 @@ class WitnessMiner:
         self.access: AccessReleaser | None = None
         self.snapshots: MinerSnapshots | None = None
         self._hello_due = threading.Event()  # set at every (re)connect; the worker publishes the hello
+        self._hello_json = b""  # the signed hello it publishes (made again when the MPC certificate is renewed)
         # The data-market work of the studies this miner aggregates (`chain_miner.study_runner`); set by
         # `chain_miner.assembly` before `start` when `miner.mpc_listen` is.
         self.studies: StudyRunner | None = None
@@ -286,12 +287,12 @@ class WitnessMiner:
         self.studies.on_hello(miner, hello.mpc, hello.mpc_cert)
 
     def _run(self) -> None:
-        hello = self.hello().model_dump_json().encode()
+        self._hello_json = self.hello().model_dump_json().encode()
         next_poll = 0.0
         while not self._stop.is_set():
             if self._hello_due.is_set():
                 self._hello_due.clear()
-                self._publish(messages.hello(self.id), hello)
+                self._publish(messages.hello(self.id), self._hello_json)
             if self.tiles is not None and time.monotonic() >= next_poll:
                 next_poll = time.monotonic() + TILES_POLL_S
                 self._poll_tiles()
@@ -379,6 +380,9 @@ class WitnessMiner:
         if self.studies is None:
             return
         try:
+            if self.studies.renew_tls():  # its peers learn the new certificate from the new hello
+                self._hello_json = self.hello().model_dump_json().encode()
+                self._hello_due.set()
             self.studies.after_cosign(entries)
         except Exception:
             log.exception("miner %s: planning the study jobs failed; trying again at the next checkpoint", self.id)

@@ -7,6 +7,7 @@ in tests/test_market_live.py.
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import stat
@@ -261,3 +262,16 @@ def test_a_hello_signs_its_mpc_certificate(w: MarketWorld) -> None:
     assert not from_miner(swapped, miner.device_id)
     stripped = hello.model_copy(update={"mpc_cert": None})
     assert not from_miner(stripped, miner.device_id)
+
+
+def test_a_long_running_miner_renews_its_mpc_certificate_before_it_ends(w: MarketWorld, tmp_path: Path) -> None:
+    me = w.miners[0]
+    runner = StudyRunner(tmp_path, me, tmp_path / "miner.key", "127.0.0.1:7000", BrokerConfig(),
+                         lambda: w.state, w.genesis, lambda: None)
+    first = runner.tls
+    assert not runner.renew_tls()  # a fresh certificate is kept
+    later = first.expires - datetime.timedelta(days=10)
+    assert runner.renew_tls(later)
+    assert runner.tls != first and runner.tls.expires - later > datetime.timedelta(days=300)
+    assert runner.peers[me.device_id] == ("127.0.0.1:7000", runner.tls.cert_pem)
+    assert (tmp_path / "mpc-tls.crt").read_text() == runner.tls.cert_pem  # and kept for the next start
