@@ -259,8 +259,8 @@ def _print_access(a: dict[str, Any], finality: str) -> None:
 
 def _print_study(m: dict[str, Any]) -> None:
     """The researcher's studies: what each asked, who was included, what was opened, and the verification."""
-    t = Table(title=f"data market ({m['patients']} patients consent; 3 aggregator miners compute in MPC by "
-                    "themselves)", show_header=False)
+    t = Table(title=f"data market ({m['patients']} patients consent; 3 aggregator miners compute in MPC, over "
+                    "mutually authenticated TLS, by themselves)", show_header=False)
     for study in m["studies"]:
         q, answer = study["query"] or {}, study["answer"]
         where = ", ".join(f"{k} {v}" for k, v in study["filter"].items()) or "all consenting"
