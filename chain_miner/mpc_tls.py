@@ -96,7 +96,7 @@ class MpcTls:
         tls = cls.generate(now)
         private_dir(Path(data_dir))
         write_atomic(key_file, tls.key_pem)
-        write_atomic(cert_file, tls.cert_pem.encode(), mode=0o644)
+        write_atomic(cert_file, tls.cert_pem.encode())  # public, but the data dir holds private files only
         return tls
 
     @property
