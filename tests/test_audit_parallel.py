@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from carechain.identity import Identity
+from chain_bridge.ledger import integrity
 from chain_bridge.ledger.integrity import AuditFailure, AuditReport, AuditState, audit_ledger
 from chain_bridge.ledger.log_source import LogSource, SqliteLogSource
 from chain_bridge.registry import ledger_path, log_key, operator_key
@@ -109,6 +110,31 @@ def test_parallel_audits_name_the_same_first_failure(data_dir: Path, damage: str
     assert expected[0].startswith(("leaf", "checkpoint", "devices", "events"))
     for workers, chunk in PARALLEL:
         assert failure(data_dir, workers=workers, chunk=chunk) == expected, (workers, chunk)
+
+
+@pytest.mark.parametrize("batch", [7, integrity.INDEX_BATCH])
+def test_a_held_back_events_index_check_is_still_the_first_failure(data_dir: Path, batch: int,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The events index is checked a batch of events at a time (one query each, not one per event): a missing row
+    at leaf 20 is still named before a bad signature at 40, a forged checkpoint at 64 and a bad hash at 150,
+    sequential or in parallel; and a clean log audits the same whatever the batch."""
+    monkeypatch.setattr(integrity, "INDEX_BATCH", batch)
+    clean = audit(data_dir).as_dict()
+    assert clean["events"] == 172
+    sql(data_dir, "DELETE FROM events WHERE idx = 20")
+    damage_in_two_places(data_dir)
+    forge_checkpoint(data_dir, 64)
+    for kwargs in ({}, *({"workers": w, "chunk": c} for w, c in PARALLEL)):
+        where, problem, index = failure(data_dir, **kwargs)
+        assert (where, index) == ("leaf 20", 20) and "has no row for it" in problem, kwargs
+
+
+def test_the_sqlite_source_looks_up_many_index_rows_at_once(data_dir: Path) -> None:
+    with SqliteLogSource(ledger_path(data_dir)) as log:
+        real = [(d.device_id, s) for d in DEVS for s in range(40) if log.event_index(d.device_id, s) is not None]
+        wanted = real + [(DEVS[0].device_id, 50_000 + k) for k in range(1_000)]  # rows that do not exist
+        found = log.event_indexes(wanted)
+        assert found == {key: log.event_index(*key) for key in real} and len(real) > 60
 
 
 def test_a_bad_signature_is_named_at_its_leaf_with_any_number_of_workers(data_dir: Path) -> None:

@@ -36,7 +36,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from itertools import chain
@@ -223,16 +223,23 @@ def _is_frontier(frontier: list[tuple[int, int, bytes]], size: int) -> bool:
     return start == size and len(frontier) == size.bit_count()
 
 
+# (device, seq) pairs → the leaf the store's events index gives each (pairs without a row are left out).
+EventIndexes = Callable[[Sequence[tuple[str, int]]], dict[tuple[str, int], int]]
+INDEX_BATCH = 1024  # events index checks per query: one round trip per batch, not per event (PostgreSQL)
+
+
 class LogAuditor:
     """Feed `entry` for indexes 0, 1, 2, … and `checkpoint` whenever `size` equals a checkpoint's size."""
 
     def __init__(self, log_public_key: bytes, *, operator_keys: dict[str, bytes] | None = None,
-                 event_index: Callable[[str, int], int | None] | None = None) -> None:
+                 event_indexes: EventIndexes | None = None) -> None:
         """`operator_keys` (kid → public key) are trusted for registrations; None: their signers are not
-        checked. `event_index` looks an event up in the store's (device, seq) index, to check it too."""
+        checked. `event_indexes` looks events up in the store's (device, seq) index, to check it too: the
+        checks are held back and made INDEX_BATCH at a time, one query each (`flush_index_checks`)."""
         self.log_public_key = log_public_key
         self.operator_keys = operator_keys
-        self.event_index = event_index
+        self.event_indexes = event_indexes
+        self._index_checks: list[tuple[int, str, int]] = []  # (leaf, device, seq) not looked up yet
         self.report = AuditReport(operator_signatures_checked=operator_keys is not None)
         self.devices: dict[str, _Device] = {}
         self._frontier: list[tuple[int, int, bytes]] = []  # (start, width, hash), widths strictly decreasing
@@ -303,12 +310,24 @@ class LogAuditor:
         return device, None
 
     def check_event_index(self, index: int, device_id: str, seq: int) -> None:
-        """The store's (device, seq) index must point at the event's leaf."""
-        if self.event_index is not None:
-            stored = self.event_index(device_id, seq)
-            if stored != index:
-                found = "has no row for it" if stored is None else f"points to leaf {stored}"
-                raise AuditFailure(f"leaf {index}", f"the events index ({device_id}, seq {seq}) {found}", index)
+        """The store's (device, seq) index must point at the event's leaf: checked with the next batch."""
+        if self.event_indexes is not None:
+            self._index_checks.append((index, device_id, seq))
+            if len(self._index_checks) >= INDEX_BATCH:
+                self.flush_index_checks()
+
+    def flush_index_checks(self) -> None:
+        """Look the checks held back up in one query; raise for the first (in leaf order) that fails. A caller
+        that meets a failure flushes first: a held-back check belongs to an earlier leaf."""
+        checks, self._index_checks = self._index_checks, []
+        if not checks or self.event_indexes is None:
+            return
+        stored = self.event_indexes([(device_id, seq) for _index, device_id, seq in checks])
+        for index, device_id, seq in checks:
+            found = stored.get((device_id, seq))
+            if found != index:
+                what = "has no row for it" if found is None else f"points to leaf {found}"
+                raise AuditFailure(f"leaf {index}", f"the events index ({device_id}, seq {seq}) {what}", index)
 
     def _operator_entry(self, index: int, msg: envelope.Sign1, model: type[M], what: str) -> M:
         """A registration or revocation: a valid payload, signed by a trusted operator key (when known)."""
@@ -367,7 +386,8 @@ class LogAuditor:
             event = validate_payload(envelope.parse(wrapped if isinstance(wrapped, bytes) else b"").payload)
         except (envelope.EnvelopeError, PayloadError) as exc:
             raise AuditFailure(where, f"sale.refused does not wrap a well-formed sale ({exc})", index) from None
-        if self.event_index is not None and self.event_index(event.dev, event.seq) != index:
+        if self.event_indexes is not None and self.event_indexes([(event.dev, event.seq)]).get(
+                (event.dev, event.seq)) != index:
             raise AuditFailure(where, f"the events index ({event.dev}, seq {event.seq}) does not point to this "
                                       "refused sale", index)
         self.report.refused_sales += 1
@@ -460,6 +480,7 @@ class LogAuditor:
             self._pending = _Pending(size, root, {(s, w): h for s, w, h in self._frontier}, wanted)
 
     def finish(self) -> AuditReport:
+        self.flush_index_checks()
         self.report.root = self.root
         return self.report
 
@@ -479,7 +500,7 @@ class LogAuditor:
 
     @classmethod
     def resume(cls, state: AuditState, log_public_key: bytes, *, operator_keys: dict[str, bytes] | None = None,
-               event_index: Callable[[str, int], int | None] | None = None) -> LogAuditor:
+               event_indexes: EventIndexes | None = None) -> LogAuditor:
         """An auditor at the checkpoint `state` was saved at, once its note and frontier are checked again."""
         if state.log_key != log_public_key:
             raise AuditFailure("state", "it was saved for another log key: audit this log without it")
@@ -495,7 +516,7 @@ class LogAuditor:
                 or not _is_frontier(state.frontier, state.tree_size)):
             raise AuditFailure("state", f"its tree (size {state.tree_size}) is not that of its checkpoint "
                                         f"(size {cp.tree_size}): the file is damaged")
-        auditor = cls(log_public_key, operator_keys=operator_keys, event_index=event_index)
+        auditor = cls(log_public_key, operator_keys=operator_keys, event_indexes=event_indexes)
         auditor._frontier = list(state.frontier)
         if auditor.root != cp.root_hash:
             raise AuditFailure("state", f"its frontier does not give the signed root of its checkpoint at tree "
@@ -692,18 +713,30 @@ def _audit(log: LogSource, log_public_key: bytes, operator_keys: dict[str, bytes
     total = log.size()
     if state_file is not None and Path(state_file).exists():
         state = AuditState.load(state_file)
-        auditor = LogAuditor.resume(state, log_public_key, operator_keys=operator_keys, event_index=log.event_index)
+        auditor = LogAuditor.resume(state, log_public_key, operator_keys=operator_keys,
+                                    event_indexes=log.event_indexes)
         checkpoints = _resumed_checkpoints(log, state, auditor, total)
     else:
-        auditor = LogAuditor(log_public_key, operator_keys=operator_keys, event_index=log.event_index)
+        auditor = LogAuditor(log_public_key, operator_keys=operator_keys, event_indexes=log.event_indexes)
         checkpoints = log.checkpoints(0)
     verifier = _EventVerifier(workers, chunk, auditor.check_event_index) if workers > 0 else None
     try:
         _stream(log, auditor, checkpoints, verifier, on_progress, total)
-    except AuditFailure:
-        if verifier is not None:
-            verifier.drain()  # an earlier leaf's failure, still in a worker, is the first one
-        raise
+    except AuditFailure as failure:
+        # An earlier leaf's failure is the first one: still in a worker, or an index check held back.
+        first = failure
+        try:
+            if verifier is not None:
+                verifier.drain()
+        except AuditFailure as earlier:
+            first = earlier
+        try:
+            auditor.flush_index_checks()
+        except AuditFailure as earlier:
+            first = earlier
+        if first is failure:
+            raise
+        raise first from None
     finally:
         if verifier is not None:
             verifier.close()

@@ -10,7 +10,7 @@ stored, never interpreted, so a tampered row reaches the audit as it is.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -31,6 +31,10 @@ class LogSource(Protocol):
 
     def event_index(self, device_id: str, seq: int) -> int | None:
         """The leaf the events index gives for (device, seq), or None without a row."""
+
+    def event_indexes(self, keys: Sequence[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        """`event_index` for many (device, seq) at once (one query where a query is a round trip): the pairs
+        with a row only."""
 
     def count_events(self) -> int:
         """Rows in the events index."""
@@ -93,6 +97,16 @@ class SqliteLogSource:
     def event_index(self, device_id: str, seq: int) -> int | None:
         row = self._db.execute("SELECT idx FROM events WHERE device_id=? AND seq=?", (device_id, seq)).fetchone()
         return row[0] if row else None
+
+    def event_indexes(self, keys: Sequence[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        # In process, one primary-key lookup per pair is the fastest (bench/audit_index.py: 2.4 µs each, while an
+        # IN (VALUES …) of 400 pairs scanned the table): there is no round trip to save.
+        found: dict[tuple[str, int], int] = {}
+        for device_id, seq in keys:
+            idx = self.event_index(device_id, seq)
+            if idx is not None:
+                found[device_id, seq] = idx
+        return found
 
     def count_events(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM events").fetchone()[0])

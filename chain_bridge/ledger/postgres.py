@@ -263,6 +263,14 @@ class PostgresLogSource:
         found = self._one("SELECT idx FROM events WHERE device_id=%s AND seq=%s", (device_id, seq))
         return None if found is None else int(found)
 
+    def event_indexes(self, keys: Sequence[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        if not keys:
+            return {}
+        rows = self._conn.execute(
+            "SELECT e.device_id, e.seq, e.idx FROM events e JOIN unnest(%s::text[], %s::bigint[]) AS k(device_id, "
+            "seq) ON e.device_id = k.device_id AND e.seq = k.seq", ([d for d, _ in keys], [q for _, q in keys]))
+        return {(device_id, int(seq)): int(idx) for device_id, seq, idx in rows}
+
     def count_events(self) -> int:
         return int(self._one("SELECT COUNT(*) FROM events"))
 
