@@ -15,7 +15,10 @@ depend on what else runs (the load average is printed); the CPU time per leaf do
 `ceiling_all_cores_leaves_per_s` (cpu_count ÷ the sequential audit's CPU time per leaf) is what a quiet
 machine allows at best.
 
-    python bench/verify_full.py [--events 500000] [--devices 1000] [--cache DIR] [--json]
+5. With --postgresql DSN: the same ledger copied into a scratch PostgreSQL database and audited there with one
+   worker per core (`PostgresLogSource`: entries through a server-side cursor, the events index a batch at a time).
+
+    python bench/verify_full.py [--events 500000] [--devices 1000] [--cache DIR] [--postgresql DSN] [--json]
 """
 
 from __future__ import annotations
@@ -130,11 +133,52 @@ def timed_audit(data_dir: Path, workers: int, state: Path | None = None) -> tupl
     return audited / elapsed, audited, cpu / audited * 1e6
 
 
+def postgresql_audit(data_dir: Path, dsn: str, workers: int) -> tuple[float, int, float]:
+    """`timed_audit` of the same ledger copied into a scratch PostgreSQL database (`PostgresLogSource`)."""
+    import psycopg
+
+    from chain_bridge.ledger.postgres import PostgresLocation, PostgresLogSource
+
+    name = "carechain_bench_verify_full"
+    admin = psycopg.connect(dsn, autocommit=True)
+    admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    admin.execute(f"CREATE DATABASE {name}")
+    try:
+        location = PostgresLocation(psycopg.conninfo.make_conninfo(dsn, dbname=name))
+        Ledger(location).close()
+        copied = {"entries": "idx, type, leaf_hash, data, appended_ms", "events": "device_id, seq, idx, leaf_hash",
+                  "devices": "device_id, public_key, profile, owner, site, registered_idx, revoked_idx",
+                  "checkpoints": "tree_size, root_hash, note, issued_ms"}
+        source = sqlite3.connect(ledger_path(data_dir))
+        with location.open() as conn:
+            for table, columns in copied.items():
+                conn.execute(f"DELETE FROM {table}")  # a new ledger holds its genesis rows: the copy replaces them
+                with conn.cursor().copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
+                    for row in source.execute(f"SELECT {columns} FROM {table} ORDER BY 1"):
+                        copy.write_row(row)
+        source.close()
+        op = operator_key(data_dir)
+        log = PostgresLogSource(location)
+        try:
+            started, cpu = time.perf_counter(), time.process_time()
+            report = audit_ledger(log, log_key(data_dir).public_key, operator_keys={op.device_id: op.public_key},
+                                  workers=workers)
+            elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+        finally:
+            log.close()
+        return report.entries / elapsed, report.entries, cpu / report.entries * 1e6
+    finally:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=500_000)
     ap.add_argument("--devices", type=int, default=1000)
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "carechain-bench")
+    ap.add_argument("--postgresql", metavar="DSN", help="also audit a copy of the ledger in a scratch database "
+                    "created on this server (e.g. 'host=127.0.0.1 dbname=test'; dropped after), with all workers")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     data_dir = cached_ledger(args.cache, args.events, args.devices)
@@ -173,6 +217,10 @@ def main() -> None:
         results["incremental_from"] = at
         results["incremental_leaves"] = audited
         results["incremental_leaves_per_s"] = round(rate)
+    if args.postgresql:
+        rate, _, cpu_us = postgresql_audit(data_dir, args.postgresql, cpus)
+        results[f"postgresql_workers_{cpus}_leaves_per_s"] = round(rate)
+        results[f"postgresql_workers_{cpus}_ordered_part_cpu_us_per_leaf"] = round(cpu_us, 1)
     results["load_average_after"] = round(os.getloadavg()[0], 1)
     best = max(rate for key, rate in results.items() if key.startswith("workers_") and key.endswith("leaves_per_s"))
     results["best_workers_over_pynacl_one_core"] = round(best / nacl, 2)
