@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import shutil
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from cryptography import x509
@@ -99,7 +100,7 @@ class MpcTls:
         write_atomic(cert_file, tls.cert_pem.encode())  # public, but the data dir holds private files only
         return tls
 
-    @property
+    @cached_property
     def expires(self) -> datetime.datetime:
         return x509.load_pem_x509_certificate(self.cert_pem.encode()).not_valid_after_utc
 

@@ -53,7 +53,6 @@ from carechain.files import PRIVATE_DIR, write_atomic
 from carechain.identity import Identity
 from chain_miner.jobs_file import JOBS_FILE, MAX_ATTEMPTS, JobsFile
 from chain_miner.mpc_tls import (
-    RENEW_DAYS,
     MpcTls,
     MpcTlsError,
     check_certificate,
@@ -210,7 +209,6 @@ class StudyRunner:
         self._publish_entry = publish
         self._data_dir = Path(data_dir)
         self.tls = MpcTls.load_or_create(data_dir)  # this miner's MPC certificate, announced in its hello
-        self._tls_expires = self.tls.expires
         self.plaintext_with_older_peers = plaintext_with_older_peers  # miner.mpc_plaintext_with_older_peers
         # miner id → its signed hello's MPC address and certificate
         self.peers: dict[str, tuple[str, str | None]] = {self.me: (mpc_listen, self.tls.cert_pem)}
@@ -239,14 +237,13 @@ class StudyRunner:
     def renew_tls(self, now: datetime.datetime | None = None) -> bool:
         """Replace the MPC certificate when it ends within `mpc_tls.RENEW_DAYS` (a miner that runs for most of a
         year); True when it did: the service then announces the new one in a new hello."""
-        now = now or datetime.datetime.now(datetime.timezone.utc)
-        if self._tls_expires - now > datetime.timedelta(days=RENEW_DAYS):
+        if not self.tls.due_for_renewal(now):
             return False
         tls = MpcTls.load_or_create(self._data_dir, now)
         with self._lock:
-            self.tls, self._tls_expires = tls, tls.expires
+            self.tls = tls
             self.peers[self.me] = (self.mpc_listen, tls.cert_pem)
-        log.info("miner %s: renewed its MPC certificate (valid until %s)", self.me, f"{self._tls_expires:%Y-%m-%d}")
+        log.info("miner %s: renewed its MPC certificate (valid until %s)", self.me, f"{tls.expires:%Y-%m-%d}")
         return True
 
     def after_cosign(self, entries: Sequence[bytes]) -> list[Job]:
