@@ -369,6 +369,8 @@ class Bridge:
             optional=[(topics.STATUS_WILDCARD, 0)],
         )
         self.proofs.client = self._client
+        if self.connected.is_set():  # connected before `_client` was set: `_on_link` could not publish the note
+            self._on_link(True)
         if leads_now:
             self._lead()
         else:
