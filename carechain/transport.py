@@ -252,7 +252,7 @@ def connect_client(
     on_message: MessageHandler | None = None,
     subscriptions: Sequence[tuple[str, int]] = (),
     connected: threading.Event | None = None,
-    on_state: Callable[[bool], None] | None = None,
+    on_state: Callable[[mqtt.Client, bool], None] | None = None,
     max_queued: int = 0,
     policy: ReconnectPolicy = MQTT_RECONNECT,
     will: tuple[str, bytes] | None = None,
@@ -265,7 +265,9 @@ def connect_client(
     `network`: drive the client from that shared loop instead of a thread of its own (an agent's many devices;
     carechain.mqtt_loop says why); stop the loop after `disconnect()`ing its clients. `optional`: subscriptions
     the client can do without: asked for in their own SUBSCRIBE on every connect, a refusal is logged once and
-    neither retried nor holding back `connected` (a broker ACL written before the topic existed)."""
+    neither retried nor holding back `connected` (a broker ACL written before the topic existed). `on_state`:
+    called with the client and whether the link is up; it can run before this function returns (the first
+    CONNACK may beat the caller's assignment), so it gets the client passed rather than reading it back."""
     client = _Client(
         callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
         client_id=client_id,
@@ -299,7 +301,7 @@ def connect_client(
             if mid is not None:
                 optional_mids.add(mid)
         if on_state is not None:
-            on_state(True)
+            on_state(c, True)
 
     def _resubscribe(c: mqtt.Client) -> None:
         if c.is_connected():
@@ -333,11 +335,11 @@ def connect_client(
         elif connected is not None:
             connected.set()
 
-    def _on_disconnect(_c: mqtt.Client, _u: object, _f: object, rc: mqtt.ReasonCode, _p: object) -> None:
+    def _on_disconnect(c: mqtt.Client, _u: object, _f: object, rc: mqtt.ReasonCode, _p: object) -> None:
         if connected is not None:
             connected.clear()
         if on_state is not None and link.up:
-            on_state(False)
+            on_state(c, False)
         link.disconnected(rc)
 
     client.on_connect = _on_connect

@@ -369,8 +369,6 @@ class Bridge:
             optional=[(topics.STATUS_WILDCARD, 0)],
         )
         self.proofs.client = self._client
-        if self.connected.is_set():  # connected before `_client` was set: `_on_link` could not publish the note
-            self._on_link(True)
         if leads_now:
             self._lead()
         else:
@@ -442,11 +440,11 @@ class Bridge:
         log.warning("this bridge now leads: checkpoints, finality, anchoring and the other leader duties (it "
                     "keeps ingesting as before)")
 
-    def _on_link(self, up: bool) -> None:
+    def _on_link(self, client: mqtt.Client, up: bool) -> None:
         if up:
             self.ever_connected.set()
-            note, client = self._latest_note, self._client
-            if note is not None and client is not None and self.leads:
+            note = self._latest_note
+            if note is not None and self.leads:
                 client.publish(topics.CHECKPOINT, note.encode(), qos=0, retain=True)
 
     def healthy(self) -> bool:

@@ -201,7 +201,7 @@ class WitnessMiner:
                 log.info("miner %s: contract state restored at leaf %d from %s", self.id, restored,
                          self.snapshots.path)
 
-        def on_state(up: bool) -> None:
+        def on_state(_client: mqtt.Client, up: bool) -> None:
             if up:  # (again) after every reconnect: the will may have emptied the topic meanwhile
                 self.ever_connected.set()
                 self._hello_due.set()

@@ -480,7 +480,7 @@ class Agent:
             def on_message(_c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
                 loop.call_soon_threadsafe(self._on_receipt, device_id, msg.topic, bytes(msg.payload))
 
-            def on_state(up: bool) -> None:
+            def on_state(_c: mqtt.Client, up: bool) -> None:
                 loop.call_soon_threadsafe(self._on_state, device_id, up)
 
             return connect_client(

@@ -182,3 +182,26 @@ def test_one_client_alone_is_never_reported_as_a_takeover(lines: Lines, clients,
     lines.wait_for(lambda t: "connection refused" in t, count=3)
     assert not [t for t in lines.texts() if "client id" in t]
     assert any("lost broker" in t for t in lines.texts())
+
+
+@needs_mosquitto
+def test_the_link_callback_gets_the_client_it_reports_on_even_before_connect_client_returns(
+        clients, plain_broker: Mosquitto) -> None:
+    """The first CONNACK can arrive before `connect_client` returns (the network thread is already running), so a
+    callback reading the client back from its caller's attribute could find nothing there yet (the bridge once
+    skipped its retained checkpoint that way): it is handed the client instead, up and down."""
+    seen: list[tuple[mqtt.Client, bool]] = []
+    up, down = threading.Event(), threading.Event()
+
+    def on_state(client: mqtt.Client, is_up: bool) -> None:
+        seen.append((client, is_up))
+        if is_up:
+            client.publish("probe/first", b"x", qos=0)  # usable at once, whoever holds it
+        (up if is_up else down).set()
+
+    client = connect_client(BrokerConfig(port=plain_broker.port), "link-callback", on_state=on_state, policy=FAST)
+    clients.append(client)
+    assert up.wait(10)
+    plain_broker.stop()
+    assert down.wait(10)
+    assert [(c is client, is_up) for c, is_up in seen[:2]] == [(True, True), (True, False)]
