@@ -260,8 +260,13 @@ class Result:
 
 
 def table(results: list[Result]) -> str:
+    return table_of_rows([r.row() for r in results])
+
+
+def table_of_rows(result_rows: list[list[str]]) -> str:
+    """The table of `Result.row()`s (what a test worker process hands back to the one that prints it)."""
     head = ["scenario", "events", "lost", "duplicated", "s to drain"]
-    rows = [head] + [r.row() for r in results]
+    rows = [head] + result_rows
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
              for r in rows]

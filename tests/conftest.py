@@ -103,17 +103,49 @@ def running_bridge(request: pytest.FixtureRequest, tmp_path: Path, broker: TestB
 
 
 
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """Print the fault-injection table (tests/test_faults.py) when those tests ran."""
+# -- running on several cores (pytest-xdist) -----------------------------------------------------------------
+
+# Session fixtures that take a minute of real processes: each xdist worker would make its own, so their users
+# all go to one worker ("loadgroup" distribution) and each run is made once.
+SHARED_RUNS = {"full_demo", "agent_disk_full_injected", "bridge_disk_full_injected"}
+_fault_rows: list[list[str]] = []  # the fault table's rows handed back by the workers
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups into the test ids
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        if SHARED_RUNS.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("shared-runs"))
+
+
+def _fault_results() -> list[Any]:
     import sys
 
     module = sys.modules.get("tests.test_faults") or sys.modules.get("test_faults")
-    results = getattr(module, "RESULTS", None)
-    if results:
-        from simulators.fault_harness import table
+    return list(getattr(module, "RESULTS", None) or [])
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    output = getattr(session.config, "workeroutput", None)  # set in an xdist worker only
+    if output is not None:
+        output["fault_rows"] = [r.row() for r in _fault_results()]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:  # noqa: ANN401 - xdist's WorkerController
+    _fault_rows.extend(getattr(node, "workeroutput", {}).get("fault_rows", []))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print the fault-injection table (tests/test_faults.py) when those tests ran, in whichever processes."""
+    rows = _fault_rows + [r.row() for r in _fault_results()]
+    if rows:
+        from simulators.fault_harness import table_of_rows
 
         terminalreporter.write_sep("-", "fault injection: every signed event in the log exactly once")
-        terminalreporter.write_line(table(results))
+        terminalreporter.write_line(table_of_rows(rows))
 
 
 # -- ledger stores: every ledger test runs on SQLite and on PostgreSQL ----------------------------------------
