@@ -275,3 +275,22 @@ def test_a_long_running_miner_renews_its_mpc_certificate_before_it_ends(w: Marke
     assert runner.tls != first and runner.tls.expires - later > datetime.timedelta(days=300)
     assert runner.peers[me.device_id] == ("127.0.0.1:7000", runner.tls.cert_pem)
     assert (tmp_path / "mpc-tls.crt").read_text() == runner.tls.cert_pem  # and kept for the next start
+
+
+def test_a_miner_that_renewed_its_certificate_announces_it_in_a_new_signed_hello(w: MarketWorld,
+                                                                                 tmp_path: Path) -> None:
+    from chain_miner.service import WitnessMiner
+
+    me = w.miners[0]
+    miner = WitnessMiner(tmp_path / "miner", BrokerConfig(), w.operator.public_key, me)  # any log key: no cosigning here
+    miner.studies = StudyRunner(tmp_path / "miner", me, tmp_path / "miner.key", "127.0.0.1:7000", BrokerConfig(),
+                                lambda: w.state, w.genesis, lambda: None)
+    old = MpcTls.load_or_create(tmp_path / "old", datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=350))
+    miner.studies.tls = old  # one that ends within the renewal window, as after most of a year of running
+    miner._study_jobs([])  # what the miner does after each cosignature
+    hello = MinerHello.model_validate_json(miner._hello_json)
+    assert miner._hello_due.is_set()  # published by the worker at its next turn
+    assert hello.mpc_cert == miner.studies.tls.cert_pem != old.cert_pem and from_miner(hello, me.device_id)
+    miner._hello_due.clear()
+    miner._study_jobs([])  # nothing more to renew: no new hello
+    assert not miner._hello_due.is_set()
