@@ -121,10 +121,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def _fault_results() -> list[Any]:
+    """The `FAULT_RESULTS` of the test modules this process ran (tests/test_faults.py, the NATS node kills)."""
     import sys
 
-    module = sys.modules.get("tests.test_faults") or sys.modules.get("test_faults")
-    return list(getattr(module, "RESULTS", None) or [])
+    return [r for name, module in sorted(sys.modules.items()) if name.rpartition(".")[2].startswith("test_")
+            for r in getattr(module, "FAULT_RESULTS", ())]
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -139,7 +140,8 @@ def pytest_testnodedown(node: Any, error: object) -> None:  # noqa: ANN401 - xdi
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """Print the fault-injection table (tests/test_faults.py) when those tests ran, in whichever processes."""
+    """Print the fault-injection table (tests/test_faults.py, tests/test_nats_ingest.py) when those tests ran, in
+    whichever processes."""
     rows = _fault_rows + [r.row() for r in _fault_results()]
     if rows:
         from simulators.fault_harness import table_of_rows

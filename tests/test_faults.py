@@ -18,11 +18,11 @@ pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(mosquitto_binary() is None, reason="the fault suite restarts a real mosquitto"),
 ]
-RESULTS: list[faults.Result] = []
+FAULT_RESULTS: list[faults.Result] = []  # printed in the fault table at the end of the run (tests/conftest.py)
 
 
 def check(result: faults.Result) -> faults.Result:
-    RESULTS.append(result)
+    FAULT_RESULTS.append(result)
     assert result.events > 100, "the scenario produced too little traffic to mean anything"
     assert result.drained, f"{result.scenario}: outboxes did not drain ({result})"
     assert result.lost == 0 and result.anchored == result.events

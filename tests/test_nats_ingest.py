@@ -28,6 +28,7 @@ from chain_bridge.ingest.nats_source import NatsSource
 from chain_bridge.ledger.store import Ledger
 from edge_agent.agent import Agent, AgentDevice
 from edge_agent.outbox import Outbox
+from simulators.fault_harness import Result
 from simulators.nats_cluster import NatsCluster, nats_binary
 
 pytestmark = [pytest.mark.integration,
@@ -38,6 +39,7 @@ BRIDGE_USER, BRIDGE_PASSWORD = "carechain-bridge", "bridge-secret-for-tests"
 DEVICES = [Identity.from_seed(bytes([i + 1]) * 32) for i in range(9)]  # 3 agents x 3 devices
 STRANGER = Identity.from_seed(b"\x99" * 32)  # has a login, is never registered
 ADMIN = "test-admin"  # the operator's own login: deletes the events' stream between tests
+FAULT_RESULTS: list[Result] = []  # the node kills: rows of the fault table printed at the end (tests/conftest.py)
 
 
 def password(device_id: str) -> str:
@@ -363,8 +365,11 @@ async def test_killing_one_node_during_a_burst_loses_no_event_and_stops_no_devic
 
         done = await run_agents(agents, lambda: restarted.is_set() and all(a.outbox.depth() == 0 for a in agents),
                                 timeout=150, during=fault)
-        assert done, f"not drained: {describe(cluster, bridge, agents)}"
         counts = anchored(bridge.ledger.path)
+        FAULT_RESULTS.append(Result(f"NATS node kill -9 during a burst ({victim})", 9 * 300, len(counts),
+                                    9 * 300 - len(counts), sum(n - 1 for n in counts.values()),
+                                    time.monotonic() - killed_at[0] if killed_at else 0.0, done))
+        assert done, f"not drained: {describe(cluster, bridge, agents)}"
         assert len(counts) == 9 * 300  # every event signed is in the log ...
         assert set(counts.values()) == {1}  # ... exactly once
     finally:
