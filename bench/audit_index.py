@@ -12,6 +12,7 @@ rows (1,000 devices); each figure is one run on this machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sqlite3
 import sys
@@ -61,18 +62,15 @@ def sqlite_figures(events: int, work: Path) -> tuple[float, float]:
 
 
 def postgres_figures(events: int, dsn: str) -> tuple[float, float] | str:
-    try:
-        import psycopg
+    with contextlib.ExitStack() as held:
+        try:
+            from chain_bridge.ledger.postgres import PostgresLocation, PostgresLogSource
+            from simulators.postgres import scratch_database
 
-        from chain_bridge.ledger.postgres import PostgresLocation, PostgresLogSource
-        admin = psycopg.connect(dsn, autocommit=True, connect_timeout=3)
-    except Exception as exc:  # no driver, no server: say so and report SQLite alone
-        return f"skipped ({type(exc).__name__}: {str(exc).strip()[:120]})"
-    name = "carechain_bench_audit_index"
-    admin.execute(f"DROP DATABASE IF EXISTS {name}")
-    admin.execute(f"CREATE DATABASE {name}")
-    try:
-        location = PostgresLocation(psycopg.conninfo.make_conninfo(dsn, dbname=name))
+            scratch = held.enter_context(scratch_database(dsn, "cc_bench_audit_index", connect_timeout=3))
+        except Exception as exc:  # no driver, no server: say so and report SQLite alone
+            return f"skipped ({type(exc).__name__}: {str(exc).strip()[:120]})"
+        location = PostgresLocation(scratch)
         Ledger(location).close()
         with location.open() as conn, conn.cursor().copy(
                 "COPY events (device_id, seq, idx, leaf_hash) FROM STDIN") as copy:
@@ -83,9 +81,6 @@ def postgres_figures(events: int, dsn: str) -> tuple[float, float] | str:
             return per_event_us(log.event_index, log.event_indexes, [(d, s) for d, s, _i, _h in rows(events)])
         finally:
             log.close()
-    finally:
-        admin.execute(f"DROP DATABASE IF EXISTS {name}")
-        admin.close()
 
 
 def main() -> int:

@@ -33,8 +33,6 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Event as SyncEvent
 from pathlib import Path
@@ -45,7 +43,6 @@ sys.path.insert(0, str(REPO))
 import paho.mqtt.client as mqtt  # noqa: E402
 import psycopg  # noqa: E402
 import yaml  # noqa: E402
-from psycopg import conninfo, sql  # noqa: E402
 
 from carechain import envelope, topics  # noqa: E402
 from carechain.events import make_payload  # noqa: E402
@@ -58,24 +55,13 @@ from chain_bridge.ledger.store import EventCandidate, Ledger  # noqa: E402
 from chain_bridge.registry import LOG_KEY_FILE, OPERATOR_KEY_FILE, log_key, operator_key, register_devices  # noqa: E402
 from simulators.fault_harness import BridgeProcess  # noqa: E402
 from simulators.mosquitto import Mosquitto  # noqa: E402
+from simulators.postgres import scratch_database  # noqa: E402
 
 logging.getLogger("carechain.bridge").setLevel(logging.ERROR)  # the lease's standby lines, in every round
 ADMIN_DSN = os.environ.get("CARECHAIN_BENCH_POSTGRES", "host=127.0.0.1 port=5432 dbname=test")
 LEAF_BYTES = 311
 PUBLISH_WINDOW = 500  # QoS 1 messages in flight from the load generator
 HOSTS_TIMEOUT_S = 300.0
-
-
-@contextmanager
-def scratch_database() -> Iterator[str]:
-    """A new PostgreSQL database for this run, dropped afterwards; its DSN."""
-    name = f"cc_bench_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        try:
-            yield conninfo.make_conninfo(ADMIN_DSN, dbname=name)
-        finally:
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 def candidates(start: int, count: int, devices: int) -> list[EventCandidate]:
@@ -177,7 +163,7 @@ def hosts_rate(hosts: int, events: int, devices: int) -> tuple[float, list[int]]
     messages = [(topics.events(dev.device_id),
                  envelope.sign(dev, make_payload(dev.device_id, i // devices, now, "heart_rate", {"bpm": 70})))
                 for i in range(events) for dev in [fleet[i % devices]]]
-    with tempfile.TemporaryDirectory() as tmp, scratch_database() as dsn:
+    with tempfile.TemporaryDirectory() as tmp, scratch_database(ADMIN_DSN, "cc_bench") as dsn:
         work = Path(tmp)
         dirs = [work / f"host{i}" for i in range(hosts)]
         log_key(dirs[0])
@@ -232,7 +218,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.events:
-        with tempfile.TemporaryDirectory() as tmp, scratch_database() as dsn:
+        with tempfile.TemporaryDirectory() as tmp, scratch_database(ADMIN_DSN, "cc_bench") as dsn:
             sqlite_rate = append_rate(SqliteLocation(Path(tmp) / "ledger.db"), args.events, args.batch,
                                       args.devices)
             pg_rate = append_rate(PostgresLocation(dsn), args.events, args.batch, args.devices)
@@ -243,7 +229,7 @@ def main() -> None:
               f"({pg_rate / sqlite_rate:.2f}x SQLite)")
     times = []
     for _ in range(args.failovers):
-        with scratch_database() as dsn:
+        with scratch_database(ADMIN_DSN, "cc_bench") as dsn:
             times.append(failover_s(dsn))
     if times:
         print(f"fail-over, kill -9 of the lease holder to the standby's first append, {args.failovers} rounds: "

@@ -135,16 +135,11 @@ def timed_audit(data_dir: Path, workers: int, state: Path | None = None) -> tupl
 
 def postgresql_audit(data_dir: Path, dsn: str, workers: int) -> tuple[float, int, float]:
     """`timed_audit` of the same ledger copied into a scratch PostgreSQL database (`PostgresLogSource`)."""
-    import psycopg
-
     from chain_bridge.ledger.postgres import PostgresLocation, PostgresLogSource
+    from simulators.postgres import scratch_database
 
-    name = "carechain_bench_verify_full"
-    admin = psycopg.connect(dsn, autocommit=True)
-    admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    admin.execute(f"CREATE DATABASE {name}")
-    try:
-        location = PostgresLocation(psycopg.conninfo.make_conninfo(dsn, dbname=name))
+    with scratch_database(dsn, "cc_bench_verify_full") as scratch:
+        location = PostgresLocation(scratch)
         Ledger(location).close()
         copied = {"entries": "idx, type, leaf_hash, data, appended_ms", "events": "device_id, seq, idx, leaf_hash",
                   "devices": "device_id, public_key, profile, owner, site, registered_idx, revoked_idx",
@@ -167,9 +162,6 @@ def postgresql_audit(data_dir: Path, dsn: str, workers: int) -> tuple[float, int
         finally:
             log.close()
         return report.entries / elapsed, report.entries, cpu / report.entries * 1e6
-    finally:
-        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        admin.close()
 
 
 def main() -> None:

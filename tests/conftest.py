@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,19 +163,15 @@ def postgres_dsn(request: pytest.FixtureRequest) -> Iterator[str]:
     Skips with the reason if no PostgreSQL server answers at CARECHAIN_TEST_POSTGRES (default 127.0.0.1:5432).
     """
     psycopg = pytest.importorskip("psycopg", reason="the postgresql extra (psycopg 3) is not installed")
-    from psycopg import conninfo, sql
+    from simulators.postgres import scratch_database
 
-    name = f"cc_{request.module.__name__.rsplit('.', 1)[-1][:30]}_{uuid.uuid4().hex[:12]}".lower()
-    try:
-        admin = psycopg.connect(POSTGRES_ADMIN_DSN, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL server answers at {POSTGRES_ADMIN_DSN!r}: {str(exc).strip()}")
-    with admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    with contextlib.ExitStack() as held:
         try:
-            yield conninfo.make_conninfo(POSTGRES_ADMIN_DSN, dbname=name)
-        finally:
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+            dsn = held.enter_context(scratch_database(POSTGRES_ADMIN_DSN,
+                                                      f"cc_{request.module.__name__.rsplit('.', 1)[-1][:30]}"))
+        except psycopg.OperationalError as exc:
+            pytest.skip(f"no PostgreSQL server answers at {POSTGRES_ADMIN_DSN!r}: {str(exc).strip()}")
+        yield dsn
 
 
 @dataclass
