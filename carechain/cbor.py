@@ -12,9 +12,6 @@ from cbor2 import CBORTag
 __all__ = ["CBORError", "CBORTag", "bstr_at", "bstr_header", "decode", "decode_checked", "encode", "encode_presorted",
            "tstr_at", "tstr_header"]
 
-# Plain data only: a semantic tag that cbor2 would turn into a datetime, regex, Decimal or set has no
-# place in a carechain message, and accepting it would make re-encoding ambiguous.
-_SCALARS = frozenset({bool, float, bytes, type(None)})
 MAX_DEPTH = 16
 MAX_INT = 2**63 - 1
 # cbor2 6 decodes arrays and maps inside a tag as tuples and frozendicts (hashable, like map keys); cbor2 5
@@ -55,14 +52,19 @@ def _head(major: int, length: int) -> bytes:
     raise ValueError("length does not fit in CBOR")
 
 
+# The heads of strings up to 1 KiB, looked up: the hot paths build several per event (Sig_structure, entries).
+_BSTR_HEADS = tuple(_head(0x40, n) for n in range(1024))
+_TSTR_HEADS = tuple(_head(0x60, n) for n in range(1024))
+
+
 def bstr_header(length: int) -> bytes:
     """The deterministic head of a CBOR byte string of `length` bytes (major type 2)."""
-    return _head(0x40, length)
+    return _BSTR_HEADS[length] if 0 <= length < 1024 else _head(0x40, length)
 
 
 def tstr_header(length: int) -> bytes:
     """The deterministic head of a CBOR text string of `length` UTF-8 bytes (major type 3)."""
-    return _head(0x60, length)
+    return _TSTR_HEADS[length] if 0 <= length < 1024 else _head(0x60, length)
 
 
 def bstr_at(data: bytes, pos: int) -> tuple[bytes, int] | None:
@@ -100,20 +102,21 @@ def decode(data: bytes, *, max_depth: int = MAX_DEPTH, allow_tag: int | None = N
 
     Rejects trailing bytes, indefinite lengths, tags (except `allow_tag` at the top level), simple values
     other than false/true/null, text that is not UTF-8, lengths beyond the data, nesting deeper than
-    `max_depth`, and integers outside the signed 64-bit range. `check_plain=False` skips the type walk
-    below the top level, for callers that type-check every element themselves. `canonical=True` also
+    `max_depth`, and integers outside the signed 64-bit range or map keys that are not integers or text.
+    `check_plain=False` skips those last two, for callers that type-check every element themselves. `canonical=True` also
     rejects (CBORError "not_canonical") any encoding but the one `encode` writes: `encode(value) == data`,
     judged from the heads while scanning, by re-encoding only for an item that holds a float.
     """
-    # Text is checked for UTF-8 here only when no walk follows; otherwise the walk looks for U+FFFD.
-    settled = _scan(data, max_depth, allow_tag, utf8=not check_plain, canonical=canonical)
+    # With `check_plain` the scan also does the type walk's checks (integer range, map key types, UTF-8, depth of
+    # empty containers), so what cbor2 builds below needs no second look.
+    settled = _scan(data, max_depth, allow_tag, utf8=True, canonical=canonical, plain=check_plain)
     fp = io.BytesIO(data)
     try:
-        # After _scan, cbor2's C decoder only meets definite-length plain data and no semantic tag, so
-        # none of its tag decoders (datetime, decimal, regex, MIME, ...) runs on untrusted bytes. Their
+        # After _scan, cbor2's C decoder only meets definite-length plain data, valid UTF-8 and no semantic
+        # tag, so none of its tag decoders (datetime, decimal, regex, MIME, ...) runs on untrusted bytes. Their
         # error paths raised decimal and TypeError exceptions, and leaked memory on every failure, as
         # does invalid UTF-8 (agronholm/cbor2#257): all found by tests/test_fuzz.py and bench/fuzz.py.
-        # str_errors="replace" keeps that last path leak-free: invalid UTF-8 becomes U+FFFD, found below.
+        # str_errors="replace" keeps that last path leak-free should a text ever get past the scan.
         value = cbor2.CBORDecoder(fp, str_errors="replace").decode()
     except Exception as exc:  # whatever still fails to decode is malformed, never another exception
         what = str(exc) if isinstance(exc, cbor2.CBORDecodeError) else f"{type(exc).__name__}: {exc}"
@@ -125,13 +128,6 @@ def decode(data: bytes, *, max_depth: int = MAX_DEPTH, allow_tag: int | None = N
             raise CBORError("unexpected_tag", f"top-level tag {value.tag} is not allowed here")
         if _FREEZES_TAGGED:
             value = cbor2.CBORTag(value.tag, _thaw(value.value))
-        if check_plain and _check_plain(value.value, max_depth, 1):
-            _scan(data, max_depth, allow_tag, utf8=True)
-        if canonical and not settled and encode(value) != data:
-            raise CBORError("not_canonical", "not the deterministic encoding (a float not in its shortest form?)")
-        return value
-    if check_plain and _check_plain(value, max_depth, 0):
-        _scan(data, max_depth, allow_tag, utf8=True)  # U+FFFD: genuine, or replaced invalid UTF-8?
     if canonical and not settled and encode(value) != data:
         raise CBORError("not_canonical", "not the deterministic encoding (a float not in its shortest form?)")
     return value
@@ -159,10 +155,14 @@ _ARG_BYTES = {24: 1, 25: 2, 26: 4, 27: 8}
 _SIMPLE_OK = frozenset({20, 21, 22, 25, 26, 27})  # false, true, null; half, single, double floats
 
 
-def _scan(data: bytes, max_depth: int, allow_tag: int | None, *, utf8: bool, canonical: bool = False) -> bool:
+def _scan(data: bytes, max_depth: int, allow_tag: int | None, *, utf8: bool, canonical: bool = False,
+          plain: bool = False) -> bool:
     """Check the structure of one CBOR item without building anything: heads, lengths against the bytes
     left, nesting, no indefinite length, no tag but `allow_tag` first, no other simple value; with `utf8`,
     that text is UTF-8.
+
+    With `plain`, also that the item is plain data as carechain uses it: integers within the signed 64-bit range,
+    map keys that are integers or text, and no container (an empty one included) nested deeper than `max_depth`.
 
     With `canonical`, also the deterministic encoding `encode` writes: every head in its shortest form and each
     map's keys in cbor2's canonical order, without duplicates (CBORError "not_canonical" otherwise). True when
@@ -201,10 +201,15 @@ def _scan(data: bytes, max_depth: int, allow_tag: int | None, *, utf8: bool, can
             pos += size
             if canonical and major != 7 and arg < _SHORTEST[info]:
                 raise CBORError("not_canonical", f"the head at byte {start} is not in its shortest form")
+            if plain and major < 2 and arg > MAX_INT:  # -1 - arg below -2**63 alike
+                raise CBORError("int_out_of_range", f"the integer at byte {start} is outside the signed 64-bit range")
         elif info == 31:
             raise CBORError("malformed_cbor", f"indefinite-length item at byte {pos - 1} (not deterministic CBOR)")
         else:
             raise CBORError("malformed_cbor", f"reserved additional information {info} at byte {pos - 1}")
+        if plain and is_key and major != 0 and major != 1 and major != 3:
+            raise CBORError("bad_map_key", f"the map key at byte {start} is a {_MAJOR_NAMES[major]}, "
+                                           "not an integer or text")
         todo -= 1
         if major < 2:
             pass
@@ -219,7 +224,7 @@ def _scan(data: bytes, max_depth: int, allow_tag: int | None, *, utf8: bool, can
             pos += arg
         elif major < 6:
             if is_key:
-                settled = False  # a container as a map key: refused later as not plain data
+                settled = False  # a container as a map key (refused above when `plain`): for re-encoding to judge
                 is_key = False
             if arg:
                 count = arg * 2 if major == 5 else arg
@@ -230,10 +235,12 @@ def _scan(data: bytes, max_depth: int, allow_tag: int | None, *, utf8: bool, can
                     raise CBORError("too_deep", f"nesting deeper than {max_depth}")
                 stack.append((todo, in_map, last_key))
                 todo, in_map, last_key = count, major == 5, None
+            elif plain and len(stack) >= max_depth:
+                raise CBORError("too_deep", f"nesting deeper than {max_depth}")
         elif major == 6:
             if not (first and arg == allow_tag):
                 raise CBORError("unexpected_tag", f"tag {arg} at byte {pos - 1} is not allowed here")
-            stack.append((todo, in_map, last_key))  # the tagged item counts one level deeper, as in _check_plain
+            stack.append((todo, in_map, last_key))  # the tagged item counts one level deeper
             todo, in_map, last_key = 1, False, None
             if is_key:
                 settled, is_key = False, False
@@ -243,7 +250,10 @@ def _scan(data: bytes, max_depth: int, allow_tag: int | None, *, utf8: bool, can
             settled = False  # a float: its shortest form is for re-encoding to judge
         if canonical and is_key:
             key = data[start:pos]
-            if last_key is not None and not _key_after(key, last_key):
+            # Strictly after the previous key in canonical order (`_LENGTH_FIRST`); inline: it runs for every key
+            # of every payload the bridge ingests.
+            if last_key is not None and not (len(key) > len(last_key) if _LENGTH_FIRST and len(key) != len(last_key)
+                                             else key > last_key):
                 raise CBORError("not_canonical", f"the map key at byte {start} is out of canonical order or repeated")
             last_key = key
         first = False
@@ -252,45 +262,10 @@ def _scan(data: bytes, max_depth: int, allow_tag: int | None, *, utf8: bool, can
     return settled
 
 
+_MAJOR_NAMES = ("unsigned integer", "negative integer", "byte string", "text", "array", "map", "tag",
+                "simple value or float")
 # The smallest argument each long head form may carry in the shortest (deterministic) encoding.
 _SHORTEST = {24: 24, 25: 1 << 8, 26: 1 << 16, 27: 1 << 32}
 # cbor2's canonical map order: by encoded length first, then bytewise (RFC 7049) — or bytewise only (RFC 8949),
 # if a cbor2 release changes it; probed once: "a" (2 bytes) sorts before 1000 (3 bytes, 0x19...) only length-first.
 _LENGTH_FIRST = next(iter(cbor2.loads(cbor2.dumps({"a": 0, 1000: 0}, canonical=True)))) == "a"
-
-
-def _key_after(key: bytes, last: bytes) -> bool:
-    """Whether encoded map key `key` comes strictly after `last` in canonical order."""
-    if _LENGTH_FIRST and len(key) != len(last):
-        return len(key) > len(last)
-    return key > last
-
-
-def _check_plain(value: Any, max_depth: int, depth: int) -> bool:
-    """Raise unless `value` is plain data; True if some text holds U+FFFD (possibly replaced invalid UTF-8)."""
-    # Iterative walk: no recursion limit to hit, and scalars (the common case) cost one type lookup.
-    replaced = False
-    stack = [(value, depth)]
-    while stack:
-        item, d = stack.pop()
-        t = type(item)
-        if t is int:
-            if not -MAX_INT - 1 <= item <= MAX_INT:
-                raise CBORError("int_out_of_range", "integer outside the signed 64-bit range")
-        elif t is str:
-            replaced = replaced or "\ufffd" in item
-        elif t in _SCALARS:
-            continue
-        elif d >= max_depth:
-            raise CBORError("too_deep", f"nesting deeper than {max_depth}")
-        elif t is list:
-            stack.extend((x, d + 1) for x in item)
-        elif t is dict:
-            for key, x in item.items():
-                if type(key) not in (str, int):
-                    raise CBORError("bad_map_key", f"map key of type {type(key).__name__}")
-                stack.append((key, d + 1))
-                stack.append((x, d + 1))
-        else:
-            raise CBORError("unexpected_type", f"{t.__name__} is not plain CBOR data")
-    return replaced

@@ -1,7 +1,7 @@
 """The values that flow between the ingest stages: a raw message in, then per event a verdict.
 
 A verdict is either an `EventCandidate` (checked, ready for the sequencer) or a `Rejection` (why not,
-and to whom the receipt goes). Both are small frozen values that cross the process boundary between
+and to whom the receipt goes). Both are small immutable values that cross the process boundary between
 ingest workers and the sequencer as they are.
 """
 
