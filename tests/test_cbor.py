@@ -48,12 +48,27 @@ def test_encoding_is_a_fixed_point(value: object) -> None:
         (b"\x62\xff\xfe", "malformed_cbor"),  # not UTF-8
         (b"\x81" * 20 + b"\x00", "too_deep"),
         (b"\x5a\xff\xff\xff\xff", "malformed_cbor"),  # claims 4 GiB, has none
+        # The plain-data checks, made by the scan before cbor2 builds anything:
+        (cbor2.dumps(-(2**63) - 1), "int_out_of_range"),
+        (cbor2.dumps({"a": [{1: 2, b"k": 3}]}), "bad_map_key"),  # deep inside
+        (b"\xa1\x81\x01\x02", "bad_map_key"),  # {[1]: 2}: an array as a key
+        (b"\xa1\xf5\x01", "bad_map_key"),  # {true: 1}
+        (b"\xa1\xfb" + bytes(8) + b"\x01", "bad_map_key"),  # {0.0: 1}
+        (b"\x81" * 16 + b"\x80", "too_deep"),  # an empty array, one level too deep
+        (b"\x81" * 16 + b"\xa0", "too_deep"),  # an empty map, likewise
+        (b"\xa1\x61a\x62\xc3\x28", "malformed_cbor"),  # {"a": text that is not UTF-8}
     ],
 )
 def test_decoder_rejections(data: bytes, reason: str) -> None:
     with pytest.raises(cbor.CBORError) as err:
         cbor.decode(data)
     assert err.value.reason == reason
+
+
+def test_the_deepest_allowed_nesting_and_genuine_replacement_characters_decode() -> None:
+    assert cbor.decode(b"\x81" * 15 + b"\x80") is not None  # an empty array at depth 15 of 16
+    assert cbor.decode(cbor2.dumps({"a": "\ufffd"})) == {"a": "\ufffd"}  # U+FFFD itself is valid text
+    assert cbor.decode(cbor2.dumps([2**63 - 1, -(2**63)])) == [2**63 - 1, -(2**63)]
 
 
 @given(st.lists(plain, max_size=4))
