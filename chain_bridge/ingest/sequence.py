@@ -129,8 +129,10 @@ class Sequencer:
                 now_ms: int) -> None:
         """The receipt stage for one appended candidate: acknowledge it, or say why it is not in the log."""
         if isinstance(result, Appended):
-            out.receipts.setdefault(cand.device_id, Receipt(cand.device_id, now_ms)).acknowledge(
-                cand.seq, result.index, cand.digest)
+            receipt = out.receipts.get(cand.device_id)
+            if receipt is None:  # not setdefault: that would build a Receipt per event to throw away
+                receipt = out.receipts[cand.device_id] = Receipt(cand.device_id, now_ms)
+            receipt.acknowledge(cand.seq, result.index, cand.digest)
             if result.duplicate:
                 out.duplicates += 1
                 if took:
