@@ -209,6 +209,7 @@ class Outbox:
         self._loss_logged_at: dict[tuple[str, str], float] = {}
         self._unrecorded: dict[str, int] = {}  # device -> disk_full losses not yet written (no room for the row)
         self._anchored_since_prune = 0
+        self._not_final: int | None = None  # rows of `anchored` not final yet, at most (None: count when needed)
         # Deleting receipted events need not survive a power cut: a delete rolled back by one is resent
         # and deduplicated by the bridge. So acks commit on their own connection without an fsync
         # (WAL + synchronous=NORMAL stays consistent), while signing keeps FULL: a seq must never repeat.
@@ -344,23 +345,39 @@ class Outbox:
         db = self._acks
         deleted: list[int] = []
         mismatched: list[tuple[int, bytes]] = []
+        wanted = dict(acks)
         with _transaction(db):
-            for seq, digest in acks:
-                row = db.execute("SELECT envelope FROM outbox WHERE device_id=? AND seq=?",
-                                 (device_id, seq)).fetchone()
-                if row is None:
-                    continue  # a re-acknowledgement
-                ours = wire_digest(row[0])
-                if hmac.compare_digest(ours, digest):
-                    db.execute("DELETE FROM outbox WHERE device_id=? AND seq=?", (device_id, seq))
+            for seq, stored in self._envelopes(db, device_id, list(wanted)):
+                ours = wire_digest(stored)
+                if hmac.compare_digest(ours, wanted[seq]):
                     deleted.append(seq)
                 else:
                     mismatched.append((seq, ours))
+            db.executemany("DELETE FROM outbox WHERE device_id=? AND seq=?", [(device_id, s) for s in deleted])
         for seq, ours in mismatched:
             self.quarantine(device_id, seq, RECEIPT_MISMATCH,
                             "the bridge acknowledged other bytes under this seq: another holder of this "
                             "device's key or image published first", ours)
         return deleted, [seq for seq, _ in mismatched]
+
+    @staticmethod
+    def _envelopes(db: sqlite3.Connection, device_id: str, seqs: list[int]) -> list[tuple[int, bytes]]:
+        """(seq, stored bytes) of those of `seqs` still queued (a re-acknowledged one is gone): one range read when
+        the seqs are dense, as a receipt's are (a batch message's consecutive events), else one lookup each."""
+        if not seqs:
+            return []
+        low, high = min(seqs), max(seqs)
+        if high - low < 4 * len(seqs):
+            wanted = set(seqs)
+            return [(seq, env) for seq, env in db.execute(
+                "SELECT seq, envelope FROM outbox WHERE device_id=? AND seq BETWEEN ? AND ?", (device_id, low, high))
+                if seq in wanted]
+        found = []
+        for seq in seqs:
+            row = db.execute("SELECT envelope FROM outbox WHERE device_id=? AND seq=?", (device_id, seq)).fetchone()
+            if row is not None:
+                found.append((seq, row[0]))
+        return found
 
     # -- finality --------------------------------------------------------------------------------------
 
@@ -376,11 +393,13 @@ class Outbox:
         final_now = 0
         if rows:
             db = self._acks
-            with _transaction(db):
+            with self._counting_not_final(), _transaction(db):
                 final = self._final_size(db)
                 marked = [(device_id, seq, index, int(index < final)) for seq, index in rows]
                 db.executemany("INSERT OR REPLACE INTO anchored VALUES (?, ?, ?, ?)", marked)
                 final_now = sum(row[3] for row in marked)
+                if self._not_final is not None:
+                    self._not_final += len(marked) - final_now  # a replaced row counts twice: still an upper bound
                 self._anchored_since_prune += len(rows)
                 if self._anchored_since_prune >= PRUNE_EVERY:
                     self._prune_anchored(db)
@@ -391,11 +410,13 @@ class Outbox:
     def mark_final(self, tree_size: int) -> int:
         """A checkpoint of `tree_size` leaves is final: mark the events below it; how many became final."""
         db = self._acks
-        with _transaction(db):
+        with self._counting_not_final(), _transaction(db):
             if tree_size <= self._final_size(db):
                 return 0
             db.execute("INSERT OR REPLACE INTO finality VALUES (1, ?)", (tree_size,))
             cur = db.execute("UPDATE anchored SET final = 1 WHERE final = 0 AND leaf_index < ?", (tree_size,))
+            if self._not_final is not None:
+                self._not_final = max(0, self._not_final - cur.rowcount)
             self._prune_anchored(db)
         return cur.rowcount
 
@@ -426,8 +447,22 @@ class Outbox:
         self._anchored_since_prune = 0
         db.execute("DELETE FROM anchored WHERE final = 1 AND leaf_index < (SELECT leaf_index FROM anchored "
                    "WHERE final = 1 ORDER BY leaf_index DESC LIMIT 1 OFFSET ?)", (KEEP_FINAL - 1,))
-        db.execute("DELETE FROM anchored WHERE final = 0 AND leaf_index < (SELECT leaf_index FROM anchored "
-                   "WHERE final = 0 ORDER BY leaf_index DESC LIMIT 1 OFFSET ?)", (MAX_ANCHORED - KEEP_FINAL - 1,))
+        # The OFFSET walks up to MAX_ANCHORED index entries (milliseconds): only when there may be that many rows
+        # not final (a bridge whose miners stopped cosigning), not at every pruning of a healthy agent.
+        limit = MAX_ANCHORED - KEEP_FINAL
+        if self._not_final is None or self._not_final > limit:
+            db.execute("DELETE FROM anchored WHERE final = 0 AND leaf_index < (SELECT leaf_index FROM anchored "
+                       "WHERE final = 0 ORDER BY leaf_index DESC LIMIT 1 OFFSET ?)", (limit - 1,))
+            self._not_final = db.execute("SELECT COUNT(*) FROM anchored WHERE final = 0").fetchone()[0]
+
+    @contextlib.contextmanager
+    def _counting_not_final(self) -> Iterator[None]:
+        """Around a transaction on `anchored`: if it rolls back, the count of rows not final is unknown again."""
+        try:
+            yield
+        except BaseException:
+            self._not_final = None
+            raise
 
     def advance(self, device_id: str, highest_anchored: int) -> int:
         """Move the seq counter past `highest_anchored` (never back); returns the next seq."""

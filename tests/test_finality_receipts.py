@@ -66,6 +66,37 @@ def test_only_the_newest_final_rows_are_kept(tmp_path: Path, monkeypatch: pytest
     assert kept == [5, 6, 7, 8, 9]  # three final ones, and the two not final yet
 
 
+def test_at_most_max_anchored_rows_are_kept_while_nothing_becomes_final(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bridge whose miners stopped cosigning must not fill the agent's disk: the oldest receipted rows go."""
+    monkeypatch.setattr(outbox_module, "KEEP_FINAL", 2)
+    monkeypatch.setattr(outbox_module, "MAX_ANCHORED", 10)
+    monkeypatch.setattr(outbox_module, "PRUNE_EVERY", 4)
+    box = Outbox(tmp_path / "o.db")
+    for first in range(0, 40, 4):
+        box.record_anchored(DEV.device_id, [(s, s) for s in range(first, first + 4)], final_size=None)
+    assert box.awaiting_finality() == 8 and box.anchored(DEV.device_id, 31) is None
+    box.close()
+    again = Outbox(tmp_path / "o.db")  # a restarted agent does not know the count: it counts at its first pruning
+    again.record_anchored(DEV.device_id, [(s, s) for s in range(40, 44)], final_size=None)
+    assert again.awaiting_finality() == 8 and [s for s in range(44) if again.anchored(DEV.device_id, s)] == \
+        list(range(36, 44))
+
+
+def test_a_healthy_agent_does_not_walk_the_rows_not_final_at_each_pruning(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Far below MAX_ANCHORED, pruning deletes old final rows only: the walk over MAX_ANCHORED index entries that
+    bounds the rows not final (milliseconds each time) runs once, to count them, not at every receipt."""
+    monkeypatch.setattr(outbox_module, "PRUNE_EVERY", 1)
+    box = Outbox(tmp_path / "o.db")
+    statements: list[str] = []
+    box._acks.set_trace_callback(statements.append)
+    for seq in range(20):
+        box.record_anchored(DEV.device_id, [(seq, seq)], final_size=seq)
+    walks = [s for s in statements if "final = 0 ORDER BY" in s]
+    assert len(walks) == 1 and box.awaiting_finality() == 1  # leaf 19: not yet covered by a final size of 19
+
+
 def test_the_agent_marks_its_events_final_from_receipts(tmp_path: Path) -> None:
     box = Outbox(tmp_path / "o.db")
     agent = Agent([AgentDevice(DEV, None)], box, BrokerConfig(), BRIDGE.public_key)

@@ -79,6 +79,18 @@ def test_outbox_deletes_on_our_digest_and_quarantines_on_another(tmp_path: Path)
     assert box.ack_bound(DEV.device_id, [(0, ours[0])]) == ([], [])  # a re-ack deletes nothing
 
 
+def test_outbox_acks_scattered_seqs_as_well_as_a_run_of_them(tmp_path: Path) -> None:
+    """A receipt's seqs are read in one range when dense and one by one when scattered: both delete the same."""
+    box = Outbox(tmp_path / "o.db")
+    seqs = box.add_many(DEV.device_id, [lambda s: b"e-%d" % s] * 200)
+    digest = {s: hashlib.sha256(b"e-%d" % s).digest() for s in seqs}
+    scattered = [3, 97, 150, 199]  # spread over 197 seqs: looked up one by one
+    assert box.ack_bound(DEV.device_id, [(s, digest[s]) for s in scattered]) == (scattered, [])
+    run = list(range(10, 60))
+    assert box.ack_bound(DEV.device_id, [(s, digest[s]) for s in run] + [(3, digest[3])]) == (run, [])
+    assert box.depth() == 200 - len(scattered) - len(run)
+
+
 @pytest.mark.integration
 async def test_a_clones_forgery_under_a_pending_seq_does_not_delete_the_genuine_reading(
         tmp_path: Path, broker, running_bridge, caplog: pytest.LogCaptureFixture) -> None:
