@@ -40,7 +40,8 @@ from chain_bridge.ledger.store import Ledger
 from chain_bridge.contract_admin import submit
 from chain_bridge.registry import contract_genesis, ledger_path, log_key, operator_key, register_devices
 from contract_rules import transactions as ce
-from simulators.mosquitto import REPO, Mosquitto, free_port
+from simulators.mosquitto import REPO, Mosquitto
+from simulators.ports import free_port
 
 PROFILES = ("heart_rate_band", "pulse_oximeter", "thermometer")
 

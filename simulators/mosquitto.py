@@ -5,7 +5,6 @@ Used by the tests and the benchmarks so that neither depends on the machine's sh
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -15,24 +14,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from simulators.ports import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 TEST_CONF = REPO / "tests" / "broker" / "mosquitto-test.conf"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """`count` distinct free ports: each probe stays bound until all are chosen (probes one after another may be
-    handed the same port twice — CI saw two MPC parties on one)."""
-    with contextlib.ExitStack() as held:
-        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
-        for s in sockets:
-            s.bind((host, 0))
-        return [s.getsockname()[1] for s in sockets]
 
 
 def mosquitto_binary() -> str | None:

@@ -25,7 +25,8 @@ from typing import Any
 
 from carechain.config import BrokerConfig
 from chain_bridge.broker.nats import NatsUser, NodePorts, render_node
-from simulators.mosquitto import free_port, wait_listening
+from simulators.mosquitto import wait_listening
+from simulators.ports import free_ports
 
 NODES = 3
 START_TIMEOUT_S = 30.0
@@ -36,13 +37,6 @@ def nats_binary() -> str | None:
     if found:
         return found
     return "/usr/sbin/nats-server" if Path("/usr/sbin/nats-server").exists() else None
-
-
-def _free_ports(host: str, count: int) -> list[int]:
-    ports: set[int] = set()
-    while len(ports) < count:
-        ports.add(free_port(host))
-    return sorted(ports)
 
 
 @dataclass
@@ -75,7 +69,7 @@ class NatsCluster:
         if binary is None:
             raise FileNotFoundError("nats-server is not installed (apt-get install nats-server)")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        ports = _free_ports(self.host, 4 * self.size)
+        ports = sorted(free_ports(4 * self.size, self.host))
         all_ports = [NodePorts(*ports[4 * i:4 * i + 4]) for i in range(self.size)]
         for i, p in enumerate(all_ports):
             name = f"n{i + 1}"

@@ -22,7 +22,8 @@ from carechain.identity import Identity
 from carechain.reencryption import PreKey
 from edge_agent.agent import Agent, AgentDevice
 from edge_agent.outbox import Outbox
-from simulators.mosquitto import REPO, free_port
+from simulators.mosquitto import REPO
+from simulators.ports import free_port
 
 BRIDGE_KEY = Identity.generate().public_key.hex()
 OWNER = Identity.generate()  # the patient the (protocol 2, default) agent seals its readings to

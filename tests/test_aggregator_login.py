@@ -31,8 +31,9 @@ from chain_bridge.ledger.store import Ledger
 from chain_miner.aggregator import publish_entries
 from contract_rules import market as rules
 from contract_rules.replay import replay_leaves
-from simulators.mosquitto import REPO, free_ports, mosquitto_binary
+from simulators.mosquitto import REPO, mosquitto_binary
 from simulators.mpc_parties import tls_work_dirs
+from simulators.ports import free_ports
 from tests.locked_broker import BRIDGE, Conn, LockedBroker, login, start_locked_broker, wait_until
 
 pytestmark = [pytest.mark.integration,

@@ -37,7 +37,7 @@ from chain_bridge.anchoring import ANCHORS_DB, AnchorRecords, EthereumChain, Rpc
 from chain_bridge.bridge import Bridge  # noqa: E402
 from chain_bridge.ledger.store import Ledger  # noqa: E402
 from simulators.miners import clear_retained  # noqa: E402
-from simulators.mosquitto import free_port  # noqa: E402
+from simulators.ports import free_port  # noqa: E402
 from tests.test_miner_cli import send_events  # noqa: E402
 from tests.test_miners_integration import wait_for  # noqa: E402
 from tests.test_pipeline import OPERATOR, register  # noqa: E402

@@ -21,7 +21,7 @@ import pytest
 
 from carechain.identity import Identity
 from carechain.reencryption import PreKey
-from simulators.mosquitto import free_port
+from simulators.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 CARECHAIN = [sys.executable, "-m", "carechain.cli"]

@@ -29,7 +29,7 @@ from chain_bridge.console.accounts import AccountBook, Role
 from chain_bridge.ledger.store import Ledger
 from chain_bridge.registry import ledger_path
 from simulators.miners import CARECHAIN
-from simulators.mosquitto import free_port
+from simulators.ports import free_port
 from tests.access_world import Process, now_ms, wait_for
 from tests.live_world import LiveWorld
 

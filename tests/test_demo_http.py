@@ -15,7 +15,8 @@ from pathlib import Path
 
 import httpx
 
-from simulators.mosquitto import REPO, free_port
+from simulators.mosquitto import REPO
+from simulators.ports import free_port
 
 
 def _lines(stream: object, into: list[str]) -> None:

@@ -17,7 +17,8 @@ import pytest
 
 from carechain.config import BrokerConfig
 from carechain.credentials import load_mqtt_credentials
-from simulators.mosquitto import Mosquitto, free_port, mosquitto_binary
+from simulators.mosquitto import Mosquitto, mosquitto_binary
+from simulators.ports import free_port
 from tests.locked_broker import render_template
 from tests.test_tls import connects
 

@@ -27,7 +27,8 @@ import yaml
 from carechain.config import load_config
 from carechain.identity import Identity
 from carechain.reencryption import PreKey
-from simulators.mosquitto import Mosquitto, free_port, mosquitto_binary
+from simulators.mosquitto import Mosquitto, mosquitto_binary
+from simulators.ports import free_port
 from tests.locked_broker import render_template
 
 README = Path(__file__).resolve().parent.parent / "README.md"

@@ -23,7 +23,7 @@ import pytest
 from carechain import sd_notify
 from carechain.identity import Identity
 from carechain.reencryption import PreKey
-from simulators.mosquitto import free_port
+from simulators.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 CARECHAIN = [sys.executable, "-m", "carechain.cli"]

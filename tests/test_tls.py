@@ -26,7 +26,8 @@ from chain_bridge.bridge import Bridge
 from chain_bridge.ledger.store import Ledger
 from edge_agent.agent import Agent, AgentDevice
 from edge_agent.outbox import Outbox
-from simulators.mosquitto import free_port, mosquitto_binary
+from simulators.mosquitto import mosquitto_binary
+from simulators.ports import free_port
 from tests.locked_broker import BRIDGE, LockedBroker, render_template, start_locked_broker
 
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")

@@ -23,7 +23,8 @@ from carechain.identity import Identity
 from carechain.pki import init_ca, issue_server
 from carechain.retry import MQTT_RECONNECT, Backoff, ReconnectPolicy
 from carechain.transport import connect_client
-from simulators.mosquitto import Mosquitto, free_port, mosquitto_binary
+from simulators.mosquitto import Mosquitto, mosquitto_binary
+from simulators.ports import free_port
 
 needs_mosquitto = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")
 FAST = ReconnectPolicy(initial_s=0.05, max_s=0.2, jitter=0.2, stable_s=5.0)
