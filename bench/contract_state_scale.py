@@ -8,8 +8,9 @@ snapshot at start and then applies each new leaf. The state records an outcome p
 For each size N, in a fresh process (so each RSS is its own): a genesis with its operator, a snapshot of a log of
 N leaves — a registered heart-rate band, accepted readings and 100 refusals — restored as a bridge restores it
 (time, RSS after); then 100,000 of the band's readings applied as the bridge's gate follows its batches
-(`Replica.apply_ingested`; CPU µs per reading, RSS after), and one snapshot taken (time, bytes). For comparison, up to --baseline-max leaves, the list of pairs
-the state held before, built alone in another fresh process (its RSS).
+(`Replica.apply_ingested`; CPU µs per reading, RSS after), and one snapshot taken (time, bytes). For comparison,
+up to --baseline-max leaves, the list of pairs the state held before, built alone in another fresh process
+(its RSS).
 
     python bench/contract_state_scale.py [--sizes 1000000,10000000,100000000] [--baseline-max 10000000] [--json]
 """

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -240,10 +241,8 @@ class Meter:
     def _sample(self) -> None:
         while True:
             for n, p in self.procs.items():
-                try:
+                with contextlib.suppress(psutil.Error):  # the process is gone: its peak stays
                     self._rss[n] = max(self._rss[n], p.memory_info().rss)
-                except psutil.Error:
-                    pass
             if self._stop.wait(0.2):
                 return
 
@@ -385,10 +384,8 @@ class NatsTier:
 
     def reset(self) -> None:
         async def delete(js: Any) -> None:
-            try:
+            with contextlib.suppress(NotFoundError):
                 await js.delete_stream(EVENTS_STREAM)
-            except NotFoundError:
-                pass
         self._js(delete)
 
     def raw_rate(self, messages: Sequence[Message]) -> float:
@@ -669,7 +666,7 @@ def table(cells: list[dict[str, Any]]) -> str:
             + "".join(f"{f'@{r:,}/s':>22}" for r in _offered(cells)) + "  cpu% / rss MB")
     lines = [head]
     for c in cells:
-        def lat(key: str) -> str:
+        def lat(key: str, c: dict[str, Any] = c) -> str:
             x = c["latency"][key]
             return f"{x.get('p50_ms', '-')}/{x.get('p99_ms', '-')}/{x.get('p999_ms', '-')}"
         res = " ".join(f"{n} {r['cpu_pct']:.0f}%/{r['rss_mb']:.0f}" for n, r in c["resources"].items())

@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from carechain import market  # noqa: E402
-from tests.test_market_mpc import Contribution, agreed_payload, aggregator_keys, build_inputs, run_aggregators  # noqa: E402
+from tests.test_market_mpc import Contribution, aggregator_keys, agreed_payload, build_inputs, run_aggregators  # noqa: E402
 
 HR = {"kind": "heart_rate", "lo": 40, "hi": 200}
 QUERIES = {"mean": {"type": "mean", **HR},
@@ -94,7 +94,8 @@ def main() -> int:
         for r in rows:
             print(f"{r['study']:>9}: {r['contributors']} contributors, {r['wall_s']} s wall "
                   f"(aggregators {r['aggregator_s']}), upload {r['upload_bytes_per_contributor']} B/contributor, "
-                  f"MPC {r['mpc_bytes_per_contributor']} B/contributor, per aggregator {r['mpc_bytes_per_aggregator']} B, "
+                  f"MPC {r['mpc_bytes_per_contributor']} B/contributor, "
+                  f"per aggregator {r['mpc_bytes_per_aggregator']} B, "
                   f"{r['cost_vs_plain']}x the plain computation")
         print(f"total {total:.1f} s (target < 120 s): {'met' if total < 120 else 'NOT met'}")
         print(f"the mean over TLS / in the clear (--plaintext, {clear['wall_s']} s): {tls_ratio}x")

@@ -36,7 +36,15 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.ingest import (  # noqa: E402
-    CELL_TIMEOUT_S, Bridge, Meter, MosquittoTier, Publishers, anchored_rate, fleet, register, signed_load,
+    CELL_TIMEOUT_S,
+    Bridge,
+    Meter,
+    MosquittoTier,
+    Publishers,
+    anchored_rate,
+    fleet,
+    register,
+    signed_load,
 )
 from carechain import topics  # noqa: E402
 

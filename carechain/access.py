@@ -29,8 +29,9 @@ from carechain.sealed import MAX_CIPHERTEXT_BYTES
 __all__ = ["ACCESS_SEED_PURPOSE", "MAX_CAPSULE_FRAGMENTS_BYTES", "MAX_FRAGS_PER_MESSAGE", "MAX_RECORDS_PAGE_BYTES",
            "AccessMessageError", "CapsuleFragments", "Fragment", "GrantProof", "Record", "RecordsPage",
            "RecordsRequest", "choose_miners", "decode_records_page", "encode_records_page", "open_sealed_kfrag",
-           "parse_capsule_fragments", "parse_records_request", "parse_signed_records_page", "record_size", "request_hash",
-           "seal_to_miner", "sign_capsule_fragments", "sign_records_page", "sign_records_request", "signer_of"]
+           "parse_capsule_fragments", "parse_records_request", "parse_signed_records_page", "record_size",
+           "request_hash", "seal_to_miner", "sign_capsule_fragments", "sign_records_page", "sign_records_request",
+           "signer_of"]
 
 ACCESS_SEED_PURPOSE = "access.miners"
 MESSAGE_VERSION = 1

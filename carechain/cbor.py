@@ -103,9 +103,10 @@ def decode(data: bytes, *, max_depth: int = MAX_DEPTH, allow_tag: int | None = N
     Rejects trailing bytes, indefinite lengths, tags (except `allow_tag` at the top level), simple values
     other than false/true/null, text that is not UTF-8, lengths beyond the data, nesting deeper than
     `max_depth`, and integers outside the signed 64-bit range or map keys that are not integers or text.
-    `check_plain=False` skips those last two, for callers that type-check every element themselves. `canonical=True` also
-    rejects (CBORError "not_canonical") any encoding but the one `encode` writes: `encode(value) == data`,
-    judged from the heads while scanning, by re-encoding only for an item that holds a float.
+    `check_plain=False` skips those last two, for callers that type-check every element themselves.
+    `canonical=True` also rejects (CBORError "not_canonical") any encoding but the one `encode` writes:
+    `encode(value) == data`, judged from the heads while scanning, by re-encoding only for an item that holds a
+    float.
     """
     # With `check_plain` the scan also does the type walk's checks (integer range, map key types, UTF-8, depth of
     # empty containers), so what cbor2 builds below needs no second look.

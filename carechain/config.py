@@ -365,9 +365,9 @@ class BridgeConfig(_Section):
         "written; empty: a demo supply.")
     limits: Limits = Field(default_factory=Limits, description="Ingest limits (see `bridge.limits`).")
     miners: list[MinerKey] = Field(default_factory=list, description="Cosigner keys for a bridge WITHOUT "
-                                   "contracts (a lab setting). With contracts it is ignored, with a warning: a majority "
-                                   "of the ledger's active miners (registered, bonded) makes a checkpoint final "
-                                   "(docs/miners.md).")
+                                   "contracts (a lab setting). With contracts it is ignored, with a warning: a "
+                                   "majority of the ledger's active miners (registered, bonded) makes a checkpoint "
+                                   "final (docs/miners.md).")
     finality_threshold: int = Field(default=0, ge=0, description="Without contracts: how many of `miners` must "
                                     "cosign a checkpoint for it to be final (> 0: the bridge collects cosignatures "
                                     "and publishes final checkpoints on cc/v1/log/final). Ignored with contracts.")

@@ -38,9 +38,10 @@ from carechain.topics import miner_hello as hello
 from carechain.topics import miner_request as request
 from carechain.topics import miner_response as response
 
-__all__ = ["MAX_ENTRIES_PER_RESPONSE", "MAX_MPC_CERT_CHARS", "MINER_COSIG_WILDCARD", "MINER_EVIDENCE_WILDCARD", "MINER_HELLO_WILDCARD",
-           "MINER_REQUEST_WILDCARD", "RATE_LIMITED", "CosignatureMessage", "MinerHello", "ProofAttestation",
-           "ProofRequestMessage", "ProofResponseMessage", "SignedMessage", "cosignature", "entries_digest",
+__all__ = ["MAX_ENTRIES_PER_RESPONSE", "MAX_MPC_CERT_CHARS", "MINER_COSIG_WILDCARD", "MINER_EVIDENCE_WILDCARD",
+           "MINER_HELLO_WILDCARD", "MINER_REQUEST_WILDCARD", "RATE_LIMITED", "CosignatureMessage", "MinerHello",
+           "ProofAttestation", "ProofRequestMessage", "ProofResponseMessage", "SignedMessage", "cosignature",
+           "entries_digest",
            "evidence", "from_miner", "hello", "miner_of_topic", "payload_budget", "request", "response",
            "signing_bytes"]
 # The most entries one answer carries; the bytes usually bound a page first (the broker's packet limit).

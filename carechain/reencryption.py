@@ -119,7 +119,8 @@ def encapsulate(owner_pk: bytes, data_key: bytes) -> tuple[bytes, bytes]:
 
 
 def owner_decrypt(owner: PreKey, capsule: bytes, key_ct: bytes) -> bytes:
-    """The data key, opened directly by its owner. Not on the access path (which logs every open): tests, and the owner's own agent computing on her own data (record_access.contributing)."""
+    """The data key, opened directly by its owner. Not on the access path (which logs every open): tests, and the
+    owner's own agent computing on her own data (record_access.contributing)."""
     try:
         return bytes(umbral_pre.decrypt_original(owner._delegating, _capsule(capsule), _bounded(key_ct)))
     except ValueError as exc:

@@ -342,7 +342,8 @@ class ArchiveFetcher:
                         exc)
             raise ArchiveError("archive_unavailable", f"archive {row.dataset_id}: {exc}") from None
         items = decode_bundle(raw, row.readings)
-        good, bad = check_bundle(items, {i: anchored_ct_hash(leaf) for i, leaf in self._reader.archive_leaves(row.id).items()})
+        good, bad = check_bundle(items, {i: anchored_ct_hash(leaf)
+                                         for i, leaf in self._reader.archive_leaves(row.id).items()})
         self.stats["fetched"] += 1
         if bad:
             self.stats["mismatch"] += len(bad)

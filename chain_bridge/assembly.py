@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
-from carechain.config import BridgeConfig, Config, ConfigError
+from carechain.config import Config, ConfigError
 from carechain.credentials import CredentialsError, resolve_broker_login
 from carechain.datadir import DataDirLock, instance_id, lock_data_dir
 from carechain.files import make_private

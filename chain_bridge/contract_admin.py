@@ -21,15 +21,13 @@ from pydantic import ValidationError
 
 from carechain.entries import Entry
 from carechain.files import write_atomic
-from carechain.identity import device_id_for, parse_public_key_hex
-from carechain.identity import Identity
+from carechain.identity import Identity, device_id_for, parse_public_key_hex
 from chain_bridge.contract_gate import SNAPSHOT_EVERY, clock_attestation, wall_clock_ms
 from chain_bridge.ledger.store import Ledger
 from contract_rules import Genesis, Replica, Runtime
-from contract_rules.replay import SnapshotError, genesis_hash
 from contract_rules import transactions as ce
+from contract_rules.replay import SnapshotError, genesis_hash
 from contract_rules.runtime import OK
-
 
 log = logging.getLogger("carechain.bridge")
 

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 
 from carechain.access import MAX_CAPSULE_FRAGMENTS_BYTES
 from carechain.entries import ACCESS_FAULT, Entry, EntryError
-from chain_bridge.ledger.store import Ledger
 from chain_bridge.contract_gate import append_if_accepted
+from chain_bridge.ledger.store import Ledger
 
 if TYPE_CHECKING:
     from chain_bridge.contract_gate import ContractGate

@@ -19,7 +19,6 @@ from carechain.checkpoint import NoteError, NoteSignature, parse_note
 from carechain.cosignature import Cosigner, cosignature_timestamp
 
 if TYPE_CHECKING:
-    from chain_bridge.ledger.store import Ledger
     from contract_rules import State
 
 MINER_NAME_PREFIX = "carechain.miner/"

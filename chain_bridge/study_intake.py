@@ -35,8 +35,8 @@ from carechain.entries import (
     Entry,
     EntryError,
 )
-from chain_bridge.ledger.store import Ledger
 from chain_bridge.contract_gate import append_if_accepted
+from chain_bridge.ledger.store import Ledger
 
 if TYPE_CHECKING:
     from chain_bridge.contract_gate import ContractGate

@@ -57,7 +57,7 @@ def check_certificate(pem: str, now: datetime.datetime | None = None) -> x509.Ce
         cert = x509.load_pem_x509_certificate(pem.encode())
     except ValueError as exc:
         raise MpcTlsError(f"the MPC certificate does not parse: {exc}") from None
-    now = now or datetime.datetime.now(datetime.timezone.utc)
+    now = now or datetime.datetime.now(datetime.UTC)
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
         raise MpcTlsError(f"the MPC certificate is valid from {cert.not_valid_before_utc:%Y-%m-%d} to "
                           f"{cert.not_valid_after_utc:%Y-%m-%d}, not now")
@@ -83,7 +83,7 @@ class MpcTls:
     def load_or_create(cls, data_dir: Path, now: datetime.datetime | None = None) -> MpcTls:
         """The miner's MPC key and certificate from `data_dir`; new ones when there are none yet, or when the
         certificate ends within RENEW_DAYS (or no longer parses)."""
-        now = now or datetime.datetime.now(datetime.timezone.utc)
+        now = now or datetime.datetime.now(datetime.UTC)
         key_file, cert_file = Path(data_dir) / KEY_FILE, Path(data_dir) / CERT_FILE
         if key_file.exists() and cert_file.exists():
             tls = cls(read_private(key_file), cert_file.read_text())
@@ -106,12 +106,12 @@ class MpcTls:
 
     def due_for_renewal(self, now: datetime.datetime | None = None) -> bool:
         """Whether the certificate ends within RENEW_DAYS: `load_or_create` then makes a new one."""
-        now = now or datetime.datetime.now(datetime.timezone.utc)
+        now = now or datetime.datetime.now(datetime.UTC)
         return self.expires - now <= datetime.timedelta(days=RENEW_DAYS)
 
     @classmethod
     def generate(cls, now: datetime.datetime | None = None) -> MpcTls:
-        now = now or datetime.datetime.now(datetime.timezone.utc)
+        now = now or datetime.datetime.now(datetime.UTC)
         key = ec.generate_private_key(ec.SECP256R1())
         public = key.public_key()
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "carechain MPC aggregator")])

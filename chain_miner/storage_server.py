@@ -13,7 +13,9 @@ on the ledger), so an answer's signatures are checkable without any other lookup
 |---|---|---|
 | `put` | dataset, segment, version, share, data, chunk_size | ok, receipt: the miner's store receipt |
 | `get` | request: a signed RetrievalRequest (COSE); chunk_size | ok, data, answer: signed RetrievalAnswer |
-| `audit` | chunk_size, challenges: [[dataset, segment, version, share, chunk(, chunk_size)], …]; epoch, seed | ok, attestation |
+| `audit` | chunk_size, challenges (below); epoch, seed | ok, attestation |
+
+An `audit`'s challenges: [[dataset, segment, version, share, chunk(, chunk_size)], …].
 
 A `put`'s receipt is `attestations.store_receipt`: the miner's signature over the share's place, Merkle root
 (computed here from the bytes received, in `chunk_size` chunks), length and chunk size, which the owner's

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from carechain.checkpoint import Checkpoint, NoteSignature
 from carechain.cosignature import Cosigner, cosign
 from carechain.evidence import Evidence, EvidenceKind, Violation
-from carechain.miner_messages import ProofAttestation
 from carechain.merkle import (
     EMPTY_ROOT,
     HASH_SIZE,
@@ -34,6 +33,7 @@ from carechain.merkle import (
     leaf_hash,
     verify_consistency,
 )
+from carechain.miner_messages import ProofAttestation
 from carechain.proofs import VerificationError, verify_checkpoint
 
 # (old_size, new_size, entries old_size..new_size-1) -> a Violation, or None to accept.

@@ -22,8 +22,8 @@ import hashlib
 from typing import Any
 
 from carechain import access as access_core
-from carechain.checkpoint import CheckpointError, NoteError, key_hash, parse_note
 from carechain.checkpoint import Checkpoint as CheckpointBody
+from carechain.checkpoint import CheckpointError, NoteError, key_hash, parse_note
 from carechain.cosignature import CosignatureError, Cosigner, cosignature_timestamp
 from carechain.entries import Entry
 from carechain.events import SEALED_KINDS

@@ -47,7 +47,6 @@ from contract_rules.transactions import (
     STUDY_POST,
     STUDY_RESULT,
     STUDY_SAMPLE,
-    CohortAttributes,
     ConsentGive,
     ConsentRevoke,
     StudyAudit,

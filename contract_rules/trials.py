@@ -35,9 +35,9 @@ from carechain import trial_allocation as alloc
 from carechain.events import SEALED_KINDS, PayloadError, Purchase, SealedBody, TrialMeasure, validate_payload
 from carechain.sealed import SealedError, ciphertext_hash, open_body
 from contract_rules import bonds
-from contract_rules.penalties import slash_by
 from contract_rules import miners as miner_rules
 from contract_rules.clock import attested_ms
+from contract_rules.penalties import slash_by
 from contract_rules.runtime import Accept, Effect, Outcome, Put, Reject, State, Tx
 from contract_rules.transactions import (
     TRIAL_CERTIFY,

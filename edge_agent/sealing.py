@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from carechain import envelope
-from carechain.events import BODY_MODELS, EventBody, PayloadError, make_payload, make_sealed_payload
 from carechain.errors import Reason
+from carechain.events import BODY_MODELS, EventBody, PayloadError, make_payload, make_sealed_payload
 from carechain.identity import Identity
 from carechain.reencryption import PRE_PUBLIC_SIZE, encapsulate
 from carechain.sealed import (

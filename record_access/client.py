@@ -24,8 +24,8 @@ import paho.mqtt.client as mqtt
 
 from carechain import access, reencryption, topics
 from carechain.config import BrokerConfig
-from carechain.errors import ProtocolError
 from carechain.entries import Entry
+from carechain.errors import ProtocolError
 from carechain.identity import Identity
 from carechain.transport import connect_client
 from contract_rules import transactions as ce

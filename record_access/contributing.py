@@ -141,7 +141,7 @@ def build_contribution(owner: Identity, study_id: str, study: Mapping[str, Any],
     salt = os.urandom(market.SALT_BYTES) if salt is None else bytes(salt)
     digest = market.commitment(vector, salt)
     rows = market.split_contribution(vector, len(aggregators))
-    shares = [market.seal_share(pk, market.encode_shares(row)) for pk, row in zip(aggregators, rows)]
+    shares = [market.seal_share(pk, market.encode_shares(row)) for pk, row in zip(aggregators, rows, strict=True)]
     entry = ce.study_contribute_entry(owner, ce.StudyContribute(
         study_id=study_id, consent=consent, commitment=digest, shares=shares, leaves=leaves, ts=ts))
     return Contribution(study_id, consent, value, vector, salt, digest, leaves, entry)

@@ -41,7 +41,8 @@ class SignedRequest:
         return self.entry.encode()
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": REQUEST_FILE_FORMAT, "leaf": self.leaf().hex(), "requester_public_key": self.requester_pk.hex()}
+        return {"format": REQUEST_FILE_FORMAT, "leaf": self.leaf().hex(),
+                "requester_public_key": self.requester_pk.hex()}
 
 
 def build_request(requester: Identity, *, owner: str, devices: list[str], kinds: list[str], from_ms: int, to_ms: int,

@@ -36,8 +36,8 @@ from carechain.entries import ENTRY_EVENT, Entry
 from carechain.identity import Identity
 from carechain.inventory import InventoryDevice
 from carechain.reencryption import PreKey
-from chain_bridge.ledger.store import Ledger
 from chain_bridge.contract_admin import submit
+from chain_bridge.ledger.store import Ledger
 from chain_bridge.registry import contract_genesis, ledger_path, log_key, operator_key, register_devices
 from contract_rules import transactions as ce
 from simulators.mosquitto import REPO, Mosquitto

@@ -21,8 +21,8 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 

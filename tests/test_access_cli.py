@@ -148,7 +148,8 @@ class Deployment:
             for miner_id, sealed_kfrag in zip(record["miners"], record["kfrags"], strict=True):
                 kfrag = reencryption.verify_kfrag(access.open_sealed_kfrag(by_id[miner_id], sealed_kfrag),
                                                   alice_pre.public_key, alice_pre.verifying_key, doctor_pre.public_key)
-                frags = [(d, e, reencryption.reencrypt(c, kfrag)) for d, e, c, _ in granted_epochs(runtime.state, record)]
+                frags = [(d, e, reencryption.reencrypt(c, kfrag))
+                         for d, e, c, _ in granted_epochs(runtime.state, record)]
                 proof = access.GrantProof(size=index + 1, path=[], checkpoint=self.final_checkpoint().read_text())
                 info = client.publish(topics.party_inbox(record["requester"]),
                                       access.sign_capsule_fragments(by_id[miner_id], index, frags, proof), qos=1)

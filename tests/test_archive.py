@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from test_contracts_access import AccessWorld
 
 from carechain import envelope, topics
 from carechain.access import sign_records_request
@@ -28,8 +29,8 @@ from chain_bridge.archiver import (
     ArchiveError,
     ArchiveFetcher,
     ArchivePolicy,
-    ArchiveRow,
     Archiver,
+    ArchiveRow,
     EpochStock,
     anchored_ct_hash,
     check_bundle,
@@ -43,13 +44,11 @@ from chain_bridge.contract_gate import ContractGate
 from chain_bridge.ledger.store import Appended, ArchiveConflict, EventCandidate, Ledger, LedgerError
 from chain_bridge.record_server import RecordServer, Refusal
 from chain_bridge.storage_client import StorageClient, key_path
-from contract_rules import replay_leaves
+from contract_rules import bonds, replay_leaves
 from contract_rules import transactions as ce
-from contract_rules import bonds
 from contract_rules.bonds import MIN_BOND
 from contract_rules.miners import active_miners
 from simulators.miners import clear_retained
-from test_contracts_access import AccessWorld
 from tests.test_record_server import E0, HOUR, NOW, T0, Deployment, build, check_pages, fetch_all, seal, server
 from tests.test_storage_network import StorageMiner
 

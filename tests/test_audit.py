@@ -24,8 +24,8 @@ from carechain.events import make_payload
 from carechain.identity import Identity
 from carechain.merkle import leaf_hash
 from carechain.merkle_tree import MerkleTree
-from chain_bridge.bridge import Bridge
 from carechain.tiles import consistency_ranges
+from chain_bridge.bridge import Bridge
 from chain_bridge.ledger.integrity import AuditFailure, LogAuditor, audit_ledger
 from chain_bridge.ledger.sql import StoreLocation
 from chain_bridge.ledger.store import DeviceRevoked, EventCandidate, Ledger

@@ -223,7 +223,9 @@ def test_a_damaged_or_foreign_state_file_is_refused(data_dir: Path, tmp_path: Pa
     audit(data_dir, state_file=state)
     good = json.loads(state.read_bytes())
 
-    def refused(raw: str | dict[str, object], match: str, operator: Identity = operator_key(data_dir)) -> None:
+    operator_of_the_log = operator_key(data_dir)
+
+    def refused(raw: str | dict[str, object], match: str, operator: Identity = operator_of_the_log) -> None:
         """Write `raw` (a dict: edited consistently, with its digest redone) and expect the resume to refuse it."""
         if isinstance(raw, dict):
             raw = {k: v for k, v in raw.items() if k != "digest"}

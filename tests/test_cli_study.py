@@ -63,7 +63,8 @@ class Deployment:
                        **{f"miner:{m.device_id}": MIN_BOND["miner"] for m in MINERS}}
         self.opts = bridge_options(tmp, allocations)
         self.ids = {who: out_json(run("party", "register", "patient", tmp / f"{who}.key", "--name", who, "--pre-key",
-                                      tmp / f"{who}.pre", *self.opts, "--json"))["party_id"] for who in ("alice", "bob")}
+                                      tmp / f"{who}.pre", *self.opts, "--json"))["party_id"]
+                    for who in ("alice", "bob")}
         self.ids["lab"] = out_json(run("party", "register", "researcher", tmp / "lab.key", "--name", "lab",
                                        *self.opts, "--json"))["party_id"]
         self.genesis = contract_genesis(self.bdir, allocations)

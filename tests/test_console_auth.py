@@ -260,14 +260,12 @@ def test_logout_ends_the_session_for_good(console: Console) -> None:
 
 
 def test_a_websocket_opens_only_for_a_session_from_this_origin(console: Console) -> None:
-    with pytest.raises(WebSocketDisconnect) as refused:
-        with console.client().websocket_connect("/live"):
-            pass
+    with pytest.raises(WebSocketDisconnect) as refused, console.client().websocket_connect("/live"):
+        pass
     assert refused.value.code == 1008
     client = console.logged_in()
-    with pytest.raises(WebSocketDisconnect):
-        with client.websocket_connect("/live", headers={"Origin": "https://evil.example"}):
-            pass
+    with pytest.raises(WebSocketDisconnect), client.websocket_connect("/live", headers={"Origin": "https://evil.example"}):
+        pass
     with client.websocket_connect("/live", headers={"Origin": "http://testserver"}) as ws:
         assert ws.receive_text() == "live for alice"
 

@@ -32,7 +32,7 @@ from chain_bridge.console.accounts import AccountBook, Role
 from chain_bridge.console.app import build_console_app
 from chain_bridge.console.read_model import PAGES
 from chain_bridge.console.serve import metrics_app_for
-from chain_bridge.console.source import BridgeSource, Bond, TokenAccount
+from chain_bridge.console.source import Bond, BridgeSource, TokenAccount
 from chain_bridge.ledger.store import EventCandidate, Ledger
 from chain_bridge.registry import ledger_path, log_key, operator_key
 from contract_rules import transactions as ce

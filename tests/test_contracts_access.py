@@ -18,12 +18,20 @@ from carechain.cosignature import Cosigner, add_cosignature, cosign
 from carechain.entries import Entry, event_entry
 from carechain.events import PROTOCOL_V2, EpochKey, make_payload, make_sealed_payload
 from carechain.identity import Identity
-from carechain.reencryption import PreKey, encapsulate, make_kfrags, open_data_key, reencrypt, verify_cfrag, verify_kfrag
+from carechain.reencryption import (
+    PreKey,
+    encapsulate,
+    make_kfrags,
+    open_data_key,
+    reencrypt,
+    verify_cfrag,
+    verify_kfrag,
+)
 from carechain.seed import checkpoint_seed
 from contract_rules import Genesis, Runtime
 from contract_rules import access as rules
-from contract_rules.bonds import MIN_BOND
 from contract_rules import transactions as ce
+from contract_rules.bonds import MIN_BOND
 
 HOUR = 3_600_000
 N_MINERS = 5
@@ -154,7 +162,8 @@ def test_the_granted_epochs_open_with_m_verified_capsule_fragments_and_not_with_
     [(dev, e, capsule, key_ct)] = rules.granted_epochs(world.state, record)
     kfrags = make_kfrags(world.patient_pre, world.doctor_pre.public_key, 3, N_MINERS)
     cfrags = [verify_cfrag(reencrypt(capsule, verify_kfrag(k, world.patient_pre.public_key,
-                                                           world.patient_pre.verifying_key, world.doctor_pre.public_key)),
+                                                           world.patient_pre.verifying_key,
+                                                           world.doctor_pre.public_key)),
                            capsule, world.patient_pre.public_key, world.patient_pre.verifying_key,
                            world.doctor_pre.public_key) for k in kfrags[:3]]
     assert open_data_key(world.doctor_pre, world.patient_pre.public_key, capsule, cfrags, key_ct) == \

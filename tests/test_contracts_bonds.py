@@ -187,10 +187,11 @@ def test_bond_contract_is_addable_and_in_a_new_genesis() -> None:
 # -- access v2: a proven bad capsule fragment slashes the miner ----------------------------------------------
 
 def test_a_proven_bad_capsule_fragment_slashes_the_miners_bond() -> None:
+    from test_contracts_access import HOUR, AccessWorld
+
     from carechain.access import GrantProof, sign_capsule_fragments
     from carechain.reencryption import encapsulate, make_kfrags, reencrypt, verify_kfrag
     from contract_rules import access as access_rules
-    from test_contracts_access import HOUR, AccessWorld
 
     world = AccessWorld()
     assert world.register_party("insurer", world.insurer) == "ok"

@@ -13,7 +13,7 @@ from carechain.entries import CLOCK_ATTEST, ENTRY_EVENT, ENTRY_REGISTER, SALE_RE
 from carechain.events import HeartRate, WeeklyActivity, make_payload
 from chain_bridge.contract_admin import replay_ledger
 from chain_bridge.contract_gate import CLOCK_STALE_MS, ContractGate
-from chain_bridge.ledger.store import AppendResult, Appended, EventCandidate, Ledger, SaleRefused
+from chain_bridge.ledger.store import Appended, AppendResult, EventCandidate, Ledger, SaleRefused
 from contract_rules import bonds
 from contract_rules import transactions as ce
 from contract_rules.clock import MAX_SALE_SKEW_MS, attested_ms

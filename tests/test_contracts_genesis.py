@@ -41,8 +41,8 @@ def test_the_bridge_writes_its_genesis_once_atomically_and_miners_read_the_same_
     path = tmp_path / GENESIS_FILE
     doc = json.loads(path.read_text())
     assert list(doc) == ["operators", "allocations", "contracts"]
-    assert list(doc["operators"].values()) == [operator_key(tmp_path).public_key.hex(), log_key(tmp_path).public_key.hex(),
-                                             OTHER.public_key.hex()]
+    assert list(doc["operators"].values()) == [operator_key(tmp_path).public_key.hex(),
+                                             log_key(tmp_path).public_key.hex(), OTHER.public_key.hex()]
     assert stat.S_IMODE(path.stat().st_mode) == 0o644  # public: every miner needs a copy
     assert not [p for p in path.parent.iterdir() if p != path]  # no temporary file left behind
     assert read_genesis(path) == genesis == contract_genesis(tmp_path, {"insurer:x": 999})

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from bonded_world import BondedWorld
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from bonded_world import BondedWorld
 from test_contracts_world import AMOXICILLIN, DAY, FLU_SHOT, T0, WEEK, World, ident
 
 from carechain import cbor, envelope

@@ -196,7 +196,8 @@ def test_a_made_up_miner_cannot_be_audited_or_paid(w: StorageWorld) -> None:
     assert w.settle(1_000_000) == "ok"
     paid = w.state.table("storage_epochs")["0"]["payouts"]
     assert paid and set(paid) <= set(miners.registered_miners(w.state))
-    assert not [a for a in w.state.balances if a.startswith("miner:") and a[6:] not in miners.registered_miners(w.state)]
+    assert not [a for a in w.state.balances
+                if a.startswith("miner:") and a[6:] not in miners.registered_miners(w.state)]
 
 
 def test_operator_typed_counts_no_longer_decide_rewards(w: StorageWorld) -> None:
@@ -251,7 +252,8 @@ def test_the_miner_may_file_its_answer_before_the_epoch_is_settled(w: StorageWor
     assert w.add(ce.storage_retrieval_entry(w.requester, ce.StorageRetrieval(request=request))) == "ok"
     root = w.state.table("storage_shares")["ds-1|0|1"]["roots"][0]
     answer = retrieval_answer(w.by_id(miner), request, root, share)
-    assert w.add(ce.storage_retrieval_entry(w.by_id(miner), ce.StorageRetrieval(request=request, answer=answer))) == "ok"
+    assert w.add(ce.storage_retrieval_entry(w.by_id(miner),
+                                            ce.StorageRetrieval(request=request, answer=answer))) == "ok"
     assert w.record_final() == "ok"
     assert w.settle(1_000_000) == "ok"
     assert w.state.table("storage_epochs")["0"]["payouts"][miner] > 0

@@ -134,7 +134,8 @@ def study(query: dict[str, Any]) -> dict[str, Any]:
 def reconstruct(shares: list[bytes], width: int) -> list[int]:
     """The vector back from the first t+1 aggregators' opened shares (Lagrange at 0 over MPyC's field)."""
     p, t = market.FIELD_MODULUS, market.threshold_for(len(shares))
-    rows = [market.decode_shares(market.open_share(agg, s), width) for agg, s in zip(AGGREGATORS, shares)][: t + 1]
+    rows = [market.decode_shares(market.open_share(agg, s), width)
+            for agg, s in zip(AGGREGATORS, shares, strict=True)][: t + 1]
     xs = list(range(1, t + 2))
     out = []
     for j in range(width):
@@ -249,7 +250,8 @@ def test_values_outside_the_bounds_are_clipped_so_an_honest_input_is_valid():
     q = {"type": "histogram", "kind": "heart_rate", "lo": 30, "hi": 220, "bins": [60, 70, 80]}
     assert contribution_vector(q, 45) == [1, 0] and contribution_vector(q, 250) == [0, 1]
     # a value is input as the bits of value - lo, least significant first: 120 - 30 = 90 in k = 7 bits
-    assert contribution_vector({"type": "mean", "kind": "heart_rate", "lo": 30, "hi": 120}, 150) == [0, 1, 0, 1, 1, 0, 1]
+    assert contribution_vector({"type": "mean", "kind": "heart_rate", "lo": 30, "hi": 120},
+                               150) == [0, 1, 0, 1, 1, 0, 1]
 
 
 def test_no_contribution_to_a_decided_study(world: World):

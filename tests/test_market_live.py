@@ -28,11 +28,11 @@ from carechain.sealed import DEFAULT_EPOCH_MS, epoch_of, split_wire
 from chain_bridge.ledger.store import EventCandidate, Ledger
 from chain_bridge.registry import ledger_path
 from contract_rules import market as rules
-from contract_rules.clock import attested_ms
 from contract_rules import transactions as ce
-from simulators.ports import listen_port_ranges
+from contract_rules.clock import attested_ms
 from edge_agent.outbox import DataKey
 from edge_agent.sealing import RecordOwner, new_epoch_key, reading_body, seal_reading, sign_epoch_key
+from simulators.ports import listen_port_ranges
 from tests.access_world import Miner, Party, now_ms, wait_for
 from tests.live_world import LiveWorld, module_world
 
@@ -177,7 +177,8 @@ def post_and_contribute(w: MarketLive) -> tuple[int, list[int]]:
     return closes_ms, leaves
 
 
-def test_the_miners_compute_the_study_by_themselves_once_its_contributions_are_closed_and_final(world: MarketLive) -> None:
+def test_the_miners_compute_the_study_by_themselves_once_its_contributions_are_closed_and_final(
+        world: MarketLive) -> None:
     w = world
     closes_ms, leaves = post_and_contribute(w)
     assert w.study()["results"] == {}

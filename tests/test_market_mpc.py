@@ -20,9 +20,9 @@ import pytest
 from carechain import contribution_audit, envelope, market
 from carechain.entries import STUDY_AUDIT, STUDY_RESULT, Entry
 from carechain.identity import Identity
-from simulators.ports import free_ports
 from chain_miner.mpc_tls import MpcTls, write_party_files
 from simulators.mpc_parties import tls_work_dirs
+from simulators.ports import free_ports
 
 REPO = Path(__file__).resolve().parent.parent
 SALT = bytes(range(16))

@@ -6,6 +6,7 @@ from fractions import Fraction
 from typing import Any
 
 import pytest
+
 from carechain.measures import (
     GLUCOSE_MAX_GAP_MS,
     MINUTE_MS,
@@ -16,6 +17,7 @@ from carechain.measures import (
     round_half_up,
     time_in_range,
 )
+
 T0 = 1_765_000_000_000 // MINUTE_MS * MINUTE_MS
 
 

@@ -360,7 +360,7 @@ def test_a_killed_miner_disappears_from_discovery(tmp_path: Path, broker) -> Non
     try:
         for m in (killed, stopped):
             mid = m.key.device_id
-            wait_for(f"miner {mid}'s hello", lambda: _retained_hello(broker, mid, f"see-{mid}") is not None)
+            wait_for(f"miner {mid}'s hello", lambda mid=mid: _retained_hello(broker, mid, f"see-{mid}") is not None)
             hello = messages.MinerHello.model_validate_json(_retained_hello(broker, mid, f"read-{mid}") or b"")
             assert hello.miner == mid and messages.from_miner(hello, mid)
         assert killed.proc is not None

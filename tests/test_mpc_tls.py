@@ -12,10 +12,18 @@ import pytest
 
 from carechain.market import MAX_AGGREGATORS
 from chain_miner.aggregator import main as aggregator_main
-from chain_miner.mpc_tls import (CERT_FILE, KEY_FILE, MpcTls, MpcTlsError, check_certificate, party_name,
-                                 remove_party_files, write_party_files)
+from chain_miner.mpc_tls import (
+    CERT_FILE,
+    KEY_FILE,
+    MpcTls,
+    MpcTlsError,
+    check_certificate,
+    party_name,
+    remove_party_files,
+    write_party_files,
+)
 
-NOW = datetime.datetime(2026, 6, 1, tzinfo=datetime.timezone.utc)
+NOW = datetime.datetime(2026, 6, 1, tzinfo=datetime.UTC)
 
 
 def test_a_generated_certificate_names_every_party_place_and_is_valid_for_a_year() -> None:

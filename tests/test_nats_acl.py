@@ -125,7 +125,8 @@ def test_the_nats_file_holds_every_mosquitto_login_with_the_same_password(deploy
 def test_each_login_gets_its_acl_lines_as_subjects_and_only_the_bridge_core_nats() -> None:
     acl = "\n".join(["# header", f"user {BRIDGE}", "topic read cc/v1/dev/+/ev", "topic write cc/v1/dev/+/rcpt",
                      "user aaaaaaaaaaaaaaaa", "topic write cc/v1/dev/aaaaaaaaaaaaaaaa/ev",
-                     "topic write cc/v1/dev/aaaaaaaaaaaaaaaa/status", "topic read cc/v1/dev/aaaaaaaaaaaaaaaa/rcpt", "topic read cc/v1/log/checkpoint",
+                     "topic write cc/v1/dev/aaaaaaaaaaaaaaaa/status", "topic read cc/v1/dev/aaaaaaaaaaaaaaaa/rcpt",
+                     "topic read cc/v1/log/checkpoint",
                      "user carechain-aggregator-x", "topic write cc/v1/miner/x/study"])
     bridge, device, aggregator = acl_users(acl, {BRIDGE: "b", "aaaaaaaaaaaaaaaa": "d", "carechain-aggregator-x": "a"},
                                            core_nats={BRIDGE})

@@ -7,6 +7,7 @@ and its workers logging in as the bridge."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import threading
@@ -70,10 +71,8 @@ def admin(cluster: NatsCluster, action: Callable[[Any], Any]) -> Any:
 
 def empty_stream(cluster: NatsCluster) -> None:
     async def delete(js: Any) -> None:
-        try:
+        with contextlib.suppress(NotFoundError):
             await js.delete_stream(EVENTS_STREAM)
-        except NotFoundError:
-            pass
     admin(cluster, delete)
 
 

@@ -21,7 +21,8 @@ PRODUCT = ["carechain", "edge_agent", "chain_bridge", "chain_miner", "contract_r
 EXTRAS_ONLY = ["amqtt", "bumble", "zfec", "psycopg"]  # the demo's broker, virtual BLE, erasure coding, PostgreSQL
 # Modules that exist only for an extra: no other module may import them at import time (checked below, with the
 # extra's package blocked), and their extra must name what they import.
-EXTRA_MODULES = {"chain_bridge.ledger.postgres": ("postgresql", "psycopg"), "chain_bridge.lease": ("postgresql", "psycopg")}
+EXTRA_MODULES = {"chain_bridge.ledger.postgres": ("postgresql", "psycopg"),
+                 "chain_bridge.lease": ("postgresql", "psycopg")}
 
 DEVICE = Identity.from_seed(bytes(range(32)))
 

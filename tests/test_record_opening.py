@@ -144,7 +144,8 @@ def page(world: World, index: int, records: list[tuple[int, bytes, bytes]] | Non
     return access.sign_records_page(OPERATOR, access.RecordsPage(
         v=1, access=index, page=0, pages=1, last=True, epochs=world.epoch_events if epochs is None else epochs,
         registrations=[world.registration] if registrations is None else registrations,
-        records=[access.Record(index=i, cose=c, ct=ct) for i, c, ct in (world.records if records is None else records)]))
+        records=[access.Record(index=i, cose=c, ct=ct)
+                 for i, c, ct in (world.records if records is None else records)]))
 
 
 def opening(world: World, index: int) -> Opening:
@@ -180,7 +181,8 @@ def test_two_miners_cannot_open_a_data_key() -> None:
     two = [reencryption.verify_cfrag(f.cfrag, capsule, OWNER_PRE.public_key, OWNER_PRE.verifying_key,
                                      DOCTOR_PRE.public_key)
            for raw in list(miner_messages(world, index).values())[:2]
-           for f in access.parse_capsule_fragments(raw, access_context(state, index).miners[access.signer_of(raw)]).frags]
+           for f in access.parse_capsule_fragments(raw,
+                                                   access_context(state, index).miners[access.signer_of(raw)]).frags]
     with pytest.raises(reencryption.ReencryptionError):
         reencryption.open_data_key(DOCTOR_PRE, OWNER_PRE.public_key, capsule, two, key_ct)
 
@@ -219,7 +221,8 @@ def test_fragments_from_a_miner_outside_the_grant_or_for_another_access_count_fo
     o = opening(world, index)
     assert o.on_fragments(access.sign_capsule_fragments(outsider, index, [(DEVICE.device_id, 1, b"x")], proof)) is None
     insider = next(m for m in MINERS if m.device_id in chosen)
-    assert o.on_fragments(access.sign_capsule_fragments(insider, index + 1, [(DEVICE.device_id, 1, b"x")], proof)) is None
+    assert o.on_fragments(access.sign_capsule_fragments(insider, index + 1, [(DEVICE.device_id, 1, b"x")],
+                                                        proof)) is None
     assert o.on_fragments(b"\xd2garbage") is None and o.answered_by() == [] and not o.faults
 
 

@@ -23,8 +23,8 @@ from test_contracts_world import DAY, T0
 from carechain import envelope, topics
 from carechain.access import parse_signed_records_page, sign_records_request
 from carechain.config import BridgeConfig
-from carechain.credentials import load_mqtt_credentials
 from carechain.cosignature import Cosigner, cosign
+from carechain.credentials import load_mqtt_credentials
 from carechain.entries import ENTRY_EVENT, ENTRY_REGISTER, Entry, Registration, event_entry
 from carechain.events import make_sealed_payload
 from carechain.identity import Identity

@@ -120,7 +120,8 @@ class AccessWorld:
         keys = {m.device_id: m.public_key for m in self.miners}
         kfrags = make_kfrags(self.patient_pre, self.doctor_pre.public_key, threshold, 5)
         grant = ce.AccessGrant(request=request_hash.hex(), requester=self.doctor.device_id, threshold=threshold,
-                               miners=chosen, kfrags=[access.seal_to_miner(keys[m], k) for m, k in zip(chosen, kfrags)],
+                               miners=chosen,
+                               kfrags=[access.seal_to_miner(keys[m], k) for m, k in zip(chosen, kfrags, strict=True)],
                                seed_checkpoint=seed_note, expires_ms=expires_ms, ts=T0)
         return self.add(ce.access_grant_entry(self.patient, grant))
 

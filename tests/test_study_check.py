@@ -113,7 +113,8 @@ def test_a_contribution_under_a_revoked_consent_is_never_counted(world: MarketWo
     assert void not in report.included and report.included == counted
 
 
-LAX = b"\n\ndef consent_problem(consent, study, owner, now_ms):  # a contract that ignores revocations\n    return None\n"
+LAX = (b"\n\ndef consent_problem(consent, study, owner, now_ms):  # a contract that ignores revocations\n"
+       b"    return None\n")
 
 
 def lax_world(world: MarketWorld, patch: bytes) -> tuple[MarketWorld, CodeBook]:

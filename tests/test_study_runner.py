@@ -282,7 +282,8 @@ def test_a_miner_that_renewed_its_certificate_announces_it_in_a_new_signed_hello
     from chain_miner.service import WitnessMiner
 
     me = w.miners[0]
-    miner = WitnessMiner(tmp_path / "miner", BrokerConfig(), w.operator.public_key, me)  # any log key: no cosigning here
+    # any log key: no cosigning here
+    miner = WitnessMiner(tmp_path / "miner", BrokerConfig(), w.operator.public_key, me)
     miner.studies = StudyRunner(tmp_path / "miner", me, tmp_path / "miner.key", "127.0.0.1:7000", BrokerConfig(),
                                 lambda: w.state, w.genesis, lambda: None)
     old = MpcTls.load_or_create(tmp_path / "old", datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=350))

@@ -43,9 +43,9 @@ from chain_bridge.ledger.store import Appended, EventCandidate, Ledger
 from chain_bridge.registry import ledger_path
 from chain_miner.trial_runner import read_seed, seed_path
 from contract_rules import transactions as ce
-from contract_rules.clock import attested_ms
 from contract_rules import trial_entries as te
 from contract_rules import trials as rules
+from contract_rules.clock import attested_ms
 from contract_rules.trial_check import verify_trial
 from tests.access_world import DEADLINE_S, Party, now_ms, wait_for
 from tests.live_world import LiveWorld, module_world

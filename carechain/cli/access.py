@@ -102,7 +102,8 @@ def request(
     requester = load_key(key)
     try:
         signed = build_request(requester, owner=owner, devices=device or [], kinds=kind or [], from_ms=from_ms,
-                               to_ms=to_ms, purpose=purpose, expires_ms=now + parse_duration_ms(valid_for, "--valid-for"),
+                               to_ms=to_ms, purpose=purpose,
+                               expires_ms=now + parse_duration_ms(valid_for, "--valid-for"),
                                nonce=int.from_bytes(os.urandom(8), "big") >> 1, ts=now)
     except RequestError as exc:
         raise fail(str(exc)) from None
@@ -170,8 +171,9 @@ def grant(
     expires = now + parse_duration_ms(valid_for, "--valid-for") if valid_for else signed.request.expires_ms
     assert requester.pre_pk is not None
     try:
-        built = build_grant(owner, owner_pre, signed, requester_pre_pk=requester.pre_pk, miners=registered_miners(state),
-                            final_note=note, threshold=threshold, shares=shares, expires_ms=expires, ts=now)
+        built = build_grant(owner, owner_pre, signed, requester_pre_pk=requester.pre_pk,
+                            miners=registered_miners(state), final_note=note, threshold=threshold, shares=shares,
+                            expires_ms=expires, ts=now)
     except (GrantError, ValueError) as exc:
         raise fail(str(exc), 1) from None
     entries = [built.entry] if find_request(state, request_hash(signed.leaf()).hex()) else [signed.entry, built.entry]

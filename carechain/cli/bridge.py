@@ -13,11 +13,11 @@ from carechain import sd_notify
 from carechain.cli._options import (
     BrokerOpt,
     ConfigOpt,
+    DataDirOpt,
+    JsonOpt,
     LogFormat,
     LogFormatOpt,
     SetOpt,
-    DataDirOpt,
-    JsonOpt,
     StopSignal,
     VerboseOpt,
     bridge_dir,

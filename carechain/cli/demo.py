@@ -213,7 +213,8 @@ def _print_pharmacy_day(day: dict[str, Any], reasons: dict[str, int]) -> None:
     t.add_row("  sold as not Rx-only, Rx-only on the formulary", str(day["formulary_refusals"]))
     for party, minor in day["bonds"].items():
         t.add_row(f"  bond {party}", f"{minor / 100:,.2f}")
-    t.add_row("terminal's sales final before hand-over", "[green]yes[/]" if day["terminal_sales_final"] else "[red]no[/]")
+    t.add_row("terminal's sales final before hand-over",
+              "[green]yes[/]" if day["terminal_sales_final"] else "[red]no[/]")
     for c in day["claims"]:
         t.add_row(f"  claim: {c['category']} for {c['patient']}",
                   f"insurer pays {c['insurer_share']} of {c['price']} (copay {c['copay']})")
@@ -241,7 +242,8 @@ def _print_access(a: dict[str, Any], finality: str) -> None:
     t.add_row("access opened", "[green]yes[/]" if a["opened"] else "[red]no[/]")
     refusal = a.get("refusal") or {}
     t.add_row("outsider without a grant", (f"[green]refused[/] ({refusal.get('who')} asked for access "
-                                           f"{refusal.get('asked_for')}: {refusal.get('reason')}; no page, no fragment)")
+                                           f"{refusal.get('asked_for')}: {refusal.get('reason')}; "
+                                           "no page, no fragment)")
               if a["refused_without_grant"] else "[red]not refused[/]")
     if a.get("error"):
         t.add_row("[red]error[/]", escape(a["error"]))

@@ -42,7 +42,8 @@ def _print(data: dict[str, str], as_json: bool) -> None:
               highlight=False)
 
 
-@keys_app.command("new", epilog=example("carechain keys new keys/band-1.key", "carechain keys new --pre keys/alice.pre"))
+@keys_app.command("new", epilog=example("carechain keys new keys/band-1.key",
+                                        "carechain keys new --pre keys/alice.pre"))
 def keys_new(path: Annotated[Path, typer.Argument(help="Where to write the private key (mode 0600).")],
              force: Annotated[bool, typer.Option(help="Overwrite an existing key file.")] = False,
              pre: Annotated[bool, typer.Option("--pre", help="A re-encryption key pair (umbral, secp256k1) instead: "

@@ -305,6 +305,7 @@ def _verify_full(data_dir: Path | None, log_key_hex: str | None, operator_hex: l
     (DATA_DIR/ledger.db, or the PostgreSQL database), progress bar on stderr; event signatures checked on
     `workers` processes; resumed from and saved to the `state` file."""
     import os
+
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from carechain.identity import Identity, KeyFileError, PublicKeyError, device_id_for, parse_public_key_hex
@@ -403,10 +404,9 @@ def verify_ledger_item(kind: str, item_id: str, config: Path | None, data_dir: P
     """`verify study ID` or `verify trial ID` (`kind`): replay the ledger and re-check the study
     (contract_rules.study_check) or the trial (contract_rules.trial_check) against a checkpoint verified with
     the log key: --checkpoint NOTE, or the ledger's latest one. Exit 1 when a check fails."""
-    from carechain.cli._ledger import deployment_genesis
+    from carechain.cli._ledger import deployment_genesis, open_bridge_ledger
     from carechain.identity import Identity, KeyFileError
     from carechain.proofs import VerificationError, verify_checkpoint
-    from carechain.cli._ledger import open_bridge_ledger
     from chain_bridge.registry import LOG_KEY_FILE
     from contract_rules.study_check import verify_study
     from contract_rules.trial_check import verify_trial

@@ -352,7 +352,7 @@ class MarketDemo(LiveScenario):
         state = replay_ledger(ledger, self.genesis).state
         made = []
         for i, p in enumerate(self.patients):
-            for sid, asked in studies.items():
+            for sid in studies:
                 study = study_record(state, sid)
                 if study is None:
                     raise MarketDemoError(f"study {sid} was posted but is not on the ledger")

@@ -224,4 +224,5 @@ class PharmacyDay:
 def _sold_as_non_rx(state: Any, event: bytes) -> bool:
     """Whether a refused sale was rung up as not Rx-only although the formulary lists its item as Rx-only."""
     body = envelope.parse(event).payload["body"]
-    return not body["rx_only"] and bool(formulary.terms_of(state, f"{body['code_system']}:{body['item_code']}")["rx_only"])
+    return not body["rx_only"] and bool(
+        formulary.terms_of(state, f"{body['code_system']}:{body['item_code']}")["rx_only"])

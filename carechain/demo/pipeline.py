@@ -6,8 +6,8 @@ seq, garbage and an oversized payload), drains the outbox, and verifies an inclu
 The agent speaks protocol 2: the health devices belong to Alice, a registered patient, and their readings
 are sealed to her at the edge, so the ledger anchors hashes, never readings. Five witness miners,
 registered and bonded on the ledger, cosign the log (finality: a majority of the ledger's active miners,
-3 of 5; the pharmacy terminal waits until its sales are final); then a doctor in another city opens Alice's last hour of heart rate through
-3-of-5 miners with her grant, the access log is read back, and an outsider is refused
+3 of 5; the pharmacy terminal waits until its sales are final); then a doctor in another city opens Alice's
+last hour of heart rate through 3-of-5 miners with her grant, the access log is read back, and an outsider is refused
 (carechain.demo.records). The bridge, the agent and the miners are assembled as `carechain bridge`,
 `carechain agent` and `carechain miner` assemble them (chain_bridge.assembly, edge_agent.assembly,
 chain_miner.assembly). Without a data directory the demo works in a temporary one and removes it before
@@ -182,7 +182,8 @@ def _run(root: Path, *, broker: str | None, seconds: float, speedup: float,
         identities = {name: Identity.load_or_create(agent_dir / "keys" / f"{name}.key") for name in DEMO_PROFILES}
         alice = load_alice(root)
         # Writes the genesis: the insurer's funds and the bonds of the pharmacy, the insurer and the miners.
-        day = PharmacyDay(bridge_dir, agent_dir / "keys", ledger_path(bridge_dir), alice.identity, load_miner_keys(root))
+        day = PharmacyDay(bridge_dir, agent_dir / "keys", ledger_path(bridge_dir), alice.identity,
+                          load_miner_keys(root))
         day.terminal = identities["pharmacy_terminal"].device_id
         records = RecordsDemo(root, alice, day.genesis, operator, ledger_path(bridge_dir))
         # Parties first: a health device's owner must be a registered patient (carechain.inventory).

@@ -446,7 +446,8 @@ def generate_broker_access(ledger: Ledger, data_dir: Path, out_dir: Path, *,
     as the store holds, so re-running after a registration does not drop them. Every miner registered on the ledger
     (`party.register` role miner) gets a witness login (miners/), a storage login (stores/) and an aggregator
     login (aggregators/); miners added by hand are kept in the store across runs: `add_miners` adds,
-    `remove_miners` drops (a registered miner too). Every patient, doctor and researcher registered on the ledger gets a login and parties/<id>.json.
+    `remove_miners` drops (a registered miner too). Every patient, doctor and researcher registered on the ledger
+    gets a login and parties/<id>.json.
     The credential store is saved first, so no file ever carries a password that is not persisted.
     """
     registry = ledger.devices()

@@ -37,7 +37,6 @@ from chain_bridge.ledger.store import (
 )
 
 
-
 @dataclass
 class SequencedBatch:
     """What one batch came to: receipts to publish (all committed), the rejections, the counts."""

@@ -46,6 +46,7 @@ from typing import TypeVar
 from pydantic import BaseModel, ValidationError
 
 from carechain import envelope
+from carechain.cbor import bstr_header
 from carechain.entries import (
     CONTRACT_ENTRY_TYPES,
     CONTRACT_UPGRADE,
@@ -60,7 +61,6 @@ from carechain.entries import (
     Registration,
     Revocation,
 )
-from carechain.cbor import bstr_header
 from carechain.events import EventPayload, PayloadError, validate_payload
 from carechain.files import write_atomic
 from carechain.identity import device_id_for

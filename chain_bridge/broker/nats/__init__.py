@@ -84,8 +84,9 @@ def bridge_user(user: str, password: str, *, stream: str = EVENTS_STREAM, consum
     durable consumer (create and read them, pull, acknowledge) and its own reply inboxes."""
     mqtt_out = [topics.receipts("a").replace("/a/", "/+/"), topics.CHECKPOINT, topics.FINAL_CHECKPOINT,
                 f"{topics.PREFIX}/miner/+/resp", f"{topics.PREFIX}/party/+/inbox"]
-    mqtt_in = [topics.EVENTS_WILDCARD, topics.STATUS_WILDCARD, topics.MINER_REQUEST_WILDCARD, topics.MINER_COSIG_WILDCARD,
-               topics.MINER_EVIDENCE_WILDCARD, topics.MINER_HELLO_WILDCARD, topics.MINER_STUDY_WILDCARD,
+    mqtt_in = [topics.EVENTS_WILDCARD, topics.STATUS_WILDCARD, topics.MINER_REQUEST_WILDCARD,
+               topics.MINER_COSIG_WILDCARD, topics.MINER_EVIDENCE_WILDCARD, topics.MINER_HELLO_WILDCARD,
+               topics.MINER_STUDY_WILDCARD,
                topics.ACCESS_RECORDS, topics.ACCESS_EVIDENCE]
     return NatsUser(user, password, publish=(*map(mqtt_subject, mqtt_out), *_jetstream_api(stream, consumer)),
                     subscribe=(*map(mqtt_subject, mqtt_in), "_INBOX.>", MQTT_QOS1_DELIVERY))
