@@ -17,6 +17,7 @@ MINER_STUDY_WILDCARD = f"{PREFIX}/miner/+/study"
 _DEVICE_ID = re.compile(r"[a-z2-7]{1,64}")  # always fullmatch: `$` would accept a trailing newline
 _EVENT_TOPIC = re.compile(rf"{PREFIX}/dev/([^/]+)/ev")
 _STATUS_TOPIC = re.compile(rf"{PREFIX}/dev/([^/]+)/status")
+_RECEIPT_TOPIC = re.compile(rf"{PREFIX}/dev/([^/]+)/rcpt")
 _MINER_TOPIC = re.compile(rf"{PREFIX}/miner/([^/]+)/(req|resp|cosig|evidence|hello|study)")
 
 
@@ -31,6 +32,12 @@ def receipts(device_id: str) -> str:
 def device_of_event_topic(topic: str) -> str | None:
     """The device id named by an event topic, or None when the topic is not one."""
     m = _EVENT_TOPIC.fullmatch(topic)
+    return m.group(1) if m and _DEVICE_ID.fullmatch(m.group(1)) else None
+
+
+def device_of_receipt_topic(topic: str) -> str | None:
+    """The device id named by a receipt topic, or None when the topic is not one."""
+    m = _RECEIPT_TOPIC.fullmatch(topic)
     return m.group(1) if m and _DEVICE_ID.fullmatch(m.group(1)) else None
 
 

@@ -356,7 +356,7 @@ class Agent:
     # -- receipts ----------------------------------------------------------------------------------
 
     def _on_receipt(self, client_device: str, topic: str, payload: bytes) -> None:
-        device_id = topic.split("/")[3] if topic.count("/") == 4 else ""
+        device_id = topics.device_of_receipt_topic(topic)
         if device_id != client_device or device_id not in self.devices:
             return  # each device's client hears only its own receipts
         try:
