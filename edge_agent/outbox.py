@@ -49,6 +49,7 @@ from typing import NoReturn
 from carechain.disk_full_points import disk_full_point
 from carechain.files import make_private
 from carechain.sealed import split_wire
+from carechain.seq_span import dense_span
 from carechain.sqlite_store import OUTBOX, check_store
 
 log = logging.getLogger("carechain.agent.outbox")
@@ -364,13 +365,11 @@ class Outbox:
     def _envelopes(db: sqlite3.Connection, device_id: str, seqs: list[int]) -> list[tuple[int, bytes]]:
         """(seq, stored bytes) of those of `seqs` still queued (a re-acknowledged one is gone): one range read when
         the seqs are dense, as a receipt's are (a batch message's consecutive events), else one lookup each."""
-        if not seqs:
-            return []
-        low, high = min(seqs), max(seqs)
-        if high - low < 4 * len(seqs):
+        span = dense_span(seqs)
+        if span is not None:
             wanted = set(seqs)
             return [(seq, env) for seq, env in db.execute(
-                "SELECT seq, envelope FROM outbox WHERE device_id=? AND seq BETWEEN ? AND ?", (device_id, low, high))
+                "SELECT seq, envelope FROM outbox WHERE device_id=? AND seq BETWEEN ? AND ?", (device_id, *span))
                 if seq in wanted]
         found = []
         for seq in seqs:

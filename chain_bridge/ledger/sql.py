@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from carechain.disk_full_points import disk_full_point
 from carechain.files import make_private
+from carechain.seq_span import dense_span
 from carechain.sqlite_store import LEDGER, OPEN_CHECK_MAX_BYTES, StoreError, check_store, store_error
 
 __all__ = ["Cursor", "Database", "SqliteDatabase", "SqliteLocation", "StoreLocation", "schema_for"]
@@ -176,19 +177,18 @@ class SqliteDatabase:
             self._db.executemany(f"INSERT INTO {table} VALUES ({marks})", rows)
 
     def events_among(self, keys: Sequence[tuple[str, int]]) -> list[tuple[str, int, int, bytes]]:
-        # SQLite plans a row-value `IN (VALUES ...)` as a scan of the whole index. Per device, one range read
-        # of the primary key when its seqs are dense (a batch message's are consecutive), else one lookup per key.
+        # Per device, one range read of the primary key when its seqs are dense, else one lookup per key.
         by_device: dict[str, list[int]] = {}
         for device_id, seq in keys:
             by_device.setdefault(device_id, []).append(seq)
         found = []
         for device_id, seqs in by_device.items():
-            low, high = min(seqs), max(seqs)
-            if high - low < 4 * len(seqs):
+            span = dense_span(seqs)
+            if span is not None:
                 wanted = set(seqs)
                 found += [(device_id, seq, idx, h) for seq, idx, h in self._db.execute(
                     "SELECT seq, idx, leaf_hash FROM events WHERE device_id=? AND seq BETWEEN ? AND ?",
-                    (device_id, low, high)) if seq in wanted]
+                    (device_id, *span)) if seq in wanted]
                 continue
             for seq in seqs:
                 row = self._db.execute("SELECT idx, leaf_hash FROM events WHERE device_id=? AND seq=?",
